@@ -1,0 +1,22 @@
+//! The contract between kproxy's control plane and its data-plane modes.
+//!
+//! Data flow: the control plane turns Services, EndpointSlices and the Node into one immutable
+//! [`ProxyState`], in which every Kubernetes decision is already made (traffic policies,
+//! terminating-endpoint fallback, topology, which endpoints are local). A [`Mode`] renders that
+//! state into its own kernel vocabulary, reads what the kernel holds, plans the difference as one
+//! printable value and applies it atomically. A mode never sees a Kubernetes object; the control
+//! plane never sees a rule.
+//!
+//! Start with [`ProxyState`] and [`Mode`].
+#![warn(missing_docs)]
+
+mod error;
+mod mode;
+mod state;
+
+pub use error::{CommandError, ModeError};
+pub use mode::{Mode, ModeName, Plan, PlanStats};
+pub use state::{
+    Endpoint, Endpoints, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState,
+    ServicePort, ServicePortKey, ServicePortName, SessionAffinity, TrafficPolicy,
+};

@@ -1,0 +1,86 @@
+//! The one trait every data plane implements.
+
+use std::fmt;
+
+use crate::{ModeError, ProxyState};
+
+/// The name of a data-plane mode, as `--proxy-mode` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModeName {
+    /// iptables-restore transactions (the default).
+    Iptables,
+    /// One nft transaction per sync.
+    Nftables,
+    /// IP Virtual Server over generic netlink.
+    Ipvs,
+    /// A userspace TCP/UDP proxy.
+    Userspace,
+}
+
+impl ModeName {
+    /// The `--proxy-mode` spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+            Self::Ipvs => "ipvs",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+impl fmt::Display for ModeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Counts that describe a plan, for logs, metrics and the dry-run summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlanStats {
+    /// Kernel objects (rules, elements, virtual servers) the plan adds.
+    pub added: usize,
+    /// Kernel objects the plan removes.
+    pub removed: usize,
+    /// Containers (chains, sets, services) the plan rewrites, adds or deletes.
+    pub containers_touched: usize,
+}
+
+/// One atomic change to the kernel. Its `Display` is the dry-run output: exactly what `apply`
+/// would send, grouped by service, so the printed diff and the applied change cannot disagree.
+pub trait Plan: fmt::Display + fmt::Debug + Send {
+    /// Whether applying this plan would change nothing.
+    fn is_empty(&self) -> bool;
+    /// Counts for logs and metrics.
+    fn stats(&self) -> PlanStats;
+}
+
+/// A data plane.
+///
+/// `render` and `plan` are pure, so a dry run and a real run compute the same plan; `read_live`
+/// and `apply` are the only kernel I/O. The sync loop owns the mode (`&mut self`), so no lock
+/// guards kernel state.
+pub trait Mode: Send + 'static {
+    /// Kernel objects in this mode's vocabulary (chains and rules, tables and elements, ...).
+    type Rules: fmt::Debug + Clone + Send + Sync + 'static;
+    /// One atomic change from one `Rules` to another.
+    type Plan: Plan + 'static;
+
+    /// Which mode this is.
+    fn name(&self) -> ModeName;
+
+    /// Renders the desired state into kernel objects. Pure.
+    fn render(&self, desired: &ProxyState) -> Self::Rules;
+
+    /// Reads what the kernel holds of this mode's objects. Changes nothing.
+    fn read_live(&mut self) -> Result<Self::Rules, ModeError>;
+
+    /// The change that turns `live` into `desired`. Pure; an empty plan means nothing to do.
+    fn plan(&self, live: &Self::Rules, desired: &Self::Rules) -> Self::Plan;
+
+    /// Applies a plan atomically: all of it or none of it.
+    fn apply(&mut self, plan: &Self::Plan) -> Result<(), ModeError>;
+
+    /// Removes every kernel object this mode owns, and nothing else.
+    fn cleanup(&mut self) -> Result<(), ModeError>;
+}

@@ -1,0 +1,1 @@
+//! kproxy's iptables mode.

@@ -1,0 +1,251 @@
+//! The last-seen Services, EndpointSlices and Node, as the sources reported them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+
+use crate::source::{Change, SERVICE_NAME_LABEL, Update};
+
+/// `namespace/name` of an object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// Namespace (empty for cluster-scoped objects).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// The key of a namespaced object.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    fn of<K: kube::Resource>(obj: &K) -> Self {
+        Self::new(obj.namespace().unwrap_or_default(), obj.name_any())
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// What an update touched.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Services whose Service object or EndpointSlices changed.
+    pub services: BTreeSet<ObjectKey>,
+    /// Something node-wide changed (the Node object, or a whole kind was reset).
+    pub everything: bool,
+}
+
+impl Touched {
+    /// Merges another set of touched objects into this one.
+    pub fn merge(&mut self, other: Touched) {
+        self.services.extend(other.services);
+        self.everything |= other.everything;
+    }
+
+    /// Whether nothing was touched.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.everything
+    }
+}
+
+/// The objects kproxy knows, indexed the way the desired-state builder reads them.
+#[derive(Debug, Default)]
+pub struct ClusterCache {
+    services: BTreeMap<ObjectKey, Arc<Service>>,
+    slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// Service key → keys of its EndpointSlices (through the `kubernetes.io/service-name` label).
+    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    node: Option<Arc<Node>>,
+    services_synced: bool,
+    slices_synced: bool,
+}
+
+impl ClusterCache {
+    /// Applies one update and says what it touched.
+    pub fn apply(&mut self, update: Update) -> Touched {
+        match update {
+            Update::Services(change) => self.apply_services(change),
+            Update::EndpointSlices(change) => self.apply_slices(change),
+            Update::Node(change) => {
+                self.node = match change {
+                    Change::Reset(nodes) => nodes.into_iter().next().map(Arc::new),
+                    Change::Apply(node) => Some(Arc::new(node)),
+                    Change::Delete(_) => None,
+                };
+                Touched {
+                    everything: true,
+                    ..Touched::default()
+                }
+            }
+        }
+    }
+
+    fn apply_services(&mut self, change: Change<Service>) -> Touched {
+        let mut touched = Touched::default();
+        match change {
+            Change::Reset(all) => {
+                let new: BTreeMap<_, _> = all
+                    .into_iter()
+                    .map(|s| (ObjectKey::of(&s), Arc::new(s)))
+                    .collect();
+                touched.services.extend(diff_keys(&self.services, &new));
+                self.services = new;
+                self.services_synced = true;
+            }
+            Change::Apply(svc) => {
+                let key = ObjectKey::of(&svc);
+                self.services.insert(key.clone(), Arc::new(svc));
+                touched.services.insert(key);
+            }
+            Change::Delete(svc) => {
+                let key = ObjectKey::of(&svc);
+                self.services.remove(&key);
+                touched.services.insert(key);
+            }
+        }
+        touched
+    }
+
+    fn apply_slices(&mut self, change: Change<EndpointSlice>) -> Touched {
+        let mut touched = Touched::default();
+        match change {
+            Change::Reset(all) => {
+                let new: BTreeMap<_, _> = all
+                    .into_iter()
+                    .map(|s| (ObjectKey::of(&s), Arc::new(s)))
+                    .collect();
+                for key in diff_keys(&self.slices, &new) {
+                    let old = self.slices.get(&key).and_then(|s| service_of(s));
+                    let cur = new.get(&key).and_then(|s| service_of(s));
+                    touched.services.extend(old.into_iter().chain(cur));
+                }
+                self.slices = new;
+                self.slices_by_service.clear();
+                for (key, slice) in &self.slices {
+                    if let Some(svc) = service_of(slice) {
+                        self.slices_by_service
+                            .entry(svc)
+                            .or_default()
+                            .insert(key.clone());
+                    }
+                }
+                self.slices_synced = true;
+            }
+            Change::Apply(slice) => {
+                let key = ObjectKey::of(&slice);
+                if let Some(old) = self.remove_slice(&key) {
+                    touched.services.insert(old);
+                }
+                if let Some(svc) = service_of(&slice) {
+                    self.slices_by_service
+                        .entry(svc.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    touched.services.insert(svc);
+                }
+                self.slices.insert(key, Arc::new(slice));
+            }
+            Change::Delete(slice) => {
+                if let Some(old) = self.remove_slice(&ObjectKey::of(&slice)) {
+                    touched.services.insert(old);
+                }
+            }
+        }
+        touched
+    }
+
+    /// Removes a slice; returns the service it belonged to.
+    fn remove_slice(&mut self, key: &ObjectKey) -> Option<ObjectKey> {
+        let old = self.slices.remove(key)?;
+        let svc = service_of(&old)?;
+        if let Some(set) = self.slices_by_service.get_mut(&svc) {
+            set.remove(key);
+            if set.is_empty() {
+                self.slices_by_service.remove(&svc);
+            }
+        }
+        Some(svc)
+    }
+
+    /// Whether both Services and EndpointSlices have been listed once (upstream's
+    /// `isInitialized`): no rule is written before that.
+    pub fn is_synced(&self) -> bool {
+        self.services_synced && self.slices_synced
+    }
+
+    /// Every Service, by key.
+    pub fn services(&self) -> impl Iterator<Item = (&ObjectKey, &Arc<Service>)> {
+        self.services.iter()
+    }
+
+    /// One Service.
+    pub fn service(&self, key: &ObjectKey) -> Option<&Arc<Service>> {
+        self.services.get(key)
+    }
+
+    /// The EndpointSlices that belong to a Service.
+    pub fn slices_for<'a>(
+        &'a self,
+        service: &ObjectKey,
+    ) -> impl Iterator<Item = &'a Arc<EndpointSlice>> + 'a {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+    }
+
+    /// Every EndpointSlice.
+    pub fn slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.slices.values()
+    }
+
+    /// This node's Node object, once seen.
+    pub fn node(&self) -> Option<&Arc<Node>> {
+        self.node.as_ref()
+    }
+}
+
+/// The Service an EndpointSlice belongs to, from its `kubernetes.io/service-name` label.
+pub fn service_of(slice: &EndpointSlice) -> Option<ObjectKey> {
+    let name = slice.labels().get(SERVICE_NAME_LABEL)?;
+    Some(ObjectKey::new(
+        slice.namespace().unwrap_or_default(),
+        name.clone(),
+    ))
+}
+
+/// Keys added, removed or whose object changed between two maps.
+fn diff_keys<K: Ord + Clone, V: PartialEq>(
+    old: &BTreeMap<K, Arc<V>>,
+    new: &BTreeMap<K, Arc<V>>,
+) -> Vec<K> {
+    let mut out: Vec<K> = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    out.extend(
+        new.iter()
+            .filter(|(k, v)| old.get(*k).is_none_or(|o| o != *v))
+            .map(|(k, _)| k.clone()),
+    );
+    out
+}

@@ -1,0 +1,11 @@
+//! kproxy: a kube-proxy replacement.
+//!
+//! Data flow: a source (`source::kube` or `source::manifests`) emits [`source::Update`]s; the
+//! [`cache::ClusterCache`] keeps the last-seen objects and says which services each update
+//! touched; the sync loop debounces those changes, builds one immutable
+//! [`kproxy_contract::ProxyState`] with [`desired_state::build`] (every Kubernetes rule decided
+//! there), and hands it to the selected [`kproxy_contract::Mode`], which renders, plans and
+//! applies it atomically, or prints the plan for `--dry-run`.
+
+pub mod cache;
+pub mod source;

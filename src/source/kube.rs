@@ -1,0 +1,88 @@
+//! The Kubernetes API source: three `kube::runtime::watcher` streams (Services, EndpointSlices,
+//! this node's Node) merged into one stream of [`Update`]s.
+//!
+//! The watcher does list + watch, resumes from the last resourceVersion, relists on 410 Gone and
+//! (with `default_backoff`) retries errors with client-go's backoff. When the API goes away we
+//! only log: the programmed rules stay as they are until the watch comes back.
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::{Change, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, Update};
+
+/// Builds the watcher streams and forwards their events to `tx` until `tx` closes.
+pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<Update>) {
+    let services = watch::<Service>(
+        Api::all(client.clone()),
+        watcher::Config::default().labels(&format!("!{SERVICE_PROXY_NAME_LABEL}")),
+        "Service",
+    )
+    .map(Update::Services);
+    let slices = watch::<EndpointSlice>(
+        Api::all(client.clone()),
+        watcher::Config::default()
+            .labels(&format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")),
+        "EndpointSlice",
+    )
+    .map(Update::EndpointSlices);
+    let node = watch::<Node>(
+        Api::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        "Node",
+    )
+    .map(Update::Node);
+
+    let mut merged = std::pin::pin!(futures::stream::select(
+        futures::stream::select(services, slices),
+        node,
+    ));
+    while let Some(update) = merged.next().await {
+        if tx.send(update).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One watcher turned into [`Change`]s. Errors are logged and retried with backoff; they never
+/// reach the caller, because a broken watch must not change what is programmed.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: &'static str,
+) -> impl Stream<Item = Change<K>>
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut buffer: Vec<K> = Vec::new();
+    watcher::watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let change = match event {
+                Ok(Event::Init) => {
+                    buffer.clear();
+                    None
+                }
+                Ok(Event::InitApply(obj)) => {
+                    buffer.push(obj);
+                    None
+                }
+                Ok(Event::InitDone) => {
+                    tracing::debug!(kind, count = buffer.len(), "initial list complete");
+                    Some(Change::Reset(std::mem::take(&mut buffer)))
+                }
+                Ok(Event::Apply(obj)) => Some(Change::Apply(obj)),
+                Ok(Event::Delete(obj)) => Some(Change::Delete(obj)),
+                Err(err) => {
+                    tracing::warn!(kind, error = %err, "watch failed; retrying with backoff, programmed rules stay in place");
+                    None
+                }
+            };
+            std::future::ready(change)
+        })
+}

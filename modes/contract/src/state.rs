@@ -99,9 +99,14 @@ pub struct ServicePortName {
 }
 
 impl fmt::Display for ServicePortName {
-    /// `ns/name:port`, upstream's spelling (used in comments and chain-name hashes).
+    /// `ns/name:port` (`ns/name` for an unnamed port): upstream's spelling, used in comments and
+    /// in chain-name hashes so our chain suffixes match upstream's for the same service.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
     }
 }
 

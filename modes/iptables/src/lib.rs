@@ -1,1 +1,103 @@
-//! kproxy's iptables mode.
+//! kproxy's iptables mode: upstream kube-proxy's iptables behaviour under `KPROXY-` chains,
+//! programmed with one `iptables-restore --noflush` transaction per family.
+//!
+//! The packet path and chain layout are in this crate's README. Start with [`IptablesMode`]:
+//! [`render`] turns the desired state into a [`Ruleset`], [`plan`] diffs two rulesets into an
+//! [`IptablesPlan`] (only chains whose rules changed), and the [`IptablesKernel`] seam is the one
+//! place binaries run.
+
+pub mod dispatch;
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
+pub mod kernel;
+pub mod names;
+pub mod plan;
+pub mod render;
+pub mod rule;
+pub mod ruleset;
+
+use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ProxyState};
+
+pub use kernel::{Backend, IptablesCli, IptablesKernel};
+pub use plan::IptablesPlan;
+pub use render::RenderOptions;
+pub use ruleset::{Ruleset, Table};
+
+/// The iptables data plane.
+#[derive(Debug)]
+pub struct IptablesMode<K: IptablesKernel = IptablesCli> {
+    kernel: K,
+    families: Vec<IpFamily>,
+    options: RenderOptions,
+}
+
+impl<K: IptablesKernel> IptablesMode<K> {
+    /// A mode programming `families` through `kernel`.
+    pub fn new(kernel: K, families: Vec<IpFamily>, options: RenderOptions) -> Self {
+        Self { kernel, families, options }
+    }
+
+    /// The kernel seam (tests inspect the fake through it).
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// The families this mode programs.
+    pub fn families(&self) -> &[IpFamily] {
+        &self.families
+    }
+}
+
+impl<K: IptablesKernel> Mode for IptablesMode<K> {
+    type Rules = Ruleset;
+    type Plan = IptablesPlan;
+
+    fn name(&self) -> ModeName {
+        ModeName::Iptables
+    }
+
+    fn render(&self, desired: &ProxyState) -> Ruleset {
+        let mut rules = render::render(desired, &self.options);
+        rules.families.retain(|f, _| self.families.contains(f));
+        rules
+    }
+
+    fn read_live(&mut self) -> Result<Ruleset, ModeError> {
+        let mut out = Ruleset::default();
+        for &family in &self.families {
+            for table in Table::ALL {
+                let text = self
+                    .kernel
+                    .save(family, table)
+                    .map_err(|cause| ModeError::ReadLive { mode: ModeName::Iptables, cause })?;
+                *out.table_mut(family, table) = ruleset::parse_save(&text);
+            }
+        }
+        Ok(out)
+    }
+
+    fn plan(&self, live: &Ruleset, desired: &Ruleset) -> IptablesPlan {
+        plan::plan(live, desired)
+    }
+
+    fn apply(&mut self, plan: &IptablesPlan) -> Result<(), ModeError> {
+        for family in plan.families() {
+            if let Some(payload) = plan.restore_payload(family) {
+                tracing::trace!(%family, payload, "iptables-restore");
+                self.kernel
+                    .restore(family, &payload)
+                    .map_err(|cause| ModeError::Rejected { mode: ModeName::Iptables, cause })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cleanup(&mut self) -> Result<(), ModeError> {
+        let live = self.read_live()?;
+        let plan = self.plan(&live, &Ruleset::default());
+        self.apply(&plan)
+    }
+}
+
+#[cfg(test)]
+mod tests;

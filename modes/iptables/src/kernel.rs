@@ -1,0 +1,154 @@
+//! The only code that runs iptables binaries: `*-save` to read, `*-restore --noflush` to write.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use kproxy_contract::{CommandError, IpFamily};
+
+use crate::ruleset::Table;
+
+/// Reads and writes iptables tables. The real one runs the binaries; tests use [`crate::fake`].
+pub trait IptablesKernel: Send + 'static {
+    /// `iptables-save -t TABLE` output.
+    fn save(&mut self, family: IpFamily, table: Table) -> Result<String, CommandError>;
+    /// Runs `iptables-restore --noflush` with `payload` on stdin: one atomic transaction per table.
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError>;
+}
+
+/// Which iptables backend the host uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// iptables-nft: rules live in nf_tables.
+    Nft,
+    /// iptables-legacy: the x_tables kernel API.
+    Legacy,
+}
+
+impl Backend {
+    /// The name users see.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Nft => "nft",
+            Self::Legacy => "legacy",
+        }
+    }
+
+    fn program(&self, family: IpFamily, tool: &str) -> String {
+        let base = match family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        format!("{base}-{}-{tool}", self.as_str())
+    }
+
+    /// Picks the backend the host already uses, as upstream's iptables-wrappers does: kubelet's
+    /// hint chains decide if present; otherwise whichever backend holds more rules; nft on a tie
+    /// (it is Debian's default, and a fresh node has no rules at all).
+    pub fn detect() -> Backend {
+        let count = |b: Backend| -> (bool, usize) {
+            let mut hint = false;
+            let mut rules = 0;
+            for family in IpFamily::ALL {
+                let Ok(text) = run(&b.program(family, "save"), &[], None) else {
+                    continue;
+                };
+                hint |= text.contains("KUBE-IPTABLES-HINT") || text.contains("KUBE-KUBELET-CANARY");
+                rules += text.lines().filter(|l| l.starts_with("-A")).count();
+            }
+            (hint, rules)
+        };
+        let (legacy_hint, legacy_rules) = count(Backend::Legacy);
+        let (nft_hint, nft_rules) = count(Backend::Nft);
+        if legacy_hint && !nft_hint {
+            Backend::Legacy
+        } else if nft_hint || nft_rules >= legacy_rules {
+            Backend::Nft
+        } else {
+            Backend::Legacy
+        }
+    }
+}
+
+/// The real kernel, through the iptables binaries of one backend.
+#[derive(Debug, Clone)]
+pub struct IptablesCli {
+    backend: Backend,
+}
+
+impl IptablesCli {
+    /// Uses the given backend.
+    pub fn new(backend: Backend) -> Self {
+        Self { backend }
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+}
+
+impl IptablesKernel for IptablesCli {
+    fn save(&mut self, family: IpFamily, table: Table) -> Result<String, CommandError> {
+        run(&self.backend.program(family, "save"), &["-t", table.as_str()], None)
+    }
+
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError> {
+        let program = self.backend.program(family, "restore");
+        // --wait: another writer holding the xtables lock delays us instead of failing the sync.
+        run(&program, &["--noflush", "--wait", "10"], Some(payload))
+            .map(|_| ())
+            .map_err(|e| with_failing_line(e, payload))
+    }
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|cause| match cause.kind() {
+            std::io::ErrorKind::NotFound => CommandError::NotFound {
+                program: program.to_string(),
+                package: "iptables",
+            },
+            _ => CommandError::Io { program: program.to_string(), cause },
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|cause| CommandError::Io { program: program.to_string(), cause })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|cause| CommandError::Io { program: program.to_string(), cause })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(CommandError::Failed {
+            program: program.to_string(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// iptables-restore says "line N failed"; add that line's text so the error is actionable.
+fn with_failing_line(err: CommandError, payload: &str) -> CommandError {
+    match err {
+        CommandError::Failed { program, status, stderr } => {
+            let line = stderr
+                .split("line ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.trim_end_matches(':').parse::<usize>().ok())
+                .and_then(|n| payload.lines().nth(n.saturating_sub(1)));
+            let stderr = match line {
+                Some(text) => format!("{stderr} (the line was: {text})"),
+                None => stderr,
+            };
+            CommandError::Failed { program, status, stderr }
+        }
+        other => other,
+    }
+}

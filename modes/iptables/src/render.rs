@@ -1,0 +1,511 @@
+//! ProxyState → [`Ruleset`]: upstream kube-proxy's iptables layout under `KPROXY-` names, with
+//! one structural change: destination dispatch is a tree of chains (see [`dispatch`]), so a new
+//! connection to the 10,000th service walks about fifty rules, not ten thousand.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use kproxy_contract::{
+    Endpoint, IpFamily, NodePortAddresses, NodeSettings, ProxyState, ServicePort, TrafficPolicy,
+};
+
+use crate::dispatch;
+use crate::names::{self, *};
+use crate::rule::{self, RecentAction, RuleBuilder, host, net};
+use crate::ruleset::{Jump, Ruleset, Table};
+
+/// Options of the iptables mode that do not come from the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct RenderOptions {
+    /// `nf_conntrack_tcp_be_liberal` is 1: the INVALID-drop workaround is not needed.
+    pub tcp_be_liberal: bool,
+}
+
+/// Rules for one family under construction.
+struct FamilyWriter<'a> {
+    family: IpFamily,
+    node: &'a NodeSettings,
+    out: &'a mut Ruleset,
+    /// (destination, rule) pairs for the nat dispatch tree.
+    nat_dispatch: Vec<(IpAddr, String)>,
+    /// (destination, rule) pairs for filter KPROXY-SERVICES.
+    filter_services: Vec<(IpAddr, String)>,
+    /// (destination, rule) pairs for filter KPROXY-EXTERNAL-SERVICES.
+    filter_external: Vec<(IpAddr, String)>,
+    /// NodePort rules of filter KPROXY-EXTERNAL-SERVICES (matched by addrtype, not address).
+    filter_external_nodeports: Vec<String>,
+}
+
+/// Renders the whole desired state.
+pub fn render(state: &ProxyState, opts: &RenderOptions) -> Ruleset {
+    let mut out = Ruleset::default();
+    for family in IpFamily::ALL {
+        let mut w = FamilyWriter {
+            family,
+            node: &state.node,
+            out: &mut out,
+            nat_dispatch: Vec::new(),
+            filter_services: Vec::new(),
+            filter_external: Vec::new(),
+            filter_external_nodeports: Vec::new(),
+        };
+        w.static_chains(opts);
+        for sp in state.family(family) {
+            w.service_port(sp);
+        }
+        w.finish();
+    }
+    out
+}
+
+impl FamilyWriter<'_> {
+    fn chain(&mut self, table: Table, name: &str) -> &mut Vec<String> {
+        self.out
+            .table_mut(self.family, table)
+            .chains
+            .entry(name.to_string())
+            .or_default()
+    }
+
+    fn jump(&mut self, table: Table, builtin: &str, rule: String) {
+        self.out
+            .table_mut(self.family, table)
+            .jumps
+            .insert(Jump { builtin: builtin.to_string(), rule });
+    }
+
+    fn owned_by(&mut self, chain: &str, sp: &ServicePort) {
+        self.out.owners.insert(chain.to_string(), sp.name.to_string());
+    }
+
+    // === static chains and jumps from the built-in chains ===
+
+    fn static_chains(&mut self, opts: &RenderOptions) {
+        let new = "-m conntrack --ctstate NEW";
+        for (builtin, target) in [
+            ("INPUT", EXTERNAL_SERVICES),
+            ("FORWARD", EXTERNAL_SERVICES),
+            ("FORWARD", SERVICES),
+            ("OUTPUT", SERVICES),
+            ("INPUT", PROXY_FIREWALL),
+            ("FORWARD", PROXY_FIREWALL),
+            ("OUTPUT", PROXY_FIREWALL),
+        ] {
+            self.jump(Table::Filter, builtin, format!("{new} -j {target}"));
+        }
+        self.jump(Table::Filter, "INPUT", format!("-j {NODEPORTS}"));
+        self.jump(Table::Filter, "FORWARD", format!("-j {FORWARD}"));
+        self.jump(Table::Nat, "PREROUTING", format!("-j {SERVICES}"));
+        self.jump(Table::Nat, "OUTPUT", format!("-j {SERVICES}"));
+        self.jump(Table::Nat, "POSTROUTING", format!("-j {POSTROUTING}"));
+
+        for c in [SERVICES, EXTERNAL_SERVICES, NODEPORTS, PROXY_FIREWALL, CANARY] {
+            self.chain(Table::Filter, c);
+        }
+        for c in [SERVICES, NODEPORTS, CANARY] {
+            self.chain(Table::Nat, c);
+        }
+
+        let mark = self.node.masquerade_mark();
+        let forward = self.chain(Table::Filter, FORWARD);
+        if !opts.tcp_be_liberal {
+            // Out-of-window packets would otherwise reach the pod un-DNATed and be answered
+            // with a RST (kubernetes#74839).
+            forward.push(
+                RuleBuilder::new()
+                    .comment("kproxy drop invalid conntrack state")
+                    .raw("-m conntrack --ctstate INVALID")
+                    .jump("DROP"),
+            );
+        }
+        forward.push(
+            RuleBuilder::new()
+                .comment("kproxy forwarding rules")
+                .raw(&format!("-m mark --mark {mark:#x}/{mark:#x}"))
+                .jump("ACCEPT"),
+        );
+        forward.push(
+            RuleBuilder::new()
+                .comment("kproxy forwarding conntrack rule")
+                .raw("-m conntrack --ctstate RELATED,ESTABLISHED")
+                .jump("ACCEPT"),
+        );
+
+        *self.chain(Table::Nat, MARK_MASQ) =
+            vec![RuleBuilder::new().jump(&format!("MARK --set-xmark {mark:#x}/{mark:#x}"))];
+        *self.chain(Table::Nat, POSTROUTING) = vec![
+            RuleBuilder::new()
+                .raw(&format!("-m mark ! --mark {mark:#x}/{mark:#x}"))
+                .jump("RETURN"),
+            // Clear the mark so a packet that is NATed again (e.g. by another proxy) is not
+            // masqueraded twice.
+            RuleBuilder::new().jump(&format!("MARK --set-xmark {mark:#x}/0x0")),
+            RuleBuilder::new()
+                .comment("kproxy service traffic requiring SNAT")
+                .jump("MASQUERADE --random-fully"),
+        ];
+    }
+
+    // === one service port ===
+
+    fn service_port(&mut self, sp: &ServicePort) {
+        let family = self.family;
+        let proto = sp.name.protocol;
+        let name = sp.name.to_string();
+        let svc_chain = service_chain(&sp.name);
+        let svl_chain = service_local_chain(&sp.name);
+        let ext_chain = external_chain(&sp.name);
+        let fw_chain = firewall_chain(&sp.name);
+
+        let has_endpoints = sp.endpoints.any;
+        let cluster_eps = &sp.endpoints.cluster;
+        let local_eps = &sp.endpoints.local;
+        let externally_accessible = sp.has_external_frontends();
+        let has_internal = !sp.internal_endpoints().is_empty();
+        let has_external = !sp.external_endpoints().is_empty();
+
+        let uses_cluster_chain = !cluster_eps.is_empty()
+            && (sp.internal_policy == TrafficPolicy::Cluster || externally_accessible);
+        let uses_local_chain = !local_eps.is_empty()
+            && (sp.internal_policy == TrafficPolicy::Local
+                || (sp.external_policy == TrafficPolicy::Local && externally_accessible));
+        let uses_ext_chain = has_endpoints && externally_accessible;
+        let uses_fw_chain = uses_ext_chain && !sp.source_ranges.is_empty();
+
+        let internal_chain = match sp.internal_policy {
+            TrafficPolicy::Cluster => &svc_chain,
+            TrafficPolicy::Local => &svl_chain,
+        };
+        let external_policy_chain = match sp.external_policy {
+            TrafficPolicy::Cluster => &svc_chain,
+            TrafficPolicy::Local => &svl_chain,
+        };
+        let lb_chain = if uses_fw_chain { &fw_chain } else { &ext_chain };
+
+        // What filter rules do when there is nothing to forward to: REJECT without any
+        // endpoint, DROP when only the Local policy lacks endpoints (rules 5-7).
+        let (internal_filter, internal_why) = if !has_endpoints {
+            (rule::reject(family), "has no endpoints")
+        } else {
+            ("DROP", "has no local endpoints")
+        };
+        let external_filter = internal_filter;
+        let external_why = internal_why;
+
+        // --- ClusterIP ---
+        if let Some(cip) = sp.cluster_ip {
+            let base = RuleBuilder::new().dst(host(cip)).proto(proto);
+            if has_internal {
+                let r = base
+                    .comment(&format!("{name} cluster IP"))
+                    .dport(proto, sp.port)
+                    .jump(internal_chain);
+                self.nat_dispatch.push((cip, r));
+            } else {
+                let r = base
+                    .comment(&format!("{name} {internal_why}"))
+                    .dport(proto, sp.port)
+                    .jump(internal_filter);
+                self.filter_services.push((cip, r));
+            }
+        }
+
+        // --- externalIPs ---
+        for ip in &sp.external_ips {
+            let base = RuleBuilder::new().dst(host(*ip)).proto(proto);
+            if has_external {
+                let r = base
+                    .comment(&format!("{name} external IP"))
+                    .dport(proto, sp.port)
+                    .jump(&ext_chain);
+                self.nat_dispatch.push((*ip, r));
+            } else {
+                let r = base
+                    .comment(&format!("{name} {external_why}"))
+                    .dport(proto, sp.port)
+                    .jump(external_filter);
+                self.filter_external.push((*ip, r));
+            }
+        }
+
+        // --- LoadBalancer IPs ---
+        for ip in &sp.load_balancer_ips {
+            let base = RuleBuilder::new().dst(host(*ip)).proto(proto);
+            if has_external {
+                let r = base
+                    .clone()
+                    .comment(&format!("{name} loadbalancer IP"))
+                    .dport(proto, sp.port)
+                    .jump(lb_chain);
+                self.nat_dispatch.push((*ip, r));
+                if uses_fw_chain {
+                    let r = base
+                        .comment(&format!("{name} traffic not accepted by {fw_chain}"))
+                        .dport(proto, sp.port)
+                        .jump("DROP");
+                    self.chain(Table::Filter, PROXY_FIREWALL).push(r);
+                }
+            } else {
+                let r = base
+                    .comment(&format!("{name} {external_why}"))
+                    .dport(proto, sp.port)
+                    .jump(external_filter);
+                self.filter_external.push((*ip, r));
+            }
+        }
+
+        // --- NodePort ---
+        if let Some(np) = sp.node_port {
+            if has_external {
+                let r = RuleBuilder::new()
+                    .proto(proto)
+                    .comment(&name)
+                    .dport(proto, np)
+                    .jump(&ext_chain);
+                self.chain(Table::Nat, NODEPORTS).push(r);
+            } else {
+                let r = RuleBuilder::new()
+                    .proto(proto)
+                    .comment(&format!("{name} {external_why}"))
+                    .raw("-m addrtype --dst-type LOCAL")
+                    .dport(proto, np)
+                    .jump(external_filter);
+                self.filter_external_nodeports.push(r);
+            }
+        }
+        if let Some(hc) = sp.health_check_node_port {
+            let r = RuleBuilder::new()
+                .proto(kproxy_contract::Protocol::Tcp)
+                .comment(&format!("{name} health check node port"))
+                .dport(kproxy_contract::Protocol::Tcp, hc)
+                .jump("ACCEPT");
+            self.chain(Table::Filter, NODEPORTS).push(r);
+        }
+
+        // --- per-service chains ---
+        if uses_cluster_chain {
+            let mut rules = Vec::new();
+            if let Some(cip) = sp.cluster_ip {
+                let masq = RuleBuilder::new().dst(host(cip)).proto(proto);
+                let cidrs: Vec<_> = self.node.cluster_cidrs(family).collect();
+                if self.node.masquerade_all {
+                    rules.push(
+                        masq.comment(&format!("{name} cluster IP"))
+                            .dport(proto, sp.port)
+                            .jump(MARK_MASQ),
+                    );
+                } else if let Some(cidr) = cidrs.first() {
+                    // Traffic from outside the pod network is masqueraded so replies come back
+                    // through this node.
+                    rules.push(
+                        masq.not_src(net(cidr))
+                            .comment(&format!("{name} cluster IP"))
+                            .dport(proto, sp.port)
+                            .jump(MARK_MASQ),
+                    );
+                }
+            }
+            self.endpoint_rules(sp, &svc_chain, cluster_eps, &mut rules);
+            *self.chain(Table::Nat, &svc_chain) = rules;
+            self.owned_by(&svc_chain, sp);
+        }
+        if uses_local_chain {
+            let mut rules = Vec::new();
+            self.endpoint_rules(sp, &svl_chain, local_eps, &mut rules);
+            *self.chain(Table::Nat, &svl_chain) = rules;
+            self.owned_by(&svl_chain, sp);
+        }
+        if uses_ext_chain {
+            let mut rules = Vec::new();
+            if sp.external_policy == TrafficPolicy::Cluster {
+                rules.push(
+                    RuleBuilder::new()
+                        .comment(&format!("masquerade traffic for {name} external destinations"))
+                        .jump(MARK_MASQ),
+                );
+            } else {
+                if let Some(cidr) = self.node.cluster_cidrs(family).next() {
+                    rules.push(
+                        RuleBuilder::new()
+                            .src(net(cidr))
+                            .comment(&format!("pod traffic for {name} external destinations"))
+                            .jump(&svc_chain),
+                    );
+                }
+                rules.push(
+                    RuleBuilder::new()
+                        .comment(&format!("masquerade LOCAL traffic for {name} external destinations"))
+                        .raw("-m addrtype --src-type LOCAL")
+                        .jump(MARK_MASQ),
+                );
+                rules.push(
+                    RuleBuilder::new()
+                        .comment(&format!("route LOCAL traffic for {name} external destinations"))
+                        .raw("-m addrtype --src-type LOCAL")
+                        .jump(&svc_chain),
+                );
+            }
+            if has_external {
+                rules.push(RuleBuilder::new().jump(external_policy_chain));
+            }
+            *self.chain(Table::Nat, &ext_chain) = rules;
+            self.owned_by(&ext_chain, sp);
+        }
+        if uses_fw_chain {
+            let mut rules = Vec::new();
+            for range in &sp.source_ranges {
+                rules.push(
+                    RuleBuilder::new()
+                        .src(net(range))
+                        .comment(&format!("{name} loadbalancer IP"))
+                        .jump(&ext_chain),
+                );
+            }
+            // If the node itself is inside an allowed range, traffic it sends to its own LB IPs
+            // arrives with the LB IP as source (rule 13).
+            let node_allowed = self
+                .node
+                .node_ips
+                .iter()
+                .any(|ip| sp.source_ranges.iter().any(|r| r.contains(ip)));
+            if node_allowed {
+                for ip in &sp.load_balancer_ips {
+                    rules.push(
+                        RuleBuilder::new()
+                            .src(host(*ip))
+                            .comment(&format!("{name} loadbalancer IP"))
+                            .jump(&ext_chain),
+                    );
+                }
+            }
+            rules.push(
+                RuleBuilder::new()
+                    .comment(&format!("other traffic to {name} will be dropped by {PROXY_FIREWALL}"))
+                    .no_target(),
+            );
+            *self.chain(Table::Nat, &fw_chain) = rules;
+            self.owned_by(&fw_chain, sp);
+        }
+
+        // --- endpoint chains ---
+        let mut done = std::collections::BTreeSet::new();
+        for ep in cluster_eps.iter().filter(|_| uses_cluster_chain).chain(
+            local_eps.iter().filter(|_| uses_local_chain),
+        ) {
+            let chain = names::endpoint_chain(&sp.name, ep);
+            if !done.insert(chain.clone()) {
+                continue;
+            }
+            let mut dnat = RuleBuilder::new().proto(proto).comment(&name);
+            if sp.affinity.is_some() {
+                dnat = dnat.raw(&rule::recent(family, &chain, RecentAction::Set));
+            }
+            let target = match ep.ip {
+                IpAddr::V4(v4) => format!("{v4}:{}", ep.port),
+                IpAddr::V6(v6) => format!("[{v6}]:{}", ep.port),
+            };
+            let rules = vec![
+                // Hairpin: a pod reaching itself through the service must be masqueraded or the
+                // reply never returns through the NAT.
+                RuleBuilder::new()
+                    .src(host(ep.ip))
+                    .comment(&name)
+                    .jump(MARK_MASQ),
+                dnat.raw(&format!("-m {proto}"))
+                    .jump(&format!("DNAT --to-destination {target}")),
+            ];
+            *self.chain(Table::Nat, &chain) = rules;
+            self.owned_by(&chain, sp);
+        }
+    }
+
+    /// Affinity checks, then the random cascade (rule i of n matches with probability
+    /// 1/(n-i); the last one always matches).
+    fn endpoint_rules(&self, sp: &ServicePort, _chain: &str, eps: &[Endpoint], rules: &mut Vec<String>) {
+        let name = sp.name.to_string();
+        if let Some(aff) = sp.affinity {
+            for ep in eps {
+                let sep = names::endpoint_chain(&sp.name, ep);
+                rules.push(
+                    RuleBuilder::new()
+                        .comment(&format!("{name} -> {}", endpoint_str(ep)))
+                        .raw(&rule::recent(
+                            self.family,
+                            &sep,
+                            RecentAction::Check { seconds: aff.timeout.as_secs() },
+                        ))
+                        .jump(&sep),
+                );
+            }
+        }
+        let n = eps.len();
+        for (i, ep) in eps.iter().enumerate() {
+            let sep = names::endpoint_chain(&sp.name, ep);
+            let mut r = RuleBuilder::new().comment(&format!("{name} -> {}", endpoint_str(ep)));
+            if i + 1 < n {
+                r = r.probability(n - i);
+            }
+            rules.push(r.jump(&sep));
+        }
+    }
+
+    // === dispatch chains ===
+
+    fn finish(&mut self) {
+        let family = self.family;
+        // NodePorts: the last rule of nat KPROXY-SERVICES.
+        let nodeport_rules: Vec<String> = match &self.node.node_port_addresses {
+            NodePortAddresses::AllLocal => {
+                let lo = match family {
+                    IpFamily::V4 => "127.0.0.0/8",
+                    IpFamily::V6 => "::1/128",
+                };
+                vec![
+                    RuleBuilder::new()
+                        .not_dst(lo)
+                        .comment("kproxy service nodeports; NOTE: this must be the last rule in this chain")
+                        .raw("-m addrtype --dst-type LOCAL")
+                        .jump(NODEPORTS),
+                ]
+            }
+            NodePortAddresses::Only(ips) => ips
+                .iter()
+                .filter(|ip| IpFamily::of(ip) == family)
+                .map(|ip| {
+                    RuleBuilder::new()
+                        .dst(host(*ip))
+                        .comment("kproxy service nodeports; NOTE: this must be the last rule in this chain")
+                        .jump(NODEPORTS)
+                })
+                .collect(),
+        };
+        let nat = std::mem::take(&mut self.nat_dispatch);
+        let filter_services = std::mem::take(&mut self.filter_services);
+        let filter_external = std::mem::take(&mut self.filter_external);
+        let filter_np = std::mem::take(&mut self.filter_external_nodeports);
+
+        let tree = dispatch::build(SERVICES, "KPROXY-SVCS-", family, nat);
+        self.install_tree(Table::Nat, SERVICES, tree, nodeport_rules);
+        let tree = dispatch::build(SERVICES, "KPROXY-SVCS-", family, filter_services);
+        self.install_tree(Table::Filter, SERVICES, tree, Vec::new());
+        let tree = dispatch::build(EXTERNAL_SERVICES, "KPROXY-EXTS-", family, filter_external);
+        self.install_tree(Table::Filter, EXTERNAL_SERVICES, tree, filter_np);
+    }
+
+    fn install_tree(
+        &mut self,
+        table: Table,
+        root: &str,
+        tree: BTreeMap<String, Vec<String>>,
+        tail: Vec<String>,
+    ) {
+        for (chain, rules) in tree {
+            self.chain(table, &chain).extend(rules);
+        }
+        self.chain(table, root).extend(tail);
+    }
+}
+
+fn endpoint_str(ep: &Endpoint) -> String {
+    std::net::SocketAddr::new(ep.ip, ep.port).to_string()
+}

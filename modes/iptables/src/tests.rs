@@ -1,0 +1,189 @@
+//! Conformance against the fake kernel: apply(plan(live, render(s))) leaves read_live() equal
+//! to render(s); re-planning is empty; a one-endpoint change touches only that service's chains;
+//! cleanup removes our objects and nothing else; a failed apply changes nothing.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kproxy_contract::*;
+
+use crate::fake::FakeIptables;
+use crate::{IptablesMode, RenderOptions, Table, names};
+
+fn spn(name: &str) -> ServicePortName {
+    ServicePortName {
+        namespace: "ns".into(),
+        name: name.into(),
+        port: "p".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn ep(ip: &str, local: bool) -> Endpoint {
+    Endpoint { ip: ip.parse().unwrap(), port: 8080, is_local: local }
+}
+
+fn service(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
+    let local = eps.iter().copied().filter(|e| e.is_local).collect();
+    ServicePort {
+        name: spn(name),
+        family: IpFamily::V4,
+        cluster_ip: Some(cip.parse().unwrap()),
+        port: 80,
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        source_ranges: vec![],
+        affinity: None,
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
+        endpoints: Endpoints { any: !eps.is_empty(), cluster: eps, local },
+    }
+}
+
+fn state(services: Vec<ServicePort>) -> ProxyState {
+    let node = NodeSettings {
+        node_name: "node-a".into(),
+        node_ips: vec!["192.168.0.2".parse().unwrap()],
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        masquerade_bit: 14,
+        ..NodeSettings::default()
+    };
+    let services: BTreeMap<_, _> = services
+        .into_iter()
+        .map(|s| (ServicePortKey { family: s.family, name: s.name.clone() }, Arc::new(s)))
+        .collect();
+    ProxyState { node: Arc::new(node), services }
+}
+
+fn mode() -> IptablesMode<FakeIptables> {
+    IptablesMode::new(FakeIptables::new(), vec![IpFamily::V4, IpFamily::V6], RenderOptions::default())
+}
+
+fn sync(m: &mut IptablesMode<FakeIptables>, s: &ProxyState) -> crate::IptablesPlan {
+    let live = m.read_live().unwrap();
+    let desired = m.render(s);
+    let plan = m.plan(&live, &desired);
+    m.apply(&plan).unwrap();
+    plan
+}
+
+#[test]
+fn apply_then_read_back_equals_render_and_replans_empty() {
+    let mut m = mode();
+    let s = state(vec![
+        service("a", "10.96.0.10", vec![ep("10.244.1.1", false), ep("10.244.1.2", true)]),
+        service("b", "10.96.0.11", vec![]),
+    ]);
+    let plan = sync(&mut m, &s);
+    assert!(!plan.is_empty());
+    let live = m.read_live().unwrap();
+    assert_eq!(live, m.render(&s));
+    assert!(m.plan(&live, &m.render(&s)).is_empty());
+}
+
+#[test]
+fn service_without_endpoints_rejects_and_has_no_nat_rules() {
+    let m = mode();
+    let r = m.render(&state(vec![service("b", "10.96.0.11", vec![])]));
+    let filter = r.table(IpFamily::V4, Table::Filter).unwrap();
+    let rejects: Vec<_> = filter
+        .chains
+        .values()
+        .flatten()
+        .filter(|r| r.contains("10.96.0.11/32") && r.contains("REJECT"))
+        .collect();
+    assert_eq!(rejects.len(), 1, "{filter:#?}");
+    let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
+    assert!(!nat.chains.values().flatten().any(|r| r.contains("10.96.0.11")));
+}
+
+#[test]
+fn one_endpoint_change_touches_only_that_service() {
+    let mut m = mode();
+    let mut services: Vec<_> = (0..200)
+        .map(|i| {
+            service(
+                &format!("s{i}"),
+                &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                vec![ep(&format!("10.244.0.{}", i % 250 + 1), false)],
+            )
+        })
+        .collect();
+    sync(&mut m, &state(services.clone()));
+    services[17].endpoints.cluster.push(ep("10.244.9.9", false));
+    let plan = sync(&mut m, &state(services));
+    let touched: Vec<&str> = plan
+        .tables
+        .values()
+        .flat_map(|t| t.write.iter().map(|w| w.name.as_str()))
+        .collect();
+    // The service chain and the new endpoint chain; the dispatch tree is unchanged.
+    assert_eq!(touched.len(), 2, "{touched:?}");
+    assert!(touched.contains(&names::service_chain(&spn("s17")).as_str()));
+}
+
+#[test]
+fn cleanup_removes_ours_and_keeps_foreign_chains() {
+    let mut m = mode();
+    m.kernel.add_foreign(IpFamily::V4, Table::Nat, "KUBE-SERVICES", &["-j RETURN"]);
+    m.kernel.add_foreign(IpFamily::V4, Table::Nat, "DOCKER", &["-d 1.2.3.4/32 -j RETURN"]);
+    sync(&mut m, &state(vec![service("a", "10.96.0.10", vec![ep("10.244.1.1", false)])]));
+    let before_foreign = m.kernel.chains(IpFamily::V4, Table::Nat).get("DOCKER").cloned();
+    m.cleanup().unwrap();
+    for family in IpFamily::ALL {
+        for table in Table::ALL {
+            let chains = m.kernel.chains(family, table);
+            assert!(!chains.keys().any(|c| names::is_owned(c)), "{chains:?}");
+            assert!(!chains.values().flatten().any(|r| r.contains("KPROXY-")));
+        }
+    }
+    assert_eq!(m.kernel.chains(IpFamily::V4, Table::Nat).get("DOCKER").cloned(), before_foreign);
+    assert!(m.kernel.chains(IpFamily::V4, Table::Nat).contains_key("KUBE-SERVICES"));
+}
+
+#[test]
+fn failed_apply_changes_nothing() {
+    let mut m = mode();
+    let s1 = state(vec![service("a", "10.96.0.10", vec![ep("10.244.1.1", false)])]);
+    sync(&mut m, &s1);
+    let before = m.read_live().unwrap();
+    m.kernel.fail_next = Some("xtables lock held".into());
+    let s2 = state(vec![service("a", "10.96.0.10", vec![ep("10.244.1.2", false)])]);
+    let plan = m.plan(&before, &m.render(&s2));
+    assert!(m.apply(&plan).is_err());
+    assert_eq!(m.read_live().unwrap(), before);
+}
+
+#[test]
+fn affinity_and_probabilities() {
+    let mut svc = service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", false), ep("10.244.1.3", false)],
+    );
+    svc.affinity = Some(SessionAffinity { timeout: Duration::from_secs(600) });
+    let r = mode().render(&state(vec![svc]));
+    let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
+    let chain = &nat.chains[&names::service_chain(&spn("a"))];
+    let checks = chain.iter().filter(|r| r.contains("--rcheck --seconds 600")).count();
+    assert_eq!(checks, 3);
+    assert!(chain.iter().any(|r| r.contains("--probability 0.33333333349")));
+    assert!(chain.iter().any(|r| r.contains("--probability 0.50000000000")));
+    // The masquerade rule for traffic from outside the pod network comes first.
+    assert!(chain[0].starts_with("! -s 10.244.0.0/16 -d 10.96.0.10/32"));
+}
+
+#[test]
+fn dry_run_text_groups_by_service() {
+    let mut m = mode();
+    let s = state(vec![service("a", "10.96.0.10", vec![ep("10.244.1.1", false)])]);
+    let live = m.read_live().unwrap();
+    let text = m.plan(&live, &m.render(&s)).to_string();
+    assert!(text.contains("# ns/a:p"), "{text}");
+    assert!(text.contains("+ -A KPROXY-SEP-"), "{text}");
+    assert!(text.contains("+ -I PREROUTING -j KPROXY-SERVICES"), "{text}");
+}

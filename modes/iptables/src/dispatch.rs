@@ -62,7 +62,10 @@ pub fn build(
 ) -> BTreeMap<String, Vec<String>> {
     let mut leaves: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for (ip, rule) in rules {
-        leaves.entry(low_bits(&ip, BITS * LEVELS)).or_default().push(rule);
+        leaves
+            .entry(low_bits(&ip, BITS * LEVELS))
+            .or_default()
+            .push(rule);
     }
     let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
     chains.insert(root.to_string(), Vec::new());
@@ -129,7 +132,8 @@ mod tests {
     fn walk_length_stays_small_at_ten_thousand_services() {
         let rules: Vec<_> = (0..10_000u32)
             .map(|i| {
-                let addr = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)) + i);
+                let addr =
+                    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)) + i);
                 (IpAddr::V4(addr), format!("svc{i}"))
             })
             .collect();
@@ -147,7 +151,12 @@ mod tests {
 
     #[test]
     fn ipv6_masks() {
-        let t = build("ROOT", "P-", IpFamily::V6, vec![(ip("fd00::1:23"), "r".into())]);
+        let t = build(
+            "ROOT",
+            "P-",
+            IpFamily::V6,
+            vec![(ip("fd00::1:23"), "r".into())],
+        );
         assert_eq!(t["ROOT"], vec!["-d ::3/::f -j P-3"]);
         assert_eq!(t["P-3"], vec!["-d ::23/::ff -j P-32"]);
         assert_eq!(t["P-32"], vec!["-d ::23/::fff -j P-320"]);

@@ -23,7 +23,10 @@ pub struct FakeIptables {
 
 const BUILTIN: &[(Table, &[&str])] = &[
     (Table::Filter, &["INPUT", "FORWARD", "OUTPUT"]),
-    (Table::Nat, &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"]),
+    (
+        Table::Nat,
+        &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+    ),
 ];
 
 fn is_builtin(table: Table, chain: &str) -> bool {
@@ -59,7 +62,11 @@ impl FakeIptables {
                 );
             }
         }
-        Self { tables, applied: Vec::new(), fail_next: None }
+        Self {
+            tables,
+            applied: Vec::new(),
+            fail_next: None,
+        }
     }
 
     /// The chains of one table (for assertions).
@@ -68,7 +75,11 @@ impl FakeIptables {
         self.tables.get(&(family, table)).unwrap_or(&EMPTY)
     }
 
-    fn apply(&self, family: IpFamily, payload: &str) -> Result<BTreeMap<(IpFamily, Table), Chains>, String> {
+    fn apply(
+        &self,
+        family: IpFamily,
+        payload: &str,
+    ) -> Result<BTreeMap<(IpFamily, Table), Chains>, String> {
         let mut tables = self.tables.clone();
         let mut current: Option<Table> = None;
         for (n, line) in payload.lines().enumerate() {
@@ -148,18 +159,22 @@ impl FakeIptables {
 
     /// Adds a foreign chain with rules (to prove kproxy leaves it alone).
     pub fn add_foreign(&mut self, family: IpFamily, table: Table, chain: &str, rules: &[&str]) {
-        self.tables
-            .entry((family, table))
-            .or_default()
-            .insert(chain.to_string(), rules.iter().map(|r| r.to_string()).collect());
+        self.tables.entry((family, table)).or_default().insert(
+            chain.to_string(),
+            rules.iter().map(|r| r.to_string()).collect(),
+        );
     }
 }
 
 impl IptablesKernel for FakeIptables {
     fn save(&mut self, family: IpFamily, table: Table) -> Result<String, CommandError> {
         let mut out = format!("*{table}\n");
-        for (name, _) in self.chains(family, table) {
-            let policy = if is_builtin(table, name) { "ACCEPT" } else { "-" };
+        for name in self.chains(family, table).keys() {
+            let policy = if is_builtin(table, name) {
+                "ACCEPT"
+            } else {
+                "-"
+            };
             out.push_str(&format!(":{name} {policy} [0:0]\n"));
         }
         for (name, rules) in self.chains(family, table) {
@@ -174,7 +189,11 @@ impl IptablesKernel for FakeIptables {
     fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError> {
         let program = "fake-iptables-restore".to_string();
         if let Some(msg) = self.fail_next.take() {
-            return Err(CommandError::Failed { program, status: "exit status: 1".into(), stderr: msg });
+            return Err(CommandError::Failed {
+                program,
+                status: "exit status: 1".into(),
+                stderr: msg,
+            });
         }
         match self.apply(family, payload) {
             Ok(tables) => {
@@ -182,7 +201,11 @@ impl IptablesKernel for FakeIptables {
                 self.applied.push(payload.to_string());
                 Ok(())
             }
-            Err(stderr) => Err(CommandError::Failed { program, status: "exit status: 1".into(), stderr }),
+            Err(stderr) => Err(CommandError::Failed {
+                program,
+                status: "exit status: 1".into(),
+                stderr,
+            }),
         }
     }
 }

@@ -89,7 +89,11 @@ impl IptablesCli {
 
 impl IptablesKernel for IptablesCli {
     fn save(&mut self, family: IpFamily, table: Table) -> Result<String, CommandError> {
-        run(&self.backend.program(family, "save"), &["-t", table.as_str()], None)
+        run(
+            &self.backend.program(family, "save"),
+            &["-t", table.as_str()],
+            None,
+        )
     }
 
     fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError> {
@@ -104,7 +108,11 @@ impl IptablesKernel for IptablesCli {
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -113,15 +121,22 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Comm
                 program: program.to_string(),
                 package: "iptables",
             },
-            _ => CommandError::Io { program: program.to_string(), cause },
+            _ => CommandError::Io {
+                program: program.to_string(),
+                cause,
+            },
         })?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes())
-            .map_err(|cause| CommandError::Io { program: program.to_string(), cause })?;
+            .map_err(|cause| CommandError::Io {
+                program: program.to_string(),
+                cause,
+            })?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|cause| CommandError::Io { program: program.to_string(), cause })?;
+    let out = child.wait_with_output().map_err(|cause| CommandError::Io {
+        program: program.to_string(),
+        cause,
+    })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -136,7 +151,11 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Comm
 /// iptables-restore says "line N failed"; add that line's text so the error is actionable.
 fn with_failing_line(err: CommandError, payload: &str) -> CommandError {
     match err {
-        CommandError::Failed { program, status, stderr } => {
+        CommandError::Failed {
+            program,
+            status,
+            stderr,
+        } => {
             let line = stderr
                 .split("line ")
                 .nth(1)
@@ -147,7 +166,11 @@ fn with_failing_line(err: CommandError, payload: &str) -> CommandError {
                 Some(text) => format!("{stderr} (the line was: {text})"),
                 None => stderr,
             };
-            CommandError::Failed { program, status, stderr }
+            CommandError::Failed {
+                program,
+                status,
+                stderr,
+            }
         }
         other => other,
     }

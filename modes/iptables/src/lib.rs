@@ -34,7 +34,11 @@ pub struct IptablesMode<K: IptablesKernel = IptablesCli> {
 impl<K: IptablesKernel> IptablesMode<K> {
     /// A mode programming `families` through `kernel`.
     pub fn new(kernel: K, families: Vec<IpFamily>, options: RenderOptions) -> Self {
-        Self { kernel, families, options }
+        Self {
+            kernel,
+            families,
+            options,
+        }
     }
 
     /// The kernel seam (tests inspect the fake through it).
@@ -66,10 +70,13 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
         let mut out = Ruleset::default();
         for &family in &self.families {
             for table in Table::ALL {
-                let text = self
-                    .kernel
-                    .save(family, table)
-                    .map_err(|cause| ModeError::ReadLive { mode: ModeName::Iptables, cause })?;
+                let text =
+                    self.kernel
+                        .save(family, table)
+                        .map_err(|cause| ModeError::ReadLive {
+                            mode: ModeName::Iptables,
+                            cause,
+                        })?;
                 *out.table_mut(family, table) = ruleset::parse_save(&text);
             }
         }
@@ -86,7 +93,10 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
                 tracing::trace!(%family, payload, "iptables-restore");
                 self.kernel
                     .restore(family, &payload)
-                    .map_err(|cause| ModeError::Rejected { mode: ModeName::Iptables, cause })?;
+                    .map_err(|cause| ModeError::Rejected {
+                        mode: ModeName::Iptables,
+                        cause,
+                    })?;
             }
         }
         Ok(())

@@ -72,7 +72,10 @@ pub fn endpoint_chain(name: &ServicePortName, ep: &Endpoint) -> String {
 
 fn hash_endpoint(prefix: &str, name: &ServicePortName, ep: &Endpoint) -> String {
     let addr = std::net::SocketAddr::new(ep.ip, ep.port);
-    format!("{prefix}{}", hash16(&format!("{name}{}{addr}", name.protocol)))
+    format!(
+        "{prefix}{}",
+        hash16(&format!("{name}{}{addr}", name.protocol))
+    )
 }
 
 #[cfg(test)]
@@ -92,20 +95,48 @@ mod tests {
     /// Upstream's verified vectors (TestOverallIPTablesRules), with our prefix.
     #[test]
     fn chain_names_use_upstream_hashes() {
-        assert_eq!(service_chain(&spn("ns1", "svc1", "p80")), "KPROXY-SVC-XPGD46QRK7WJZT7O");
-        assert_eq!(service_chain(&spn("ns2", "svc2", "p80")), "KPROXY-SVC-GNZBNJ2PO5MGZ6GT");
-        assert_eq!(service_chain(&spn("ns5", "svc5", "p80")), "KPROXY-SVC-NUKIZ6OKUXPJNT4C");
-        let ep = Endpoint { ip: "10.180.0.1".parse().expect("ip"), port: 80, is_local: false };
-        assert_eq!(endpoint_chain(&spn("ns1", "svc1", "p80"), &ep), "KPROXY-SEP-SXIVWICOYRO3J4NJ");
-        let ep = Endpoint { ip: "10.180.0.3".parse().expect("ip"), port: 80, is_local: false };
-        assert_eq!(endpoint_chain(&spn("ns5", "svc5", "p80"), &ep), "KPROXY-SEP-I77PXRDZVX7PMWMN");
+        assert_eq!(
+            service_chain(&spn("ns1", "svc1", "p80")),
+            "KPROXY-SVC-XPGD46QRK7WJZT7O"
+        );
+        assert_eq!(
+            service_chain(&spn("ns2", "svc2", "p80")),
+            "KPROXY-SVC-GNZBNJ2PO5MGZ6GT"
+        );
+        assert_eq!(
+            service_chain(&spn("ns5", "svc5", "p80")),
+            "KPROXY-SVC-NUKIZ6OKUXPJNT4C"
+        );
+        let ep = Endpoint {
+            ip: "10.180.0.1".parse().expect("ip"),
+            port: 80,
+            is_local: false,
+        };
+        assert_eq!(
+            endpoint_chain(&spn("ns1", "svc1", "p80"), &ep),
+            "KPROXY-SEP-SXIVWICOYRO3J4NJ"
+        );
+        let ep = Endpoint {
+            ip: "10.180.0.3".parse().expect("ip"),
+            port: 80,
+            is_local: false,
+        };
+        assert_eq!(
+            endpoint_chain(&spn("ns5", "svc5", "p80"), &ep),
+            "KPROXY-SEP-I77PXRDZVX7PMWMN"
+        );
     }
 
     #[test]
     fn names_fit_iptables_limit() {
         // iptables chain names are at most 28 characters.
         let n = spn("a-very-long-namespace-name", "and-a-long-service", "port");
-        for c in [service_chain(&n), service_local_chain(&n), external_chain(&n), firewall_chain(&n)] {
+        for c in [
+            service_chain(&n),
+            service_local_chain(&n),
+            external_chain(&n),
+            firewall_chain(&n),
+        ] {
             assert!(c.len() <= 28, "{c}");
         }
     }

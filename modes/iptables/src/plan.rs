@@ -54,7 +54,10 @@ pub struct IptablesPlan {
 
 /// Computes the plan that turns `live` into `desired`.
 pub fn plan(live: &Ruleset, desired: &Ruleset) -> IptablesPlan {
-    let mut out = IptablesPlan { owners: desired.owners.clone(), ..Default::default() };
+    let mut out = IptablesPlan {
+        owners: desired.owners.clone(),
+        ..Default::default()
+    };
     let empty = TableRules::default();
     let keys: BTreeSet<(IpFamily, Table)> = live
         .families

@@ -68,14 +68,16 @@ impl FamilyWriter<'_> {
     }
 
     fn jump(&mut self, table: Table, builtin: &str, rule: String) {
-        self.out
-            .table_mut(self.family, table)
-            .jumps
-            .insert(Jump { builtin: builtin.to_string(), rule });
+        self.out.table_mut(self.family, table).jumps.insert(Jump {
+            builtin: builtin.to_string(),
+            rule,
+        });
     }
 
     fn owned_by(&mut self, chain: &str, sp: &ServicePort) {
-        self.out.owners.insert(chain.to_string(), sp.name.to_string());
+        self.out
+            .owners
+            .insert(chain.to_string(), sp.name.to_string());
     }
 
     // === static chains and jumps from the built-in chains ===
@@ -99,7 +101,13 @@ impl FamilyWriter<'_> {
         self.jump(Table::Nat, "OUTPUT", format!("-j {SERVICES}"));
         self.jump(Table::Nat, "POSTROUTING", format!("-j {POSTROUTING}"));
 
-        for c in [SERVICES, EXTERNAL_SERVICES, NODEPORTS, PROXY_FIREWALL, CANARY] {
+        for c in [
+            SERVICES,
+            EXTERNAL_SERVICES,
+            NODEPORTS,
+            PROXY_FIREWALL,
+            CANARY,
+        ] {
             self.chain(Table::Filter, c);
         }
         for c in [SERVICES, NODEPORTS, CANARY] {
@@ -320,7 +328,9 @@ impl FamilyWriter<'_> {
             if sp.external_policy == TrafficPolicy::Cluster {
                 rules.push(
                     RuleBuilder::new()
-                        .comment(&format!("masquerade traffic for {name} external destinations"))
+                        .comment(&format!(
+                            "masquerade traffic for {name} external destinations"
+                        ))
                         .jump(MARK_MASQ),
                 );
             } else {
@@ -334,13 +344,17 @@ impl FamilyWriter<'_> {
                 }
                 rules.push(
                     RuleBuilder::new()
-                        .comment(&format!("masquerade LOCAL traffic for {name} external destinations"))
+                        .comment(&format!(
+                            "masquerade LOCAL traffic for {name} external destinations"
+                        ))
                         .raw("-m addrtype --src-type LOCAL")
                         .jump(MARK_MASQ),
                 );
                 rules.push(
                     RuleBuilder::new()
-                        .comment(&format!("route LOCAL traffic for {name} external destinations"))
+                        .comment(&format!(
+                            "route LOCAL traffic for {name} external destinations"
+                        ))
                         .raw("-m addrtype --src-type LOCAL")
                         .jump(&svc_chain),
                 );
@@ -380,7 +394,9 @@ impl FamilyWriter<'_> {
             }
             rules.push(
                 RuleBuilder::new()
-                    .comment(&format!("other traffic to {name} will be dropped by {PROXY_FIREWALL}"))
+                    .comment(&format!(
+                        "other traffic to {name} will be dropped by {PROXY_FIREWALL}"
+                    ))
                     .no_target(),
             );
             *self.chain(Table::Nat, &fw_chain) = rules;
@@ -389,9 +405,11 @@ impl FamilyWriter<'_> {
 
         // --- endpoint chains ---
         let mut done = std::collections::BTreeSet::new();
-        for ep in cluster_eps.iter().filter(|_| uses_cluster_chain).chain(
-            local_eps.iter().filter(|_| uses_local_chain),
-        ) {
+        for ep in cluster_eps
+            .iter()
+            .filter(|_| uses_cluster_chain)
+            .chain(local_eps.iter().filter(|_| uses_local_chain))
+        {
             let chain = names::endpoint_chain(&sp.name, ep);
             if !done.insert(chain.clone()) {
                 continue;
@@ -421,7 +439,13 @@ impl FamilyWriter<'_> {
 
     /// Affinity checks, then the random cascade (rule i of n matches with probability
     /// 1/(n-i); the last one always matches).
-    fn endpoint_rules(&self, sp: &ServicePort, _chain: &str, eps: &[Endpoint], rules: &mut Vec<String>) {
+    fn endpoint_rules(
+        &self,
+        sp: &ServicePort,
+        _chain: &str,
+        eps: &[Endpoint],
+        rules: &mut Vec<String>,
+    ) {
         let name = sp.name.to_string();
         if let Some(aff) = sp.affinity {
             for ep in eps {
@@ -432,7 +456,9 @@ impl FamilyWriter<'_> {
                         .raw(&rule::recent(
                             self.family,
                             &sep,
-                            RecentAction::Check { seconds: aff.timeout.as_secs() },
+                            RecentAction::Check {
+                                seconds: aff.timeout.as_secs(),
+                            },
                         ))
                         .jump(&sep),
                 );

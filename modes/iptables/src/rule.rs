@@ -38,12 +38,17 @@ pub fn net(n: &IpNet) -> String {
 /// comments are built from Kubernetes names and never need them.
 pub fn quote(s: &str) -> String {
     let safe = !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     let cleaned: String = s
         .chars()
-        .map(|c| if c == '"' || c == '\\' || c == '\'' || c.is_control() { '_' } else { c })
+        .map(|c| {
+            if c == '"' || c == '\\' || c == '\'' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     if safe {
         cleaned
@@ -198,9 +203,19 @@ mod tests {
 
     #[test]
     fn probabilities_round_trip_like_the_kernel() {
-        assert!(RuleBuilder::new().probability(2).jump("X").contains("0.50000000000"));
+        assert!(
+            RuleBuilder::new()
+                .probability(2)
+                .jump("X")
+                .contains("0.50000000000")
+        );
         // 1/3 is stored as 715827883 / 2^31.
-        assert!(RuleBuilder::new().probability(3).jump("X").contains("0.33333333349"));
+        assert!(
+            RuleBuilder::new()
+                .probability(3)
+                .jump("X")
+                .contains("0.33333333349")
+        );
     }
 
     #[test]

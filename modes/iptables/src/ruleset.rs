@@ -116,9 +116,15 @@ pub fn parse_save(text: &str) -> TableRules {
         } else if let Some(rest) = line.strip_prefix("-A ") {
             let (chain, body) = rest.split_once(' ').unwrap_or((rest, ""));
             if names::is_owned(chain) {
-                out.chains.entry(chain.to_string()).or_default().push(body.to_string());
+                out.chains
+                    .entry(chain.to_string())
+                    .or_default()
+                    .push(body.to_string());
             } else if jumps_to_owned(body) {
-                out.jumps.insert(Jump { builtin: chain.to_string(), rule: body.to_string() });
+                out.jumps.insert(Jump {
+                    builtin: chain.to_string(),
+                    rule: body.to_string(),
+                });
             }
         }
     }
@@ -156,7 +162,10 @@ COMMIT
         let t = parse_save(save);
         assert_eq!(t.chains.len(), 2);
         assert!(t.chains["KPROXY-EMPTY"].is_empty());
-        assert_eq!(t.chains["KPROXY-SERVICES"], vec!["-d 10.0.0.1/32 -j KPROXY-SVC-X"]);
+        assert_eq!(
+            t.chains["KPROXY-SERVICES"],
+            vec!["-d 10.0.0.1/32 -j KPROXY-SVC-X"]
+        );
         assert_eq!(t.jumps.len(), 1);
         assert_eq!(
             t.jumps.iter().next().map(|j| j.builtin.as_str()),

@@ -22,7 +22,11 @@ fn spn(name: &str) -> ServicePortName {
 }
 
 fn ep(ip: &str, local: bool) -> Endpoint {
-    Endpoint { ip: ip.parse().unwrap(), port: 8080, is_local: local }
+    Endpoint {
+        ip: ip.parse().unwrap(),
+        port: 8080,
+        is_local: local,
+    }
 }
 
 fn service(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
@@ -40,7 +44,11 @@ fn service(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
         external_policy: TrafficPolicy::Cluster,
         internal_policy: TrafficPolicy::Cluster,
         health_check_node_port: None,
-        endpoints: Endpoints { any: !eps.is_empty(), cluster: eps, local },
+        endpoints: Endpoints {
+            any: !eps.is_empty(),
+            cluster: eps,
+            local,
+        },
     }
 }
 
@@ -54,13 +62,28 @@ fn state(services: Vec<ServicePort>) -> ProxyState {
     };
     let services: BTreeMap<_, _> = services
         .into_iter()
-        .map(|s| (ServicePortKey { family: s.family, name: s.name.clone() }, Arc::new(s)))
+        .map(|s| {
+            (
+                ServicePortKey {
+                    family: s.family,
+                    name: s.name.clone(),
+                },
+                Arc::new(s),
+            )
+        })
         .collect();
-    ProxyState { node: Arc::new(node), services }
+    ProxyState {
+        node: Arc::new(node),
+        services,
+    }
 }
 
 fn mode() -> IptablesMode<FakeIptables> {
-    IptablesMode::new(FakeIptables::new(), vec![IpFamily::V4, IpFamily::V6], RenderOptions::default())
+    IptablesMode::new(
+        FakeIptables::new(),
+        vec![IpFamily::V4, IpFamily::V6],
+        RenderOptions::default(),
+    )
 }
 
 fn sync(m: &mut IptablesMode<FakeIptables>, s: &ProxyState) -> crate::IptablesPlan {
@@ -75,7 +98,11 @@ fn sync(m: &mut IptablesMode<FakeIptables>, s: &ProxyState) -> crate::IptablesPl
 fn apply_then_read_back_equals_render_and_replans_empty() {
     let mut m = mode();
     let s = state(vec![
-        service("a", "10.96.0.10", vec![ep("10.244.1.1", false), ep("10.244.1.2", true)]),
+        service(
+            "a",
+            "10.96.0.10",
+            vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
+        ),
         service("b", "10.96.0.11", vec![]),
     ]);
     let plan = sync(&mut m, &s);
@@ -98,7 +125,12 @@ fn service_without_endpoints_rejects_and_has_no_nat_rules() {
         .collect();
     assert_eq!(rejects.len(), 1, "{filter:#?}");
     let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
-    assert!(!nat.chains.values().flatten().any(|r| r.contains("10.96.0.11")));
+    assert!(
+        !nat.chains
+            .values()
+            .flatten()
+            .any(|r| r.contains("10.96.0.11"))
+    );
 }
 
 #[test]
@@ -129,10 +161,27 @@ fn one_endpoint_change_touches_only_that_service() {
 #[test]
 fn cleanup_removes_ours_and_keeps_foreign_chains() {
     let mut m = mode();
-    m.kernel.add_foreign(IpFamily::V4, Table::Nat, "KUBE-SERVICES", &["-j RETURN"]);
-    m.kernel.add_foreign(IpFamily::V4, Table::Nat, "DOCKER", &["-d 1.2.3.4/32 -j RETURN"]);
-    sync(&mut m, &state(vec![service("a", "10.96.0.10", vec![ep("10.244.1.1", false)])]));
-    let before_foreign = m.kernel.chains(IpFamily::V4, Table::Nat).get("DOCKER").cloned();
+    m.kernel
+        .add_foreign(IpFamily::V4, Table::Nat, "KUBE-SERVICES", &["-j RETURN"]);
+    m.kernel.add_foreign(
+        IpFamily::V4,
+        Table::Nat,
+        "DOCKER",
+        &["-d 1.2.3.4/32 -j RETURN"],
+    );
+    sync(
+        &mut m,
+        &state(vec![service(
+            "a",
+            "10.96.0.10",
+            vec![ep("10.244.1.1", false)],
+        )]),
+    );
+    let before_foreign = m
+        .kernel
+        .chains(IpFamily::V4, Table::Nat)
+        .get("DOCKER")
+        .cloned();
     m.cleanup().unwrap();
     for family in IpFamily::ALL {
         for table in Table::ALL {
@@ -141,18 +190,36 @@ fn cleanup_removes_ours_and_keeps_foreign_chains() {
             assert!(!chains.values().flatten().any(|r| r.contains("KPROXY-")));
         }
     }
-    assert_eq!(m.kernel.chains(IpFamily::V4, Table::Nat).get("DOCKER").cloned(), before_foreign);
-    assert!(m.kernel.chains(IpFamily::V4, Table::Nat).contains_key("KUBE-SERVICES"));
+    assert_eq!(
+        m.kernel
+            .chains(IpFamily::V4, Table::Nat)
+            .get("DOCKER")
+            .cloned(),
+        before_foreign
+    );
+    assert!(
+        m.kernel
+            .chains(IpFamily::V4, Table::Nat)
+            .contains_key("KUBE-SERVICES")
+    );
 }
 
 #[test]
 fn failed_apply_changes_nothing() {
     let mut m = mode();
-    let s1 = state(vec![service("a", "10.96.0.10", vec![ep("10.244.1.1", false)])]);
+    let s1 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
     sync(&mut m, &s1);
     let before = m.read_live().unwrap();
     m.kernel.fail_next = Some("xtables lock held".into());
-    let s2 = state(vec![service("a", "10.96.0.10", vec![ep("10.244.1.2", false)])]);
+    let s2 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.2", false)],
+    )]);
     let plan = m.plan(&before, &m.render(&s2));
     assert!(m.apply(&plan).is_err());
     assert_eq!(m.read_live().unwrap(), before);
@@ -163,16 +230,33 @@ fn affinity_and_probabilities() {
     let mut svc = service(
         "a",
         "10.96.0.10",
-        vec![ep("10.244.1.1", false), ep("10.244.1.2", false), ep("10.244.1.3", false)],
+        vec![
+            ep("10.244.1.1", false),
+            ep("10.244.1.2", false),
+            ep("10.244.1.3", false),
+        ],
     );
-    svc.affinity = Some(SessionAffinity { timeout: Duration::from_secs(600) });
+    svc.affinity = Some(SessionAffinity {
+        timeout: Duration::from_secs(600),
+    });
     let r = mode().render(&state(vec![svc]));
     let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
     let chain = &nat.chains[&names::service_chain(&spn("a"))];
-    let checks = chain.iter().filter(|r| r.contains("--rcheck --seconds 600")).count();
+    let checks = chain
+        .iter()
+        .filter(|r| r.contains("--rcheck --seconds 600"))
+        .count();
     assert_eq!(checks, 3);
-    assert!(chain.iter().any(|r| r.contains("--probability 0.33333333349")));
-    assert!(chain.iter().any(|r| r.contains("--probability 0.50000000000")));
+    assert!(
+        chain
+            .iter()
+            .any(|r| r.contains("--probability 0.33333333349"))
+    );
+    assert!(
+        chain
+            .iter()
+            .any(|r| r.contains("--probability 0.50000000000"))
+    );
     // The masquerade rule for traffic from outside the pod network comes first.
     assert!(chain[0].starts_with("! -s 10.244.0.0/16 -d 10.96.0.10/32"));
 }
@@ -180,10 +264,17 @@ fn affinity_and_probabilities() {
 #[test]
 fn dry_run_text_groups_by_service() {
     let mut m = mode();
-    let s = state(vec![service("a", "10.96.0.10", vec![ep("10.244.1.1", false)])]);
+    let s = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
     let live = m.read_live().unwrap();
     let text = m.plan(&live, &m.render(&s)).to_string();
     assert!(text.contains("# ns/a:p"), "{text}");
     assert!(text.contains("+ -A KPROXY-SEP-"), "{text}");
-    assert!(text.contains("+ -I PREROUTING -j KPROXY-SERVICES"), "{text}");
+    assert!(
+        text.contains("+ -I PREROUTING -j KPROXY-SERVICES"),
+        "{text}"
+    );
 }

@@ -8,4 +8,6 @@
 //! applies it atomically, or prints the plan for `--dry-run`.
 
 pub mod cache;
+pub mod cli;
+pub mod config;
 pub mod source;

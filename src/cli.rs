@@ -1,0 +1,162 @@
+//! The command line: kube-proxy's flag names (see `cli-contract.md`) plus kproxy's own.
+//!
+//! Every setting is an `Option` so [`crate::config`] can tell "given on the command line" from
+//! "not given" and layer flags over a `--config` file. Boolean flags accept Go's spellings
+//! (`--masquerade-all`, `--masquerade-all=true`, `--masquerade-all=false`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// kproxy: a kube-proxy replacement with iptables, nftables, ipvs and userspace modes.
+#[derive(Debug, Parser, Default)]
+#[command(name = "kproxy", version, about, long_about = None)]
+pub struct Args {
+    /// Data-plane mode: iptables (default), nftables, ipvs or userspace.
+    #[arg(long, value_enum)]
+    pub proxy_mode: Option<ProxyModeArg>,
+
+    /// Path to a kubeconfig file. Without it and without --master, the in-cluster config is used.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes API server address (overrides the kubeconfig's); http:// works.
+    #[arg(long, value_name = "URL")]
+    pub master: Option<String>,
+
+    /// Read Services, EndpointSlices and Nodes from *.yaml/*.yml/*.json files in DIR instead of
+    /// the API, reloading within a second of any change.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+
+    /// This node's name (decides which endpoints are local). Defaults to the host name.
+    #[arg(long, value_name = "NAME")]
+    pub hostname_override: Option<String>,
+
+    /// Pod CIDR(s), at most one per family. Traffic from them is pod traffic.
+    #[arg(long, value_name = "CIDR[,CIDR]")]
+    pub cluster_cidr: Option<String>,
+
+    /// Service CIDR(s), at most one per family. Must not overlap --cluster-cidr.
+    #[arg(long, value_name = "CIDR[,CIDR]")]
+    pub service_cluster_ip_range: Option<String>,
+
+    /// Which local addresses accept NodePorts: a CIDR list, or `primary` (the node's primary
+    /// IPs). Unset: every local address except loopback.
+    #[arg(long, value_name = "CIDR[,CIDR]|primary")]
+    pub nodeport_addresses: Option<String>,
+
+    /// SNAT every connection to a service, whatever its source.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub masquerade_all: Option<bool>,
+
+    /// The fwmark bit (0-31) that marks connections for SNAT.
+    #[arg(long, value_name = "BIT")]
+    pub iptables_masquerade_bit: Option<u8>,
+
+    /// Where /healthz and /livez listen (default 0.0.0.0:10256; empty disables).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub healthz_bind_address: Option<String>,
+
+    /// Where /metrics listens (default 127.0.0.1:10249; empty disables).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_bind_address: Option<String>,
+
+    /// Full resync period in iptables mode (Go duration, default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub iptables_sync_period: Option<String>,
+
+    /// Minimum time between syncs in iptables mode (default 1s).
+    #[arg(long, value_name = "DURATION")]
+    pub iptables_min_sync_period: Option<String>,
+
+    /// Full resync period in nftables mode (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub nftables_sync_period: Option<String>,
+
+    /// Minimum time between syncs in nftables mode (default 1s).
+    #[arg(long, value_name = "DURATION")]
+    pub nftables_min_sync_period: Option<String>,
+
+    /// Full resync period in ipvs mode (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_sync_period: Option<String>,
+
+    /// Minimum time between syncs in ipvs mode (default 0s).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_min_sync_period: Option<String>,
+
+    /// iptables backend: auto (detect what the host uses), nft or legacy.
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub iptables_backend: Option<BackendArg>,
+
+    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1). Flags given on the
+    /// command line override its fields.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Compute and print the rule diff against the live kernel; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Exit after the first complete sync (status 0 on success).
+    #[arg(long)]
+    pub once: bool,
+
+    /// Remove everything any kproxy mode created, then exit.
+    #[arg(long)]
+    pub cleanup: bool,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log verbosity as kube-proxy's --v: 0-1 info, 2-3 debug, 4+ trace. RUST_LOG overrides.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL")]
+    pub verbosity: Option<u8>,
+
+    /// A subcommand; without one, kproxy runs the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the version and exit.
+    Version,
+}
+
+/// `--proxy-mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProxyModeArg {
+    /// iptables-restore transactions (default).
+    Iptables,
+    /// One nft transaction per sync.
+    Nftables,
+    /// IP Virtual Server.
+    Ipvs,
+    /// A userspace TCP/UDP proxy.
+    Userspace,
+}
+
+/// `--iptables-backend` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// Detect the backend the host uses.
+    Auto,
+    /// iptables-nft.
+    Nft,
+    /// iptables-legacy.
+    Legacy,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}

@@ -1,0 +1,410 @@
+//! Validated, typed settings: a `--config` file (if any) with command-line flags over it.
+//!
+//! Deliberate difference from kube-proxy: upstream ignores most flags when `--config` is given;
+//! kproxy lets a flag given on the command line override the file's field (and logs it), which
+//! is what people expect and keeps upstream's common `--config` + `--hostname-override` setup
+//! working unchanged.
+
+pub mod duration;
+pub mod file;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use kproxy_contract::ModeName;
+
+use crate::cli::{Args, BackendArg, LogFormat, ProxyModeArg};
+
+pub use validate::{NodePortSetting, check_overlap, parse_cidrs};
+
+/// A configuration error: names the field (flag or config path) and the bad value. Exit status 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `--flag` or `config.path`.
+    pub field: String,
+    /// The offending value.
+    pub value: String,
+    /// Why it is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid {} {:?}: {}",
+            self.field, self.value, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where objects come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// A directory of manifests.
+    Manifests(PathBuf),
+    /// The Kubernetes API.
+    Api {
+        /// `--kubeconfig`.
+        kubeconfig: Option<PathBuf>,
+        /// `--master`.
+        master: Option<String>,
+    },
+}
+
+/// Which iptables backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// Detect.
+    Auto,
+    /// iptables-nft.
+    Nft,
+    /// iptables-legacy.
+    Legacy,
+}
+
+/// Everything kproxy runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data-plane mode.
+    pub mode: ModeName,
+    /// Object source.
+    pub source: SourceConfig,
+    /// This node's name.
+    pub hostname: String,
+    /// Pod CIDRs (at most one per family).
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Service CIDRs (at most one per family).
+    pub service_cidrs: Vec<IpNet>,
+    /// NodePort addresses.
+    pub nodeport_addresses: NodePortSetting,
+    /// SNAT all service traffic.
+    pub masquerade_all: bool,
+    /// The masquerade fwmark bit.
+    pub masquerade_bit: u8,
+    /// `/healthz` listen address; `None` disables.
+    pub healthz_bind: Option<SocketAddr>,
+    /// `/metrics` listen address; `None` disables.
+    pub metrics_bind: Option<SocketAddr>,
+    /// Full resync period of the selected mode.
+    pub sync_period: Duration,
+    /// Minimum time between syncs of the selected mode.
+    pub min_sync_period: Duration,
+    /// iptables backend.
+    pub iptables_backend: BackendChoice,
+    /// `conntrack.tcpBeLiberal`.
+    pub tcp_be_liberal: bool,
+    /// Print the diff, change nothing.
+    pub dry_run: bool,
+    /// Exit after the first complete sync.
+    pub once: bool,
+    /// Remove everything and exit.
+    pub cleanup: bool,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Fields of the config file kproxy ignored (warned about once logging is up).
+    pub ignored_fields: Vec<String>,
+    /// Config-file fields that a command-line flag overrode.
+    pub overridden_fields: Vec<String>,
+}
+
+/// Builds the configuration from the command line (and the file it names).
+pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
+    let (file, ignored_fields) = match &args.config {
+        Some(path) => file::load(path)?,
+        None => (file::KubeProxyConfiguration::default(), Vec::new()),
+    };
+    let mut overridden = Vec::new();
+    // A flag given on the command line wins over the file; record when both are set.
+    let mut pick =
+        |flag: Option<String>, field: Option<String>, name: &str| -> Option<(String, String)> {
+            match (flag, field) {
+                (Some(v), Some(_)) => {
+                    overridden.push(name.to_string());
+                    Some((v, format!("--{}", flag_name(name))))
+                }
+                (Some(v), None) => Some((v, format!("--{}", flag_name(name)))),
+                (None, Some(v)) => Some((v, name.to_string())),
+                (None, None) => None,
+            }
+        };
+
+    let mode_text = pick(
+        args.proxy_mode.map(|m| mode_arg(m).as_str().to_string()),
+        file.mode.clone().filter(|m| !m.is_empty()),
+        "mode",
+    );
+    let mode = match mode_text {
+        None => ModeName::Iptables,
+        Some((v, field)) => parse_mode(&v).ok_or_else(|| ConfigError {
+            field,
+            value: v.clone(),
+            reason: "expected one of iptables, nftables, ipvs, userspace".into(),
+        })?,
+    };
+
+    let source = match &args.manifests {
+        Some(dir) => SourceConfig::Manifests(dir.clone()),
+        None => SourceConfig::Api {
+            kubeconfig: args.kubeconfig.clone().or_else(|| {
+                file.client_connection
+                    .kubeconfig
+                    .clone()
+                    .filter(|k| !k.is_empty())
+                    .map(PathBuf::from)
+            }),
+            master: args.master.clone(),
+        },
+    };
+
+    let hostname = match pick(
+        args.hostname_override.clone(),
+        file.hostname_override.clone().filter(|h| !h.is_empty()),
+        "hostnameOverride",
+    ) {
+        Some((h, _)) => h.trim().to_lowercase(),
+        None => validate::system_hostname(),
+    };
+    if hostname.is_empty() {
+        return Err(ConfigError {
+            field: "--hostname-override".into(),
+            value: hostname,
+            reason: "the node name is empty and the host name could not be read".into(),
+        });
+    }
+
+    let cluster_cidrs = match pick(
+        args.cluster_cidr.clone(),
+        file.cluster_cidr.clone(),
+        "clusterCIDR",
+    ) {
+        Some((v, field)) => parse_cidrs(&v, &field)?,
+        None => Vec::new(),
+    };
+    let service_cidrs = match &args.service_cluster_ip_range {
+        Some(v) => parse_cidrs(v, "--service-cluster-ip-range")?,
+        None => Vec::new(),
+    };
+    check_overlap(&service_cidrs, &cluster_cidrs)?;
+
+    let nodeport_addresses = match pick(
+        args.nodeport_addresses.clone(),
+        file.node_port_addresses.as_ref().map(|v| v.join(",")),
+        "nodePortAddresses",
+    ) {
+        Some((v, field)) => NodePortSetting::parse(&v, &field)?,
+        None => NodePortSetting::AllLocal,
+    };
+
+    let (file_masq_all, file_masq_bit) = match mode {
+        ModeName::Nftables => (file.nftables.masquerade_all, file.nftables.masquerade_bit),
+        _ => (file.iptables.masquerade_all, file.iptables.masquerade_bit),
+    };
+    let masquerade_all = args.masquerade_all.or(file_masq_all).unwrap_or(false);
+    let masquerade_bit = match (args.iptables_masquerade_bit.map(i64::from), file_masq_bit) {
+        (Some(b), _) => check_bit(b, "--iptables-masquerade-bit")?,
+        (None, Some(b)) => check_bit(b, "iptables.masqueradeBit")?,
+        (None, None) => 14,
+    };
+
+    let healthz_bind = bind_address(
+        pick(
+            args.healthz_bind_address.clone(),
+            file.healthz_bind_address.clone(),
+            "healthzBindAddress",
+        ),
+        "0.0.0.0:10256",
+    )?;
+    let metrics_bind = bind_address(
+        pick(
+            args.metrics_bind_address.clone(),
+            file.metrics_bind_address.clone(),
+            "metricsBindAddress",
+        ),
+        "127.0.0.1:10249",
+    )?;
+
+    let (sync_flag, min_flag, sync_file, min_file, section, default_min) = match mode {
+        ModeName::Nftables => (
+            &args.nftables_sync_period,
+            &args.nftables_min_sync_period,
+            &file.nftables.sync_period,
+            &file.nftables.min_sync_period,
+            "nftables",
+            Duration::from_secs(1),
+        ),
+        ModeName::Ipvs => (
+            &args.ipvs_sync_period,
+            &args.ipvs_min_sync_period,
+            &file.ipvs.sync_period,
+            &file.ipvs.min_sync_period,
+            "ipvs",
+            Duration::ZERO,
+        ),
+        _ => (
+            &args.iptables_sync_period,
+            &args.iptables_min_sync_period,
+            &file.iptables.sync_period,
+            &file.iptables.min_sync_period,
+            "iptables",
+            Duration::from_secs(1),
+        ),
+    };
+    let sync_period = period(
+        pick(
+            sync_flag.clone(),
+            sync_file.clone(),
+            &format!("{section}.syncPeriod"),
+        ),
+        Duration::from_secs(30),
+    )?;
+    let min_sync_period = period(
+        pick(
+            min_flag.clone(),
+            min_file.clone(),
+            &format!("{section}.minSyncPeriod"),
+        ),
+        default_min,
+    )?;
+    if sync_period.is_zero() {
+        return Err(ConfigError {
+            field: format!("{section}.syncPeriod"),
+            value: "0".into(),
+            reason: "must be greater than 0".into(),
+        });
+    }
+    // Also check the other modes' durations parse, so a typo is caught whichever mode runs.
+    for (flag, name) in [
+        (&args.iptables_sync_period, "--iptables-sync-period"),
+        (&args.iptables_min_sync_period, "--iptables-min-sync-period"),
+        (&args.nftables_sync_period, "--nftables-sync-period"),
+        (&args.nftables_min_sync_period, "--nftables-min-sync-period"),
+        (&args.ipvs_sync_period, "--ipvs-sync-period"),
+        (&args.ipvs_min_sync_period, "--ipvs-min-sync-period"),
+    ] {
+        if let Some(v) = flag {
+            duration::parse(v).map_err(|reason| ConfigError {
+                field: name.into(),
+                value: v.clone(),
+                reason,
+            })?;
+        }
+    }
+
+    let iptables_backend = match args.iptables_backend {
+        None | Some(BackendArg::Auto) => BackendChoice::Auto,
+        Some(BackendArg::Nft) => BackendChoice::Nft,
+        Some(BackendArg::Legacy) => BackendChoice::Legacy,
+    };
+
+    Ok(Config {
+        mode,
+        source,
+        hostname,
+        cluster_cidrs,
+        service_cidrs,
+        nodeport_addresses,
+        masquerade_all,
+        masquerade_bit,
+        healthz_bind,
+        metrics_bind,
+        sync_period,
+        min_sync_period,
+        iptables_backend,
+        tcp_be_liberal: file.conntrack.tcp_be_liberal.unwrap_or(false),
+        dry_run: args.dry_run,
+        once: args.once,
+        cleanup: args.cleanup,
+        log_format: args.log_format,
+        ignored_fields,
+        overridden_fields: overridden,
+    })
+}
+
+fn mode_arg(m: ProxyModeArg) -> ModeName {
+    match m {
+        ProxyModeArg::Iptables => ModeName::Iptables,
+        ProxyModeArg::Nftables => ModeName::Nftables,
+        ProxyModeArg::Ipvs => ModeName::Ipvs,
+        ProxyModeArg::Userspace => ModeName::Userspace,
+    }
+}
+
+fn parse_mode(text: &str) -> Option<ModeName> {
+    match text {
+        "iptables" => Some(ModeName::Iptables),
+        "nftables" => Some(ModeName::Nftables),
+        "ipvs" => Some(ModeName::Ipvs),
+        "userspace" => Some(ModeName::Userspace),
+        _ => None,
+    }
+}
+
+/// The command-line spelling of a config field, for messages.
+fn flag_name(field: &str) -> String {
+    match field {
+        "mode" => "proxy-mode".into(),
+        "clusterCIDR" => "cluster-cidr".into(),
+        "nodePortAddresses" => "nodeport-addresses".into(),
+        other => {
+            let mut out = String::new();
+            for c in other.chars() {
+                match c {
+                    '.' => out.push('-'),
+                    c if c.is_ascii_uppercase() => {
+                        out.push('-');
+                        out.push(c.to_ascii_lowercase());
+                    }
+                    c => out.push(c),
+                }
+            }
+            out
+        }
+    }
+}
+
+fn check_bit(bit: i64, field: &str) -> Result<u8, ConfigError> {
+    u8::try_from(bit)
+        .ok()
+        .filter(|b| *b <= 31)
+        .ok_or_else(|| ConfigError {
+            field: field.into(),
+            value: bit.to_string(),
+            reason: "must be between 0 and 31".into(),
+        })
+}
+
+fn period(value: Option<(String, String)>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some((v, field)) => duration::parse(&v).map_err(|reason| ConfigError {
+            field,
+            value: v,
+            reason,
+        }),
+    }
+}
+
+fn bind_address(
+    value: Option<(String, String)>,
+    default: &str,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let (text, field) = value.unwrap_or_else(|| (default.to_string(), String::new()));
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.trim().parse().map(Some).map_err(|_| ConfigError {
+        field,
+        value: text.clone(),
+        reason: "expected ADDRESS:PORT, e.g. 0.0.0.0:10256 or [::]:10256".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -8,4 +8,5 @@
 //! applies it atomically, or prints the plan for `--dry-run`.
 
 pub mod cache;
+pub mod desired_state;
 pub mod source;

@@ -10,4 +10,5 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod desired_state;
 pub mod source;

@@ -21,6 +21,10 @@ pub enum Change<K> {
 
 /// One change from a source.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one short-lived value per watch event, moved through a channel, never stored in bulk"
+)]
 pub enum Update {
     /// Services (already filtered by the service-proxy-name label).
     Services(Change<Service>),

@@ -12,3 +12,6 @@ pub mod cli;
 pub mod config;
 pub mod desired_state;
 pub mod source;
+pub mod node;
+pub mod sync;
+pub mod run;

@@ -1,0 +1,10 @@
+//! End-to-end tests: one binary, one module per area.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(
+    unreachable_pub,
+    reason = "test binary: support items are pub for the test modules"
+)]
+
+mod api_watch;
+mod support;

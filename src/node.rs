@@ -129,7 +129,13 @@ mod tests {
             .iter()
             .map(|s| s.parse().expect("ip"))
             .collect();
-        let cidrs = vec!["10.0.1.0/24".parse().expect("net"), "127.0.0.0/8".parse().expect("net")];
-        assert_eq!(matching(&local, &cidrs), vec!["10.0.1.1".parse::<IpAddr>().expect("ip")]);
+        let cidrs = vec![
+            "10.0.1.0/24".parse().expect("net"),
+            "127.0.0.0/8".parse().expect("net"),
+        ];
+        assert_eq!(
+            matching(&local, &cidrs),
+            vec!["10.0.1.1".parse::<IpAddr>().expect("ip")]
+        );
     }
 }

@@ -29,7 +29,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let mode = IptablesMode::new(
                 IptablesCli::new(backend),
                 vec![IpFamily::V4, IpFamily::V6],
-                RenderOptions { tcp_be_liberal: config.tcp_be_liberal },
+                RenderOptions {
+                    tcp_be_liberal: config.tcp_be_liberal,
+                },
             );
             run_mode(mode, config).await
         }
@@ -56,7 +58,21 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>) -> anyhow::Result<()> {
         dry_run: config.dry_run,
         once: config.once,
     };
-    let mut sync = SyncLoop::new(mode, config, options);
+    let health = crate::health::Health::new(config.sync_period);
+    // A one-shot or dry run is not a node's proxy: it serves no probes.
+    let _health_server = match config.healthz_bind {
+        Some(addr) if !config.dry_run && !config.once => {
+            match crate::health::serve(addr, health.clone()).await {
+                Ok(task) => Some(AbortOnDrop(task)),
+                Err(err) => {
+                    tracing::error!(%addr, error = %err, "cannot serve /healthz; continuing without it");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut sync = SyncLoop::new(mode, config, options).with_health(health);
     let stopped = sync.run(rx, shutdown_signal()).await;
     source.abort();
     match stopped? {
@@ -75,8 +91,9 @@ async fn spawn_source(
         SourceConfig::Manifests(dir) => {
             let dir = dir.clone();
             // Fail fast on a missing directory instead of waiting forever for a first list.
-            std::fs::read_dir(&dir)
-                .with_context(|| format!("--manifests {}: cannot read the directory", dir.display()))?;
+            std::fs::read_dir(&dir).with_context(|| {
+                format!("--manifests {}: cannot read the directory", dir.display())
+            })?;
             Ok(tokio::spawn(async move {
                 if let Err(err) = crate::source::manifests::run(dir, node, tx).await {
                     tracing::error!(error = %format_chain(&err), "the manifests source stopped");
@@ -131,14 +148,22 @@ fn cleanup(config: &Config) -> anyhow::Result<()> {
             let mut mode = IptablesMode::new(
                 IptablesCli::new(backend),
                 vec![family],
-                RenderOptions { tcp_be_liberal: config.tcp_be_liberal },
+                RenderOptions {
+                    tcp_be_liberal: config.tcp_be_liberal,
+                },
             );
             match mode.cleanup() {
-                Ok(()) => tracing::info!(backend = backend.as_str(), %family, "iptables rules removed"),
+                Ok(()) => {
+                    tracing::info!(backend = backend.as_str(), %family, "iptables rules removed")
+                }
                 Err(err) if is_missing_tool(&err) => {
                     tracing::debug!(backend = backend.as_str(), %family, "iptables tools not installed; nothing to clean")
                 }
-                Err(err) => failures.push(format!("iptables ({}, {family}): {}", backend.as_str(), format_chain(&err))),
+                Err(err) => failures.push(format!(
+                    "iptables ({}, {family}): {}",
+                    backend.as_str(),
+                    format_chain(&err)
+                )),
             }
         }
     }
@@ -152,7 +177,10 @@ fn cleanup(config: &Config) -> anyhow::Result<()> {
 fn is_missing_tool(err: &kproxy_contract::ModeError) -> bool {
     matches!(
         err,
-        kproxy_contract::ModeError::ReadLive { cause: kproxy_contract::CommandError::NotFound { .. }, .. }
+        kproxy_contract::ModeError::ReadLive {
+            cause: kproxy_contract::CommandError::NotFound { .. },
+            ..
+        }
     )
 }
 
@@ -170,5 +198,14 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Stops a background task when the owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::cache::{ClusterCache, Touched};
 use crate::config::Config;
 use crate::desired_state::{self, BuildContext};
+use crate::health::Health;
 use crate::node;
 use crate::source::Update;
 
@@ -73,6 +74,8 @@ pub struct SyncLoop<M: Mode> {
     pending: Touched,
     /// Where dry-run plans go.
     out: Box<dyn std::io::Write + Send>,
+    /// What /healthz reports.
+    health: Health,
 }
 
 impl<M: Mode> SyncLoop<M> {
@@ -82,13 +85,20 @@ impl<M: Mode> SyncLoop<M> {
             mode,
             cache: ClusterCache::default(),
             config,
-            options,
             believed: None,
             previous: None,
             reported: BTreeSet::new(),
             pending: Touched::default(),
             out: Box::new(std::io::stdout()),
+            health: Health::new(options.sync_period),
+            options,
         }
+    }
+
+    /// Reports to this health state (shared with the HTTP server).
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     /// Sends dry-run output somewhere other than stdout (tests).
@@ -129,7 +139,11 @@ impl<M: Mode> SyncLoop<M> {
                     let Some(update) = update else {
                         anyhow::bail!("the object source stopped unexpectedly");
                     };
-                    self.pending.merge(self.cache.apply(update));
+                    let touched = self.cache.apply(update);
+                    if !touched.is_empty() {
+                        self.health.queued(std::time::SystemTime::now());
+                    }
+                    self.pending.merge(touched);
                     if !self.cache.is_synced() {
                         continue;
                     }
@@ -184,6 +198,7 @@ impl<M: Mode> SyncLoop<M> {
         let _enter = span.enter();
 
         let node_obj = self.cache.node().map(|n| n.as_ref());
+        self.health.set_node(node_obj);
         let local = node::local_addresses();
         let ctx = BuildContext {
             node: Arc::new(node::settings(&self.config, node_obj, &local)),
@@ -236,6 +251,7 @@ impl<M: Mode> SyncLoop<M> {
         }
         if !dry_run {
             self.believed = Some(desired);
+            self.health.updated(std::time::SystemTime::now());
         }
         let report = SyncReport {
             full,

@@ -12,6 +12,10 @@ use super::Update;
 pub struct ManifestsError;
 
 /// Placeholder.
-pub async fn run(_dir: PathBuf, _node: String, _tx: mpsc::Sender<Update>) -> Result<(), ManifestsError> {
+pub async fn run(
+    _dir: PathBuf,
+    _node: String,
+    _tx: mpsc::Sender<Update>,
+) -> Result<(), ManifestsError> {
     Err(ManifestsError)
 }

@@ -36,7 +36,11 @@ impl Plan for FakePlan {
         self.0 == 0 && self.1 == 0
     }
     fn stats(&self) -> PlanStats {
-        PlanStats { added: self.0, removed: self.1, containers_touched: 0 }
+        PlanStats {
+            added: self.0,
+            removed: self.1,
+            containers_touched: 0,
+        }
     }
 }
 
@@ -47,14 +51,21 @@ impl Mode for FakeMode {
         ModeName::Iptables
     }
     fn render(&self, desired: &ProxyState) -> Self::Rules {
-        desired.services.keys().map(|k| format!("{:?}", k)).collect()
+        desired
+            .services
+            .keys()
+            .map(|k| format!("{:?}", k))
+            .collect()
     }
     fn read_live(&mut self) -> Result<Self::Rules, ModeError> {
         self.0.lock().unwrap().reads += 1;
         Ok(BTreeSet::new())
     }
     fn plan(&self, live: &Self::Rules, desired: &Self::Rules) -> FakePlan {
-        FakePlan(desired.difference(live).count(), live.difference(desired).count())
+        FakePlan(
+            desired.difference(live).count(),
+            live.difference(desired).count(),
+        )
     }
     fn apply(&mut self, _plan: &FakePlan) -> Result<(), ModeError> {
         let mut log = self.0.lock().unwrap();
@@ -71,7 +82,10 @@ impl Mode for FakeMode {
 }
 
 fn config() -> Arc<Config> {
-    let args = Args { hostname_override: Some("node-a".into()), ..Args::default() };
+    let args = Args {
+        hostname_override: Some("node-a".into()),
+        ..Args::default()
+    };
     Arc::new(crate::config::from_args(&args).unwrap())
 }
 
@@ -111,7 +125,12 @@ fn start(dry_run: bool) -> Harness {
         })
         .await
     });
-    Harness { log, tx, stop: Some(stop), task }
+    Harness {
+        log,
+        tx,
+        stop: Some(stop),
+        task,
+    }
 }
 
 impl Harness {
@@ -135,7 +154,10 @@ impl Harness {
 
 async fn lists(h: &Harness, services: Vec<Service>) {
     h.send(Update::Services(Change::Reset(services))).await;
-    h.send(Update::EndpointSlices(Change::Reset(Vec::<EndpointSlice>::new()))).await;
+    h.send(Update::EndpointSlices(Change::Reset(
+        Vec::<EndpointSlice>::new(),
+    )))
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -157,7 +179,11 @@ async fn bursts_coalesce_into_one_sync_per_min_period() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(h.applies(), 1);
     for i in 0..20 {
-        h.send(Update::Services(Change::Apply(svc(&format!("b{i}"), &format!("10.96.1.{i}"))))).await;
+        h.send(Update::Services(Change::Apply(svc(
+            &format!("b{i}"),
+            &format!("10.96.1.{i}"),
+        ))))
+        .await;
     }
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(h.applies(), 1, "still inside min-sync-period");
@@ -190,7 +216,11 @@ async fn failed_sync_is_retried_with_backoff_and_full() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!((h.applies(), h.reads()), (0, 2), "retry after 1s, full");
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!((h.applies(), h.reads()), (1, 3), "second retry after 2s succeeds");
+    assert_eq!(
+        (h.applies(), h.reads()),
+        (1, 3),
+        "second retry after 2s succeeds"
+    );
     h.stop().await;
 }
 
@@ -198,7 +228,8 @@ async fn failed_sync_is_retried_with_backoff_and_full() {
 async fn dry_run_never_applies() {
     let h = start(true);
     lists(&h, vec![svc("a", "10.96.0.1")]).await;
-    h.send(Update::Services(Change::Apply(svc("b", "10.96.0.2")))).await;
+    h.send(Update::Services(Change::Apply(svc("b", "10.96.0.2"))))
+        .await;
     tokio::time::sleep(Duration::from_secs(40)).await;
     assert_eq!(h.applies(), 0);
     assert!(h.reads() >= 2);

@@ -32,7 +32,7 @@ pub fn node_ips(node: Option<&Node>) -> Vec<IpAddr> {
         }
     }
     // Stable per-family order: the first address of each family is that family's primary.
-    out.sort_by_key(|ip| IpFamily::of(ip));
+    out.sort_by_key(IpFamily::of);
     out
 }
 

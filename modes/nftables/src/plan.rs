@@ -1,0 +1,287 @@
+//! The difference between two rulesets as one nft transaction (both families in one `nft -f`).
+//!
+//! Only what differs is sent: element additions and deletions, chains whose rules changed, new
+//! and stale chains and sets. If a set's type or a base chain's hook changed (a kproxy upgrade),
+//! the family's table is deleted and rebuilt inside the same transaction, so traffic never sees
+//! a half-built table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Write as _};
+
+use kproxy_contract::{IpFamily, PlanStats};
+
+use crate::model::{Chain, NftRuleset, Set, TABLE, Table, family_name};
+
+/// Elements per `add element` / `delete element` statement.
+const CHUNK: usize = 2_000;
+
+/// The changes to one family's table.
+#[derive(Debug, Clone, Default)]
+pub struct FamilyPlan {
+    /// Delete the whole table first (type change), then build it from scratch.
+    pub recreate: bool,
+    /// Delete the table and everything in it (`--cleanup`, or a family no longer programmed).
+    pub delete_table: bool,
+    /// Sets and maps to create.
+    pub add_sets: Vec<(String, Set)>,
+    /// Chains to create (declared before anything refers to them).
+    pub add_chains: Vec<(String, Chain)>,
+    /// Chains whose rules are (re)written: flushed, then filled.
+    pub write_chains: Vec<(String, Chain, bool)>,
+    /// Elements to delete, per set: key → old value.
+    pub delete_elements: BTreeMap<String, Vec<(String, Option<String>)>>,
+    /// Elements to add, per set.
+    pub add_elements: BTreeMap<String, Vec<(String, Option<String>)>>,
+    /// Chains to delete.
+    pub delete_chains: Vec<String>,
+    /// Sets and maps to delete (name, is a map).
+    pub delete_sets: Vec<(String, bool)>,
+}
+
+impl FamilyPlan {
+    fn is_empty(&self) -> bool {
+        !self.recreate
+            && !self.delete_table
+            && self.add_sets.is_empty()
+            && self.add_chains.is_empty()
+            && self.write_chains.is_empty()
+            && self.delete_elements.is_empty()
+            && self.add_elements.is_empty()
+            && self.delete_chains.is_empty()
+            && self.delete_sets.is_empty()
+    }
+}
+
+/// One sync's transaction.
+#[derive(Debug, Clone, Default)]
+pub struct NftPlan {
+    /// Per family.
+    pub families: BTreeMap<IpFamily, FamilyPlan>,
+    /// Frontend or chain → service port, for grouping the printed transaction.
+    pub owners: BTreeMap<String, String>,
+}
+
+/// Computes the transaction that turns `live` into `desired`.
+pub fn plan(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
+    let mut out = NftPlan { owners: desired.owners.clone(), ..NftPlan::default() };
+    let empty = Table::default();
+    let families: BTreeSet<IpFamily> =
+        live.families.keys().chain(desired.families.keys()).copied().collect();
+    for family in families {
+        let fp = match (live.families.get(&family), desired.families.get(&family)) {
+            (Some(_), None) => FamilyPlan { delete_table: true, ..FamilyPlan::default() },
+            (old, Some(new)) => {
+                let old = old.unwrap_or(&empty);
+                if needs_recreate(old, new) {
+                    let mut fp = plan_table(&empty, new);
+                    fp.recreate = true;
+                    fp
+                } else {
+                    plan_table(old, new)
+                }
+            }
+            (None, None) => continue,
+        };
+        if !fp.is_empty() {
+            out.families.insert(family, fp);
+        }
+    }
+    out
+}
+
+fn needs_recreate(old: &Table, new: &Table) -> bool {
+    let set_changed = new.sets.iter().any(|(name, s)| {
+        old.sets
+            .get(name)
+            .is_some_and(|o| o.signature != s.signature || o.is_map != s.is_map)
+    });
+    let base_changed = new.chains.iter().any(|(name, c)| {
+        old.chains.get(name).is_some_and(|o| o.base != c.base)
+    });
+    set_changed || base_changed
+}
+
+fn plan_table(old: &Table, new: &Table) -> FamilyPlan {
+    let mut fp = FamilyPlan::default();
+    for (name, set) in &new.sets {
+        match old.sets.get(name) {
+            None => {
+                fp.add_sets.push((name.clone(), Set { elements: BTreeMap::new(), ..set.clone() }));
+                if !set.elements.is_empty() {
+                    fp.add_elements.insert(
+                        name.clone(),
+                        set.elements.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    );
+                }
+            }
+            Some(o) => {
+                let del: Vec<_> = o
+                    .elements
+                    .iter()
+                    .filter(|(k, v)| set.elements.get(*k) != Some(*v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let add: Vec<_> = set
+                    .elements
+                    .iter()
+                    .filter(|(k, v)| o.elements.get(*k) != Some(*v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if !del.is_empty() {
+                    fp.delete_elements.insert(name.clone(), del);
+                }
+                if !add.is_empty() {
+                    fp.add_elements.insert(name.clone(), add);
+                }
+            }
+        }
+    }
+    for (name, set) in &old.sets {
+        if !new.sets.contains_key(name) {
+            fp.delete_sets.push((name.clone(), set.is_map));
+        }
+    }
+    for (name, chain) in &new.chains {
+        match old.chains.get(name) {
+            None => {
+                fp.add_chains.push((name.clone(), chain.clone()));
+                fp.write_chains.push((name.clone(), chain.clone(), false));
+            }
+            Some(o) if o != chain => fp.write_chains.push((name.clone(), chain.clone(), true)),
+            Some(_) => {}
+        }
+    }
+    for name in old.chains.keys() {
+        if !new.chains.contains_key(name) {
+            fp.delete_chains.push(name.clone());
+        }
+    }
+    fp
+}
+
+impl NftPlan {
+    /// The `nft -f` script: one transaction for every family.
+    pub fn script(&self) -> String {
+        self.to_string()
+    }
+
+    fn owner_of(&self, key: &str) -> Option<&str> {
+        if let Some(o) = self.owners.get(key) {
+            return Some(o);
+        }
+        // Endpoint and firewall keys extend a frontend key with one more field.
+        let (prefix, _) = key.rsplit_once(" . ")?;
+        self.owners.get(prefix).map(String::as_str)
+    }
+}
+
+fn elem_text(k: &str, v: &Option<String>) -> String {
+    match v {
+        Some(v) => format!("{k} : {v}"),
+        None => k.to_string(),
+    }
+}
+
+impl fmt::Display for NftPlan {
+    /// Valid nft syntax, element changes grouped under `# service` comments.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.families.is_empty() {
+            return writeln!(f, "# no changes");
+        }
+        for (family, fp) in &self.families {
+            let t = format!("{} {TABLE}", family_name(*family));
+            writeln!(f, "# === {family} table {t} ===")?;
+            if fp.delete_table {
+                writeln!(f, "add table {t}\ndelete table {t}")?;
+                continue;
+            }
+            writeln!(f, "add table {t}")?;
+            if fp.recreate {
+                writeln!(f, "delete table {t}\nadd table {t}")?;
+            }
+            for (name, set) in &fp.add_sets {
+                let kind = if set.is_map { "map" } else { "set" };
+                writeln!(f, "add {kind} {t} {name} {{ {} }}", set.decl)?;
+            }
+            for (name, chain) in &fp.add_chains {
+                match &chain.base {
+                    Some(b) => writeln!(
+                        f,
+                        "add chain {t} {name} {{ type {} hook {} priority {} ; policy accept ; }}",
+                        b.kind, b.hook, b.priority
+                    )?,
+                    None => writeln!(f, "add chain {t} {name}")?,
+                }
+            }
+            write_elements(f, self, &t, "delete", &fp.delete_elements, false)?;
+            for (name, chain, existed) in &fp.write_chains {
+                if *existed {
+                    writeln!(f, "flush chain {t} {name}")?;
+                }
+                for r in &chain.rules {
+                    writeln!(f, "add rule {t} {name} {} comment \"{}\"", r.text, r.id)?;
+                }
+            }
+            write_elements(f, self, &t, "add", &fp.add_elements, true)?;
+            for name in &fp.delete_chains {
+                writeln!(f, "delete chain {t} {name}")?;
+            }
+            for (name, is_map) in &fp.delete_sets {
+                let kind = if *is_map { "map" } else { "set" };
+                writeln!(f, "delete {kind} {t} {name}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Element statements, grouped by owning service (then by set), chunked.
+fn write_elements(
+    f: &mut fmt::Formatter<'_>,
+    plan: &NftPlan,
+    t: &str,
+    verb: &str,
+    elements: &BTreeMap<String, Vec<(String, Option<String>)>>,
+    with_values: bool,
+) -> fmt::Result {
+    // owner → set → elements
+    let mut grouped: BTreeMap<&str, BTreeMap<&str, Vec<String>>> = BTreeMap::new();
+    for (set, elems) in elements {
+        for (k, v) in elems {
+            let owner = plan.owner_of(k).unwrap_or("kproxy");
+            let text = if with_values { elem_text(k, v) } else { k.clone() };
+            grouped.entry(owner).or_default().entry(set).or_default().push(text);
+        }
+    }
+    for (owner, sets) in grouped {
+        writeln!(f, "# {owner}")?;
+        for (set, elems) in sets {
+            for chunk in elems.chunks(CHUNK) {
+                let mut line = String::new();
+                let _ = write!(line, "{verb} element {t} {set} {{ {} }}", chunk.join(", "));
+                writeln!(f, "{line}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl kproxy_contract::Plan for NftPlan {
+    fn is_empty(&self) -> bool {
+        self.families.is_empty()
+    }
+
+    fn stats(&self) -> PlanStats {
+        let mut s = PlanStats::default();
+        for fp in self.families.values() {
+            s.added += fp.add_elements.values().map(Vec::len).sum::<usize>()
+                + fp.write_chains.iter().map(|(_, c, _)| c.rules.len()).sum::<usize>();
+            s.removed += fp.delete_elements.values().map(Vec::len).sum::<usize>();
+            s.containers_touched += fp.add_sets.len()
+                + fp.delete_sets.len()
+                + fp.write_chains.len()
+                + fp.delete_chains.len();
+        }
+        s
+    }
+}

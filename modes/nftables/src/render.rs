@@ -1,0 +1,559 @@
+//! ProxyState → [`NftRuleset`].
+//!
+//! Layout (see the crate README): a fixed set of chains and a few named sets and maps, so a
+//! service costs elements, not chains or sets. The key trick is endpoint choice without a
+//! per-service anonymous `numgen` map: a frontend (`addr . proto . port`) is dispatched through
+//! the verdict map `service-ips` to the chain `pick-N`, where N is its endpoint count; `pick-N`
+//! DNATs through the shared map `endpoints`, keyed on the frontend and `numgen random mod N`.
+//! Pick chains exist once per distinct endpoint count, so their number stays small whatever the
+//! cluster's size. ClientIP affinity needs per-client memory per endpoint; services using it get
+//! upstream's per-service chains and per-endpoint timeout sets (they are few).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use kproxy_contract::{
+    Endpoint, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState, ServicePort,
+    TrafficPolicy,
+};
+use sha2::{Digest, Sha256};
+
+use crate::model::{BaseChain, Chain, NftRuleset, Rule, Set, Table};
+
+/// Offset of the short-circuit endpoint set within a frontend's `endpoints` keys: the ETP=Local
+/// short-circuit (pod and node sources use Cluster endpoints) shares the map with the policy's
+/// own list, in a disjoint index range.
+pub const SHORT_CIRCUIT_OFFSET: u32 = 1 << 20;
+
+/// Syntax that differs between `ip` and `ip6` tables.
+struct Fam {
+    family: IpFamily,
+}
+
+impl Fam {
+    fn addr(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
+    }
+    fn addr_type(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => "ipv4_addr",
+            IpFamily::V6 => "ipv6_addr",
+        }
+    }
+    fn loopback(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => "127.0.0.0/8",
+            IpFamily::V6 => "::1",
+        }
+    }
+}
+
+/// Renders the whole desired state.
+pub fn render(state: &ProxyState) -> NftRuleset {
+    let mut out = NftRuleset::default();
+    for family in IpFamily::ALL {
+        let mut w = Writer::new(family, &state.node);
+        for sp in state.family(family) {
+            w.service_port(sp, &mut out.owners);
+        }
+        out.families.insert(family, w.finish());
+    }
+    out
+}
+
+/// What a frontend is, for dispatch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Frontend {
+    /// `addr . proto . port` (ClusterIP, externalIP, LB IP).
+    Ip(IpAddr),
+    /// `proto . port` on the NodePort addresses.
+    NodePort(u16),
+}
+
+struct Writer<'a> {
+    f: Fam,
+    node: &'a NodeSettings,
+    t: Table,
+    /// Endpoint counts needing `pick-N` / `nodeport-pick-N` chains (with/without offset).
+    picks: BTreeSet<(bool, bool, usize)>,
+}
+
+fn ep_value(ep: &Endpoint) -> String {
+    format!("{} . {}", ep.ip, ep.port)
+}
+
+fn svc_hash(sp: &ServicePort) -> String {
+    let digest = Sha256::digest(format!("{}{}", sp.name, sp.name.protocol).as_bytes());
+    let mut h = data_encoding::BASE32.encode(&digest);
+    h.truncate(8);
+    h
+}
+
+/// `HASH-ns/name/proto/port`, upstream's chain-name style.
+fn svc_chain_suffix(sp: &ServicePort) -> String {
+    let port = if sp.name.port.is_empty() { "-" } else { &sp.name.port };
+    let s = format!(
+        "{}-{}/{}/{}/{}",
+        svc_hash(sp),
+        sp.name.namespace,
+        sp.name.name,
+        sp.name.protocol,
+        port
+    );
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-/_.".contains(c) { c } else { '_' })
+        .take(200)
+        .collect()
+}
+
+impl<'a> Writer<'a> {
+    fn new(family: IpFamily, node: &'a NodeSettings) -> Self {
+        let mut w = Self { f: Fam { family }, node, t: Table::default(), picks: BTreeSet::new() };
+        w.declare_sets();
+        w
+    }
+
+    fn set(&mut self, name: &str, is_map: bool, decl: String, signature: String) {
+        self.t.sets.insert(
+            name.to_string(),
+            Set { is_map, decl, signature, elements: BTreeMap::new() },
+        );
+    }
+
+    fn elem(&mut self, set: &str, key: String, value: Option<String>) {
+        if let Some(s) = self.t.sets.get_mut(set) {
+            s.elements.insert(key, value);
+        }
+    }
+
+    fn declare_sets(&mut self) {
+        let a = self.f.addr_type();
+        let ad = self.f.addr();
+        let frontend = format!("{a} . inet_proto . inet_service");
+        for name in ["service-ips", "service-ips-short-circuit", "no-endpoint-services"] {
+            self.set(
+                name,
+                true,
+                format!("type {frontend} : verdict ;"),
+                format!("{frontend} : verdict"),
+            );
+        }
+        for name in ["service-nodeports", "nodeports-short-circuit", "no-endpoint-nodeports"] {
+            self.set(
+                name,
+                true,
+                "type inet_proto . inet_service : verdict ;".into(),
+                "inet_proto . inet_service : verdict".into(),
+            );
+        }
+        for name in ["masq-internal", "masq-external", "masq-local-source", "firewall-ips"] {
+            self.set(name, false, format!("type {frontend} ;"), frontend.clone());
+        }
+        for name in ["nodeport-masq", "nodeport-masq-local-source"] {
+            self.set(
+                name,
+                false,
+                "type inet_proto . inet_service ;".into(),
+                "inet_proto . inet_service".into(),
+            );
+        }
+        self.set("cluster-ips", false, format!("type {a} ;"), a.to_string());
+        self.set("nodeport-ips", false, format!("type {a} ;"), a.to_string());
+        self.set(
+            "service-cidrs",
+            false,
+            format!("type {a} ; flags interval ;"),
+            format!("{a} flags interval"),
+        );
+        self.set(
+            "hairpin",
+            false,
+            format!("type {a} . {a} ;"),
+            format!("{a} . {a}"),
+        );
+        self.set(
+            "firewall-allow",
+            false,
+            format!("type {frontend} . {a} ; flags interval ;"),
+            format!("{frontend} . {a} flags interval"),
+        );
+        self.set(
+            "endpoints",
+            true,
+            format!(
+                "typeof {ad} daddr . meta l4proto . th dport . numgen random mod 1 : {ad} daddr . th dport ;"
+            ),
+            format!("{frontend} . integer : {a} . inet_service"),
+        );
+        self.set(
+            "nodeport-endpoints",
+            true,
+            format!(
+                "typeof meta l4proto . th dport . numgen random mod 1 : {ad} daddr . th dport ;"
+            ),
+            format!("inet_proto . inet_service . integer : {a} . inet_service"),
+        );
+        for cidr in self
+            .node
+            .service_cidrs
+            .iter()
+            .filter(|c| IpFamily::of_net(c) == self.f.family)
+        {
+            self.elem("service-cidrs", prefix(cidr), None);
+        }
+        if let NodePortAddresses::Only(ips) = &self.node.node_port_addresses {
+            for ip in ips.iter().filter(|ip| IpFamily::of(ip) == self.f.family) {
+                self.elem("nodeport-ips", ip.to_string(), None);
+            }
+        }
+    }
+
+    // === one service port ===
+
+    fn service_port(&mut self, sp: &ServicePort, owners: &mut BTreeMap<String, String>) {
+        let proto = sp.name.protocol;
+        let name = sp.name.to_string();
+        let has_endpoints = sp.endpoints.any;
+        let internal = sp.internal_endpoints();
+        let external = sp.external_endpoints();
+        let cluster = &sp.endpoints.cluster;
+        let etp_local = sp.external_policy == TrafficPolicy::Local;
+
+        // Frontends, each with the endpoint list the policy gives it.
+        let mut frontends: Vec<(Frontend, bool)> = Vec::new();
+        if let Some(cip) = sp.cluster_ip {
+            frontends.push((Frontend::Ip(cip), false));
+            self.elem("cluster-ips", cip.to_string(), None);
+        }
+        for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
+            frontends.push((Frontend::Ip(*ip), true));
+        }
+        if let Some(np) = sp.node_port {
+            frontends.push((Frontend::NodePort(np), true));
+        }
+
+        for (fe, is_external) in frontends {
+            let key = match fe {
+                Frontend::Ip(ip) => format!("{ip} . {proto} . {}", sp.port),
+                Frontend::NodePort(np) => format!("{proto} . {np}"),
+            };
+            owners.insert(key.clone(), name.clone());
+            let nodeport = matches!(fe, Frontend::NodePort(_));
+            let (dispatch, short, no_eps, eps_map) = if nodeport {
+                ("service-nodeports", "nodeports-short-circuit", "no-endpoint-nodeports", "nodeport-endpoints")
+            } else {
+                ("service-ips", "service-ips-short-circuit", "no-endpoint-services", "endpoints")
+            };
+            let list = if is_external { external } else { internal };
+
+            if !has_endpoints {
+                self.elem(no_eps, key, Some("goto reject-chain".into()));
+                continue;
+            }
+            // Short-circuit for ETP=Local external frontends: pods and the node itself use the
+            // Cluster endpoints (pods without masquerade, the node with it).
+            if is_external && etp_local && !cluster.is_empty() {
+                let verdict = self.endpoint_choice(sp, &key, eps_map, cluster, true, nodeport);
+                self.elem(short, key.clone(), Some(verdict));
+                let masq = if nodeport { "nodeport-masq-local-source" } else { "masq-local-source" };
+                self.elem(masq, key.clone(), None);
+            }
+            if list.is_empty() {
+                // Endpoints exist, but none the policy may use: DROP (rules 6 and 7).
+                self.elem(no_eps, key, Some("drop".into()));
+                continue;
+            }
+            let verdict = self.endpoint_choice(sp, &key, eps_map, list, false, nodeport);
+            self.elem(dispatch, key.clone(), Some(verdict));
+            if is_external {
+                if !etp_local {
+                    let masq = if nodeport { "nodeport-masq" } else { "masq-external" };
+                    self.elem(masq, key.clone(), None);
+                }
+            } else if sp.internal_policy == TrafficPolicy::Cluster {
+                self.elem("masq-internal", key.clone(), None);
+            }
+            // loadBalancerSourceRanges (LB IPs only, rule 13).
+            if let Frontend::Ip(ip) = fe
+                && sp.load_balancer_ips.contains(&ip)
+                && !sp.source_ranges.is_empty()
+            {
+                self.elem("firewall-ips", key.clone(), None);
+                for range in &sp.source_ranges {
+                    self.elem("firewall-allow", format!("{key} . {}", prefix(range)), None);
+                }
+                let node_allowed = self
+                    .node
+                    .node_ips
+                    .iter()
+                    .any(|n| sp.source_ranges.iter().any(|r| r.contains(n)));
+                if node_allowed {
+                    for lb in &sp.load_balancer_ips {
+                        self.elem("firewall-allow", format!("{key} . {lb}"), None);
+                    }
+                }
+            }
+        }
+        // Hairpin: a pod reaching itself through the service is masqueraded.
+        for ep in cluster.iter().chain(&sp.endpoints.local) {
+            self.elem("hairpin", format!("{} . {}", ep.ip, ep.ip), None);
+        }
+    }
+
+    /// The verdict that picks an endpoint from `list` for one frontend, adding the elements it
+    /// needs. Without affinity: `goto pick-N` with N elements in the endpoints map. With
+    /// affinity: a per-service chain in upstream's style.
+    fn endpoint_choice(
+        &mut self,
+        sp: &ServicePort,
+        key: &str,
+        eps_map: &str,
+        list: &[Endpoint],
+        short_circuit: bool,
+        nodeport: bool,
+    ) -> String {
+        if let Some(aff) = sp.affinity {
+            return self.affinity_chains(sp, list, aff.timeout.as_secs());
+        }
+        let offset = if short_circuit { SHORT_CIRCUIT_OFFSET } else { 0 };
+        for (i, ep) in list.iter().enumerate() {
+            let idx = offset + u32::try_from(i).unwrap_or(u32::MAX - offset);
+            self.elem(eps_map, format!("{key} . {idx}"), Some(ep_value(ep)));
+        }
+        self.picks.insert((nodeport, short_circuit, list.len()));
+        format!("goto {}", pick_chain(nodeport, short_circuit, list.len()))
+    }
+
+    fn affinity_chains(&mut self, sp: &ServicePort, list: &[Endpoint], timeout: u64) -> String {
+        let a = self.f.addr();
+        let suffix = svc_chain_suffix(sp);
+        let list_id = {
+            let mut h = Sha256::new();
+            for ep in list {
+                h.update(ep_value(ep).as_bytes());
+            }
+            data_encoding::HEXLOWER.encode(&h.finalize()[..3])
+        };
+        let chain = format!("affinity-{list_id}-{suffix}");
+        if self.t.chains.contains_key(&chain) {
+            return format!("goto {chain}");
+        }
+        let mut rules = Vec::new();
+        let mut ep_chains = Vec::new();
+        for ep in list {
+            let ep_id = {
+                let digest = Sha256::digest(ep_value(ep).as_bytes());
+                data_encoding::HEXLOWER.encode(&digest[..4])
+            };
+            let set = format!("affinity-{ep_id}-{suffix}");
+            let ep_chain = format!("endpoint-{ep_id}-{suffix}");
+            self.set(
+                &set,
+                false,
+                format!("type {} ; flags dynamic,timeout ; timeout {timeout}s ;", self.f.addr_type()),
+                format!("{} flags timeout timeout {timeout}", self.f.addr_type()),
+            );
+            rules.push(Rule::new(format!("{a} saddr @{set} goto {ep_chain}")));
+            let target = match ep.ip {
+                IpAddr::V4(v4) => format!("{v4}:{}", ep.port),
+                IpAddr::V6(v6) => format!("[{v6}]:{}", ep.port),
+            };
+            let proto = sp.name.protocol;
+            self.t.chains.insert(
+                ep_chain.clone(),
+                Chain {
+                    base: None,
+                    rules: vec![
+                        Rule::new(format!("update @{set} {{ {a} saddr }}")),
+                        Rule::new(format!("meta l4proto {proto} dnat {a} to {target}")),
+                    ],
+                },
+            );
+            ep_chains.push(ep_chain);
+        }
+        let n = ep_chains.len();
+        for (i, c) in ep_chains.iter().enumerate() {
+            if i + 1 < n {
+                rules.push(Rule::new(format!("numgen random mod {} 0 goto {c}", n - i)));
+            } else {
+                rules.push(Rule::new(format!("goto {c}")));
+            }
+        }
+        self.t.chains.insert(chain.clone(), Chain { base: None, rules });
+        format!("goto {chain}")
+    }
+
+    // === static chains ===
+
+    fn finish(mut self) -> Table {
+        let a = self.f.addr();
+        let mark = self.node.masquerade_mark();
+        let cidrs: Vec<String> = self
+            .node
+            .cluster_cidrs(self.f.family)
+            .map(|c| c.trunc().to_string())
+            .collect();
+        let pod_src = match cidrs.as_slice() {
+            [] => None,
+            [one] => Some(format!("{a} saddr {one}")),
+            many => Some(format!("{a} saddr {{ {} }}", many.join(", "))),
+        };
+        let fe = format!("{a} daddr . meta l4proto . th dport");
+        let np_match = match self.node.node_port_addresses {
+            NodePortAddresses::AllLocal => {
+                format!("fib daddr type local {a} daddr != {}", self.f.loopback())
+            }
+            NodePortAddresses::Only(_) => format!("{a} daddr @nodeport-ips"),
+        };
+
+        let mut base = |name: &str, kind: &'static str, hook: &'static str, priority: i32, rules: Vec<String>| {
+            self.t.chains.insert(
+                name.to_string(),
+                Chain {
+                    base: Some(BaseChain { kind, hook, priority }),
+                    rules: rules.into_iter().map(Rule::new).collect(),
+                },
+            );
+        };
+        base("nat-prerouting", "nat", "prerouting", -100, vec!["jump services".into()]);
+        base("nat-output", "nat", "output", -100, vec!["jump services".into()]);
+        base("nat-postrouting", "nat", "postrouting", 100, vec!["jump masquerading".into()]);
+        base("filter-prerouting-pre-dnat", "filter", "prerouting", -110, vec!["ct state new jump firewall-check".into()]);
+        base("filter-output-pre-dnat", "filter", "output", -110, vec!["ct state new jump firewall-check".into()]);
+        base(
+            "filter-input",
+            "filter",
+            "input",
+            0,
+            vec![
+                "ct state new jump nodeport-endpoints-check".into(),
+                "ct state new jump service-endpoints-check".into(),
+            ],
+        );
+        for (name, hook) in [("filter-forward", "forward"), ("filter-output", "output")] {
+            base(
+                name,
+                "filter",
+                hook,
+                0,
+                vec![
+                    "ct state new jump service-endpoints-check".into(),
+                    "ct state new jump cluster-ips-check".into(),
+                ],
+            );
+        }
+
+        let mut services = Vec::new();
+        match (&pod_src, self.node.masquerade_all) {
+            (_, true) => services.push(format!("{fe} @masq-internal jump mark-for-masquerade")),
+            (Some(src), false) => {
+                let neg = src.replacen(" saddr ", " saddr != ", 1);
+                services.push(format!("{neg} {fe} @masq-internal jump mark-for-masquerade"));
+            }
+            (None, false) => {}
+        }
+        services.push(format!("{fe} @masq-external jump mark-for-masquerade"));
+        services.push(format!("fib saddr type local {fe} @masq-local-source jump mark-for-masquerade"));
+        if let Some(src) = &pod_src {
+            services.push(format!("{src} {fe} vmap @service-ips-short-circuit"));
+        }
+        services.push(format!("fib saddr type local {fe} vmap @service-ips-short-circuit"));
+        services.push(format!("{fe} vmap @service-ips"));
+        services.push(format!("{np_match} jump nodeports"));
+
+        let np = "meta l4proto . th dport";
+        let mut nodeports = vec![
+            format!("{np} @nodeport-masq jump mark-for-masquerade"),
+            format!("fib saddr type local {np} @nodeport-masq-local-source jump mark-for-masquerade"),
+        ];
+        if let Some(src) = &pod_src {
+            nodeports.push(format!("{src} {np} vmap @nodeports-short-circuit"));
+        }
+        nodeports.push(format!("fib saddr type local {np} vmap @nodeports-short-circuit"));
+        nodeports.push(format!("{np} vmap @service-nodeports"));
+
+        let regular: Vec<(&str, Vec<String>)> = vec![
+            ("services", services),
+            ("nodeports", nodeports),
+            ("mark-for-masquerade", vec![format!("meta mark set meta mark | {mark:#010x}")]),
+            (
+                "masquerading",
+                vec![
+                    format!("ct status dnat {a} saddr . {a} daddr @hairpin masquerade fully-random"),
+                    format!("meta mark & {mark:#010x} == 0x00000000 return"),
+                    format!("meta mark set meta mark ^ {mark:#010x}"),
+                    "masquerade fully-random".into(),
+                ],
+            ),
+            (
+                "firewall-check",
+                vec![format!("{fe} @firewall-ips {fe} . {a} saddr != @firewall-allow drop")],
+            ),
+            ("service-endpoints-check", vec![format!("{fe} vmap @no-endpoint-services")]),
+            ("nodeport-endpoints-check", vec![format!("{np_match} {np} vmap @no-endpoint-nodeports")]),
+            (
+                "cluster-ips-check",
+                vec![
+                    format!("{a} daddr @cluster-ips reject"),
+                    format!("{a} daddr @service-cidrs drop"),
+                ],
+            ),
+            ("reject-chain", vec!["reject".into()]),
+        ];
+        for (name, rules) in regular {
+            self.t.chains.insert(
+                name.to_string(),
+                Chain { base: None, rules: rules.into_iter().map(Rule::new).collect() },
+            );
+        }
+
+        for (nodeport, short, n) in std::mem::take(&mut self.picks) {
+            let (key, map) = if nodeport {
+                ("meta l4proto . th dport".to_string(), "nodeport-endpoints")
+            } else {
+                (fe.clone(), "endpoints")
+            };
+            let offset = if short { format!(" offset {SHORT_CIRCUIT_OFFSET}") } else { String::new() };
+            let rules = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+                .iter()
+                .map(|p| {
+                    Rule::new(format!(
+                        "meta l4proto {p} dnat {a} to {key} . numgen random mod {n}{offset} map @{map}"
+                    ))
+                })
+                .collect();
+            self.t
+                .chains
+                .insert(pick_chain(nodeport, short, n), Chain { base: None, rules });
+        }
+        self.t
+    }
+}
+
+/// The chain that picks among `n` endpoints.
+pub fn pick_chain(nodeport: bool, short_circuit: bool, n: usize) -> String {
+    let mut s = String::new();
+    if nodeport {
+        s.push_str("nodeport-");
+    }
+    s.push_str("pick-");
+    if short_circuit {
+        s.push_str("sc-");
+    }
+    let _ = write!(s, "{n}");
+    s
+}
+
+/// A CIDR as `nft -j` prints it: a plain address for a host prefix.
+fn prefix(net: &ipnet::IpNet) -> String {
+    let n = net.trunc();
+    if n.prefix_len() == n.max_prefix_len() {
+        n.addr().to_string()
+    } else {
+        n.to_string()
+    }
+}

@@ -11,4 +11,8 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod desired_state;
+pub mod health;
+pub mod node;
+pub mod run;
 pub mod source;
+pub mod sync;

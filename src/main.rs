@@ -1,1 +1,59 @@
-fn main() {}
+//! The `kproxy` binary: parse, configure logging, run. Every decision lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use kproxy::cli::{Args, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(Command::Version) = args.command {
+        println!("kproxy {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(args.log_format, args.verbosity);
+    let config = match kproxy::config::from_args(&args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("kproxy: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kproxy: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kproxy::run::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the context chain on one line, without a backtrace.
+            eprintln!("kproxy: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `-v N` maps kube-proxy's klog levels onto tracing levels; `RUST_LOG` wins when set.
+fn init_logging(format: LogFormat, verbosity: Option<u8>) {
+    let level = match verbosity.unwrap_or(0) {
+        0 | 1 => "info",
+        2 | 3 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},kube=warn,hyper=warn,tower=warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

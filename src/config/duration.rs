@@ -53,7 +53,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 /// Formats a duration the way Go prints it, for messages.
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = d.as_secs();

@@ -1,5 +1,11 @@
-//! End-to-end tests: the real kproxy binary, real kernels (inside network namespaces), real packets.
-#![allow(clippy::unwrap_used, reason = "tests")]
+//! End-to-end tests: one binary, one module per area.
 
+#![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(
+    unreachable_pub,
+    reason = "test binary: support items are pub for the test modules"
+)]
+
+mod api_watch;
 mod iptables;
 mod support;

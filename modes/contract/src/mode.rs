@@ -62,7 +62,7 @@ pub trait Plan: fmt::Display + fmt::Debug + Send {
 /// guards kernel state.
 pub trait Mode: Send + 'static {
     /// Kernel objects in this mode's vocabulary (chains and rules, tables and elements, ...).
-    type Rules: fmt::Debug + Clone + Send + Sync + 'static;
+    type Rules: fmt::Debug + Clone + Default + Send + Sync + 'static;
     /// One atomic change from one `Rules` to another.
     type Plan: Plan + 'static;
 

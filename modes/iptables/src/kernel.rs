@@ -105,8 +105,27 @@ impl IptablesKernel for IptablesCli {
     }
 }
 
+/// The program's path: PATH first, then the sbin directories a non-root user's PATH often lacks
+/// (so `--dry-run` as a normal user still finds iptables-save and reports "permission denied",
+/// not "not installed").
+fn resolve(program: &str) -> std::path::PathBuf {
+    let in_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file());
+    in_path
+        .or_else(|| {
+            ["/usr/sbin", "/sbin"]
+                .iter()
+                .map(|d| std::path::Path::new(d).join(program))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| program.into())
+}
+
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
-    let mut child = Command::new(program)
+    let mut child = Command::new(resolve(program))
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()

@@ -1,9 +1,10 @@
-//! Shared helpers of the end-to-end tests. Not every test file uses every helper.
+//! Shared helpers for the end-to-end tests. Not every test file uses every helper.
 #![allow(
     dead_code,
     reason = "each helper is used by some, not all, e2e test files"
 )]
 
+pub mod fake_apiserver;
 pub(crate) mod kproxy;
 pub(crate) mod manifests;
 pub(crate) mod netns;

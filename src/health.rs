@@ -1,0 +1,207 @@
+//! `/healthz` and `/livez` with upstream's semantics (kube-proxy `healthcheck/proxy_health.go`).
+//!
+//! Healthy unless an update has been queued for longer than `2 × sync-period` without a
+//! successful sync. `/healthz` additionally reports 503 while the Node is being deleted or
+//! carries the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so load balancers
+//! drain the node (KEP-3836); `/livez` ignores that, so the pod is not restarted for it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use k8s_openapi::api::core::v1::Node;
+
+/// The taint the cluster autoscaler puts on nodes it is about to delete.
+pub const AUTOSCALER_DELETE_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+#[derive(Debug, Default)]
+struct Inner {
+    last_updated: Option<SystemTime>,
+    oldest_pending: Option<SystemTime>,
+    node_eligible: bool,
+}
+
+/// Shared health state: the sync loop writes it, the HTTP server reads it.
+#[derive(Debug, Clone)]
+pub struct Health {
+    inner: Arc<Mutex<Inner>>,
+    timeout: Duration,
+}
+
+/// One health verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// No update has waited too long.
+    pub healthy: bool,
+    /// The node is not being drained.
+    pub node_eligible: bool,
+    /// Last successful sync (now, when healthy, as upstream reports it).
+    pub last_updated: SystemTime,
+    /// When the verdict was taken.
+    pub current_time: SystemTime,
+}
+
+impl Health {
+    /// Health with upstream's timeout of `2 × sync_period`.
+    pub fn new(sync_period: Duration) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                node_eligible: true,
+                ..Inner::default()
+            })),
+            timeout: sync_period * 2,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock only means a panic elsewhere; the data is plain timestamps.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An update was queued (the oldest pending one is what counts).
+    pub fn queued(&self, now: SystemTime) {
+        let mut g = self.lock();
+        g.oldest_pending.get_or_insert(now);
+    }
+
+    /// A sync succeeded: everything queued so far is programmed.
+    pub fn updated(&self, now: SystemTime) {
+        let mut g = self.lock();
+        g.last_updated = Some(now);
+        g.oldest_pending = None;
+    }
+
+    /// Records whether this node may receive traffic (see the module doc).
+    pub fn set_node(&self, node: Option<&Node>) {
+        let eligible = node.is_none_or(|n| {
+            let deleting = n.metadata.deletion_timestamp.is_some();
+            let tainted = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.key == AUTOSCALER_DELETE_TAINT));
+            !deleting && !tainted
+        });
+        self.lock().node_eligible = eligible;
+    }
+
+    /// The current verdict.
+    pub fn verdict(&self, now: SystemTime) -> Verdict {
+        let g = self.lock();
+        let stale = g
+            .oldest_pending
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() > self.timeout);
+        Verdict {
+            healthy: !stale,
+            node_eligible: g.node_eligible,
+            last_updated: if stale {
+                g.last_updated.unwrap_or(SystemTime::UNIX_EPOCH)
+            } else {
+                now
+            },
+            current_time: now,
+        }
+    }
+}
+
+fn body(v: &Verdict, with_node: bool) -> String {
+    let mut obj = serde_json::json!({
+        "lastUpdated": humantime::format_rfc3339_nanos(v.last_updated).to_string(),
+        "currentTime": humantime::format_rfc3339_nanos(v.current_time).to_string(),
+    });
+    if with_node {
+        obj["nodeEligible"] = serde_json::Value::Bool(v.node_eligible);
+    }
+    obj.to_string()
+}
+
+async fn healthz(State(h): State<Health>) -> impl IntoResponse {
+    let v = h.verdict(SystemTime::now());
+    let ok = v.healthy && v.node_eligible;
+    respond(ok, body(&v, true))
+}
+
+async fn livez(State(h): State<Health>) -> impl IntoResponse {
+    let v = h.verdict(SystemTime::now());
+    respond(v.healthy, body(&v, false))
+}
+
+fn respond(ok: bool, body: String) -> impl IntoResponse {
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (
+                header::HeaderName::from_static("x-content-type-options"),
+                "nosniff",
+            ),
+        ],
+        body,
+    )
+}
+
+/// The router serving `/healthz` and `/livez`.
+pub fn router(health: Health) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .with_state(health)
+}
+
+/// Binds and serves until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Health,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, router(health)).await {
+            tracing::error!(error = %err, "health server stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_after_two_sync_periods_of_pending_updates() {
+        let h = Health::new(Duration::from_secs(30));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert!(h.verdict(t0).healthy, "healthy at startup");
+        h.queued(t0);
+        assert!(h.verdict(t0 + Duration::from_secs(60)).healthy);
+        let v = h.verdict(t0 + Duration::from_secs(61));
+        assert!(!v.healthy);
+        h.updated(t0 + Duration::from_secs(62));
+        assert!(h.verdict(t0 + Duration::from_secs(200)).healthy);
+    }
+
+    #[test]
+    fn draining_node_is_not_eligible() {
+        let h = Health::new(Duration::from_secs(30));
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": [{"key": AUTOSCALER_DELETE_TAINT, "effect": "NoSchedule"}]}
+        }))
+        .expect("node");
+        h.set_node(Some(&node));
+        let v = h.verdict(SystemTime::now());
+        assert!(v.healthy && !v.node_eligible);
+        assert!(body(&v, true).contains("\"nodeEligible\":false"));
+        assert!(!body(&v, false).contains("nodeEligible"));
+    }
+}

@@ -1,0 +1,211 @@
+//! Wiring: pick the source and the mode, run the sync loop, handle signals and `--cleanup`.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kproxy_contract::{IpFamily, Mode, ModeName};
+use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
+use tokio::sync::mpsc;
+
+use crate::config::{BackendChoice, Config, SourceConfig};
+use crate::sync::{Stopped, SyncLoop, SyncOptions, format_chain};
+
+/// Runs kproxy with a validated configuration.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    for field in &config.ignored_fields {
+        tracing::warn!(field, "unknown field in --config file ignored");
+    }
+    for field in &config.overridden_fields {
+        tracing::info!(field, "command-line flag overrides the --config file");
+    }
+    let config = Arc::new(config);
+    if config.cleanup {
+        return cleanup(&config);
+    }
+    match config.mode {
+        ModeName::Iptables => {
+            let backend = iptables_backend(config.iptables_backend);
+            tracing::info!(backend = backend.as_str(), "iptables mode");
+            let mode = IptablesMode::new(
+                IptablesCli::new(backend),
+                vec![IpFamily::V4, IpFamily::V6],
+                RenderOptions {
+                    tcp_be_liberal: config.tcp_be_liberal,
+                },
+            );
+            run_mode(mode, config).await
+        }
+        other => anyhow::bail!(
+            "--proxy-mode {other} is not available in this build yet; use --proxy-mode iptables"
+        ),
+    }
+}
+
+fn iptables_backend(choice: BackendChoice) -> Backend {
+    match choice {
+        BackendChoice::Nft => Backend::Nft,
+        BackendChoice::Legacy => Backend::Legacy,
+        BackendChoice::Auto => Backend::detect(),
+    }
+}
+
+async fn run_mode<M: Mode>(mode: M, config: Arc<Config>) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel(1024);
+    let source = spawn_source(&config, tx).await?;
+    let options = SyncOptions {
+        min_sync_period: config.min_sync_period,
+        sync_period: config.sync_period,
+        dry_run: config.dry_run,
+        once: config.once,
+    };
+    let health = crate::health::Health::new(config.sync_period);
+    // A one-shot or dry run is not a node's proxy: it serves no probes.
+    let _health_server = match config.healthz_bind {
+        Some(addr) if !config.dry_run && !config.once => {
+            match crate::health::serve(addr, health.clone()).await {
+                Ok(task) => Some(AbortOnDrop(task)),
+                Err(err) => {
+                    tracing::error!(%addr, error = %err, "cannot serve /healthz; continuing without it");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut sync = SyncLoop::new(mode, config, options).with_health(health);
+    let stopped = sync.run(rx, shutdown_signal()).await;
+    source.abort();
+    match stopped? {
+        Stopped::Once => tracing::info!("--once: done"),
+        Stopped::Shutdown => tracing::info!("stopped"),
+    }
+    Ok(())
+}
+
+async fn spawn_source(
+    config: &Config,
+    tx: mpsc::Sender<crate::source::Update>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let node = config.hostname.clone();
+    match &config.source {
+        SourceConfig::Manifests(dir) => {
+            let dir = dir.clone();
+            // Fail fast on a missing directory instead of waiting forever for a first list.
+            std::fs::read_dir(&dir).with_context(|| {
+                format!("--manifests {}: cannot read the directory", dir.display())
+            })?;
+            Ok(tokio::spawn(async move {
+                if let Err(err) = crate::source::manifests::run(dir, node, tx).await {
+                    tracing::error!(error = %format_chain(&err), "the manifests source stopped");
+                }
+            }))
+        }
+        SourceConfig::Api { kubeconfig, master } => {
+            let client = kube_client(kubeconfig.as_deref(), master.as_deref()).await?;
+            Ok(tokio::spawn(crate::source::kube::run(client, node, tx)))
+        }
+    }
+}
+
+/// A client from `--kubeconfig` / `--master`; with neither, kube's inference (in-cluster
+/// service account, or the usual kubeconfig locations).
+async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    master: Option<&str>,
+) -> anyhow::Result<kube::Client> {
+    let mut cfg = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}: cannot read", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}: invalid", path.display()))?
+        }
+        None => match master {
+            Some(url) => kube::Config::new(
+                url.parse()
+                    .with_context(|| format!("--master {url:?} is not a URL"))?,
+            ),
+            None => kube::Config::infer()
+                .await
+                .context("no --kubeconfig or --master, and no in-cluster configuration found")?,
+        },
+    };
+    if let (Some(url), Some(_)) = (master, kubeconfig) {
+        cfg.cluster_url = url
+            .parse()
+            .with_context(|| format!("--master {url:?} is not a URL"))?;
+    }
+    kube::Client::try_from(cfg).context("cannot build the Kubernetes client")
+}
+
+/// `--cleanup`: every mode's objects, both iptables backends, both families. Missing tools are
+/// not errors (there is nothing of ours to remove where the tool does not exist).
+fn cleanup(config: &Config) -> anyhow::Result<()> {
+    let mut failures = Vec::new();
+    for backend in [Backend::Nft, Backend::Legacy] {
+        for family in IpFamily::ALL {
+            let mut mode = IptablesMode::new(
+                IptablesCli::new(backend),
+                vec![family],
+                RenderOptions {
+                    tcp_be_liberal: config.tcp_be_liberal,
+                },
+            );
+            match mode.cleanup() {
+                Ok(()) => {
+                    tracing::info!(backend = backend.as_str(), %family, "iptables rules removed")
+                }
+                Err(err) if is_missing_tool(&err) => {
+                    tracing::debug!(backend = backend.as_str(), %family, "iptables tools not installed; nothing to clean")
+                }
+                Err(err) => failures.push(format!(
+                    "iptables ({}, {family}): {}",
+                    backend.as_str(),
+                    format_chain(&err)
+                )),
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("cleanup failed: {}", failures.join("; "))
+    }
+}
+
+fn is_missing_tool(err: &kproxy_contract::ModeError) -> bool {
+    matches!(
+        err,
+        kproxy_contract::ModeError::ReadLive {
+            cause: kproxy_contract::CommandError::NotFound { .. },
+            ..
+        }
+    )
+}
+
+/// SIGTERM or SIGINT. The current sync finishes first; rules stay in place so traffic keeps
+/// flowing through a rolling update.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Stops a background task when the owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

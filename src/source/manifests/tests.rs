@@ -1,0 +1,694 @@
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use tokio::sync::mpsc;
+
+use super::*;
+
+/// A unique directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "kproxy-manifests-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.0.join(name), text).unwrap();
+    }
+
+    fn remove(&self, name: &str) {
+        std::fs::remove_file(self.0.join(name)).unwrap();
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Log output captured from the closure (WARN and above, no colours).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    fn warnings(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|line| line.contains("WARN"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn with_logs<R>(f: impl FnOnce() -> R) -> (R, Captured) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let result = tracing::subscriber::with_default(subscriber, f);
+    (result, captured)
+}
+
+/// Loads `dir` with `files`, returning the result and the warnings logged.
+fn load(dir: &TempDir, files: &mut LoadedFiles) -> (Loaded, Vec<String>) {
+    let (loaded, logs) = with_logs(|| load_dir(&dir.0, files));
+    (loaded.unwrap(), logs.warnings())
+}
+
+fn service_names(loaded: &Loaded) -> Vec<String> {
+    loaded
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s.metadata.namespace.as_deref().unwrap_or("-"),
+                s.metadata.name.as_deref().unwrap_or("-")
+            )
+        })
+        .collect()
+}
+
+fn slice_names(loaded: &Loaded) -> Vec<String> {
+    loaded
+        .endpoint_slices
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s.metadata.namespace.as_deref().unwrap_or("-"),
+                s.metadata.name.as_deref().unwrap_or("-")
+            )
+        })
+        .collect()
+}
+
+fn service(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: ns\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: {port}\n    targetPort: http\n"
+    )
+}
+
+fn first_port(loaded: &Loaded, index: usize) -> i32 {
+    loaded.services[index]
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()[0]
+        .port
+}
+
+const SLICE: &str = r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: ns
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+endpoints:
+- addresses: ["10.0.0.1"]
+  conditions: {ready: true}
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+"#;
+
+#[test]
+fn multi_document_yaml_lists_and_json() {
+    let dir = TempDir::new("multi");
+    dir.write("a.yaml", &format!("{}---\n{SLICE}", service("web", 80)));
+    dir.write(
+        "b.yml",
+        r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: from-list, namespace: ns}
+  spec: {ports: [{port: 81}]}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node-1}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: ignored}
+"#,
+    );
+    dir.write(
+        "c.json",
+        r#"{"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "from-json", "namespace": "ns"},
+            "spec": {"ports": [{"port": 82, "targetPort": 8082}]}}"#,
+    );
+    // A typed list as the API returns it: the items carry neither kind nor apiVersion.
+    dir.write(
+        "d.yaml",
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSliceList
+items:
+- metadata: {name: typed-list, namespace: ns}
+  addressType: IPv4
+  endpoints: []
+"#,
+    );
+    dir.write(
+        "e.yaml",
+        "apiVersion: v1\nkind: ServiceList\nitems:\n- metadata: {name: typed, namespace: ns}\n",
+    );
+
+    let mut files = LoadedFiles::new("node-1");
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(warnings, Vec::<String>::new());
+    assert_eq!(
+        service_names(&loaded),
+        ["ns/web", "ns/from-list", "ns/from-json", "ns/typed"]
+    );
+    assert_eq!(slice_names(&loaded), ["ns/web-abc", "ns/typed-list"]);
+    assert_eq!(
+        loaded.node.as_ref().unwrap().metadata.name.as_deref(),
+        Some("node-1")
+    );
+    assert_eq!(first_port(&loaded, 2), 82);
+}
+
+#[test]
+fn comment_only_and_empty_documents_are_skipped() {
+    let dir = TempDir::new("comments");
+    dir.write(
+        "a.yaml",
+        &format!(
+            "# header comment\n---\n# only a comment\n---\n---\n\n{}---\n# trailing\n",
+            service("web", 80)
+        ),
+    );
+    dir.write("empty.yaml", "");
+    dir.write("only-comments.yaml", "# nothing here\n# at all\n");
+    let mut files = LoadedFiles::new("n");
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(warnings, Vec::<String>::new());
+    assert_eq!(service_names(&loaded), ["ns/web"]);
+}
+
+#[test]
+fn other_kinds_hidden_files_and_subdirectories_are_ignored() {
+    let dir = TempDir::new("kinds");
+    dir.write(
+        "a.yaml",
+        &format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\nspec: {{replicas: 3}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\ndata: {{k: v}}\n---\n{}",
+            service("web", 80)
+        ),
+    );
+    dir.write(".hidden.yaml", &service("hidden", 80));
+    dir.write("notes.txt", &service("txt", 80));
+    dir.write("backup.yaml~", &service("backup", 80));
+    dir.write("UPPER.YAML", &service("upper", 80));
+    std::fs::create_dir(dir.0.join("sub.yaml")).unwrap();
+    std::fs::write(dir.0.join("sub.yaml/x.yaml"), service("nested", 80)).unwrap();
+
+    let mut files = LoadedFiles::new("n");
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(warnings, Vec::<String>::new());
+    assert_eq!(service_names(&loaded), ["ns/upper", "ns/web"]);
+}
+
+#[test]
+fn label_filters_match_the_api_source() {
+    let dir = TempDir::new("labels");
+    dir.write(
+        "a.yaml",
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: other-proxy
+  namespace: ns
+  labels: {service.kubernetes.io/service-proxy-name: cilium}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mine, namespace: ns, labels: {app: web}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: other-proxy-x
+  namespace: ns
+  labels: {service.kubernetes.io/service-proxy-name: cilium}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: headless-x
+  namespace: ns
+  labels: {service.kubernetes.io/headless: ""}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: mine-x
+  namespace: ns
+  labels: {kubernetes.io/service-name: mine}
+addressType: IPv4
+endpoints: []
+"#,
+    );
+    let mut files = LoadedFiles::new("n");
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(warnings, Vec::<String>::new());
+    assert_eq!(service_names(&loaded), ["ns/mine"]);
+    assert_eq!(slice_names(&loaded), ["ns/mine-x"]);
+}
+
+#[test]
+fn only_this_node_is_kept() {
+    let dir = TempDir::new("nodes");
+    dir.write(
+        "nodes.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\n  labels: {zone: z1}\n",
+    );
+    let (loaded, _) = load(&dir, &mut LoadedFiles::new("node-b"));
+    let node = loaded.node.unwrap();
+    assert_eq!(node.metadata.name.as_deref(), Some("node-b"));
+    assert_eq!(node.metadata.namespace, None);
+
+    let (loaded, _) = load(&dir, &mut LoadedFiles::new("node-c"));
+    assert!(loaded.node.is_none());
+    assert!(matches!(
+        &loaded.into_updates()[2],
+        Update::Node(Change::Reset(nodes)) if nodes.is_empty()
+    ));
+}
+
+#[test]
+fn missing_namespace_defaults_to_default() {
+    let dir = TempDir::new("namespace");
+    dir.write(
+        "a.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1}\naddressType: IPv4\nendpoints: []\n",
+    );
+    let (loaded, warnings) = load(&dir, &mut LoadedFiles::new("n"));
+    assert_eq!(warnings, Vec::<String>::new());
+    assert_eq!(service_names(&loaded), ["default/web"]);
+    assert_eq!(slice_names(&loaded), ["default/web-1"]);
+}
+
+#[test]
+fn bad_file_keeps_its_previous_content_and_warns_once() {
+    let dir = TempDir::new("bad");
+    dir.write("other.yaml", &service("other", 90));
+    dir.write(
+        "web.yaml",
+        &format!("{}---\n{}", service("web", 80), service("web2", 81)),
+    );
+    let mut files = LoadedFiles::new("n");
+    let (good, warnings) = load(&dir, &mut files);
+    assert!(warnings.is_empty());
+    assert_eq!(service_names(&good), ["ns/other", "ns/web", "ns/web2"]);
+
+    // Truncated mid-write: the second document stops inside a flow sequence.
+    dir.write(
+        "web.yaml",
+        &format!("{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web2, namespace: ns}}\nspec:\n  ports: [{{port: 81", service("web", 8080)),
+    );
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(loaded, good, "previous content stays in effect");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("web.yaml"), "{}", warnings[0]);
+    assert!(warnings[0].contains("document=2"), "{}", warnings[0]);
+
+    // Unchanged bad file: no second warning.
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(loaded, good);
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    // A different problem: a port that is not a number. Reported with kind and name.
+    dir.write(
+        "web.yaml",
+        &service("web", 80).replace("port: 80", "port: \"eighty\""),
+    );
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(loaded, good);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let warning = &warnings[0];
+    for expected in [
+        "web.yaml",
+        "document=1",
+        "kind=\"Service\"",
+        "object=\"ns/web\"",
+        "spec.ports[0].port",
+    ] {
+        assert!(warning.contains(expected), "{expected} not in {warning}");
+    }
+
+    // Fixed: the new content applies.
+    dir.write("web.yaml", &service("web", 8080));
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert!(warnings.is_empty());
+    assert_eq!(service_names(&loaded), ["ns/other", "ns/web"]);
+    assert_eq!(first_port(&loaded, 1), 8080);
+}
+
+#[test]
+fn file_that_never_parsed_contributes_nothing() {
+    let dir = TempDir::new("never");
+    dir.write("ok.yaml", &service("ok", 80));
+    dir.write(
+        "noname.yaml",
+        &format!(
+            "{}---\napiVersion: v1\nkind: Service\nmetadata: {{namespace: ns}}\n",
+            service("named", 80)
+        ),
+    );
+    dir.write(
+        "syntax.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [oops\n",
+    );
+    dir.write("scalar.yaml", "just a string\n");
+    dir.write(
+        "version.yaml",
+        "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old}\n",
+    );
+    let mut files = LoadedFiles::new("n");
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(service_names(&loaded), ["ns/ok"]);
+    assert_eq!(warnings.len(), 4, "{warnings:?}");
+    let all = warnings.join("\n");
+    assert!(all.contains("metadata.name is missing"), "{all}");
+    assert!(all.contains("discovery.k8s.io/v1beta1"), "{all}");
+    assert!(all.contains("syntax.yaml"), "{all}");
+    assert!(all.contains("scalar.yaml"), "{all}");
+}
+
+#[test]
+fn deleted_file_objects_disappear() {
+    let dir = TempDir::new("deleted");
+    dir.write("a.yaml", &service("a", 80));
+    dir.write("b.yaml", &format!("{}---\n{SLICE}", service("b", 80)));
+    let mut files = LoadedFiles::new("n");
+    let (loaded, _) = load(&dir, &mut files);
+    assert_eq!(service_names(&loaded), ["ns/a", "ns/b"]);
+    assert_eq!(loaded.endpoint_slices.len(), 1);
+
+    dir.remove("b.yaml");
+    let (loaded, _) = load(&dir, &mut files);
+    assert_eq!(service_names(&loaded), ["ns/a"]);
+    assert!(loaded.endpoint_slices.is_empty());
+}
+
+#[test]
+fn duplicates_keep_the_first_and_warn_once() {
+    let dir = TempDir::new("dups");
+    dir.write("a.yaml", &service("web", 80));
+    dir.write(
+        "b.yaml",
+        &format!("{}---\n{}", service("web", 81), service("other", 82)),
+    );
+    let mut files = LoadedFiles::new("n");
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(service_names(&loaded), ["ns/web", "ns/other"]);
+    assert_eq!(first_port(&loaded, 0), 80);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("b.yaml") && warnings[0].contains("a.yaml"));
+
+    let (_, warnings) = load(&dir, &mut files);
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    // Within one file as well: the first document wins.
+    dir.write(
+        "c.yaml",
+        &format!("{}---\n{}", service("twice", 1), service("twice", 2)),
+    );
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(service_names(&loaded), ["ns/web", "ns/other", "ns/twice"]);
+    assert_eq!(first_port(&loaded, 2), 1);
+}
+
+#[test]
+fn missing_directory_is_an_error_naming_it() {
+    let dir = std::env::temp_dir().join("kproxy-manifests-does-not-exist");
+    let err = load_dir(&dir, &mut LoadedFiles::new("n")).unwrap_err();
+    assert!(
+        err.to_string().contains(&dir.display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn problems_carry_document_index_and_file_line() {
+    let text = format!(
+        "# preamble\n---\n{}---\n# comment only\n---\nkind: Service\nmetadata: {{name: x\n",
+        service("a", 1)
+    );
+    let problems = parse_file(&text).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].document, 3);
+    // The broken line is line 17 of the file (1-based), not line 3 of the document.
+    assert!(
+        problems[0].reason.starts_with("line 17 "),
+        "{}",
+        problems[0].reason
+    );
+}
+
+#[test]
+fn split_documents_keeps_lines() {
+    let docs = split_documents("%YAML 1.2\n---\na: 1\n--- \nb: 2\n---x: 3\n");
+    assert_eq!(
+        docs,
+        [(0, "%YAML 1.2\n---\na: 1\n"), (3, "--- \nb: 2\n---x: 3\n")]
+    );
+    assert_eq!(
+        split_documents("a: 1\n---\nb: 2"),
+        [(0, "a: 1\n"), (1, "---\nb: 2")]
+    );
+    assert_eq!(split_documents(""), [(0, "")]);
+}
+
+#[test]
+fn odd_inputs_never_panic() {
+    for text in [
+        "[1, 2]",
+        "42",
+        "null",
+        "~",
+        "kind: 5",
+        "kind: List\nitems: 5",
+        "kind: List\nitems: [1, null, {kind: Service}]",
+        "kind: List\nitems: [{kind: List, items: [{kind: Service}]}]",
+        "apiVersion: v1\nkind: ServiceList\nitems: [{metadata: 5}]",
+        "apiVersion: v1\nkind: Service\nmetadata: 5",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: 5}",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: 5}",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 99999999999}]}",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: a, namespace: x}",
+        "\u{feff}---\n---\n...\n",
+        "a: &x [*x]",
+        "- - - -",
+        "\t\t",
+        ":",
+    ] {
+        let _ = parse_file(text);
+    }
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+        let _ = parse_file(&text);
+    }
+
+    #[test]
+    fn yamlish_text_never_panics(parts in proptest::collection::vec(
+        prop::sample::select(vec![
+            "---\n", "apiVersion: v1\n", "kind: Service\n", "kind: List\n", "items:\n", "- ",
+            "metadata:\n", "  name: a\n", "  namespace: b\n", "spec:\n", "  ports:\n",
+            "  - port: 80\n", "    port: x\n", "{", "}", "[", "]", "\"", "# c\n", "  ", "\n",
+        ]),
+        0..30,
+    )) {
+        let _ = parse_file(&parts.concat());
+    }
+}
+
+/// Receives the next three updates (one Reset per kind), or None if they don't come in time.
+async fn next_resets(
+    rx: &mut mpsc::Receiver<Update>,
+    within: Duration,
+) -> Option<(Vec<String>, usize, bool)> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut services = None;
+    let mut slices = None;
+    let mut node = None;
+    for _ in 0..3 {
+        match tokio::time::timeout_at(deadline, rx.recv()).await.ok()?? {
+            Update::Services(Change::Reset(s)) => {
+                services = Some(
+                    s.iter()
+                        .map(|s| s.metadata.name.clone().unwrap_or_default())
+                        .collect(),
+                );
+            }
+            Update::EndpointSlices(Change::Reset(s)) => slices = Some(s.len()),
+            Update::Node(Change::Reset(n)) => node = Some(!n.is_empty()),
+            other => panic!("unexpected update {other:?}"),
+        }
+    }
+    Some((services?, slices?, node?))
+}
+
+#[tokio::test]
+async fn run_sends_resets_and_follows_changes() {
+    let dir = TempDir::new("run");
+    dir.write("a.yaml", &service("a", 80));
+    dir.write(
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: me}\n",
+    );
+    // The current-thread runtime runs `run` on this thread, so its logs land here.
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish(),
+    );
+    let reloads = || logs.text().matches("nothing changed").count();
+
+    let (tx, mut rx) = mpsc::channel(16);
+    let task = tokio::spawn(run(dir.0.clone(), "me".to_owned(), tx));
+
+    let initial = next_resets(&mut rx, Duration::from_secs(5)).await;
+    assert_eq!(initial, Some((vec!["a".to_owned()], 0, true)));
+
+    // Reading the files must not look like a change: an idle directory is not reloaded.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), rx.recv())
+            .await
+            .is_err()
+    );
+    assert_eq!(reloads(), 0, "{}", logs.text());
+
+    // A new file.
+    let start = Instant::now();
+    dir.write("b.yaml", &format!("{}---\n{SLICE}", service("b", 80)));
+    let update = next_resets(&mut rx, Duration::from_secs(1)).await;
+    let added = start.elapsed();
+    assert_eq!(
+        update,
+        Some((vec!["a".to_owned(), "b".to_owned()], 1, true))
+    );
+
+    // An editor's atomic save: write a hidden temporary file, rename it over the original.
+    let start = Instant::now();
+    dir.write(".a.yaml.tmp", &service("a2", 80));
+    std::fs::rename(dir.0.join(".a.yaml.tmp"), dir.0.join("a.yaml")).unwrap();
+    let update = next_resets(&mut rx, Duration::from_secs(1)).await;
+    let renamed = start.elapsed();
+    assert_eq!(
+        update,
+        Some((vec!["a2".to_owned(), "b".to_owned()], 1, true))
+    );
+
+    // Deletion.
+    let start = Instant::now();
+    dir.remove("b.yaml");
+    let update = next_resets(&mut rx, Duration::from_secs(1)).await;
+    let deleted = start.elapsed();
+    assert_eq!(update, Some((vec!["a2".to_owned()], 0, true)));
+
+    // A broken write changes nothing, so nothing is sent.
+    dir.write(
+        "a.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a3\n",
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1000), rx.recv())
+            .await
+            .is_err(),
+        "a bad file must not produce a Reset"
+    );
+    // A rewrite with the same objects changes nothing either.
+    dir.write("a.yaml", &service("a2", 80));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), rx.recv())
+            .await
+            .is_err()
+    );
+    // Both were reloaded, and found unchanged.
+    assert_eq!(reloads(), 2, "{}", logs.text());
+    // (The bad file's warning is logged on a blocking-pool thread, outside this subscriber;
+    // warnings are checked in the synchronous tests.)
+
+    // The node file goes away: the Node Reset is empty.
+    dir.remove("node.yaml");
+    let update = next_resets(&mut rx, Duration::from_secs(1)).await;
+    assert_eq!(update, Some((vec!["a2".to_owned()], 0, false)));
+
+    eprintln!("reload latency: add {added:?}, atomic rename {renamed:?}, delete {deleted:?}");
+
+    // Closing the channel ends the source.
+    drop(rx);
+    let result = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn run_fails_on_a_missing_directory() {
+    let dir = std::env::temp_dir().join(format!("kproxy-manifests-missing-{}", std::process::id()));
+    let (tx, _rx) = mpsc::channel(16);
+    let result = tokio::time::timeout(Duration::from_secs(5), run(dir.clone(), "n".to_owned(), tx))
+        .await
+        .unwrap();
+    let err = result.unwrap_err();
+    assert!(matches!(err, ManifestsError::ReadDir { .. }));
+    assert!(
+        err.to_string().contains(&dir.display().to_string()),
+        "{err}"
+    );
+}

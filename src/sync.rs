@@ -1,0 +1,317 @@
+//! The sync loop: the one owner of the cache and the mode.
+//!
+//! Updates from the source are folded into the cache as they arrive; a sync runs at most once
+//! per `min_sync_period` (so bursts coalesce), at least once per `sync_period` (a full sync that
+//! reads the kernel back and repairs drift), never before Services and EndpointSlices have been
+//! listed once, and after a failure again with backoff (and full). Time comes from tokio's
+//! clock, so tests run with a paused clock.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kproxy_contract::{Mode, ModeError, Plan as _, PlanStats, ProxyState};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::cache::{ClusterCache, Touched};
+use crate::config::Config;
+use crate::desired_state::{self, BuildContext};
+use crate::health::Health;
+use crate::node;
+use crate::source::Update;
+
+/// How the loop behaves.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Minimum time between two syncs.
+    pub min_sync_period: Duration,
+    /// Maximum time between two full syncs.
+    pub sync_period: Duration,
+    /// Print plans; apply nothing.
+    pub dry_run: bool,
+    /// Stop after the first complete sync.
+    pub once: bool,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    /// Whether the live kernel state was read back (full sync).
+    pub full: bool,
+    /// Service ports in the desired state.
+    pub service_ports: usize,
+    /// Invalid objects left out.
+    pub skipped: usize,
+    /// What the plan changed.
+    pub stats: PlanStats,
+    /// Time spent in the whole sync.
+    pub duration: Duration,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// `--once`: the first complete sync succeeded.
+    Once,
+    /// A shutdown signal arrived (the current sync, if any, finished first).
+    Shutdown,
+}
+
+/// The loop's state. Generic over the mode: static dispatch, one owner, no locks.
+pub struct SyncLoop<M: Mode> {
+    mode: M,
+    cache: ClusterCache,
+    config: Arc<Config>,
+    options: SyncOptions,
+    /// What we believe the kernel holds: the last applied rules. `None` forces a full sync.
+    believed: Option<M::Rules>,
+    previous: Option<ProxyState>,
+    /// Skipped-object messages currently in effect, so each is logged once.
+    reported: BTreeSet<String>,
+    /// Changes since the last successful sync.
+    pending: Touched,
+    /// Where dry-run plans go.
+    out: Box<dyn std::io::Write + Send>,
+    /// What /healthz reports.
+    health: Health,
+}
+
+impl<M: Mode> SyncLoop<M> {
+    /// A loop around `mode`.
+    pub fn new(mode: M, config: Arc<Config>, options: SyncOptions) -> Self {
+        Self {
+            mode,
+            cache: ClusterCache::default(),
+            config,
+            believed: None,
+            previous: None,
+            reported: BTreeSet::new(),
+            pending: Touched::default(),
+            out: Box::new(std::io::stdout()),
+            health: Health::new(options.sync_period),
+            options,
+        }
+    }
+
+    /// Reports to this health state (shared with the HTTP server).
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// Sends dry-run output somewhere other than stdout (tests).
+    pub fn with_output(mut self, out: Box<dyn std::io::Write + Send>) -> Self {
+        self.out = out;
+        self
+    }
+
+    /// The mode (tests inspect fakes through it).
+    pub fn mode(&self) -> &M {
+        &self.mode
+    }
+
+    /// Runs until `--once` is satisfied, `shutdown` resolves, or the source ends.
+    pub async fn run(
+        &mut self,
+        mut updates: mpsc::Receiver<Update>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<Stopped> {
+        tokio::pin!(shutdown);
+        let mut next_sync: Option<Instant> = None;
+        let mut next_full: Option<Instant> = None;
+        let mut last_sync: Option<Instant> = None;
+        let mut backoff = Duration::ZERO;
+        let mut initialized = false;
+        loop {
+            let deadline = match (next_sync, next_full) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    tracing::info!("shutdown requested; rules stay in place");
+                    return Ok(Stopped::Shutdown);
+                }
+                update = updates.recv() => {
+                    let Some(update) = update else {
+                        anyhow::bail!("the object source stopped unexpectedly");
+                    };
+                    let touched = self.cache.apply(update);
+                    if !touched.is_empty() {
+                        self.health.queued(std::time::SystemTime::now());
+                    }
+                    self.pending.merge(touched);
+                    if !self.cache.is_synced() {
+                        continue;
+                    }
+                    if !initialized {
+                        // Upstream's isInitialized: the first sync waits for both lists, and
+                        // happens even when the cluster has no services at all.
+                        initialized = true;
+                        tracing::info!("services and endpoint slices listed; first sync");
+                        next_sync = Some(Instant::now());
+                    } else if next_sync.is_none() && !self.pending.is_empty() {
+                        let earliest = last_sync.map_or_else(Instant::now, |t| t + self.options.min_sync_period);
+                        next_sync = Some(earliest.max(Instant::now()));
+                    }
+                }
+                () = sleep_until(deadline) => {
+                    let full = self.believed.is_none()
+                        || next_full.is_some_and(|t| t <= Instant::now());
+                    match self.sync(full) {
+                        Ok(report) => {
+                            last_sync = Some(Instant::now());
+                            next_sync = None;
+                            backoff = Duration::ZERO;
+                            if full {
+                                next_full = Some(Instant::now() + self.options.sync_period);
+                            }
+                            if self.options.once {
+                                tracing::info!(?report, "first sync complete (--once)");
+                                return Ok(Stopped::Once);
+                            }
+                        }
+                        Err(err) => {
+                            if self.options.once {
+                                return Err(anyhow::Error::new(err).context("the sync failed"));
+                            }
+                            // A failed apply leaves the kernel as it was, but we no longer know
+                            // for sure what it holds: read it back next time.
+                            self.believed = None;
+                            backoff = (backoff * 2).clamp(Duration::from_secs(1), self.options.sync_period);
+                            tracing::error!(error = %format_chain(&err), retry_in = ?backoff, "sync failed; will retry with a full sync");
+                            next_sync = Some(Instant::now() + backoff);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One sync: build, render, plan against the believed (or live) rules, apply or print.
+    pub fn sync(&mut self, full: bool) -> Result<SyncReport, ModeError> {
+        let started = Instant::now();
+        let span = tracing::info_span!("sync", mode = %self.mode.name(), full);
+        let _enter = span.enter();
+
+        let node_obj = self.cache.node().map(|n| n.as_ref());
+        self.health.set_node(node_obj);
+        let local = node::local_addresses();
+        let ctx = BuildContext {
+            node: Arc::new(node::settings(&self.config, node_obj, &local)),
+            node_zone: node::zone(node_obj),
+            node_labels_known: node_obj.is_some(),
+        };
+        let built = desired_state::build(&self.cache, &ctx, self.previous.as_ref());
+        self.report_skipped(&built.skipped);
+        let desired = block(|| self.mode.render(&built.state));
+
+        let dry_run = self.options.dry_run;
+        let live = if dry_run || full || self.believed.is_none() {
+            match block(|| self.mode.read_live()) {
+                Ok(live) => live,
+                Err(err) if dry_run => {
+                    let _ = writeln!(
+                        self.out,
+                        "# kproxy --dry-run: {}; {}.\n# Showing everything that would be written to an empty kernel.",
+                        format_chain(&err),
+                        if err.is_permission_denied() {
+                            "run as root (or with CAP_NET_ADMIN) to diff against the live rules"
+                        } else {
+                            "the live state cannot be read here"
+                        }
+                    );
+                    M::Rules::default()
+                }
+                Err(err) => return Err(err),
+            }
+        } else {
+            self.believed.clone().unwrap_or_default()
+        };
+        let plan = self.mode.plan(&live, &desired);
+        let stats = plan.stats();
+        if dry_run {
+            let _ = writeln!(
+                self.out,
+                "# kproxy --dry-run: mode {}, {} service ports, {} skipped objects; {} rules added, {} removed, {} chains/sets touched",
+                self.mode.name(),
+                built.state.services.len(),
+                built.skipped.len(),
+                stats.added,
+                stats.removed,
+                stats.containers_touched,
+            );
+            let _ = write!(self.out, "{plan}");
+            let _ = self.out.flush();
+        } else if !plan.is_empty() {
+            block(|| self.mode.apply(&plan))?;
+        }
+        if !dry_run {
+            self.believed = Some(desired);
+            self.health.updated(std::time::SystemTime::now());
+        }
+        let report = SyncReport {
+            full,
+            service_ports: built.state.services.len(),
+            skipped: built.skipped.len(),
+            stats,
+            duration: started.elapsed(),
+        };
+        self.previous = Some(built.state);
+        self.pending = Touched::default();
+        tracing::info!(
+            service_ports = report.service_ports,
+            skipped = report.skipped,
+            added = stats.added,
+            removed = stats.removed,
+            touched = stats.containers_touched,
+            elapsed_ms = report.duration.as_secs_f64() * 1000.0,
+            "sync complete"
+        );
+        Ok(report)
+    }
+
+    /// Logs each invalid object once, for as long as it stays invalid.
+    fn report_skipped(&mut self, skipped: &[desired_state::Skipped]) {
+        let current: BTreeSet<String> = skipped.iter().map(ToString::to_string).collect();
+        for msg in current.difference(&self.reported) {
+            tracing::warn!("{msg}");
+        }
+        self.reported = current;
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs blocking kernel work without stalling the runtime's other tasks (sources, probes).
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// An error with its causes, one line.
+pub fn format_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

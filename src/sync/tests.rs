@@ -1,0 +1,237 @@
+//! Timing tests of the loop with a paused clock and a recording fake mode.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kproxy_contract::{ModeName, Plan, PlanStats};
+
+use super::*;
+use crate::cli::Args;
+use crate::source::Change;
+
+#[derive(Debug, Default)]
+struct Log {
+    applies: usize,
+    reads: usize,
+    fail_applies: usize,
+}
+
+struct FakeMode(Arc<Mutex<Log>>);
+
+#[derive(Debug)]
+struct FakePlan(usize, usize);
+
+impl fmt::Display for FakePlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "+{} -{}", self.0, self.1)
+    }
+}
+
+impl Plan for FakePlan {
+    fn is_empty(&self) -> bool {
+        self.0 == 0 && self.1 == 0
+    }
+    fn stats(&self) -> PlanStats {
+        PlanStats {
+            added: self.0,
+            removed: self.1,
+            containers_touched: 0,
+        }
+    }
+}
+
+impl Mode for FakeMode {
+    type Rules = BTreeSet<String>;
+    type Plan = FakePlan;
+    fn name(&self) -> ModeName {
+        ModeName::Iptables
+    }
+    fn render(&self, desired: &ProxyState) -> Self::Rules {
+        desired
+            .services
+            .keys()
+            .map(|k| format!("{:?}", k))
+            .collect()
+    }
+    fn read_live(&mut self) -> Result<Self::Rules, ModeError> {
+        self.0.lock().unwrap().reads += 1;
+        Ok(BTreeSet::new())
+    }
+    fn plan(&self, live: &Self::Rules, desired: &Self::Rules) -> FakePlan {
+        FakePlan(
+            desired.difference(live).count(),
+            live.difference(desired).count(),
+        )
+    }
+    fn apply(&mut self, _plan: &FakePlan) -> Result<(), ModeError> {
+        let mut log = self.0.lock().unwrap();
+        if log.fail_applies > 0 {
+            log.fail_applies -= 1;
+            return Err(ModeError::Unsupported("a working fake"));
+        }
+        log.applies += 1;
+        Ok(())
+    }
+    fn cleanup(&mut self) -> Result<(), ModeError> {
+        Ok(())
+    }
+}
+
+fn config() -> Arc<Config> {
+    let args = Args {
+        hostname_override: Some("node-a".into()),
+        ..Args::default()
+    };
+    Arc::new(crate::config::from_args(&args).unwrap())
+}
+
+fn options(dry_run: bool) -> SyncOptions {
+    SyncOptions {
+        min_sync_period: Duration::from_secs(1),
+        sync_period: Duration::from_secs(30),
+        dry_run,
+        once: false,
+    }
+}
+
+fn svc(name: &str, ip: &str) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": ip, "ports": [{"port": 80}]}
+    }))
+    .unwrap()
+}
+
+struct Harness {
+    log: Arc<Mutex<Log>>,
+    tx: mpsc::Sender<Update>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<Stopped>>,
+}
+
+fn start(dry_run: bool) -> Harness {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let (tx, rx) = mpsc::channel(100);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut sl = SyncLoop::new(FakeMode(log.clone()), config(), options(dry_run))
+        .with_output(Box::new(std::io::sink()));
+    let task = tokio::spawn(async move {
+        sl.run(rx, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Harness {
+        log,
+        tx,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl Harness {
+    async fn send(&self, u: Update) {
+        self.tx.send(u).await.unwrap();
+        // Let the loop take it.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    fn applies(&self) -> usize {
+        self.log.lock().unwrap().applies
+    }
+    fn reads(&self) -> usize {
+        self.log.lock().unwrap().reads
+    }
+    async fn stop(mut self) -> Stopped {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap()
+    }
+}
+
+async fn lists(h: &Harness, services: Vec<Service>) {
+    h.send(Update::Services(Change::Reset(services))).await;
+    h.send(Update::EndpointSlices(Change::Reset(
+        Vec::<EndpointSlice>::new(),
+    )))
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_sync_before_both_lists_then_one_even_when_empty() {
+    let h = start(false);
+    h.send(Update::Services(Change::Reset(vec![]))).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.reads(), 0, "no sync before EndpointSlices are listed");
+    h.send(Update::EndpointSlices(Change::Reset(vec![]))).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.reads(), 1, "first sync is full (reads the kernel)");
+    assert_eq!(h.stop().await, Stopped::Shutdown);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bursts_coalesce_into_one_sync_per_min_period() {
+    let h = start(false);
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.applies(), 1);
+    for i in 0..20 {
+        h.send(Update::Services(Change::Apply(svc(
+            &format!("b{i}"),
+            &format!("10.96.1.{i}"),
+        ))))
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(h.applies(), 1, "still inside min-sync-period");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.applies(), 2, "one sync for the whole burst");
+    assert_eq!(h.reads(), 1, "partial syncs do not read the kernel");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn periodic_full_resync_reads_the_kernel() {
+    let h = start(false);
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.reads(), 1);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(h.reads(), 2);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(h.reads(), 3);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_sync_is_retried_with_backoff_and_full() {
+    let h = start(false);
+    h.log.lock().unwrap().fail_applies = 2;
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!((h.applies(), h.reads()), (0, 1));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!((h.applies(), h.reads()), (0, 2), "retry after 1s, full");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        (h.applies(), h.reads()),
+        (1, 3),
+        "second retry after 2s succeeds"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dry_run_never_applies() {
+    let h = start(true);
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    h.send(Update::Services(Change::Apply(svc("b", "10.96.0.2"))))
+        .await;
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(h.applies(), 0);
+    assert!(h.reads() >= 2);
+    h.stop().await;
+}

@@ -19,6 +19,9 @@ use crate::support::traffic::{
 const SYNC: Duration = Duration::from_secs(10);
 /// A per-request timeout: everything is local, so a working path answers in microseconds.
 const REQ: Duration = Duration::from_millis(500);
+/// The per-request timeout while waiting for rules to appear: a SYN sent before the DNAT rule
+/// exists is black-holed, and the next probe should follow soon.
+const PROBE: Duration = Duration::from_millis(150);
 /// How long kproxy's one-shot runs (`--once`, `--cleanup`) may take.
 const ONE_SHOT: Duration = Duration::from_secs(20);
 
@@ -169,7 +172,11 @@ fn clusterip_tcp_reaches_every_endpoint() {
     s.start_kproxy();
 
     let vip = sock("10.96.0.10", 80);
-    s.wait_for("10.96.0.10:80", |t| tcp_request(&t.client, vip, REQ), "ep1");
+    s.wait_for(
+        "10.96.0.10:80",
+        |t| tcp_request(&t.client, vip, PROBE),
+        "ep1",
+    );
     let seen = tally(40, || tcp_request(&s.topo.client, vip, REQ));
     // 40 fair coin flips: P(a side below 5) is about 1e-7.
     assert_spread(&seen, &["ep1", "ep2"], 5);
@@ -192,7 +199,7 @@ fn clusterip_udp_reaches_every_endpoint() {
     let vip = sock("10.96.0.53", 53);
     s.wait_for(
         "udp 10.96.0.53:53",
-        |t| udp_request(&t.client, vip, REQ),
+        |t| udp_request(&t.client, vip, PROBE),
         "ep1",
     );
     // Each request comes from a new ephemeral port: a new conntrack entry, a new choice.
@@ -251,7 +258,7 @@ fn live_reload_adds_endpoints_and_removes_services() {
     let vip = sock("10.96.0.10", 80);
     s.wait_for(
         "10.96.0.10:80 (ep1)",
-        |t| tcp_request(&t.client, vip, REQ),
+        |t| tcp_request(&t.client, vip, PROBE),
         "ep1",
     );
 
@@ -260,7 +267,7 @@ fn live_reload_adds_endpoints_and_removes_services() {
         .endpoint_slice("web", "web-v4", &[POD_V4[0], POD_V4[2]], &[HTTP]);
     s.wait_for(
         "10.96.0.10:80 (ep3 added)",
-        |t| tcp_request(&t.client, vip, REQ),
+        |t| tcp_request(&t.client, vip, PROBE),
         "ep3",
     );
 
@@ -323,7 +330,7 @@ fn clusterip_ipv6_dual_stack() {
     let vip6 = sock("fd00:96::30", 80);
     s.wait_for(
         "[fd00:96::30]:80",
-        |t| tcp_request(&t.client, vip6, REQ),
+        |t| tcp_request(&t.client, vip6, PROBE),
         "v6-ep1",
     );
     let seen = tally(40, || tcp_request(&s.topo.client, vip6, REQ));
@@ -354,7 +361,7 @@ fn rules_round_trip_through_iptables_save() {
     let vip6 = sock("fd00:96::30", 80);
     s.wait_for(
         "[fd00:96::30]:80",
-        |t| tcp_request(&t.client, vip6, REQ),
+        |t| tcp_request(&t.client, vip6, PROBE),
         "v6-ep1",
     );
 
@@ -384,6 +391,7 @@ fn rules_round_trip_through_iptables_save() {
 
     let mut args = base_args(&s.manifests);
     args.extend(["--once".to_string(), "--dry-run".to_string()]);
+    let live = [s.save(false), s.save(true)];
     let (dry, status) = KproxyProcess::run(&s.topo.node, &refs(&args), ONE_SHOT);
     let out = dry.stdout();
     assert!(
@@ -391,10 +399,38 @@ fn rules_round_trip_through_iptables_save() {
         "kproxy --once --dry-run ({status}) wants changes against rules it wrote itself.\n\
          stdout:\n{out}\nstderr:\n{}\niptables-save:\n{}\nip6tables-save:\n{}",
         dry.stderr(),
-        s.save(false),
-        s.save(true)
+        live[0],
+        live[1]
+    );
+    assert_eq!(
+        [
+            without_counters(&s.save(false)),
+            without_counters(&s.save(true))
+        ],
+        [without_counters(&live[0]), without_counters(&live[1])],
+        "--dry-run changed the rules"
+    );
+
+    // The comparison is real: a rule removed behind kproxy's back shows up in the diff.
+    s.topo
+        .node
+        .run("ip6tables", &["-t", "filter", "-D", "KPROXY-FORWARD", "1"]);
+    let (dry, status) = KproxyProcess::run(&s.topo.node, &refs(&args), ONE_SHOT);
+    let out = dry.stdout();
+    assert!(
+        status.success() && !out.contains("no changes") && out.contains("KPROXY-FORWARD"),
+        "kproxy --once --dry-run ({status}) missed a deleted rule:\n{out}\nstderr:\n{}",
+        dry.stderr()
     );
     s.kproxy().assert_running();
+}
+
+/// iptables-save output without comment lines and counters.
+fn without_counters(save: &str) -> Vec<String> {
+    save.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+        .collect()
 }
 
 /// iptables-save output without comments, counters, KPROXY lines, and tables that hold nothing
@@ -475,6 +511,12 @@ fn cleanup_removes_only_kproxy_rules() {
             .run(tool, &["-t", "filter", "-A", "FORWARD", "-j", "CNI-TEST"]);
     }
     let before = [foreign(&s.save(false)), foreign(&s.save(true))];
+    for text in &before {
+        assert!(
+            text.contains(":CNI-TEST"),
+            "foreign chains missing:\n{text}"
+        );
+    }
 
     s.tcp_server(POD_V4[0], 8080, "ep1");
     s.manifests
@@ -484,7 +526,11 @@ fn cleanup_removes_only_kproxy_rules() {
     s.manifests.service("empty", &["10.96.0.20"], &[HTTP]);
     s.start_kproxy();
     let vip = sock("10.96.0.30", 80);
-    s.wait_for("10.96.0.30:80", |t| tcp_request(&t.client, vip, REQ), "ep1");
+    s.wait_for(
+        "10.96.0.30:80",
+        |t| tcp_request(&t.client, vip, PROBE),
+        "ep1",
+    );
     assert!(
         s.save(true).contains("KPROXY-SERVICES"),
         "no IPv6 rules after the first sync"

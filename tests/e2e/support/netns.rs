@@ -8,6 +8,7 @@ use std::fs::File;
 use std::process::{Command, Output};
 use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
 
@@ -33,6 +34,13 @@ impl Netns {
         // Constructed before anything else can fail, so Drop deletes it.
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]);
+        // No duplicate address detection on the interfaces created here: link-local addresses
+        // are usable at once, so neighbour discovery works from the first packet (with DAD the
+        // first IPv6 connection through a router waits about 2 s).
+        for conf in ["all", "default"] {
+            ns.sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0");
+            ns.sysctl(&format!("net.ipv6.conf.{conf}.dad_transmits"), "0");
+        }
         ns
     }
 
@@ -145,15 +153,46 @@ impl Drop for Netns {
 /// The two ends of a veth pair.
 #[derive(Debug, Clone)]
 pub(crate) struct Veth {
+    /// The first namespace's name.
+    pub(crate) a_ns: String,
     /// The interface name in the first namespace.
     pub(crate) a_dev: String,
+    /// The second namespace's name.
+    pub(crate) b_ns: String,
     /// The interface name in the second namespace.
     pub(crate) b_dev: String,
 }
 
+impl Veth {
+    /// Waits (at most 3 s) until both ends are operationally up. The kernel's linkwatch brings
+    /// a new veth's carrier and qdisc up asynchronously, up to a second later; packets sent
+    /// before that are dropped (the first IPv6 neighbour solicitation is lost and retried only
+    /// after a second). Create every pair first, then wait: one linkwatch run serves them all.
+    pub(crate) fn wait_up(&self) {
+        for (ns, dev) in [(&self.a_ns, &self.a_dev), (&self.b_ns, &self.b_dev)] {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let out = Command::new("ip")
+                    .args(["-n", ns, "-o", "link", "show", "dev", dev])
+                    .output()
+                    .expect("spawn ip link show");
+                let text = String::from_utf8_lossy(&out.stdout);
+                if text.contains(" state UP ") && !text.contains("qdisc noop") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{dev} in {ns} is not up after 3 s: {text}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
 /// Connects `a` and `b` with a veth pair, gives each end its addresses (CIDRs; IPv6 with
 /// `nodad`) and brings both ends up. The pair is created inside `a`, so the root namespace never
-/// sees it; it disappears with either namespace.
+/// sees it; it disappears with either namespace. Call [`Veth::wait_up`] before sending traffic.
 pub(crate) fn veth(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) -> Veth {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let a_dev = format!("va{n}");
@@ -167,7 +206,12 @@ pub(crate) fn veth(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) -> 
         }
         ns.ip(&["link", "set", dev, "up"]);
     }
-    Veth { a_dev, b_dev }
+    Veth {
+        a_ns: a.name.clone(),
+        a_dev,
+        b_ns: b.name.clone(),
+        b_dev,
+    }
 }
 
 fn run_ok(program: &str, args: &[&str]) {

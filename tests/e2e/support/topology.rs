@@ -1,6 +1,7 @@
 //! The standard three-namespace scenario: a client, the node kproxy programs, and the pods.
 //!
 //! ```text
+//!                         default via 10.0.9.254 / fd00:9::fe (upstream: a black hole)
 //!  client                 node (kproxy, forwarding on)           endpoints (pods)
 //!  10.0.1.2-9/24  ──veth── 10.0.1.1/24 | 10.0.2.1/24  ──veth── 10.0.2.2/24
 //!  fd00:1::2-9/64          fd00:1::1/64 | fd00:2::1/64           fd00:2::2/64
@@ -17,6 +18,11 @@ use super::netns::{Netns, veth};
 pub(crate) const NODE_IP: &str = "10.0.1.1";
 /// The node's IPv6 address on the client side.
 pub(crate) const NODE_IP6: &str = "fd00:1::1";
+
+/// The node's (unowned) default gateway, on its upstream link.
+pub(crate) const UPSTREAM_GW: &str = "10.0.9.254";
+/// The node's (unowned) IPv6 default gateway on the client side.
+pub(crate) const UPSTREAM_GW6: &str = "fd00:9::fe";
 
 /// Pod IPv4 addresses present in the endpoints namespace.
 pub(crate) const POD_V4: [&str; 4] = ["10.244.1.10", "10.244.1.11", "10.244.1.12", "10.244.1.13"];
@@ -56,7 +62,7 @@ impl Topology {
             client_addrs.push(format!("{}/64", client_v6(i)));
         }
         let client_refs: Vec<&str> = client_addrs.iter().map(String::as_str).collect();
-        veth(
+        let uplink = veth(
             &client,
             &client_refs,
             &node,
@@ -64,12 +70,34 @@ impl Topology {
         );
         client.route("default", NODE_IP);
         client.route("default", NODE_IP6);
+        // A real node routes everything (a default route upstream), so a packet to a service IP
+        // without DNAT reaches the filter FORWARD chain (REJECT) instead of failing the route
+        // lookup. Upstream is a veth pair with both ends in the node: the gateway is a permanent
+        // neighbour nobody owns, so the far end drops what it receives (not its MAC), a silent
+        // black hole. Not the client's link: forwarding a packet back out the interface it came
+        // in sends an ICMP redirect, which spends the client's ICMP budget and swallows the
+        // REJECT's port-unreachable.
+        let upstream = veth(&node, &["10.0.9.1/24", "fd00:9::1/64"], &node, &[]);
+        for gw in [UPSTREAM_GW, UPSTREAM_GW6] {
+            node.ip(&[
+                "neigh",
+                "add",
+                gw,
+                "lladdr",
+                "02:00:00:00:00:fe",
+                "dev",
+                &upstream.a_dev,
+                "nud",
+                "permanent",
+            ]);
+            node.route("default", gw);
+        }
 
         let mut pod_addrs = vec!["10.0.2.2/24".to_string(), "fd00:2::2/64".to_string()];
         pod_addrs.extend(POD_V4.iter().map(|a| format!("{a}/32")));
         pod_addrs.extend(POD_V6.iter().map(|a| format!("{a}/128")));
         let pod_refs: Vec<&str> = pod_addrs.iter().map(String::as_str).collect();
-        veth(
+        let downlink = veth(
             &node,
             &["10.0.2.1/24", "fd00:2::1/64"],
             &endpoints,
@@ -79,6 +107,9 @@ impl Topology {
         node.route("fd00:244::/56", "fd00:2::2");
         endpoints.route("default", "10.0.2.1");
         endpoints.route("default", "fd00:2::1");
+        for link in [uplink, downlink, upstream] {
+            link.wait_up();
+        }
 
         Topology {
             client,

@@ -29,7 +29,7 @@ const HTTP: Port = Port::tcp("http", 80, 8080);
 const DNS: Port = Port::udp("dns", 53, 5353);
 
 /// The flags every test passes, reading objects from `manifests`.
-fn base_args(manifests: &Manifests) -> Vec<String> {
+fn base_args(manifests: &Manifests, backend: Backend) -> Vec<String> {
     [
         "--manifests",
         &manifests.arg(),
@@ -43,6 +43,10 @@ fn base_args(manifests: &Manifests) -> Vec<String> {
         "--metrics-bind-address=",
         "--iptables-min-sync-period",
         "100ms",
+        // Pinned, so the rules kproxy writes are the ones the test reads back with the same
+        // backend's tools, whatever the host's `iptables` alternative points at.
+        "--iptables-backend",
+        backend.name(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -53,6 +57,28 @@ fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// Which iptables backend kproxy is told to use and the test reads back with.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    /// `iptables-nft`, `ip6tables-legacy-save`, …
+    fn tool(self, v6: bool, suffix: &str) -> String {
+        let base = if v6 { "ip6tables" } else { "iptables" };
+        format!("{base}-{}{suffix}", self.name())
+    }
+}
+
 /// One scenario. Fields drop in order: kproxy first, then the servers, then the namespaces.
 struct Scenario {
     kproxy: Option<KproxyProcess>,
@@ -60,11 +86,17 @@ struct Scenario {
     udp: Vec<UdpEcho>,
     manifests: Manifests,
     topo: Topology,
+    backend: Backend,
 }
 
 impl Scenario {
-    /// The topology, the Node object, and nothing else yet.
+    /// The topology, the Node object, and nothing else yet; the nft backend.
     fn new() -> Scenario {
+        Scenario::with_backend(Backend::Nft)
+    }
+
+    /// [`Scenario::new`] with a chosen iptables backend.
+    fn with_backend(backend: Backend) -> Scenario {
         let topo = Topology::new();
         let manifests = Manifests::new();
         manifests.node("node-a", &[NODE_IP, NODE_IP6]);
@@ -74,6 +106,7 @@ impl Scenario {
             udp: Vec::new(),
             manifests,
             topo,
+            backend,
         }
     }
 
@@ -93,7 +126,7 @@ impl Scenario {
 
     /// Starts kproxy in the node namespace with the standard flags.
     fn start_kproxy(&mut self) {
-        let args = base_args(&self.manifests);
+        let args = base_args(&self.manifests, self.backend);
         self.kproxy = Some(KproxyProcess::start(&self.topo.node, &refs(&args)));
     }
 
@@ -101,9 +134,14 @@ impl Scenario {
         self.kproxy.as_mut().expect("kproxy started")
     }
 
-    /// `iptables-save` (or `ip6tables-save`) in the node namespace.
+    /// `iptables-save` (or `ip6tables-save`) of the scenario's backend in the node namespace.
     fn save(&self, v6: bool) -> String {
-        save(&self.topo.node, v6)
+        save(&self.topo.node, self.backend, v6)
+    }
+
+    /// The scenario's `iptables` (or `ip6tables`) in the node namespace.
+    fn iptables(&self, v6: bool, args: &[&str]) -> String {
+        self.topo.node.run(&self.backend.tool(v6, ""), args)
     }
 
     /// Waits until `request` returns `want`, failing the test (with kproxy's logs) after `SYNC`.
@@ -129,15 +167,8 @@ impl Scenario {
     }
 }
 
-fn save(ns: &Netns, v6: bool) -> String {
-    ns.run(
-        if v6 {
-            "ip6tables-save"
-        } else {
-            "iptables-save"
-        },
-        &[],
-    )
+fn save(ns: &Netns, backend: Backend, v6: bool) -> String {
+    ns.run(&backend.tool(v6, "-save"), &[])
 }
 
 fn sock(ip: &str, port: u16) -> SocketAddr {
@@ -344,10 +375,22 @@ fn clusterip_ipv6_dual_stack() {
 /// kernel finds nothing to change: every rendered rule survives iptables-save byte for byte.
 #[test]
 fn rules_round_trip_through_iptables_save() {
-    if !require_root("rules_round_trip_through_iptables_save") {
-        return;
+    if require_root("rules_round_trip_through_iptables_save") {
+        round_trip(Backend::Nft);
     }
-    let mut s = Scenario::new();
+}
+
+/// [`rules_round_trip_through_iptables_save`] with iptables-legacy, whose save output is
+/// printed by different code (libiptc, not the nft translation).
+#[test]
+fn rules_round_trip_through_iptables_legacy_save() {
+    if require_root("rules_round_trip_through_iptables_legacy_save") {
+        round_trip(Backend::Legacy);
+    }
+}
+
+fn round_trip(backend: Backend) {
+    let mut s = Scenario::with_backend(backend);
     s.tcp_server(POD_V4[0], 8080, "ep1");
     s.tcp_server(POD_V6[0], 8080, "v6-ep1");
     s.manifests
@@ -380,16 +423,12 @@ fn rules_round_trip_through_iptables_save() {
             assert!(
                 text.lines().any(|l| l.starts_with(want)),
                 "{} lacks {want:?}:\n{text}",
-                if v6 {
-                    "ip6tables-save"
-                } else {
-                    "iptables-save"
-                }
+                backend.tool(v6, "-save")
             );
         }
     }
 
-    let mut args = base_args(&s.manifests);
+    let mut args = base_args(&s.manifests, backend);
     args.extend(["--once".to_string(), "--dry-run".to_string()]);
     let live = [s.save(false), s.save(true)];
     let (dry, status) = KproxyProcess::run(&s.topo.node, &refs(&args), ONE_SHOT);
@@ -412,9 +451,7 @@ fn rules_round_trip_through_iptables_save() {
     );
 
     // The comparison is real: a rule removed behind kproxy's back shows up in the diff.
-    s.topo
-        .node
-        .run("ip6tables", &["-t", "filter", "-D", "KPROXY-FORWARD", "1"]);
+    s.iptables(true, &["-t", "filter", "-D", "KPROXY-FORWARD", "1"]);
     let (dry, status) = KproxyProcess::run(&s.topo.node, &refs(&args), ONE_SHOT);
     let out = dry.stdout();
     assert!(
@@ -487,28 +524,33 @@ fn is_builtin(header: &str) -> bool {
 /// they were.
 #[test]
 fn cleanup_removes_only_kproxy_rules() {
-    if !require_root("cleanup_removes_only_kproxy_rules") {
-        return;
+    if require_root("cleanup_removes_only_kproxy_rules") {
+        cleanup(Backend::Nft);
     }
-    let mut s = Scenario::new();
+}
+
+/// [`cleanup_removes_only_kproxy_rules`] with iptables-legacy.
+#[test]
+fn cleanup_removes_only_kproxy_rules_legacy() {
+    if require_root("cleanup_removes_only_kproxy_rules_legacy") {
+        cleanup(Backend::Legacy);
+    }
+}
+
+fn cleanup(backend: Backend) {
+    let mut s = Scenario::with_backend(backend);
     // Foreign rules in every table kproxy writes, both families, some in built-in chains.
-    for (tool, cidr) in [("iptables", "10.99.0.0/16"), ("ip6tables", "fd00:99::/64")] {
+    for (v6, cidr) in [(false, "10.99.0.0/16"), (true, "fd00:99::/64")] {
         for table in ["nat", "filter"] {
-            s.topo.node.run(tool, &["-t", table, "-N", "CNI-TEST"]);
-            s.topo.node.run(
-                tool,
+            s.iptables(v6, &["-t", table, "-N", "CNI-TEST"]);
+            s.iptables(
+                v6,
                 &["-t", table, "-A", "CNI-TEST", "-s", cidr, "-j", "RETURN"],
             );
-            s.topo
-                .node
-                .run(tool, &["-t", table, "-A", "CNI-TEST", "-j", "RETURN"]);
+            s.iptables(v6, &["-t", table, "-A", "CNI-TEST", "-j", "RETURN"]);
         }
-        s.topo
-            .node
-            .run(tool, &["-t", "nat", "-A", "POSTROUTING", "-j", "CNI-TEST"]);
-        s.topo
-            .node
-            .run(tool, &["-t", "filter", "-A", "FORWARD", "-j", "CNI-TEST"]);
+        s.iptables(v6, &["-t", "nat", "-A", "POSTROUTING", "-j", "CNI-TEST"]);
+        s.iptables(v6, &["-t", "filter", "-A", "FORWARD", "-j", "CNI-TEST"]);
     }
     let before = [foreign(&s.save(false)), foreign(&s.save(true))];
     for text in &before {
@@ -537,7 +579,7 @@ fn cleanup_removes_only_kproxy_rules() {
     );
     drop(s.kproxy.take());
 
-    let mut args = base_args(&s.manifests);
+    let mut args = base_args(&s.manifests, backend);
     args.push("--cleanup".to_string());
     let (cleanup, status) = KproxyProcess::run(&s.topo.node, &refs(&args), ONE_SHOT);
     assert!(
@@ -591,7 +633,7 @@ fn overlapping_cidrs_are_refused() {
         assert!(stderr.contains(want), "stderr lacks {want:?}:\n{stderr}");
     }
     for v6 in [false, true] {
-        let text = save(&node, v6);
+        let text = save(&node, Backend::Nft, v6) + &save(&node, Backend::Legacy, v6);
         assert!(
             !text.contains("KPROXY"),
             "rules written despite the refusal:\n{text}"

@@ -97,9 +97,24 @@ impl Netns {
         }
     }
 
-    /// `sysctl -w key=value` inside this namespace.
+    /// Sets sysctl `key` (dotted, e.g. `net.ipv4.ip_forward`) inside this namespace: written to
+    /// /proc/sys from a thread that entered it (net sysctls follow the writing thread's
+    /// namespace), so no `sysctl` binary is needed.
     pub(crate) fn sysctl(&self, key: &str, value: &str) {
-        self.run("sysctl", &["-q", "-w", &format!("{key}={value}")]);
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        let name = self.name.clone();
+        self.in_ns(move || {
+            std::fs::write(&path, value).unwrap_or_else(|e| panic!("write {path} in {name}: {e}"));
+        });
+    }
+
+    /// Reads sysctl `key` inside this namespace.
+    pub(crate) fn sysctl_get(&self, key: &str) -> String {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.in_ns(move || std::fs::read_to_string(&path).expect("read sysctl"))
+            .trim()
+            .to_string()
     }
 
     /// Turns on IPv4 and IPv6 forwarding inside this namespace.

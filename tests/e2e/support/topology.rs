@@ -143,6 +143,15 @@ fn topology_routes_client_to_pods() {
         return;
     }
     let topo = Topology::new();
+    // Sysctls went to the node's namespace, and only there.
+    assert_eq!(topo.node.sysctl_get("net.ipv4.ip_forward"), "1");
+    assert_eq!(topo.client.sysctl_get("net.ipv4.ip_forward"), "0");
+    assert_eq!(
+        topo.node
+            .run("cat", &["/proc/sys/net/ipv6/conf/all/forwarding"])
+            .trim(),
+        "1"
+    );
     let t = Duration::from_secs(2);
     let v4 = SocketAddr::new(POD_V4[0].parse().expect("ip"), 8080);
     let v6 = SocketAddr::new(POD_V6[1].parse().expect("ip"), 8080);

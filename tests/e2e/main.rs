@@ -7,4 +7,5 @@
 )]
 
 mod api_watch;
+mod iptables;
 mod support;

@@ -1,0 +1,150 @@
+//! The kproxy binary under test, run inside a namespace, and a bounded polling helper.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::netns::Netns;
+
+/// The binary cargo built for this test run.
+pub(crate) const KPROXY: &str = env!("CARGO_BIN_EXE_kproxy");
+
+/// A kproxy process inside a namespace. Its stdout and stderr go to files (printed when the test
+/// panics); drop kills it by pid.
+#[derive(Debug)]
+pub(crate) struct KproxyProcess {
+    child: Child,
+    logs: TempDir,
+    label: String,
+    status: Option<ExitStatus>,
+}
+
+impl KproxyProcess {
+    /// Starts `kproxy args…` inside `ns` (`ip netns exec` execs the binary, so the child's pid is
+    /// kproxy's own).
+    pub(crate) fn start(ns: &Netns, args: &[&str]) -> KproxyProcess {
+        let logs = tempfile::Builder::new()
+            .prefix("kpx-logs-")
+            .tempdir()
+            .expect("log dir");
+        let stdout = File::create(logs.path().join("stdout")).expect("stdout file");
+        let stderr = File::create(logs.path().join("stderr")).expect("stderr file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), KPROXY])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn kproxy");
+        KproxyProcess {
+            child,
+            logs,
+            label: format!("kproxy {args:?} in {}", ns.name()),
+            status: None,
+        }
+    }
+
+    /// Runs `kproxy args…` inside `ns` to completion (killing it after `timeout`) and returns it
+    /// with its exit status.
+    pub(crate) fn run(ns: &Netns, args: &[&str], timeout: Duration) -> (KproxyProcess, ExitStatus) {
+        let mut p = KproxyProcess::start(ns, args);
+        let status = p.wait(timeout).unwrap_or_else(|| {
+            panic!(
+                "{} did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                p.label,
+                p.stdout(),
+                p.stderr()
+            )
+        });
+        (p, status)
+    }
+
+    /// The pid (kproxy's).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if it has exited.
+    pub(crate) fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait kproxy");
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for it to exit.
+    pub(crate) fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || self.try_wait().is_some());
+        self.status
+    }
+
+    /// Everything it wrote to stdout so far.
+    pub(crate) fn stdout(&self) -> String {
+        self.read_log("stdout")
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub(crate) fn stderr(&self) -> String {
+        self.read_log("stderr")
+    }
+
+    /// Where its logs are.
+    pub(crate) fn log_dir(&self) -> PathBuf {
+        self.logs.path().to_path_buf()
+    }
+
+    /// Panics (with its logs) if it has exited.
+    pub(crate) fn assert_running(&mut self) {
+        if let Some(status) = self.try_wait() {
+            panic!(
+                "{} exited early ({status})\nstdout:\n{}\nstderr:\n{}",
+                self.label,
+                self.stdout(),
+                self.stderr()
+            );
+        }
+    }
+
+    fn read_log(&self, which: &str) -> String {
+        std::fs::read_to_string(self.logs.path().join(which)).unwrap_or_default()
+    }
+}
+
+impl Drop for KproxyProcess {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            // Child::kill signals this child's pid only.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} (pid {}, status {:?})\n----- stdout:\n{}\n----- stderr:\n{}\n-----",
+                self.label,
+                self.child.id(),
+                self.status,
+                self.stdout(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// Polls `predicate` every 20 ms until it holds (true) or `timeout` passes (false).
+pub(crate) fn wait_until(timeout: Duration, mut predicate: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if predicate() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(deadline - now));
+    }
+}

@@ -1,0 +1,180 @@
+//! A temp directory of Service / EndpointSlice / Node YAML for `kproxy --manifests DIR`.
+//!
+//! Files are written atomically (a dot-file renamed into place), one object per file, so
+//! kproxy's watcher never reads half an object.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use tempfile::TempDir;
+
+/// The namespace every object lives in.
+pub(crate) const NAMESPACE: &str = "default";
+
+/// One service port and where its endpoints listen.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Port {
+    /// The port name (shared by the Service and the EndpointSlice).
+    pub(crate) name: &'static str,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub(crate) protocol: &'static str,
+    /// The service port.
+    pub(crate) port: u16,
+    /// The endpoints' port.
+    pub(crate) target: u16,
+}
+
+impl Port {
+    /// A TCP port.
+    pub(crate) const fn tcp(name: &'static str, port: u16, target: u16) -> Port {
+        Port {
+            name,
+            protocol: "TCP",
+            port,
+            target,
+        }
+    }
+
+    /// A UDP port.
+    pub(crate) const fn udp(name: &'static str, port: u16, target: u16) -> Port {
+        Port {
+            name,
+            protocol: "UDP",
+            port,
+            target,
+        }
+    }
+}
+
+/// The manifests directory; deleted on drop.
+#[derive(Debug)]
+pub(crate) struct Manifests {
+    dir: TempDir,
+}
+
+impl Manifests {
+    /// An empty directory.
+    pub(crate) fn new() -> Manifests {
+        Manifests {
+            dir: tempfile::Builder::new()
+                .prefix("kpx-manifests-")
+                .tempdir()
+                .expect("manifests dir"),
+        }
+    }
+
+    /// The directory (for `--manifests`).
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The directory as a string argument.
+    pub(crate) fn arg(&self) -> String {
+        self.path().display().to_string()
+    }
+
+    /// Writes `FILE.yaml` atomically.
+    pub(crate) fn write(&self, file: &str, yaml: &str) {
+        let tmp = self.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write manifest");
+        std::fs::rename(&tmp, self.path().join(format!("{file}.yaml"))).expect("rename manifest");
+    }
+
+    /// Deletes `FILE.yaml`.
+    pub(crate) fn remove(&self, file: &str) {
+        std::fs::remove_file(self.path().join(format!("{file}.yaml"))).expect("remove manifest");
+    }
+
+    /// Writes the Node `name` with InternalIP(s) `ips` as `node-NAME.yaml`.
+    pub(crate) fn node(&self, name: &str, ips: &[&str]) {
+        self.write(&format!("node-{name}"), &node(name, ips));
+    }
+
+    /// Writes a ClusterIP Service as `svc-NAME.yaml`. One cluster IP makes it single-stack;
+    /// two (IPv4 first) make it `RequireDualStack`.
+    pub(crate) fn service(&self, name: &str, cluster_ips: &[&str], ports: &[Port]) {
+        self.write(&format!("svc-{name}"), &service(name, cluster_ips, ports));
+    }
+
+    /// Writes an EndpointSlice of `service` named `SLICE` as `eps-SLICE.yaml`; the address type
+    /// follows the first address. All endpoints are ready and on node `node-b`.
+    pub(crate) fn endpoint_slice(
+        &self,
+        service: &str,
+        slice: &str,
+        addrs: &[&str],
+        ports: &[Port],
+    ) {
+        self.write(
+            &format!("eps-{slice}"),
+            &endpoint_slice(service, slice, addrs, ports),
+        );
+    }
+}
+
+fn family_of(ip: &str) -> &'static str {
+    if ip.contains(':') { "IPv6" } else { "IPv4" }
+}
+
+fn list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A Node with InternalIP(s).
+pub(crate) fn node(name: &str, ips: &[&str]) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    kubernetes.io/hostname: {name}\nstatus:\n  addresses:\n"
+    );
+    for ip in ips {
+        let _ = writeln!(out, "  - type: InternalIP\n    address: \"{ip}\"");
+    }
+    out
+}
+
+/// A ClusterIP Service.
+pub(crate) fn service(name: &str, cluster_ips: &[&str], ports: &[Port]) -> String {
+    let families: Vec<&str> = cluster_ips.iter().map(|ip| family_of(ip)).collect();
+    let policy = if cluster_ips.len() > 1 {
+        "RequireDualStack"
+    } else {
+        "SingleStack"
+    };
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\nspec:\n  type: ClusterIP\n  clusterIP: \"{}\"\n  clusterIPs: {}\n  ipFamilies: {}\n  ipFamilyPolicy: {policy}\n  ports:\n",
+        cluster_ips.first().expect("a cluster IP"),
+        list(cluster_ips),
+        list(&families),
+    );
+    for p in ports {
+        let _ = writeln!(
+            out,
+            "  - name: {}\n    protocol: {}\n    port: {}\n    targetPort: {}",
+            p.name, p.protocol, p.port, p.target
+        );
+    }
+    out
+}
+
+/// An EndpointSlice with ready endpoints.
+pub(crate) fn endpoint_slice(service: &str, slice: &str, addrs: &[&str], ports: &[Port]) -> String {
+    let family = addrs.first().map_or("IPv4", |a| family_of(a));
+    let mut out = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: {NAMESPACE}\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {family}\nendpoints:\n"
+    );
+    for a in addrs {
+        let _ = writeln!(
+            out,
+            "- addresses: [\"{a}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: node-b"
+        );
+    }
+    out.push_str("ports:\n");
+    for p in ports {
+        let _ = writeln!(
+            out,
+            "- name: {}\n  protocol: {}\n  port: {}",
+            p.name, p.protocol, p.target
+        );
+    }
+    out
+}

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::model::{BaseChain, Chain, Rule, Set, Table};
+use crate::model::{BaseChain, Rule, Set, Table};
 
 /// Why the JSON could not be understood.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,10 @@ pub fn parse(json: &str) -> Result<Table, ParseError> {
                         h.as_str().unwrap_or_default(),
                         &["prerouting", "input", "forward", "output", "postrouting"],
                     ),
-                    priority: p.as_i64().and_then(|p| i32::try_from(p).ok()).unwrap_or_default(),
+                    priority: p
+                        .as_i64()
+                        .and_then(|p| i32::try_from(p).ok())
+                        .unwrap_or_default(),
                 }),
                 _ => None,
             };
@@ -41,7 +44,12 @@ pub fn parse(json: &str) -> Result<Table, ParseError> {
         } else if let Some(r) = item.get("rule") {
             let chain = str_field(r, "chain")?;
             let id = r.get("comment").and_then(Value::as_str).unwrap_or("<none>");
-            table.chains.entry(chain).or_default().rules.push(Rule::from_id(id));
+            table
+                .chains
+                .entry(chain)
+                .or_default()
+                .rules
+                .push(Rule::from_id(id));
         } else if let Some((s, is_map)) = item
             .get("set")
             .map(|s| (s, false))
@@ -49,7 +57,12 @@ pub fn parse(json: &str) -> Result<Table, ParseError> {
         {
             let name = str_field(s, "name")?;
             let mut elements = BTreeMap::new();
-            for e in s.get("elem").and_then(Value::as_array).into_iter().flatten() {
+            for e in s
+                .get("elem")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 if is_map {
                     let pair = e.as_array().filter(|p| p.len() == 2).ok_or_else(|| {
                         ParseError(format!("map {name}: element is not a pair: {e}"))
@@ -61,7 +74,12 @@ pub fn parse(json: &str) -> Result<Table, ParseError> {
             }
             table.sets.insert(
                 name,
-                Set { is_map, decl: String::new(), signature: signature(s, is_map), elements },
+                Set {
+                    is_map,
+                    decl: String::new(),
+                    signature: signature(s, is_map),
+                    elements,
+                },
             );
         }
     }
@@ -76,7 +94,11 @@ fn str_field(v: &Value, field: &str) -> Result<String, ParseError> {
 }
 
 fn static_str(s: &str, known: &[&'static str]) -> &'static str {
-    known.iter().find(|k| **k == s).copied().unwrap_or("unknown")
+    known
+        .iter()
+        .find(|k| **k == s)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// The same signature string the renderer computes from its declaration.
@@ -139,7 +161,11 @@ pub fn canon(v: &Value) -> String {
                 return e.get("val").map(canon).unwrap_or_default();
             }
             for verdict in ["goto", "jump"] {
-                if let Some(t) = o.get(verdict).and_then(|g| g.get("target")).and_then(Value::as_str) {
+                if let Some(t) = o
+                    .get(verdict)
+                    .and_then(|g| g.get("target"))
+                    .and_then(Value::as_str)
+                {
                     return format!("{verdict} {t}");
                 }
             }
@@ -165,10 +191,15 @@ mod tests {
     fn parses_sets_maps_chains_and_rule_ids() {
         let t = parse(SAMPLE).expect("parses");
         assert_eq!(
-            t.sets["endpoints"].elements.get("10.96.0.10 . tcp . 80 . 0"),
+            t.sets["endpoints"]
+                .elements
+                .get("10.96.0.10 . tcp . 80 . 0"),
             Some(&Some("10.244.1.1 . 8080".to_string()))
         );
-        assert_eq!(t.sets["endpoints"].signature, "ipv4_addr . inet_proto . inet_service . integer : ipv4_addr . inet_service");
+        assert_eq!(
+            t.sets["endpoints"].signature,
+            "ipv4_addr . inet_proto . inet_service . integer : ipv4_addr . inet_service"
+        );
         assert_eq!(
             t.sets["service-ips"].elements.get("10.96.0.10 . tcp . 80"),
             Some(&Some("goto pick-2".to_string()))
@@ -177,10 +208,24 @@ mod tests {
             t.sets["service-ips"].elements.get("10.96.0.11 . udp . 53"),
             Some(&Some("drop".to_string()))
         );
-        assert!(t.sets["firewall-allow"].elements.contains_key("10.96.0.10 . tcp . 80 . 203.0.113.0/24"));
-        assert!(t.sets["firewall-allow"].elements.contains_key("1.2.3.4 . tcp . 443 . 10.0.0.1"));
-        assert_eq!(t.sets["affinity-x"].signature, "ipv4_addr flags timeout timeout 600");
+        assert!(
+            t.sets["firewall-allow"]
+                .elements
+                .contains_key("10.96.0.10 . tcp . 80 . 203.0.113.0/24")
+        );
+        assert!(
+            t.sets["firewall-allow"]
+                .elements
+                .contains_key("1.2.3.4 . tcp . 443 . 10.0.0.1")
+        );
+        assert_eq!(
+            t.sets["affinity-x"].signature,
+            "ipv4_addr flags timeout timeout 600"
+        );
         assert_eq!(t.chains["pick-2"].rules[0].id, "abcd1234");
-        assert_eq!(t.chains["services"].base.as_ref().map(|b| b.priority), Some(-100));
+        assert_eq!(
+            t.chains["services"].base.as_ref().map(|b| b.priority),
+            Some(-100)
+        );
     }
 }

@@ -33,7 +33,10 @@ impl Rule {
     /// A rule read back from the kernel: only its identity is known.
     pub fn from_id(id: impl Into<String>) -> Self {
         let id = id.into();
-        Self { text: format!("<rule {id}>"), id }
+        Self {
+            text: format!("<rule {id}>"),
+            id,
+        }
     }
 }
 
@@ -56,7 +59,11 @@ impl PartialEq for Chain {
     fn eq(&self, other: &Self) -> bool {
         self.base == other.base
             && self.rules.len() == other.rules.len()
-            && self.rules.iter().zip(&other.rules).all(|(a, b)| a.id == b.id)
+            && self
+                .rules
+                .iter()
+                .zip(&other.rules)
+                .all(|(a, b)| a.id == b.id)
     }
 }
 

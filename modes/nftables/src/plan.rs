@@ -63,13 +63,23 @@ pub struct NftPlan {
 
 /// Computes the transaction that turns `live` into `desired`.
 pub fn plan(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
-    let mut out = NftPlan { owners: desired.owners.clone(), ..NftPlan::default() };
+    let mut out = NftPlan {
+        owners: desired.owners.clone(),
+        ..NftPlan::default()
+    };
     let empty = Table::default();
-    let families: BTreeSet<IpFamily> =
-        live.families.keys().chain(desired.families.keys()).copied().collect();
+    let families: BTreeSet<IpFamily> = live
+        .families
+        .keys()
+        .chain(desired.families.keys())
+        .copied()
+        .collect();
     for family in families {
         let fp = match (live.families.get(&family), desired.families.get(&family)) {
-            (Some(_), None) => FamilyPlan { delete_table: true, ..FamilyPlan::default() },
+            (Some(_), None) => FamilyPlan {
+                delete_table: true,
+                ..FamilyPlan::default()
+            },
             (old, Some(new)) => {
                 let old = old.unwrap_or(&empty);
                 if needs_recreate(old, new) {
@@ -95,9 +105,10 @@ fn needs_recreate(old: &Table, new: &Table) -> bool {
             .get(name)
             .is_some_and(|o| o.signature != s.signature || o.is_map != s.is_map)
     });
-    let base_changed = new.chains.iter().any(|(name, c)| {
-        old.chains.get(name).is_some_and(|o| o.base != c.base)
-    });
+    let base_changed = new
+        .chains
+        .iter()
+        .any(|(name, c)| old.chains.get(name).is_some_and(|o| o.base != c.base));
     set_changed || base_changed
 }
 
@@ -106,11 +117,20 @@ fn plan_table(old: &Table, new: &Table) -> FamilyPlan {
     for (name, set) in &new.sets {
         match old.sets.get(name) {
             None => {
-                fp.add_sets.push((name.clone(), Set { elements: BTreeMap::new(), ..set.clone() }));
+                fp.add_sets.push((
+                    name.clone(),
+                    Set {
+                        elements: BTreeMap::new(),
+                        ..set.clone()
+                    },
+                ));
                 if !set.elements.is_empty() {
                     fp.add_elements.insert(
                         name.clone(),
-                        set.elements.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                        set.elements
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
                     );
                 }
             }
@@ -249,8 +269,17 @@ fn write_elements(
     for (set, elems) in elements {
         for (k, v) in elems {
             let owner = plan.owner_of(k).unwrap_or("kproxy");
-            let text = if with_values { elem_text(k, v) } else { k.clone() };
-            grouped.entry(owner).or_default().entry(set).or_default().push(text);
+            let text = if with_values {
+                elem_text(k, v)
+            } else {
+                k.clone()
+            };
+            grouped
+                .entry(owner)
+                .or_default()
+                .entry(set)
+                .or_default()
+                .push(text);
         }
     }
     for (owner, sets) in grouped {
@@ -275,7 +304,10 @@ impl kproxy_contract::Plan for NftPlan {
         let mut s = PlanStats::default();
         for fp in self.families.values() {
             s.added += fp.add_elements.values().map(Vec::len).sum::<usize>()
-                + fp.write_chains.iter().map(|(_, c, _)| c.rules.len()).sum::<usize>();
+                + fp.write_chains
+                    .iter()
+                    .map(|(_, c, _)| c.rules.len())
+                    .sum::<usize>();
             s.removed += fp.delete_elements.values().map(Vec::len).sum::<usize>();
             s.containers_touched += fp.add_sets.len()
                 + fp.delete_sets.len()

@@ -95,7 +95,11 @@ fn svc_hash(sp: &ServicePort) -> String {
 
 /// `HASH-ns/name/proto/port`, upstream's chain-name style.
 fn svc_chain_suffix(sp: &ServicePort) -> String {
-    let port = if sp.name.port.is_empty() { "-" } else { &sp.name.port };
+    let port = if sp.name.port.is_empty() {
+        "-"
+    } else {
+        &sp.name.port
+    };
     let s = format!(
         "{}-{}/{}/{}/{}",
         svc_hash(sp),
@@ -105,14 +109,25 @@ fn svc_chain_suffix(sp: &ServicePort) -> String {
         port
     );
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-/_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-/_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(200)
         .collect()
 }
 
 impl<'a> Writer<'a> {
     fn new(family: IpFamily, node: &'a NodeSettings) -> Self {
-        let mut w = Self { f: Fam { family }, node, t: Table::default(), picks: BTreeSet::new() };
+        let mut w = Self {
+            f: Fam { family },
+            node,
+            t: Table::default(),
+            picks: BTreeSet::new(),
+        };
         w.declare_sets();
         w
     }
@@ -120,7 +135,12 @@ impl<'a> Writer<'a> {
     fn set(&mut self, name: &str, is_map: bool, decl: String, signature: String) {
         self.t.sets.insert(
             name.to_string(),
-            Set { is_map, decl, signature, elements: BTreeMap::new() },
+            Set {
+                is_map,
+                decl,
+                signature,
+                elements: BTreeMap::new(),
+            },
         );
     }
 
@@ -134,7 +154,11 @@ impl<'a> Writer<'a> {
         let a = self.f.addr_type();
         let ad = self.f.addr();
         let frontend = format!("{a} . inet_proto . inet_service");
-        for name in ["service-ips", "service-ips-short-circuit", "no-endpoint-services"] {
+        for name in [
+            "service-ips",
+            "service-ips-short-circuit",
+            "no-endpoint-services",
+        ] {
             self.set(
                 name,
                 true,
@@ -142,7 +166,11 @@ impl<'a> Writer<'a> {
                 format!("{frontend} : verdict"),
             );
         }
-        for name in ["service-nodeports", "nodeports-short-circuit", "no-endpoint-nodeports"] {
+        for name in [
+            "service-nodeports",
+            "nodeports-short-circuit",
+            "no-endpoint-nodeports",
+        ] {
             self.set(
                 name,
                 true,
@@ -150,7 +178,12 @@ impl<'a> Writer<'a> {
                 "inet_proto . inet_service : verdict".into(),
             );
         }
-        for name in ["masq-internal", "masq-external", "masq-local-source", "firewall-ips"] {
+        for name in [
+            "masq-internal",
+            "masq-external",
+            "masq-local-source",
+            "firewall-ips",
+        ] {
             self.set(name, false, format!("type {frontend} ;"), frontend.clone());
         }
         for name in ["nodeport-masq", "nodeport-masq-local-source"] {
@@ -197,16 +230,17 @@ impl<'a> Writer<'a> {
             ),
             format!("inet_proto . inet_service . integer : {a} . inet_service"),
         );
-        for cidr in self
-            .node
+        let node = self.node;
+        let family = self.f.family;
+        for cidr in node
             .service_cidrs
             .iter()
-            .filter(|c| IpFamily::of_net(c) == self.f.family)
+            .filter(|c| IpFamily::of_net(c) == family)
         {
             self.elem("service-cidrs", prefix(cidr), None);
         }
-        if let NodePortAddresses::Only(ips) = &self.node.node_port_addresses {
-            for ip in ips.iter().filter(|ip| IpFamily::of(ip) == self.f.family) {
+        if let NodePortAddresses::Only(ips) = &node.node_port_addresses {
+            for ip in ips.iter().filter(|ip| IpFamily::of(ip) == family) {
                 self.elem("nodeport-ips", ip.to_string(), None);
             }
         }
@@ -244,9 +278,19 @@ impl<'a> Writer<'a> {
             owners.insert(key.clone(), name.clone());
             let nodeport = matches!(fe, Frontend::NodePort(_));
             let (dispatch, short, no_eps, eps_map) = if nodeport {
-                ("service-nodeports", "nodeports-short-circuit", "no-endpoint-nodeports", "nodeport-endpoints")
+                (
+                    "service-nodeports",
+                    "nodeports-short-circuit",
+                    "no-endpoint-nodeports",
+                    "nodeport-endpoints",
+                )
             } else {
-                ("service-ips", "service-ips-short-circuit", "no-endpoint-services", "endpoints")
+                (
+                    "service-ips",
+                    "service-ips-short-circuit",
+                    "no-endpoint-services",
+                    "endpoints",
+                )
             };
             let list = if is_external { external } else { internal };
 
@@ -259,7 +303,11 @@ impl<'a> Writer<'a> {
             if is_external && etp_local && !cluster.is_empty() {
                 let verdict = self.endpoint_choice(sp, &key, eps_map, cluster, true, nodeport);
                 self.elem(short, key.clone(), Some(verdict));
-                let masq = if nodeport { "nodeport-masq-local-source" } else { "masq-local-source" };
+                let masq = if nodeport {
+                    "nodeport-masq-local-source"
+                } else {
+                    "masq-local-source"
+                };
                 self.elem(masq, key.clone(), None);
             }
             if list.is_empty() {
@@ -271,7 +319,11 @@ impl<'a> Writer<'a> {
             self.elem(dispatch, key.clone(), Some(verdict));
             if is_external {
                 if !etp_local {
-                    let masq = if nodeport { "nodeport-masq" } else { "masq-external" };
+                    let masq = if nodeport {
+                        "nodeport-masq"
+                    } else {
+                        "masq-external"
+                    };
                     self.elem(masq, key.clone(), None);
                 }
             } else if sp.internal_policy == TrafficPolicy::Cluster {
@@ -319,7 +371,11 @@ impl<'a> Writer<'a> {
         if let Some(aff) = sp.affinity {
             return self.affinity_chains(sp, list, aff.timeout.as_secs());
         }
-        let offset = if short_circuit { SHORT_CIRCUIT_OFFSET } else { 0 };
+        let offset = if short_circuit {
+            SHORT_CIRCUIT_OFFSET
+        } else {
+            0
+        };
         for (i, ep) in list.iter().enumerate() {
             let idx = offset + u32::try_from(i).unwrap_or(u32::MAX - offset);
             self.elem(eps_map, format!("{key} . {idx}"), Some(ep_value(ep)));
@@ -354,7 +410,10 @@ impl<'a> Writer<'a> {
             self.set(
                 &set,
                 false,
-                format!("type {} ; flags dynamic,timeout ; timeout {timeout}s ;", self.f.addr_type()),
+                format!(
+                    "type {} ; flags dynamic,timeout ; timeout {timeout}s ;",
+                    self.f.addr_type()
+                ),
                 format!("{} flags timeout timeout {timeout}", self.f.addr_type()),
             );
             rules.push(Rule::new(format!("{a} saddr @{set} goto {ep_chain}")));
@@ -383,7 +442,9 @@ impl<'a> Writer<'a> {
                 rules.push(Rule::new(format!("goto {c}")));
             }
         }
-        self.t.chains.insert(chain.clone(), Chain { base: None, rules });
+        self.t
+            .chains
+            .insert(chain.clone(), Chain { base: None, rules });
         format!("goto {chain}")
     }
 
@@ -410,20 +471,58 @@ impl<'a> Writer<'a> {
             NodePortAddresses::Only(_) => format!("{a} daddr @nodeport-ips"),
         };
 
-        let mut base = |name: &str, kind: &'static str, hook: &'static str, priority: i32, rules: Vec<String>| {
+        let mut base = |name: &str,
+                        kind: &'static str,
+                        hook: &'static str,
+                        priority: i32,
+                        rules: Vec<String>| {
             self.t.chains.insert(
                 name.to_string(),
                 Chain {
-                    base: Some(BaseChain { kind, hook, priority }),
+                    base: Some(BaseChain {
+                        kind,
+                        hook,
+                        priority,
+                    }),
                     rules: rules.into_iter().map(Rule::new).collect(),
                 },
             );
         };
-        base("nat-prerouting", "nat", "prerouting", -100, vec!["jump services".into()]);
-        base("nat-output", "nat", "output", -100, vec!["jump services".into()]);
-        base("nat-postrouting", "nat", "postrouting", 100, vec!["jump masquerading".into()]);
-        base("filter-prerouting-pre-dnat", "filter", "prerouting", -110, vec!["ct state new jump firewall-check".into()]);
-        base("filter-output-pre-dnat", "filter", "output", -110, vec!["ct state new jump firewall-check".into()]);
+        base(
+            "nat-prerouting",
+            "nat",
+            "prerouting",
+            -100,
+            vec!["jump services".into()],
+        );
+        base(
+            "nat-output",
+            "nat",
+            "output",
+            -100,
+            vec!["jump services".into()],
+        );
+        base(
+            "nat-postrouting",
+            "nat",
+            "postrouting",
+            100,
+            vec!["jump masquerading".into()],
+        );
+        base(
+            "filter-prerouting-pre-dnat",
+            "filter",
+            "prerouting",
+            -110,
+            vec!["ct state new jump firewall-check".into()],
+        );
+        base(
+            "filter-output-pre-dnat",
+            "filter",
+            "output",
+            -110,
+            vec!["ct state new jump firewall-check".into()],
+        );
         base(
             "filter-input",
             "filter",
@@ -452,38 +551,53 @@ impl<'a> Writer<'a> {
             (_, true) => services.push(format!("{fe} @masq-internal jump mark-for-masquerade")),
             (Some(src), false) => {
                 let neg = src.replacen(" saddr ", " saddr != ", 1);
-                services.push(format!("{neg} {fe} @masq-internal jump mark-for-masquerade"));
+                services.push(format!(
+                    "{neg} {fe} @masq-internal jump mark-for-masquerade"
+                ));
             }
             (None, false) => {}
         }
         services.push(format!("{fe} @masq-external jump mark-for-masquerade"));
-        services.push(format!("fib saddr type local {fe} @masq-local-source jump mark-for-masquerade"));
+        services.push(format!(
+            "fib saddr type local {fe} @masq-local-source jump mark-for-masquerade"
+        ));
         if let Some(src) = &pod_src {
             services.push(format!("{src} {fe} vmap @service-ips-short-circuit"));
         }
-        services.push(format!("fib saddr type local {fe} vmap @service-ips-short-circuit"));
+        services.push(format!(
+            "fib saddr type local {fe} vmap @service-ips-short-circuit"
+        ));
         services.push(format!("{fe} vmap @service-ips"));
         services.push(format!("{np_match} jump nodeports"));
 
         let np = "meta l4proto . th dport";
         let mut nodeports = vec![
             format!("{np} @nodeport-masq jump mark-for-masquerade"),
-            format!("fib saddr type local {np} @nodeport-masq-local-source jump mark-for-masquerade"),
+            format!(
+                "fib saddr type local {np} @nodeport-masq-local-source jump mark-for-masquerade"
+            ),
         ];
         if let Some(src) = &pod_src {
             nodeports.push(format!("{src} {np} vmap @nodeports-short-circuit"));
         }
-        nodeports.push(format!("fib saddr type local {np} vmap @nodeports-short-circuit"));
+        nodeports.push(format!(
+            "fib saddr type local {np} vmap @nodeports-short-circuit"
+        ));
         nodeports.push(format!("{np} vmap @service-nodeports"));
 
         let regular: Vec<(&str, Vec<String>)> = vec![
             ("services", services),
             ("nodeports", nodeports),
-            ("mark-for-masquerade", vec![format!("meta mark set meta mark | {mark:#010x}")]),
+            (
+                "mark-for-masquerade",
+                vec![format!("meta mark set meta mark | {mark:#010x}")],
+            ),
             (
                 "masquerading",
                 vec![
-                    format!("ct status dnat {a} saddr . {a} daddr @hairpin masquerade fully-random"),
+                    format!(
+                        "ct status dnat {a} saddr . {a} daddr @hairpin masquerade fully-random"
+                    ),
                     format!("meta mark & {mark:#010x} == 0x00000000 return"),
                     format!("meta mark set meta mark ^ {mark:#010x}"),
                     "masquerade fully-random".into(),
@@ -491,10 +605,18 @@ impl<'a> Writer<'a> {
             ),
             (
                 "firewall-check",
-                vec![format!("{fe} @firewall-ips {fe} . {a} saddr != @firewall-allow drop")],
+                vec![format!(
+                    "{fe} @firewall-ips {fe} . {a} saddr != @firewall-allow drop"
+                )],
             ),
-            ("service-endpoints-check", vec![format!("{fe} vmap @no-endpoint-services")]),
-            ("nodeport-endpoints-check", vec![format!("{np_match} {np} vmap @no-endpoint-nodeports")]),
+            (
+                "service-endpoints-check",
+                vec![format!("{fe} vmap @no-endpoint-services")],
+            ),
+            (
+                "nodeport-endpoints-check",
+                vec![format!("{np_match} {np} vmap @no-endpoint-nodeports")],
+            ),
             (
                 "cluster-ips-check",
                 vec![
@@ -507,7 +629,10 @@ impl<'a> Writer<'a> {
         for (name, rules) in regular {
             self.t.chains.insert(
                 name.to_string(),
-                Chain { base: None, rules: rules.into_iter().map(Rule::new).collect() },
+                Chain {
+                    base: None,
+                    rules: rules.into_iter().map(Rule::new).collect(),
+                },
             );
         }
 
@@ -517,7 +642,11 @@ impl<'a> Writer<'a> {
             } else {
                 (fe.clone(), "endpoints")
             };
-            let offset = if short { format!(" offset {SHORT_CIRCUIT_OFFSET}") } else { String::new() };
+            let offset = if short {
+                format!(" offset {SHORT_CIRCUIT_OFFSET}")
+            } else {
+                String::new()
+            };
             let rules = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
                 .iter()
                 .map(|p| {

@@ -1,0 +1,156 @@
+//! An in-memory nftables that applies typed plans the way the kernel applies a transaction:
+//! all of it or nothing, with errors for references to missing chains and sets, duplicate
+//! objects, and deleting what is still referenced.
+
+use std::collections::BTreeMap;
+
+use kproxy_contract::{CommandError, IpFamily};
+
+use crate::kernel::NftKernel;
+use crate::model::{Chain, Table};
+use crate::plan::NftPlan;
+
+/// The fake kernel.
+#[derive(Debug, Clone, Default)]
+pub struct FakeNft {
+    tables: BTreeMap<IpFamily, Table>,
+    /// Plans applied successfully.
+    pub applied: usize,
+    /// When set, the next apply fails with this message and changes nothing.
+    pub fail_next: Option<String>,
+}
+
+impl FakeNft {
+    /// An empty kernel.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A table, if present.
+    pub fn table(&self, family: IpFamily) -> Option<&Table> {
+        self.tables.get(&family)
+    }
+
+    fn err(msg: String) -> CommandError {
+        CommandError::Failed {
+            program: "fake-nft".into(),
+            status: "exit status: 1".into(),
+            stderr: msg,
+        }
+    }
+
+    fn apply_to(tables: &mut BTreeMap<IpFamily, Table>, plan: &NftPlan) -> Result<(), String> {
+        for (family, fp) in &plan.families {
+            if fp.delete_table {
+                tables.remove(family);
+                continue;
+            }
+            if fp.recreate {
+                tables.remove(family);
+            }
+            let t = tables.entry(*family).or_default();
+            for (name, set) in &fp.add_sets {
+                if t.sets.contains_key(name) {
+                    return Err(format!("set {name} exists"));
+                }
+                t.sets.insert(name.clone(), set.clone());
+            }
+            for (name, chain) in &fp.add_chains {
+                t.chains.entry(name.clone()).or_insert_with(|| Chain {
+                    base: chain.base.clone(),
+                    rules: vec![],
+                });
+            }
+            for (set, elems) in &fp.delete_elements {
+                let s = t.sets.get_mut(set).ok_or_else(|| format!("no set {set}"))?;
+                for (k, _) in elems {
+                    s.elements
+                        .remove(k)
+                        .ok_or_else(|| format!("{set}: no element {k}"))?;
+                }
+            }
+            for (name, chain, _) in &fp.write_chains {
+                let c = t
+                    .chains
+                    .get_mut(name)
+                    .ok_or_else(|| format!("no chain {name}"))?;
+                c.rules = chain.rules.clone();
+            }
+            for (set, elems) in &fp.add_elements {
+                let s = t.sets.get_mut(set).ok_or_else(|| format!("no set {set}"))?;
+                for (k, v) in elems {
+                    if s.elements.insert(k.clone(), v.clone()).is_some() {
+                        return Err(format!("{set}: element {k} exists"));
+                    }
+                }
+            }
+            for name in &fp.delete_chains {
+                t.chains
+                    .remove(name)
+                    .ok_or_else(|| format!("no chain {name}"))?;
+            }
+            for (name, _) in &fp.delete_sets {
+                t.sets
+                    .remove(name)
+                    .ok_or_else(|| format!("no set {name}"))?;
+            }
+            check_references(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every `goto`/`jump` target and `@set` a rule or element names must exist.
+fn check_references(t: &Table) -> Result<(), String> {
+    let check_word = |w: &str| -> Result<(), String> {
+        if let Some(set) = w.strip_prefix('@')
+            && !t.sets.contains_key(set)
+        {
+            return Err(format!("reference to missing set {set}"));
+        }
+        Ok(())
+    };
+    for (name, c) in &t.chains {
+        for r in &c.rules {
+            let words: Vec<&str> = r.text.split_whitespace().collect();
+            for pair in words.windows(2) {
+                if (pair[0] == "goto" || pair[0] == "jump") && !t.chains.contains_key(pair[1]) {
+                    return Err(format!(
+                        "chain {name}: {} to missing chain {}",
+                        pair[0], pair[1]
+                    ));
+                }
+            }
+            for w in words {
+                check_word(w)?;
+            }
+        }
+    }
+    for (set, s) in &t.sets {
+        for v in s.elements.values().flatten() {
+            if let Some(target) = v.strip_prefix("goto ").or_else(|| v.strip_prefix("jump "))
+                && !t.chains.contains_key(target)
+            {
+                return Err(format!("{set}: element points to missing chain {target}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl NftKernel for FakeNft {
+    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError> {
+        Ok(self.tables.get(&family).cloned())
+    }
+
+    fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+        if let Some(msg) = self.fail_next.take() {
+            return Err(Self::err(msg));
+        }
+        let mut copy = self.tables.clone();
+        Self::apply_to(&mut copy, plan).map_err(Self::err)?;
+        self.tables = copy;
+        self.applied += 1;
+        Ok(())
+    }
+}

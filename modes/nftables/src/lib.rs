@@ -1,0 +1,94 @@
+//! kproxy's nftables mode: one private table per family (`ip kproxy`, `ip6 kproxy`) whose
+//! chains are static and whose per-service data lives in a few named sets and maps, so the
+//! first-packet cost does not grow with the number of services and a change is a handful of
+//! element updates. The layout is described in this crate's README and in [`render`].
+
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
+pub mod kernel;
+pub mod live;
+pub mod model;
+pub mod plan;
+pub mod render;
+
+use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ProxyState};
+
+pub use kernel::{NftCli, NftKernel};
+pub use model::NftRuleset;
+pub use plan::NftPlan;
+
+/// The nftables data plane.
+#[derive(Debug)]
+pub struct NftablesMode<K: NftKernel = NftCli> {
+    kernel: K,
+    families: Vec<IpFamily>,
+}
+
+impl<K: NftKernel> NftablesMode<K> {
+    /// A mode programming `families` through `kernel`.
+    pub fn new(kernel: K, families: Vec<IpFamily>) -> Self {
+        Self { kernel, families }
+    }
+
+    /// The kernel seam (tests inspect the fake through it).
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+}
+
+impl<K: NftKernel> Mode for NftablesMode<K> {
+    type Rules = NftRuleset;
+    type Plan = NftPlan;
+
+    fn name(&self) -> ModeName {
+        ModeName::Nftables
+    }
+
+    fn render(&self, desired: &ProxyState) -> NftRuleset {
+        let mut rules = render::render(desired);
+        rules.families.retain(|f, _| self.families.contains(f));
+        rules
+    }
+
+    fn read_live(&mut self) -> Result<NftRuleset, ModeError> {
+        let mut out = NftRuleset::default();
+        for &family in &self.families {
+            let table = self
+                .kernel
+                .list(family)
+                .map_err(|cause| ModeError::ReadLive {
+                    mode: ModeName::Nftables,
+                    cause,
+                })?;
+            if let Some(t) = table {
+                out.families.insert(family, t);
+            }
+        }
+        Ok(out)
+    }
+
+    fn plan(&self, live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
+        plan::plan(live, desired)
+    }
+
+    fn apply(&mut self, plan: &NftPlan) -> Result<(), ModeError> {
+        if plan.families.is_empty() {
+            return Ok(());
+        }
+        self.kernel
+            .apply(plan)
+            .map_err(|cause| ModeError::Rejected {
+                mode: ModeName::Nftables,
+                cause,
+            })
+    }
+
+    fn cleanup(&mut self) -> Result<(), ModeError> {
+        let live = self.read_live()?;
+        let plan = self.plan(&live, &NftRuleset::default());
+        self.apply(&plan)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -8,4 +8,5 @@
 
 mod api_watch;
 mod iptables;
+mod nftables;
 mod support;

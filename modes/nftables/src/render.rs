@@ -326,7 +326,9 @@ impl<'a> Writer<'a> {
                     };
                     self.elem(masq, key.clone(), None);
                 }
-            } else if sp.internal_policy == TrafficPolicy::Cluster {
+            } else {
+                // Upstream heads whichever chain internal traffic uses (Cluster or Local) with
+                // the masquerade rule for sources outside the pod network.
                 self.elem("masq-internal", key.clone(), None);
             }
             // loadBalancerSourceRanges (LB IPs only, rule 13).

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use kproxy_contract::{IpFamily, Mode, ModeName};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
+use kproxy_nftables::{NftCli, NftablesMode};
 use tokio::sync::mpsc;
 
 use crate::config::{BackendChoice, Config, SourceConfig};
@@ -35,8 +36,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             );
             run_mode(mode, config).await
         }
+        ModeName::Nftables => {
+            let mode = NftablesMode::new(NftCli, vec![IpFamily::V4, IpFamily::V6]);
+            run_mode(mode, config).await
+        }
         other => anyhow::bail!(
-            "--proxy-mode {other} is not available in this build yet; use --proxy-mode iptables"
+            "--proxy-mode {other} is not available in this build yet; use iptables or nftables"
         ),
     }
 }
@@ -166,6 +171,12 @@ fn cleanup(config: &Config) -> anyhow::Result<()> {
                 )),
             }
         }
+    }
+    let mut nft = NftablesMode::new(NftCli, IpFamily::ALL.to_vec());
+    match nft.cleanup() {
+        Ok(()) => tracing::info!("nftables tables removed"),
+        Err(err) if is_missing_tool(&err) => tracing::debug!("nft not installed; nothing to clean"),
+        Err(err) => failures.push(format!("nftables: {}", format_chain(&err))),
     }
     if failures.is_empty() {
         Ok(())

@@ -199,6 +199,8 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         "nodePortAddresses",
     ) {
         Some((v, field)) => NodePortSetting::parse(&v, &field)?,
+        // Upstream's nftables mode serves NodePorts on the primary node IPs by default.
+        None if mode == ModeName::Nftables => NodePortSetting::Primary,
         None => NodePortSetting::AllLocal,
     };
 

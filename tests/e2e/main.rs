@@ -10,4 +10,5 @@ mod api_source;
 mod api_watch;
 mod iptables;
 mod iptables_behaviour;
+mod nftables;
 mod support;

@@ -1,0 +1,311 @@
+//! nftables mode through the real kernel: kproxy programs `ip kproxy` / `ip6 kproxy` in the node
+//! namespace, packets go from the client namespace through the node to echo servers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::support::kproxy::{KproxyProcess, wait_until};
+use crate::support::manifests::{Manifests, Port};
+use crate::support::require_root;
+use crate::support::topology::{NODE_IP, NODE_IP6, POD_V4, POD_V6, Topology, client_v4};
+use crate::support::traffic::{
+    TcpEcho, UdpEcho, assert_tcp_refused, tally, tcp_request, tcp_request_from, udp_request,
+};
+
+const SYNC: Duration = Duration::from_secs(10);
+const REQ: Duration = Duration::from_millis(500);
+const PROBE: Duration = Duration::from_millis(150);
+const ONE_SHOT: Duration = Duration::from_secs(20);
+const HTTP: Port = Port::tcp("http", 80, 8080);
+const DNS: Port = Port::udp("dns", 53, 5353);
+
+fn args(manifests: &Manifests, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--proxy-mode",
+        "nftables",
+        "--manifests",
+        &manifests.arg(),
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.244.0.0/16,fd00:244::/56",
+        "--service-cluster-ip-range",
+        "10.96.0.0/12,fd00:96::/112",
+        "--healthz-bind-address=",
+        "--metrics-bind-address=",
+        "--nftables-min-sync-period",
+        "100ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Fields drop in order: kproxy first, then servers, then namespaces.
+struct Scenario {
+    kproxy: Option<KproxyProcess>,
+    tcp: Vec<TcpEcho>,
+    udp: Vec<UdpEcho>,
+    manifests: Manifests,
+    topo: Topology,
+}
+
+impl Scenario {
+    fn new() -> Self {
+        let topo = Topology::new();
+        let manifests = Manifests::new();
+        manifests.node("node-a", &[NODE_IP, NODE_IP6]);
+        Self {
+            kproxy: None,
+            tcp: Vec::new(),
+            udp: Vec::new(),
+            manifests,
+            topo,
+        }
+    }
+
+    fn tcp_server(&mut self, ip: &str, port: u16, id: &str) {
+        self.tcp
+            .push(TcpEcho::start(&self.topo.endpoints, sock(ip, port), id));
+    }
+
+    fn udp_server(&mut self, ip: &str, port: u16, id: &str) {
+        self.udp
+            .push(UdpEcho::start(&self.topo.endpoints, sock(ip, port), id));
+    }
+
+    fn start(&mut self) {
+        let a = args(&self.manifests, &[]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        self.kproxy = Some(KproxyProcess::start(&self.topo.node, &refs));
+    }
+
+    fn kproxy(&mut self) -> &mut KproxyProcess {
+        self.kproxy.as_mut().expect("started")
+    }
+
+    fn nft(&self, args: &[&str]) -> String {
+        self.topo.node.run("nft", args)
+    }
+
+    fn wait_tcp(&mut self, vip: SocketAddr, want: &str) {
+        let ok = wait_until(SYNC, || {
+            tcp_request(&self.topo.client, vip, PROBE).is_ok_and(|id| id == want)
+        });
+        if !ok {
+            self.kproxy().assert_running();
+            panic!(
+                "{vip} never answered {want:?}\n{}",
+                self.topo.node.exec("nft", &["list", "ruleset"]).status
+            );
+        }
+    }
+
+    fn dry_run(&self) -> (String, String) {
+        let a = args(&self.manifests, &["--once", "--dry-run"]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (p, status) = KproxyProcess::run(&self.topo.node, &refs, ONE_SHOT);
+        assert!(status.success(), "dry run failed: {}", p.stderr());
+        (p.stdout(), p.stderr())
+    }
+}
+
+fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("ip"), port)
+}
+
+#[test]
+fn nft_clusterip_tcp_udp_and_ipv6_reach_every_endpoint() {
+    if !require_root("nft_clusterip_tcp_udp_and_ipv6_reach_every_endpoint") {
+        return;
+    }
+    let mut s = Scenario::new();
+    for (i, id) in [(0, "ep1"), (1, "ep2")] {
+        s.tcp_server(POD_V4[i], 8080, id);
+        s.udp_server(POD_V4[i], 5353, id);
+        s.tcp_server(POD_V6[i], 8080, &format!("v6-{id}"));
+    }
+    s.manifests
+        .service("web", &["10.96.0.10", "fd00:96::10"], &[HTTP, DNS]);
+    s.manifests
+        .endpoint_slice("web", "web-v4", &[POD_V4[0], POD_V4[1]], &[HTTP, DNS]);
+    s.manifests
+        .endpoint_slice("web", "web-v6", &[POD_V6[0], POD_V6[1]], &[HTTP, DNS]);
+    s.start();
+
+    let vip = sock("10.96.0.10", 80);
+    s.wait_tcp(vip, "ep1");
+    let seen = tally(40, || tcp_request(&s.topo.client, vip, REQ));
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep1", "ep2"], "{seen:?}");
+    assert!(seen.values().all(|n| *n >= 5), "{seen:?}");
+
+    let dns = sock("10.96.0.10", 53);
+    let seen = tally(40, || udp_request(&s.topo.client, dns, REQ));
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep1", "ep2"], "{seen:?}");
+
+    let vip6 = sock("fd00:96::10", 80);
+    let seen = tally(40, || tcp_request(&s.topo.client, vip6, REQ));
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["v6-ep1", "v6-ep2"],
+        "{seen:?}"
+    );
+    s.kproxy().assert_running();
+}
+
+/// No endpoints: REJECT. A live ClusterIP on a port no service uses: REJECT. An unallocated
+/// address inside the service CIDR: DROP (upstream's nftables-only refinements).
+#[test]
+fn nft_reject_and_drop_rules() {
+    if !require_root("nft_reject_and_drop_rules") {
+        return;
+    }
+    let mut s = Scenario::new();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.manifests.service("web", &["10.96.0.10"], &[HTTP]);
+    s.manifests
+        .endpoint_slice("web", "web-v4", &[POD_V4[0]], &[HTTP]);
+    s.manifests.service("empty", &["10.96.0.20"], &[HTTP]);
+    s.start();
+    s.wait_tcp(sock("10.96.0.10", 80), "ep1");
+
+    assert_tcp_refused(
+        &s.topo.client,
+        Some(client_v4(1)),
+        sock("10.96.0.20", 80),
+        Duration::from_millis(300),
+    );
+    assert_tcp_refused(
+        &s.topo.client,
+        Some(client_v4(2)),
+        sock("10.96.0.10", 81),
+        Duration::from_millis(300),
+    );
+    let r = tcp_request_from(
+        &s.topo.client,
+        Some(client_v4(3)),
+        sock("10.96.0.99", 80),
+        Duration::from_millis(400),
+    );
+    let err = r.expect_err("an unallocated service address must not answer");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped, not refused: {err}"
+    );
+    s.kproxy().assert_running();
+}
+
+/// Endpoint changes arrive as element updates; a removed service stops answering.
+#[test]
+fn nft_live_updates() {
+    if !require_root("nft_live_updates") {
+        return;
+    }
+    let mut s = Scenario::new();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.tcp_server(POD_V4[2], 8080, "ep3");
+    s.manifests.service("web", &["10.96.0.10"], &[HTTP]);
+    s.manifests
+        .endpoint_slice("web", "web-v4", &[POD_V4[0]], &[HTTP]);
+    s.start();
+    let vip = sock("10.96.0.10", 80);
+    s.wait_tcp(vip, "ep1");
+
+    s.manifests
+        .endpoint_slice("web", "web-v4", &[POD_V4[2]], &[HTTP]);
+    s.wait_tcp(vip, "ep3");
+    let seen = tally(10, || tcp_request(&s.topo.client, vip, REQ));
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep3"], "{seen:?}");
+
+    s.manifests.remove("svc-web");
+    s.manifests.remove("eps-web-v4");
+    let gone = wait_until(SYNC, || {
+        !s.nft(&["list", "map", "ip", "kproxy", "service-ips"])
+            .contains("10.96.0.10")
+    });
+    assert!(gone, "service-ips still holds the removed service");
+    assert!(tcp_request_from(&s.topo.client, Some(client_v4(4)), vip, PROBE).is_err());
+    s.kproxy().assert_running();
+}
+
+/// After the first sync a dry run against the live kernel finds nothing to change (every
+/// element and rule survives `nft -j list` exactly), and an element removed behind kproxy's back
+/// shows up in the next diff.
+#[test]
+fn nft_live_state_round_trips() {
+    if !require_root("nft_live_state_round_trips") {
+        return;
+    }
+    let mut s = Scenario::new();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.manifests
+        .service("web", &["10.96.0.10", "fd00:96::10"], &[HTTP, DNS]);
+    s.manifests
+        .endpoint_slice("web", "web-v4", &[POD_V4[0], POD_V4[1]], &[HTTP, DNS]);
+    s.manifests
+        .endpoint_slice("web", "web-v6", &[POD_V6[0]], &[HTTP, DNS]);
+    s.manifests.service("empty", &["10.96.0.20"], &[HTTP]);
+    s.start();
+    s.wait_tcp(sock("10.96.0.10", 80), "ep1");
+
+    let (out, err) = s.dry_run();
+    assert!(
+        out.contains("# no changes"),
+        "dry run wants changes:\n{out}\n{err}"
+    );
+
+    s.nft(&[
+        "delete",
+        "element",
+        "ip",
+        "kproxy",
+        "cluster-ips",
+        "{ 10.96.0.20 }",
+    ]);
+    let (out, _) = s.dry_run();
+    assert!(
+        out.contains("add element ip kproxy cluster-ips { 10.96.0.20 }"),
+        "{out}"
+    );
+    s.kproxy().assert_running();
+}
+
+/// `--cleanup` deletes kproxy's tables and nothing else.
+#[test]
+fn nft_cleanup_leaves_foreign_tables() {
+    if !require_root("nft_cleanup_leaves_foreign_tables") {
+        return;
+    }
+    let mut s = Scenario::new();
+    s.nft(&["add", "table", "inet", "firewall"]);
+    s.nft(&[
+        "add",
+        "chain",
+        "inet",
+        "firewall",
+        "input",
+        "{ type filter hook input priority 0 ; policy accept ; }",
+    ]);
+    s.nft(&[
+        "add", "rule", "inet", "firewall", "input", "tcp", "dport", "22", "accept",
+    ]);
+    let before = s.nft(&["list", "table", "inet", "firewall"]);
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.manifests.service("web", &["10.96.0.10"], &[HTTP]);
+    s.manifests
+        .endpoint_slice("web", "web-v4", &[POD_V4[0]], &[HTTP]);
+    s.start();
+    s.wait_tcp(sock("10.96.0.10", 80), "ep1");
+    drop(s.kproxy.take());
+
+    let a = args(&s.manifests, &["--cleanup"]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let (p, status) = KproxyProcess::run(&s.topo.node, &refs, ONE_SHOT);
+    assert!(status.success(), "cleanup failed: {}", p.stderr());
+    let tables = s.nft(&["list", "tables"]);
+    assert!(!tables.contains("kproxy"), "{tables}");
+    assert_eq!(s.nft(&["list", "table", "inet", "firewall"]), before);
+}

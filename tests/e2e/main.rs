@@ -6,7 +6,9 @@
     reason = "test binary: support items are pub for the test modules"
 )]
 
+mod api_source;
 mod api_watch;
 mod iptables;
+mod iptables_behaviour;
 mod nftables;
 mod support;

@@ -218,16 +218,24 @@ impl FamilyWriter<'_> {
             }
         }
 
+        // External destinations jump to the EXT chain whenever the service has endpoints at
+        // all, even when the external policy has none: the EXT chain short-circuits pod and
+        // node traffic to the Cluster endpoints (rule 7). What falls through it is not DNATed
+        // and meets the filter DROP/REJECT rules below, written when the policy has no
+        // endpoints.
+
         // --- externalIPs ---
         for ip in &sp.external_ips {
             let base = RuleBuilder::new().dst(host(*ip)).proto(proto);
-            if has_external {
+            if uses_ext_chain {
                 let r = base
+                    .clone()
                     .comment(&format!("{name} external IP"))
                     .dport(proto, sp.port)
                     .jump(&ext_chain);
                 self.nat_dispatch.push((*ip, r));
-            } else {
+            }
+            if !has_external {
                 let r = base
                     .comment(&format!("{name} {external_why}"))
                     .dport(proto, sp.port)
@@ -239,21 +247,23 @@ impl FamilyWriter<'_> {
         // --- LoadBalancer IPs ---
         for ip in &sp.load_balancer_ips {
             let base = RuleBuilder::new().dst(host(*ip)).proto(proto);
-            if has_external {
+            if uses_ext_chain {
                 let r = base
                     .clone()
                     .comment(&format!("{name} loadbalancer IP"))
                     .dport(proto, sp.port)
                     .jump(lb_chain);
                 self.nat_dispatch.push((*ip, r));
-                if uses_fw_chain {
-                    let r = base
-                        .comment(&format!("{name} traffic not accepted by {fw_chain}"))
-                        .dport(proto, sp.port)
-                        .jump("DROP");
-                    self.chain(Table::Filter, PROXY_FIREWALL).push(r);
-                }
-            } else {
+            }
+            if uses_fw_chain {
+                let r = base
+                    .clone()
+                    .comment(&format!("{name} traffic not accepted by {fw_chain}"))
+                    .dport(proto, sp.port)
+                    .jump("DROP");
+                self.chain(Table::Filter, PROXY_FIREWALL).push(r);
+            }
+            if !has_external {
                 let r = base
                     .comment(&format!("{name} {external_why}"))
                     .dport(proto, sp.port)
@@ -264,14 +274,15 @@ impl FamilyWriter<'_> {
 
         // --- NodePort ---
         if let Some(np) = sp.node_port {
-            if has_external {
+            if uses_ext_chain {
                 let r = RuleBuilder::new()
                     .proto(proto)
                     .comment(&name)
                     .dport(proto, np)
                     .jump(&ext_chain);
                 self.chain(Table::Nat, NODEPORTS).push(r);
-            } else {
+            }
+            if !has_external {
                 let r = RuleBuilder::new()
                     .proto(proto)
                     .comment(&format!("{name} {external_why}"))
@@ -291,34 +302,40 @@ impl FamilyWriter<'_> {
         }
 
         // --- per-service chains ---
-        if uses_cluster_chain {
-            let mut rules = Vec::new();
-            if let Some(cip) = sp.cluster_ip {
-                let masq = RuleBuilder::new().dst(host(cip)).proto(proto);
-                let cidrs: Vec<_> = self.node.cluster_cidrs(family).collect();
-                if self.node.masquerade_all {
-                    rules.push(
-                        masq.comment(&format!("{name} cluster IP"))
-                            .dport(proto, sp.port)
-                            .jump(MARK_MASQ),
-                    );
-                } else if let Some(cidr) = cidrs.first() {
-                    // Traffic from outside the pod network is masqueraded so replies come back
-                    // through this node.
-                    rules.push(
-                        masq.not_src(net(cidr))
-                            .comment(&format!("{name} cluster IP"))
-                            .dport(proto, sp.port)
-                            .jump(MARK_MASQ),
-                    );
-                }
+        // ClusterIP masquerading heads the internal policy chain (SVC or SVL, as upstream's
+        // internalTrafficChain): it applies whichever endpoints internal traffic may use.
+        let mut internal_masq = Vec::new();
+        if has_internal && let Some(cip) = sp.cluster_ip {
+            let masq = RuleBuilder::new().dst(host(cip)).proto(proto);
+            if self.node.masquerade_all {
+                internal_masq.push(
+                    masq.comment(&format!("{name} cluster IP"))
+                        .dport(proto, sp.port)
+                        .jump(MARK_MASQ),
+                );
+            } else if let Some(cidr) = self.node.cluster_cidrs(family).next() {
+                // Traffic from outside the pod network is masqueraded so replies come back
+                // through this node.
+                internal_masq.push(
+                    masq.not_src(net(cidr))
+                        .comment(&format!("{name} cluster IP"))
+                        .dport(proto, sp.port)
+                        .jump(MARK_MASQ),
+                );
             }
+        }
+        let (mut svc_rules, mut svl_rules) = match sp.internal_policy {
+            TrafficPolicy::Cluster => (internal_masq, Vec::new()),
+            TrafficPolicy::Local => (Vec::new(), internal_masq),
+        };
+        if uses_cluster_chain {
+            let mut rules = std::mem::take(&mut svc_rules);
             self.endpoint_rules(sp, &svc_chain, cluster_eps, &mut rules);
             *self.chain(Table::Nat, &svc_chain) = rules;
             self.owned_by(&svc_chain, sp);
         }
         if uses_local_chain {
-            let mut rules = Vec::new();
+            let mut rules = std::mem::take(&mut svl_rules);
             self.endpoint_rules(sp, &svl_chain, local_eps, &mut rules);
             *self.chain(Table::Nat, &svl_chain) = rules;
             self.owned_by(&svl_chain, sp);

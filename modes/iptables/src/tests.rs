@@ -278,3 +278,66 @@ fn dry_run_text_groups_by_service() {
         "{text}"
     );
 }
+
+/// Upstream writes the ClusterIP masquerade rule into the internal policy chain: with
+/// internalTrafficPolicy Local that is the SVL chain, so off-cluster clients of a ClusterIP are
+/// masqueraded whichever policy applies.
+#[test]
+fn clusterip_masquerade_heads_the_internal_policy_chain() {
+    let mut svc = service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", true), ep("10.244.1.2", false)],
+    );
+    svc.internal_policy = TrafficPolicy::Local;
+    let r = mode().render(&state(vec![svc]));
+    let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
+    let svl = &nat.chains[&names::service_local_chain(&spn("a"))];
+    assert!(
+        svl[0].starts_with("! -s 10.244.0.0/16 -d 10.96.0.10/32") && svl[0].contains("MARK-MASQ"),
+        "{svl:#?}"
+    );
+    assert!(
+        !nat.chains.contains_key(&names::service_chain(&spn("a"))),
+        "ClusterIP only, Local policy: no SVC chain"
+    );
+}
+
+/// ETP=Local without local endpoints: the NodePort and externalIP still jump to the EXT chain
+/// (which short-circuits pod and node traffic to the cluster endpoints), and what falls
+/// through is dropped by the filter rules.
+#[test]
+fn etp_local_without_local_endpoints_keeps_the_ext_chain_reachable() {
+    let mut svc = service("a", "10.96.0.10", vec![ep("10.244.1.2", false)]);
+    svc.external_policy = TrafficPolicy::Local;
+    svc.node_port = Some(30080);
+    svc.external_ips = vec!["192.0.2.7".parse().unwrap()];
+    let r = mode().render(&state(vec![svc]));
+    let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
+    let ext = names::external_chain(&spn("a"));
+    let jumps_to_ext: Vec<&String> = nat
+        .chains
+        .values()
+        .flatten()
+        .filter(|r| r.ends_with(&format!("-j {ext}")))
+        .collect();
+    assert_eq!(
+        jumps_to_ext.len(),
+        2,
+        "NodePort and externalIP: {jumps_to_ext:#?}"
+    );
+    let ext_rules = &nat.chains[&ext];
+    assert!(
+        ext_rules[0].starts_with("-s 10.244.0.0/16")
+            && ext_rules[0].ends_with(&format!("-j {}", names::service_chain(&spn("a")))),
+        "{ext_rules:#?}"
+    );
+    let filter = r.table(IpFamily::V4, Table::Filter).unwrap();
+    let drops = filter
+        .chains
+        .values()
+        .flatten()
+        .filter(|r| r.contains("has no local endpoints") && r.ends_with("-j DROP"))
+        .count();
+    assert_eq!(drops, 2, "{filter:#?}");
+}

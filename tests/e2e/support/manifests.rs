@@ -22,6 +22,8 @@ pub(crate) struct Port {
     pub(crate) port: u16,
     /// The endpoints' port.
     pub(crate) target: u16,
+    /// The NodePort (NodePort and LoadBalancer Services).
+    pub(crate) node_port: Option<u16>,
 }
 
 impl Port {
@@ -32,6 +34,15 @@ impl Port {
             protocol: "TCP",
             port,
             target,
+            node_port: None,
+        }
+    }
+
+    /// The same port with a NodePort.
+    pub(crate) const fn with_node_port(self, node_port: u16) -> Port {
+        Port {
+            node_port: Some(node_port),
+            ..self
         }
     }
 
@@ -42,6 +53,7 @@ impl Port {
             protocol: "UDP",
             port,
             target,
+            node_port: None,
         }
     }
 }
@@ -80,9 +92,25 @@ impl Manifests {
         std::fs::rename(&tmp, self.path().join(format!("{file}.yaml"))).expect("rename manifest");
     }
 
-    /// Deletes `FILE.yaml`.
+    /// Deletes `FILE.yaml` (or `FILE.json`, written by [`Manifests::object`]).
     pub(crate) fn remove(&self, file: &str) {
-        std::fs::remove_file(self.path().join(format!("{file}.yaml"))).expect("remove manifest");
+        let yaml = self.path().join(format!("{file}.yaml"));
+        let path = if yaml.exists() {
+            yaml
+        } else {
+            self.path().join(format!("{file}.json"))
+        };
+        std::fs::remove_file(path).expect("remove manifest");
+    }
+
+    /// Writes an object (see [`super::objects`]) atomically as `FILE.json`, where FILE is
+    /// [`object_file`] of it.
+    pub(crate) fn object(&self, object: &serde_json::Value) {
+        let file = object_file(object);
+        let tmp = self.path().join(format!(".{file}.tmp"));
+        let text = serde_json::to_string_pretty(object).expect("serialize manifest");
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, self.path().join(format!("{file}.json"))).expect("rename manifest");
     }
 
     /// Writes the Node `name` with InternalIP(s) `ips` as `node-NAME.yaml`.
@@ -110,6 +138,19 @@ impl Manifests {
             &endpoint_slice(service, slice, addrs, ports),
         );
     }
+}
+
+/// The file an object is written to: `svc-NAME`, `eps-NAME` or `node-NAME`, as the YAML
+/// writers name theirs.
+pub(crate) fn object_file(object: &serde_json::Value) -> String {
+    let name = object["metadata"]["name"].as_str().expect("metadata.name");
+    let prefix = match object["kind"].as_str().expect("kind") {
+        "Service" => "svc",
+        "EndpointSlice" => "eps",
+        "Node" => "node",
+        other => panic!("no manifest file name for kind {other}"),
+    };
+    format!("{prefix}-{name}")
 }
 
 fn family_of(ip: &str) -> &'static str {

@@ -8,6 +8,8 @@ pub mod fake_apiserver;
 pub(crate) mod kproxy;
 pub(crate) mod manifests;
 pub(crate) mod netns;
+pub(crate) mod objects;
+pub(crate) mod scenario;
 pub(crate) mod topology;
 pub(crate) mod traffic;
 

@@ -46,6 +46,10 @@ pub(crate) struct Topology {
     pub(crate) node: Netns,
     /// Holds the pod IPs; echo servers listen here.
     pub(crate) endpoints: Netns,
+    /// The client's interface towards the node (for extra client addresses).
+    pub(crate) client_dev: String,
+    /// The node's interface towards the client.
+    pub(crate) node_uplink_dev: String,
 }
 
 impl Topology {
@@ -107,7 +111,7 @@ impl Topology {
         node.route("fd00:244::/56", "fd00:2::2");
         endpoints.route("default", "10.0.2.1");
         endpoints.route("default", "fd00:2::1");
-        for link in [uplink, downlink, upstream] {
+        for link in [&uplink, &downlink, &upstream] {
             link.wait_up();
         }
 
@@ -115,6 +119,8 @@ impl Topology {
             client,
             node,
             endpoints,
+            client_dev: uplink.a_dev.clone(),
+            node_uplink_dev: uplink.b_dev.clone(),
         }
     }
 }

@@ -32,6 +32,16 @@ pub(crate) struct TcpEcho {
 impl TcpEcho {
     /// Listens on `addr` inside `ns`.
     pub(crate) fn start(ns: &Netns, addr: SocketAddr, identity: &str) -> TcpEcho {
+        TcpEcho::start_inner(ns, addr, identity, false)
+    }
+
+    /// Like [`TcpEcho::start`], but answers `IDENTITY from PEER-IP`: the source address the
+    /// connection arrived with (see [`split_peer`]).
+    pub(crate) fn start_reporting_peer(ns: &Netns, addr: SocketAddr, identity: &str) -> TcpEcho {
+        TcpEcho::start_inner(ns, addr, identity, true)
+    }
+
+    fn start_inner(ns: &Netns, addr: SocketAddr, identity: &str, report_peer: bool) -> TcpEcho {
         let listener = ns
             .in_ns(move || TcpListener::bind(addr))
             .unwrap_or_else(|e| panic!("bind tcp {addr} in {}: {e}", ns.name()));
@@ -46,9 +56,14 @@ impl TcpEcho {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     match listener.accept() {
-                        Ok((mut conn, _)) => {
+                        Ok((mut conn, peer)) => {
                             let _ = conn.set_nonblocking(false);
-                            let _ = conn.write_all(identity.as_bytes());
+                            let answer = if report_peer {
+                                format!("{identity} from {}", peer.ip())
+                            } else {
+                                identity.clone()
+                            };
+                            let _ = conn.write_all(answer.as_bytes());
                             let _ = conn.shutdown(Shutdown::Write);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -130,6 +145,13 @@ impl Drop for UdpEcho {
             let _ = t.join();
         }
     }
+}
+
+/// Splits a [`TcpEcho::start_reporting_peer`] answer into (identity, peer address).
+pub(crate) fn split_peer(answer: &str) -> (&str, &str) {
+    answer
+        .split_once(" from ")
+        .unwrap_or_else(|| panic!("not an identity-and-peer answer: {answer:?}"))
 }
 
 fn socket_for(

@@ -1,0 +1,293 @@
+//! One iptables-mode scenario: the [`Topology`], a source of objects (a manifests directory or
+//! the fake API server listening inside the node namespace), echo servers in the endpoints
+//! namespace, and kproxy in the node namespace. Fields drop in order: kproxy first, then the
+//! servers, the source, and the namespaces last.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::fake_apiserver::FakeApiServer;
+use super::kproxy::{KproxyProcess, wait_until};
+use super::manifests::{Manifests, object_file};
+use super::objects;
+use super::topology::{NODE_IP, NODE_IP6, Topology};
+use super::traffic::{TcpEcho, UdpEcho};
+
+/// The first sync (and every later convergence) must land within this.
+pub(crate) const SYNC: Duration = Duration::from_secs(10);
+/// A per-request timeout: everything is local, so a working path answers in microseconds.
+pub(crate) const REQ: Duration = Duration::from_millis(500);
+/// The per-request timeout while waiting for rules to appear: a SYN sent before the DNAT rule
+/// exists is black-holed, and the next probe should follow soon.
+pub(crate) const PROBE: Duration = Duration::from_millis(150);
+/// How long a connection that is dropped is given before it counts as dropped.
+pub(crate) const DROPPED: Duration = Duration::from_millis(700);
+
+/// The node's name (the kproxy node).
+pub(crate) const NODE: &str = "node-a";
+/// Another node's name (endpoints there are not local).
+pub(crate) const OTHER_NODE: &str = "node-b";
+
+/// Where kproxy reads Services, EndpointSlices and the Node from.
+pub(crate) enum Source {
+    /// `--manifests DIR`.
+    Manifests(Manifests),
+    /// `--master http://127.0.0.1:PORT`, the fake API server listening inside the node namespace.
+    Api(FakeApiServer),
+}
+
+impl Source {
+    /// Creates or replaces an object (see [`objects`]).
+    pub(crate) fn apply(&self, object: &Value) {
+        match self {
+            Source::Manifests(m) => m.object(object),
+            Source::Api(api) => {
+                api.apply(object.clone());
+            }
+        }
+    }
+
+    /// Deletes an object of `kind` (`Service`, `EndpointSlice`, `Node`) named `name`.
+    pub(crate) fn delete(&self, kind: &str, name: &str) {
+        match self {
+            Source::Manifests(m) => m.remove(&object_file(&serde_json::json!({
+                "kind": kind,
+                "metadata": {"name": name},
+            }))),
+            Source::Api(api) => {
+                api.delete(kind, super::manifests::NAMESPACE, name)
+                    .unwrap_or_else(|| panic!("no {kind} {name} to delete"));
+            }
+        }
+    }
+
+    /// The fake API server (panics for a manifests source).
+    pub(crate) fn api(&self) -> &FakeApiServer {
+        match self {
+            Source::Api(api) => api,
+            Source::Manifests(_) => panic!("this scenario reads manifests, not the API"),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            Source::Manifests(m) => vec!["--manifests".into(), m.arg()],
+            Source::Api(api) => vec!["--master".into(), api.url()],
+        }
+    }
+}
+
+/// One scenario. See the module documentation.
+pub(crate) struct Scenario {
+    pub(crate) kproxy: Option<KproxyProcess>,
+    tcp: Vec<TcpEcho>,
+    udp: BTreeMap<String, UdpEcho>,
+    pub(crate) source: Source,
+    pub(crate) topo: Topology,
+}
+
+impl Scenario {
+    /// The topology and a manifests directory holding the Node `node-a`.
+    pub(crate) fn with_manifests() -> Scenario {
+        let topo = Topology::new();
+        Scenario::finish(Source::Manifests(Manifests::new()), topo)
+    }
+
+    /// The topology and the fake API server, listening on 127.0.0.1 inside the node namespace,
+    /// holding the Node `node-a`.
+    pub(crate) fn with_api() -> Scenario {
+        let topo = Topology::new();
+        let listener = topo
+            .node
+            .in_ns(|| std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the fake API server inside the node namespace");
+        Scenario::finish(Source::Api(FakeApiServer::start_on(listener)), topo)
+    }
+
+    fn finish(source: Source, topo: Topology) -> Scenario {
+        source.apply(&objects::node(NODE, &[NODE_IP, NODE_IP6], None));
+        Scenario {
+            kproxy: None,
+            tcp: Vec::new(),
+            udp: BTreeMap::new(),
+            source,
+            topo,
+        }
+    }
+
+    /// Creates or replaces an object.
+    pub(crate) fn apply(&self, object: &Value) {
+        self.source.apply(object);
+    }
+
+    /// A TCP echo server on `ip:port` in the endpoints namespace answering `identity`.
+    pub(crate) fn tcp_server(&mut self, ip: &str, port: u16, identity: &str) {
+        let addr = SocketAddr::new(ip.parse().expect("pod ip"), port);
+        self.tcp
+            .push(TcpEcho::start(&self.topo.endpoints, addr, identity));
+    }
+
+    /// A TCP echo server answering `IDENTITY from PEER-IP`.
+    pub(crate) fn tcp_server_reporting_peer(&mut self, ip: &str, port: u16, identity: &str) {
+        let addr = SocketAddr::new(ip.parse().expect("pod ip"), port);
+        self.tcp.push(TcpEcho::start_reporting_peer(
+            &self.topo.endpoints,
+            addr,
+            identity,
+        ));
+    }
+
+    /// A UDP echo server on `ip:port` in the endpoints namespace answering `identity`.
+    pub(crate) fn udp_server(&mut self, ip: &str, port: u16, identity: &str) {
+        let addr = SocketAddr::new(ip.parse().expect("pod ip"), port);
+        let server = UdpEcho::start(&self.topo.endpoints, addr, identity);
+        self.udp.insert(identity.to_string(), server);
+    }
+
+    /// Stops the UDP echo server `identity` (its pod is gone).
+    pub(crate) fn stop_udp_server(&mut self, identity: &str) {
+        self.udp
+            .remove(identity)
+            .expect("a UDP server by that name");
+    }
+
+    /// Starts kproxy (iptables mode, nft backend) in the node namespace with the standard flags
+    /// plus `extra`.
+    pub(crate) fn start_kproxy(&mut self, extra: &[&str]) {
+        let mut args = self.source.args();
+        args.extend(
+            [
+                "--hostname-override",
+                NODE,
+                "--cluster-cidr",
+                "10.244.0.0/16,fd00:244::/56",
+                "--service-cluster-ip-range",
+                "10.96.0.0/12,fd00:96::/112",
+                "--healthz-bind-address=",
+                "--metrics-bind-address=",
+                "--iptables-min-sync-period",
+                "100ms",
+                "--iptables-backend",
+                "nft",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.kproxy = Some(KproxyProcess::start(&self.topo.node, &refs));
+    }
+
+    /// The running kproxy.
+    pub(crate) fn kproxy(&mut self) -> &mut KproxyProcess {
+        self.kproxy.as_mut().expect("kproxy started")
+    }
+
+    /// `iptables-nft-save` (or `ip6tables-nft-save`) in the node namespace.
+    pub(crate) fn save(&self, v6: bool) -> String {
+        let tool = if v6 {
+            "ip6tables-nft-save"
+        } else {
+            "iptables-nft-save"
+        };
+        self.topo.node.run(tool, &[])
+    }
+
+    /// Waits until `request` returns `want`, failing the test (with kproxy's logs) after `SYNC`.
+    pub(crate) fn wait_for(
+        &mut self,
+        what: &str,
+        mut request: impl FnMut(&Topology) -> io::Result<String>,
+        want: &str,
+    ) {
+        self.wait_for_result(what, |t| request(t), |r| matches!(r, Ok(id) if id == want));
+    }
+
+    /// Waits until `request`'s result satisfies `accept`, failing the test (with kproxy's logs)
+    /// after `SYNC`.
+    pub(crate) fn wait_for_result(
+        &mut self,
+        what: &str,
+        mut request: impl FnMut(&Topology) -> io::Result<String>,
+        accept: impl Fn(&io::Result<String>) -> bool,
+    ) {
+        self.wait_for_result_within(SYNC, what, &mut request, accept);
+    }
+
+    /// [`Scenario::wait_for_result`] with a chosen bound.
+    pub(crate) fn wait_for_result_within(
+        &mut self,
+        within: Duration,
+        what: &str,
+        mut request: impl FnMut(&Topology) -> io::Result<String>,
+        accept: impl Fn(&io::Result<String>) -> bool,
+    ) {
+        let start = Instant::now();
+        let mut last = None;
+        let ok = wait_until(within, || {
+            let r = request(&self.topo);
+            let hit = accept(&r);
+            last = Some(r);
+            hit
+        });
+        if !ok {
+            self.kproxy().assert_running();
+            panic!("{what}: no acceptable answer within {within:?}; last result {last:?}");
+        }
+        eprintln!("{what}: answered after {:?}", start.elapsed());
+    }
+
+    /// Waits until the rules of one family satisfy `pred` (polling the rules spends no ICMP
+    /// budget, unlike probing a rejecting service).
+    pub(crate) fn wait_rules(&mut self, what: &str, v6: bool, pred: impl Fn(&str) -> bool) {
+        let ok = wait_until(SYNC, || pred(&self.save(v6)));
+        if !ok {
+            self.kproxy().assert_running();
+            panic!(
+                "{what}: rules never matched within {SYNC:?}:\n{}",
+                self.save(v6)
+            );
+        }
+    }
+}
+
+/// `ip:port`.
+pub(crate) fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("ip"), port)
+}
+
+/// An address literal.
+pub(crate) fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+/// Asserts `seen` holds exactly `identities`, each at least `min` times, and nothing else.
+pub(crate) fn assert_spread(seen: &BTreeMap<String, usize>, identities: &[&str], min: usize) {
+    let keys: Vec<&str> = seen.keys().map(String::as_str).collect();
+    let mut want = identities.to_vec();
+    want.sort_unstable();
+    assert_eq!(keys, want, "responses: {seen:?}");
+    for id in identities {
+        assert!(
+            seen[*id] >= min,
+            "{id} answered fewer than {min} times: {seen:?}"
+        );
+    }
+}
+
+/// Asserts a request timed out (the packets were dropped or black-holed): not refused, not
+/// answered.
+pub(crate) fn assert_timed_out(what: &str, result: &io::Result<String>) {
+    match result {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ) => {}
+        other => panic!("{what}: expected a timeout (dropped), got {other:?}"),
+    }
+}

@@ -19,6 +19,7 @@ use crate::cache::{ClusterCache, Touched};
 use crate::config::Config;
 use crate::desired_state::{self, BuildContext};
 use crate::health::Health;
+use crate::metrics::{Metrics, SyncObservation};
 use crate::node;
 use crate::source::Update;
 
@@ -76,6 +77,8 @@ pub struct SyncLoop<M: Mode> {
     out: Box<dyn std::io::Write + Send>,
     /// What /healthz reports.
     health: Health,
+    /// What /metrics reports.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<M: Mode> SyncLoop<M> {
@@ -91,8 +94,15 @@ impl<M: Mode> SyncLoop<M> {
             pending: Touched::default(),
             out: Box::new(std::io::stdout()),
             health: Health::new(options.sync_period),
+            metrics: None,
             options,
         }
+    }
+
+    /// Reports to these metrics (shared with the HTTP server).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reports to this health state (shared with the HTTP server).
@@ -141,7 +151,11 @@ impl<M: Mode> SyncLoop<M> {
                     };
                     let touched = self.cache.apply(update);
                     if !touched.is_empty() {
-                        self.health.queued(std::time::SystemTime::now());
+                        let now = std::time::SystemTime::now();
+                        self.health.queued(now);
+                        if let Some(m) = &self.metrics {
+                            m.queued(now);
+                        }
                     }
                     self.pending.merge(touched);
                     if !self.cache.is_synced() {
@@ -175,6 +189,9 @@ impl<M: Mode> SyncLoop<M> {
                             }
                         }
                         Err(err) => {
+                            if let Some(m) = &self.metrics {
+                                m.failed();
+                            }
                             if self.options.once {
                                 return Err(anyhow::Error::new(err).context("the sync failed"));
                             }
@@ -268,6 +285,20 @@ impl<M: Mode> SyncLoop<M> {
             stats,
             duration: started.elapsed(),
         };
+        if let (Some(m), false) = (&self.metrics, dry_run) {
+            m.synced(
+                SyncObservation {
+                    full,
+                    duration: report.duration,
+                    apply: apply_time,
+                    added: stats.added,
+                    removed: stats.removed,
+                    service_ports: report.service_ports,
+                    skipped: report.skipped,
+                },
+                std::time::SystemTime::now(),
+            );
+        }
         self.previous = Some(built.state);
         self.pending = Touched::default();
         tracing::info!(

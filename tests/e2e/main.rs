@@ -11,4 +11,5 @@ mod api_watch;
 mod iptables;
 mod iptables_behaviour;
 mod nftables;
+mod operability;
 mod support;

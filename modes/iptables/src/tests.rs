@@ -3,80 +3,13 @@
 //! cleanup removes our objects and nothing else; a failed apply changes nothing.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kproxy_contract::*;
+use kproxy_testkit::{ep, service, spn, state};
 
 use crate::fake::FakeIptables;
 use crate::{IptablesMode, RenderOptions, Table, names};
-
-fn spn(name: &str) -> ServicePortName {
-    ServicePortName {
-        namespace: "ns".into(),
-        name: name.into(),
-        port: "p".into(),
-        protocol: Protocol::Tcp,
-    }
-}
-
-fn ep(ip: &str, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        is_local: local,
-    }
-}
-
-fn service(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
-    let local = eps.iter().copied().filter(|e| e.is_local).collect();
-    ServicePort {
-        name: spn(name),
-        family: IpFamily::V4,
-        cluster_ip: Some(cip.parse().unwrap()),
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        affinity: None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        endpoints: Endpoints {
-            any: !eps.is_empty(),
-            cluster: eps,
-            local,
-        },
-    }
-}
-
-fn state(services: Vec<ServicePort>) -> ProxyState {
-    let node = NodeSettings {
-        node_name: "node-a".into(),
-        node_ips: vec!["192.168.0.2".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        masquerade_bit: 14,
-        ..NodeSettings::default()
-    };
-    let services: BTreeMap<_, _> = services
-        .into_iter()
-        .map(|s| {
-            (
-                ServicePortKey {
-                    family: s.family,
-                    name: s.name.clone(),
-                },
-                Arc::new(s),
-            )
-        })
-        .collect();
-    ProxyState {
-        node: Arc::new(node),
-        services,
-    }
-}
 
 fn mode() -> IptablesMode<FakeIptables> {
     IptablesMode::new(

@@ -1,81 +1,13 @@
 //! Conformance against the fake kernel, and the layout's scaling properties.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kproxy_contract::*;
+use kproxy_testkit::{ep, many, service, state};
 
 use crate::fake::FakeNft;
 use crate::{NftablesMode, plan};
-
-fn spn(name: &str) -> ServicePortName {
-    ServicePortName {
-        namespace: "ns".into(),
-        name: name.into(),
-        port: "p".into(),
-        protocol: Protocol::Tcp,
-    }
-}
-
-fn ep(ip: &str, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        is_local: local,
-    }
-}
-
-fn service(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
-    let local = eps.iter().copied().filter(|e| e.is_local).collect();
-    ServicePort {
-        name: spn(name),
-        family: IpFamily::of(&cip.parse().unwrap()),
-        cluster_ip: Some(cip.parse().unwrap()),
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        affinity: None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        endpoints: Endpoints {
-            any: !eps.is_empty(),
-            cluster: eps,
-            local,
-        },
-    }
-}
-
-fn state(services: Vec<ServicePort>) -> ProxyState {
-    let node = NodeSettings {
-        node_name: "node-a".into(),
-        node_ips: vec!["192.168.0.2".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
-        masquerade_bit: 14,
-        ..NodeSettings::default()
-    };
-    let services: BTreeMap<_, _> = services
-        .into_iter()
-        .map(|s| {
-            (
-                ServicePortKey {
-                    family: s.family,
-                    name: s.name.clone(),
-                },
-                Arc::new(s),
-            )
-        })
-        .collect();
-    ProxyState {
-        node: Arc::new(node),
-        services,
-    }
-}
 
 fn mode() -> NftablesMode<FakeNft> {
     NftablesMode::new(FakeNft::new(), vec![IpFamily::V4, IpFamily::V6])
@@ -87,25 +19,6 @@ fn sync(m: &mut NftablesMode<FakeNft>, s: &ProxyState) -> crate::NftPlan {
     let plan = m.plan(&live, &desired);
     m.apply(&plan).unwrap();
     plan
-}
-
-fn many(n: usize, eps: usize) -> Vec<ServicePort> {
-    (0..n)
-        .map(|i| {
-            let cip = std::net::Ipv4Addr::from(
-                u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)) + i as u32,
-            );
-            let list = (0..eps)
-                .map(|j| {
-                    let ip = std::net::Ipv4Addr::from(
-                        u32::from(std::net::Ipv4Addr::new(10, 244, 0, 1)) + (i * eps + j) as u32,
-                    );
-                    ep(&ip.to_string(), false)
-                })
-                .collect();
-            service(&format!("s{i}"), &cip.to_string(), list)
-        })
-        .collect()
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 mod api_source;
 mod api_watch;
+mod behaviour;
 mod iptables;
-mod iptables_behaviour;
 mod nftables;
 mod support;

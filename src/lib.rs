@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod desired_state;
 pub mod health;
+pub mod metrics;
 pub mod node;
 pub mod run;
 pub mod source;

@@ -19,6 +19,7 @@ use crate::cache::{ClusterCache, Touched};
 use crate::config::Config;
 use crate::desired_state::{self, BuildContext};
 use crate::health::Health;
+use crate::metrics::{Metrics, SyncObservation};
 use crate::node;
 use crate::source::Update;
 
@@ -76,6 +77,8 @@ pub struct SyncLoop<M: Mode> {
     out: Box<dyn std::io::Write + Send>,
     /// What /healthz reports.
     health: Health,
+    /// What /metrics reports.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<M: Mode> SyncLoop<M> {
@@ -91,8 +94,15 @@ impl<M: Mode> SyncLoop<M> {
             pending: Touched::default(),
             out: Box::new(std::io::stdout()),
             health: Health::new(options.sync_period),
+            metrics: None,
             options,
         }
+    }
+
+    /// Reports to these metrics (shared with the HTTP server).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reports to this health state (shared with the HTTP server).
@@ -141,7 +151,11 @@ impl<M: Mode> SyncLoop<M> {
                     };
                     let touched = self.cache.apply(update);
                     if !touched.is_empty() {
-                        self.health.queued(std::time::SystemTime::now());
+                        let now = std::time::SystemTime::now();
+                        self.health.queued(now);
+                        if let Some(m) = &self.metrics {
+                            m.queued(now);
+                        }
                     }
                     self.pending.merge(touched);
                     if !self.cache.is_synced() {
@@ -175,6 +189,9 @@ impl<M: Mode> SyncLoop<M> {
                             }
                         }
                         Err(err) => {
+                            if let Some(m) = &self.metrics {
+                                m.failed();
+                            }
                             if self.options.once {
                                 return Err(anyhow::Error::new(err).context("the sync failed"));
                             }
@@ -205,9 +222,13 @@ impl<M: Mode> SyncLoop<M> {
             node_zone: node::zone(node_obj),
             node_labels_known: node_obj.is_some(),
         };
+        let t_build = Instant::now();
         let built = desired_state::build(&self.cache, &ctx, self.previous.as_ref());
+        let build_time = t_build.elapsed();
         self.report_skipped(&built.skipped);
+        let t_render = Instant::now();
         let desired = block(|| self.mode.render(&built.state));
+        let render_time = t_render.elapsed();
 
         let dry_run = self.options.dry_run;
         let live = if dry_run || full || self.believed.is_none() {
@@ -231,7 +252,10 @@ impl<M: Mode> SyncLoop<M> {
         } else {
             self.believed.clone().unwrap_or_default()
         };
+        let t_plan = Instant::now();
         let plan = self.mode.plan(&live, &desired);
+        let plan_time = t_plan.elapsed();
+        let t_apply = Instant::now();
         let stats = plan.stats();
         if dry_run {
             let _ = writeln!(
@@ -249,6 +273,7 @@ impl<M: Mode> SyncLoop<M> {
         } else if !plan.is_empty() {
             block(|| self.mode.apply(&plan))?;
         }
+        let apply_time = t_apply.elapsed();
         if !dry_run {
             self.believed = Some(desired);
             self.health.updated(std::time::SystemTime::now());
@@ -260,6 +285,20 @@ impl<M: Mode> SyncLoop<M> {
             stats,
             duration: started.elapsed(),
         };
+        if let (Some(m), false) = (&self.metrics, dry_run) {
+            m.synced(
+                SyncObservation {
+                    full,
+                    duration: report.duration,
+                    apply: apply_time,
+                    added: stats.added,
+                    removed: stats.removed,
+                    service_ports: report.service_ports,
+                    skipped: report.skipped,
+                },
+                std::time::SystemTime::now(),
+            );
+        }
         self.previous = Some(built.state);
         self.pending = Touched::default();
         tracing::info!(
@@ -269,6 +308,10 @@ impl<M: Mode> SyncLoop<M> {
             removed = stats.removed,
             touched = stats.containers_touched,
             elapsed_ms = report.duration.as_secs_f64() * 1000.0,
+            build_ms = build_time.as_secs_f64() * 1000.0,
+            render_ms = render_time.as_secs_f64() * 1000.0,
+            plan_ms = plan_time.as_secs_f64() * 1000.0,
+            apply_ms = apply_time.as_secs_f64() * 1000.0,
             "sync complete"
         );
         Ok(report)

@@ -11,4 +11,5 @@ mod api_watch;
 mod behaviour;
 mod iptables;
 mod nftables;
+mod operability;
 mod support;

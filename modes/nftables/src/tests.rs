@@ -149,8 +149,8 @@ fn one_endpoint_change_is_a_handful_of_element_updates() {
     assert!(fp.write_chains.is_empty() && fp.add_chains.is_empty() && fp.add_sets.is_empty());
     let changed: usize = fp.add_elements.values().map(Vec::len).sum::<usize>()
         + fp.delete_elements.values().map(Vec::len).sum::<usize>();
-    // The endpoint element (delete + add) and the two hairpin elements.
-    assert_eq!(changed, 4, "{}", p);
+    // The endpoint element, replaced (remote endpoints need no hairpin element).
+    assert_eq!(changed, 2, "{}", p);
     // A fourth endpoint moves the service to pick-4.
     services[500]
         .endpoints

@@ -8,8 +8,8 @@
 
 mod api_source;
 mod api_watch;
+mod behaviour;
 mod iptables;
-mod iptables_behaviour;
 mod nftables;
 mod operability;
 mod support;

@@ -48,7 +48,7 @@ fn sets_and_chains_do_not_grow_with_services() {
     let t_large = &large.families[&IpFamily::V4];
     assert_eq!(t_small.sets.len(), t_large.sets.len());
     assert_eq!(t_small.chains.len(), t_large.chains.len());
-    assert_eq!(t_large.sets["endpoints"].elements.len(), 6_000);
+    assert_eq!(t_large.sets["endpoints-tcp"].elements.len(), 6_000);
 }
 
 #[test]
@@ -116,7 +116,7 @@ fn etp_local_short_circuits_pods_and_node_to_cluster_endpoints() {
             .contains_key("tcp . 30080")
     );
     assert!(!t.sets["nodeport-masq"].elements.contains_key("tcp . 30080"));
-    assert_eq!(t.sets["nodeport-endpoints"].elements.len(), 3);
+    assert_eq!(t.sets["nodeport-endpoints-tcp"].elements.len(), 3);
 }
 
 #[test]
@@ -202,6 +202,36 @@ fn script_is_one_transaction_in_dependency_order() {
     };
     assert!(pos("add table ip kproxy") < pos("add map ip kproxy service-ips"));
     assert!(pos("add chain ip kproxy pick-1") < pos("add element ip kproxy service-ips"));
-    assert!(pos("add map ip kproxy endpoints") < pos("add rule ip kproxy pick-1"));
+    assert!(pos("add map ip kproxy endpoints-tcp") < pos("add rule ip kproxy pick-1"));
     assert!(text.contains("# ns/a:p"), "{text}");
+}
+
+/// A new endpoint count after the first sync adds a `pick-N` chain whose rules use the endpoints
+/// maps that already exist in the kernel. With one `typeof ... th dport` map for every protocol
+/// nft 1.0.6 rejected that transaction ("conflicting protocols specified: tcp vs. th"), so every
+/// later sync failed; per-protocol maps typed with `tcp dport`, `udp dport`, `sctp dport` work.
+#[test]
+fn new_pick_chain_after_the_first_sync_applies() {
+    let mut m = mode();
+    let one = service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]);
+    let mut udp = service("u", "10.96.0.11", vec![ep("10.244.1.3", false)]);
+    udp.name.protocol = Protocol::Udp;
+    sync(&mut m, &state(vec![one.clone(), udp.clone()]));
+
+    let mut two = one;
+    two.endpoints.cluster.push(ep("10.244.1.2", false));
+    udp.endpoints.cluster.push(ep("10.244.1.4", false));
+    let p = sync(&mut m, &state(vec![two, udp]));
+    assert!(p.to_string().contains("add rule ip kproxy pick-2"), "{p}");
+    let t = m.kernel().table(IpFamily::V4).unwrap();
+    assert_eq!(t.sets["endpoints-tcp"].elements.len(), 2);
+    assert_eq!(t.sets["endpoints-udp"].elements.len(), 2);
+    for (rule, proto) in t.chains["pick-2"].rules.iter().zip(["tcp", "udp", "sctp"]) {
+        assert!(
+            rule.text.starts_with(&format!("meta l4proto {proto} "))
+                && rule.text.ends_with(&format!("map @endpoints-{proto}")),
+            "{}",
+            rule.text
+        );
+    }
 }

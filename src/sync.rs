@@ -73,6 +73,8 @@ pub struct SyncLoop<M: Mode> {
     reported: BTreeSet<String>,
     /// Changes since the last successful sync.
     pending: Touched,
+    /// Failed applies in a row; after two, the next plan rewrites everything the mode owns.
+    failures: u32,
     /// Where dry-run plans go.
     out: Box<dyn std::io::Write + Send>,
     /// What /healthz reports.
@@ -89,6 +91,7 @@ impl<M: Mode> SyncLoop<M> {
             cache: ClusterCache::default(),
             config,
             believed: None,
+            failures: 0,
             previous: None,
             reported: BTreeSet::new(),
             pending: Touched::default(),
@@ -253,7 +256,15 @@ impl<M: Mode> SyncLoop<M> {
             self.believed.clone().unwrap_or_default()
         };
         let t_plan = Instant::now();
-        let plan = self.mode.plan(&live, &desired);
+        let plan = if self.failures >= 2 && !dry_run {
+            tracing::warn!(
+                failures = self.failures,
+                "repeated failures: rewriting everything kproxy owns"
+            );
+            self.mode.plan_rebuild(&live, &desired)
+        } else {
+            self.mode.plan(&live, &desired)
+        };
         let plan_time = t_plan.elapsed();
         let t_apply = Instant::now();
         let stats = plan.stats();
@@ -271,8 +282,12 @@ impl<M: Mode> SyncLoop<M> {
             let _ = write!(self.out, "{plan}");
             let _ = self.out.flush();
         } else if !plan.is_empty() {
-            block(|| self.mode.apply(&plan))?;
+            if let Err(err) = block(|| self.mode.apply(&plan)) {
+                self.failures += 1;
+                return Err(err);
+            }
         }
+        self.failures = 0;
         let apply_time = t_apply.elapsed();
         if !dry_run {
             self.believed = Some(desired);

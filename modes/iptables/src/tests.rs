@@ -306,3 +306,28 @@ fn only_local_endpoints_and_affinity_get_endpoint_chains() {
         "{svc:#?}"
     );
 }
+
+#[test]
+fn rebuild_plan_rewrites_every_chain() {
+    let mut m = mode();
+    let s = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    sync(&mut m, &s);
+    let live = m.read_live().unwrap();
+    let desired = m.render(&s);
+    assert!(m.plan(&live, &desired).is_empty());
+    let p = m.plan_rebuild(&live, &desired);
+    let written: usize = p.tables.values().map(|t| t.write.len()).sum();
+    let chains: usize = desired
+        .families
+        .values()
+        .flat_map(|f| f.tables.values())
+        .map(|t| t.chains.len())
+        .sum();
+    assert_eq!(written, chains);
+    m.apply(&p).unwrap();
+    assert_eq!(m.read_live().unwrap(), desired);
+}

@@ -102,6 +102,32 @@ pub fn plan(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
     out
 }
 
+/// Deletes and rebuilds every desired table inside one transaction (see `Mode::plan_rebuild`).
+pub fn rebuild(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
+    let mut out = NftPlan {
+        owners: desired.owners.clone(),
+        ..NftPlan::default()
+    };
+    let empty = Table::default();
+    for (family, new) in &desired.families {
+        let mut fp = plan_table(&empty, new);
+        fp.recreate = true;
+        out.families.insert(*family, fp);
+    }
+    for family in live.families.keys() {
+        if !desired.families.contains_key(family) {
+            out.families.insert(
+                *family,
+                FamilyPlan {
+                    delete_table: true,
+                    ..FamilyPlan::default()
+                },
+            );
+        }
+    }
+    out
+}
+
 fn needs_recreate(old: &Table, new: &Table) -> bool {
     let set_changed = new.sets.iter().any(|(name, s)| {
         old.sets

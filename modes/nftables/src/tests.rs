@@ -235,3 +235,19 @@ fn new_pick_chain_after_the_first_sync_applies() {
         );
     }
 }
+
+#[test]
+fn rebuild_plan_recreates_the_table_in_one_transaction() {
+    let mut m = mode();
+    let s = state(many(20, 2));
+    sync(&mut m, &s);
+    let live = m.read_live().unwrap();
+    let p = m.plan_rebuild(&live, &m.render(&s));
+    let text = p.script();
+    assert!(
+        text.contains("delete table ip kproxy\nadd table ip kproxy"),
+        "{text}"
+    );
+    m.apply(&p).unwrap();
+    assert_eq!(m.read_live().unwrap(), m.render(&s));
+}

@@ -281,11 +281,11 @@ impl<M: Mode> SyncLoop<M> {
             );
             let _ = write!(self.out, "{plan}");
             let _ = self.out.flush();
-        } else if !plan.is_empty() {
-            if let Err(err) = block(|| self.mode.apply(&plan)) {
-                self.failures += 1;
-                return Err(err);
-            }
+        } else if !plan.is_empty()
+            && let Err(err) = block(|| self.mode.apply(&plan))
+        {
+            self.failures += 1;
+            return Err(err);
         }
         self.failures = 0;
         let apply_time = t_apply.elapsed();

@@ -264,12 +264,10 @@ async fn repeated_failures_escalate_to_a_rebuild() {
         "second attempt is still incremental"
     );
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let log = h.log.lock().unwrap();
-    assert_eq!(
-        (log.rebuilds, log.applies),
-        (1, 1),
-        "third attempt rebuilds and succeeds"
-    );
-    drop(log);
+    let counts = {
+        let log = h.log.lock().unwrap();
+        (log.rebuilds, log.applies)
+    };
+    assert_eq!(counts, (1, 1), "third attempt rebuilds and succeeds");
     h.stop().await;
 }

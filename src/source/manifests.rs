@@ -529,12 +529,22 @@ fn is_json(path: &Path) -> bool {
 /// on the large generated lists that benchmarks and exports produce).
 fn parse_json(text: &str) -> Result<Vec<Parsed>, Vec<Problem>> {
     let value: Value = serde_json::from_str(text).map_err(|err| {
-        vec![Problem { document: 1, item: None, kind: None, object: None, reason: one_line(&err.to_string()) }]
+        vec![Problem {
+            document: 1,
+            item: None,
+            kind: None,
+            object: None,
+            reason: one_line(&err.to_string()),
+        }]
     })?;
     let mut objects = Vec::new();
     let mut problems = Vec::new();
     parse_document(value, 1, &mut objects, &mut problems);
-    if problems.is_empty() { Ok(objects) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(objects)
+    } else {
+        Err(problems)
+    }
 }
 
 /// YAML parser limits: serde-saphyr's defaults (250,000 nodes) stop at about 5,000 services in
@@ -554,7 +564,8 @@ fn parse_file(text: &str) -> Result<Vec<Parsed>, Vec<Problem>> {
     let mut problems = Vec::new();
     for (index, (first_line, chunk)) in split_documents(text).into_iter().enumerate() {
         let document = index + 1;
-        let values = match serde_saphyr::from_multiple_with_options::<Value>(chunk, yaml_options()) {
+        let values = match serde_saphyr::from_multiple_with_options::<Value>(chunk, yaml_options())
+        {
             Ok(values) => values,
             Err(_) => {
                 // Parse again with the lines before the document blanked out, so the message

@@ -95,6 +95,7 @@ fn options(dry_run: bool) -> SyncOptions {
         sync_period: Duration::from_secs(30),
         dry_run,
         once: false,
+        conntrack_cleanup: false,
     }
 }
 

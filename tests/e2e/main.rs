@@ -8,6 +8,7 @@
 
 mod api_source;
 mod api_watch;
+mod conntrack;
 mod iptables;
 mod iptables_behaviour;
 mod nftables;

@@ -44,6 +44,7 @@ fn service(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
         health_check_node_port: None,
         endpoints: Endpoints {
             any: !eps.is_empty(),
+            serving: eps.clone(),
             cluster: eps,
             local,
         },

@@ -232,9 +232,13 @@ impl<M: Mode> SyncLoop<M> {
             node_zone: node::zone(node_obj),
             node_labels_known: node_obj.is_some(),
         };
+        let t_build = Instant::now();
         let built = desired_state::build(&self.cache, &ctx, self.previous.as_ref());
+        let build_time = t_build.elapsed();
         self.report_skipped(&built.skipped);
+        let t_render = Instant::now();
         let desired = block(|| self.mode.render(&built.state));
+        let render_time = t_render.elapsed();
 
         let dry_run = self.options.dry_run;
         let live = if dry_run || full || self.believed.is_none() {
@@ -258,7 +262,10 @@ impl<M: Mode> SyncLoop<M> {
         } else {
             self.believed.clone().unwrap_or_default()
         };
+        let t_plan = Instant::now();
         let plan = self.mode.plan(&live, &desired);
+        let plan_time = t_plan.elapsed();
+        let t_apply = Instant::now();
         let stats = plan.stats();
         if dry_run {
             let _ = writeln!(
@@ -276,6 +283,7 @@ impl<M: Mode> SyncLoop<M> {
         } else if !plan.is_empty() {
             block(|| self.mode.apply(&plan))?;
         }
+        let apply_time = t_apply.elapsed();
         if !dry_run {
             self.believed = Some(desired);
             self.health.updated(std::time::SystemTime::now());
@@ -303,6 +311,10 @@ impl<M: Mode> SyncLoop<M> {
             removed = stats.removed,
             touched = stats.containers_touched,
             elapsed_ms = report.duration.as_secs_f64() * 1000.0,
+            build_ms = build_time.as_secs_f64() * 1000.0,
+            render_ms = render_time.as_secs_f64() * 1000.0,
+            plan_ms = plan_time.as_secs_f64() * 1000.0,
+            apply_ms = apply_time.as_secs_f64() * 1000.0,
             "sync complete"
         );
         Ok(report)

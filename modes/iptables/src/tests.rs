@@ -154,8 +154,9 @@ fn one_endpoint_change_touches_only_that_service() {
         .values()
         .flat_map(|t| t.write.iter().map(|w| w.name.as_str()))
         .collect();
-    // The service chain and the new endpoint chain; the dispatch tree is unchanged.
-    assert_eq!(touched.len(), 2, "{touched:?}");
+    // Only the service chain (remote endpoints are DNATed from it directly); the dispatch tree
+    // is unchanged.
+    assert_eq!(touched.len(), 1, "{touched:?}");
     assert!(touched.contains(&names::service_chain(&spn("s17")).as_str()));
 }
 
@@ -273,7 +274,7 @@ fn dry_run_text_groups_by_service() {
     let live = m.read_live().unwrap();
     let text = m.plan(&live, &m.render(&s)).to_string();
     assert!(text.contains("# ns/a:p"), "{text}");
-    assert!(text.contains("+ -A KPROXY-SEP-"), "{text}");
+    assert!(text.contains("-j DNAT --to-destination 10.244.1.1:8080"), "{text}");
     assert!(
         text.contains("+ -I PREROUTING -j KPROXY-SERVICES"),
         "{text}"
@@ -341,4 +342,24 @@ fn etp_local_without_local_endpoints_keeps_the_ext_chain_reachable() {
         .filter(|r| r.contains("has no local endpoints") && r.ends_with("-j DROP"))
         .count();
     assert_eq!(drops, 2, "{filter:#?}");
+}
+
+#[test]
+fn only_local_endpoints_and_affinity_get_endpoint_chains() {
+    let r = mode().render(&state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
+    )]));
+    let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
+    let seps: Vec<_> = nat.chains.keys().filter(|c| c.starts_with("KPROXY-SEP-")).collect();
+    assert_eq!(seps.len(), 1, "only the local endpoint has a chain: {seps:?}");
+    let sep = &nat.chains[seps[0].as_str()];
+    assert!(sep[0].starts_with("-s 10.244.1.2/32") && sep[0].ends_with("-j KPROXY-MARK-MASQ"));
+    let svc = &nat.chains[&names::service_chain(&spn("a"))];
+    assert!(
+        svc.iter()
+            .any(|r| r.contains("--probability") && r.ends_with("-j DNAT --to-destination 10.244.1.1:8080")),
+        "{svc:#?}"
+    );
 }

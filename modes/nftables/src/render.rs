@@ -352,8 +352,10 @@ impl<'a> Writer<'a> {
                 }
             }
         }
-        // Hairpin: a pod reaching itself through the service is masqueraded.
-        for ep in cluster.iter().chain(&sp.endpoints.local) {
+        // Hairpin: a pod reaching itself through the service is masqueraded. Only a local pod
+        // can be its own client (its packets cross this node's netfilter), so only local
+        // endpoints need an element: at 10,000 services x 10 endpoints that is 100,000 fewer.
+        for ep in cluster.iter().chain(&sp.endpoints.local).filter(|ep| ep.is_local) {
             self.elem("hairpin", format!("{} . {}", ep.ip, ep.ip), None);
         }
     }

@@ -315,6 +315,11 @@ impl<M: Mode> SyncLoop<M> {
             render_ms = render_time.as_secs_f64() * 1000.0,
             plan_ms = plan_time.as_secs_f64() * 1000.0,
             apply_ms = apply_time.as_secs_f64() * 1000.0,
+            conntrack_deleted = report.conntrack_deleted(),
+            conntrack_ms = report
+                .conntrack
+                .as_ref()
+                .map_or(0.0, |c| c.duration.as_secs_f64() * 1000.0),
             "sync complete"
         );
         Ok(report)
@@ -327,9 +332,23 @@ impl<M: Mode> SyncLoop<M> {
         }
         let table = self.conntrack.as_mut()?;
         let previous = self.previous.as_ref();
-        match block(|| {
-            crate::conntrack::reconcile(table.as_mut(), &IpFamily::ALL, current, previous)
-        }) {
+        // A family with no service port now or before, and no service CIDR, has nothing of ours
+        // to clean: no dump (a single-stack node never reads the other family's table).
+        let families: Vec<IpFamily> = IpFamily::ALL
+            .into_iter()
+            .filter(|&f| {
+                [Some(current), previous]
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s.family(f).next().is_some())
+                    || current
+                        .node
+                        .service_cidrs
+                        .iter()
+                        .any(|n| IpFamily::of_net(n) == f)
+            })
+            .collect();
+        match block(|| crate::conntrack::reconcile(table.as_mut(), &families, current, previous)) {
             Ok(report) => {
                 tracing::debug!(
                     examined = report.examined,

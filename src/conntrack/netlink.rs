@@ -204,16 +204,16 @@ impl ConntrackTable for NetlinkConntrack {
                         return Err(ConntrackError::Protocol("dump overrun".into()));
                     }
                     NetlinkPayload::InnerMessage(NetfilterMessage {
-                        inner: NetfilterMessageInner::Conntrack(ct),
+                        inner:
+                            NetfilterMessageInner::Conntrack(
+                                ConntrackMessage::New(attrs) | ConntrackMessage::Get(attrs),
+                            ),
                         ..
-                    }) => match ct {
-                        ConntrackMessage::New(attrs) | ConntrackMessage::Get(attrs) => {
-                            if let Some(flow) = flow_of(&attrs) {
-                                flows.push(flow);
-                            }
+                    }) => {
+                        if let Some(flow) = flow_of(&attrs) {
+                            flows.push(flow);
                         }
-                        _ => {}
-                    },
+                    }
                     _ => {}
                 }
             }
@@ -392,6 +392,7 @@ fn decode_tuple(tuple: &[NlTuple]) -> Option<(Protocol, Tuple)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 

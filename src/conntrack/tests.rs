@@ -1,5 +1,7 @@
 //! Table tests of the stale-flow rules, and of [`reconcile`] against a fake table.
 
+#![allow(clippy::unwrap_used, reason = "tests")]
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

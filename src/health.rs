@@ -31,6 +31,7 @@ struct Inner {
 pub struct Health {
     inner: Arc<Mutex<Inner>>,
     timeout: Duration,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// One health verdict.
@@ -55,6 +56,23 @@ impl Health {
                 ..Inner::default()
             })),
             timeout: sync_period * 2,
+            metrics: None,
+        }
+    }
+
+    /// Counts answers in `kubeproxy_proxy_healthz_total` / `kubeproxy_proxy_livez_total`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, livez: bool, ok: bool) {
+        if let Some(m) = &self.metrics {
+            let code = crate::metrics::CodeLabel {
+                code: if ok { 200 } else { 503 },
+            };
+            let family = if livez { &m.livez } else { &m.healthz };
+            family.get_or_create(&code).inc();
         }
     }
 
@@ -125,11 +143,13 @@ fn body(v: &Verdict, with_node: bool) -> String {
 async fn healthz(State(h): State<Health>) -> impl IntoResponse {
     let v = h.verdict(SystemTime::now());
     let ok = v.healthy && v.node_eligible;
+    h.count(false, ok);
     respond(ok, body(&v, true))
 }
 
 async fn livez(State(h): State<Health>) -> impl IntoResponse {
     let v = h.verdict(SystemTime::now());
+    h.count(true, v.healthy);
     respond(v.healthy, body(&v, false))
 }
 

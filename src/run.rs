@@ -65,22 +65,34 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>) -> anyhow::Result<()> {
         // Both modes here program kernel NAT rules.
         conntrack_cleanup: true,
     };
-    let health = crate::health::Health::new(config.sync_period);
-    // A one-shot or dry run is not a node's proxy: it serves no probes.
+    let metrics = Arc::new(crate::metrics::Metrics::new(mode.name()));
+    let health = crate::health::Health::new(config.sync_period).with_metrics(metrics.clone());
+    // A one-shot or dry run is not a node's proxy: it serves no probes and no metrics.
+    let serving = !config.dry_run && !config.once;
     let _health_server = match config.healthz_bind {
-        Some(addr) if !config.dry_run && !config.once => {
-            match crate::health::serve(addr, health.clone()).await {
-                Ok(task) => Some(AbortOnDrop(task)),
-                Err(err) => {
-                    tracing::error!(%addr, error = %err, "cannot serve /healthz; continuing without it");
-                    None
-                }
+        Some(addr) if serving => match crate::health::serve(addr, health.clone()).await {
+            Ok(task) => Some(AbortOnDrop(task)),
+            Err(err) => {
+                tracing::error!(%addr, error = %err, "cannot serve /healthz; continuing without it");
+                None
             }
-        }
+        },
+        _ => None,
+    };
+    let _metrics_server = match config.metrics_bind {
+        Some(addr) if serving => match crate::metrics::serve(addr, metrics.clone()).await {
+            Ok(task) => Some(AbortOnDrop(task)),
+            Err(err) => {
+                tracing::error!(%addr, error = %err, "cannot serve /metrics; continuing without it");
+                None
+            }
+        },
         _ => None,
     };
     let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
-    let mut sync = SyncLoop::new(mode, config, options).with_health(health);
+    let mut sync = SyncLoop::new(mode, config, options)
+        .with_health(health)
+        .with_metrics(metrics);
     if clean_conntrack {
         // The socket is opened in kproxy's own network namespace: only its table is touched.
         sync = sync.with_conntrack(Box::new(crate::conntrack::netlink::NetlinkConntrack::new()));

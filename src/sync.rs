@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::conntrack::{CleanupReport, ConntrackTable};
 use crate::desired_state::{self, BuildContext};
 use crate::health::Health;
+use crate::metrics::{Metrics, SyncObservation};
 use crate::node;
 use crate::source::Update;
 
@@ -89,12 +90,16 @@ pub struct SyncLoop<M: Mode> {
     reported: BTreeSet<String>,
     /// Changes since the last successful sync.
     pending: Touched,
+    /// Failed applies in a row; after two, the next plan rewrites everything the mode owns.
+    failures: u32,
     /// Where dry-run plans go.
     out: Box<dyn std::io::Write + Send>,
     /// What /healthz reports.
     health: Health,
     /// The conntrack table cleanup works on (none: no cleanup).
     conntrack: Option<Box<dyn ConntrackTable + Send>>,
+    /// What /metrics reports.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<M: Mode> SyncLoop<M> {
@@ -105,14 +110,22 @@ impl<M: Mode> SyncLoop<M> {
             cache: ClusterCache::default(),
             config,
             believed: None,
+            failures: 0,
             previous: None,
             reported: BTreeSet::new(),
             pending: Touched::default(),
             out: Box::new(std::io::stdout()),
             health: Health::new(options.sync_period),
             conntrack: None,
+            metrics: None,
             options,
         }
+    }
+
+    /// Reports to these metrics (shared with the HTTP server).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reports to this health state (shared with the HTTP server).
@@ -168,7 +181,11 @@ impl<M: Mode> SyncLoop<M> {
                     };
                     let touched = self.cache.apply(update);
                     if !touched.is_empty() {
-                        self.health.queued(std::time::SystemTime::now());
+                        let now = std::time::SystemTime::now();
+                        self.health.queued(now);
+                        if let Some(m) = &self.metrics {
+                            m.queued(now);
+                        }
                     }
                     self.pending.merge(touched);
                     if !self.cache.is_synced() {
@@ -202,6 +219,9 @@ impl<M: Mode> SyncLoop<M> {
                             }
                         }
                         Err(err) => {
+                            if let Some(m) = &self.metrics {
+                                m.failed();
+                            }
                             if self.options.once {
                                 return Err(anyhow::Error::new(err).context("the sync failed"));
                             }
@@ -263,7 +283,15 @@ impl<M: Mode> SyncLoop<M> {
             self.believed.clone().unwrap_or_default()
         };
         let t_plan = Instant::now();
-        let plan = self.mode.plan(&live, &desired);
+        let plan = if self.failures >= 2 && !dry_run {
+            tracing::warn!(
+                failures = self.failures,
+                "repeated failures: rewriting everything kproxy owns"
+            );
+            self.mode.plan_rebuild(&live, &desired)
+        } else {
+            self.mode.plan(&live, &desired)
+        };
         let plan_time = t_plan.elapsed();
         let t_apply = Instant::now();
         let stats = plan.stats();
@@ -280,9 +308,13 @@ impl<M: Mode> SyncLoop<M> {
             );
             let _ = write!(self.out, "{plan}");
             let _ = self.out.flush();
-        } else if !plan.is_empty() {
-            block(|| self.mode.apply(&plan))?;
+        } else if !plan.is_empty()
+            && let Err(err) = block(|| self.mode.apply(&plan))
+        {
+            self.failures += 1;
+            return Err(err);
         }
+        self.failures = 0;
         let apply_time = t_apply.elapsed();
         if !dry_run {
             self.believed = Some(desired);
@@ -302,6 +334,20 @@ impl<M: Mode> SyncLoop<M> {
             duration: started.elapsed(),
             conntrack,
         };
+        if let (Some(m), false) = (&self.metrics, dry_run) {
+            m.synced(
+                SyncObservation {
+                    full,
+                    duration: report.duration,
+                    apply: apply_time,
+                    added: stats.added,
+                    removed: stats.removed,
+                    service_ports: report.service_ports,
+                    skipped: report.skipped,
+                },
+                std::time::SystemTime::now(),
+            );
+        }
         self.previous = Some(built.state);
         self.pending = Touched::default();
         tracing::info!(
@@ -358,6 +404,9 @@ impl<M: Mode> SyncLoop<M> {
                     elapsed_ms = report.duration.as_secs_f64() * 1000.0,
                     "conntrack cleanup"
                 );
+                if let Some(m) = &self.metrics {
+                    m.conntrack_reconciled(&report);
+                }
                 Some(report)
             }
             Err(err) => {

@@ -18,12 +18,15 @@ struct Log {
     applies: usize,
     reads: usize,
     fail_applies: usize,
+    /// Applies of incremental plans fail; rebuild plans succeed.
+    reject_incremental: bool,
+    rebuilds: usize,
 }
 
 struct FakeMode(Arc<Mutex<Log>>);
 
 #[derive(Debug)]
-struct FakePlan(usize, usize);
+struct FakePlan(usize, usize, bool);
 
 impl fmt::Display for FakePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -65,10 +68,21 @@ impl Mode for FakeMode {
         FakePlan(
             desired.difference(live).count(),
             live.difference(desired).count(),
+            false,
         )
     }
-    fn apply(&mut self, _plan: &FakePlan) -> Result<(), ModeError> {
+    fn plan_rebuild(&self, live: &Self::Rules, desired: &Self::Rules) -> FakePlan {
+        FakePlan(desired.len(), live.len(), true)
+    }
+    fn apply(&mut self, plan: &FakePlan) -> Result<(), ModeError> {
         let mut log = self.0.lock().unwrap();
+        if plan.2 {
+            log.rebuilds += 1;
+        } else if log.reject_incremental {
+            return Err(ModeError::Unsupported(
+                "an incremental plan the kernel accepts",
+            ));
+        }
         if log.fail_applies > 0 {
             log.fail_applies -= 1;
             return Err(ModeError::Unsupported("a working fake"));
@@ -234,6 +248,28 @@ async fn dry_run_never_applies() {
     tokio::time::sleep(Duration::from_secs(40)).await;
     assert_eq!(h.applies(), 0);
     assert!(h.reads() >= 2);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_failures_escalate_to_a_rebuild() {
+    let h = start(false);
+    h.log.lock().unwrap().reject_incremental = true;
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.log.lock().unwrap().rebuilds, 0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        h.log.lock().unwrap().rebuilds,
+        0,
+        "second attempt is still incremental"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let counts = {
+        let log = h.log.lock().unwrap();
+        (log.rebuilds, log.applies)
+    };
+    assert_eq!(counts, (1, 1), "third attempt rebuilds and succeeds");
     h.stop().await;
 }
 

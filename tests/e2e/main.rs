@@ -8,8 +8,9 @@
 
 mod api_source;
 mod api_watch;
+mod behaviour;
 mod conntrack;
 mod iptables;
-mod iptables_behaviour;
 mod nftables;
+mod operability;
 mod support;

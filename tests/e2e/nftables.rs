@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use crate::support::kproxy::{KproxyProcess, wait_until};
 use crate::support::manifests::{Manifests, Port};
+use crate::support::objects::Svc;
 use crate::support::require_root;
-use crate::support::topology::{NODE_IP, NODE_IP6, POD_V4, POD_V6, Topology, client_v4};
+use crate::support::topology::{
+    CLIENT_ADDRS, NODE_IP, NODE_IP6, POD_V4, POD_V6, Topology, client_v4,
+};
 use crate::support::traffic::{
     TcpEcho, UdpEcho, assert_tcp_refused, tally, tcp_request, tcp_request_from, udp_request,
 };
@@ -198,7 +201,8 @@ fn nft_reject_and_drop_rules() {
     s.kproxy().assert_running();
 }
 
-/// Endpoint changes arrive as element updates; a removed service stops answering.
+/// Endpoint changes arrive as element updates, a new endpoint count adds a `pick-N` chain after
+/// the first sync (for TCP and UDP), and a removed service stops answering.
 #[test]
 fn nft_live_updates() {
     if !require_root("nft_live_updates") {
@@ -219,6 +223,29 @@ fn nft_live_updates() {
     s.wait_tcp(vip, "ep3");
     let seen = tally(10, || tcp_request(&s.topo.client, vip, REQ));
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep3"], "{seen:?}");
+
+    // Two endpoints: pick-2 is created now, its rules using the endpoints maps that exist since
+    // the first sync (nft 1.0.6 rejected that with one `typeof ... th dport` map).
+    s.udp_server(POD_V4[0], 5353, "ep1");
+    s.udp_server(POD_V4[2], 5353, "ep3");
+    s.manifests.service("web", &["10.96.0.10"], &[HTTP, DNS]);
+    s.manifests
+        .endpoint_slice("web", "web-v4", &[POD_V4[0], POD_V4[2]], &[HTTP, DNS]);
+    let both = wait_until(SYNC, || {
+        tally(10, || tcp_request(&s.topo.client, vip, REQ)).len() == 2
+    });
+    if !both {
+        s.kproxy().assert_running();
+        panic!(
+            "the second endpoint never answered:\n{}",
+            s.nft(&["list", "ruleset"])
+        );
+    }
+    let seen = tally(30, || tcp_request(&s.topo.client, vip, REQ));
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep1", "ep3"], "{seen:?}");
+    let dns = sock("10.96.0.10", 53);
+    let seen = tally(30, || udp_request(&s.topo.client, dns, REQ));
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep1", "ep3"], "{seen:?}");
 
     s.manifests.remove("svc-web");
     s.manifests.remove("eps-web-v4");
@@ -308,4 +335,97 @@ fn nft_cleanup_leaves_foreign_tables() {
     let tables = s.nft(&["list", "tables"]);
     assert!(!tables.contains("kproxy"), "{tables}");
     assert_eq!(s.nft(&["list", "table", "inet", "firewall"]), before);
+}
+
+/// ClientIP affinity at the nft level: the service gets per-endpoint chains and timeout sets
+/// (with the service's timeout); each client address is recorded in exactly one set, the one of
+/// the endpoint its first connection reached, and its later connections go to that endpoint.
+#[test]
+fn nft_affinity_records_each_client_in_its_endpoints_set() {
+    if !require_root("nft_affinity_records_each_client_in_its_endpoints_set") {
+        return;
+    }
+    let mut s = Scenario::new();
+    let ids = ["ep1", "ep2", "ep3"];
+    for (i, id) in ids.into_iter().enumerate() {
+        s.tcp_server(POD_V4[i], 8080, id);
+    }
+    s.manifests.object(
+        &Svc::new("sticky", &["10.96.0.30"], &[HTTP])
+            .client_ip_affinity(600)
+            .json(),
+    );
+    s.manifests.endpoint_slice(
+        "sticky",
+        "sticky-v4",
+        &[POD_V4[0], POD_V4[1], POD_V4[2]],
+        &[HTTP],
+    );
+    s.start();
+    let vip = sock("10.96.0.30", 80);
+    let ok = wait_until(SYNC, || tcp_request(&s.topo.client, vip, PROBE).is_ok());
+    assert!(ok, "{vip} never answered\n{}", s.nft(&["list", "ruleset"]));
+
+    // Every client address: pinned to one endpoint over 5 connections.
+    let mut pinned = Vec::new();
+    for i in 0..CLIENT_ADDRS {
+        let from = client_v4(i);
+        let seen = tally(5, || tcp_request_from(&s.topo.client, Some(from), vip, REQ));
+        assert_eq!(seen.len(), 1, "5 connections from {from}: {seen:?}");
+        pinned.push((from, seen.into_keys().next().unwrap()));
+    }
+
+    let table = s.nft(&["list", "table", "ip", "kproxy"]);
+    let sets: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("set affinity-")?.strip_suffix(" {"))
+        .map(|rest| format!("affinity-{rest}"))
+        .collect();
+    assert_eq!(sets.len(), 3, "one affinity set per endpoint:\n{table}");
+    let contents: Vec<(String, String)> = sets
+        .iter()
+        .map(|name| (name.clone(), s.nft(&["list", "set", "ip", "kproxy", name])))
+        .collect();
+    for (_, set) in &contents {
+        assert!(set.contains("timeout 10m"), "{set}");
+    }
+    for (from, id) in &pinned {
+        // The chain that DNATs to the pod answering `id` updates the set that must hold `from`.
+        let pod = POD_V4[ids.iter().position(|x| x == id).unwrap()];
+        let chain = endpoint_chain_for(&table, &format!("{pod}:8080"));
+        let want = chain.replacen("endpoint-", "affinity-", 1);
+        let holding: Vec<&str> = contents
+            .iter()
+            .filter(|(_, set)| set_holds(set, *from))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(holding, [want.as_str()], "{from} answered by {id}");
+    }
+    s.kproxy().assert_running();
+}
+
+/// The name of the `endpoint-…` chain (in `nft list table` output) that DNATs to `target`.
+fn endpoint_chain_for(table: &str, target: &str) -> String {
+    let mut current = None;
+    for line in table.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("chain ") {
+            current = rest.strip_suffix(" {").map(str::to_string);
+        } else if line.contains(&format!("dnat to {target}"))
+            && let Some(c) = current.as_ref().filter(|c| c.starts_with("endpoint-"))
+        {
+            return c.clone();
+        }
+    }
+    panic!("no endpoint chain DNATs to {target}:\n{table}");
+}
+
+/// Whether `nft list set` output holds the element `addr` (`elements = { 10.0.1.2 expires …,`).
+fn set_holds(set: &str, addr: std::net::IpAddr) -> bool {
+    let Some((_, elements)) = set.split_once("elements = {") else {
+        return false;
+    };
+    let addr = addr.to_string();
+    elements
+        .split([',', '}'])
+        .any(|e| e.split_whitespace().next() == Some(addr.as_str()))
 }

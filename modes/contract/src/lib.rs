@@ -10,6 +10,7 @@
 //! Start with [`ProxyState`] and [`Mode`].
 #![warn(missing_docs)]
 
+pub mod command;
 mod error;
 mod mode;
 mod state;

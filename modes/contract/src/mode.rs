@@ -78,6 +78,14 @@ pub trait Mode: Send + 'static {
     /// The change that turns `live` into `desired`. Pure; an empty plan means nothing to do.
     fn plan(&self, live: &Self::Rules, desired: &Self::Rules) -> Self::Plan;
 
+    /// The change that rewrites everything this mode owns into `desired`, whatever `live` holds:
+    /// the escalation after a transaction the kernel keeps rejecting (for example a table left
+    /// in a shape the incremental plan cannot patch). Still one atomic transaction. Defaults to
+    /// [`Mode::plan`].
+    fn plan_rebuild(&self, live: &Self::Rules, desired: &Self::Rules) -> Self::Plan {
+        self.plan(live, desired)
+    }
+
     /// Applies a plan atomically: all of it or none of it.
     fn apply(&mut self, plan: &Self::Plan) -> Result<(), ModeError>;
 

@@ -1,8 +1,5 @@
 //! The only code that runs iptables binaries: `*-save` to read, `*-restore --noflush` to write.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
-
 use kproxy_contract::{CommandError, IpFamily};
 
 use crate::ruleset::Table;
@@ -105,66 +102,8 @@ impl IptablesKernel for IptablesCli {
     }
 }
 
-/// The program's path: PATH first, then the sbin directories a non-root user's PATH often lacks
-/// (so `--dry-run` as a normal user still finds iptables-save and reports "permission denied",
-/// not "not installed").
-fn resolve(program: &str) -> std::path::PathBuf {
-    let in_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file());
-    in_path
-        .or_else(|| {
-            ["/usr/sbin", "/sbin"]
-                .iter()
-                .map(|d| std::path::Path::new(d).join(program))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| program.into())
-}
-
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
-    let mut child = Command::new(resolve(program))
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|cause| match cause.kind() {
-            std::io::ErrorKind::NotFound => CommandError::NotFound {
-                program: program.to_string(),
-                package: "iptables",
-            },
-            _ => CommandError::Io {
-                program: program.to_string(),
-                cause,
-            },
-        })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|cause| CommandError::Io {
-                program: program.to_string(),
-                cause,
-            })?;
-    }
-    let out = child.wait_with_output().map_err(|cause| CommandError::Io {
-        program: program.to_string(),
-        cause,
-    })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(CommandError::Failed {
-            program: program.to_string(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    kproxy_contract::command::run(program, "iptables", args, stdin)
 }
 
 /// iptables-restore says "line N failed"; add that line's text so the error is actionable.

@@ -87,6 +87,22 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
         plan::plan(live, desired)
     }
 
+    /// Rewrites every kproxy chain (declaring a chain flushes it), deleting stale ones.
+    fn plan_rebuild(&self, live: &Ruleset, desired: &Ruleset) -> IptablesPlan {
+        let mut stale = live.clone();
+        for table in stale
+            .families
+            .values_mut()
+            .flat_map(|f| f.tables.values_mut())
+        {
+            for rules in table.chains.values_mut() {
+                // Differs from any real rule list, so every desired chain is written again.
+                *rules = vec![String::from("<rewrite>")];
+            }
+        }
+        plan::plan(&stale, desired)
+    }
+
     fn apply(&mut self, plan: &IptablesPlan) -> Result<(), ModeError> {
         for family in plan.families() {
             if let Some(payload) = plan.restore_payload(family) {

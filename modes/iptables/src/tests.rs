@@ -3,81 +3,13 @@
 //! cleanup removes our objects and nothing else; a failed apply changes nothing.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kproxy_contract::*;
+use kproxy_testkit::{ep, service, spn, state};
 
 use crate::fake::FakeIptables;
 use crate::{IptablesMode, RenderOptions, Table, names};
-
-fn spn(name: &str) -> ServicePortName {
-    ServicePortName {
-        namespace: "ns".into(),
-        name: name.into(),
-        port: "p".into(),
-        protocol: Protocol::Tcp,
-    }
-}
-
-fn ep(ip: &str, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        is_local: local,
-    }
-}
-
-fn service(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
-    let local = eps.iter().copied().filter(|e| e.is_local).collect();
-    ServicePort {
-        name: spn(name),
-        family: IpFamily::V4,
-        cluster_ip: Some(cip.parse().unwrap()),
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        affinity: None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        endpoints: Endpoints {
-            any: !eps.is_empty(),
-            serving: eps.clone(),
-            cluster: eps,
-            local,
-        },
-    }
-}
-
-fn state(services: Vec<ServicePort>) -> ProxyState {
-    let node = NodeSettings {
-        node_name: "node-a".into(),
-        node_ips: vec!["192.168.0.2".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        masquerade_bit: 14,
-        ..NodeSettings::default()
-    };
-    let services: BTreeMap<_, _> = services
-        .into_iter()
-        .map(|s| {
-            (
-                ServicePortKey {
-                    family: s.family,
-                    name: s.name.clone(),
-                },
-                Arc::new(s),
-            )
-        })
-        .collect();
-    ProxyState {
-        node: Arc::new(node),
-        services,
-    }
-}
 
 fn mode() -> IptablesMode<FakeIptables> {
     IptablesMode::new(
@@ -274,7 +206,10 @@ fn dry_run_text_groups_by_service() {
     let live = m.read_live().unwrap();
     let text = m.plan(&live, &m.render(&s)).to_string();
     assert!(text.contains("# ns/a:p"), "{text}");
-    assert!(text.contains("-j DNAT --to-destination 10.244.1.1:8080"), "{text}");
+    assert!(
+        text.contains("-j DNAT --to-destination 10.244.1.1:8080"),
+        "{text}"
+    );
     assert!(
         text.contains("+ -I PREROUTING -j KPROXY-SERVICES"),
         "{text}"
@@ -352,14 +287,47 @@ fn only_local_endpoints_and_affinity_get_endpoint_chains() {
         vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
     )]));
     let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
-    let seps: Vec<_> = nat.chains.keys().filter(|c| c.starts_with("KPROXY-SEP-")).collect();
-    assert_eq!(seps.len(), 1, "only the local endpoint has a chain: {seps:?}");
+    let seps: Vec<_> = nat
+        .chains
+        .keys()
+        .filter(|c| c.starts_with("KPROXY-SEP-"))
+        .collect();
+    assert_eq!(
+        seps.len(),
+        1,
+        "only the local endpoint has a chain: {seps:?}"
+    );
     let sep = &nat.chains[seps[0].as_str()];
     assert!(sep[0].starts_with("-s 10.244.1.2/32") && sep[0].ends_with("-j KPROXY-MARK-MASQ"));
     let svc = &nat.chains[&names::service_chain(&spn("a"))];
     assert!(
-        svc.iter()
-            .any(|r| r.contains("--probability") && r.ends_with("-j DNAT --to-destination 10.244.1.1:8080")),
+        svc.iter().any(|r| r.contains("--probability")
+            && r.ends_with("-j DNAT --to-destination 10.244.1.1:8080")),
         "{svc:#?}"
     );
+}
+
+#[test]
+fn rebuild_plan_rewrites_every_chain() {
+    let mut m = mode();
+    let s = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    sync(&mut m, &s);
+    let live = m.read_live().unwrap();
+    let desired = m.render(&s);
+    assert!(m.plan(&live, &desired).is_empty());
+    let p = m.plan_rebuild(&live, &desired);
+    let written: usize = p.tables.values().map(|t| t.write.len()).sum();
+    let chains: usize = desired
+        .families
+        .values()
+        .flat_map(|f| f.tables.values())
+        .map(|t| t.chains.len())
+        .sum();
+    assert_eq!(written, chains);
+    m.apply(&p).unwrap();
+    assert_eq!(m.read_live().unwrap(), desired);
 }

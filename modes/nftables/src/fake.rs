@@ -1,6 +1,8 @@
 //! An in-memory nftables that applies typed plans the way the kernel applies a transaction:
 //! all of it or nothing, with errors for references to missing chains and sets, duplicate
-//! objects, and deleting what is still referenced.
+//! objects, and deleting what is still referenced. It also models an nft 1.0.6 limitation (see
+//! [`typeof_conflict`]): a rule added after the `typeof` map it uses was created must agree with
+//! the map's transport protocol.
 
 use std::collections::BTreeMap;
 
@@ -49,6 +51,7 @@ impl FakeNft {
                 tables.remove(family);
             }
             let t = tables.entry(*family).or_default();
+            let existing: Vec<String> = t.sets.keys().cloned().collect();
             for (name, set) in &fp.add_sets {
                 if t.sets.contains_key(name) {
                     return Err(format!("set {name} exists"));
@@ -74,6 +77,20 @@ impl FakeNft {
                     .chains
                     .get_mut(name)
                     .ok_or_else(|| format!("no chain {name}"))?;
+                for r in &chain.rules {
+                    for set in r
+                        .text
+                        .split_whitespace()
+                        .filter_map(|w| w.strip_prefix('@'))
+                    {
+                        if existing.iter().any(|e| e == set)
+                            && let Some(s) = t.sets.get(set)
+                            && let Some(e) = typeof_conflict(&r.text, &s.decl)
+                        {
+                            return Err(format!("chain {name}: @{set}: {e}"));
+                        }
+                    }
+                }
                 c.rules = chain.rules.clone();
             }
             for (set, elems) in &fp.add_elements {
@@ -98,6 +115,30 @@ impl FakeNft {
         }
         Ok(())
     }
+}
+
+/// nft 1.0.6 rebuilds a `typeof` map's fields from the kernel's metadata when a later
+/// transaction adds a rule using the map, and evaluates them in the rule's protocol context: a
+/// `th dport` field always conflicts ("conflicting protocols specified: tcp vs. th"), a
+/// `udp dport` field conflicts with a rule matching `meta l4proto tcp`. (Measured with nft 1.0.6;
+/// a map created in the same transaction as the rule is not affected.)
+fn typeof_conflict(rule: &str, decl: &str) -> Option<String> {
+    let fields = decl.strip_prefix("typeof ")?;
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let rule_proto = words
+        .windows(3)
+        .find(|w| w[0] == "meta" && w[1] == "l4proto")
+        .map_or("ip", |w| w[2]);
+    let fields: Vec<&str> = fields.split_whitespace().collect();
+    fields.windows(2).find_map(|w| match (w[0], w[1]) {
+        ("th", "dport") => Some(format!(
+            "conflicting protocols specified: {rule_proto} vs. th"
+        )),
+        (p @ ("tcp" | "udp" | "sctp"), "dport") if p != rule_proto => Some(format!(
+            "conflicting protocols specified: {rule_proto} vs. {p}"
+        )),
+        _ => None,
+    })
 }
 
 /// Every `goto`/`jump` target and `@set` a rule or element names must exist.

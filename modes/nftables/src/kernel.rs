@@ -1,9 +1,6 @@
 //! The only code that runs `nft`: `nft -j list table` to read, `nft -f -` to write (one atomic
 //! transaction for the whole script).
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
-
 use kproxy_contract::{CommandError, IpFamily};
 
 use crate::live;
@@ -51,63 +48,8 @@ impl NftKernel for NftCli {
     }
 }
 
-fn resolve() -> std::path::PathBuf {
-    let in_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(PROGRAM))
-        .find(|p| p.is_file());
-    in_path
-        .or_else(|| {
-            ["/usr/sbin", "/sbin"]
-                .iter()
-                .map(|d| std::path::Path::new(d).join(PROGRAM))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| PROGRAM.into())
-}
-
 fn run(args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
-    let mut child = Command::new(resolve())
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|cause| match cause.kind() {
-            std::io::ErrorKind::NotFound => CommandError::NotFound {
-                program: PROGRAM.into(),
-                package: "nftables",
-            },
-            _ => CommandError::Io {
-                program: PROGRAM.into(),
-                cause,
-            },
-        })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|cause| CommandError::Io {
-                program: PROGRAM.into(),
-                cause,
-            })?;
-    }
-    let out = child.wait_with_output().map_err(|cause| CommandError::Io {
-        program: PROGRAM.into(),
-        cause,
-    })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(CommandError::Failed {
-            program: PROGRAM.into(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    kproxy_contract::command::run(PROGRAM, "nftables", args, stdin)
 }
 
 /// nft reports `/dev/stdin:LINE:COL-COL: Error: ...`; keep the first error line short and

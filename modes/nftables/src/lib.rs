@@ -71,6 +71,10 @@ impl<K: NftKernel> Mode for NftablesMode<K> {
         plan::plan(live, desired)
     }
 
+    fn plan_rebuild(&self, live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
+        plan::rebuild(live, desired)
+    }
+
     fn apply(&mut self, plan: &NftPlan) -> Result<(), ModeError> {
         if plan.families.is_empty() {
             return Ok(());

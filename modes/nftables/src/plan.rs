@@ -15,6 +15,9 @@ use crate::model::{Chain, NftRuleset, Set, TABLE, Table, family_name};
 /// Elements per `add element` / `delete element` statement.
 const CHUNK: usize = 2_000;
 
+/// Plans with more element changes than this are printed per set, not per service.
+const GROUP_LIMIT: usize = 1_000;
+
 /// The changes to one family's table.
 #[derive(Debug, Clone, Default)]
 pub struct FamilyPlan {
@@ -94,6 +97,32 @@ pub fn plan(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
         };
         if !fp.is_empty() {
             out.families.insert(family, fp);
+        }
+    }
+    out
+}
+
+/// Deletes and rebuilds every desired table inside one transaction (see `Mode::plan_rebuild`).
+pub fn rebuild(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
+    let mut out = NftPlan {
+        owners: desired.owners.clone(),
+        ..NftPlan::default()
+    };
+    let empty = Table::default();
+    for (family, new) in &desired.families {
+        let mut fp = plan_table(&empty, new);
+        fp.recreate = true;
+        out.families.insert(*family, fp);
+    }
+    for family in live.families.keys() {
+        if !desired.families.contains_key(family) {
+            out.families.insert(
+                *family,
+                FamilyPlan {
+                    delete_table: true,
+                    ..FamilyPlan::default()
+                },
+            );
         }
     }
     out
@@ -264,11 +293,18 @@ fn write_elements(
     elements: &BTreeMap<String, Vec<(String, Option<String>)>>,
     with_values: bool,
 ) -> fmt::Result {
-    // owner → set → elements
+    // owner → set → elements. Large plans (a first sync) are not grouped: one statement per
+    // 2,000 elements parses several times faster than one per service, and nobody reads them.
+    let total: usize = elements.values().map(Vec::len).sum();
+    let group = total <= GROUP_LIMIT;
     let mut grouped: BTreeMap<&str, BTreeMap<&str, Vec<String>>> = BTreeMap::new();
     for (set, elems) in elements {
         for (k, v) in elems {
-            let owner = plan.owner_of(k).unwrap_or("kproxy");
+            let owner = if group {
+                plan.owner_of(k).unwrap_or("kproxy")
+            } else {
+                "all services"
+            };
             let text = if with_values {
                 elem_text(k, v)
             } else {

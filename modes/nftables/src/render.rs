@@ -4,9 +4,16 @@
 //! service costs elements, not chains or sets. The key trick is endpoint choice without a
 //! per-service anonymous `numgen` map: a frontend (`addr . proto . port`) is dispatched through
 //! the verdict map `service-ips` to the chain `pick-N`, where N is its endpoint count; `pick-N`
-//! DNATs through the shared map `endpoints`, keyed on the frontend and `numgen random mod N`.
-//! Pick chains exist once per distinct endpoint count, so their number stays small whatever the
-//! cluster's size. ClientIP affinity needs per-client memory per endpoint; services using it get
+//! DNATs through the shared map `endpoints-PROTO` (one per transport protocol), keyed on the
+//! frontend and `numgen random mod N`. Pick chains exist once per distinct endpoint count, so
+//! their number stays small whatever the cluster's size.
+//!
+//! Why one endpoints map per protocol: the maps need `typeof` (a `numgen` value has no fixed-size
+//! `type`), and nft 1.0.6 (Debian 12) cannot add a rule that uses a `typeof` map with a `th dport`
+//! field once the map exists in the kernel: it re-reads the field from the map's metadata and
+//! fails with "conflicting protocols specified: tcp vs. th". A protocol-specific `tcp dport`
+//! field works for rules matching `meta l4proto tcp`, so `pick-N`'s rule for each protocol uses
+//! that protocol's map, and a new `pick-N` chain can be added in any later sync. ClientIP affinity needs per-client memory per endpoint; services using it get
 //! upstream's per-service chains and per-endpoint timeout sets (they are few).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,6 +32,9 @@ use crate::model::{BaseChain, Chain, NftRuleset, Rule, Set, Table};
 /// short-circuit (pod and node sources use Cluster endpoints) shares the map with the policy's
 /// own list, in a disjoint index range.
 pub const SHORT_CIRCUIT_OFFSET: u32 = 1 << 20;
+
+/// The transport protocols, each with its own endpoints maps.
+const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 /// Syntax that differs between `ip` and `ip6` tables.
 struct Fam {
@@ -214,22 +224,26 @@ impl<'a> Writer<'a> {
             format!("type {frontend} . {a} ; flags interval ;"),
             format!("{frontend} . {a} flags interval"),
         );
-        self.set(
-            "endpoints",
-            true,
-            format!(
-                "typeof {ad} daddr . meta l4proto . th dport . numgen random mod 1 : {ad} daddr . th dport ;"
-            ),
-            format!("{frontend} . integer : {a} . inet_service"),
-        );
-        self.set(
-            "nodeport-endpoints",
-            true,
-            format!(
-                "typeof meta l4proto . th dport . numgen random mod 1 : {ad} daddr . th dport ;"
-            ),
-            format!("inet_proto . inet_service . integer : {a} . inet_service"),
-        );
+        // One endpoints map per protocol, typed with that protocol's `dport` (not `th dport`,
+        // see the module documentation).
+        for p in PROTOCOLS {
+            self.set(
+                &format!("endpoints-{p}"),
+                true,
+                format!(
+                    "typeof {ad} daddr . meta l4proto . {p} dport . numgen random mod 1 : {ad} daddr . {p} dport ;"
+                ),
+                format!("{frontend} . integer : {a} . inet_service"),
+            );
+            self.set(
+                &format!("nodeport-endpoints-{p}"),
+                true,
+                format!(
+                    "typeof meta l4proto . {p} dport . numgen random mod 1 : {ad} daddr . {p} dport ;"
+                ),
+                format!("inet_proto . inet_service . integer : {a} . inet_service"),
+            );
+        }
         let node = self.node;
         let family = self.f.family;
         for cidr in node
@@ -355,7 +369,11 @@ impl<'a> Writer<'a> {
         // Hairpin: a pod reaching itself through the service is masqueraded. Only a local pod
         // can be its own client (its packets cross this node's netfilter), so only local
         // endpoints need an element: at 10,000 services x 10 endpoints that is 100,000 fewer.
-        for ep in cluster.iter().chain(&sp.endpoints.local).filter(|ep| ep.is_local) {
+        for ep in cluster
+            .iter()
+            .chain(&sp.endpoints.local)
+            .filter(|ep| ep.is_local)
+        {
             self.elem("hairpin", format!("{} . {}", ep.ip, ep.ip), None);
         }
     }
@@ -380,9 +398,10 @@ impl<'a> Writer<'a> {
         } else {
             0
         };
+        let eps_map = format!("{eps_map}-{}", sp.name.protocol);
         for (i, ep) in list.iter().enumerate() {
             let idx = offset + u32::try_from(i).unwrap_or(u32::MAX - offset);
-            self.elem(eps_map, format!("{key} . {idx}"), Some(ep_value(ep)));
+            self.elem(&eps_map, format!("{key} . {idx}"), Some(ep_value(ep)));
         }
         self.picks.insert((nodeport, short_circuit, list.len()));
         format!("goto {}", pick_chain(nodeport, short_circuit, list.len()))
@@ -651,11 +670,11 @@ impl<'a> Writer<'a> {
             } else {
                 String::new()
             };
-            let rules = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+            let rules = PROTOCOLS
                 .iter()
                 .map(|p| {
                     Rule::new(format!(
-                        "meta l4proto {p} dnat {a} to {key} . numgen random mod {n}{offset} map @{map}"
+                        "meta l4proto {p} dnat {a} to {key} . numgen random mod {n}{offset} map @{map}-{p}"
                     ))
                 })
                 .collect();

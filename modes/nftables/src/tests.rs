@@ -1,82 +1,13 @@
 //! Conformance against the fake kernel, and the layout's scaling properties.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kproxy_contract::*;
+use kproxy_testkit::{ep, many, service, state};
 
 use crate::fake::FakeNft;
 use crate::{NftablesMode, plan};
-
-fn spn(name: &str) -> ServicePortName {
-    ServicePortName {
-        namespace: "ns".into(),
-        name: name.into(),
-        port: "p".into(),
-        protocol: Protocol::Tcp,
-    }
-}
-
-fn ep(ip: &str, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        is_local: local,
-    }
-}
-
-fn service(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
-    let local = eps.iter().copied().filter(|e| e.is_local).collect();
-    ServicePort {
-        name: spn(name),
-        family: IpFamily::of(&cip.parse().unwrap()),
-        cluster_ip: Some(cip.parse().unwrap()),
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        affinity: None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        endpoints: Endpoints {
-            any: !eps.is_empty(),
-            serving: eps.clone(),
-            cluster: eps,
-            local,
-        },
-    }
-}
-
-fn state(services: Vec<ServicePort>) -> ProxyState {
-    let node = NodeSettings {
-        node_name: "node-a".into(),
-        node_ips: vec!["192.168.0.2".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
-        masquerade_bit: 14,
-        ..NodeSettings::default()
-    };
-    let services: BTreeMap<_, _> = services
-        .into_iter()
-        .map(|s| {
-            (
-                ServicePortKey {
-                    family: s.family,
-                    name: s.name.clone(),
-                },
-                Arc::new(s),
-            )
-        })
-        .collect();
-    ProxyState {
-        node: Arc::new(node),
-        services,
-    }
-}
 
 fn mode() -> NftablesMode<FakeNft> {
     NftablesMode::new(FakeNft::new(), vec![IpFamily::V4, IpFamily::V6])
@@ -88,25 +19,6 @@ fn sync(m: &mut NftablesMode<FakeNft>, s: &ProxyState) -> crate::NftPlan {
     let plan = m.plan(&live, &desired);
     m.apply(&plan).unwrap();
     plan
-}
-
-fn many(n: usize, eps: usize) -> Vec<ServicePort> {
-    (0..n)
-        .map(|i| {
-            let cip = std::net::Ipv4Addr::from(
-                u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)) + i as u32,
-            );
-            let list = (0..eps)
-                .map(|j| {
-                    let ip = std::net::Ipv4Addr::from(
-                        u32::from(std::net::Ipv4Addr::new(10, 244, 0, 1)) + (i * eps + j) as u32,
-                    );
-                    ep(&ip.to_string(), false)
-                })
-                .collect();
-            service(&format!("s{i}"), &cip.to_string(), list)
-        })
-        .collect()
 }
 
 #[test]
@@ -136,7 +48,7 @@ fn sets_and_chains_do_not_grow_with_services() {
     let t_large = &large.families[&IpFamily::V4];
     assert_eq!(t_small.sets.len(), t_large.sets.len());
     assert_eq!(t_small.chains.len(), t_large.chains.len());
-    assert_eq!(t_large.sets["endpoints"].elements.len(), 6_000);
+    assert_eq!(t_large.sets["endpoints-tcp"].elements.len(), 6_000);
 }
 
 #[test]
@@ -150,8 +62,8 @@ fn one_endpoint_change_is_a_handful_of_element_updates() {
     assert!(fp.write_chains.is_empty() && fp.add_chains.is_empty() && fp.add_sets.is_empty());
     let changed: usize = fp.add_elements.values().map(Vec::len).sum::<usize>()
         + fp.delete_elements.values().map(Vec::len).sum::<usize>();
-    // The endpoint element (delete + add) and the two hairpin elements.
-    assert_eq!(changed, 4, "{}", p);
+    // The endpoint element, replaced (remote endpoints need no hairpin element).
+    assert_eq!(changed, 2, "{}", p);
     // A fourth endpoint moves the service to pick-4.
     services[500]
         .endpoints
@@ -204,7 +116,7 @@ fn etp_local_short_circuits_pods_and_node_to_cluster_endpoints() {
             .contains_key("tcp . 30080")
     );
     assert!(!t.sets["nodeport-masq"].elements.contains_key("tcp . 30080"));
-    assert_eq!(t.sets["nodeport-endpoints"].elements.len(), 3);
+    assert_eq!(t.sets["nodeport-endpoints-tcp"].elements.len(), 3);
 }
 
 #[test]
@@ -290,6 +202,52 @@ fn script_is_one_transaction_in_dependency_order() {
     };
     assert!(pos("add table ip kproxy") < pos("add map ip kproxy service-ips"));
     assert!(pos("add chain ip kproxy pick-1") < pos("add element ip kproxy service-ips"));
-    assert!(pos("add map ip kproxy endpoints") < pos("add rule ip kproxy pick-1"));
+    assert!(pos("add map ip kproxy endpoints-tcp") < pos("add rule ip kproxy pick-1"));
     assert!(text.contains("# ns/a:p"), "{text}");
+}
+
+/// A new endpoint count after the first sync adds a `pick-N` chain whose rules use the endpoints
+/// maps that already exist in the kernel. With one `typeof ... th dport` map for every protocol
+/// nft 1.0.6 rejected that transaction ("conflicting protocols specified: tcp vs. th"), so every
+/// later sync failed; per-protocol maps typed with `tcp dport`, `udp dport`, `sctp dport` work.
+#[test]
+fn new_pick_chain_after_the_first_sync_applies() {
+    let mut m = mode();
+    let one = service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]);
+    let mut udp = service("u", "10.96.0.11", vec![ep("10.244.1.3", false)]);
+    udp.name.protocol = Protocol::Udp;
+    sync(&mut m, &state(vec![one.clone(), udp.clone()]));
+
+    let mut two = one;
+    two.endpoints.cluster.push(ep("10.244.1.2", false));
+    udp.endpoints.cluster.push(ep("10.244.1.4", false));
+    let p = sync(&mut m, &state(vec![two, udp]));
+    assert!(p.to_string().contains("add rule ip kproxy pick-2"), "{p}");
+    let t = m.kernel().table(IpFamily::V4).unwrap();
+    assert_eq!(t.sets["endpoints-tcp"].elements.len(), 2);
+    assert_eq!(t.sets["endpoints-udp"].elements.len(), 2);
+    for (rule, proto) in t.chains["pick-2"].rules.iter().zip(["tcp", "udp", "sctp"]) {
+        assert!(
+            rule.text.starts_with(&format!("meta l4proto {proto} "))
+                && rule.text.ends_with(&format!("map @endpoints-{proto}")),
+            "{}",
+            rule.text
+        );
+    }
+}
+
+#[test]
+fn rebuild_plan_recreates_the_table_in_one_transaction() {
+    let mut m = mode();
+    let s = state(many(20, 2));
+    sync(&mut m, &s);
+    let live = m.read_live().unwrap();
+    let p = m.plan_rebuild(&live, &m.render(&s));
+    let text = p.script();
+    assert!(
+        text.contains("delete table ip kproxy\nadd table ip kproxy"),
+        "{text}"
+    );
+    m.apply(&p).unwrap();
+    assert_eq!(m.read_live().unwrap(), m.render(&s));
 }

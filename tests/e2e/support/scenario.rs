@@ -1,6 +1,6 @@
-//! One iptables-mode scenario: the [`Topology`], a source of objects (a manifests directory or
-//! the fake API server listening inside the node namespace), echo servers in the endpoints
-//! namespace, and kproxy in the node namespace. Fields drop in order: kproxy first, then the
+//! One scenario: the [`Topology`], a source of objects (a manifests directory or the fake API
+//! server listening inside the node namespace), echo servers in the endpoints namespace, and
+//! kproxy (iptables or nftables mode, see [`Mode`]) in the node namespace. Fields drop in order: kproxy first, then the
 //! servers, the source, and the namespaces last.
 
 use std::collections::BTreeMap;
@@ -31,6 +31,37 @@ pub(crate) const DROPPED: Duration = Duration::from_millis(700);
 pub(crate) const NODE: &str = "node-a";
 /// Another node's name (endpoints there are not local).
 pub(crate) const OTHER_NODE: &str = "node-b";
+
+/// The kernel mode kproxy runs in (`--proxy-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `--proxy-mode iptables` with the nft backend.
+    Iptables,
+    /// `--proxy-mode nftables`.
+    Nftables,
+}
+
+impl Mode {
+    /// The mode's own flags: `--proxy-mode` and its min-sync-period (plus the iptables backend).
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Iptables => &[
+                "--proxy-mode",
+                "iptables",
+                "--iptables-min-sync-period",
+                "100ms",
+                "--iptables-backend",
+                "nft",
+            ],
+            Mode::Nftables => &[
+                "--proxy-mode",
+                "nftables",
+                "--nftables-min-sync-period",
+                "100ms",
+            ],
+        }
+    }
+}
 
 /// Where kproxy reads Services, EndpointSlices and the Node from.
 pub(crate) enum Source {
@@ -83,6 +114,7 @@ impl Source {
 
 /// One scenario. See the module documentation.
 pub(crate) struct Scenario {
+    pub(crate) mode: Mode,
     pub(crate) kproxy: Option<KproxyProcess>,
     tcp: Vec<TcpEcho>,
     udp: BTreeMap<String, UdpEcho>,
@@ -91,10 +123,17 @@ pub(crate) struct Scenario {
 }
 
 impl Scenario {
-    /// The topology and a manifests directory holding the Node `node-a`.
+    /// The topology and a manifests directory holding the Node `node-a` (iptables mode).
     pub(crate) fn with_manifests() -> Scenario {
+        Scenario::with_manifests_in(Mode::Iptables)
+    }
+
+    /// The topology and a manifests directory holding the Node `node-a`, for kproxy in `mode`.
+    pub(crate) fn with_manifests_in(mode: Mode) -> Scenario {
         let topo = Topology::new();
-        Scenario::finish(Source::Manifests(Manifests::new()), topo)
+        let mut s = Scenario::finish(Source::Manifests(Manifests::new()), topo);
+        s.mode = mode;
+        s
     }
 
     /// The topology and the fake API server, listening on 127.0.0.1 inside the node namespace,
@@ -111,6 +150,7 @@ impl Scenario {
     fn finish(source: Source, topo: Topology) -> Scenario {
         source.apply(&objects::node(NODE, &[NODE_IP, NODE_IP6], None));
         Scenario {
+            mode: Mode::Iptables,
             kproxy: None,
             tcp: Vec::new(),
             udp: BTreeMap::new(),
@@ -155,7 +195,7 @@ impl Scenario {
             .expect("a UDP server by that name");
     }
 
-    /// Starts kproxy (iptables mode, nft backend) in the node namespace with the standard flags
+    /// Starts kproxy (in the scenario's [`Mode`]) in the node namespace with the standard flags
     /// plus `extra`.
     pub(crate) fn start_kproxy(&mut self, extra: &[&str]) {
         let mut args = self.source.args();
@@ -169,12 +209,9 @@ impl Scenario {
                 "10.96.0.0/12,fd00:96::/112",
                 "--healthz-bind-address=",
                 "--metrics-bind-address=",
-                "--iptables-min-sync-period",
-                "100ms",
-                "--iptables-backend",
-                "nft",
             ]
             .iter()
+            .chain(self.mode.args())
             .map(|s| s.to_string()),
         );
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -187,8 +224,18 @@ impl Scenario {
         self.kproxy.as_mut().expect("kproxy started")
     }
 
-    /// `iptables-nft-save` (or `ip6tables-nft-save`) in the node namespace.
+    /// The rules of one family in the node namespace: `iptables-nft-save` (or
+    /// `ip6tables-nft-save`) in iptables mode, `nft list table ip[6] kproxy` in nftables mode.
     pub(crate) fn save(&self, v6: bool) -> String {
+        if self.mode == Mode::Nftables {
+            let family = if v6 { "ip6" } else { "ip" };
+            // Empty until kproxy has created the table.
+            let out = self
+                .topo
+                .node
+                .exec("nft", &["list", "table", family, "kproxy"]);
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
         let tool = if v6 {
             "ip6tables-nft-save"
         } else {

@@ -1,0 +1,302 @@
+//! `/metrics` in Prometheus (OpenMetrics) text, with upstream kube-proxy's metric names and
+//! buckets so existing dashboards keep working, plus kproxy's own `kproxy_*` metrics.
+//!
+//! Not (yet) exported: `kubeproxy_network_programming_duration_seconds` (needs the EndpointSlice
+//! trigger-time annotation carried through the model) and the per-table iptables rule gauges.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use kproxy_contract::ModeName;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `code` label of the health counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// Every metric kproxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    full_sync_duration: Histogram,
+    partial_sync_duration: Histogram,
+    apply_duration: Histogram,
+    last_sync: Gauge<f64, AtomicU64>,
+    last_queued: Gauge<f64, AtomicU64>,
+    sync_failures: Counter,
+    objects_added: Counter,
+    objects_removed: Counter,
+    service_ports: Gauge,
+    skipped_objects: Gauge,
+    conntrack_deleted: Counter,
+    conntrack_duration: Histogram,
+    /// `/healthz` answers by status code.
+    pub healthz: Family<CodeLabel, Counter>,
+    /// `/livez` answers by status code.
+    pub livez: Family<CodeLabel, Counter>,
+}
+
+/// Upstream's sync-duration buckets: 1 ms doubling, 15 buckets (up to about 16 s).
+fn sync_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// One sync, as the metrics see it.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncObservation {
+    /// Whether the live state was read back.
+    pub full: bool,
+    /// Whole sync.
+    pub duration: Duration,
+    /// Kernel apply only.
+    pub apply: Duration,
+    /// Objects added and removed.
+    pub added: usize,
+    /// Objects removed.
+    pub removed: usize,
+    /// Service ports programmed.
+    pub service_ports: usize,
+    /// Invalid objects skipped.
+    pub skipped: usize,
+}
+
+impl Metrics {
+    /// Registers everything; the failure counter is named for the mode as upstream names it.
+    pub fn new(mode: ModeName) -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            sync_duration: sync_buckets(),
+            full_sync_duration: sync_buckets(),
+            partial_sync_duration: sync_buckets(),
+            apply_duration: sync_buckets(),
+            last_sync: Gauge::default(),
+            last_queued: Gauge::default(),
+            sync_failures: Counter::default(),
+            objects_added: Counter::default(),
+            objects_removed: Counter::default(),
+            service_ports: Gauge::default(),
+            skipped_objects: Gauge::default(),
+            conntrack_deleted: Counter::default(),
+            conntrack_duration: sync_buckets(),
+            healthz: Family::default(),
+            livez: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            m.full_sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            m.partial_sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            m.last_sync.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            m.last_queued.clone(),
+        );
+        let failures = match mode {
+            ModeName::Iptables => "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+            ModeName::Nftables => "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+            _ => "kproxy_sync_failures",
+        };
+        registry.register(
+            failures,
+            "Cumulative proxy rules sync failures",
+            m.sync_failures.clone(),
+        );
+        // Counters gain `_total` in the exposition, as upstream's name has it.
+        registry.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            m.conntrack_deleted.clone(),
+        );
+        registry.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            m.conntrack_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            m.healthz.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            m.livez.clone(),
+        );
+        registry.register(
+            "kproxy_apply_duration_seconds",
+            "Time spent applying one plan to the kernel",
+            m.apply_duration.clone(),
+        );
+        registry.register(
+            "kproxy_objects_added",
+            "Kernel objects (rules, elements) added",
+            m.objects_added.clone(),
+        );
+        registry.register(
+            "kproxy_objects_removed",
+            "Kernel objects (rules, elements) removed",
+            m.objects_removed.clone(),
+        );
+        registry.register(
+            "kproxy_service_ports",
+            "Service ports programmed (per family)",
+            m.service_ports.clone(),
+        );
+        registry.register(
+            "kproxy_skipped_objects",
+            "Invalid Services and EndpointSlices left out",
+            m.skipped_objects.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// A sync succeeded.
+    pub fn synced(&self, o: SyncObservation, now: SystemTime) {
+        let secs = o.duration.as_secs_f64();
+        self.sync_duration.observe(secs);
+        if o.full {
+            self.full_sync_duration.observe(secs);
+        } else {
+            self.partial_sync_duration.observe(secs);
+        }
+        self.apply_duration.observe(o.apply.as_secs_f64());
+        self.last_sync.set(unix(now));
+        self.objects_added.inc_by(o.added as u64);
+        self.objects_removed.inc_by(o.removed as u64);
+        self.service_ports
+            .set(i64::try_from(o.service_ports).unwrap_or(i64::MAX));
+        self.skipped_objects
+            .set(i64::try_from(o.skipped).unwrap_or(i64::MAX));
+    }
+
+    /// A conntrack cleanup ran (after a successful sync).
+    pub fn conntrack_reconciled(&self, report: &crate::conntrack::CleanupReport) {
+        self.conntrack_deleted.inc_by(report.deleted as u64);
+        self.conntrack_duration
+            .observe(report.duration.as_secs_f64());
+    }
+
+    /// A sync failed.
+    pub fn failed(&self) {
+        self.sync_failures.inc();
+    }
+
+    /// A change was queued for the next sync.
+    pub fn queued(&self, now: SystemTime) {
+        self.last_queued.set(unix(now));
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}
+
+/// Binds and serves `/metrics` until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    m: Arc<Metrics>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new().route("/metrics", get(metrics)).with_state(m);
+    Ok(tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(error = %err, "metrics server stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_names_and_buckets() {
+        let m = Metrics::new(ModeName::Iptables);
+        m.synced(
+            SyncObservation {
+                full: true,
+                duration: Duration::from_millis(3),
+                apply: Duration::from_millis(1),
+                added: 5,
+                removed: 1,
+                service_ports: 2,
+                skipped: 0,
+            },
+            SystemTime::UNIX_EPOCH + Duration::from_secs(100),
+        );
+        m.failed();
+        m.conntrack_reconciled(&crate::conntrack::CleanupReport {
+            deleted: 3,
+            duration: Duration::from_millis(2),
+            ..Default::default()
+        });
+        m.healthz.get_or_create(&CodeLabel { code: 200 }).inc();
+        let text = m.encode();
+        for want in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"} 0",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds 100.0",
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
+            "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
+            "kproxy_objects_added_total 5",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total 3",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+}

@@ -17,7 +17,7 @@ use crate::support::manifests::Port;
 use crate::support::netns::Netns;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
 use crate::support::require_root;
-use crate::support::scenario::{OTHER_NODE, PROBE, Scenario, sock};
+use crate::support::scenario::{Mode, OTHER_NODE, PROBE, Scenario, sock};
 use crate::support::topology::{POD_V4, client_v4};
 use crate::support::traffic::udp_request_from;
 
@@ -26,46 +26,9 @@ const HTTP: Port = Port::tcp("http", 80, 8080);
 /// How long a kept UDP socket may take to follow the endpoints once the rules are in place.
 const FOLLOW: Duration = Duration::from_secs(3);
 
-#[derive(Debug, Clone, Copy)]
-enum Mode {
-    Iptables,
-    Nftables,
-}
-
-fn start(s: &mut Scenario, mode: Mode) {
-    warm_up(s);
-    match mode {
-        // `-v 2`: the cleanup's debug lines are in the logs printed on failure.
-        Mode::Iptables => s.start_kproxy(&["-v", "2"]),
-        Mode::Nftables => s.start_kproxy(&[
-            "--proxy-mode",
-            "nftables",
-            "--nftables-min-sync-period",
-            "100ms",
-            "-v",
-            "2",
-        ]),
-    }
-}
-
-/// Services with one and two endpoints from the first sync on, so every per-endpoint-count
-/// chain these tests need exists from the start. Works around an nftables-mode problem outside
-/// conntrack cleanup: with nft 1.0.6, a rule added in a *later* transaction that looks up the
-/// `typeof … th dport …` endpoints map fails ("conflicting protocols specified: tcp vs. th"), so
-/// a sync that first needs a `pick-N` chain fails for good. Harmless in iptables mode.
-fn warm_up(s: &Scenario) {
-    for (name, ip, eps) in [
-        ("warm1", "10.96.2.1", &[POD_V4[2]][..]),
-        ("warm2", "10.96.2.2", &[POD_V4[2], POD_V4[3]][..]),
-    ] {
-        s.apply(&Svc::new(name, &[ip], &[DNS]).json());
-        s.apply(&endpoint_slice(
-            name,
-            &format!("{name}-v4"),
-            &eps_on(eps),
-            &[DNS],
-        ));
-    }
+fn start(s: &mut Scenario) {
+    // `-v 2`: the cleanup's debug lines are in the logs printed on failure.
+    s.start_kproxy(&["-v", "2"]);
 }
 
 fn eps_on(addrs: &[&str]) -> Vec<Ep> {
@@ -139,7 +102,7 @@ fn wait_kept_socket(s: &mut Scenario, socket: &UdpSocket, want: &str, what: &str
 // --- the endpoint is replaced --------------------------------------------------------------
 
 fn udp_flow_follows_a_replaced_endpoint(mode: Mode) {
-    let mut s = Scenario::with_manifests();
+    let mut s = Scenario::with_manifests_in(mode);
     s.udp_server(POD_V4[0], 5353, "ep1");
     s.udp_server(POD_V4[1], 5353, "ep2");
     s.apply(&Svc::new("dns", &["10.96.1.53"], &[DNS]).json());
@@ -149,7 +112,7 @@ fn udp_flow_follows_a_replaced_endpoint(mode: Mode) {
         &eps_on(&[POD_V4[0]]),
         &[DNS],
     ));
-    start(&mut s, mode);
+    start(&mut s);
     let vip = sock("10.96.1.53", 53);
     wait_programmed(&mut s, vip, "ep1");
 
@@ -192,12 +155,16 @@ fn nftables_udp_flow_follows_a_replaced_endpoint() {
 
 // --- no endpoints, then the first one ------------------------------------------------------
 
+/// A REJECTed first packet leaves no confirmed entry in either mode (the packet dies in the
+/// filter hook, before conntrack confirmation), so the first phase passes with or without
+/// cleanup; the scaled-to-zero-and-back phase does need it: without cleanup the kept flow stays
+/// DNATed to the removed endpoint.
 fn udp_flow_reaches_the_first_endpoint(mode: Mode) {
-    let mut s = Scenario::with_manifests();
+    let mut s = Scenario::with_manifests_in(mode);
     s.udp_server(POD_V4[0], 5353, "ep1");
     s.apply(&Svc::new("dns", &["10.96.1.53"], &[DNS]).json());
     s.apply(&endpoint_slice("dns", "dns-v4", &[], &[DNS]));
-    start(&mut s, mode);
+    start(&mut s);
     let vip = sock("10.96.1.53", 53);
     // No endpoints: the service rejects (an ICMP port unreachable, ConnectionRefused).
     s.wait_for_result(
@@ -272,8 +239,11 @@ fn nftables_udp_flow_reaches_the_first_endpoint() {
 
 // --- the service appears after the client started sending ----------------------------------
 
+/// In iptables mode a packet to an address no service holds is routed (here to a black hole),
+/// which confirms a non-NATed entry: without cleanup the flow never meets the new DNAT rule.
+/// nftables mode drops such packets (unallocated service IP), so no entry exists there.
 fn udp_flow_reaches_a_service_created_later(mode: Mode) {
-    let mut s = Scenario::with_manifests();
+    let mut s = Scenario::with_manifests_in(mode);
     s.udp_server(POD_V4[0], 5353, "ep1");
     // Another service, so the first sync has something to program.
     s.apply(&Svc::new("other", &["10.96.1.54"], &[DNS]).json());
@@ -283,7 +253,7 @@ fn udp_flow_reaches_a_service_created_later(mode: Mode) {
         &eps_on(&[POD_V4[0]]),
         &[DNS],
     ));
-    start(&mut s, mode);
+    start(&mut s);
     wait_programmed(&mut s, sock("10.96.1.54", 53), "ep1");
 
     // The client sends to an address no service holds yet.
@@ -419,7 +389,7 @@ fn tcp_entry_id(node: &Netns, sport: u16) -> Option<String> {
 }
 
 fn tcp_connection_survives_endpoint_changes(mode: Mode) {
-    let mut s = Scenario::with_manifests();
+    let mut s = Scenario::with_manifests_in(mode);
     let _tcp0 = TcpLineEcho::start(&s.topo.endpoints, sock(POD_V4[0], 8080), "t0");
     let _tcp1 = TcpLineEcho::start(&s.topo.endpoints, sock(POD_V4[1], 8080), "t1");
     s.udp_server(POD_V4[0], 5353, "u0");
@@ -438,7 +408,7 @@ fn tcp_connection_survives_endpoint_changes(mode: Mode) {
         &eps_on(&[POD_V4[0]]),
         &[DNS],
     ));
-    start(&mut s, mode);
+    start(&mut s);
     let tcp_vip = sock("10.96.1.80", 80);
     let udp_vip = sock("10.96.1.80", 53);
     wait_programmed(&mut s, udp_vip, "u0");

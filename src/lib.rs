@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod desired_state;
 pub mod health;
 pub mod metrics;

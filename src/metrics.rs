@@ -2,8 +2,7 @@
 //! buckets so existing dashboards keep working, plus kproxy's own `kproxy_*` metrics.
 //!
 //! Not (yet) exported: `kubeproxy_network_programming_duration_seconds` (needs the EndpointSlice
-//! trigger-time annotation carried through the model), the per-table iptables rule gauges, and
-//! the conntrack reconciler metrics.
+//! trigger-time annotation carried through the model) and the per-table iptables rule gauges.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +44,8 @@ pub struct Metrics {
     objects_removed: Counter,
     service_ports: Gauge,
     skipped_objects: Gauge,
+    conntrack_deleted: Counter,
+    conntrack_duration: Histogram,
     /// `/healthz` answers by status code.
     pub healthz: Family<CodeLabel, Counter>,
     /// `/livez` answers by status code.
@@ -91,6 +92,8 @@ impl Metrics {
             objects_removed: Counter::default(),
             service_ports: Gauge::default(),
             skipped_objects: Gauge::default(),
+            conntrack_deleted: Counter::default(),
+            conntrack_duration: sync_buckets(),
             healthz: Family::default(),
             livez: Family::default(),
             registry: Registry::default(),
@@ -129,6 +132,17 @@ impl Metrics {
             failures,
             "Cumulative proxy rules sync failures",
             m.sync_failures.clone(),
+        );
+        // Counters gain `_total` in the exposition, as upstream's name has it.
+        registry.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            m.conntrack_deleted.clone(),
+        );
+        registry.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            m.conntrack_duration.clone(),
         );
         registry.register(
             "kubeproxy_proxy_healthz",
@@ -185,6 +199,13 @@ impl Metrics {
             .set(i64::try_from(o.service_ports).unwrap_or(i64::MAX));
         self.skipped_objects
             .set(i64::try_from(o.skipped).unwrap_or(i64::MAX));
+    }
+
+    /// A conntrack cleanup ran (after a successful sync).
+    pub fn conntrack_reconciled(&self, report: &crate::conntrack::CleanupReport) {
+        self.conntrack_deleted.inc_by(report.deleted as u64);
+        self.conntrack_duration
+            .observe(report.duration.as_secs_f64());
     }
 
     /// A sync failed.
@@ -256,6 +277,11 @@ mod tests {
             SystemTime::UNIX_EPOCH + Duration::from_secs(100),
         );
         m.failed();
+        m.conntrack_reconciled(&crate::conntrack::CleanupReport {
+            deleted: 3,
+            duration: Duration::from_millis(2),
+            ..Default::default()
+        });
         m.healthz.get_or_create(&CodeLabel { code: 200 }).inc();
         let text = m.encode();
         for want in [
@@ -267,6 +293,8 @@ mod tests {
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
             "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
             "kproxy_objects_added_total 5",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total 3",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count 1",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -62,6 +62,8 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>) -> anyhow::Result<()> {
         sync_period: config.sync_period,
         dry_run: config.dry_run,
         once: config.once,
+        // Both modes here program kernel NAT rules.
+        conntrack_cleanup: true,
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(mode.name()));
     let health = crate::health::Health::new(config.sync_period).with_metrics(metrics.clone());
@@ -87,9 +89,14 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>) -> anyhow::Result<()> {
         },
         _ => None,
     };
+    let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
     let mut sync = SyncLoop::new(mode, config, options)
         .with_health(health)
         .with_metrics(metrics);
+    if clean_conntrack {
+        // The socket is opened in kproxy's own network namespace: only its table is touched.
+        sync = sync.with_conntrack(Box::new(crate::conntrack::netlink::NetlinkConntrack::new()));
+    }
     let stopped = sync.run(rx, shutdown_signal()).await;
     source.abort();
     match stopped? {

@@ -11,12 +11,13 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kproxy_contract::{Mode, ModeError, Plan as _, PlanStats, ProxyState};
+use kproxy_contract::{IpFamily, Mode, ModeError, Plan as _, PlanStats, ProxyState};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::cache::{ClusterCache, Touched};
 use crate::config::Config;
+use crate::conntrack::{CleanupReport, ConntrackTable};
 use crate::desired_state::{self, BuildContext};
 use crate::health::Health;
 use crate::metrics::{Metrics, SyncObservation};
@@ -34,6 +35,11 @@ pub struct SyncOptions {
     pub dry_run: bool,
     /// Stop after the first complete sync.
     pub once: bool,
+    /// Delete stale UDP/SCTP conntrack entries after every applied sync (see
+    /// [`crate::conntrack`]). On for the kernel modes (iptables, nftables), whose rules NAT only
+    /// a flow's first packet; a mode that proxies in userspace has no such entries. Needs a table
+    /// ([`SyncLoop::with_conntrack`]); never runs in `--dry-run`.
+    pub conntrack_cleanup: bool,
 }
 
 /// What one sync did.
@@ -47,8 +53,19 @@ pub struct SyncReport {
     pub skipped: usize,
     /// What the plan changed.
     pub stats: PlanStats,
-    /// Time spent in the whole sync.
+    /// Time spent in the whole sync (including conntrack cleanup).
     pub duration: Duration,
+    /// What conntrack cleanup did: `None` when it did not run (dry run, disabled) or failed
+    /// (logged as a warning; a cleanup failure never fails the sync).
+    pub conntrack: Option<CleanupReport>,
+}
+
+impl SyncReport {
+    /// Stale conntrack entries this sync deleted
+    /// (`kubeproxy_conntrack_reconciler_deleted_entries_total`).
+    pub fn conntrack_deleted(&self) -> usize {
+        self.conntrack.as_ref().map_or(0, |c| c.deleted)
+    }
 }
 
 /// Why the loop stopped.
@@ -79,6 +96,8 @@ pub struct SyncLoop<M: Mode> {
     out: Box<dyn std::io::Write + Send>,
     /// What /healthz reports.
     health: Health,
+    /// The conntrack table cleanup works on (none: no cleanup).
+    conntrack: Option<Box<dyn ConntrackTable + Send>>,
     /// What /metrics reports.
     metrics: Option<Arc<Metrics>>,
 }
@@ -97,6 +116,7 @@ impl<M: Mode> SyncLoop<M> {
             pending: Touched::default(),
             out: Box::new(std::io::stdout()),
             health: Health::new(options.sync_period),
+            conntrack: None,
             metrics: None,
             options,
         }
@@ -117,6 +137,13 @@ impl<M: Mode> SyncLoop<M> {
     /// Sends dry-run output somewhere other than stdout (tests).
     pub fn with_output(mut self, out: Box<dyn std::io::Write + Send>) -> Self {
         self.out = out;
+        self
+    }
+
+    /// Cleans stale conntrack entries in `table` after each applied sync, when
+    /// [`SyncOptions::conntrack_cleanup`] is on.
+    pub fn with_conntrack(mut self, table: Box<dyn ConntrackTable + Send>) -> Self {
+        self.conntrack = Some(table);
         self
     }
 
@@ -293,12 +320,19 @@ impl<M: Mode> SyncLoop<M> {
             self.believed = Some(desired);
             self.health.updated(std::time::SystemTime::now());
         }
+        // After the apply: a deleted entry's next packet must meet the new rules.
+        let conntrack = if dry_run {
+            None
+        } else {
+            self.clean_conntrack(&built.state)
+        };
         let report = SyncReport {
             full,
             service_ports: built.state.services.len(),
             skipped: built.skipped.len(),
             stats,
             duration: started.elapsed(),
+            conntrack,
         };
         if let (Some(m), false) = (&self.metrics, dry_run) {
             m.synced(
@@ -327,9 +361,59 @@ impl<M: Mode> SyncLoop<M> {
             render_ms = render_time.as_secs_f64() * 1000.0,
             plan_ms = plan_time.as_secs_f64() * 1000.0,
             apply_ms = apply_time.as_secs_f64() * 1000.0,
+            conntrack_deleted = report.conntrack_deleted(),
+            conntrack_ms = report
+                .conntrack
+                .as_ref()
+                .map_or(0.0, |c| c.duration.as_secs_f64() * 1000.0),
             "sync complete"
         );
         Ok(report)
+    }
+
+    /// Deletes stale UDP/SCTP conntrack entries against `current`. Failures are warnings.
+    fn clean_conntrack(&mut self, current: &ProxyState) -> Option<CleanupReport> {
+        if !self.options.conntrack_cleanup {
+            return None;
+        }
+        let table = self.conntrack.as_mut()?;
+        let previous = self.previous.as_ref();
+        // A family with no service port now or before, and no service CIDR, has nothing of ours
+        // to clean: no dump (a single-stack node never reads the other family's table).
+        let families: Vec<IpFamily> = IpFamily::ALL
+            .into_iter()
+            .filter(|&f| {
+                [Some(current), previous]
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s.family(f).next().is_some())
+                    || current
+                        .node
+                        .service_cidrs
+                        .iter()
+                        .any(|n| IpFamily::of_net(n) == f)
+            })
+            .collect();
+        match block(|| crate::conntrack::reconcile(table.as_mut(), &families, current, previous)) {
+            Ok(report) => {
+                tracing::debug!(
+                    examined = report.examined,
+                    stale = report.stale,
+                    deleted = report.deleted,
+                    failed = report.failed,
+                    elapsed_ms = report.duration.as_secs_f64() * 1000.0,
+                    "conntrack cleanup"
+                );
+                if let Some(m) = &self.metrics {
+                    m.conntrack_reconciled(&report);
+                }
+                Some(report)
+            }
+            Err(err) => {
+                tracing::warn!(error = %format_chain(&err), "conntrack cleanup failed; stale UDP/SCTP flows may persist until the next sync");
+                None
+            }
+        }
     }
 
     /// Logs each invalid object once, for as long as it stays invalid.

@@ -298,9 +298,11 @@ pub(crate) fn categorize(
         local = pick(&|c| c.is_local && c.serving_terminating());
     }
     let any = !cluster.is_empty() || !local.is_empty();
+    let serving = pick(&|c| c.serving);
     Endpoints {
         cluster,
         local,
         any,
+        serving,
     }
 }

@@ -109,6 +109,7 @@ fn options(dry_run: bool) -> SyncOptions {
         sync_period: Duration::from_secs(30),
         dry_run,
         once: false,
+        conntrack_cleanup: false,
     }
 }
 
@@ -270,4 +271,135 @@ async fn repeated_failures_escalate_to_a_rebuild() {
     };
     assert_eq!(counts, (1, 1), "third attempt rebuilds and succeeds");
     h.stop().await;
+}
+
+/// A conntrack table that records when it is read, shared with the test.
+#[derive(Default)]
+struct CtLog {
+    /// (family, applies the mode had done when the dump happened).
+    dumps: Vec<(IpFamily, usize)>,
+    deleted: usize,
+    fail: bool,
+}
+
+struct FakeTable {
+    ct: Arc<Mutex<CtLog>>,
+    mode: Arc<Mutex<Log>>,
+    entries: Vec<crate::conntrack::Flow>,
+}
+
+impl ConntrackTable for FakeTable {
+    fn dump(
+        &mut self,
+        family: IpFamily,
+    ) -> Result<Vec<crate::conntrack::Flow>, crate::conntrack::ConntrackError> {
+        let mut ct = self.ct.lock().unwrap();
+        ct.dumps.push((family, self.mode.lock().unwrap().applies));
+        if ct.fail {
+            return Err(crate::conntrack::ConntrackError::Protocol("broken".into()));
+        }
+        Ok(self
+            .entries
+            .iter()
+            .filter(|f| f.family() == family)
+            .cloned()
+            .collect())
+    }
+
+    fn delete(
+        &mut self,
+        flows: &[crate::conntrack::Flow],
+    ) -> Result<crate::conntrack::DeleteOutcome, crate::conntrack::ConntrackError> {
+        self.ct.lock().unwrap().deleted += flows.len();
+        Ok(crate::conntrack::DeleteOutcome {
+            deleted: flows.len(),
+            ..Default::default()
+        })
+    }
+}
+
+fn udp_svc(name: &str, ip: &str) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": ip, "ports": [{"port": 53, "protocol": "UDP"}]}
+    }))
+    .unwrap()
+}
+
+/// A loop over the fake mode and a fake table holding one flow DNATed to an endpoint the
+/// service (which has no endpoints) does not have.
+fn loop_with_table(
+    dry_run: bool,
+    cleanup: bool,
+    fail: bool,
+) -> (SyncLoop<FakeMode>, Arc<Mutex<CtLog>>) {
+    let mode_log = Arc::new(Mutex::new(Log::default()));
+    let ct = Arc::new(Mutex::new(CtLog {
+        fail,
+        ..CtLog::default()
+    }));
+    let flow = crate::conntrack::Flow {
+        protocol: kproxy_contract::Protocol::Udp,
+        original: crate::conntrack::Tuple {
+            src: "10.0.1.2:40000".parse().unwrap(),
+            dst: "10.96.0.10:53".parse().unwrap(),
+        },
+        reply: crate::conntrack::Tuple {
+            src: "10.244.1.10:53".parse().unwrap(),
+            dst: "10.0.1.2:40000".parse().unwrap(),
+        },
+        dnat: true,
+        snat: false,
+        zone: None,
+        id: None,
+    };
+    let table = FakeTable {
+        ct: ct.clone(),
+        mode: mode_log.clone(),
+        entries: vec![flow],
+    };
+    let mut opts = options(dry_run);
+    opts.conntrack_cleanup = cleanup;
+    let mut sl = SyncLoop::new(FakeMode(mode_log), config(), opts)
+        .with_output(Box::new(std::io::sink()))
+        .with_conntrack(Box::new(table));
+    sl.cache.apply(Update::Services(Change::Reset(vec![udp_svc(
+        "dns",
+        "10.96.0.10",
+    )])));
+    sl.cache
+        .apply(Update::EndpointSlices(Change::Reset(Vec::new())));
+    (sl, ct)
+}
+
+#[test]
+fn conntrack_cleanup_runs_after_the_apply() {
+    let (mut sl, ct) = loop_with_table(false, true, false);
+    let report = sl.sync(true).unwrap();
+    assert_eq!(report.conntrack_deleted(), 1);
+    let ct = ct.lock().unwrap();
+    // Only the family that has services (no IPv6 service or service CIDR here), after the one
+    // apply.
+    assert_eq!(ct.dumps, vec![(IpFamily::V4, 1)]);
+    assert_eq!(ct.deleted, 1);
+}
+
+#[test]
+fn conntrack_cleanup_is_skipped_in_dry_run_and_when_disabled() {
+    for (dry_run, cleanup) in [(true, true), (false, false)] {
+        let (mut sl, ct) = loop_with_table(dry_run, cleanup, false);
+        let report = sl.sync(true).unwrap();
+        assert!(report.conntrack.is_none());
+        assert!(ct.lock().unwrap().dumps.is_empty());
+    }
+}
+
+#[test]
+fn a_conntrack_failure_does_not_fail_the_sync() {
+    let (mut sl, ct) = loop_with_table(false, true, true);
+    let report = sl.sync(true).unwrap();
+    assert!(report.conntrack.is_none());
+    assert_eq!(ct.lock().unwrap().dumps.len(), 1);
+    // The rules were applied and are believed.
+    assert!(sl.believed.is_some());
 }

@@ -9,6 +9,7 @@
 mod api_source;
 mod api_watch;
 mod behaviour;
+mod conntrack;
 mod iptables;
 mod nftables;
 mod operability;

@@ -150,6 +150,11 @@ pub struct Endpoints {
     /// Whether any usable endpoint exists anywhere. `false` means REJECT (no endpoints);
     /// `true` with an empty `local` list and a Local policy means DROP.
     pub any: bool,
+    /// Every serving endpoint (ready, or terminating but still serving), whatever topology and
+    /// locality chose above. Not used for new connections: it is the set an existing UDP/SCTP
+    /// flow may keep using, so conntrack cleanup leaves flows to a gracefully terminating
+    /// endpoint alone (upstream's reconciler keys on `IsServing()`). Sorted.
+    pub serving: Vec<Endpoint>,
 }
 
 /// One service port in one family: its frontends, policies and chosen endpoints.

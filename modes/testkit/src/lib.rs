@@ -54,6 +54,7 @@ pub fn service(name: &str, cluster_ip: &str, eps: Vec<Endpoint>) -> ServicePort 
         health_check_node_port: None,
         endpoints: Endpoints {
             any: !eps.is_empty(),
+            serving: eps.clone(),
             cluster: eps,
             local,
         },

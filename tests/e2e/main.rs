@@ -10,6 +10,7 @@ mod api_source;
 mod api_watch;
 mod behaviour;
 mod conntrack;
+mod deploy_manifests;
 mod iptables;
 mod nftables;
 mod operability;

@@ -1,0 +1,125 @@
+//! The deployment manifests parse as the Kubernetes types they claim to be, with no field the
+//! schema does not know (a typo in a DaemonSet is silently ignored by the API server), the RBAC
+//! grants only list/watch, and the ConfigMap carries a KubeProxyConfiguration kproxy accepts.
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+fn documents(file: &str) -> Vec<Value> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests")
+        .join(file);
+    let text = std::fs::read_to_string(&path).expect("read manifest");
+    serde_saphyr::from_multiple::<Value>(&text)
+        .expect("valid YAML")
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Deserialises `v` as `T`, failing on any field `T` does not have.
+fn strict<T: DeserializeOwned>(v: &Value) -> T {
+    let mut unknown = Vec::new();
+    let mut record = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
+    let t = serde_ignored::deserialize(v, &mut record).expect("matches the schema");
+    assert!(
+        unknown.is_empty(),
+        "fields unknown to the schema: {unknown:?}"
+    );
+    t
+}
+
+#[test]
+fn daemonset_matches_the_schema_and_upstream_conventions() {
+    let docs = documents("daemonset.yaml");
+    assert_eq!(docs.len(), 1);
+    let ds: DaemonSet = strict(&docs[0]);
+    let spec = ds.spec.expect("spec").template.spec.expect("pod spec");
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let tolerations = spec.tolerations.expect("tolerations");
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    let c = &spec.containers[0];
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/livez"));
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/healthz"));
+    let mounts: Vec<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"/run/xtables.lock") && mounts.contains(&"/lib/modules"),
+        "{mounts:?}"
+    );
+    // Every flag the DaemonSet passes is one kproxy accepts.
+    let mut args = vec!["kproxy".to_string()];
+    args.extend(c.command.iter().flatten().skip(1).cloned());
+    <kproxy::cli::Args as clap::Parser>::try_parse_from(&args)
+        .expect("kproxy accepts the DaemonSet's flags");
+}
+
+#[test]
+fn rbac_is_list_and_watch_only() {
+    for doc in documents("rbac.yaml") {
+        match doc["kind"].as_str() {
+            Some("ServiceAccount") => {
+                let _: ServiceAccount = strict(&doc);
+            }
+            Some("ClusterRoleBinding") => {
+                let _: ClusterRoleBinding = strict(&doc);
+            }
+            Some("ClusterRole") => {
+                let role: ClusterRole = strict(&doc);
+                for rule in role.rules.expect("rules") {
+                    assert!(
+                        rule.verbs.iter().all(|v| v == "list" || v == "watch"),
+                        "verbs beyond list/watch: {:?}",
+                        rule.verbs
+                    );
+                }
+            }
+            other => panic!("unexpected kind {other:?} in rbac.yaml"),
+        }
+    }
+}
+
+#[test]
+fn configmap_carries_a_configuration_kproxy_accepts() {
+    let docs = documents("configmap.yaml");
+    let cm: ConfigMap = strict(&docs[0]);
+    let text = cm
+        .data
+        .expect("data")
+        .remove("config.conf")
+        .expect("config.conf");
+    let (cfg, unknown) = kproxy::config::file::parse(&text).expect("valid KubeProxyConfiguration");
+    assert!(unknown.is_empty(), "unknown fields: {unknown:?}");
+    assert_eq!(cfg.kind.as_deref(), Some("KubeProxyConfiguration"));
+}
+
+/// The strict check is real: a misspelt field is caught.
+#[test]
+#[should_panic(expected = "fields unknown to the schema")]
+fn strict_parsing_catches_unknown_fields() {
+    let doc = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "x", "namspace": "typo"}
+    });
+    let _: ServiceAccount = strict(&doc);
+}

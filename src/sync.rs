@@ -85,7 +85,8 @@ pub struct SyncLoop<M: Mode> {
     options: SyncOptions,
     /// What we believe the kernel holds: the last applied rules. `None` forces a full sync.
     believed: Option<M::Rules>,
-    previous: Option<ProxyState>,
+    /// The last successful build; with `pending`, what an incremental build starts from.
+    previous: Option<desired_state::Built>,
     /// Skipped-object messages currently in effect, so each is logged once.
     reported: BTreeSet<String>,
     /// Changes since the last successful sync.
@@ -253,7 +254,12 @@ impl<M: Mode> SyncLoop<M> {
             node_labels_known: node_obj.is_some(),
         };
         let t_build = Instant::now();
-        let built = desired_state::build(&self.cache, &ctx, self.previous.as_ref());
+        let built = match &self.previous {
+            Some(prev) if !self.pending.everything => {
+                desired_state::build_incremental(&self.cache, &ctx, prev, &self.pending.services)
+            }
+            prev => desired_state::build(&self.cache, &ctx, prev.as_ref().map(|b| &b.state)),
+        };
         let build_time = t_build.elapsed();
         self.report_skipped(&built.skipped);
         let t_render = Instant::now();
@@ -348,7 +354,7 @@ impl<M: Mode> SyncLoop<M> {
                 std::time::SystemTime::now(),
             );
         }
-        self.previous = Some(built.state);
+        self.previous = Some(built);
         self.pending = Touched::default();
         tracing::info!(
             service_ports = report.service_ports,
@@ -377,7 +383,7 @@ impl<M: Mode> SyncLoop<M> {
             return None;
         }
         let table = self.conntrack.as_mut()?;
-        let previous = self.previous.as_ref();
+        let previous = self.previous.as_ref().map(|b| &b.state);
         // A family with no service port now or before, and no service CIDR, has nothing of ours
         // to clean: no dump (a single-stack node never reads the other family's table).
         let families: Vec<IpFamily> = IpFamily::ALL

@@ -1582,3 +1582,94 @@ mod props {
         ])
     }
 }
+
+/// An incremental build after any sequence of changes equals a full build of the same cache.
+mod incremental {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Service i with this port (0 and 70000 are invalid: Skipped entries).
+        ApplyService(u8, u32),
+        DeleteService(u8),
+        /// Slice of service i with these endpoint address suffixes.
+        ApplySlice(u8, Vec<u8>),
+        DeleteSlice(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let i = 0u8..4;
+        prop_oneof![
+            (
+                i.clone(),
+                prop_oneof![Just(0u32), Just(80), Just(81), Just(70_000)]
+            )
+                .prop_map(|(i, p)| Op::ApplyService(i, p)),
+            i.clone().prop_map(Op::DeleteService),
+            (i.clone(), proptest::collection::vec(1u8..6, 0..4))
+                .prop_map(|(i, e)| Op::ApplySlice(i, e)),
+            i.prop_map(Op::DeleteSlice),
+        ]
+    }
+
+    fn update(op: &Op) -> Update {
+        match op {
+            Op::ApplyService(i, port) => Update::Services(Change::Apply(
+                serde_json::from_value(svc(
+                    &format!("s{i}"),
+                    json!({"clusterIP": format!("10.96.0.{i}"), "ports": [{"port": port}]}),
+                ))
+                .unwrap(),
+            )),
+            Op::DeleteService(i) => Update::Services(Change::Delete(
+                serde_json::from_value(simple_svc(&format!("s{i}"), "10.96.0.1")).unwrap(),
+            )),
+            Op::ApplySlice(i, eps) => {
+                let endpoints: Vec<Value> = eps
+                    .iter()
+                    .map(|e| ready(&format!("10.244.{i}.{e}"), NODE))
+                    .collect();
+                Update::EndpointSlices(Change::Apply(
+                    serde_json::from_value(slice(
+                        &format!("s{i}-x"),
+                        &format!("s{i}"),
+                        "IPv4",
+                        json!([{"port": 8080}]),
+                        json!(endpoints),
+                    ))
+                    .unwrap(),
+                ))
+            }
+            Op::DeleteSlice(i) => Update::EndpointSlices(Change::Delete(
+                serde_json::from_value(slice(
+                    &format!("s{i}-x"),
+                    &format!("s{i}"),
+                    "IPv4",
+                    json!([]),
+                    json!([]),
+                ))
+                .unwrap(),
+            )),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn equals_a_full_build(ops in proptest::collection::vec(op(), 1..25)) {
+            let mut cache = cache(vec![], vec![]);
+            let c = ctx(None);
+            let mut prev = build(&cache, &c, None);
+            for op in &ops {
+                let touched = cache.apply(update(op));
+                let inc = build_incremental(&cache, &c, &prev, &touched.services);
+                let full = build(&cache, &c, None);
+                prop_assert_eq!(&inc.state.services, &full.state.services, "after {:?}", op);
+                let strings = |b: &Built| b.skipped.iter().map(ToString::to_string).collect::<Vec<_>>();
+                prop_assert_eq!(strings(&inc), strings(&full), "after {:?}", op);
+                prev = inc;
+            }
+        }
+    }
+}

@@ -84,13 +84,17 @@ impl ClusterCache {
             Update::Services(change) => self.apply_services(change),
             Update::EndpointSlices(change) => self.apply_slices(change),
             Update::Node(change) => {
-                self.node = match change {
+                let node = match change {
                     Change::Reset(nodes) => nodes.into_iter().next().map(Arc::new),
                     Change::Apply(node) => Some(Arc::new(node)),
                     Change::Delete(_) => None,
                 };
+                // A relist (or a manifests reload) repeats an unchanged Node: that must not turn
+                // every following sync into a full rebuild.
+                let changed = node.as_deref() != self.node.as_deref();
+                self.node = node;
                 Touched {
-                    everything: true,
+                    everything: changed,
                     ..Touched::default()
                 }
             }
@@ -248,4 +252,34 @@ fn diff_keys<K: Ord + Clone, V: PartialEq>(
             .map(|(k, _)| k.clone()),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unchanged_node_touches_nothing() {
+        let node: Node =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}})).expect("node");
+        let mut cache = ClusterCache::default();
+        assert!(
+            cache
+                .apply(Update::Node(Change::Reset(vec![node.clone()])))
+                .everything
+        );
+        assert!(
+            cache
+                .apply(Update::Node(Change::Reset(vec![node.clone()])))
+                .is_empty()
+        );
+        let mut relabelled = node;
+        relabelled.metadata.labels =
+            Some([("topology.kubernetes.io/zone".into(), "z".into())].into());
+        assert!(
+            cache
+                .apply(Update::Node(Change::Apply(relabelled)))
+                .everything
+        );
+    }
 }

@@ -60,6 +60,8 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>) -> anyhow::Result<()> {
     let options = SyncOptions {
         min_sync_period: config.min_sync_period,
         sync_period: config.sync_period,
+        // Upstream's FullSyncPeriod; between full syncs the canary probe catches flushed tables.
+        full_sync_period: std::time::Duration::from_secs(3600),
         dry_run: config.dry_run,
         once: config.once,
         // Both modes here program kernel NAT rules.

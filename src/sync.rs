@@ -1,9 +1,11 @@
 //! The sync loop: the one owner of the cache and the mode.
 //!
 //! Updates from the source are folded into the cache as they arrive; a sync runs at most once
-//! per `min_sync_period` (so bursts coalesce), at least once per `sync_period` (a full sync that
-//! reads the kernel back and repairs drift), never before Services and EndpointSlices have been
-//! listed once, and after a failure again with backoff (and full). Time comes from tokio's
+//! per `min_sync_period` (so bursts coalesce), at least once per `sync_period` (probing the mode
+//! for drift, such as a flushed table, and then reading the kernel back and repairing it), with a
+//! full read-back at least once per `full_sync_period` whatever the probe says, never before
+//! Services and EndpointSlices have been listed once, and after a failure again with backoff (and
+//! full). Time comes from tokio's
 //! clock, so tests run with a paused clock.
 
 use std::collections::BTreeSet;
@@ -29,8 +31,11 @@ use crate::source::Update;
 pub struct SyncOptions {
     /// Minimum time between two syncs.
     pub min_sync_period: Duration,
-    /// Maximum time between two full syncs.
+    /// Time between two periodic syncs; each first probes the mode for drift (canary).
     pub sync_period: Duration,
+    /// Maximum time between two full syncs (reading the kernel back), drift or not. Upstream's
+    /// `FullSyncPeriod` is an hour.
+    pub full_sync_period: Duration,
     /// Print plans; apply nothing.
     pub dry_run: bool,
     /// Stop after the first complete sync.
@@ -162,6 +167,7 @@ impl<M: Mode> SyncLoop<M> {
         tokio::pin!(shutdown);
         let mut next_sync: Option<Instant> = None;
         let mut next_full: Option<Instant> = None;
+        let mut last_full: Option<Instant> = None;
         let mut last_sync: Option<Instant> = None;
         let mut backoff = Duration::ZERO;
         let mut initialized = false;
@@ -204,14 +210,20 @@ impl<M: Mode> SyncLoop<M> {
                     }
                 }
                 () = sleep_until(deadline) => {
+                    let periodic = next_full.is_some_and(|t| t <= Instant::now());
                     let full = self.believed.is_none()
-                        || next_full.is_some_and(|t| t <= Instant::now());
+                        || (periodic
+                            && (last_full.is_none_or(|t| t + self.options.full_sync_period <= Instant::now())
+                                || block(|| self.mode.drifted())));
                     match self.sync(full) {
                         Ok(report) => {
                             last_sync = Some(Instant::now());
                             next_sync = None;
                             backoff = Duration::ZERO;
                             if full {
+                                last_full = Some(Instant::now());
+                            }
+                            if full || periodic || next_full.is_none() {
                                 next_full = Some(Instant::now() + self.options.sync_period);
                             }
                             if self.options.once {

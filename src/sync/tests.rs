@@ -18,6 +18,8 @@ struct Log {
     applies: usize,
     reads: usize,
     fail_applies: usize,
+    /// What the next drift probe reports.
+    drifted: bool,
     /// Applies of incremental plans fail; rebuild plans succeed.
     reject_incremental: bool,
     rebuilds: usize,
@@ -93,6 +95,9 @@ impl Mode for FakeMode {
     fn cleanup(&mut self) -> Result<(), ModeError> {
         Ok(())
     }
+    fn drifted(&mut self) -> bool {
+        std::mem::take(&mut self.0.lock().unwrap().drifted)
+    }
 }
 
 fn config() -> Arc<Config> {
@@ -107,6 +112,7 @@ fn options(dry_run: bool) -> SyncOptions {
     SyncOptions {
         min_sync_period: Duration::from_secs(1),
         sync_period: Duration::from_secs(30),
+        full_sync_period: Duration::from_secs(3600),
         dry_run,
         once: false,
         conntrack_cleanup: false,
@@ -214,10 +220,16 @@ async fn periodic_full_resync_reads_the_kernel() {
     lists(&h, vec![svc("a", "10.96.0.1")]).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(h.reads(), 1);
-    tokio::time::sleep(Duration::from_secs(31)).await;
-    assert_eq!(h.reads(), 2);
+    // Periodic syncs probe the canary; without drift they do not read the kernel back.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(h.reads(), 1);
+    // A flushed table (drift) makes the next periodic sync a full one.
+    h.log.lock().unwrap().drifted = true;
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(h.reads(), 3);
+    assert_eq!(h.reads(), 2);
+    // And at least once per full-sync period regardless.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(h.reads() >= 3);
     h.stop().await;
 }
 

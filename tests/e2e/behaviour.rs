@@ -695,3 +695,45 @@ fn ipv6_nodeport_and_reject_without_endpoints(mode: Mode) {
     }
     s.kproxy().assert_running();
 }
+
+// --- flushed tables are repaired (canary) ------------------------------------------------------
+
+both_modes!(flushed_rules_are_restored_within_a_sync_period);
+
+/// Someone flushes the NAT table (iptables) or deletes kproxy's table (nftables) behind its
+/// back: the next periodic sync's canary probe notices, reads the kernel back and restores
+/// everything, though no Service changed.
+fn flushed_rules_are_restored_within_a_sync_period(mode: Mode) {
+    let mut s = Scenario::with_manifests_in(mode);
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.apply(&Svc::new("web", &["10.96.1.20"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v4",
+        &eps_on(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    let period = match mode {
+        Mode::Iptables => "--iptables-sync-period",
+        Mode::Nftables => "--nftables-sync-period",
+    };
+    s.start_kproxy(&[period, "1s"]);
+    let vip = sock("10.96.1.20", 80);
+    wait_tcp(&mut s, vip, "ep1");
+    match mode {
+        Mode::Iptables => {
+            s.topo.node.run("iptables-nft", &["-t", "nat", "-F"]);
+            s.topo.node.run("iptables-nft", &["-t", "nat", "-X"]);
+        }
+        Mode::Nftables => {
+            s.topo.node.run("nft", &["delete", "table", "ip", "kproxy"]);
+        }
+    }
+    let broken = tcp_request_from(&s.topo.client, Some(client_v4(5)), vip, PROBE);
+    assert!(
+        broken.is_err(),
+        "the flush did not break the service: {broken:?}"
+    );
+    wait_tcp(&mut s, vip, "ep1");
+    s.kproxy().assert_running();
+}

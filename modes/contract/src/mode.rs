@@ -86,6 +86,13 @@ pub trait Mode: Send + 'static {
         self.plan(live, desired)
     }
 
+    /// A cheap probe between full resyncs: `true` when someone has visibly removed this mode's
+    /// objects (upstream's canary chains), so the next sync must read the kernel back. Errors
+    /// count as drift. The default never reports drift.
+    fn drifted(&mut self) -> bool {
+        false
+    }
+
     /// Applies a plan atomically: all of it or none of it.
     fn apply(&mut self, plan: &Self::Plan) -> Result<(), ModeError>;
 

@@ -157,6 +157,17 @@ impl FakeIptables {
         Ok(tables)
     }
 
+    /// Flushes and deletes every chain of a table but the built-in ones, as an administrator's
+    /// `iptables -t TABLE -F; iptables -t TABLE -X` would.
+    pub fn wipe(&mut self, family: IpFamily, table: Table) {
+        if let Some(chains) = self.tables.get_mut(&(family, table)) {
+            chains.retain(|name, _| is_builtin(table, name));
+            for rules in chains.values_mut() {
+                rules.clear();
+            }
+        }
+    }
+
     /// Adds a foreign chain with rules (to prove kproxy leaves it alone).
     pub fn add_foreign(&mut self, family: IpFamily, table: Table, chain: &str, rules: &[&str]) {
         self.tables.entry((family, table)).or_default().insert(
@@ -184,6 +195,15 @@ impl IptablesKernel for FakeIptables {
         }
         out.push_str("COMMIT\n");
         Ok(out)
+    }
+
+    fn chain_exists(
+        &mut self,
+        family: IpFamily,
+        table: Table,
+        chain: &str,
+    ) -> Result<bool, CommandError> {
+        Ok(self.chains(family, table).contains_key(chain))
     }
 
     fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError> {

@@ -10,6 +10,13 @@ pub trait IptablesKernel: Send + 'static {
     fn save(&mut self, family: IpFamily, table: Table) -> Result<String, CommandError>;
     /// Runs `iptables-restore --noflush` with `payload` on stdin: one atomic transaction per table.
     fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError>;
+    /// Whether `chain` exists in `table` (one cheap `iptables -S CHAIN`, not a table dump).
+    fn chain_exists(
+        &mut self,
+        family: IpFamily,
+        table: Table,
+        chain: &str,
+    ) -> Result<bool, CommandError>;
 }
 
 /// Which iptables backend the host uses.
@@ -91,6 +98,28 @@ impl IptablesKernel for IptablesCli {
             &["-t", table.as_str()],
             None,
         )
+    }
+
+    fn chain_exists(
+        &mut self,
+        family: IpFamily,
+        table: Table,
+        chain: &str,
+    ) -> Result<bool, CommandError> {
+        let base = match family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        let program = format!("{base}-{}", self.backend.as_str());
+        match run(
+            &program,
+            &["-w", "5", "-t", table.as_str(), "-S", chain],
+            None,
+        ) {
+            Ok(_) => Ok(true),
+            Err(CommandError::Failed { stderr, .. }) if stderr.contains("No chain") => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError> {

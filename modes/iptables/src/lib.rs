@@ -87,6 +87,27 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
         plan::plan(live, desired)
     }
 
+    /// The canary chains (`KPROXY-CANARY` in nat and filter of every family) are gone: someone
+    /// flushed the tables, so the next sync must read the kernel back.
+    fn drifted(&mut self) -> bool {
+        for &family in &self.families {
+            for table in Table::ALL {
+                match self.kernel.chain_exists(family, table, names::CANARY) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(%family, %table, "canary chain missing: the table was flushed; full resync");
+                        return true;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%family, %table, error = %err, "cannot check the canary chain; full resync");
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
     /// Rewrites every kproxy chain (declaring a chain flushes it), deleting stale ones.
     fn plan_rebuild(&self, live: &Ruleset, desired: &Ruleset) -> IptablesPlan {
         let mut stale = live.clone();

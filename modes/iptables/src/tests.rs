@@ -331,3 +331,19 @@ fn rebuild_plan_rewrites_every_chain() {
     m.apply(&p).unwrap();
     assert_eq!(m.read_live().unwrap(), desired);
 }
+
+#[test]
+fn a_flushed_table_is_seen_by_the_canary() {
+    let mut m = mode();
+    sync(
+        &mut m,
+        &state(vec![service(
+            "a",
+            "10.96.0.10",
+            vec![ep("10.244.1.1", false)],
+        )]),
+    );
+    assert!(!m.drifted());
+    m.kernel.wipe(IpFamily::V6, Table::Nat);
+    assert!(m.drifted());
+}

@@ -28,6 +28,11 @@ impl FakeNft {
         Self::default()
     }
 
+    /// Deletes a family's table behind kproxy's back (an administrator's `nft flush ruleset`).
+    pub fn remove_table(&mut self, family: IpFamily) {
+        self.tables.remove(&family);
+    }
+
     /// A table, if present.
     pub fn table(&self, family: IpFamily) -> Option<&Table> {
         self.tables.get(&family)
@@ -182,6 +187,10 @@ fn check_references(t: &Table) -> Result<(), String> {
 impl NftKernel for FakeNft {
     fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError> {
         Ok(self.tables.get(&family).cloned())
+    }
+
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
+        Ok(self.tables.contains_key(&family))
     }
 
     fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {

@@ -13,6 +13,8 @@ pub trait NftKernel: Send + 'static {
     fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError>;
     /// Applies a plan as one transaction.
     fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError>;
+    /// Whether the family's kproxy table exists (`nft list tables`: no elements are read).
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError>;
 }
 
 /// The real kernel, through the `nft` binary.
@@ -38,6 +40,13 @@ impl NftKernel for NftCli {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
+        let want = format!("table {} {TABLE}", family_name(family));
+        Ok(run(&["list", "tables"], None)?
+            .lines()
+            .any(|l| l.trim() == want))
     }
 
     fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {

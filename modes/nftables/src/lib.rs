@@ -71,6 +71,17 @@ impl<K: NftKernel> Mode for NftablesMode<K> {
         plan::plan(live, desired)
     }
 
+    /// A family's table is gone (for example `nft flush ruleset`): the next sync reads back.
+    fn drifted(&mut self) -> bool {
+        self.families.clone().into_iter().any(|family| match self.kernel.table_exists(family) {
+            Ok(exists) => !exists,
+            Err(err) => {
+                tracing::warn!(%family, error = %err, "cannot check the kproxy table; full resync");
+                true
+            }
+        })
+    }
+
     fn plan_rebuild(&self, live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
         plan::rebuild(live, desired)
     }

@@ -251,3 +251,12 @@ fn rebuild_plan_recreates_the_table_in_one_transaction() {
     m.apply(&p).unwrap();
     assert_eq!(m.read_live().unwrap(), m.render(&s));
 }
+
+#[test]
+fn a_deleted_table_is_drift() {
+    let mut m = mode();
+    sync(&mut m, &state(many(2, 1)));
+    assert!(!m.drifted());
+    m.kernel.remove_table(IpFamily::V4);
+    assert!(m.drifted());
+}

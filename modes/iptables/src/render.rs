@@ -330,13 +330,13 @@ impl FamilyWriter<'_> {
         };
         if uses_cluster_chain {
             let mut rules = std::mem::take(&mut svc_rules);
-            self.endpoint_rules(sp, &svc_chain, cluster_eps, &mut rules);
+            self.endpoint_rules(sp, cluster_eps, &mut rules);
             *self.chain(Table::Nat, &svc_chain) = rules;
             self.owned_by(&svc_chain, sp);
         }
         if uses_local_chain {
             let mut rules = std::mem::take(&mut svl_rules);
-            self.endpoint_rules(sp, &svl_chain, local_eps, &mut rules);
+            self.endpoint_rules(sp, local_eps, &mut rules);
             *self.chain(Table::Nat, &svl_chain) = rules;
             self.owned_by(&svl_chain, sp);
         }
@@ -462,13 +462,7 @@ impl FamilyWriter<'_> {
 
     /// Affinity checks, then the random cascade (rule i of n matches with probability
     /// 1/(n-i); the last one always matches).
-    fn endpoint_rules(
-        &self,
-        sp: &ServicePort,
-        _chain: &str,
-        eps: &[Endpoint],
-        rules: &mut Vec<String>,
-    ) {
+    fn endpoint_rules(&self, sp: &ServicePort, eps: &[Endpoint], rules: &mut Vec<String>) {
         let name = sp.name.to_string();
         if let Some(aff) = sp.affinity {
             for ep in eps {

@@ -737,3 +737,84 @@ fn flushed_rules_are_restored_within_a_sync_period(mode: Mode) {
     wait_tcp(&mut s, vip, "ep1");
     s.kproxy().assert_running();
 }
+
+// --- restart without a gap ---------------------------------------------------------------------
+
+both_modes!(sigkill_and_restart_keep_traffic_and_rules);
+
+/// SIGKILL kproxy under traffic and start it again: no connection fails before, during or after
+/// the restart, and the kernel state afterwards is byte-for-byte what it was (the restarted
+/// kproxy reads it back, finds it right and rewrites nothing).
+fn sigkill_and_restart_keep_traffic_and_rules(mode: Mode) {
+    let mut s = Scenario::with_manifests_in(mode);
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.tcp_server(POD_V6[0], 8080, "v6-ep1");
+    s.apply(&Svc::new("web", &["10.96.1.30", "fd00:96::1:30"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v4",
+        &eps_on(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v6",
+        &eps_on(&[POD_V6[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    let vip = sock("10.96.1.30", 80);
+    wait_tcp(&mut s, vip, "ep1");
+    let normalized = |s: &Scenario| -> Vec<String> {
+        [false, true]
+            .into_iter()
+            .flat_map(|v6| s.save(v6).lines().map(str::to_string).collect::<Vec<_>>())
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(" [").next().unwrap_or(&l).to_string())
+            .collect()
+    };
+    let before = normalized(&s);
+    assert!(
+        before.iter().any(|l| l.contains("10.96.1.30")),
+        "{before:#?}"
+    );
+
+    let mut requests = 0;
+    let mut request = |s: &Scenario| {
+        requests += 1;
+        let r = tcp_request(&s.topo.client, vip, REQ);
+        assert_eq!(
+            r.as_deref().ok(),
+            Some("ep1"),
+            "request {requests} failed: {r:?}"
+        );
+    };
+    drop(s.kproxy.take()); // SIGKILL (Child::kill)
+    for _ in 0..20 {
+        request(&s);
+    }
+    s.start_kproxy(&[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.kproxy().stderr().contains("sync complete") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sync after the restart"
+        );
+        request(&s);
+    }
+    for _ in 0..20 {
+        request(&s);
+    }
+    assert_eq!(
+        normalized(&s),
+        before,
+        "kernel state changed across the restart"
+    );
+    let log = s.kproxy().stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("sync complete") && l.contains("added=0 removed=0")),
+        "the restarted kproxy rewrote rules:\n{log}"
+    );
+    s.kproxy().assert_running();
+}

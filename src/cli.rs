@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "kproxy", version, about, long_about = None)]
 pub struct Args {
     /// Data-plane mode: iptables (default), nftables, ipvs or userspace.
-    #[arg(long, value_enum)]
+    #[arg(global = true, long, value_enum)]
     pub proxy_mode: Option<ProxyModeArg>,
 
     /// Path to a kubeconfig file. Without it and without --master, the in-cluster config is used.
@@ -26,24 +26,24 @@ pub struct Args {
 
     /// Read Services, EndpointSlices and Nodes from *.yaml/*.yml/*.json files in DIR instead of
     /// the API, reloading within a second of any change.
-    #[arg(long, value_name = "DIR")]
+    #[arg(global = true, long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
 
     /// This node's name (decides which endpoints are local). Defaults to the host name.
-    #[arg(long, value_name = "NAME")]
+    #[arg(global = true, long, value_name = "NAME")]
     pub hostname_override: Option<String>,
 
     /// Pod CIDR(s), at most one per family. Traffic from them is pod traffic.
-    #[arg(long, value_name = "CIDR[,CIDR]")]
+    #[arg(global = true, long, value_name = "CIDR[,CIDR]")]
     pub cluster_cidr: Option<String>,
 
     /// Service CIDR(s), at most one per family. Must not overlap --cluster-cidr.
-    #[arg(long, value_name = "CIDR[,CIDR]")]
+    #[arg(global = true, long, value_name = "CIDR[,CIDR]")]
     pub service_cluster_ip_range: Option<String>,
 
     /// Which local addresses accept NodePorts: a CIDR list, or `primary` (the node's primary
     /// IPs). Unset: every local address except loopback.
-    #[arg(long, value_name = "CIDR[,CIDR]|primary")]
+    #[arg(global = true, long, value_name = "CIDR[,CIDR]|primary")]
     pub nodeport_addresses: Option<String>,
 
     /// SNAT every connection to a service, whatever its source.
@@ -92,7 +92,7 @@ pub struct Args {
 
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1). Flags given on the
     /// command line override its fields.
-    #[arg(long, value_name = "FILE")]
+    #[arg(global = true, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
     /// Compute and print the rule diff against the live kernel; change nothing.
@@ -125,6 +125,21 @@ pub struct Args {
 pub enum Command {
     /// Print the version and exit.
     Version,
+    /// List what this node programs, service by service (from --manifests DIR), then exit.
+    Services {
+        /// `table` for people, `json` for tools.
+        #[arg(long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+}
+
+/// `--output` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns.
+    Table,
+    /// One JSON document.
+    Json,
 }
 
 /// `--proxy-mode` values.

@@ -16,5 +16,6 @@ pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod run;
+pub mod services;
 pub mod source;
 pub mod sync;

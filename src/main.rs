@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use kproxy::cli::{Args, Command, LogFormat};
+use kproxy::cli::{Args, Command, LogFormat, OutputFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -20,6 +20,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Services { output }) = args.command {
+        return services(&config, output);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -57,5 +60,26 @@ fn init_logging(format: LogFormat, verbosity: Option<u8>) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// `kproxy services`.
+fn services(config: &kproxy::config::Config, output: OutputFormat) -> ExitCode {
+    match kproxy::services::desired(config) {
+        Ok((state, skipped)) => {
+            let text = match output {
+                OutputFormat::Table => kproxy::services::to_table(&state, &skipped),
+                OutputFormat::Json => {
+                    format!("{:#}\n", kproxy::services::to_json(&state, &skipped))
+                }
+            };
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("kproxy: {err:#}");
+            ExitCode::from(2)
+        }
     }
 }

@@ -148,6 +148,27 @@ impl RuleBuilder {
     }
 }
 
+/// The rule without its `-m comment --comment TEXT` match (comments are written by
+/// [`RuleBuilder::comment`], so they are either a bare word or a quoted string without quotes).
+pub fn without_comment(rule: &str) -> String {
+    let Some(start) = rule.find("-m comment --comment ") else {
+        return rule.to_string();
+    };
+    let rest = &rule[start + "-m comment --comment ".len()..];
+    let end = if let Some(quoted) = rest.strip_prefix('"') {
+        quoted.find('"').map_or(rest.len(), |i| i + 2)
+    } else {
+        rest.find(' ').unwrap_or(rest.len())
+    };
+    let tail = rest[end..].trim_start();
+    let head = rule[..start].trim_end();
+    match (head.is_empty(), tail.is_empty()) {
+        (true, _) => tail.to_string(),
+        (false, true) => head.to_string(),
+        (false, false) => format!("{head} {tail}"),
+    }
+}
+
 /// `-m recent` options for ClientIP affinity, in iptables-save's order.
 pub fn recent(family: IpFamily, name: &str, action: RecentAction) -> String {
     let mask = match family {
@@ -216,6 +237,22 @@ mod tests {
                 .jump("X")
                 .contains("0.33333333349")
         );
+    }
+
+    #[test]
+    fn comments_can_be_removed() {
+        assert_eq!(
+            without_comment(
+                "-d 10.0.0.1/32 -p tcp -m comment --comment \"a b\" -m tcp --dport 80 -j X"
+            ),
+            "-d 10.0.0.1/32 -p tcp -m tcp --dport 80 -j X"
+        );
+        assert_eq!(without_comment("-m comment --comment x -j Y"), "-j Y");
+        assert_eq!(
+            without_comment("-m comment --comment \"only a comment\""),
+            ""
+        );
+        assert_eq!(without_comment("-j Z"), "-j Z");
     }
 
     #[test]

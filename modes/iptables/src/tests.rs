@@ -347,3 +347,19 @@ fn a_flushed_table_is_seen_by_the_canary() {
     m.kernel.wipe(IpFamily::V6, Table::Nat);
     assert!(m.drifted());
 }
+
+#[test]
+fn large_clusters_drop_rule_comments() {
+    let small = mode().render(&state(kproxy_testkit::many(10, 2)));
+    let large = mode().render(&state(kproxy_testkit::many(600, 2)));
+    let comments = |r: &crate::Ruleset| {
+        r.families
+            .values()
+            .flat_map(|f| f.tables.values())
+            .flat_map(|t| t.chains.values().flatten())
+            .filter(|r| r.contains("--comment"))
+            .count()
+    };
+    assert!(comments(&small) > 0);
+    assert_eq!(comments(&large), 0);
+}

@@ -34,11 +34,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     tcp_be_liberal: config.tcp_be_liberal,
                 },
             );
-            run_mode(mode, config).await
+            run_mode(mode, config, Keep::Iptables(backend)).await
         }
         ModeName::Nftables => {
             let mode = NftablesMode::new(NftCli, vec![IpFamily::V4, IpFamily::V6]);
-            run_mode(mode, config).await
+            run_mode(mode, config, Keep::Nftables).await
         }
         other => anyhow::bail!(
             "--proxy-mode {other} is not available in this build yet; use iptables or nftables"
@@ -54,7 +54,7 @@ fn iptables_backend(choice: BackendChoice) -> Backend {
     }
 }
 
-async fn run_mode<M: Mode>(mode: M, config: Arc<Config>) -> anyhow::Result<()> {
+async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
     let source = spawn_source(&config, tx).await?;
     let options = SyncOptions {
@@ -92,9 +92,17 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>) -> anyhow::Result<()> {
         _ => None,
     };
     let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
+    let switch_config = config.clone();
     let mut sync = SyncLoop::new(mode, config, options)
         .with_health(health)
-        .with_metrics(metrics);
+        .with_metrics(metrics)
+        .after_first_apply(Box::new(move || {
+            // Another mode (or backend) may have run before: its rules go now that ours are in
+            // place, so traffic never finds neither.
+            if let Err(err) = cleanup_except(&switch_config, Some(keep)) {
+                tracing::warn!(error = %format!("{err:#}"), "could not remove another mode's rules");
+            }
+        }));
     if clean_conntrack {
         // The socket is opened in kproxy's own network namespace: only its table is touched.
         sync = sync.with_conntrack(Box::new(crate::conntrack::netlink::NetlinkConntrack::new()));
@@ -168,8 +176,24 @@ async fn kube_client(
 /// `--cleanup`: every mode's objects, both iptables backends, both families. Missing tools are
 /// not errors (there is nothing of ours to remove where the tool does not exist).
 fn cleanup(config: &Config) -> anyhow::Result<()> {
+    cleanup_except(config, None)
+}
+
+/// What a running mode owns, so a mode switch cleans up everything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Iptables(Backend),
+    Nftables,
+}
+
+/// Removes every kproxy object except what `keep` (the running mode) owns: on a mode switch the
+/// previous mode's rules go, but only after the new mode's first sync is in place.
+fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     for backend in [Backend::Nft, Backend::Legacy] {
+        if keep == Some(Keep::Iptables(backend)) {
+            continue;
+        }
         for family in IpFamily::ALL {
             let mut mode = IptablesMode::new(
                 IptablesCli::new(backend),
@@ -193,11 +217,15 @@ fn cleanup(config: &Config) -> anyhow::Result<()> {
             }
         }
     }
-    let mut nft = NftablesMode::new(NftCli, IpFamily::ALL.to_vec());
-    match nft.cleanup() {
-        Ok(()) => tracing::info!("nftables tables removed"),
-        Err(err) if is_missing_tool(&err) => tracing::debug!("nft not installed; nothing to clean"),
-        Err(err) => failures.push(format!("nftables: {}", format_chain(&err))),
+    if keep != Some(Keep::Nftables) {
+        let mut nft = NftablesMode::new(NftCli, IpFamily::ALL.to_vec());
+        match nft.cleanup() {
+            Ok(()) => tracing::info!("nftables tables removed"),
+            Err(err) if is_missing_tool(&err) => {
+                tracing::debug!("nft not installed; nothing to clean")
+            }
+            Err(err) => failures.push(format!("nftables: {}", format_chain(&err))),
+        }
     }
     if failures.is_empty() {
         Ok(())

@@ -98,6 +98,8 @@ pub struct SyncLoop<M: Mode> {
     pending: Touched,
     /// Failed applies in a row; after two, the next plan rewrites everything the mode owns.
     failures: u32,
+    /// Runs once, after the first successful apply (mode-switch cleanup).
+    after_first_apply: Option<Box<dyn FnOnce() + Send>>,
     /// Where dry-run plans go.
     out: Box<dyn std::io::Write + Send>,
     /// What /healthz reports.
@@ -120,12 +122,19 @@ impl<M: Mode> SyncLoop<M> {
             previous: None,
             reported: BTreeSet::new(),
             pending: Touched::default(),
+            after_first_apply: None,
             out: Box::new(std::io::stdout()),
             health: Health::new(options.sync_period),
             conntrack: None,
             metrics: None,
             options,
         }
+    }
+
+    /// Runs `f` once, right after the first successful (non-dry-run) apply.
+    pub fn after_first_apply(mut self, f: Box<dyn FnOnce() + Send>) -> Self {
+        self.after_first_apply = Some(f);
+        self
     }
 
     /// Reports to these metrics (shared with the HTTP server).
@@ -333,6 +342,9 @@ impl<M: Mode> SyncLoop<M> {
             return Err(err);
         }
         self.failures = 0;
+        if !dry_run && let Some(f) = self.after_first_apply.take() {
+            block(f);
+        }
         let apply_time = t_apply.elapsed();
         if !dry_run {
             self.believed = Some(desired);

@@ -818,3 +818,69 @@ fn sigkill_and_restart_keep_traffic_and_rules(mode: Mode) {
     );
     s.kproxy().assert_running();
 }
+
+// --- mode switch ------------------------------------------------------------------------------
+
+/// iptables → nftables → iptables on a live node: each new mode removes the previous mode's
+/// objects only after its own first sync, so connections keep working throughout.
+#[test]
+fn mode_switch_removes_the_old_rules_after_the_new_are_in_place() {
+    if !crate::support::require_root("mode_switch_removes_the_old_rules_after_the_new_are_in_place")
+    {
+        return;
+    }
+    let mut s = Scenario::with_manifests_in(Mode::Iptables);
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.apply(&Svc::new("web", &["10.96.1.40"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v4",
+        &eps_on(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    let vip = sock("10.96.1.40", 80);
+    wait_tcp(&mut s, vip, "ep1");
+    let iptables_rules = |s: &Scenario| {
+        s.topo
+            .node
+            .run("iptables-nft-save", &[])
+            .contains("KPROXY-")
+    };
+    let nft_table = |s: &Scenario| {
+        s.topo
+            .node
+            .run("nft", &["list", "tables"])
+            .lines()
+            .any(|l| l.trim() == "table ip kproxy")
+    };
+    assert!(iptables_rules(&s) && !nft_table(&s));
+
+    for to in [Mode::Nftables, Mode::Iptables] {
+        drop(s.kproxy.take());
+        // The old mode's rules still carry traffic while no kproxy runs.
+        assert_eq!(tcp_request(&s.topo.client, vip, REQ).unwrap(), "ep1");
+        s.mode = to;
+        s.start_kproxy(&[]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !s.kproxy().stderr().contains("sync complete") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no first sync in {to:?}"
+            );
+            assert_eq!(tcp_request(&s.topo.client, vip, REQ).unwrap(), "ep1");
+        }
+        let gone = crate::support::kproxy::wait_until(Duration::from_secs(10), || match to {
+            Mode::Nftables => !iptables_rules(&s) && nft_table(&s),
+            Mode::Iptables => iptables_rules(&s) && !nft_table(&s),
+        });
+        assert!(
+            gone,
+            "the previous mode's objects were not removed after switching to {to:?}"
+        );
+        for _ in 0..10 {
+            assert_eq!(tcp_request(&s.topo.client, vip, REQ).unwrap(), "ep1");
+        }
+    }
+    s.kproxy().assert_running();
+}

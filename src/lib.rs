@@ -13,6 +13,7 @@ pub mod config;
 pub mod conntrack;
 pub mod desired_state;
 pub mod health;
+pub mod healthcheck;
 pub mod metrics;
 pub mod node;
 pub mod run;

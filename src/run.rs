@@ -93,9 +93,11 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
     };
     let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
     let switch_config = config.clone();
+    let hc_health = health.clone();
     let mut sync = SyncLoop::new(mode, config, options)
         .with_health(health)
         .with_metrics(metrics)
+        .with_health_checks(crate::healthcheck::HealthCheckServers::new(hc_health))
         .after_first_apply(Box::new(move || {
             // Another mode (or backend) may have run before: its rules go now that ours are in
             // place, so traffic never finds neither.

@@ -98,6 +98,8 @@ pub struct SyncLoop<M: Mode> {
     pending: Touched,
     /// Failed applies in a row; after two, the next plan rewrites everything the mode owns.
     failures: u32,
+    /// Health-check node port servers, following each applied state.
+    health_checks: Option<crate::healthcheck::HealthCheckServers>,
     /// Runs once, after the first successful apply (mode-switch cleanup).
     after_first_apply: Option<Box<dyn FnOnce() + Send>>,
     /// Where dry-run plans go.
@@ -123,12 +125,19 @@ impl<M: Mode> SyncLoop<M> {
             reported: BTreeSet::new(),
             pending: Touched::default(),
             after_first_apply: None,
+            health_checks: None,
             out: Box::new(std::io::stdout()),
             health: Health::new(options.sync_period),
             conntrack: None,
             metrics: None,
             options,
         }
+    }
+
+    /// Serves health-check node ports for the applied state.
+    pub fn with_health_checks(mut self, servers: crate::healthcheck::HealthCheckServers) -> Self {
+        self.health_checks = Some(servers);
+        self
     }
 
     /// Runs `f` once, right after the first successful (non-dry-run) apply.
@@ -344,6 +353,9 @@ impl<M: Mode> SyncLoop<M> {
         self.failures = 0;
         if !dry_run && let Some(f) = self.after_first_apply.take() {
             block(f);
+        }
+        if !dry_run && let Some(hc) = &mut self.health_checks {
+            hc.update(&built.state);
         }
         let apply_time = t_apply.elapsed();
         if !dry_run {

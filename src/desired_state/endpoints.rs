@@ -294,6 +294,7 @@ pub(crate) fn categorize(
         cluster = pick(&|c| c.serving_terminating());
     }
     let mut local = pick(&|c| c.is_local && c.ready);
+    let local_ready = local.len();
     if local.is_empty() {
         local = pick(&|c| c.is_local && c.serving_terminating());
     }
@@ -304,5 +305,6 @@ pub(crate) fn categorize(
         local,
         any,
         serving,
+        local_ready,
     }
 }

@@ -884,3 +884,85 @@ fn mode_switch_removes_the_old_rules_after_the_new_are_in_place() {
     }
     s.kproxy().assert_running();
 }
+
+// --- health-check node ports ---------------------------------------------------------------------
+
+both_modes!(health_check_node_port_reports_local_endpoints);
+
+/// `GET http://NODE:PORT/` from the client namespace: (status, response text).
+fn http_get(s: &Scenario, addr: SocketAddr) -> Option<(u16, String)> {
+    s.topo.client.in_ns(move || -> Option<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        c.read_to_string(&mut text).ok()?;
+        Some((text.split_whitespace().nth(1)?.parse().ok()?, text))
+    })
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy=Local answers on its healthCheckNodePort:
+/// 200 with the count of local ready endpoints (body and weight header) while this node has
+/// one, 503 with 0 once its only local endpoint is gone.
+fn health_check_node_port_reports_local_endpoints(mode: Mode) {
+    let mut s = Scenario::with_manifests_in(mode);
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    let mut svc = Svc::new("lb", &["10.96.1.50"], &[HTTP_NP])
+        .load_balancer(&["10.0.8.50"], &[])
+        .external_policy("Local")
+        .json();
+    svc["spec"]["healthCheckNodePort"] = serde_json::json!(32001);
+    s.apply(&svc);
+    s.apply(&endpoint_slice(
+        "lb",
+        "lb-v4",
+        &eps_on(&[POD_V4[0]], NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    let hc = sock(NODE_IP, 32001);
+    let ok = crate::support::kproxy::wait_until(Duration::from_secs(10), || {
+        http_get(&s, hc).is_some_and(|(code, _)| code == 200)
+    });
+    if !ok {
+        s.kproxy().assert_running();
+        panic!(
+            "health-check node port never answered 200: {:?}",
+            http_get(&s, hc)
+        );
+    }
+    let (_, text) = http_get(&s, hc).unwrap();
+    let lower = text.to_ascii_lowercase();
+    assert!(
+        lower.contains("x-load-balancing-endpoint-weight: 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"localEndpoints\":1") && text.contains("\"serviceProxyHealthy\":true"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"namespace\":\"default\"") && text.contains("\"name\":\"lb\""),
+        "{text}"
+    );
+
+    // The only local endpoint moves to another node: 503, weight 0.
+    s.apply(&endpoint_slice(
+        "lb",
+        "lb-v4",
+        &eps_on(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    let drained = crate::support::kproxy::wait_until(Duration::from_secs(10), || {
+        http_get(&s, hc)
+            .is_some_and(|(code, text)| code == 503 && text.contains("\"localEndpoints\":0"))
+    });
+    assert!(
+        drained,
+        "still healthy without local endpoints: {:?}",
+        http_get(&s, hc)
+    );
+    s.kproxy().assert_running();
+}

@@ -155,6 +155,9 @@ pub struct Endpoints {
     /// flow may keep using, so conntrack cleanup leaves flows to a gracefully terminating
     /// endpoint alone (upstream's reconciler keys on `IsServing()`). Sorted.
     pub serving: Vec<Endpoint>,
+    /// How many local endpoints are ready (not the terminating fallback): what a health-check
+    /// node port reports, so a load balancer stops sending to a node whose pods are all going.
+    pub local_ready: usize,
 }
 
 /// One service port in one family: its frontends, policies and chosen endpoints.

@@ -38,7 +38,7 @@ pub fn ep(ip: &str, local: bool) -> Endpoint {
 /// also form the Local list).
 pub fn service(name: &str, cluster_ip: &str, eps: Vec<Endpoint>) -> ServicePort {
     let cip: IpAddr = cluster_ip.parse().unwrap();
-    let local = eps.iter().copied().filter(|e| e.is_local).collect();
+    let local: Vec<Endpoint> = eps.iter().copied().filter(|e| e.is_local).collect();
     ServicePort {
         name: spn(name),
         family: IpFamily::of(&cip),
@@ -56,6 +56,7 @@ pub fn service(name: &str, cluster_ip: &str, eps: Vec<Endpoint>) -> ServicePort 
             any: !eps.is_empty(),
             serving: eps.clone(),
             cluster: eps,
+            local_ready: local.len(),
             local,
         },
     }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use kproxy_contract::*;
-use kproxy_testkit::{ep, service, spn, state};
+use kproxy_testkit::{ep, service, spn, state, sync};
 
 use crate::fake::FakeIptables;
 use crate::{IptablesMode, RenderOptions, Table, names};
@@ -17,14 +17,6 @@ fn mode() -> IptablesMode<FakeIptables> {
         vec![IpFamily::V4, IpFamily::V6],
         RenderOptions::default(),
     )
-}
-
-fn sync(m: &mut IptablesMode<FakeIptables>, s: &ProxyState) -> crate::IptablesPlan {
-    let live = m.read_live().unwrap();
-    let desired = m.render(s);
-    let plan = m.plan(&live, &desired);
-    m.apply(&plan).unwrap();
-    plan
 }
 
 #[test]

@@ -4,21 +4,13 @@
 use std::time::Duration;
 
 use kproxy_contract::*;
-use kproxy_testkit::{ep, many, service, state};
+use kproxy_testkit::{ep, many, service, state, sync};
 
 use crate::fake::FakeNft;
 use crate::{NftablesMode, plan};
 
 fn mode() -> NftablesMode<FakeNft> {
     NftablesMode::new(FakeNft::new(), vec![IpFamily::V4, IpFamily::V6])
-}
-
-fn sync(m: &mut NftablesMode<FakeNft>, s: &ProxyState) -> crate::NftPlan {
-    let live = m.read_live().unwrap();
-    let desired = m.render(s);
-    let plan = m.plan(&live, &desired);
-    m.apply(&plan).unwrap();
-    plan
 }
 
 #[test]

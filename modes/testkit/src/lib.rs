@@ -120,3 +120,13 @@ pub fn many(n: usize, eps: usize) -> Vec<ServicePort> {
         })
         .collect()
 }
+
+/// One sync against whatever the mode's kernel holds: read it back, render `s`, plan, apply.
+/// Returns the plan that was applied. Panics on any error (tests only).
+pub fn sync<M: kproxy_contract::Mode>(m: &mut M, s: &ProxyState) -> M::Plan {
+    let live = m.read_live().unwrap();
+    let desired = m.render(s);
+    let plan = m.plan(&live, &desired);
+    m.apply(&plan).unwrap();
+    plan
+}

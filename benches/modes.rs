@@ -30,6 +30,10 @@ use kproxy_nftables::{NftCli, NftablesMode};
 use kproxy_testkit::{many, state};
 use serde_json::json;
 
+/// The same allocator as the `kproxy` binary, so control-plane times match the daemon's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, Debug)]
 enum Subject {
     Iptables(Backend),
@@ -64,6 +68,8 @@ struct Row {
     last_p50: Duration,
     last_p99: Duration,
     direct_p50: Duration,
+    full_phases: Option<Phases>,
+    endpoint_phases: Option<Phases>,
 }
 
 /// A network namespace for one measurement, deleted on drop. The harness thread enters it, so
@@ -119,21 +125,42 @@ fn pipe(cmd: &str, args: &[&str], input: &str) {
     assert!(child.wait().unwrap().success(), "{cmd} {args:?} failed");
 }
 
+/// Where one control-plane step spent its time.
+#[derive(Debug, Default, Clone, Copy)]
+struct Phases {
+    render: Duration,
+    plan: Duration,
+    apply: Duration,
+}
+
 /// Times one render + plan + apply of `to`, from `from`.
-fn step<M: Mode>(mode: &mut M, from: &M::Rules, to: &ProxyState) -> (Duration, M::Rules, usize) {
+fn step<M: Mode>(
+    mode: &mut M,
+    from: &M::Rules,
+    to: &ProxyState,
+) -> (Duration, M::Rules, usize, Phases) {
     let t = Instant::now();
     let desired = mode.render(to);
+    let render = t.elapsed();
     let plan = mode.plan(from, &desired);
+    let planned = t.elapsed();
     mode.apply(&plan).unwrap();
+    let total = t.elapsed();
     let stats = plan.stats();
-    (t.elapsed(), desired, stats.added)
+    let phases = Phases {
+        render,
+        plan: planned - render,
+        apply: total - planned,
+    };
+    (total, desired, stats.added, phases)
 }
 
 fn measure_kproxy<M: Mode>(mut mode: M, row: &mut Row, n: usize, e: usize) {
     let mut services = many(n, e);
     let s0 = state(services.clone());
-    let (full, believed, objects) = step(&mut mode, &M::Rules::default(), &s0);
+    let (full, believed, objects, phases) = step(&mut mode, &M::Rules::default(), &s0);
     row.full_sync = full;
+    row.full_phases = Some(phases);
     row.objects = objects;
     // One endpoint of the middle service replaced.
     services[n / 2].endpoints.cluster[0] = Endpoint {
@@ -142,15 +169,16 @@ fn measure_kproxy<M: Mode>(mut mode: M, row: &mut Row, n: usize, e: usize) {
         is_local: false,
     };
     let s1 = state(services.clone());
-    let (d, believed, _) = step(&mut mode, &believed, &s1);
+    let (d, believed, _, phases) = step(&mut mode, &believed, &s1);
     row.endpoint_change = Some(d);
+    row.endpoint_phases = Some(phases);
     let mut extra = many(n + 1, e);
     let added = extra.pop().unwrap();
     services.push(added);
-    let (d, believed, _) = step(&mut mode, &believed, &state(services.clone()));
+    let (d, believed, _, _) = step(&mut mode, &believed, &state(services.clone()));
     row.service_add = Some(d);
     services.pop();
-    let (d, _, _) = step(&mut mode, &believed, &state(services));
+    let (d, _, _, _) = step(&mut mode, &believed, &state(services));
     row.service_delete = Some(d);
 }
 
@@ -383,28 +411,48 @@ fn main() {
         println!("kproxy benchmarks need root (network namespaces, iptables, nft); skipped");
         return;
     }
-    let (sizes, endpoints, connects): (Vec<usize>, Vec<usize>, usize) = if quick {
+    let (mut sizes, mut endpoints, connects): (Vec<usize>, Vec<usize>, usize) = if quick {
         (vec![100, 1_000], vec![2], 50)
     } else {
         (vec![1_000, 5_000, 10_000], vec![2, 10], 300)
     };
+    // `--sizes 10000 --endpoints 10 --only "iptables (nft)"` narrows a run to one question.
+    let list = |flag: &str| -> Option<Vec<usize>> {
+        let i = args.iter().position(|a| a == flag)?;
+        Some(
+            args.get(i + 1)?
+                .split(',')
+                .filter_map(|v| v.trim().parse().ok())
+                .collect(),
+        )
+    };
+    if let Some(v) = list("--sizes") {
+        sizes = v;
+    }
+    if let Some(v) = list("--endpoints") {
+        endpoints = v;
+    }
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
     let subjects = [
         Subject::Iptables(Backend::Nft),
+        Subject::UpstreamIptables(Backend::Nft),
         Subject::Iptables(Backend::Legacy),
         Subject::UpstreamIptables(Backend::Legacy),
         Subject::Nftables,
         Subject::UpstreamNftables,
     ];
+    let subjects: Vec<Subject> = subjects
+        .into_iter()
+        .filter(|s| only.as_ref().is_none_or(|o| s.name().contains(o.as_str())))
+        .collect();
     let mut rows = Vec::new();
     let total = sizes.len() * endpoints.len() * subjects.len();
     for &e in &endpoints {
         for &n in &sizes {
-            for subject in subjects {
-                // The iptables-nft backend needs minutes at 10,000 services: measured once, at
-                // the smaller sizes only, outside --quick.
-                if matches!(subject, Subject::Iptables(Backend::Nft)) && n > 5_000 {
-                    continue;
-                }
+            for &subject in &subjects {
                 eprintln!(
                     "[{}/{total}] {} at {n} services x {e} endpoints",
                     rows.len() + 1,
@@ -446,6 +494,23 @@ fn report(rows: &[Row], quick: bool) {
             us(r.last_p50),
             us(r.last_p99),
             us(r.direct_p50)
+        );
+    }
+    println!("\nWhere kproxy's time goes (render / plan / apply ms):\n");
+    println!("| subject | services | eps | full sync | 1 endpoint |");
+    println!("|---|---|---|---|---|");
+    let phases = |p: Option<Phases>| {
+        p.map(|p| format!("{} / {} / {}", ms(p.render), ms(p.plan), ms(p.apply)))
+            .unwrap_or_else(|| "–".into())
+    };
+    for r in rows.iter().filter(|r| r.full_phases.is_some()) {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.subject,
+            r.services,
+            r.endpoints,
+            phases(r.full_phases),
+            phases(r.endpoint_phases)
         );
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kproxy-bench");

@@ -6,6 +6,9 @@ use clap::Parser as _;
 use kproxy::cli::{Args, Command, LogFormat, OutputFormat};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Command::Version) = args.command {

@@ -16,11 +16,13 @@ pub mod render;
 pub mod rule;
 pub mod ruleset;
 
+use std::sync::{Mutex, PoisonError};
+
 use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ProxyState};
 
 pub use kernel::{Backend, IptablesCli, IptablesKernel};
 pub use plan::IptablesPlan;
-pub use render::RenderOptions;
+pub use render::{RenderCache, RenderOptions};
 pub use ruleset::{Ruleset, Table};
 
 /// The iptables data plane.
@@ -29,6 +31,9 @@ pub struct IptablesMode<K: IptablesKernel = IptablesCli> {
     kernel: K,
     families: Vec<IpFamily>,
     options: RenderOptions,
+    /// Fragments of the last render: `render` is pure in what it returns, and this only
+    /// spares it re-formatting unchanged service ports. A mutex because `render` takes `&self`.
+    cache: Mutex<RenderCache>,
 }
 
 impl<K: IptablesKernel> IptablesMode<K> {
@@ -38,6 +43,7 @@ impl<K: IptablesKernel> IptablesMode<K> {
             kernel,
             families,
             options,
+            cache: Mutex::new(RenderCache::default()),
         }
     }
 
@@ -61,9 +67,8 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
     }
 
     fn render(&self, desired: &ProxyState) -> Ruleset {
-        let mut rules = render::render(desired, &self.options);
-        rules.families.retain(|f, _| self.families.contains(f));
-        rules
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        render::render_cached(desired, &self.options, &self.families, &mut cache)
     }
 
     fn read_live(&mut self) -> Result<Ruleset, ModeError> {
@@ -118,7 +123,7 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
         {
             for rules in table.chains.values_mut() {
                 // Differs from any real rule list, so every desired chain is written again.
-                *rules = vec![String::from("<rewrite>")];
+                *rules = std::sync::Arc::new(vec![String::from("<rewrite>")]);
             }
         }
         plan::plan(&stale, desired)

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use kproxy_contract::{IpFamily, PlanStats};
 
@@ -16,9 +17,9 @@ pub struct ChainWrite {
     /// Chain name.
     pub name: String,
     /// Its new rules.
-    pub rules: Vec<String>,
+    pub rules: Arc<Vec<String>>,
     /// Its rules before, when it existed.
-    pub old: Option<Vec<String>>,
+    pub old: Option<Arc<Vec<String>>>,
 }
 
 /// The changes to one table of one family.
@@ -27,7 +28,7 @@ pub struct TablePlan {
     /// Chains to create or rewrite.
     pub write: Vec<ChainWrite>,
     /// Chains to flush and delete, with the rules they held.
-    pub delete: Vec<(String, Vec<String>)>,
+    pub delete: Vec<(String, Arc<Vec<String>>)>,
     /// Jumps to insert into built-in chains.
     pub add_jumps: Vec<Jump>,
     /// Jumps to remove from built-in chains.
@@ -118,7 +119,7 @@ impl IptablesPlan {
                 out.push_str(&format!(":{name} - [0:0]\n"));
             }
             for w in &tp.write {
-                for r in &w.rules {
+                for r in w.rules.iter() {
                     out.push_str(&format!("-A {} {r}\n", w.name));
                 }
             }
@@ -154,7 +155,8 @@ impl kproxy_contract::Plan for IptablesPlan {
             s.added += tp.add_jumps.len();
             s.removed += tp.del_jumps.len();
             for w in &tp.write {
-                let (added, removed) = line_diff(w.old.as_deref().unwrap_or(&[]), &w.rules);
+                let (added, removed) =
+                    line_diff(w.old.as_deref().map_or(&[][..], Vec::as_slice), &w.rules);
                 s.added += added.len();
                 s.removed += removed.len();
             }
@@ -202,7 +204,7 @@ impl fmt::Display for IptablesPlan {
                 if w.old.is_none() {
                     lines.push(format!("+ :{}", w.name));
                 }
-                let old = w.old.as_deref().unwrap_or(&[]);
+                let old = w.old.as_deref().map_or(&[][..], Vec::as_slice);
                 let (added, removed) = line_diff(old, &w.rules);
                 if w.old.is_some() && added.is_empty() && removed.is_empty() {
                     lines.push(format!("~ {} (same rules, new order)", w.name));
@@ -216,7 +218,7 @@ impl fmt::Display for IptablesPlan {
             }
             for (name, rules) in &tp.delete {
                 let lines = groups.entry("stale").or_default();
-                for r in rules {
+                for r in rules.iter() {
                     lines.push(format!("- -A {name} {r}"));
                 }
                 lines.push(format!("- :{name}"));

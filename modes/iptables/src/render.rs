@@ -2,11 +2,13 @@
 //! one structural change: destination dispatch is a tree of chains (see [`dispatch`]), so a new
 //! connection to the 10,000th service walks about fifty rules, not ten thousand.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use kproxy_contract::{
-    Endpoint, IpFamily, NodePortAddresses, NodeSettings, ProxyState, ServicePort, TrafficPolicy,
+    Endpoint, IpFamily, NodePortAddresses, NodeSettings, ProxyState, ServicePort, ServicePortKey,
+    TrafficPolicy,
 };
 
 use crate::dispatch;
@@ -19,6 +21,99 @@ use crate::ruleset::{Jump, Ruleset, Table};
 pub struct RenderOptions {
     /// `nf_conntrack_tcp_be_liberal` is 1: the INVALID-drop workaround is not needed.
     pub tcp_be_liberal: bool,
+}
+
+/// One service port's share of one family's ruleset: the chains it owns and the rules it adds
+/// to the shared chains. It depends only on the service port, the node settings and whether
+/// rules carry comments, so an unchanged service port reuses its fragment from the last render
+/// and its chains keep the same `Arc`s, which the plan then skips without comparing a rule.
+#[derive(Debug, Default)]
+struct Fragment {
+    /// `ns/name:port`, the owner shown by the dry-run.
+    owner: String,
+    /// nat chains this service port owns (SVC, SVL, EXT, FW, SEP), with their rules.
+    chains: Vec<(String, Arc<Vec<String>>)>,
+    /// (destination, rule) pairs for the nat dispatch tree.
+    nat_dispatch: Vec<(IpAddr, String)>,
+    /// (destination, rule) pairs for filter KPROXY-SERVICES.
+    filter_services: Vec<(IpAddr, String)>,
+    /// (destination, rule) pairs for filter KPROXY-EXTERNAL-SERVICES.
+    filter_external: Vec<(IpAddr, String)>,
+    /// NodePort rules of filter KPROXY-EXTERNAL-SERVICES (matched by addrtype, not address).
+    filter_external_nodeports: Vec<String>,
+    /// Rules of nat KPROXY-NODEPORTS.
+    nat_nodeports: Vec<String>,
+    /// Rules of filter KPROXY-NODEPORTS (health-check node ports).
+    filter_nodeports: Vec<String>,
+    /// Rules of filter KPROXY-PROXY-FIREWALL.
+    proxy_firewall: Vec<String>,
+}
+
+impl Fragment {
+    /// Upstream's large-cluster mode, applied to this fragment's rules.
+    fn strip_comments(&mut self) {
+        fn strip(rules: &mut Vec<String>) {
+            rules.retain_mut(|r| {
+                *r = rule::without_comment(r);
+                // A rule that was only a comment documented the chain; nothing is left of it.
+                !r.is_empty()
+            });
+        }
+        for (_, rules) in &mut self.chains {
+            strip(Arc::make_mut(rules));
+        }
+        for (_, r) in self
+            .nat_dispatch
+            .iter_mut()
+            .chain(&mut self.filter_services)
+            .chain(&mut self.filter_external)
+        {
+            *r = rule::without_comment(r);
+        }
+        for rules in [
+            &mut self.filter_external_nodeports,
+            &mut self.nat_nodeports,
+            &mut self.filter_nodeports,
+            &mut self.proxy_firewall,
+        ] {
+            strip(rules);
+        }
+    }
+}
+
+/// What every fragment depends on besides its service port.
+#[derive(Debug, Clone)]
+struct FragmentContext {
+    node: Arc<NodeSettings>,
+    comments: bool,
+}
+
+impl FragmentContext {
+    fn same(&self, other: &FragmentContext) -> bool {
+        self.comments == other.comments
+            && (Arc::ptr_eq(&self.node, &other.node) || self.node == other.node)
+    }
+}
+
+/// The fragments of the last render, so the next one renders only the service ports that
+/// changed. At 10,000 services a full render formats about 125,000 rules; an incremental one
+/// formats a handful and re-assembles the rest from `Arc`s.
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    context: Option<FragmentContext>,
+    fragments: HashMap<ServicePortKey, (Arc<ServicePort>, Arc<Fragment>)>,
+}
+
+impl RenderCache {
+    /// How many service ports the cache holds fragments for.
+    pub fn len(&self) -> usize {
+        self.fragments.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.fragments.is_empty()
+    }
 }
 
 /// Rules for one family under construction.
@@ -36,10 +131,34 @@ struct FamilyWriter<'a> {
     filter_external_nodeports: Vec<String>,
 }
 
-/// Renders the whole desired state.
+/// Renders the whole desired state, both families, from scratch.
 pub fn render(state: &ProxyState, opts: &RenderOptions) -> Ruleset {
+    render_cached(state, opts, &IpFamily::ALL, &mut RenderCache::default())
+}
+
+/// Renders the desired state for `families`, reusing the fragments in `cache` of service ports
+/// that did not change (same `Arc`, or equal) and leaving this render's fragments in it.
+pub fn render_cached(
+    state: &ProxyState,
+    opts: &RenderOptions,
+    families: &[IpFamily],
+    cache: &mut RenderCache,
+) -> Ruleset {
+    let endpoints: usize = state
+        .services
+        .values()
+        .map(|sp| sp.endpoints.cluster.len())
+        .sum();
+    let context = FragmentContext {
+        node: state.node.clone(),
+        comments: endpoints <= LARGE_CLUSTER_ENDPOINTS,
+    };
+    if !cache.context.as_ref().is_some_and(|c| c.same(&context)) {
+        cache.fragments.clear();
+    }
+    let mut previous = std::mem::take(&mut cache.fragments);
     let mut out = Ruleset::default();
-    for family in IpFamily::ALL {
+    for &family in families {
         let mut w = FamilyWriter {
             family,
             node: &state.node,
@@ -50,19 +169,31 @@ pub fn render(state: &ProxyState, opts: &RenderOptions) -> Ruleset {
             filter_external_nodeports: Vec::new(),
         };
         w.static_chains(opts);
-        for sp in state.family(family) {
-            w.service_port(sp);
+        for (key, sp) in state.services.iter().filter(|(k, _)| k.family == family) {
+            let fragment = match previous.remove(key) {
+                Some((old, fragment)) if Arc::ptr_eq(&old, sp) || old == *sp => fragment,
+                _ => {
+                    let mut f = ServiceWriter {
+                        family,
+                        node: &state.node,
+                        frag: Fragment::default(),
+                    }
+                    .service_port(sp);
+                    if !context.comments {
+                        f.strip_comments();
+                    }
+                    Arc::new(f)
+                }
+            };
+            w.add(&fragment);
+            cache.fragments.insert(key.clone(), (sp.clone(), fragment));
         }
         w.finish();
+        if !context.comments {
+            drop_shared_comments(&mut out, family);
+        }
     }
-    let endpoints: usize = state
-        .services
-        .values()
-        .map(|sp| sp.endpoints.cluster.len())
-        .sum();
-    if endpoints > LARGE_CLUSTER_ENDPOINTS {
-        drop_comments(&mut out);
-    }
+    cache.context = Some(context);
     out
 }
 
@@ -71,16 +202,23 @@ pub fn render(state: &ProxyState, opts: &RenderOptions) -> Ruleset {
 /// through the chain owners.
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
-fn drop_comments(out: &mut Ruleset) {
-    for table in out
-        .families
-        .values_mut()
-        .flat_map(|f| f.tables.values_mut())
-    {
-        for rules in table.chains.values_mut() {
-            rules.retain_mut(|r| {
+/// Strips comments from the chains no service port owns (per-service chains were stripped in
+/// their fragments).
+fn drop_shared_comments(out: &mut Ruleset, family: IpFamily) {
+    let owners = &out.owners;
+    let Some(rules) = out.families.get_mut(&family) else {
+        return;
+    };
+    for table in rules.tables.values_mut() {
+        for (name, rules) in table.chains.iter_mut() {
+            if owners.contains_key(name) {
+                continue;
+            }
+            if !rules.iter().any(|r| r.contains("-m comment")) {
+                continue;
+            }
+            Arc::make_mut(rules).retain_mut(|r| {
                 *r = rule::without_comment(r);
-                // A rule that was only a comment documented the chain; nothing is left of it.
                 !r.is_empty()
             });
         }
@@ -89,11 +227,13 @@ fn drop_comments(out: &mut Ruleset) {
 
 impl FamilyWriter<'_> {
     fn chain(&mut self, table: Table, name: &str) -> &mut Vec<String> {
-        self.out
-            .table_mut(self.family, table)
-            .chains
-            .entry(name.to_string())
-            .or_default()
+        Arc::make_mut(
+            self.out
+                .table_mut(self.family, table)
+                .chains
+                .entry(name.to_string())
+                .or_default(),
+        )
     }
 
     fn jump(&mut self, table: Table, builtin: &str, rule: String) {
@@ -103,10 +243,34 @@ impl FamilyWriter<'_> {
         });
     }
 
-    fn owned_by(&mut self, chain: &str, sp: &ServicePort) {
-        self.out
-            .owners
-            .insert(chain.to_string(), sp.name.to_string());
+    /// Adds one service port's fragment: its chains by `Arc`, its shared-chain rules by copy.
+    fn add(&mut self, f: &Fragment) {
+        let nat = self.out.table_mut(self.family, Table::Nat);
+        for (name, rules) in &f.chains {
+            nat.chains.insert(name.clone(), rules.clone());
+        }
+        for (name, _) in &f.chains {
+            self.out.owners.insert(name.clone(), f.owner.clone());
+        }
+        self.nat_dispatch.extend(f.nat_dispatch.iter().cloned());
+        self.filter_services
+            .extend(f.filter_services.iter().cloned());
+        self.filter_external
+            .extend(f.filter_external.iter().cloned());
+        self.filter_external_nodeports
+            .extend(f.filter_external_nodeports.iter().cloned());
+        if !f.nat_nodeports.is_empty() {
+            self.chain(Table::Nat, NODEPORTS)
+                .extend(f.nat_nodeports.iter().cloned());
+        }
+        if !f.filter_nodeports.is_empty() {
+            self.chain(Table::Filter, NODEPORTS)
+                .extend(f.filter_nodeports.iter().cloned());
+        }
+        if !f.proxy_firewall.is_empty() {
+            self.chain(Table::Filter, PROXY_FIREWALL)
+                .extend(f.proxy_firewall.iter().cloned());
+        }
     }
 
     // === static chains and jumps from the built-in chains ===
@@ -182,10 +346,19 @@ impl FamilyWriter<'_> {
                 .jump("MASQUERADE --random-fully"),
         ];
     }
+}
 
+/// Renders one service port into its [`Fragment`].
+struct ServiceWriter<'a> {
+    family: IpFamily,
+    node: &'a NodeSettings,
+    frag: Fragment,
+}
+
+impl ServiceWriter<'_> {
     // === one service port ===
 
-    fn service_port(&mut self, sp: &ServicePort) {
+    fn service_port(mut self, sp: &ServicePort) -> Fragment {
         let family = self.family;
         let proto = sp.name.protocol;
         let name = sp.name.to_string();
@@ -237,13 +410,13 @@ impl FamilyWriter<'_> {
                     .comment(&format!("{name} cluster IP"))
                     .dport(proto, sp.port)
                     .jump(internal_chain);
-                self.nat_dispatch.push((cip, r));
+                self.frag.nat_dispatch.push((cip, r));
             } else {
                 let r = base
                     .comment(&format!("{name} {internal_why}"))
                     .dport(proto, sp.port)
                     .jump(internal_filter);
-                self.filter_services.push((cip, r));
+                self.frag.filter_services.push((cip, r));
             }
         }
 
@@ -262,14 +435,14 @@ impl FamilyWriter<'_> {
                     .comment(&format!("{name} external IP"))
                     .dport(proto, sp.port)
                     .jump(&ext_chain);
-                self.nat_dispatch.push((*ip, r));
+                self.frag.nat_dispatch.push((*ip, r));
             }
             if !has_external {
                 let r = base
                     .comment(&format!("{name} {external_why}"))
                     .dport(proto, sp.port)
                     .jump(external_filter);
-                self.filter_external.push((*ip, r));
+                self.frag.filter_external.push((*ip, r));
             }
         }
 
@@ -282,7 +455,7 @@ impl FamilyWriter<'_> {
                     .comment(&format!("{name} loadbalancer IP"))
                     .dport(proto, sp.port)
                     .jump(lb_chain);
-                self.nat_dispatch.push((*ip, r));
+                self.frag.nat_dispatch.push((*ip, r));
             }
             if uses_fw_chain {
                 let r = base
@@ -290,14 +463,14 @@ impl FamilyWriter<'_> {
                     .comment(&format!("{name} traffic not accepted by {fw_chain}"))
                     .dport(proto, sp.port)
                     .jump("DROP");
-                self.chain(Table::Filter, PROXY_FIREWALL).push(r);
+                self.frag.proxy_firewall.push(r);
             }
             if !has_external {
                 let r = base
                     .comment(&format!("{name} {external_why}"))
                     .dport(proto, sp.port)
                     .jump(external_filter);
-                self.filter_external.push((*ip, r));
+                self.frag.filter_external.push((*ip, r));
             }
         }
 
@@ -309,7 +482,7 @@ impl FamilyWriter<'_> {
                     .comment(&name)
                     .dport(proto, np)
                     .jump(&ext_chain);
-                self.chain(Table::Nat, NODEPORTS).push(r);
+                self.frag.nat_nodeports.push(r);
             }
             if !has_external {
                 let r = RuleBuilder::new()
@@ -318,7 +491,7 @@ impl FamilyWriter<'_> {
                     .raw("-m addrtype --dst-type LOCAL")
                     .dport(proto, np)
                     .jump(external_filter);
-                self.filter_external_nodeports.push(r);
+                self.frag.filter_external_nodeports.push(r);
             }
         }
         if let Some(hc) = sp.health_check_node_port {
@@ -327,7 +500,7 @@ impl FamilyWriter<'_> {
                 .comment(&format!("{name} health check node port"))
                 .dport(kproxy_contract::Protocol::Tcp, hc)
                 .jump("ACCEPT");
-            self.chain(Table::Filter, NODEPORTS).push(r);
+            self.frag.filter_nodeports.push(r);
         }
 
         // --- per-service chains ---
@@ -360,14 +533,12 @@ impl FamilyWriter<'_> {
         if uses_cluster_chain {
             let mut rules = std::mem::take(&mut svc_rules);
             self.endpoint_rules(sp, cluster_eps, &mut rules);
-            *self.chain(Table::Nat, &svc_chain) = rules;
-            self.owned_by(&svc_chain, sp);
+            self.own(&svc_chain, rules);
         }
         if uses_local_chain {
             let mut rules = std::mem::take(&mut svl_rules);
             self.endpoint_rules(sp, local_eps, &mut rules);
-            *self.chain(Table::Nat, &svl_chain) = rules;
-            self.owned_by(&svl_chain, sp);
+            self.own(&svl_chain, rules);
         }
         if uses_ext_chain {
             let mut rules = Vec::new();
@@ -408,8 +579,7 @@ impl FamilyWriter<'_> {
             if has_external {
                 rules.push(RuleBuilder::new().jump(external_policy_chain));
             }
-            *self.chain(Table::Nat, &ext_chain) = rules;
-            self.owned_by(&ext_chain, sp);
+            self.own(&ext_chain, rules);
         }
         if uses_fw_chain {
             let mut rules = Vec::new();
@@ -445,8 +615,7 @@ impl FamilyWriter<'_> {
                     ))
                     .no_target(),
             );
-            *self.chain(Table::Nat, &fw_chain) = rules;
-            self.owned_by(&fw_chain, sp);
+            self.own(&fw_chain, rules);
         }
 
         // --- endpoint chains ---
@@ -484,9 +653,14 @@ impl FamilyWriter<'_> {
                 dnat.raw(&format!("-m {proto}"))
                     .jump(&format!("DNAT --to-destination {}", dnat_target(ep))),
             );
-            *self.chain(Table::Nat, &chain) = rules;
-            self.owned_by(&chain, sp);
+            self.own(&chain, rules);
         }
+        self.frag.owner = sp.name.to_string();
+        self.frag
+    }
+
+    fn own(&mut self, chain: &str, rules: Vec<String>) {
+        self.frag.chains.push((chain.to_string(), Arc::new(rules)));
     }
 
     /// Affinity checks, then the random cascade (rule i of n matches with probability
@@ -532,7 +706,9 @@ impl FamilyWriter<'_> {
             }
         }
     }
+}
 
+impl FamilyWriter<'_> {
     // === dispatch chains ===
 
     fn finish(&mut self) {

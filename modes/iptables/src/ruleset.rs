@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use kproxy_contract::IpFamily;
 
@@ -49,7 +50,9 @@ pub struct Jump {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableRules {
     /// Chains kproxy owns, by name, each with its rule bodies (the text after `-A NAME `).
-    pub chains: BTreeMap<String, Vec<String>>,
+    /// Shared, so a render reuses an unchanged service's chains and the plan skips them by
+    /// pointer (`Arc`'s equality checks the pointer first).
+    pub chains: BTreeMap<String, Arc<Vec<String>>>,
     /// Jumps from built-in chains into kproxy's chains.
     pub jumps: BTreeSet<Jump>,
 }
@@ -98,7 +101,7 @@ impl Ruleset {
         self.families
             .values()
             .flat_map(|f| f.tables.values())
-            .map(|t| t.chains.values().map(Vec::len).sum::<usize>() + t.jumps.len())
+            .map(|t| t.chains.values().map(|r| r.len()).sum::<usize>() + t.jumps.len())
             .sum()
     }
 }
@@ -116,9 +119,7 @@ pub fn parse_save(text: &str) -> TableRules {
         } else if let Some(rest) = line.strip_prefix("-A ") {
             let (chain, body) = rest.split_once(' ').unwrap_or((rest, ""));
             if names::is_owned(chain) {
-                out.chains
-                    .entry(chain.to_string())
-                    .or_default()
+                Arc::make_mut(out.chains.entry(chain.to_string()).or_default())
                     .push(body.to_string());
             } else if jumps_to_owned(body) {
                 out.jumps.insert(Jump {
@@ -163,7 +164,7 @@ COMMIT
         assert_eq!(t.chains.len(), 2);
         assert!(t.chains["KPROXY-EMPTY"].is_empty());
         assert_eq!(
-            t.chains["KPROXY-SERVICES"],
+            *t.chains["KPROXY-SERVICES"],
             vec!["-d 10.0.0.1/32 -j KPROXY-SVC-X"]
         );
         assert_eq!(t.jumps.len(), 1);

@@ -3,6 +3,7 @@
 //! cleanup removes our objects and nothing else; a failed apply changes nothing.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kproxy_contract::*;
@@ -45,7 +46,7 @@ fn service_without_endpoints_rejects_and_has_no_nat_rules() {
     let rejects: Vec<_> = filter
         .chains
         .values()
-        .flatten()
+        .flat_map(|r| r.iter())
         .filter(|r| r.contains("10.96.0.11/32") && r.contains("REJECT"))
         .collect();
     assert_eq!(rejects.len(), 1, "{filter:#?}");
@@ -53,7 +54,7 @@ fn service_without_endpoints_rejects_and_has_no_nat_rules() {
     assert!(
         !nat.chains
             .values()
-            .flatten()
+            .flat_map(|r| r.iter())
             .any(|r| r.contains("10.96.0.11"))
     );
 }
@@ -113,7 +114,12 @@ fn cleanup_removes_ours_and_keeps_foreign_chains() {
         for table in Table::ALL {
             let chains = m.kernel.chains(family, table);
             assert!(!chains.keys().any(|c| names::is_owned(c)), "{chains:?}");
-            assert!(!chains.values().flatten().any(|r| r.contains("KPROXY-")));
+            assert!(
+                !chains
+                    .values()
+                    .flat_map(|r| r.iter())
+                    .any(|r| r.contains("KPROXY-"))
+            );
         }
     }
     assert_eq!(
@@ -247,7 +253,7 @@ fn etp_local_without_local_endpoints_keeps_the_ext_chain_reachable() {
     let jumps_to_ext: Vec<&String> = nat
         .chains
         .values()
-        .flatten()
+        .flat_map(|r| r.iter())
         .filter(|r| r.ends_with(&format!("-j {ext}")))
         .collect();
     assert_eq!(
@@ -265,7 +271,7 @@ fn etp_local_without_local_endpoints_keeps_the_ext_chain_reachable() {
     let drops = filter
         .chains
         .values()
-        .flatten()
+        .flat_map(|r| r.iter())
         .filter(|r| r.contains("has no local endpoints") && r.ends_with("-j DROP"))
         .count();
     assert_eq!(drops, 2, "{filter:#?}");
@@ -348,10 +354,76 @@ fn large_clusters_drop_rule_comments() {
         r.families
             .values()
             .flat_map(|f| f.tables.values())
-            .flat_map(|t| t.chains.values().flatten())
+            .flat_map(|t| t.chains.values().flat_map(|r| r.iter()))
             .filter(|r| r.contains("--comment"))
             .count()
     };
     assert!(comments(&small) > 0);
     assert_eq!(comments(&large), 0);
+}
+
+/// The render cache is an optimisation only: after any sequence of changes (endpoints, new and
+/// removed services, node settings, crossing the large-cluster threshold) the cached render
+/// equals a render from scratch, owners included.
+#[test]
+fn cached_render_equals_fresh_render_through_changes() {
+    use crate::render::{LARGE_CLUSTER_ENDPOINTS, render};
+    let m = mode();
+    let opts = RenderOptions::default();
+    let mut services = kproxy_testkit::many(40, 3);
+    let mut steps: Vec<ProxyState> = vec![state(services.clone())];
+    services[7].endpoints.cluster[1] = ep("10.250.0.9", true);
+    steps.push(state(services.clone()));
+    services.remove(3);
+    services.push(service("late", "10.96.9.9", vec![ep("10.244.9.9", false)]));
+    steps.push(state(services.clone()));
+    let mut s = state(services.clone());
+    Arc::make_mut(&mut s.node).masquerade_all = true;
+    steps.push(s);
+    // Past the large-cluster threshold: comments go, everywhere.
+    let big = kproxy_testkit::many(LARGE_CLUSTER_ENDPOINTS / 2 + 1, 2);
+    steps.push(state(big.clone()));
+    steps.push(state(services.clone()));
+    for (i, s) in steps.iter().enumerate() {
+        let cached = m.render(s);
+        let fresh = render(s, &opts);
+        assert_eq!(cached, fresh, "step {i}");
+        assert_eq!(cached.owners, fresh.owners, "step {i}");
+    }
+}
+
+/// A one-endpoint change re-renders one service: every other service's chains are the very
+/// same allocations as in the previous render, so the plan skips them without comparing rules.
+#[test]
+fn unchanged_services_reuse_their_chains() {
+    let m = mode();
+    let mut services = kproxy_testkit::many(20, 2);
+    let before = m.render(&state(services.clone()));
+    services[5].endpoints.cluster[0] = ep("10.250.0.1", false);
+    let after = m.render(&state(services.clone()));
+    let changed = names::service_chain(&services[5].name);
+    let (old, new) = (
+        before.table(IpFamily::V4, Table::Nat).unwrap(),
+        after.table(IpFamily::V4, Table::Nat).unwrap(),
+    );
+    let mut shared = 0;
+    for (name, rules) in &new.chains {
+        if !name.starts_with("KPROXY-SVC-") {
+            continue;
+        }
+        if *name == changed {
+            assert!(!Arc::ptr_eq(rules, &old.chains[name]));
+        } else {
+            assert!(Arc::ptr_eq(rules, &old.chains[name]), "{name} re-rendered");
+            shared += 1;
+        }
+    }
+    assert_eq!(shared, 19);
+    let plan = m.plan(&before, &after);
+    let written: Vec<&str> = plan
+        .tables
+        .values()
+        .flat_map(|t| t.write.iter().map(|w| w.name.as_str()))
+        .collect();
+    assert_eq!(written, vec![changed.as_str()], "{plan}");
 }

@@ -11,6 +11,8 @@ pub mod model;
 pub mod plan;
 pub mod render;
 
+use std::sync::{Mutex, PoisonError};
+
 use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ProxyState};
 
 pub use kernel::{NftCli, NftKernel};
@@ -22,12 +24,19 @@ pub use plan::NftPlan;
 pub struct NftablesMode<K: NftKernel = NftCli> {
     kernel: K,
     families: Vec<IpFamily>,
+    /// Fragments of the last render (see [`render::RenderCache`]); a mutex because `render`
+    /// takes `&self`.
+    cache: Mutex<render::RenderCache>,
 }
 
 impl<K: NftKernel> NftablesMode<K> {
     /// A mode programming `families` through `kernel`.
     pub fn new(kernel: K, families: Vec<IpFamily>) -> Self {
-        Self { kernel, families }
+        Self {
+            kernel,
+            families,
+            cache: Mutex::new(render::RenderCache::default()),
+        }
     }
 
     /// The kernel seam (tests inspect the fake through it).
@@ -45,9 +54,8 @@ impl<K: NftKernel> Mode for NftablesMode<K> {
     }
 
     fn render(&self, desired: &ProxyState) -> NftRuleset {
-        let mut rules = render::render(desired);
-        rules.families.retain(|f, _| self.families.contains(f));
-        rules
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        render::render_cached(desired, &self.families, &mut cache)
     }
 
     fn read_live(&mut self) -> Result<NftRuleset, ModeError> {

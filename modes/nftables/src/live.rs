@@ -4,11 +4,9 @@
 //! identity in their comment (a rule without one, which kproxy never writes, gets an identity
 //! that matches nothing, so its chain is rewritten).
 
-use std::collections::BTreeMap;
-
 use serde_json::Value;
 
-use crate::model::{BaseChain, Rule, Set, Table};
+use crate::model::{BaseChain, Elements, Rule, Set, Table};
 
 /// Why the JSON could not be understood.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +54,7 @@ pub fn parse(json: &str) -> Result<Table, ParseError> {
             .or_else(|| item.get("map").map(|m| (m, true)))
         {
             let name = str_field(s, "name")?;
-            let mut elements = BTreeMap::new();
+            let mut elements = Elements::default();
             for e in s
                 .get("elem")
                 .and_then(Value::as_array)

@@ -6,6 +6,7 @@
 //! normalised form that differs from what was written.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kproxy_contract::IpFamily;
 use sha2::{Digest, Sha256};
@@ -88,7 +89,7 @@ pub struct Set {
     /// What identifies its type when read back: key types, value type, flags, timeout.
     pub signature: String,
     /// Elements: key → value (maps) or key → None (sets).
-    pub elements: BTreeMap<String, Option<String>>,
+    pub elements: Elements,
 }
 
 impl PartialEq for Set {
@@ -96,6 +97,164 @@ impl PartialEq for Set {
         self.is_map == other.is_map
             && self.signature == other.signature
             && self.elements == other.elements
+    }
+}
+
+/// Borrowed elements, as [`Elements::diff`] returns them.
+pub type ElementRefs<'a> = Vec<(&'a String, &'a Option<String>)>;
+
+/// The elements of one key → value group (see [`Elements`]).
+pub type Group = BTreeMap<String, Option<String>>;
+
+/// A set's or map's elements, grouped by the first component of their key (a frontend's or an
+/// endpoint's address, a protocol). Groups are shared (`Arc`): a render reuses the groups of
+/// services that did not change, and [`Elements::diff`] skips a group that is the same
+/// allocation on both sides, so an incremental sync at 10,000 services compares pointers, not
+/// 130,000 elements. The grouping is a pure function of the key, so a table read back from
+/// the kernel groups the same way as a rendered one.
+#[derive(Debug, Clone, Default)]
+pub struct Elements {
+    groups: BTreeMap<String, Arc<Group>>,
+    len: usize,
+}
+
+/// No elements (the other side of a group present on one side only).
+static EMPTY: Group = BTreeMap::new();
+
+/// The group of an element key: its first ` . `-separated component.
+pub fn group_of(key: &str) -> &str {
+    key.split_once(" . ").map_or(key, |(first, _)| first)
+}
+
+impl Elements {
+    /// Adds or replaces an element; returns the previous value if the key was present.
+    pub fn insert(&mut self, key: String, value: Option<String>) -> Option<Option<String>> {
+        let group = Arc::make_mut(self.groups.entry(group_of(&key).to_string()).or_default());
+        let old = group.insert(key, value);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    /// Removes an element; returns its value if it was present.
+    pub fn remove(&mut self, key: &str) -> Option<Option<String>> {
+        let g = group_of(key);
+        let group = self.groups.get_mut(g)?;
+        let old = Arc::make_mut(group).remove(key)?;
+        if group.is_empty() {
+            self.groups.remove(g);
+        }
+        self.len -= 1;
+        Some(old)
+    }
+
+    /// The value of an element (`Some(None)` for a set member).
+    pub fn get(&self, key: &str) -> Option<&Option<String>> {
+        self.groups.get(group_of(key))?.get(key)
+    }
+
+    /// Whether the key is an element.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every element, group by group.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Option<String>)> {
+        self.groups.values().flat_map(|g| g.iter())
+    }
+
+    /// Every value.
+    pub fn values(&self) -> impl Iterator<Item = &Option<String>> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    /// Adds a whole group of elements (all keys must belong to `group`), sharing it when this
+    /// set has no such group yet.
+    pub fn extend_group(&mut self, group: &str, elements: &Arc<Group>) {
+        match self.groups.get_mut(group) {
+            None => {
+                self.len += elements.len();
+                self.groups.insert(group.to_string(), elements.clone());
+            }
+            Some(existing) => {
+                let existing = Arc::make_mut(existing);
+                for (k, v) in elements.iter() {
+                    if existing.insert(k.clone(), v.clone()).is_none() {
+                        self.len += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The groups, for building fragments.
+    pub fn groups(&self) -> impl Iterator<Item = (&String, &Arc<Group>)> {
+        self.groups.iter()
+    }
+
+    /// Elements only in `self` (to add) and elements only in or different in `old` (to
+    /// delete), skipping groups shared with `old`.
+    pub fn diff<'a>(&'a self, old: &'a Elements) -> (ElementRefs<'a>, ElementRefs<'a>) {
+        let mut add = Vec::new();
+        let mut del = Vec::new();
+        let mut new_groups = self.groups.iter().peekable();
+        let mut old_groups = old.groups.iter().peekable();
+        loop {
+            let (n, o) = match (new_groups.peek(), old_groups.peek()) {
+                (None, None) => break,
+                (Some((nk, _)), Some((ok, _))) if nk == ok => {
+                    let (_, n) = new_groups.next().expect("peeked");
+                    let (_, o) = old_groups.next().expect("peeked");
+                    if Arc::ptr_eq(n, o) {
+                        continue;
+                    }
+                    (&**n, &**o)
+                }
+                (Some((nk, _)), Some((ok, _))) if nk < ok => {
+                    (&**new_groups.next().expect("peeked").1, &EMPTY)
+                }
+                (Some(_), None) => (&**new_groups.next().expect("peeked").1, &EMPTY),
+                _ => (&EMPTY, &**old_groups.next().expect("peeked").1),
+            };
+            for (k, v) in n {
+                if o.get(k) != Some(v) {
+                    add.push((k, v));
+                }
+            }
+            for (k, v) in o {
+                if n.get(k) != Some(v) {
+                    del.push((k, v));
+                }
+            }
+        }
+        (add, del)
+    }
+}
+
+impl PartialEq for Elements {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.groups == other.groups
+    }
+}
+
+impl FromIterator<(String, Option<String>)> for Elements {
+    fn from_iter<I: IntoIterator<Item = (String, Option<String>)>>(iter: I) -> Self {
+        let mut e = Elements::default();
+        for (k, v) in iter {
+            e.insert(k, v);
+        }
+        e
     }
 }
 

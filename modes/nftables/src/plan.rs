@@ -10,7 +10,7 @@ use std::fmt::{self, Write as _};
 
 use kproxy_contract::{IpFamily, PlanStats};
 
-use crate::model::{Chain, NftRuleset, Set, TABLE, Table, family_name};
+use crate::model::{Chain, Elements, NftRuleset, Set, TABLE, Table, family_name};
 
 /// Elements per `add element` / `delete element` statement.
 const CHUNK: usize = 2_000;
@@ -149,7 +149,7 @@ fn plan_table(old: &Table, new: &Table) -> FamilyPlan {
                 fp.add_sets.push((
                     name.clone(),
                     Set {
-                        elements: BTreeMap::new(),
+                        elements: Elements::default(),
                         ..set.clone()
                     },
                 ));
@@ -164,18 +164,11 @@ fn plan_table(old: &Table, new: &Table) -> FamilyPlan {
                 }
             }
             Some(o) => {
-                let del: Vec<_> = o
-                    .elements
-                    .iter()
-                    .filter(|(k, v)| set.elements.get(*k) != Some(*v))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                let add: Vec<_> = set
-                    .elements
-                    .iter()
-                    .filter(|(k, v)| o.elements.get(*k) != Some(*v))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                let (add, del) = set.elements.diff(&o.elements);
+                let owned = |v: Vec<(&String, &Option<String>)>| -> Vec<(String, Option<String>)> {
+                    v.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                };
+                let (add, del) = (owned(add), owned(del));
                 if !del.is_empty() {
                     fp.delete_elements.insert(name.clone(), del);
                 }

@@ -16,17 +16,18 @@
 //! that protocol's map, and a new `pick-N` chain can be added in any later sync. ClientIP affinity needs per-client memory per endpoint; services using it get
 //! upstream's per-service chains and per-endpoint timeout sets (they are few).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use kproxy_contract::{
     Endpoint, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState, ServicePort,
-    TrafficPolicy,
+    ServicePortKey, TrafficPolicy,
 };
 use sha2::{Digest, Sha256};
 
-use crate::model::{BaseChain, Chain, NftRuleset, Rule, Set, Table};
+use crate::model::{BaseChain, Chain, Elements, NftRuleset, Rule, Set, Table};
 
 /// Offset of the short-circuit endpoint set within a frontend's `endpoints` keys: the ETP=Local
 /// short-circuit (pod and node sources use Cluster endpoints) shares the map with the policy's
@@ -62,16 +63,69 @@ impl Fam {
     }
 }
 
-/// Renders the whole desired state.
+/// Renders the whole desired state, both families, from scratch.
 pub fn render(state: &ProxyState) -> NftRuleset {
+    render_cached(state, &IpFamily::ALL, &mut RenderCache::default())
+}
+
+/// One service port's share of one family's table: its elements (already grouped, see
+/// [`crate::model::Elements`]), its affinity chains and sets, the pick chains it needs and the
+/// frontends it owns. It depends only on the service port and the node settings.
+#[derive(Debug, Default)]
+struct Fragment {
+    table: Table,
+    picks: BTreeSet<(bool, bool, usize)>,
+    owners: Vec<(String, String)>,
+}
+
+/// The fragments of the last render, so the next one formats only the service ports that
+/// changed; unchanged ones contribute their element groups by `Arc`, which the plan skips by
+/// pointer.
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    node: Option<Arc<NodeSettings>>,
+    fragments: HashMap<ServicePortKey, (Arc<ServicePort>, Arc<Fragment>)>,
+}
+
+/// Renders the desired state for `families`, reusing the fragments in `cache` of service ports
+/// that did not change (same `Arc`, or equal) and leaving this render's fragments in it.
+pub fn render_cached(
+    state: &ProxyState,
+    families: &[IpFamily],
+    cache: &mut RenderCache,
+) -> NftRuleset {
+    let same_node = cache
+        .node
+        .as_ref()
+        .is_some_and(|n| Arc::ptr_eq(n, &state.node) || **n == *state.node);
+    if !same_node {
+        cache.fragments.clear();
+    }
+    let mut previous = std::mem::take(&mut cache.fragments);
     let mut out = NftRuleset::default();
-    for family in IpFamily::ALL {
+    for &family in families {
         let mut w = Writer::new(family, &state.node);
-        for sp in state.family(family) {
-            w.service_port(sp, &mut out.owners);
+        for (key, sp) in state.services.iter().filter(|(k, _)| k.family == family) {
+            let fragment = match previous.remove(key) {
+                Some((old, fragment)) if Arc::ptr_eq(&old, sp) || old == *sp => fragment,
+                _ => {
+                    let mut sw = Writer::scratch(family, &state.node);
+                    let mut owners = BTreeMap::new();
+                    sw.service_port(sp, &mut owners);
+                    Arc::new(Fragment {
+                        table: sw.t,
+                        picks: sw.picks,
+                        owners: owners.into_iter().collect(),
+                    })
+                }
+            };
+            w.add(&fragment);
+            out.owners.extend(fragment.owners.iter().cloned());
+            cache.fragments.insert(key.clone(), (sp.clone(), fragment));
         }
         out.families.insert(family, w.finish());
     }
+    cache.node = Some(state.node.clone());
     out
 }
 
@@ -87,6 +141,8 @@ enum Frontend {
 struct Writer<'a> {
     f: Fam,
     node: &'a NodeSettings,
+    /// Renders one service port's fragment: sets are created on first use, not declared.
+    scratch: bool,
     t: Table,
     /// Endpoint counts needing `pick-N` / `nodeport-pick-N` chains (with/without offset).
     picks: BTreeSet<(bool, bool, usize)>,
@@ -132,14 +188,38 @@ fn svc_chain_suffix(sp: &ServicePort) -> String {
 
 impl<'a> Writer<'a> {
     fn new(family: IpFamily, node: &'a NodeSettings) -> Self {
-        let mut w = Self {
-            f: Fam { family },
-            node,
-            t: Table::default(),
-            picks: BTreeSet::new(),
-        };
+        let mut w = Self::scratch(family, node);
+        w.scratch = false;
         w.declare_sets();
         w
+    }
+
+    fn scratch(family: IpFamily, node: &'a NodeSettings) -> Self {
+        Self {
+            f: Fam { family },
+            node,
+            scratch: true,
+            t: Table::default(),
+            picks: BTreeSet::new(),
+        }
+    }
+
+    /// Adds a service port's fragment: element groups by `Arc`, affinity chains and sets by
+    /// copy (they are few).
+    fn add(&mut self, f: &Fragment) {
+        for (name, set) in &f.table.sets {
+            if let Some(target) = self.t.sets.get_mut(name) {
+                for (group, elements) in set.elements.groups() {
+                    target.elements.extend_group(group, elements);
+                }
+            } else if !set.decl.is_empty() {
+                self.t.sets.insert(name.clone(), set.clone());
+            }
+        }
+        for (name, chain) in &f.table.chains {
+            self.t.chains.insert(name.clone(), chain.clone());
+        }
+        self.picks.extend(f.picks.iter().copied());
     }
 
     fn set(&mut self, name: &str, is_map: bool, decl: String, signature: String) {
@@ -149,7 +229,7 @@ impl<'a> Writer<'a> {
                 is_map,
                 decl,
                 signature,
-                elements: BTreeMap::new(),
+                elements: Elements::default(),
             },
         );
     }
@@ -157,6 +237,16 @@ impl<'a> Writer<'a> {
     fn elem(&mut self, set: &str, key: String, value: Option<String>) {
         if let Some(s) = self.t.sets.get_mut(set) {
             s.elements.insert(key, value);
+        } else if self.scratch {
+            // Declared by the family writer the fragment is added to.
+            let mut s = Set {
+                is_map: value.is_some(),
+                decl: String::new(),
+                signature: String::new(),
+                elements: Elements::default(),
+            };
+            s.elements.insert(key, value);
+            self.t.sets.insert(set.to_string(), s);
         }
     }
 

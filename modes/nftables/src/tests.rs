@@ -252,3 +252,112 @@ fn a_deleted_table_is_drift() {
     m.kernel.remove_table(IpFamily::V4);
     assert!(m.drifted());
 }
+
+/// The render cache is an optimisation only: after endpoint changes, new and removed services,
+/// affinity and a node-settings change, the cached render equals a render from scratch.
+#[test]
+fn cached_render_equals_fresh_render_through_changes() {
+    let m = mode();
+    let mut services = many(30, 3);
+    let mut steps = vec![state(services.clone())];
+    services[4].endpoints.cluster[2] = ep("10.250.0.4", true);
+    services[9].affinity = Some(SessionAffinity {
+        timeout: Duration::from_secs(60),
+    });
+    steps.push(state(services.clone()));
+    services.remove(2);
+    services.push(service("late", "10.96.9.9", vec![ep("10.244.9.9", false)]));
+    // Two ports of one ClusterIP share element groups: both must survive either changing.
+    let mut second = services[0].clone();
+    second.name.port = "dns".into();
+    second.name.protocol = Protocol::Udp;
+    steps.push(state([services.clone(), vec![second.clone()]].concat()));
+    second.endpoints.cluster.pop();
+    steps.push(state([services.clone(), vec![second]].concat()));
+    let mut s = state(services.clone());
+    std::sync::Arc::make_mut(&mut s.node).masquerade_all = true;
+    steps.push(s);
+    for (i, s) in steps.iter().enumerate() {
+        let cached = m.render(s);
+        let fresh = crate::render::render(s);
+        assert_eq!(cached, fresh, "step {i}");
+        assert_eq!(cached.owners, fresh.owners, "step {i}");
+    }
+}
+
+/// A one-endpoint change at 2,000 services is a few element updates, and the plan finds them
+/// without walking the unchanged services' elements (their groups are shared).
+#[test]
+fn one_endpoint_change_shares_every_other_group() {
+    let m = mode();
+    let mut services = many(2_000, 4);
+    let before = m.render(&state(services.clone()));
+    services[700].endpoints.cluster[1] = ep("10.250.0.1", false);
+    let after = m.render(&state(services.clone()));
+    let (old, new) = (
+        &before.families[&IpFamily::V4],
+        &after.families[&IpFamily::V4],
+    );
+    let (o, n) = (
+        &old.sets["endpoints-tcp"].elements,
+        &new.sets["endpoints-tcp"].elements,
+    );
+    let differing = n
+        .groups()
+        .zip(o.groups())
+        .filter(|((_, a), (_, b))| !std::sync::Arc::ptr_eq(a, b))
+        .count();
+    assert_eq!(differing, 1);
+    let p = plan::plan(&before, &after);
+    let fp = &p.families[&IpFamily::V4];
+    let changed: usize = fp.add_elements.values().map(Vec::len).sum::<usize>()
+        + fp.delete_elements.values().map(Vec::len).sum::<usize>();
+    assert_eq!(changed, 2, "{p}");
+}
+
+mod elements {
+    use proptest::prelude::*;
+
+    use crate::model::Elements;
+
+    fn keys() -> impl Strategy<Value = std::collections::BTreeMap<String, Option<String>>> {
+        prop::collection::btree_map(
+            (0u8..6, 0u8..6).prop_map(|(a, b)| format!("10.0.0.{a} . tcp . {b}")),
+            prop::option::of((0u8..3).prop_map(|v| format!("v{v}"))),
+            0..20,
+        )
+    }
+
+    proptest! {
+        /// The grouped diff equals the naive element-by-element diff, with and without
+        /// shared groups.
+        #[test]
+        fn grouped_diff_equals_naive_diff(a in keys(), b in keys(), share in any::<bool>()) {
+            let old: Elements = a.clone().into_iter().collect();
+            let mut new = if share { old.clone() } else { Elements::default() };
+            if share {
+                for k in a.keys() {
+                    if !b.contains_key(k) {
+                        new.remove(k);
+                    }
+                }
+            }
+            for (k, v) in &b {
+                if new.get(k) != Some(v) {
+                    new.insert(k.clone(), v.clone());
+                }
+            }
+            prop_assert_eq!(new.len(), b.len());
+            let (add, del) = new.diff(&old);
+            let mut add: Vec<_> = add.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut del: Vec<_> = del.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            add.sort();
+            del.sort();
+            let naive_add: Vec<_> = b.iter().filter(|(k, v)| a.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let naive_del: Vec<_> = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            prop_assert_eq!(add, naive_add);
+            prop_assert_eq!(del, naive_del);
+            prop_assert_eq!(new == old, a == b);
+        }
+    }
+}

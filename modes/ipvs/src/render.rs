@@ -288,7 +288,7 @@ fn head(family: IpFamily, node: &NodeSettings) -> String {
         ),
         (
             "nat-output",
-            Some("type nat hook output priority dstnat; policy accept;"),
+            Some("type nat hook output priority -100; policy accept;"),
             vec!["jump mark-for-masquerade".into()],
         ),
         ("mark-for-masquerade", None, mark_rules),

@@ -39,6 +39,8 @@ pub(crate) enum Mode {
     Iptables,
     /// `--proxy-mode nftables`.
     Nftables,
+    /// `--proxy-mode ipvs` (only inside the IPVS lab guest, `tests/ipvs-lab`).
+    Ipvs,
 }
 
 impl Mode {
@@ -59,6 +61,8 @@ impl Mode {
                 "--nftables-min-sync-period",
                 "100ms",
             ],
+            // A short period: graceful termination polls draining real servers on each sync.
+            Mode::Ipvs => &["--proxy-mode", "ipvs", "--ipvs-sync-period", "2s"],
         }
     }
 }
@@ -225,8 +229,14 @@ impl Scenario {
     }
 
     /// The rules of one family in the node namespace: `iptables-nft-save` (or
-    /// `ip6tables-nft-save`) in iptables mode, `nft list table ip[6] kproxy` in nftables mode.
+    /// `ip6tables-nft-save`) in iptables mode, `nft list table ip[6] kproxy` in nftables mode,
+    /// `ipvsadm -Ln` (both families) in ipvs mode.
     pub(crate) fn save(&self, v6: bool) -> String {
+        if self.mode == Mode::Ipvs {
+            // Both families; empty until kproxy has created virtual servers.
+            let out = self.topo.node.exec("ipvsadm", &["-Ln"]);
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
         if self.mode == Mode::Nftables {
             let family = if v6 { "ip6" } else { "ip" };
             // Empty until kproxy has created the table.

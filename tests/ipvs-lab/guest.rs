@@ -13,8 +13,7 @@ use crate::support::kproxy::wait_until;
 use crate::support::manifests::Port;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
 use crate::support::scenario::{
-    DROPPED, Mode, NODE, OTHER_NODE, PROBE, REQ, SYNC, Scenario, assert_spread, assert_timed_out,
-    sock,
+    DROPPED, NODE, OTHER_NODE, PROBE, REQ, SYNC, Scenario, assert_spread, assert_timed_out, sock,
 };
 use crate::support::topology::{NODE_IP, POD_V4, POD_V6, client_v4};
 use crate::support::traffic::{
@@ -46,13 +45,23 @@ fn wait_tcp(s: &mut Scenario, dst: SocketAddr) {
 #[test]
 #[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
 fn clusterip_tcp_spreads_over_endpoints_and_masquerades_outside_sources() {
-    let mut s = Scenario::with_manifests_in(Mode::Ipvs);
+    let mut s = Scenario::with_manifests_ipvs();
     s.tcp_server_reporting_peer(POD_V4[0], 8080, "ep1");
     s.tcp_server_reporting_peer(POD_V4[1], 8080, "ep2");
     s.tcp_server(POD_V6[0], 8080, "ep6");
     s.apply(&Svc::new("web", &["10.96.1.1", "fd00:96::1"], &[HTTP]).json());
-    s.apply(&endpoint_slice("web", "web-v4", &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE), &[HTTP]));
-    s.apply(&endpoint_slice("web", "web-v6", &eps(&[POD_V6[0]], OTHER_NODE), &[HTTP]));
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v6",
+        &eps(&[POD_V6[0]], OTHER_NODE),
+        &[HTTP],
+    ));
     s.start_kproxy(&[]);
 
     let vip = sock("10.96.1.1", 80);
@@ -72,19 +81,32 @@ fn clusterip_tcp_spreads_over_endpoints_and_masquerades_outside_sources() {
     assert!(table.contains("TCP  10.96.1.1:80 rr"), "{table}");
     assert!(table.contains("TCP  [fd00:96::1]:80 rr"), "{table}");
     // The address is on kproxy's dummy interface; an unserved port on it is rejected.
-    let addrs = s.topo.node.run("ip", &["-o", "addr", "show", "dev", "kproxy-ipvs0"]);
+    let addrs = s
+        .topo
+        .node
+        .run("ip", &["-o", "addr", "show", "dev", "kproxy-ipvs0"]);
     assert!(addrs.contains("10.96.1.1/32"), "{addrs}");
-    assert_tcp_refused(&s.topo.client, None, sock("10.96.1.1", 22), Duration::from_secs(1));
+    assert_tcp_refused(
+        &s.topo.client,
+        None,
+        sock("10.96.1.1", 22),
+        Duration::from_secs(1),
+    );
 }
 
 #[test]
 #[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
 fn clusterip_udp_reaches_every_endpoint() {
-    let mut s = Scenario::with_manifests_in(Mode::Ipvs);
+    let mut s = Scenario::with_manifests_ipvs();
     s.udp_server(POD_V4[0], 5353, "u1");
     s.udp_server(POD_V4[1], 5353, "u2");
     s.apply(&Svc::new("dns", &["10.96.0.10"], &[DNS]).json());
-    s.apply(&endpoint_slice("dns", "dns-v4", &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE), &[DNS]));
+    s.apply(&endpoint_slice(
+        "dns",
+        "dns-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[DNS],
+    ));
     s.start_kproxy(&[]);
     let vip = sock("10.96.0.10", 53);
     s.wait_for_result("udp", |t| udp_request(&t.client, vip, PROBE), |r| r.is_ok());
@@ -97,48 +119,73 @@ fn clusterip_udp_reaches_every_endpoint() {
 #[test]
 #[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
 fn nodeport_is_served_on_the_node_addresses_with_the_chosen_scheduler() {
-    let mut s = Scenario::with_manifests_in(Mode::Ipvs);
+    let mut s = Scenario::with_manifests_ipvs();
     s.tcp_server(POD_V4[0], 8080, "ep1");
     s.tcp_server(POD_V4[1], 8080, "ep2");
     let np = HTTP.with_node_port(NODE_PORT);
     s.apply(&Svc::new("np", &["10.96.1.2"], &[np]).node_port().json());
-    s.apply(&endpoint_slice("np", "np-v4", &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE), &[np]));
+    s.apply(&endpoint_slice(
+        "np",
+        "np-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[np],
+    ));
     s.start_kproxy(&["--ipvs-scheduler", "wrr"]);
     let dst = sock(NODE_IP, NODE_PORT);
     wait_tcp(&mut s, dst);
     let seen = tally(30, || tcp_request(&s.topo.client, dst, REQ));
     assert_spread(&seen, &["ep1", "ep2"], 5);
     let table = ipvs(&s);
-    assert!(table.contains(&format!("TCP  {NODE_IP}:{NODE_PORT} wrr")), "{table}");
+    assert!(
+        table.contains(&format!("TCP  {NODE_IP}:{NODE_PORT} wrr")),
+        "{table}"
+    );
     // Every node address gets one (the pods' side too), loopback none.
-    assert!(table.contains(&format!("TCP  {NODE_POD_SIDE}:{NODE_PORT} wrr")), "{table}");
+    assert!(
+        table.contains(&format!("TCP  {NODE_POD_SIDE}:{NODE_PORT} wrr")),
+        "{table}"
+    );
     assert!(!table.contains("127.0.0.1"), "{table}");
 }
 
 #[test]
 #[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
 fn a_service_without_endpoints_refuses_connections() {
-    let mut s = Scenario::with_manifests_in(Mode::Ipvs);
+    let mut s = Scenario::with_manifests_ipvs();
     s.tcp_server(POD_V4[0], 8080, "ep1");
     s.apply(&Svc::new("empty", &["10.96.1.3"], &[HTTP]).json());
     s.apply(&endpoint_slice("empty", "empty-v4", &[], &[HTTP]));
     s.apply(&Svc::new("full", &["10.96.1.4"], &[HTTP]).json());
-    s.apply(&endpoint_slice("full", "full-v4", &eps(&[POD_V4[0]], OTHER_NODE), &[HTTP]));
+    s.apply(&endpoint_slice(
+        "full",
+        "full-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
     s.start_kproxy(&[]);
     wait_tcp(&mut s, sock("10.96.1.4", 80));
     assert!(ipvs(&s).contains("TCP  10.96.1.3:80 rr"), "{}", ipvs(&s));
     // IPVS answers a virtual server without real servers with ICMP port unreachable.
-    assert_tcp_refused(&s.topo.client, None, sock("10.96.1.3", 80), Duration::from_secs(1));
+    assert_tcp_refused(
+        &s.topo.client,
+        None,
+        sock("10.96.1.3", 80),
+        Duration::from_secs(1),
+    );
 }
 
 #[test]
 #[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
 fn client_ip_affinity_pins_each_client_to_one_endpoint() {
-    let mut s = Scenario::with_manifests_in(Mode::Ipvs);
+    let mut s = Scenario::with_manifests_ipvs();
     for (i, id) in ["ep1", "ep2", "ep3"].iter().enumerate() {
         s.tcp_server(POD_V4[i], 8080, id);
     }
-    s.apply(&Svc::new("sticky", &["10.96.1.5"], &[HTTP]).client_ip_affinity(600).json());
+    s.apply(
+        &Svc::new("sticky", &["10.96.1.5"], &[HTTP])
+            .client_ip_affinity(600)
+            .json(),
+    );
     s.apply(&endpoint_slice(
         "sticky",
         "sticky-v4",
@@ -162,17 +209,32 @@ fn client_ip_affinity_pins_each_client_to_one_endpoint() {
 #[test]
 #[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
 fn external_policy_local_keeps_the_source_and_drops_without_local_endpoints() {
-    let mut s = Scenario::with_manifests_in(Mode::Ipvs);
+    let mut s = Scenario::with_manifests_ipvs();
     s.tcp_server_reporting_peer(POD_V4[0], 8080, "local");
     s.tcp_server_reporting_peer(POD_V4[1], 8080, "remote");
     let np = HTTP.with_node_port(NODE_PORT);
-    s.apply(&Svc::new("etp", &["10.96.1.6"], &[np]).node_port().external_policy("Local").json());
+    s.apply(
+        &Svc::new("etp", &["10.96.1.6"], &[np])
+            .node_port()
+            .external_policy("Local")
+            .json(),
+    );
     let mut list = eps(&[POD_V4[0]], NODE);
     list.extend(eps(&[POD_V4[1]], OTHER_NODE));
     s.apply(&endpoint_slice("etp", "etp-v4", &list, &[np]));
     let np2 = Port::tcp("http", 80, 8080).with_node_port(NODE_PORT + 1);
-    s.apply(&Svc::new("etp-none", &["10.96.1.7"], &[np2]).node_port().external_policy("Local").json());
-    s.apply(&endpoint_slice("etp-none", "etp-none-v4", &eps(&[POD_V4[1]], OTHER_NODE), &[np2]));
+    s.apply(
+        &Svc::new("etp-none", &["10.96.1.7"], &[np2])
+            .node_port()
+            .external_policy("Local")
+            .json(),
+    );
+    s.apply(&endpoint_slice(
+        "etp-none",
+        "etp-none-v4",
+        &eps(&[POD_V4[1]], OTHER_NODE),
+        &[np2],
+    ));
     s.start_kproxy(&[]);
 
     let dst = sock(NODE_IP, NODE_PORT);
@@ -186,7 +248,9 @@ fn external_policy_local_keeps_the_source_and_drops_without_local_endpoints() {
     );
     // The ClusterIP (internal policy Cluster) still uses both.
     let vip = sock("10.96.1.6", 80);
-    let ids = tally(30, || tcp_request(&s.topo.client, vip, REQ).map(|a| split_peer(&a).0.to_string()));
+    let ids = tally(30, || {
+        tcp_request(&s.topo.client, vip, REQ).map(|a| split_peer(&a).0.to_string())
+    });
     assert_spread(&ids, &["local", "remote"], 3);
     // No local endpoint: dropped (not refused), as upstream's other modes.
     let r = tcp_request(&s.topo.client, sock(NODE_IP, NODE_PORT + 1), DROPPED);
@@ -195,8 +259,16 @@ fn external_policy_local_keeps_the_source_and_drops_without_local_endpoints() {
 
 /// A TCP server that answers its identity and then echoes until the client closes: a
 /// long-lived connection.
-fn holding_server(s: &Scenario, addr: SocketAddr, identity: &'static str) -> std::thread::JoinHandle<()> {
-    let listener = s.topo.endpoints.in_ns(move || TcpListener::bind(addr)).unwrap();
+fn holding_server(
+    s: &Scenario,
+    addr: SocketAddr,
+    identity: &'static str,
+) -> std::thread::JoinHandle<()> {
+    let listener = s
+        .topo
+        .endpoints
+        .in_ns(move || TcpListener::bind(addr))
+        .unwrap();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
@@ -216,19 +288,46 @@ fn holding_server(s: &Scenario, addr: SocketAddr, identity: &'static str) -> std
 #[test]
 #[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
 fn a_removed_endpoint_drains_gracefully_then_goes() {
-    let mut s = Scenario::with_manifests_in(Mode::Ipvs);
+    let mut s = Scenario::with_manifests_ipvs();
     s.tcp_server(POD_V4[0], 8080, "ep1");
     let _holder = holding_server(&s, sock(POD_V4[1], 8080), "ep2");
     s.apply(&Svc::new("drain", &["10.96.1.8"], &[HTTP]).json());
-    s.apply(&endpoint_slice("drain", "drain-v4", &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE), &[HTTP]));
+    // ep2 joins only after the first probes: a connection to it that closed normally would sit
+    // in TIME_WAIT (two minutes of "inactive") and hold the drain open.
+    s.apply(&endpoint_slice(
+        "drain",
+        "drain-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
     s.start_kproxy(&[]);
     let vip = sock("10.96.1.8", 80);
     wait_tcp(&mut s, vip);
+    s.apply(&endpoint_slice(
+        "drain",
+        "drain-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[HTTP],
+    ));
+    let rs = format!("{}:8080", POD_V4[1]);
+    assert!(
+        wait_until(SYNC, || ipvs(&s).contains(&rs)),
+        "ep2 never added:\n{}",
+        ipvs(&s)
+    );
 
-    // A long-lived connection to ep2.
+    // A long-lived connection to ep2. Every client socket here ends with a reset (IPVS: CLOSE,
+    // 10 s), never a normal close.
     let mut held = None;
     for _ in 0..40 {
-        let mut c = s.topo.client.in_ns(move || TcpStream::connect_timeout(&vip, REQ)).unwrap();
+        let mut c = s
+            .topo
+            .client
+            .in_ns(move || TcpStream::connect_timeout(&vip, REQ))
+            .unwrap();
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
         c.set_read_timeout(Some(REQ)).unwrap();
         let mut id = [0u8; 3];
         c.read_exact(&mut id).unwrap();
@@ -240,10 +339,16 @@ fn a_removed_endpoint_drains_gracefully_then_goes() {
     let mut held = held.expect("rr never chose ep2");
 
     // ep2 leaves the slice: weight 0, its connection keeps working, new ones go to ep1.
-    s.apply(&endpoint_slice("drain", "drain-v4", &eps(&[POD_V4[0]], OTHER_NODE), &[HTTP]));
-    let rs = format!("{}:8080", POD_V4[1]);
+    s.apply(&endpoint_slice(
+        "drain",
+        "drain-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
     let drained = wait_until(SYNC, || {
-        ipvs(&s).lines().any(|l| l.contains(&rs) && l.split_whitespace().nth(3) == Some("0"))
+        ipvs(&s)
+            .lines()
+            .any(|l| l.contains(&rs) && l.split_whitespace().nth(3) == Some("0"))
     });
     assert!(drained, "ep2 never got weight 0:\n{}", ipvs(&s));
     let seen = tally(10, || tcp_request(&s.topo.client, vip, REQ));
@@ -251,13 +356,19 @@ fn a_removed_endpoint_drains_gracefully_then_goes() {
     held.write_all(b"ping").unwrap();
     let mut back = [0u8; 4];
     held.read_exact(&mut back).unwrap();
-    assert_eq!(&back, b"ping", "the established connection survives the drain");
+    assert_eq!(
+        &back, b"ping",
+        "the established connection survives the drain"
+    );
     // Still there while the connection lives (several syncs later).
     std::thread::sleep(Duration::from_secs(5));
-    assert!(ipvs(&s).contains(&rs), "removed while a connection was open:\n{}", ipvs(&s));
+    assert!(
+        ipvs(&s).contains(&rs),
+        "removed while a connection was open:\n{}",
+        ipvs(&s)
+    );
 
     // The client resets the connection (IPVS: CLOSE, 10 s): then the next syncs remove ep2.
-    socket2::SockRef::from(&held).set_linger(Some(Duration::ZERO)).unwrap();
     drop(held);
     let gone = wait_until(Duration::from_secs(40), || !ipvs(&s).contains(&rs));
     assert!(gone, "ep2 was never removed:\n{}", ipvs(&s));
@@ -266,12 +377,19 @@ fn a_removed_endpoint_drains_gracefully_then_goes() {
 #[test]
 #[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
 fn cleanup_removes_only_kproxys_virtual_servers_interface_and_table() {
-    let mut s = Scenario::with_manifests_in(Mode::Ipvs);
+    let mut s = Scenario::with_manifests_ipvs();
     s.tcp_server(POD_V4[0], 8080, "ep1");
     s.apply(&Svc::new("c", &["10.96.1.9"], &[HTTP]).json());
-    s.apply(&endpoint_slice("c", "c-v4", &eps(&[POD_V4[0]], OTHER_NODE), &[HTTP]));
+    s.apply(&endpoint_slice(
+        "c",
+        "c-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
     // Someone else's virtual server on an address that is not this node's.
-    s.topo.node.run("ipvsadm", &["-A", "-t", "192.0.2.50:443", "-s", "wlc"]);
+    s.topo
+        .node
+        .run("ipvsadm", &["-A", "-t", "192.0.2.50:443", "-s", "wlc"]);
     s.start_kproxy(&[]);
     wait_tcp(&mut s, sock("10.96.1.9", 80));
     // A restart (read-back of the live state) keeps the foreign one and changes nothing.
@@ -279,7 +397,10 @@ fn cleanup_removes_only_kproxys_virtual_servers_interface_and_table() {
     s.start_kproxy(&[]);
     std::thread::sleep(Duration::from_secs(2));
     s.kproxy().assert_running();
-    assert_eq!(tcp_request(&s.topo.client, sock("10.96.1.9", 80), REQ).unwrap(), "ep1");
+    assert_eq!(
+        tcp_request(&s.topo.client, sock("10.96.1.9", 80), REQ).unwrap(),
+        "ep1"
+    );
     assert!(ipvs(&s).contains("192.0.2.50:443"), "{}", ipvs(&s));
     drop(s.kproxy.take());
 
@@ -297,4 +418,3 @@ fn cleanup_removes_only_kproxys_virtual_servers_interface_and_table() {
     let tables = s.topo.node.run("nft", &["list", "tables"]);
     assert!(!tables.contains("kproxy-ipvs"), "{tables}");
 }
-

@@ -12,6 +12,7 @@
 #   KPROXY_LAB_CACHE    cache directory for packages and the extracted tree (required)
 #   KPROXY_LAB_FILTER   test-name filter (default: ipvs_guest::)
 #   KPROXY_LAB_TIMEOUT  seconds the guest may run (default: 1200)
+#   KPROXY_LAB_ARGS     extra test-harness arguments in the guest (e.g. --nocapture)
 #   KPROXY_LAB_ACCEL    kvm|tcg|auto (default auto: KVM if a probe boot works, cached, else TCG)
 #
 # Needs qemu-system-x86_64 (bookworm-backports' qemu-system-x86, installed by .ci/run), apt-get
@@ -31,6 +32,7 @@ CACHE=${KPROXY_LAB_CACHE:?KPROXY_LAB_CACHE: a cache directory}
 FILTER=${KPROXY_LAB_FILTER:-ipvs_guest::}
 TIMEOUT=${KPROXY_LAB_TIMEOUT:-1200}
 ACCEL=${KPROXY_LAB_ACCEL:-auto}
+LAB_ARGS=${KPROXY_LAB_ARGS:-}
 
 command -v qemu-system-x86_64 >/dev/null ||
 	die "qemu-system-x86_64 is not installed; install qemu-system-x86 from bookworm-backports (.ci/run does: apt-get install -t bookworm-backports qemu-system-x86)"
@@ -155,7 +157,7 @@ echo "ipvs-lab: guest up after \$(cut -d' ' -f1 /proc/uptime)s; kernel \$(uname 
 if [ "\$(cat /proc/cmdline | grep -o 'lab=probe')" = "lab=probe" ]; then
 	echo "ipvs-lab: PROBE-OK"
 else
-	$E2E_DST --include-ignored --test-threads=1 $FILTER
+	$E2E_DST --include-ignored --test-threads=1 $LAB_ARGS $FILTER
 	rc=\$?
 	echo "ipvs-lab: guest tests exited \$rc after \$(cut -d' ' -f1 /proc/uptime)s"
 	[ \$rc -eq 0 ] && echo "ipvs-lab: GUEST-PASS" || echo "ipvs-lab: GUEST-FAIL rc=\$rc"

@@ -86,6 +86,11 @@ pub struct Args {
     #[arg(long, value_name = "DURATION")]
     pub ipvs_min_sync_period: Option<String>,
 
+    /// IPVS scheduler in ipvs mode: rr (default), wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq,
+    /// mh, fo, ovf, twos.
+    #[arg(long, value_name = "NAME")]
+    pub ipvs_scheduler: Option<String>,
+
     /// iptables backend: auto (detect what the host uses), nft or legacy.
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub iptables_backend: Option<BackendArg>,

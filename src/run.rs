@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use kproxy_contract::{IpFamily, Mode, ModeName};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
+use kproxy_ipvs::{IpvsMode, IpvsOptions, SystemKernel};
 use kproxy_nftables::{NftCli, NftablesMode};
 use tokio::sync::mpsc;
 
@@ -40,9 +41,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let mode = NftablesMode::new(NftCli, vec![IpFamily::V4, IpFamily::V6]);
             run_mode(mode, config, Keep::Nftables).await
         }
+        ModeName::Ipvs => {
+            // Fail before anything is touched when the kernel has no IPVS (a dry run still
+            // prints what it would program).
+            if !config.dry_run {
+                kproxy_ipvs::probe().context("--proxy-mode ipvs")?;
+            }
+            let mode = IpvsMode::new(SystemKernel::new(), ipvs_options(&config));
+            run_mode(mode, config, Keep::Ipvs).await
+        }
         other => anyhow::bail!(
             "--proxy-mode {other} is not available in this build yet; use iptables or nftables"
         ),
+    }
+}
+
+fn ipvs_options(config: &Config) -> IpvsOptions {
+    IpvsOptions {
+        scheduler: config.ipvs_scheduler.clone(),
+        ..IpvsOptions::default()
     }
 }
 
@@ -186,6 +203,7 @@ fn cleanup(config: &Config) -> anyhow::Result<()> {
 enum Keep {
     Iptables(Backend),
     Nftables,
+    Ipvs,
 }
 
 /// Removes every kproxy object except what `keep` (the running mode) owns: on a mode switch the
@@ -227,6 +245,16 @@ fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
                 tracing::debug!("nft not installed; nothing to clean")
             }
             Err(err) => failures.push(format!("nftables: {}", format_chain(&err))),
+        }
+    }
+    if keep != Some(Keep::Ipvs) {
+        let mut ipvs = IpvsMode::new(SystemKernel::new(), ipvs_options(config));
+        match ipvs.cleanup() {
+            Ok(()) => tracing::info!("IPVS virtual servers, interface and table removed"),
+            Err(err) if is_missing_tool(&err) => {
+                tracing::debug!("ip or nft not installed; no IPVS-mode objects to clean")
+            }
+            Err(err) => failures.push(format!("ipvs: {}", format_chain(&err))),
         }
     }
     if failures.is_empty() {

@@ -100,6 +100,8 @@ pub struct Config {
     pub iptables_backend: BackendChoice,
     /// `conntrack.tcpBeLiberal`.
     pub tcp_be_liberal: bool,
+    /// The IPVS scheduler (`--ipvs-scheduler`, `ipvs.scheduler`; default `rr`).
+    pub ipvs_scheduler: String,
     /// Print the diff, change nothing.
     pub dry_run: bool,
     /// Exit after the first complete sync.
@@ -305,6 +307,25 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         Some(BackendArg::Legacy) => BackendChoice::Legacy,
     };
 
+    let ipvs_scheduler = match pick(
+        args.ipvs_scheduler.clone(),
+        file.ipvs.scheduler.clone().filter(|s| !s.is_empty()),
+        "ipvs.scheduler",
+    ) {
+        None => "rr".to_string(),
+        Some((v, field)) => {
+            let name = v.trim().to_string();
+            if !kproxy_ipvs::SCHEDULERS.contains(&name.as_str()) {
+                return Err(ConfigError {
+                    field,
+                    value: v,
+                    reason: format!("expected one of {}", kproxy_ipvs::SCHEDULERS.join(", ")),
+                });
+            }
+            name
+        }
+    };
+
     Ok(Config {
         mode,
         source,
@@ -320,6 +341,7 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         min_sync_period,
         iptables_backend,
         tcp_be_liberal: file.conntrack.tcp_be_liberal.unwrap_or(false),
+        ipvs_scheduler,
         dry_run: args.dry_run,
         once: args.once,
         cleanup: args.cleanup,

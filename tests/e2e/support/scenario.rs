@@ -41,6 +41,11 @@ pub(crate) enum Mode {
     Nftables,
 }
 
+/// kproxy's flags in ipvs mode ([`Scenario::with_manifests_ipvs`]; only inside the IPVS lab
+/// guest, `tests/ipvs-lab`): a short sync period, since graceful termination polls draining
+/// real servers on each sync.
+const IPVS_ARGS: &[&str] = &["--proxy-mode", "ipvs", "--ipvs-sync-period", "2s"];
+
 impl Mode {
     /// The mode's own flags: `--proxy-mode` and its min-sync-period (plus the iptables backend).
     fn args(self) -> &'static [&'static str] {
@@ -115,6 +120,8 @@ impl Source {
 /// One scenario. See the module documentation.
 pub(crate) struct Scenario {
     pub(crate) mode: Mode,
+    /// kproxy runs in ipvs mode instead of `mode` (the IPVS lab guest).
+    ipvs: bool,
     pub(crate) kproxy: Option<KproxyProcess>,
     tcp: Vec<TcpEcho>,
     udp: BTreeMap<String, UdpEcho>,
@@ -136,6 +143,14 @@ impl Scenario {
         s
     }
 
+    /// The topology and a manifests directory holding the Node `node-a`, for kproxy in ipvs
+    /// mode (needs a kernel with IPVS: the lab guest of `tests/ipvs-lab`).
+    pub(crate) fn with_manifests_ipvs() -> Scenario {
+        let mut s = Scenario::with_manifests();
+        s.ipvs = true;
+        s
+    }
+
     /// The topology and the fake API server, listening on 127.0.0.1 inside the node namespace,
     /// holding the Node `node-a`.
     pub(crate) fn with_api() -> Scenario {
@@ -151,6 +166,7 @@ impl Scenario {
         source.apply(&objects::node(NODE, &[NODE_IP, NODE_IP6], None));
         Scenario {
             mode: Mode::Iptables,
+            ipvs: false,
             kproxy: None,
             tcp: Vec::new(),
             udp: BTreeMap::new(),
@@ -211,7 +227,11 @@ impl Scenario {
                 "--metrics-bind-address=",
             ]
             .iter()
-            .chain(self.mode.args())
+            .chain(if self.ipvs {
+                IPVS_ARGS
+            } else {
+                self.mode.args()
+            })
             .map(|s| s.to_string()),
         );
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -225,8 +245,14 @@ impl Scenario {
     }
 
     /// The rules of one family in the node namespace: `iptables-nft-save` (or
-    /// `ip6tables-nft-save`) in iptables mode, `nft list table ip[6] kproxy` in nftables mode.
+    /// `ip6tables-nft-save`) in iptables mode, `nft list table ip[6] kproxy` in nftables mode,
+    /// `ipvsadm -Ln` (both families) in ipvs mode.
     pub(crate) fn save(&self, v6: bool) -> String {
+        if self.ipvs {
+            // Empty until kproxy has created virtual servers.
+            let out = self.topo.node.exec("ipvsadm", &["-Ln"]);
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
         if self.mode == Mode::Nftables {
             let family = if v6 { "ip6" } else { "ip" };
             // Empty until kproxy has created the table.

@@ -1,0 +1,261 @@
+//! An in-memory kernel with IPVS's answers (EEXIST for duplicates, ESRCH for unknown services
+//! and real servers), for unit tests and the benchmark.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use kproxy_contract::{CommandError, IpFamily};
+
+use crate::kernel::{IpvsKernel, KernelError};
+use crate::model::{DUMMY, DestCounters, RsKey, VipHolder, VirtualServer, VsKey};
+use crate::plan::IpvsOp;
+use crate::socket::{EEXIST, ESRCH, GenlError};
+
+/// The fake kernel's state, public for assertions.
+#[derive(Debug, Clone, Default)]
+pub struct FakeKernel {
+    /// Whether the kernel has IPVS at all.
+    pub no_ipvs: bool,
+    /// Whether the kernel has the dummy link type.
+    pub no_dummy: bool,
+    /// Virtual servers.
+    pub services: BTreeMap<VsKey, VirtualServer>,
+    /// Connection counters per real server (absent: zero).
+    pub conns: BTreeMap<(VsKey, RsKey), (u32, u32)>,
+    /// Which holder exists.
+    pub holder: Option<VipHolder>,
+    /// Bound service addresses.
+    pub vips: BTreeSet<IpAddr>,
+    /// Other interfaces' addresses.
+    pub local: Vec<(String, IpAddr)>,
+    /// Every nft script applied, in order.
+    pub nft_scripts: Vec<String>,
+    /// Which `kproxy-ipvs` tables exist.
+    pub tables: BTreeSet<IpFamily>,
+    /// Every IPVS change executed, in order.
+    pub executed: Vec<IpvsOp>,
+    /// Times `prepare` ran.
+    pub prepared: usize,
+    /// Fail the next `execute` with this errno.
+    pub fail_next: Option<i32>,
+}
+
+impl FakeKernel {
+    /// A kernel with IPVS, dummy interfaces and one node address.
+    pub fn new() -> FakeKernel {
+        FakeKernel {
+            local: vec![
+                ("lo".into(), "127.0.0.1".parse().expect("ip")),
+                ("eth0".into(), "10.0.1.1".parse().expect("ip")),
+            ],
+            ..FakeKernel::default()
+        }
+    }
+
+    fn refuse(what: &IpvsOp, errno: i32) -> KernelError {
+        KernelError::Ipvs(GenlError::Refused {
+            request: format!("ipvsadm {what}"),
+            errno,
+        })
+    }
+
+    fn one(&mut self, op: &IpvsOp) -> Result<(), KernelError> {
+        match op {
+            IpvsOp::AddService(k, c) => {
+                if self.services.contains_key(k) {
+                    return Err(Self::refuse(op, EEXIST));
+                }
+                self.services.insert(
+                    *k,
+                    VirtualServer {
+                        config: c.clone(),
+                        dests: BTreeMap::new(),
+                    },
+                );
+            }
+            IpvsOp::UpdateService(k, c) => {
+                self.services
+                    .get_mut(k)
+                    .ok_or_else(|| Self::refuse(op, ESRCH))?
+                    .config = c.clone();
+            }
+            IpvsOp::DelService(k) => {
+                self.services.remove(k);
+                self.conns.retain(|(vs, _), _| vs != k);
+            }
+            IpvsOp::AddDest(k, r, w) => {
+                let s = self
+                    .services
+                    .get_mut(k)
+                    .ok_or_else(|| Self::refuse(op, ESRCH))?;
+                if s.dests.contains_key(r) {
+                    return Err(Self::refuse(op, EEXIST));
+                }
+                s.dests.insert(*r, *w);
+            }
+            IpvsOp::UpdateDest(k, r, w) => {
+                let s = self
+                    .services
+                    .get_mut(k)
+                    .ok_or_else(|| Self::refuse(op, ESRCH))?;
+                let d = s
+                    .dests
+                    .get_mut(r)
+                    .ok_or_else(|| Self::refuse(op, ENOENT_DEST))?;
+                *d = *w;
+            }
+            IpvsOp::DelDest(k, r) => {
+                if let Some(s) = self.services.get_mut(k) {
+                    s.dests.remove(r);
+                }
+                self.conns.remove(&(*k, *r));
+            }
+        }
+        self.executed.push(op.clone());
+        Ok(())
+    }
+}
+
+/// IPVS answers ENOENT for a SET_DEST on an unknown real server.
+const ENOENT_DEST: i32 = 2;
+
+impl IpvsKernel for FakeKernel {
+    fn virtual_servers(&mut self) -> Result<BTreeMap<VsKey, VirtualServer>, KernelError> {
+        if self.no_ipvs {
+            return Err(GenlError::NoIpvs.into());
+        }
+        Ok(self.services.clone())
+    }
+
+    fn dest_counters(&mut self, key: &VsKey) -> Result<Vec<(RsKey, DestCounters)>, KernelError> {
+        let s = self.services.get(key).ok_or_else(|| {
+            KernelError::Ipvs(GenlError::Refused {
+                request: "GET_DEST".into(),
+                errno: ESRCH,
+            })
+        })?;
+        Ok(s.dests
+            .iter()
+            .map(|(rs, w)| {
+                let (active, inactive) = self.conns.get(&(*key, *rs)).copied().unwrap_or((0, 0));
+                (
+                    *rs,
+                    DestCounters {
+                        weight: *w,
+                        active,
+                        inactive,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn execute(&mut self, ops: &[IpvsOp]) -> Result<(), KernelError> {
+        if self.no_ipvs {
+            return Err(GenlError::NoIpvs.into());
+        }
+        if let Some(errno) = self.fail_next.take()
+            && let Some(op) = ops.first()
+        {
+            return Err(Self::refuse(op, errno));
+        }
+        for op in ops {
+            self.one(op)?;
+        }
+        Ok(())
+    }
+
+    fn local_addresses(&self) -> Vec<(String, IpAddr)> {
+        let mut out = self.local.clone();
+        if self.holder == Some(VipHolder::Dummy) {
+            out.extend(self.vips.iter().map(|a| (DUMMY.to_string(), *a)));
+        }
+        out
+    }
+
+    fn vips(&mut self) -> Result<(Option<VipHolder>, BTreeSet<IpAddr>), KernelError> {
+        Ok((self.holder, self.vips.clone()))
+    }
+
+    fn ensure_holder(&mut self) -> Result<VipHolder, KernelError> {
+        let h = if self.no_dummy {
+            VipHolder::LoRoutes
+        } else {
+            VipHolder::Dummy
+        };
+        self.holder = Some(h);
+        Ok(h)
+    }
+
+    fn change_vips(
+        &mut self,
+        holder: VipHolder,
+        add: &[IpAddr],
+        del: &[IpAddr],
+    ) -> Result<(), KernelError> {
+        if self.holder != Some(holder) {
+            return Err(CommandError::Failed {
+                program: "ip".into(),
+                status: "exit status: 1".into(),
+                stderr: format!("no holder {holder:?}"),
+            }
+            .into());
+        }
+        self.vips.extend(add.iter().copied());
+        for a in del {
+            self.vips.remove(a);
+        }
+        Ok(())
+    }
+
+    fn remove_holder(&mut self) -> Result<(), KernelError> {
+        self.holder = None;
+        self.vips.clear();
+        Ok(())
+    }
+
+    fn nft(&mut self, script: &str) -> Result<(), KernelError> {
+        // Track table existence from the script's table statements.
+        for line in script.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let fam = |w: &str| match w {
+                "ip" => Some(IpFamily::V4),
+                "ip6" => Some(IpFamily::V6),
+                _ => None,
+            };
+            match words.as_slice() {
+                ["table", f, _, ..] => {
+                    if let Some(f) = fam(f) {
+                        self.tables.insert(f);
+                    }
+                }
+                ["delete", "table", f, _] => {
+                    if let Some(f) = fam(f) {
+                        self.tables.remove(&f);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A rewrite re-creates the table after deleting it.
+        for line in script.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["table", f, _, "{"] = words.as_slice() {
+                match *f {
+                    "ip" => self.tables.insert(IpFamily::V4),
+                    _ => self.tables.insert(IpFamily::V6),
+                };
+            }
+        }
+        self.nft_scripts.push(script.to_string());
+        Ok(())
+    }
+
+    fn nft_tables(&mut self) -> Result<BTreeSet<IpFamily>, KernelError> {
+        Ok(self.tables.clone())
+    }
+
+    fn prepare(&mut self) {
+        self.prepared += 1;
+    }
+}

@@ -1,0 +1,136 @@
+//! The IPVS mode's kernel vocabulary: virtual servers with their real servers, the addresses
+//! bound to kproxy's interface, and the netfilter table that does what IPVS cannot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use kproxy_contract::{IpFamily, Protocol};
+
+/// The interface that carries every service address (upstream: `kube-ipvs0`).
+pub const DUMMY: &str = "kproxy-ipvs0";
+
+/// The route protocol number that tags kproxy's local routes on `lo` when the kernel has no
+/// `dummy` link type (`ip route ... proto 107`); 107 is unassigned in `rt_protos`.
+pub const ROUTE_PROTO: u8 = 107;
+
+/// A virtual server's identity: address, protocol, port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VsKey {
+    /// The virtual address (service IP or node address).
+    pub addr: IpAddr,
+    /// The transport protocol.
+    pub protocol: Protocol,
+    /// The virtual port.
+    pub port: u16,
+}
+
+impl VsKey {
+    /// The address family.
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(&self.addr)
+    }
+}
+
+impl fmt::Display for VsKey {
+    /// ipvsadm's spelling: `-t 10.96.0.1:80`, `-u [fd00::1]:53`, `--sctp-service ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let flag = match self.protocol {
+            Protocol::Tcp => "-t",
+            Protocol::Udp => "-u",
+            Protocol::Sctp => "--sctp-service",
+        };
+        write!(f, "{flag} {}", SockFmt(self.addr, self.port))
+    }
+}
+
+/// `addr:port` with brackets around IPv6 addresses.
+pub struct SockFmt(pub IpAddr, pub u16);
+
+impl fmt::Display for SockFmt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.1),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.1),
+        }
+    }
+}
+
+/// A real server's identity within its virtual server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RsKey {
+    /// The endpoint address.
+    pub addr: IpAddr,
+    /// The endpoint port.
+    pub port: u16,
+}
+
+impl fmt::Display for RsKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        SockFmt(self.addr, self.port).fmt(f)
+    }
+}
+
+/// A virtual server's settings (what `SET_SERVICE` changes).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VsConfig {
+    /// The scheduler name (`rr`, `wrr`, ...).
+    pub scheduler: String,
+    /// ClientIP affinity: the persistence timeout in seconds.
+    pub persistence: Option<u32>,
+}
+
+/// A virtual server and its real servers (endpoint → weight).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualServer {
+    /// Its settings.
+    pub config: VsConfig,
+    /// Its real servers and their weights (0: draining).
+    pub dests: BTreeMap<RsKey, u32>,
+}
+
+/// Per real server counters read back from the kernel (graceful termination polls them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DestCounters {
+    /// The weight the kernel holds.
+    pub weight: u32,
+    /// Established connections.
+    pub active: u32,
+    /// Other connections (closing, SYN received, UDP flows).
+    pub inactive: u32,
+}
+
+/// How service addresses are made local.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VipHolder {
+    /// Addresses on the dummy interface [`DUMMY`] (upstream's way).
+    #[default]
+    Dummy,
+    /// `local` routes on `lo` tagged [`ROUTE_PROTO`]: kernels without the `dummy` link type.
+    LoRoutes,
+}
+
+/// One family's netfilter table (`ip kproxy-ipvs` / `ip6 kproxy-ipvs`): static chains that
+/// depend only on node settings, and named sets holding the per-service data.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NftTable {
+    /// The table declaration without set elements; a change rewrites the table.
+    pub head: String,
+    /// Set name → elements in nft syntax.
+    pub sets: BTreeMap<&'static str, BTreeSet<String>>,
+}
+
+/// Everything the IPVS mode owns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IpvsRules {
+    /// Virtual servers by key.
+    pub services: BTreeMap<VsKey, VirtualServer>,
+    /// Service addresses made local on this node.
+    pub vips: BTreeSet<IpAddr>,
+    /// The netfilter tables; `None` when read back from the kernel (kproxy does not parse its
+    /// table back: a full sync rewrites it in one transaction, see the crate docs).
+    pub nft: Option<BTreeMap<IpFamily, NftTable>>,
+    /// Which service port each virtual server serves (`ns/name:port`), for the dry-run grouping.
+    /// Not part of the kernel state: read-back rules have none.
+    pub owners: BTreeMap<VsKey, String>,
+}

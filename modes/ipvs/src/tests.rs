@@ -1,0 +1,461 @@
+//! Conformance against the fake kernel: layout, incremental plans, graceful termination,
+//! ownership and cleanup.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::time::Duration;
+
+use kproxy_contract::*;
+use kproxy_testkit::{ep, many, service, state, sync};
+
+use crate::fake::FakeKernel;
+use crate::model::{RsKey, VipHolder, VsKey};
+use crate::plan::IpvsOp;
+use crate::{IpvsMode, IpvsOptions};
+
+fn mode() -> IpvsMode<FakeKernel> {
+    IpvsMode::new(FakeKernel::new(), IpvsOptions::default())
+}
+
+fn vs(addr: &str, port: u16) -> VsKey {
+    VsKey {
+        addr: addr.parse().unwrap(),
+        protocol: Protocol::Tcp,
+        port,
+    }
+}
+
+fn rs(addr: &str) -> RsKey {
+    RsKey {
+        addr: addr.parse().unwrap(),
+        port: 8080,
+    }
+}
+
+/// A plan computed from what the mode believes (the last desired), as the sync loop does
+/// between full syncs.
+fn sync_from(m: &mut IpvsMode<FakeKernel>, believed: &IpvsRules, s: &ProxyState) -> IpvsRules {
+    let desired = m.render(s);
+    let plan = m.plan(believed, &desired);
+    m.apply(&plan).unwrap();
+    desired
+}
+
+use crate::IpvsRules;
+
+#[test]
+fn clusterip_nodeport_external_and_lb_frontends_become_virtual_servers() {
+    let mut m = mode();
+    let mut sp = service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
+    );
+    sp.node_port = Some(30080);
+    sp.external_ips = vec!["192.0.2.7".parse().unwrap()];
+    sp.load_balancer_ips = vec!["198.51.100.9".parse().unwrap()];
+    sp.affinity = Some(SessionAffinity {
+        timeout: Duration::from_secs(600),
+    });
+    let s = state(vec![sp]);
+    sync(&mut m, &s);
+    let k = m.kernel();
+    let keys: Vec<String> = k.services.keys().map(|k| k.to_string()).collect();
+    assert_eq!(
+        keys,
+        [
+            "-t 10.0.1.1:30080",
+            "-t 10.96.0.10:80",
+            "-t 192.0.2.7:80",
+            "-t 198.51.100.9:80"
+        ],
+        "NodePort on the node address (not loopback), one per service address"
+    );
+    for v in k.services.values() {
+        assert_eq!(v.config.scheduler, "rr");
+        assert_eq!(v.config.persistence, Some(600));
+        assert_eq!(v.dests.len(), 2);
+        assert!(v.dests.values().all(|w| *w == 1));
+    }
+    let vips: Vec<String> = k.vips.iter().map(ToString::to_string).collect();
+    assert_eq!(vips, ["10.96.0.10", "192.0.2.7", "198.51.100.9"]);
+    assert_eq!(k.holder, Some(VipHolder::Dummy));
+    assert_eq!(k.prepared, 1);
+    // The nft table: hairpin for the local endpoint only, masquerade sets.
+    let script = k.nft_scripts.join("");
+    assert!(
+        script.contains(
+            "add element ip kproxy-ipvs hairpin { 10.244.1.2 . tcp . 8080 . 10.244.1.2 }"
+        ),
+        "{script}"
+    );
+    assert!(
+        script.contains("masq-cluster { 10.96.0.10 . tcp . 80 }"),
+        "{script}"
+    );
+    assert!(script.contains("10.0.1.1 . tcp . 30080"), "{script}");
+    assert!(
+        script.contains("ip saddr != { 10.244.0.0/16 } meta mark set meta mark | 0x00004000"),
+        "{script}"
+    );
+}
+
+#[test]
+fn read_back_replans_only_the_netfilter_table() {
+    let mut m = mode();
+    let s = state(vec![
+        service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]),
+        service("b", "10.96.0.11", vec![]),
+        service("c", "fd00:96::1", vec![ep("fd00:244::1", false)]),
+    ]);
+    sync(&mut m, &s);
+    let live = m.read_live().unwrap();
+    let desired = m.render(&s);
+    assert_eq!(live.services, desired.services);
+    assert_eq!(live.vips, desired.vips);
+    let again = m.plan(&live, &desired);
+    assert!(again.ops.is_empty() && again.vips_add.is_empty() && again.vips_del.is_empty());
+    // The nft table is not parsed back: a full sync rewrites it.
+    assert_eq!(again.nft.len(), 2);
+    // Between full syncs (believed == desired) nothing at all.
+    assert!(Plan::is_empty(&m.plan(&desired, &desired)));
+}
+
+#[test]
+fn one_endpoint_change_touches_one_real_server() {
+    let mut m = mode();
+    let s1 = state(many(100, 3));
+    let believed = sync_from(&mut m, &IpvsRules::default(), &s1);
+    let mut services = many(100, 3);
+    services[42].endpoints.cluster.push(ep("10.250.0.1", false));
+    let s2 = state(services);
+    let before = m.kernel().executed.len();
+    sync_from(&mut m, &believed, &s2);
+    let ops = &m.kernel().executed[before..];
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert!(matches!(ops[0], IpvsOp::AddDest(_, r, 1) if r == rs("10.250.0.1")));
+    // No nft change: the endpoint is remote (no hairpin element).
+    assert_eq!(m.kernel().nft_scripts.len(), 1);
+}
+
+#[test]
+fn a_removed_tcp_endpoint_drains_then_goes_when_idle() {
+    let mut m = mode();
+    let s1 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", false)],
+    )]);
+    let b1 = sync_from(&mut m, &IpvsRules::default(), &s1);
+    let key = vs("10.96.0.10", 80);
+    m.kernel_mut().conns.insert((key, rs("10.244.1.2")), (1, 0));
+    let s2 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    let b2 = sync_from(&mut m, &b1, &s2);
+    assert_eq!(
+        m.kernel().services[&key].dests[&rs("10.244.1.2")],
+        0,
+        "weight 0 while connections remain"
+    );
+    assert_eq!(m.draining(), vec![(key, rs("10.244.1.2"))]);
+    // A periodic sync with nothing changed still checks the draining server.
+    let p = m.plan(&b2, &m.render(&s2));
+    assert!(
+        !Plan::is_empty(&p),
+        "a draining server keeps the plan non-empty"
+    );
+    m.apply(&p).unwrap();
+    assert!(
+        m.kernel().services[&key]
+            .dests
+            .contains_key(&rs("10.244.1.2"))
+    );
+    // Its connection ends: the next sync removes it.
+    m.kernel_mut().conns.clear();
+    let p = m.plan(&b2, &m.render(&s2));
+    m.apply(&p).unwrap();
+    assert!(
+        !m.kernel().services[&key]
+            .dests
+            .contains_key(&rs("10.244.1.2"))
+    );
+    assert!(m.draining().is_empty());
+    assert!(Plan::is_empty(&m.plan(&b2, &m.render(&s2))));
+}
+
+#[test]
+fn a_draining_endpoint_that_returns_is_reweighted_not_readded() {
+    let mut m = mode();
+    let s1 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", false)],
+    )]);
+    let b1 = sync_from(&mut m, &IpvsRules::default(), &s1);
+    let key = vs("10.96.0.10", 80);
+    m.kernel_mut().conns.insert((key, rs("10.244.1.2")), (0, 3));
+    let s2 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    let b2 = sync_from(&mut m, &b1, &s2);
+    sync_from(&mut m, &b2, &s1);
+    assert_eq!(m.kernel().services[&key].dests[&rs("10.244.1.2")], 1);
+    assert!(m.draining().is_empty());
+}
+
+#[test]
+fn draining_is_bounded() {
+    let mut m = IpvsMode::new(
+        FakeKernel::new(),
+        IpvsOptions {
+            drain_bound: Duration::ZERO,
+            ..IpvsOptions::default()
+        },
+    );
+    let s1 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", false)],
+    )]);
+    let b1 = sync_from(&mut m, &IpvsRules::default(), &s1);
+    let key = vs("10.96.0.10", 80);
+    m.kernel_mut().conns.insert((key, rs("10.244.1.2")), (5, 5));
+    let s2 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    sync_from(&mut m, &b1, &s2);
+    assert!(
+        !m.kernel().services[&key]
+            .dests
+            .contains_key(&rs("10.244.1.2"))
+    );
+}
+
+#[test]
+fn udp_endpoints_leave_at_once() {
+    let mut m = mode();
+    let mut a = service(
+        "a",
+        "10.96.0.53",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", false)],
+    );
+    a.name.protocol = Protocol::Udp;
+    let b1 = sync_from(&mut m, &IpvsRules::default(), &state(vec![a.clone()]));
+    a.endpoints.cluster.pop();
+    sync_from(&mut m, &b1, &state(vec![a]));
+    let key = VsKey {
+        protocol: Protocol::Udp,
+        ..vs("10.96.0.53", 80)
+    };
+    assert_eq!(m.kernel().services[&key].dests.len(), 1);
+    assert!(m.draining().is_empty());
+}
+
+#[test]
+fn a_removed_service_goes_with_its_address() {
+    let mut m = mode();
+    let s1 = state(vec![
+        service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]),
+        service("b", "10.96.0.11", vec![ep("10.244.1.1", false)]),
+    ]);
+    let b1 = sync_from(&mut m, &IpvsRules::default(), &s1);
+    let s2 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    sync_from(&mut m, &b1, &s2);
+    assert!(!m.kernel().services.contains_key(&vs("10.96.0.11", 80)));
+    assert!(!m.kernel().vips.contains(&"10.96.0.11".parse().unwrap()));
+    let last = m.kernel().nft_scripts.last().unwrap();
+    assert!(
+        last.contains("delete element ip kproxy-ipvs vips { 10.96.0.11 }"),
+        "{last}"
+    );
+}
+
+#[test]
+fn local_policy_without_local_endpoints_is_dropped_and_no_endpoints_left_to_ipvs() {
+    let m = mode();
+    let mut local = service("l", "10.96.0.20", vec![ep("10.244.1.1", false)]);
+    local.internal_policy = TrafficPolicy::Local;
+    let none = service("n", "10.96.0.21", vec![]);
+    let r = m.render(&state(vec![local, none]));
+    let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
+    assert!(t.sets["no-local-endpoints"].contains("10.96.0.20 . tcp . 80"));
+    // No endpoints at all: the virtual server exists without real servers, and IPVS answers
+    // ICMP port unreachable itself.
+    assert!(!t.sets["no-local-endpoints"].contains("10.96.0.21 . tcp . 80"));
+    assert!(r.services[&vs("10.96.0.21", 80)].dests.is_empty());
+    assert!(r.services[&vs("10.96.0.20", 80)].dests.is_empty());
+}
+
+#[test]
+fn external_policy_local_uses_local_endpoints_without_masquerade() {
+    let m = mode();
+    let mut sp = service(
+        "e",
+        "10.96.0.30",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
+    );
+    sp.node_port = Some(30001);
+    sp.external_policy = TrafficPolicy::Local;
+    let r = m.render(&state(vec![sp]));
+    let np = &r.services[&vs("10.0.1.1", 30001)];
+    assert_eq!(
+        np.dests.keys().copied().collect::<Vec<_>>(),
+        [rs("10.244.1.2")]
+    );
+    assert_eq!(r.services[&vs("10.96.0.30", 80)].dests.len(), 2);
+    let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
+    assert!(t.sets["masq-external"].is_empty());
+}
+
+#[test]
+fn source_ranges_allow_listed_sources_per_lb_frontend() {
+    let m = mode();
+    let mut sp = service("lb", "10.96.0.40", vec![ep("10.244.1.1", false)]);
+    sp.load_balancer_ips = vec!["198.51.100.1".parse().unwrap()];
+    sp.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+    let r = m.render(&state(vec![sp]));
+    let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
+    assert_eq!(
+        t.sets["firewall"].iter().collect::<Vec<_>>(),
+        ["198.51.100.1 . tcp . 80"]
+    );
+    assert_eq!(
+        t.sets["firewall-allow"].iter().collect::<Vec<_>>(),
+        ["198.51.100.1 . tcp . 80 . 203.0.113.0/24"]
+    );
+}
+
+#[test]
+fn foreign_virtual_servers_are_never_touched() {
+    let mut m = mode();
+    let foreign = vs("203.0.113.5", 443);
+    m.kernel_mut().services.insert(
+        foreign,
+        crate::model::VirtualServer {
+            config: crate::model::VsConfig {
+                scheduler: "wlc".into(),
+                persistence: None,
+            },
+            dests: Default::default(),
+        },
+    );
+    sync(&mut m, &state(vec![service("a", "10.96.0.10", vec![])]));
+    m.cleanup().unwrap();
+    assert_eq!(
+        m.kernel().services.keys().copied().collect::<Vec<_>>(),
+        [foreign]
+    );
+    assert!(m.kernel().tables.is_empty());
+    assert_eq!(m.kernel().holder, None);
+}
+
+#[test]
+fn scheduler_change_updates_services_in_place() {
+    let mut m = mode();
+    let s = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    sync(&mut m, &s);
+    let mut m2 = IpvsMode::new(
+        m.kernel().clone(),
+        IpvsOptions {
+            scheduler: "sh".into(),
+            ..IpvsOptions::default()
+        },
+    );
+    let p = sync(&mut m2, &s);
+    assert_eq!(p.ops.len(), 1);
+    assert!(matches!(&p.ops[0], IpvsOp::UpdateService(_, c) if c.scheduler == "sh"));
+    assert!(
+        p.to_string().contains("ipvsadm -E -t 10.96.0.10:80 -s sh"),
+        "{p}"
+    );
+}
+
+#[test]
+fn dry_run_prints_ipvsadm_lines_grouped_by_service() {
+    let m = mode();
+    let mut sp = service("web", "10.96.0.10", vec![ep("10.244.1.1", false)]);
+    sp.affinity = Some(SessionAffinity {
+        timeout: Duration::from_secs(10800),
+    });
+    let desired = m.render(&state(vec![sp]));
+    let text = m.plan(&IpvsRules::default(), &desired).to_string();
+    assert!(
+        text.contains("# ns/web:p\nipvsadm -A -t 10.96.0.10:80 -s rr -p 10800\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ipvsadm -a -t 10.96.0.10:80 -r 10.244.1.1:8080 -m -w 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ip address add 10.96.0.10/32 (kproxy-ipvs0)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# nft: rewrite table ip kproxy-ipvs"),
+        "{text}"
+    );
+}
+
+#[test]
+fn no_ipvs_is_an_actionable_error() {
+    let mut m = IpvsMode::new(
+        FakeKernel {
+            no_ipvs: true,
+            ..FakeKernel::new()
+        },
+        IpvsOptions::default(),
+    );
+    let err = m.read_live().unwrap_err();
+    assert!(err.to_string().contains("IPVS (CONFIG_IP_VS)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("--proxy-mode nftables or iptables"),
+        "{err}"
+    );
+    // Cleanup still removes the rest.
+    m.cleanup().unwrap();
+}
+
+#[test]
+fn without_dummy_interfaces_addresses_become_lo_routes() {
+    let mut m = IpvsMode::new(
+        FakeKernel {
+            no_dummy: true,
+            ..FakeKernel::new()
+        },
+        IpvsOptions::default(),
+    );
+    sync(&mut m, &state(vec![service("a", "10.96.0.10", vec![])]));
+    assert_eq!(m.kernel().holder, Some(VipHolder::LoRoutes));
+    assert!(m.kernel().vips.contains(&"10.96.0.10".parse().unwrap()));
+}
+
+#[test]
+fn ten_thousand_services_plan_in_batches_without_growth_of_tables() {
+    let m = mode();
+    let r = m.render(&state(many(10_000, 2)));
+    assert_eq!(r.services.len(), 10_000);
+    let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
+    assert_eq!(t.sets["frontends"].len(), 10_000);
+    let small = m.render(&state(many(10, 2)));
+    assert_eq!(
+        small.nft.as_ref().unwrap()[&IpFamily::V4].head,
+        t.head,
+        "chains do not depend on the services"
+    );
+}

@@ -1,0 +1,420 @@
+//! IPVS end-to-end tests. They run inside the lab guest (a Debian kernel with `ip_vs`), driven
+//! by [`crate::host`]; on a kernel without IPVS they cannot work, hence `#[ignore]`.
+//!
+//! Each test builds the standard client / node / endpoints namespaces, runs kproxy in ipvs mode
+//! in the node namespace and sends real TCP and UDP traffic through the virtual servers.
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use crate::support::kproxy::wait_until;
+use crate::support::manifests::Port;
+use crate::support::objects::{Ep, Svc, endpoint_slice};
+use crate::support::scenario::{
+    DROPPED, NODE, OTHER_NODE, PROBE, REQ, SYNC, Scenario, assert_spread, assert_timed_out, sock,
+};
+use crate::support::topology::{NODE_IP, POD_V4, POD_V6, client_v4};
+use crate::support::traffic::{
+    assert_tcp_refused, split_peer, tally, tcp_request, tcp_request_from, udp_request,
+};
+
+const HTTP: Port = Port::tcp("http", 80, 8080);
+const DNS: Port = Port::udp("dns", 53, 5353);
+const NODE_PORT: u16 = 30080;
+/// The node's address on the pods' link: what masqueraded connections come from.
+const NODE_POD_SIDE: &str = "10.0.2.1";
+
+fn eps(addrs: &[&str], node: &str) -> Vec<Ep> {
+    addrs.iter().map(|a| Ep::ready(a).on(node)).collect()
+}
+
+fn ipvs(s: &Scenario) -> String {
+    s.save(false)
+}
+
+fn wait_tcp(s: &mut Scenario, dst: SocketAddr) {
+    s.wait_for_result(
+        &format!("tcp {dst}"),
+        |t| tcp_request(&t.client, dst, PROBE),
+        |r| r.is_ok(),
+    );
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn clusterip_tcp_spreads_over_endpoints_and_masquerades_outside_sources() {
+    let mut s = Scenario::with_manifests_ipvs();
+    s.tcp_server_reporting_peer(POD_V4[0], 8080, "ep1");
+    s.tcp_server_reporting_peer(POD_V4[1], 8080, "ep2");
+    s.tcp_server(POD_V6[0], 8080, "ep6");
+    s.apply(&Svc::new("web", &["10.96.1.1", "fd00:96::1"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v6",
+        &eps(&[POD_V6[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+
+    let vip = sock("10.96.1.1", 80);
+    wait_tcp(&mut s, vip);
+    let seen = tally(40, || {
+        tcp_request(&s.topo.client, vip, REQ).map(|a| split_peer(&a).0.to_string())
+    });
+    assert_spread(&seen, &["ep1", "ep2"], 10);
+    // The client is outside the pod network: masqueraded to the node's pod-side address.
+    let answer = tcp_request(&s.topo.client, vip, REQ).unwrap();
+    assert_eq!(split_peer(&answer).1, NODE_POD_SIDE, "{answer}");
+    // IPv6 through its own virtual server.
+    let vip6 = sock("fd00:96::1", 80);
+    wait_tcp(&mut s, vip6);
+    assert_eq!(tcp_request(&s.topo.client, vip6, REQ).unwrap(), "ep6");
+    let table = ipvs(&s);
+    assert!(table.contains("TCP  10.96.1.1:80 rr"), "{table}");
+    assert!(table.contains("TCP  [fd00:96::1]:80 rr"), "{table}");
+    // The address is on kproxy's dummy interface; an unserved port on it is rejected.
+    let addrs = s
+        .topo
+        .node
+        .run("ip", &["-o", "addr", "show", "dev", "kproxy-ipvs0"]);
+    assert!(addrs.contains("10.96.1.1/32"), "{addrs}");
+    assert_tcp_refused(
+        &s.topo.client,
+        None,
+        sock("10.96.1.1", 22),
+        Duration::from_secs(1),
+    );
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn clusterip_udp_reaches_every_endpoint() {
+    let mut s = Scenario::with_manifests_ipvs();
+    s.udp_server(POD_V4[0], 5353, "u1");
+    s.udp_server(POD_V4[1], 5353, "u2");
+    s.apply(&Svc::new("dns", &["10.96.0.10"], &[DNS]).json());
+    s.apply(&endpoint_slice(
+        "dns",
+        "dns-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[DNS],
+    ));
+    s.start_kproxy(&[]);
+    let vip = sock("10.96.0.10", 53);
+    s.wait_for_result("udp", |t| udp_request(&t.client, vip, PROBE), |r| r.is_ok());
+    // Each request comes from a new socket (a new source port): a new IPVS connection.
+    let seen = tally(30, || udp_request(&s.topo.client, vip, REQ));
+    assert_spread(&seen, &["u1", "u2"], 5);
+    assert!(ipvs(&s).contains("UDP  10.96.0.10:53 rr"), "{}", ipvs(&s));
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn nodeport_is_served_on_the_node_addresses_with_the_chosen_scheduler() {
+    let mut s = Scenario::with_manifests_ipvs();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.tcp_server(POD_V4[1], 8080, "ep2");
+    let np = HTTP.with_node_port(NODE_PORT);
+    s.apply(&Svc::new("np", &["10.96.1.2"], &[np]).node_port().json());
+    s.apply(&endpoint_slice(
+        "np",
+        "np-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[np],
+    ));
+    s.start_kproxy(&["--ipvs-scheduler", "wrr"]);
+    let dst = sock(NODE_IP, NODE_PORT);
+    wait_tcp(&mut s, dst);
+    let seen = tally(30, || tcp_request(&s.topo.client, dst, REQ));
+    assert_spread(&seen, &["ep1", "ep2"], 5);
+    let table = ipvs(&s);
+    assert!(
+        table.contains(&format!("TCP  {NODE_IP}:{NODE_PORT} wrr")),
+        "{table}"
+    );
+    // Every node address gets one (the pods' side too), loopback none.
+    assert!(
+        table.contains(&format!("TCP  {NODE_POD_SIDE}:{NODE_PORT} wrr")),
+        "{table}"
+    );
+    assert!(!table.contains("127.0.0.1"), "{table}");
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn a_service_without_endpoints_refuses_connections() {
+    let mut s = Scenario::with_manifests_ipvs();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.apply(&Svc::new("empty", &["10.96.1.3"], &[HTTP]).json());
+    s.apply(&endpoint_slice("empty", "empty-v4", &[], &[HTTP]));
+    s.apply(&Svc::new("full", &["10.96.1.4"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "full",
+        "full-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    wait_tcp(&mut s, sock("10.96.1.4", 80));
+    assert!(ipvs(&s).contains("TCP  10.96.1.3:80 rr"), "{}", ipvs(&s));
+    // IPVS answers a virtual server without real servers with ICMP port unreachable.
+    assert_tcp_refused(
+        &s.topo.client,
+        None,
+        sock("10.96.1.3", 80),
+        Duration::from_secs(1),
+    );
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn client_ip_affinity_pins_each_client_to_one_endpoint() {
+    let mut s = Scenario::with_manifests_ipvs();
+    for (i, id) in ["ep1", "ep2", "ep3"].iter().enumerate() {
+        s.tcp_server(POD_V4[i], 8080, id);
+    }
+    s.apply(
+        &Svc::new("sticky", &["10.96.1.5"], &[HTTP])
+            .client_ip_affinity(600)
+            .json(),
+    );
+    s.apply(&endpoint_slice(
+        "sticky",
+        "sticky-v4",
+        &eps(&[POD_V4[0], POD_V4[1], POD_V4[2]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    let vip = sock("10.96.1.5", 80);
+    wait_tcp(&mut s, vip);
+    assert!(ipvs(&s).contains("persistent 600"), "{}", ipvs(&s));
+    let mut chosen = BTreeSet::new();
+    for i in 0..6 {
+        let src = Some(client_v4(i));
+        let seen = tally(8, || tcp_request_from(&s.topo.client, src, vip, REQ));
+        assert_eq!(seen.len(), 1, "client {src:?} was spread: {seen:?}");
+        chosen.extend(seen.into_keys());
+    }
+    assert!(chosen.len() >= 2, "six clients all pinned to {chosen:?}");
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn external_policy_local_keeps_the_source_and_drops_without_local_endpoints() {
+    let mut s = Scenario::with_manifests_ipvs();
+    s.tcp_server_reporting_peer(POD_V4[0], 8080, "local");
+    s.tcp_server_reporting_peer(POD_V4[1], 8080, "remote");
+    let np = HTTP.with_node_port(NODE_PORT);
+    s.apply(
+        &Svc::new("etp", &["10.96.1.6"], &[np])
+            .node_port()
+            .external_policy("Local")
+            .json(),
+    );
+    let mut list = eps(&[POD_V4[0]], NODE);
+    list.extend(eps(&[POD_V4[1]], OTHER_NODE));
+    s.apply(&endpoint_slice("etp", "etp-v4", &list, &[np]));
+    let np2 = Port::tcp("http", 80, 8080).with_node_port(NODE_PORT + 1);
+    s.apply(
+        &Svc::new("etp-none", &["10.96.1.7"], &[np2])
+            .node_port()
+            .external_policy("Local")
+            .json(),
+    );
+    s.apply(&endpoint_slice(
+        "etp-none",
+        "etp-none-v4",
+        &eps(&[POD_V4[1]], OTHER_NODE),
+        &[np2],
+    ));
+    s.start_kproxy(&[]);
+
+    let dst = sock(NODE_IP, NODE_PORT);
+    wait_tcp(&mut s, dst);
+    let seen = tally(20, || tcp_request(&s.topo.client, dst, REQ));
+    let client = client_v4(0).to_string();
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        [format!("local from {client}")],
+        "only the local endpoint, and the client's own address"
+    );
+    // The ClusterIP (internal policy Cluster) still uses both.
+    let vip = sock("10.96.1.6", 80);
+    let ids = tally(30, || {
+        tcp_request(&s.topo.client, vip, REQ).map(|a| split_peer(&a).0.to_string())
+    });
+    assert_spread(&ids, &["local", "remote"], 3);
+    // No local endpoint: dropped (not refused), as upstream's other modes.
+    let r = tcp_request(&s.topo.client, sock(NODE_IP, NODE_PORT + 1), DROPPED);
+    assert_timed_out("ETP=Local without local endpoints", &r);
+}
+
+/// A TCP server that answers its identity and then echoes until the client closes: a
+/// long-lived connection.
+fn holding_server(
+    s: &Scenario,
+    addr: SocketAddr,
+    identity: &'static str,
+) -> std::thread::JoinHandle<()> {
+    let listener = s
+        .topo
+        .endpoints
+        .in_ns(move || TcpListener::bind(addr))
+        .unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = conn.write_all(identity.as_bytes());
+                let mut buf = [0u8; 64];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn a_removed_endpoint_drains_gracefully_then_goes() {
+    let mut s = Scenario::with_manifests_ipvs();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    let _holder = holding_server(&s, sock(POD_V4[1], 8080), "ep2");
+    s.apply(&Svc::new("drain", &["10.96.1.8"], &[HTTP]).json());
+    // ep2 joins only after the first probes: a connection to it that closed normally would sit
+    // in TIME_WAIT (two minutes of "inactive") and hold the drain open.
+    s.apply(&endpoint_slice(
+        "drain",
+        "drain-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    let vip = sock("10.96.1.8", 80);
+    wait_tcp(&mut s, vip);
+    s.apply(&endpoint_slice(
+        "drain",
+        "drain-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[HTTP],
+    ));
+    let rs = format!("{}:8080", POD_V4[1]);
+    assert!(
+        wait_until(SYNC, || ipvs(&s).contains(&rs)),
+        "ep2 never added:\n{}",
+        ipvs(&s)
+    );
+
+    // A long-lived connection to ep2. Every client socket here ends with a reset (IPVS: CLOSE,
+    // 10 s), never a normal close.
+    let mut held = None;
+    for _ in 0..40 {
+        let mut c = s
+            .topo
+            .client
+            .in_ns(move || TcpStream::connect_timeout(&vip, REQ))
+            .unwrap();
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        c.set_read_timeout(Some(REQ)).unwrap();
+        let mut id = [0u8; 3];
+        c.read_exact(&mut id).unwrap();
+        if &id == b"ep2" {
+            held = Some(c);
+            break;
+        }
+    }
+    let mut held = held.expect("rr never chose ep2");
+
+    // ep2 leaves the slice: weight 0, its connection keeps working, new ones go to ep1.
+    s.apply(&endpoint_slice(
+        "drain",
+        "drain-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    let drained = wait_until(SYNC, || {
+        ipvs(&s)
+            .lines()
+            .any(|l| l.contains(&rs) && l.split_whitespace().nth(3) == Some("0"))
+    });
+    assert!(drained, "ep2 never got weight 0:\n{}", ipvs(&s));
+    let seen = tally(10, || tcp_request(&s.topo.client, vip, REQ));
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["ep1"]);
+    held.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    held.read_exact(&mut back).unwrap();
+    assert_eq!(
+        &back, b"ping",
+        "the established connection survives the drain"
+    );
+    // Still there while the connection lives (several syncs later).
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        ipvs(&s).contains(&rs),
+        "removed while a connection was open:\n{}",
+        ipvs(&s)
+    );
+
+    // The client resets the connection (IPVS: CLOSE, 10 s): then the next syncs remove ep2.
+    drop(held);
+    let gone = wait_until(Duration::from_secs(40), || !ipvs(&s).contains(&rs));
+    assert!(gone, "ep2 was never removed:\n{}", ipvs(&s));
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn cleanup_removes_only_kproxys_virtual_servers_interface_and_table() {
+    let mut s = Scenario::with_manifests_ipvs();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.apply(&Svc::new("c", &["10.96.1.9"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "c",
+        "c-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    // Someone else's virtual server on an address that is not this node's.
+    s.topo
+        .node
+        .run("ipvsadm", &["-A", "-t", "192.0.2.50:443", "-s", "wlc"]);
+    s.start_kproxy(&[]);
+    wait_tcp(&mut s, sock("10.96.1.9", 80));
+    // A restart (read-back of the live state) keeps the foreign one and changes nothing.
+    drop(s.kproxy.take());
+    s.start_kproxy(&[]);
+    std::thread::sleep(Duration::from_secs(2));
+    s.kproxy().assert_running();
+    assert_eq!(
+        tcp_request(&s.topo.client, sock("10.96.1.9", 80), REQ).unwrap(),
+        "ep1"
+    );
+    assert!(ipvs(&s).contains("192.0.2.50:443"), "{}", ipvs(&s));
+    drop(s.kproxy.take());
+
+    let (p, status) = crate::support::kproxy::KproxyProcess::run(
+        &s.topo.node,
+        &["--cleanup"],
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{}", p.stderr());
+    let table = ipvs(&s);
+    assert!(!table.contains("10.96.1.9"), "{table}");
+    assert!(table.contains("TCP  192.0.2.50:443 wlc"), "{table}");
+    let links = s.topo.node.run("ip", &["-o", "link"]);
+    assert!(!links.contains("kproxy-ipvs0"), "{links}");
+    let tables = s.topo.node.run("nft", &["list", "tables"]);
+    assert!(!tables.contains("kproxy-ipvs"), "{tables}");
+}

@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use kproxy_contract::{IpFamily, Mode, ModeName};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
 use kproxy_nftables::{NftCli, NftablesMode};
+use kproxy_userspace::{IpRoute, UserspaceMode};
 use tokio::sync::mpsc;
 
 use crate::config::{BackendChoice, Config, SourceConfig};
@@ -40,8 +41,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let mode = NftablesMode::new(NftCli, vec![IpFamily::V4, IpFamily::V6]);
             run_mode(mode, config, Keep::Nftables).await
         }
+        ModeName::Userspace => {
+            let options = kproxy_userspace::Options {
+                udp_idle_timeout: config.udp_timeout,
+                grace_period: config.userspace_grace_period,
+                ..kproxy_userspace::Options::default()
+            };
+            let mode = UserspaceMode::new(IpRoute, options);
+            run_mode(mode, config, Keep::Userspace).await
+        }
         other => anyhow::bail!(
-            "--proxy-mode {other} is not available in this build yet; use iptables or nftables"
+            "--proxy-mode {other} is not available in this build yet; use iptables, nftables or userspace"
         ),
     }
 }
@@ -64,8 +74,8 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         full_sync_period: std::time::Duration::from_secs(3600),
         dry_run: config.dry_run,
         once: config.once,
-        // Both modes here program kernel NAT rules.
-        conntrack_cleanup: true,
+        // The kernel modes NAT a flow's first packet; the userspace mode NATs nothing.
+        conntrack_cleanup: keep != Keep::Userspace,
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(mode.name()));
     let health = crate::health::Health::new(config.sync_period).with_metrics(metrics.clone());
@@ -186,6 +196,7 @@ fn cleanup(config: &Config) -> anyhow::Result<()> {
 enum Keep {
     Iptables(Backend),
     Nftables,
+    Userspace,
 }
 
 /// Removes every kproxy object except what `keep` (the running mode) owns: on a mode switch the
@@ -227,6 +238,16 @@ fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
                 tracing::debug!("nft not installed; nothing to clean")
             }
             Err(err) => failures.push(format!("nftables: {}", format_chain(&err))),
+        }
+    }
+    if keep != Some(Keep::Userspace) {
+        let mut userspace = UserspaceMode::new(IpRoute, kproxy_userspace::Options::default());
+        match userspace.cleanup() {
+            Ok(()) => tracing::info!("userspace local routes removed"),
+            Err(err) if is_missing_tool(&err) => {
+                tracing::debug!("ip not installed; no userspace routes to clean")
+            }
+            Err(err) => failures.push(format!("userspace: {}", format_chain(&err))),
         }
     }
     if failures.is_empty() {

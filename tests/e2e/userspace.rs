@@ -694,3 +694,55 @@ fn userspace_dry_run_restart_and_cleanup() {
     assert!(all.contains("10.99.0.1"), "{all}");
     assert!(!all.contains("10.96.1."), "{all}");
 }
+
+#[test]
+fn userspace_external_ips_and_load_balancer_source_ranges() {
+    if !require_root("userspace_external_ips_and_load_balancer_source_ranges") {
+        return;
+    }
+    let mut s = scenario();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.apply(
+        &Svc::new("lb", &["10.96.1.10"], &[HTTP.with_node_port(30090)])
+            .external_ips(&["192.0.2.20"])
+            .load_balancer(&["192.0.2.10"], &["10.0.1.2/32"])
+            .json(),
+    );
+    s.apply(&endpoint_slice(
+        "lb",
+        "lb-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP.with_node_port(30090)],
+    ));
+    start(&mut s, &[]);
+    // The LB IP serves the allowed source (client_v4(0) is 10.0.1.2) ...
+    wait_tcp(&mut s, sock("192.0.2.10", 80), "ep1");
+    // ... and resets every other one.
+    for i in 1..4 {
+        match tcp_request_from(
+            &s.topo.client,
+            Some(client_v4(i)),
+            sock("192.0.2.10", 80),
+            REQ,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!(
+                "LB IP from {}: expected a reset, got {other:?}",
+                client_v4(i)
+            ),
+        }
+    }
+    // Source ranges apply to LB IPs only: the externalIP and the ClusterIP serve everyone.
+    for dst in [sock("192.0.2.20", 80), sock("10.96.1.10", 80)] {
+        assert_eq!(
+            tcp_request_from(&s.topo.client, Some(client_v4(3)), dst, REQ).unwrap(),
+            "ep1",
+            "{dst}"
+        );
+    }
+    let r = routes(&s.topo.node, false);
+    for a in ["10.96.1.10", "192.0.2.10", "192.0.2.20"] {
+        assert!(r.contains(a), "{a} not local:\n{r}");
+    }
+    s.kproxy().assert_running();
+}

@@ -28,8 +28,19 @@ pub enum CopyMethod {
     Buffered,
 }
 
+impl CopyMethod {
+    /// `KPROXY_USERSPACE_COPY=buffered` selects the buffered copy (for comparisons and for
+    /// kernels where splice misbehaves); anything else, or nothing, selects splice.
+    pub fn from_env() -> CopyMethod {
+        match std::env::var("KPROXY_USERSPACE_COPY").as_deref() {
+            Ok("buffered") => CopyMethod::Buffered,
+            _ => CopyMethod::Splice,
+        }
+    }
+}
+
 /// The buffer (and pipe) size per direction.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 1024 * 1024;
 
 /// Copies until both directions ended. Errors (a reset) end both.
 pub(super) async fn copy(

@@ -58,7 +58,7 @@ impl Default for Options {
             grace_period: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(30),
             workers: 0,
-            copy: CopyMethod::Splice,
+            copy: CopyMethod::from_env(),
         }
     }
 }

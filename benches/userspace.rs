@@ -17,6 +17,8 @@
 //! - latency of one such request on a fresh connection (one client, sequential): p50 and p99;
 //! - UDP round trips per second (4 clients, 64-byte datagrams, echo).
 //!
+//! The full profile runs 5 rounds, each measuring every subject in turn, and reports the median
+//! of each figure (the development machine is shared, so load elsewhere comes and goes).
 //! It prints a Markdown table (each figure also as a ratio to `direct`) and writes it to
 //! `target/kproxy-bench/userspace.md`. `--quick` (what `cargo test --benches` runs) uses short
 //! runs so the harness cannot rot. Without root it prints why and exits 0; without socat the
@@ -338,6 +340,103 @@ fn udp_rate(t: &Topology, to: SocketAddr, clients: usize, d: Duration) -> f64 {
 struct Profile {
     d: Duration,
     latency_n: usize,
+    rounds: usize,
+}
+
+/// One way to carry the traffic.
+#[derive(Clone, Copy)]
+enum Subject {
+    /// No proxy: the node routes.
+    Direct,
+    /// The kproxy binary in userspace mode with this `KPROXY_USERSPACE_COPY`.
+    Kproxy(&'static str),
+    /// socat in the node.
+    Socat,
+}
+
+impl Subject {
+    fn name(self) -> String {
+        match self {
+            Subject::Direct => "direct".into(),
+            Subject::Kproxy(m) => format!("kproxy userspace ({m})"),
+            Subject::Socat => "socat".into(),
+        }
+    }
+
+    /// Starts the subject's processes (stopped when the returned value drops) and says where
+    /// its traffic goes.
+    fn start(self, t: &Topology, manifests: &std::path::Path) -> (Vec<Proc>, Targets) {
+        match self {
+            Subject::Direct => (
+                Vec::new(),
+                Targets {
+                    sink: addr(SERVER, SINK),
+                    rr: addr(SERVER, RR),
+                    echo: addr(SERVER, ECHO),
+                },
+            ),
+            Subject::Kproxy(method) => {
+                let kproxy = Proc(t.node.child(
+                    env!("CARGO_BIN_EXE_kproxy"),
+                    &[
+                        "--proxy-mode",
+                        "userspace",
+                        "--manifests",
+                        &manifests.display().to_string(),
+                        "--hostname-override",
+                        "bench-node",
+                        "--healthz-bind-address=",
+                        "--metrics-bind-address=",
+                    ],
+                    &[("KPROXY_USERSPACE_COPY", method), ("RUST_LOG", "warn")],
+                ));
+                (
+                    vec![kproxy],
+                    Targets {
+                        sink: addr(SVC_SINK, 80),
+                        rr: addr(SVC_RR, 80),
+                        echo: addr(SVC_ECHO, 53),
+                    },
+                )
+            }
+            Subject::Socat => {
+                let sink = format!("TCP:{SERVER}:{SINK}");
+                let rr = format!("TCP:{SERVER}:{RR}");
+                let echo = format!("UDP:{SERVER}:{ECHO}");
+                let l_sink = format!("TCP-LISTEN:{SOCAT_SINK},bind={NODE},fork,reuseaddr");
+                let l_rr = format!("TCP-LISTEN:{SOCAT_RR},bind={NODE},fork,reuseaddr,backlog=4096");
+                let l_echo = format!("UDP-LISTEN:{SOCAT_ECHO},bind={NODE},fork,reuseaddr");
+                (
+                    vec![
+                        Proc(t.node.child("socat", &[&l_sink, &sink], &[])),
+                        Proc(t.node.child("socat", &[&l_rr, &rr], &[])),
+                        Proc(t.node.child("socat", &[&l_echo, &echo], &[])),
+                    ],
+                    Targets {
+                        sink: addr(NODE, SOCAT_SINK),
+                        rr: addr(NODE, SOCAT_RR),
+                        echo: addr(NODE, SOCAT_ECHO),
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// The median of each figure over rounds.
+fn median(rounds: &[Figures]) -> Figures {
+    fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v[v.len() / 2]
+    }
+    Figures {
+        bulk1: mid(rounds.iter().map(|f| f.bulk1).collect()),
+        bulk16: mid(rounds.iter().map(|f| f.bulk16).collect()),
+        cps: mid(rounds.iter().map(|f| f.cps).collect()),
+        p50: mid(rounds.iter().map(|f| f.p50).collect()),
+        p99: mid(rounds.iter().map(|f| f.p99).collect()),
+        udp_pps: mid(rounds.iter().map(|f| f.udp_pps).collect()),
+    }
 }
 
 fn measure(t: &Topology, to: Targets, p: &Profile, received: &AtomicU64) -> Figures {
@@ -420,80 +519,56 @@ fn main() {
     }
     let profile = if quick {
         Profile {
-            d: Duration::from_millis(400),
+            d: Duration::from_millis(300),
             latency_n: 200,
+            rounds: 1,
         }
     } else {
         Profile {
-            d: Duration::from_secs(4),
-            latency_n: 5000,
+            d: Duration::from_secs(2),
+            latency_n: 3000,
+            rounds: 5,
         }
     };
     let t = topology();
     let received = Arc::new(AtomicU64::new(0));
     servers(&t.server, received.clone());
-    let mut rows: Vec<(String, Figures)> = Vec::new();
-
-    let direct = Targets {
-        sink: addr(SERVER, SINK),
-        rr: addr(SERVER, RR),
-        echo: addr(SERVER, ECHO),
-    };
-    wait_ready(&t, direct);
-    rows.push(("direct".into(), measure(&t, direct, &profile, &received)));
-
     let dir = manifests();
-    let proxied = Targets {
-        sink: addr(SVC_SINK, 80),
-        rr: addr(SVC_RR, 80),
-        echo: addr(SVC_ECHO, 53),
-    };
-    for method in ["splice", "buffered"] {
-        let kproxy = Proc(t.node.child(
-            env!("CARGO_BIN_EXE_kproxy"),
-            &[
-                "--proxy-mode",
-                "userspace",
-                "--manifests",
-                &dir.path().display().to_string(),
-                "--hostname-override",
-                "bench-node",
-                "--healthz-bind-address=",
-                "--metrics-bind-address=",
-            ],
-            &[("KPROXY_USERSPACE_COPY", method), ("RUST_LOG", "warn")],
-        ));
-        wait_ready(&t, proxied);
-        rows.push((
-            format!("kproxy userspace ({method})"),
-            measure(&t, proxied, &profile, &received),
-        ));
-        drop(kproxy);
-    }
-
+    let socat = have("socat");
     let mut notes = String::new();
-    if have("socat") {
-        let sink = format!("TCP:{SERVER}:{SINK}");
-        let rr = format!("TCP:{SERVER}:{RR}");
-        let echo = format!("UDP:{SERVER}:{ECHO}");
-        let l_sink = format!("TCP-LISTEN:{SOCAT_SINK},bind={NODE},fork,reuseaddr");
-        let l_rr = format!("TCP-LISTEN:{SOCAT_RR},bind={NODE},fork,reuseaddr,backlog=4096");
-        let l_echo = format!("UDP-LISTEN:{SOCAT_ECHO},bind={NODE},fork,reuseaddr");
-        let _socat = [
-            Proc(t.node.child("socat", &[&l_sink, &sink], &[])),
-            Proc(t.node.child("socat", &[&l_rr, &rr], &[])),
-            Proc(t.node.child("socat", &[&l_echo, &echo], &[])),
-        ];
-        let via = Targets {
-            sink: addr(NODE, SOCAT_SINK),
-            rr: addr(NODE, SOCAT_RR),
-            echo: addr(NODE, SOCAT_ECHO),
-        };
-        wait_ready(&t, via);
-        rows.push(("socat".into(), measure(&t, via, &profile, &received)));
-    } else {
+    if !socat {
         notes.push_str("socat is not installed (`apt-get install socat`): no socat row.\n");
     }
+    let mut subjects = vec![
+        Subject::Direct,
+        Subject::Kproxy("splice"),
+        Subject::Kproxy("buffered"),
+    ];
+    if socat {
+        subjects.push(Subject::Socat);
+    }
+    // Rounds interleave the subjects, so a burst of load elsewhere on the machine hits them
+    // alike; each figure is the median over the rounds.
+    let mut samples: Vec<Vec<Figures>> = vec![Vec::new(); subjects.len()];
+    for _ in 0..profile.rounds {
+        for (i, subject) in subjects.iter().enumerate() {
+            let (_running, to) = subject.start(&t, dir.path());
+            wait_ready(&t, to);
+            samples[i].push(measure(&t, to, &profile, &received));
+        }
+    }
+    let rows: Vec<(String, Figures)> = subjects
+        .iter()
+        .zip(samples)
+        .map(|(s, f)| (s.name(), median(&f)))
+        .collect();
+    notes.push_str(&format!(
+        "Each figure is the median of {} interleaved rounds; load average at the end: {}.\n",
+        profile.rounds,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    ));
     report(&rows, quick, &notes);
 }
 

@@ -669,7 +669,24 @@ fn userspace_dry_run_restart_and_cleanup() {
     let first = s.kproxy.take();
     drop(first);
     assert!(routes(&s.topo.node, false).contains("10.96.1.1"));
-    start(&mut s, &[]);
+    start(&mut s, &["--iptables-sync-period", "1s"]);
+    wait_tcp(&mut s, sock("10.96.1.1", 80), "ep1");
+    // A deleted route is put back within a sync period (the periodic probe sees it gone).
+    s.topo.node.ip(&[
+        "route",
+        "del",
+        "local",
+        "10.96.1.1/32",
+        "dev",
+        "lo",
+        "table",
+        "local",
+        "proto",
+        "201",
+    ]);
+    wait_routes(&mut s, "10.96.1.1 restored", false, |r| {
+        r.contains("10.96.1.1")
+    });
     wait_tcp(&mut s, sock("10.96.1.1", 80), "ep1");
     let again = s.kproxy.take();
     drop(again);

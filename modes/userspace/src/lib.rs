@@ -17,7 +17,8 @@ pub mod plan;
 pub mod render;
 pub mod routes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use kproxy_contract::{CommandError, Mode, ModeError, ModeName, ProxyState};
 
@@ -35,6 +36,8 @@ pub struct UserspaceMode<R: RouteTable = IpRoute> {
     data: Option<DataPath>,
     /// Service ports reported as not served, as last applied.
     unsupported: BTreeMap<String, String>,
+    /// The addresses our routes should make local: as last read, then as applied.
+    expected: BTreeSet<IpAddr>,
 }
 
 impl<R: RouteTable> UserspaceMode<R> {
@@ -45,6 +48,7 @@ impl<R: RouteTable> UserspaceMode<R> {
             options,
             data: None,
             unsupported: BTreeMap::new(),
+            expected: BTreeSet::new(),
         }
     }
 
@@ -83,6 +87,7 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
             mode: ModeName::Userspace,
             cause,
         })?;
+        self.expected = addresses.clone();
         Ok(UserspaceRules {
             addresses,
             listeners: self
@@ -98,10 +103,19 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
         plan::plan(live, desired)
     }
 
-    /// A listener that could not be bound is retried by a full sync; a route someone deleted is
-    /// not detected between full syncs (hourly).
+    /// A listener that could not be bound, or one of our routes gone (someone ran `ip route
+    /// flush`): the next sync reads back and repairs. Costs two `ip` runs per sync period.
     fn drifted(&mut self) -> bool {
-        self.data.as_ref().is_some_and(DataPath::has_failures)
+        if self.data.as_ref().is_some_and(DataPath::has_failures) {
+            return true;
+        }
+        match self.routes.list() {
+            Ok(live) => !self.expected.is_subset(&live),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list kproxy's routes; full resync");
+                true
+            }
+        }
     }
 
     /// Routes first (so the listeners can bind), then listeners, then route removals. A
@@ -114,6 +128,7 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
                 mode: ModeName::Userspace,
                 cause,
             })?;
+        self.expected.extend(plan.add_addresses.iter().copied());
         if !(plan.open.is_empty() && plan.update.is_empty() && plan.close.is_empty()) {
             if self.data.is_none() {
                 let data = DataPath::new(self.options.clone())
@@ -132,6 +147,9 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
                 mode: ModeName::Userspace,
                 cause,
             })?;
+        for a in &plan.remove_addresses {
+            self.expected.remove(a);
+        }
         if let Some(unsupported) = &plan.unsupported {
             for (what, why) in unsupported {
                 if !self.unsupported.contains_key(what) {

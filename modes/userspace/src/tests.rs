@@ -189,6 +189,17 @@ fn mode_adds_and_removes_only_its_routes_and_cleans_up() {
     let live = m.read_live().unwrap();
     assert_eq!(live, desired);
     assert!(kproxy_contract::Plan::is_empty(&m.plan(&live, &desired)));
+    assert!(!m.drifted());
+    // Someone deletes one of our routes: the probe reports drift.
+    routes
+        .routes
+        .lock()
+        .unwrap()
+        .remove(&"10.96.0.10".parse().unwrap());
+    assert!(m.drifted());
+    let live = m.read_live().unwrap();
+    m.apply(&m.plan(&live, &desired)).unwrap();
+    assert!(!m.drifted());
     m.cleanup().unwrap();
     assert!(routes.routes.lock().unwrap().is_empty());
 }

@@ -644,6 +644,19 @@ fn userspace_dry_run_restart_and_cleanup() {
         &[HTTP],
     ));
     s.apply(&Svc::new("empty", &["10.96.1.3"], &[HTTP]).json());
+    // An externalIP that is the node's own address: served, but its kernel route is not ours.
+    let alt = Port::tcp("alt", 81, 8080);
+    s.apply(
+        &Svc::new("own", &["10.96.1.11"], &[alt])
+            .external_ips(&[NODE_IP])
+            .json(),
+    );
+    s.apply(&endpoint_slice(
+        "own",
+        "own-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[alt],
+    ));
 
     // --dry-run: the listeners and addresses that would be added; nothing changes.
     let base = base_args(&s);
@@ -665,6 +678,11 @@ fn userspace_dry_run_restart_and_cleanup() {
 
     start(&mut s, &[]);
     wait_tcp(&mut s, sock("10.96.1.1", 80), "ep1");
+    wait_tcp(&mut s, sock(NODE_IP, 81), "ep1");
+    assert!(
+        !routes(&s.topo.node, false).contains(NODE_IP),
+        "took over the node's route"
+    );
     // A restart finds its routes in place and opens its listeners again.
     let first = s.kproxy.take();
     drop(first);
@@ -709,6 +727,10 @@ fn userspace_dry_run_restart_and_cleanup() {
     assert_eq!(routes(&s.topo.node, false), "");
     let all = s.topo.node.run("ip", &["route", "show", "table", "local"]);
     assert!(all.contains("10.99.0.1"), "{all}");
+    assert!(
+        all.contains(&format!("local {NODE_IP} dev")),
+        "the node's own local route is gone:\n{all}"
+    );
     assert!(!all.contains("10.96.1."), "{all}");
 }
 

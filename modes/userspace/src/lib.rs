@@ -38,6 +38,9 @@ pub struct UserspaceMode<R: RouteTable = IpRoute> {
     unsupported: BTreeMap<String, String>,
     /// The addresses our routes should make local: as last read, then as applied.
     expected: BTreeSet<IpAddr>,
+    /// Service addresses that were already local through a route that is not ours (for
+    /// example an externalIP that is the node's own address): local, but not ours to remove.
+    foreign: BTreeSet<IpAddr>,
 }
 
 impl<R: RouteTable> UserspaceMode<R> {
@@ -49,6 +52,7 @@ impl<R: RouteTable> UserspaceMode<R> {
             data: None,
             unsupported: BTreeMap::new(),
             expected: BTreeSet::new(),
+            foreign: BTreeSet::new(),
         }
     }
 
@@ -89,7 +93,7 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
         })?;
         self.expected = addresses.clone();
         Ok(UserspaceRules {
-            addresses,
+            addresses: addresses.union(&self.foreign).copied().collect(),
             listeners: self
                 .data
                 .as_ref()
@@ -122,13 +126,19 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
     /// listener that cannot be bound (the port is taken) is logged and left out, not fatal:
     /// one conflicting service must not stop every other from being served.
     fn apply(&mut self, plan: &UserspacePlan) -> Result<(), ModeError> {
-        self.routes
+        let foreign = self
+            .routes
             .change(&plan.add_addresses, &[])
             .map_err(|cause| ModeError::Rejected {
                 mode: ModeName::Userspace,
                 cause,
             })?;
-        self.expected.extend(plan.add_addresses.iter().copied());
+        for a in &foreign {
+            tracing::info!(address = %a, "service address is already local (not through kproxy); leaving its route alone");
+        }
+        self.expected
+            .extend(plan.add_addresses.iter().filter(|a| !foreign.contains(a)));
+        self.foreign.extend(foreign);
         if !(plan.open.is_empty() && plan.update.is_empty() && plan.close.is_empty()) {
             if self.data.is_none() {
                 let data = DataPath::new(self.options.clone())
@@ -149,6 +159,7 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
             })?;
         for a in &plan.remove_addresses {
             self.expected.remove(a);
+            self.foreign.remove(a);
         }
         if let Some(unsupported) = &plan.unsupported {
             for (what, why) in unsupported {

@@ -14,7 +14,8 @@ use crate::routes::ROUTE_PROTO;
 /// One sync's change.
 #[derive(Debug, Clone, Default)]
 pub struct UserspacePlan {
-    /// Local routes on `lo` to add (before listeners bind to them).
+    /// Local routes on `lo` to add (before listeners bind to them); an address that is already
+    /// local through someone else's route keeps that route.
     pub add_addresses: Vec<IpAddr>,
     /// Local routes on `lo` to delete (after their listeners closed).
     pub remove_addresses: Vec<IpAddr>,

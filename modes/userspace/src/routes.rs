@@ -24,9 +24,15 @@ pub const ROUTE_PROTO: u8 = 201;
 pub trait RouteTable: Send + 'static {
     /// The addresses kproxy's routes make local.
     fn list(&mut self) -> Result<BTreeSet<IpAddr>, CommandError>;
-    /// Adds then removes routes. Adding an existing route is not an error (replace); removing a
-    /// missing one is not either.
-    fn change(&mut self, add: &[IpAddr], remove: &[IpAddr]) -> Result<(), CommandError>;
+    /// Adds then removes routes. Returns the addresses of `add` that were already local
+    /// through a route that is not ours (an interface address, an operator's route): those are
+    /// left alone, never taken over, so removing ours can never remove someone else's. Removing
+    /// a missing route is not an error.
+    fn change(
+        &mut self,
+        add: &[IpAddr],
+        remove: &[IpAddr],
+    ) -> Result<BTreeSet<IpAddr>, CommandError>;
 }
 
 /// The kernel's routes, through `ip`.
@@ -69,33 +75,58 @@ impl RouteTable for IpRoute {
         Ok(out)
     }
 
-    fn change(&mut self, add: &[IpAddr], remove: &[IpAddr]) -> Result<(), CommandError> {
+    fn change(
+        &mut self,
+        add: &[IpAddr],
+        remove: &[IpAddr],
+    ) -> Result<BTreeSet<IpAddr>, CommandError> {
+        let mut foreign = BTreeSet::new();
         if !add.is_empty() {
-            run(
-                "ip",
-                "iproute2",
-                &["-batch", "-"],
-                Some(&batch("replace", add)),
-            )?;
+            // `add`, not `replace`: an address already local (say an externalIP that is the
+            // node's own address) keeps its kernel route. `-force`: the other lines still run.
+            let failed = batch_tolerating(&batch("add", add), "File exists")?;
+            foreign.extend(failed.into_iter().filter_map(|line| add.get(line)));
         }
         if !remove.is_empty() {
-            // `-force`: one route already gone must not keep the others.
-            match run(
-                "ip",
-                "iproute2",
-                &["-force", "-batch", "-"],
-                Some(&batch("del", remove)),
-            ) {
-                Ok(_) => {}
-                Err(CommandError::Failed { stderr, .. })
-                    if stderr
-                        .lines()
-                        .filter(|l| !l.starts_with("Command failed"))
-                        .all(|l| l.contains("No such process")) => {}
-                Err(e) => return Err(e),
-            }
+            // Deleting with `proto 201` only ever matches our routes.
+            batch_tolerating(&batch("del", remove), "No such process")?;
         }
-        Ok(())
+        Ok(foreign)
+    }
+}
+
+/// Runs an `ip -force -batch` and returns the (0-based) lines that failed with `tolerated`; any
+/// other failure is an error.
+fn batch_tolerating(input: &str, tolerated: &str) -> Result<Vec<usize>, CommandError> {
+    match run("ip", "iproute2", &["-force", "-batch", "-"], Some(input)) {
+        Ok(_) => Ok(Vec::new()),
+        Err(CommandError::Failed {
+            program,
+            status,
+            stderr,
+        }) => {
+            let mut failed = Vec::new();
+            let mut last = "";
+            for line in stderr.lines() {
+                match line.strip_prefix("Command failed -:") {
+                    Some(n) if last.contains(tolerated) => {
+                        if let Ok(n) = n.trim().parse::<usize>() {
+                            failed.push(n.saturating_sub(1));
+                        }
+                    }
+                    Some(_) => {
+                        return Err(CommandError::Failed {
+                            program,
+                            status,
+                            stderr,
+                        });
+                    }
+                    None => last = line,
+                }
+            }
+            Ok(failed)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -143,13 +174,17 @@ impl RouteTable for FakeRoutes {
         Ok(self.routes.lock().map(|r| r.clone()).unwrap_or_default())
     }
 
-    fn change(&mut self, add: &[IpAddr], remove: &[IpAddr]) -> Result<(), CommandError> {
+    fn change(
+        &mut self,
+        add: &[IpAddr],
+        remove: &[IpAddr],
+    ) -> Result<BTreeSet<IpAddr>, CommandError> {
         if let Ok(mut r) = self.routes.lock() {
             r.extend(add.iter().copied());
             for ip in remove {
                 r.remove(ip);
             }
         }
-        Ok(())
+        Ok(BTreeSet::new())
     }
 }

@@ -785,3 +785,80 @@ fn userspace_external_ips_and_load_balancer_source_ranges() {
     }
     s.kproxy().assert_running();
 }
+
+/// One client socket (fixed source port) sending datagrams through the proxy.
+struct UdpClient(UdpSocket);
+
+impl UdpClient {
+    fn new(ns: &Netns, dst: SocketAddr) -> UdpClient {
+        let s = ns
+            .in_ns(move || {
+                let s = UdpSocket::bind((client_v4(2), 0))?;
+                s.connect(dst)?;
+                Ok::<_, io::Error>(s)
+            })
+            .unwrap();
+        s.set_read_timeout(Some(REQ)).unwrap();
+        UdpClient(s)
+    }
+
+    fn ask(&self) -> io::Result<String> {
+        self.0.send(b"ping")?;
+        let mut buf = [0u8; 64];
+        let n = self.0.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+#[test]
+fn userspace_udp_flows_stick_expire_when_idle_and_end_with_their_endpoint() {
+    if !require_root("userspace_udp_flows_stick_expire_when_idle_and_end_with_their_endpoint") {
+        return;
+    }
+    let mut s = scenario();
+    s.udp_server(POD_V4[0], 5353, "u1");
+    s.udp_server(POD_V4[1], 5353, "u2");
+    s.apply(&Svc::new("dns", &["10.96.1.2"], &[DNS]).json());
+    s.apply(&endpoint_slice(
+        "dns",
+        "dns-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[DNS],
+    ));
+    start(&mut s, &["--udp-timeout", "300ms"]);
+    let dns = sock("10.96.1.2", 53);
+    s.wait_for_result(
+        "udp 10.96.1.2:53",
+        |t| udp_request(&t.client, dns, PROBE),
+        |r| r.is_ok(),
+    );
+    // One client socket is one flow: every datagram goes to the same endpoint.
+    let c = UdpClient::new(&s.topo.client, dns);
+    let first = c.ask().unwrap();
+    for _ in 0..5 {
+        assert_eq!(c.ask().unwrap(), first);
+    }
+    // Idle past --udp-timeout: the flow expired, the next datagram is a new flow, placed
+    // round-robin on the other endpoint.
+    std::thread::sleep(Duration::from_millis(1000));
+    let second = c.ask().unwrap();
+    assert_ne!(second, first, "the idle flow did not expire");
+    // The flow's endpoint is removed: the flow ends at once and the next datagram goes to the
+    // endpoint that is left (no grace period for UDP, as conntrack cleanup in the kernel modes).
+    let (remaining_ip, remaining) = if second == "u1" {
+        (POD_V4[1], "u2")
+    } else {
+        (POD_V4[0], "u1")
+    };
+    s.apply(&endpoint_slice(
+        "dns",
+        "dns-v4",
+        &eps(&[remaining_ip], OTHER_NODE),
+        &[DNS],
+    ));
+    assert!(
+        wait_until(SYNC, || c.ask().is_ok_and(|id| id == remaining)),
+        "the flow kept going to the removed endpoint"
+    );
+    s.kproxy().assert_running();
+}

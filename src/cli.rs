@@ -90,6 +90,14 @@ pub struct Args {
     /// mh, fo, ovf, twos.
     #[arg(long, value_name = "NAME")]
     pub ipvs_scheduler: Option<String>,
+    /// Userspace mode: how long an idle UDP flow lives (upstream's old flag; default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub udp_timeout: Option<String>,
+
+    /// Userspace mode: how long a connection to an endpoint that is no longer serving stays
+    /// open (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    pub userspace_grace_period: Option<String>,
 
     /// iptables backend: auto (detect what the host uses), nft or legacy.
     #[arg(long, value_enum, value_name = "BACKEND")]

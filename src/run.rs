@@ -7,6 +7,7 @@ use kproxy_contract::{IpFamily, Mode, ModeName};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
 use kproxy_ipvs::{IpvsMode, IpvsOptions, SystemKernel};
 use kproxy_nftables::{NftCli, NftablesMode};
+use kproxy_userspace::{IpRoute, UserspaceMode};
 use tokio::sync::mpsc;
 
 use crate::config::{BackendChoice, Config, SourceConfig};
@@ -50,9 +51,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let mode = IpvsMode::new(SystemKernel::new(), ipvs_options(&config));
             run_mode(mode, config, Keep::Ipvs).await
         }
-        other => anyhow::bail!(
-            "--proxy-mode {other} is not available in this build yet; use iptables or nftables"
-        ),
+        ModeName::Userspace => {
+            let options = kproxy_userspace::Options {
+                udp_idle_timeout: config.udp_timeout,
+                grace_period: config.userspace_grace_period,
+                ..kproxy_userspace::Options::default()
+            };
+            let mode = UserspaceMode::new(IpRoute, options);
+            run_mode(mode, config, Keep::Userspace).await
+        }
     }
 }
 
@@ -81,8 +88,8 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         full_sync_period: std::time::Duration::from_secs(3600),
         dry_run: config.dry_run,
         once: config.once,
-        // Both modes here program kernel NAT rules.
-        conntrack_cleanup: true,
+        // The kernel modes NAT a flow's first packet; the userspace mode NATs nothing.
+        conntrack_cleanup: keep != Keep::Userspace,
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(mode.name()));
     let health = crate::health::Health::new(config.sync_period).with_metrics(metrics.clone());
@@ -204,6 +211,7 @@ enum Keep {
     Iptables(Backend),
     Nftables,
     Ipvs,
+    Userspace,
 }
 
 /// Removes every kproxy object except what `keep` (the running mode) owns: on a mode switch the
@@ -255,6 +263,16 @@ fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
                 tracing::debug!("ip or nft not installed; no IPVS-mode objects to clean")
             }
             Err(err) => failures.push(format!("ipvs: {}", format_chain(&err))),
+        }
+    }
+    if keep != Some(Keep::Userspace) {
+        let mut userspace = UserspaceMode::new(IpRoute, kproxy_userspace::Options::default());
+        match userspace.cleanup() {
+            Ok(()) => tracing::info!("userspace local routes removed"),
+            Err(err) if is_missing_tool(&err) => {
+                tracing::debug!("ip not installed; no userspace routes to clean")
+            }
+            Err(err) => failures.push(format!("userspace: {}", format_chain(&err))),
         }
     }
     if failures.is_empty() {

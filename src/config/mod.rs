@@ -98,6 +98,10 @@ pub struct Config {
     pub min_sync_period: Duration,
     /// iptables backend.
     pub iptables_backend: BackendChoice,
+    /// Userspace mode: idle timeout of a UDP flow (`--udp-timeout`).
+    pub udp_timeout: Duration,
+    /// Userspace mode: how long a connection to a removed endpoint stays open.
+    pub userspace_grace_period: Duration,
     /// `conntrack.tcpBeLiberal`.
     pub tcp_be_liberal: bool,
     /// The IPVS scheduler (`--ipvs-scheduler`, `ipvs.scheduler`; default `rr`).
@@ -325,6 +329,9 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
             name
         }
     };
+    let udp_timeout = userspace_duration(&args.udp_timeout, "--udp-timeout", 30)?;
+    let userspace_grace_period =
+        userspace_duration(&args.userspace_grace_period, "--userspace-grace-period", 10)?;
 
     Ok(Config {
         mode,
@@ -340,6 +347,8 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         sync_period,
         min_sync_period,
         iptables_backend,
+        udp_timeout,
+        userspace_grace_period,
         tcp_be_liberal: file.conntrack.tcp_be_liberal.unwrap_or(false),
         ipvs_scheduler,
         dry_run: args.dry_run,
@@ -349,6 +358,27 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         ignored_fields,
         overridden_fields: overridden,
     })
+}
+
+/// A userspace-mode duration flag: a Go duration greater than zero, or `default_secs`.
+fn userspace_duration(
+    flag: &Option<String>,
+    name: &str,
+    default_secs: u64,
+) -> Result<Duration, ConfigError> {
+    let Some(v) = flag else {
+        return Ok(Duration::from_secs(default_secs));
+    };
+    let bad = |reason: String| ConfigError {
+        field: name.into(),
+        value: v.clone(),
+        reason,
+    };
+    let d = duration::parse(v).map_err(bad)?;
+    if d.is_zero() {
+        return Err(bad("must be greater than 0".into()));
+    }
+    Ok(d)
 }
 
 fn mode_arg(m: ProxyModeArg) -> ModeName {

@@ -15,3 +15,4 @@ mod iptables;
 mod nftables;
 mod operability;
 mod support;
+mod userspace;

@@ -1,0 +1,624 @@
+//! The userspace mode's data path against the same traffic without a proxy and through `socat`.
+//!
+//! `cargo bench --bench userspace` (as root) builds three network namespaces,
+//!
+//! ```text
+//!  client 10.1.1.2 ──veth── 10.1.1.1 node 10.1.2.1 ──veth── 10.1.2.2 server
+//! ```
+//!
+//! and measures, for each subject — `direct` (the client talks to the server, the node routes),
+//! `kproxy splice` and `kproxy buffered` (the kproxy binary in `--proxy-mode userspace` in the
+//! node, each copy method once; a ClusterIP per server port) and `socat` (`socat
+//! TCP-LISTEN:…,fork` / `UDP-LISTEN:…,fork` in the node, Debian's package) — :
+//! - bulk throughput of one TCP stream and of 16 parallel streams (bytes the server received
+//!   per second);
+//! - connections per second, each a fresh connection carrying a 1 KiB request and a 1 KiB
+//!   response (8 concurrent clients);
+//! - latency of one such request on a fresh connection (one client, sequential): p50 and p99;
+//! - UDP round trips per second (4 clients, 64-byte datagrams, echo).
+//!
+//! The full profile runs 5 rounds, each measuring every subject in turn, and reports the median
+//! of each figure (the development machine is shared, so load elsewhere comes and goes).
+//! It prints a Markdown table (each figure also as a ratio to `direct`) and writes it to
+//! `target/kproxy-bench/userspace.md`. `--quick` (what `cargo test --benches` runs) uses short
+//! runs so the harness cannot rot. Without root it prints why and exits 0; without socat the
+//! socat column is left out with a note.
+#![allow(
+    clippy::unwrap_used,
+    reason = "benchmark harness: a failure should stop it loudly"
+)]
+#![allow(clippy::print_stdout, reason = "the harness prints its table")]
+
+use std::fmt::Write as _;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+
+const CLIENT: &str = "10.1.1.2";
+const NODE: &str = "10.1.1.1";
+const SERVER: &str = "10.1.2.2";
+/// Server ports: bulk sink, 1 KiB request/response, UDP echo.
+const SINK: u16 = 8080;
+const RR: u16 = 8081;
+const ECHO: u16 = 5353;
+/// Service addresses (ClusterIPs) kproxy serves.
+const SVC_SINK: &str = "10.96.0.1";
+const SVC_RR: &str = "10.96.0.2";
+const SVC_ECHO: &str = "10.96.0.3";
+/// socat's ports on the node.
+const SOCAT_SINK: u16 = 9080;
+const SOCAT_RR: u16 = 9081;
+const SOCAT_ECHO: u16 = 9053;
+
+/// A network namespace, deleted on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(role: &str) -> Ns {
+        let name = format!("kpx-ubench-{}-{role}", std::process::id());
+        cmd("ip", &["netns", "add", &name]);
+        let ns = Ns(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        // Many short connections: the whole port range, and TIME_WAIT ports reused.
+        ns.sysctl("net/ipv4/ip_local_port_range", "1024 65535");
+        ns.sysctl("net/ipv4/tcp_tw_reuse", "1");
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.0.as_str()];
+        full.extend_from_slice(args);
+        cmd("ip", &full);
+    }
+
+    fn sysctl(&self, key: &str, value: &str) {
+        let (path, value) = (format!("/proc/sys/{key}"), value.to_string());
+        self.run(move || std::fs::write(path, value).unwrap());
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets made there stay there).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().unwrap()
+    }
+
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(path).unwrap();
+            setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+    }
+
+    /// `ip netns exec NS program args…`, in the background.
+    fn child(&self, program: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0, program])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .output();
+    }
+}
+
+fn cmd(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Kills a background process (by its pid) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Topology {
+    client: Ns,
+    node: Ns,
+    server: Ns,
+}
+
+fn topology() -> Topology {
+    let (client, node, server) = (Ns::new("client"), Ns::new("node"), Ns::new("server"));
+    node.sysctl("net/ipv4/ip_forward", "1");
+    for (a, a_ip, b, b_ip, dev) in [
+        (&client, CLIENT, &node, NODE, "c"),
+        (&node, "10.1.2.1", &server, SERVER, "s"),
+    ] {
+        let (da, db) = (format!("{dev}0"), format!("{dev}1"));
+        a.ip(&[
+            "link", "add", &da, "type", "veth", "peer", "name", &db, "netns", &b.0,
+        ]);
+        a.ip(&["addr", "add", &format!("{a_ip}/24"), "dev", &da]);
+        b.ip(&["addr", "add", &format!("{b_ip}/24"), "dev", &db]);
+        a.ip(&["link", "set", &da, "up"]);
+        b.ip(&["link", "set", &db, "up"]);
+    }
+    client.ip(&["route", "add", "default", "via", NODE]);
+    server.ip(&["route", "add", "default", "via", "10.1.2.1"]);
+    Topology {
+        client,
+        node,
+        server,
+    }
+}
+
+/// The servers in the server namespace: a sink counting bytes, a 1 KiB request/response
+/// server and a UDP echo. They run until the process exits (their namespace goes first).
+fn servers(ns: &Ns, received: Arc<AtomicU64>) {
+    let sink = ns.run(|| TcpListener::bind((SERVER, SINK)).unwrap());
+    std::thread::spawn(move || {
+        for conn in sink.incoming().flatten() {
+            let received = received.clone();
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    received.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let rr = Arc::new(ns.run(|| TcpListener::bind((SERVER, RR)).unwrap()));
+    for _ in 0..8 {
+        let rr = rr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok((mut conn, _)) = rr.accept() {
+                let _ = conn.set_nodelay(true);
+                if conn.read_exact(&mut buf).is_ok() && conn.write_all(&buf).is_ok() {
+                    // The client closes first (its side keeps the TIME_WAIT).
+                    let _ = conn.read(&mut buf);
+                }
+            }
+        });
+    }
+    let echo = ns.run(|| UdpSocket::bind((SERVER, ECHO)).unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, peer)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], peer);
+        }
+    });
+}
+
+/// Where a subject's traffic goes.
+#[derive(Clone, Copy)]
+struct Targets {
+    sink: SocketAddr,
+    rr: SocketAddr,
+    echo: SocketAddr,
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+#[derive(Default, Clone)]
+struct Figures {
+    bulk1: f64,
+    bulk16: f64,
+    cps: f64,
+    p50: Duration,
+    p99: Duration,
+    udp_pps: f64,
+}
+
+/// Bytes per second the sink received while `streams` clients wrote for `d`.
+fn bulk(t: &Topology, to: SocketAddr, streams: usize, d: Duration, received: &AtomicU64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..streams)
+        .map(|_| {
+            let stop = stop.clone();
+            t.client.spawn(move || {
+                let mut s = TcpStream::connect(to).unwrap();
+                let buf = vec![0x5au8; 256 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+                let _ = s.shutdown(Shutdown::Write);
+            })
+        })
+        .collect();
+    // Let every stream reach its steady state before counting.
+    std::thread::sleep(d / 5);
+    let (b0, t0) = (received.load(Ordering::Relaxed), Instant::now());
+    std::thread::sleep(d);
+    let (b1, t1) = (received.load(Ordering::Relaxed), t0.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    (b1 - b0) as f64 / t1.as_secs_f64()
+}
+
+/// One fresh connection carrying a 1 KiB request and a 1 KiB response.
+fn one_request(to: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+        return false;
+    };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0x42u8; 1024];
+    s.write_all(&buf).is_ok() && s.read_exact(&mut buf).is_ok()
+}
+
+/// Requests per second with `clients` concurrent clients for `d`.
+fn conn_rate(t: &Topology, to: SocketAddr, clients: usize, d: Duration) -> f64 {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            t.client.spawn(move || {
+                let mut ok = 0u64;
+                while start.elapsed() < d {
+                    if one_request(to) {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// p50 and p99 of `n` sequential requests.
+fn latency(t: &Topology, to: SocketAddr, n: usize) -> (Duration, Duration) {
+    let mut samples = t.client.run(move || {
+        (0..n)
+            .map(|_| {
+                let s = Instant::now();
+                assert!(one_request(to), "request to {to} failed");
+                s.elapsed()
+            })
+            .collect::<Vec<_>>()
+    });
+    samples.sort();
+    (samples[n / 2], samples[(n * 99 / 100).min(n - 1)])
+}
+
+/// UDP round trips per second with `clients` clients for `d`.
+fn udp_rate(t: &Topology, to: SocketAddr, clients: usize, d: Duration) -> f64 {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            t.client.spawn(move || {
+                let s = UdpSocket::bind((CLIENT, 0)).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let (msg, mut buf, mut ok) = ([7u8; 64], [0u8; 2048], 0u64);
+                while start.elapsed() < d {
+                    if s.send_to(&msg, to).is_ok() {
+                        match s.recv_from(&mut buf) {
+                            Ok(_) => ok += 1,
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                            Err(_) => {}
+                        }
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Profile {
+    d: Duration,
+    latency_n: usize,
+    rounds: usize,
+}
+
+/// One way to carry the traffic.
+#[derive(Clone, Copy)]
+enum Subject {
+    /// No proxy: the node routes.
+    Direct,
+    /// The kproxy binary in userspace mode with this `KPROXY_USERSPACE_COPY`.
+    Kproxy(&'static str),
+    /// socat in the node.
+    Socat,
+}
+
+impl Subject {
+    fn name(self) -> String {
+        match self {
+            Subject::Direct => "direct".into(),
+            Subject::Kproxy(m) => format!("kproxy userspace ({m})"),
+            Subject::Socat => "socat".into(),
+        }
+    }
+
+    /// Starts the subject's processes (stopped when the returned value drops) and says where
+    /// its traffic goes.
+    fn start(self, t: &Topology, manifests: &std::path::Path) -> (Vec<Proc>, Targets) {
+        match self {
+            Subject::Direct => (
+                Vec::new(),
+                Targets {
+                    sink: addr(SERVER, SINK),
+                    rr: addr(SERVER, RR),
+                    echo: addr(SERVER, ECHO),
+                },
+            ),
+            Subject::Kproxy(method) => {
+                let kproxy = Proc(t.node.child(
+                    env!("CARGO_BIN_EXE_kproxy"),
+                    &[
+                        "--proxy-mode",
+                        "userspace",
+                        "--manifests",
+                        &manifests.display().to_string(),
+                        "--hostname-override",
+                        "bench-node",
+                        "--healthz-bind-address=",
+                        "--metrics-bind-address=",
+                    ],
+                    &[("KPROXY_USERSPACE_COPY", method), ("RUST_LOG", "warn")],
+                ));
+                (
+                    vec![kproxy],
+                    Targets {
+                        sink: addr(SVC_SINK, 80),
+                        rr: addr(SVC_RR, 80),
+                        echo: addr(SVC_ECHO, 53),
+                    },
+                )
+            }
+            Subject::Socat => {
+                let sink = format!("TCP:{SERVER}:{SINK}");
+                let rr = format!("TCP:{SERVER}:{RR}");
+                let echo = format!("UDP:{SERVER}:{ECHO}");
+                let l_sink = format!("TCP-LISTEN:{SOCAT_SINK},bind={NODE},fork,reuseaddr");
+                let l_rr = format!("TCP-LISTEN:{SOCAT_RR},bind={NODE},fork,reuseaddr,backlog=4096");
+                let l_echo = format!("UDP-LISTEN:{SOCAT_ECHO},bind={NODE},fork,reuseaddr");
+                (
+                    vec![
+                        Proc(t.node.child("socat", &[&l_sink, &sink], &[])),
+                        Proc(t.node.child("socat", &[&l_rr, &rr], &[])),
+                        Proc(t.node.child("socat", &[&l_echo, &echo], &[])),
+                    ],
+                    Targets {
+                        sink: addr(NODE, SOCAT_SINK),
+                        rr: addr(NODE, SOCAT_RR),
+                        echo: addr(NODE, SOCAT_ECHO),
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// The median of each figure over rounds.
+fn median(rounds: &[Figures]) -> Figures {
+    fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v[v.len() / 2]
+    }
+    Figures {
+        bulk1: mid(rounds.iter().map(|f| f.bulk1).collect()),
+        bulk16: mid(rounds.iter().map(|f| f.bulk16).collect()),
+        cps: mid(rounds.iter().map(|f| f.cps).collect()),
+        p50: mid(rounds.iter().map(|f| f.p50).collect()),
+        p99: mid(rounds.iter().map(|f| f.p99).collect()),
+        udp_pps: mid(rounds.iter().map(|f| f.udp_pps).collect()),
+    }
+}
+
+fn measure(t: &Topology, to: Targets, p: &Profile, received: &AtomicU64) -> Figures {
+    Figures {
+        bulk1: bulk(t, to.sink, 1, p.d, received),
+        bulk16: bulk(t, to.sink, 16, p.d, received),
+        cps: conn_rate(t, to.rr, 8, p.d),
+        p50: Duration::ZERO,
+        p99: Duration::ZERO,
+        udp_pps: udp_rate(t, to.echo, 4, p.d),
+    }
+    .with_latency(latency(t, to.rr, p.latency_n))
+}
+
+impl Figures {
+    fn with_latency(mut self, (p50, p99): (Duration, Duration)) -> Figures {
+        self.p50 = p50;
+        self.p99 = p99;
+        self
+    }
+}
+
+/// Waits until a request through `to` succeeds.
+fn wait_ready(t: &Topology, to: Targets) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(t.client.run(move || one_request(to.rr))) {
+        assert!(Instant::now() < deadline, "{} never answered", to.rr);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let echo = to.echo;
+    while !t.client.run(move || {
+        let s = UdpSocket::bind((CLIENT, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        s.send_to(b"x", echo).is_ok() && s.recv_from(&mut [0u8; 16]).is_ok()
+    }) {
+        assert!(Instant::now() < deadline, "{echo} never answered");
+    }
+}
+
+/// The manifests kproxy reads: three ClusterIP services onto the server.
+fn manifests() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("kpx-ubench-")
+        .tempdir()
+        .unwrap();
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: bench-node}\nstatus:\n  addresses: [{type: InternalIP, address: 10.1.1.1}]\n",
+    );
+    for (name, ip, port, target, proto) in [
+        ("sink", SVC_SINK, 80, SINK, "TCP"),
+        ("rr", SVC_RR, 80, RR, "TCP"),
+        ("echo", SVC_ECHO, 53, ECHO, "UDP"),
+    ] {
+        write!(
+            yaml,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports: [{{name: p, port: {port}, targetPort: {target}, protocol: {proto}}}]\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: p, port: {target}, protocol: {proto}}}]\nendpoints:\n  - addresses: [{SERVER}]\n    conditions: {{ready: true}}\n"
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.path().join("bench.yaml"), yaml).unwrap();
+    dir
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo test --benches` runs this without `--bench`: the quick profile.
+    let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
+    if !nix::unistd::geteuid().is_root() {
+        println!("userspace bench: SKIP, needs root (network namespaces)");
+        return;
+    }
+    let profile = if quick {
+        Profile {
+            d: Duration::from_millis(300),
+            latency_n: 200,
+            rounds: 1,
+        }
+    } else {
+        Profile {
+            d: Duration::from_secs(2),
+            latency_n: 3000,
+            rounds: 5,
+        }
+    };
+    let t = topology();
+    let received = Arc::new(AtomicU64::new(0));
+    servers(&t.server, received.clone());
+    let dir = manifests();
+    let socat = have("socat");
+    let mut notes = String::new();
+    if !socat {
+        notes.push_str("socat is not installed (`apt-get install socat`): no socat row.\n");
+    }
+    let mut subjects = vec![
+        Subject::Direct,
+        Subject::Kproxy("splice"),
+        Subject::Kproxy("buffered"),
+    ];
+    if socat {
+        subjects.push(Subject::Socat);
+    }
+    // Rounds interleave the subjects, so a burst of load elsewhere on the machine hits them
+    // alike; each figure is the median over the rounds.
+    let mut samples: Vec<Vec<Figures>> = vec![Vec::new(); subjects.len()];
+    for _ in 0..profile.rounds {
+        for (i, subject) in subjects.iter().enumerate() {
+            let (_running, to) = subject.start(&t, dir.path());
+            wait_ready(&t, to);
+            samples[i].push(measure(&t, to, &profile, &received));
+        }
+    }
+    let rows: Vec<(String, Figures)> = subjects
+        .iter()
+        .zip(samples)
+        .map(|(s, f)| (s.name(), median(&f)))
+        .collect();
+    notes.push_str(&format!(
+        "Each figure is the median of {} interleaved rounds; load average at the end: {}.\n",
+        profile.rounds,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    ));
+    report(&rows, quick, &notes);
+}
+
+fn report(rows: &[(String, Figures)], quick: bool, notes: &str) {
+    let base = rows[0].1.clone();
+    let ratio = |v: f64, b: f64| if b > 0.0 { v / b * 100.0 } else { 0.0 };
+    let gbit = |v: f64| v * 8.0 / 1e9;
+    let mut out = format!(
+        "userspace data path ({} profile; {} CPUs)\n\n| subject | 1 stream Gbit/s | 16 streams Gbit/s | conn/s (1 KiB req/resp) | latency p50 | p99 (added) | UDP round trips/s |\n|---|---|---|---|---|---|---|\n",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    for (name, f) in rows {
+        let added = f.p99.as_secs_f64() - base.p99.as_secs_f64();
+        writeln!(
+            out,
+            "| {name} | {:.2} ({:.0}%) | {:.2} ({:.0}%) | {:.0} ({:.0}%) | {:.0} µs | {:.0} µs ({:+.0} µs) | {:.0} ({:.0}%) |",
+            gbit(f.bulk1),
+            ratio(f.bulk1, base.bulk1),
+            gbit(f.bulk16),
+            ratio(f.bulk16, base.bulk16),
+            f.cps,
+            ratio(f.cps, base.cps),
+            f.p50.as_secs_f64() * 1e6,
+            f.p99.as_secs_f64() * 1e6,
+            added * 1e6,
+            f.udp_pps,
+            ratio(f.udp_pps, base.udp_pps),
+        )
+        .unwrap();
+    }
+    if let (Some(k), Some(s)) = (
+        rows.iter().find(|(n, _)| n.contains("splice")),
+        rows.iter().find(|(n, _)| n == "socat"),
+    ) {
+        writeln!(
+            out,
+            "\nkproxy (splice) vs socat: {:.1}x the connection rate, {:.1}x the 16-stream throughput.",
+            k.1.cps / s.1.cps.max(1.0),
+            k.1.bulk16 / s.1.bulk16.max(1.0)
+        )
+        .unwrap();
+    }
+    out.push_str(notes);
+    print!("{out}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kproxy-bench");
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|t| std::path::PathBuf::from(t).join("kproxy-bench"))
+        .unwrap_or(dir);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(dir.join("userspace.md"), &out);
+    }
+}

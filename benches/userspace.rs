@@ -98,9 +98,12 @@ impl Ns {
         })
     }
 
-    /// `ip netns exec NS program args…`, in the background.
+    /// `ip netns exec NS program args…`, in the background, in a process group of its own (so
+    /// socat's forked children go with it).
     fn child(&self, program: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
+        use std::os::unix::process::CommandExt as _;
         Command::new("ip")
+            .process_group(0)
             .args(["netns", "exec", &self.0, program])
             .args(args)
             .envs(env.iter().copied())
@@ -129,11 +132,17 @@ fn cmd(program: &str, args: &[&str]) {
     );
 }
 
-/// Kills a background process (by its pid) on drop.
+/// Kills a background process and its process group (its forked children) on drop.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -406,11 +415,12 @@ impl Subject {
                 let l_sink = format!("TCP-LISTEN:{SOCAT_SINK},bind={NODE},fork,reuseaddr");
                 let l_rr = format!("TCP-LISTEN:{SOCAT_RR},bind={NODE},fork,reuseaddr,backlog=4096");
                 let l_echo = format!("UDP-LISTEN:{SOCAT_ECHO},bind={NODE},fork,reuseaddr");
+                // `-T 2`: a per-client child exits after 2 s idle (UDP has no end of stream).
                 (
                     vec![
                         Proc(t.node.child("socat", &[&l_sink, &sink], &[])),
                         Proc(t.node.child("socat", &[&l_rr, &rr], &[])),
-                        Proc(t.node.child("socat", &[&l_echo, &echo], &[])),
+                        Proc(t.node.child("socat", &["-T", "2", &l_echo, &echo], &[])),
                     ],
                     Targets {
                         sink: addr(NODE, SOCAT_SINK),

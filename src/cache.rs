@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -50,6 +51,13 @@ pub struct Touched {
     pub services: BTreeSet<ObjectKey>,
     /// Something node-wide changed (the Node object, or a whole kind was reset).
     pub everything: bool,
+    /// Service objects added, changed or removed (for the change counters).
+    pub service_changes: usize,
+    /// EndpointSlice objects added, changed or removed.
+    pub endpoint_changes: usize,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of changed EndpointSlices, when later
+    /// than kproxy's start: what network-programming latency is measured from.
+    pub trigger_times: Vec<SystemTime>,
 }
 
 impl Touched {
@@ -57,6 +65,9 @@ impl Touched {
     pub fn merge(&mut self, other: Touched) {
         self.services.extend(other.services);
         self.everything |= other.everything;
+        self.service_changes += other.service_changes;
+        self.endpoint_changes += other.endpoint_changes;
+        self.trigger_times.extend(other.trigger_times);
     }
 
     /// Whether nothing was touched.
@@ -65,9 +76,16 @@ impl Touched {
     }
 }
 
+/// The annotation the EndpointSlice controller stamps with the time of the change that caused
+/// the slice's last update.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
 /// The objects kproxy knows, indexed the way the desired-state builder reads them.
 #[derive(Debug, Default)]
 pub struct ClusterCache {
+    /// Trigger times before this are not measured (upstream's tracker start time): the initial
+    /// list carries changes made long before kproxy ran.
+    measure_after: Option<SystemTime>,
     services: BTreeMap<ObjectKey, Arc<Service>>,
     slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
     /// Service key → keys of its EndpointSlices (through the `kubernetes.io/service-name` label).
@@ -78,6 +96,21 @@ pub struct ClusterCache {
 }
 
 impl ClusterCache {
+    /// A cache that records trigger times later than `start`.
+    pub fn measuring_after(start: SystemTime) -> Self {
+        Self {
+            measure_after: Some(start),
+            ..Self::default()
+        }
+    }
+
+    fn trigger_time(&self, slice: &EndpointSlice) -> Option<SystemTime> {
+        let after = self.measure_after?;
+        let text = slice.annotations().get(TRIGGER_TIME_ANNOTATION)?;
+        let t = humantime::parse_rfc3339_weak(text.trim()).ok()?;
+        (t > after).then_some(t)
+    }
+
     /// Applies one update and says what it touched.
     pub fn apply(&mut self, update: Update) -> Touched {
         match update {
@@ -109,7 +142,9 @@ impl ClusterCache {
                     .into_iter()
                     .map(|s| (ObjectKey::of(&s), Arc::new(s)))
                     .collect();
-                touched.services.extend(diff_keys(&self.services, &new));
+                let changed = diff_keys(&self.services, &new);
+                touched.service_changes += changed.len();
+                touched.services.extend(changed);
                 self.services = new;
                 self.services_synced = true;
             }
@@ -117,11 +152,13 @@ impl ClusterCache {
                 let key = ObjectKey::of(&svc);
                 self.services.insert(key.clone(), Arc::new(svc));
                 touched.services.insert(key);
+                touched.service_changes += 1;
             }
             Change::Delete(svc) => {
                 let key = ObjectKey::of(&svc);
                 self.services.remove(&key);
                 touched.services.insert(key);
+                touched.service_changes += 1;
             }
         }
         touched
@@ -139,6 +176,10 @@ impl ClusterCache {
                     let old = self.slices.get(&key).and_then(|s| service_of(s));
                     let cur = new.get(&key).and_then(|s| service_of(s));
                     touched.services.extend(old.into_iter().chain(cur));
+                    touched.endpoint_changes += 1;
+                    if let Some(t) = new.get(&key).and_then(|s| self.trigger_time(s)) {
+                        touched.trigger_times.push(t);
+                    }
                 }
                 self.slices = new;
                 self.slices_by_service.clear();
@@ -154,6 +195,8 @@ impl ClusterCache {
             }
             Change::Apply(slice) => {
                 let key = ObjectKey::of(&slice);
+                touched.endpoint_changes += 1;
+                touched.trigger_times.extend(self.trigger_time(&slice));
                 if let Some(old) = self.remove_slice(&key) {
                     touched.services.insert(old);
                 }
@@ -167,6 +210,7 @@ impl ClusterCache {
                 self.slices.insert(key, Arc::new(slice));
             }
             Change::Delete(slice) => {
+                touched.endpoint_changes += 1;
                 if let Some(old) = self.remove_slice(&ObjectKey::of(&slice)) {
                     touched.services.insert(old);
                 }

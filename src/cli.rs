@@ -99,6 +99,36 @@ pub struct Args {
     #[arg(long, value_name = "DURATION")]
     pub userspace_grace_period: Option<String>,
 
+    /// Connections to track per CPU core: nf_conntrack_max becomes max(this x CPUs,
+    /// --conntrack-min), only ever raised (default 32768; 0 leaves the limit alone).
+    #[arg(long, value_name = "N")]
+    pub conntrack_max_per_core: Option<i64>,
+
+    /// The floor of nf_conntrack_max (default 131072).
+    #[arg(long, value_name = "N")]
+    pub conntrack_min: Option<i64>,
+
+    /// nf_conntrack_tcp_timeout_established (Go duration, default 24h; 0 leaves it).
+    #[arg(long, value_name = "DURATION")]
+    pub conntrack_tcp_timeout_established: Option<String>,
+
+    /// nf_conntrack_tcp_timeout_close_wait (default 1h; 0 leaves it).
+    #[arg(long, value_name = "DURATION")]
+    pub conntrack_tcp_timeout_close_wait: Option<String>,
+
+    /// Set nf_conntrack_tcp_be_liberal=1 (out-of-window TCP packets are not INVALID); the
+    /// iptables mode then installs no INVALID-drop rule.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub conntrack_tcp_be_liberal: Option<bool>,
+
+    /// nf_conntrack_udp_timeout (default 0: leave the kernel's value).
+    #[arg(long, value_name = "DURATION")]
+    pub conntrack_udp_timeout: Option<String>,
+
+    /// nf_conntrack_udp_timeout_stream (default 0: leave the kernel's value).
+    #[arg(long, value_name = "DURATION")]
+    pub conntrack_udp_timeout_stream: Option<String>,
+
     /// iptables backend: auto (detect what the host uses), nft or legacy.
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub iptables_backend: Option<BackendArg>,

@@ -1,8 +1,17 @@
 //! `/metrics` in Prometheus (OpenMetrics) text, with upstream kube-proxy's metric names and
 //! buckets so existing dashboards keep working, plus kproxy's own `kproxy_*` metrics.
 //!
-//! Not (yet) exported: `kubeproxy_network_programming_duration_seconds` (needs the EndpointSlice
-//! trigger-time annotation carried through the model) and the per-table iptables rule gauges.
+//! Upstream metrics not exported, and why:
+//! * the `ip_family` label: kproxy syncs both families in one transaction per sync, so a sync's
+//!   duration belongs to both; per-family object counts carry the label;
+//! * `kubeproxy_sync_proxy_rules_iptables_last` and `..._iptables_partial_restore_failures_total`:
+//!   every kproxy restore is partial (only changed chains), so these would duplicate
+//!   `kproxy_objects_added_total` and the restore-failure counter;
+//! * `kubeproxy_iptables_ct_state_invalid_dropped_packets_total` and
+//!   `..._localhost_nodeports_accepted_packets_total`: they need nfacct objects in the kernel;
+//! * the client-go and Go runtime families (kproxy is not Go); the process family is exported.
+
+pub mod process;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +38,33 @@ pub struct CodeLabel {
     pub code: u16,
 }
 
+/// `traffic_policy` label of the no-local-endpoints gauge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PolicyLabel {
+    /// `internal` or `external`.
+    pub traffic_policy: &'static str,
+}
+
+/// Labels of the per-table iptables rule gauge (upstream's names).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TableLabel {
+    /// `nat` or `filter`.
+    pub table: &'static str,
+    /// `IPv4` or `IPv6`, as upstream spells it.
+    pub ip_family: &'static str,
+}
+
+/// Labels of `kproxy_kernel_objects`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ObjectLabel {
+    /// `IPv4` or `IPv6`.
+    pub ip_family: &'static str,
+    /// The table (or `ipvs`, `userspace`).
+    pub table: &'static str,
+    /// What is counted.
+    pub kind: &'static str,
+}
+
 /// Every metric kproxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -46,6 +82,15 @@ pub struct Metrics {
     skipped_objects: Gauge,
     conntrack_deleted: Counter,
     conntrack_duration: Histogram,
+    network_programming: Histogram,
+    endpoint_changes_pending: Gauge,
+    endpoint_changes_total: Counter,
+    service_changes_pending: Gauge,
+    service_changes_total: Counter,
+    no_local_endpoints: Family<PolicyLabel, Gauge>,
+    iptables_rules: Family<TableLabel, Gauge>,
+    kernel_objects: Family<ObjectLabel, Gauge>,
+    process: process::ProcessMetrics,
     /// `/healthz` answers by status code.
     pub healthz: Family<CodeLabel, Counter>,
     /// `/livez` answers by status code.
@@ -55,6 +100,17 @@ pub struct Metrics {
 /// Upstream's sync-duration buckets: 1 ms doubling, 15 buckets (up to about 16 s).
 fn sync_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Upstream's network-programming buckets: 0.25 s and 0.5 s, every second to 59 s, every 5 s to
+/// 115 s, every 30 s to 5 min.
+fn programming_buckets() -> Histogram {
+    let buckets = [0.25, 0.5]
+        .into_iter()
+        .chain((1..=59).map(f64::from))
+        .chain((0..12).map(|i| 60.0 + 5.0 * f64::from(i)))
+        .chain((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    Histogram::new(buckets)
 }
 
 /// One sync, as the metrics see it.
@@ -94,6 +150,15 @@ impl Metrics {
             skipped_objects: Gauge::default(),
             conntrack_deleted: Counter::default(),
             conntrack_duration: sync_buckets(),
+            network_programming: programming_buckets(),
+            endpoint_changes_pending: Gauge::default(),
+            endpoint_changes_total: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            service_changes_total: Counter::default(),
+            no_local_endpoints: Family::default(),
+            iptables_rules: Family::default(),
+            kernel_objects: Family::default(),
+            process: process::ProcessMetrics::default(),
             healthz: Family::default(),
             livez: Family::default(),
             registry: Registry::default(),
@@ -155,6 +220,49 @@ impl Metrics {
             m.livez.clone(),
         );
         registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            m.network_programming.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            m.endpoint_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            m.endpoint_changes_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            m.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            m.service_changes_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
+        );
+        if mode == ModeName::Iptables {
+            registry.register(
+                "kubeproxy_sync_proxy_rules_iptables_total",
+                "Total number of iptables rules owned by kube-proxy",
+                m.iptables_rules.clone(),
+            );
+        }
+        registry.register(
+            "kproxy_kernel_objects",
+            "Kernel objects kproxy owns after the last sync, by family, table and kind",
+            m.kernel_objects.clone(),
+        );
+        m.process.register(&mut registry);
+        registry.register(
             "kproxy_apply_duration_seconds",
             "Time spent applying one plan to the kernel",
             m.apply_duration.clone(),
@@ -201,6 +309,67 @@ impl Metrics {
             .set(i64::try_from(o.skipped).unwrap_or(i64::MAX));
     }
 
+    /// Services and EndpointSlices changed; `pending_*` are the totals not yet synced.
+    pub fn changes_seen(
+        &self,
+        services: usize,
+        endpoints: usize,
+        pending_services: usize,
+        pending_endpoints: usize,
+    ) {
+        self.service_changes_total.inc_by(services as u64);
+        self.endpoint_changes_total.inc_by(endpoints as u64);
+        self.service_changes_pending
+            .set(i64::try_from(pending_services).unwrap_or(i64::MAX));
+        self.endpoint_changes_pending
+            .set(i64::try_from(pending_endpoints).unwrap_or(i64::MAX));
+    }
+
+    /// A sync applied changes whose EndpointSlices carried these trigger times.
+    pub fn programmed(&self, trigger_times: &[SystemTime], now: SystemTime) {
+        for t in trigger_times {
+            // Clock skew between the control plane and the node can make this negative.
+            let latency = now.duration_since(*t).unwrap_or_default();
+            self.network_programming.observe(latency.as_secs_f64());
+        }
+        self.service_changes_pending.set(0);
+        self.endpoint_changes_pending.set(0);
+    }
+
+    /// What the applied state holds: Local-policy services without local endpoints, and the
+    /// kernel objects by family, table and kind.
+    pub fn state(&self, no_local: (usize, usize), objects: &[kproxy_contract::ObjectCount]) {
+        for (policy, n) in [("internal", no_local.0), ("external", no_local.1)] {
+            self.no_local_endpoints
+                .get_or_create(&PolicyLabel {
+                    traffic_policy: policy,
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        for o in objects {
+            let ip_family = match o.family {
+                kproxy_contract::IpFamily::V4 => "IPv4",
+                kproxy_contract::IpFamily::V6 => "IPv6",
+            };
+            let n = i64::try_from(o.count).unwrap_or(i64::MAX);
+            self.kernel_objects
+                .get_or_create(&ObjectLabel {
+                    ip_family,
+                    table: o.table,
+                    kind: o.kind,
+                })
+                .set(n);
+            if o.kind == "rules" && (o.table == "nat" || o.table == "filter") {
+                self.iptables_rules
+                    .get_or_create(&TableLabel {
+                        table: o.table,
+                        ip_family,
+                    })
+                    .set(n);
+            }
+        }
+    }
+
     /// A conntrack cleanup ran (after a successful sync).
     pub fn conntrack_reconciled(&self, report: &crate::conntrack::CleanupReport) {
         self.conntrack_deleted.inc_by(report.deleted as u64);
@@ -220,6 +389,7 @@ impl Metrics {
 
     /// The exposition text.
     pub fn encode(&self) -> String {
+        self.process.refresh();
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

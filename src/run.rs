@@ -25,16 +25,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if config.cleanup {
         return cleanup(&config);
     }
+    // A dry run changes nothing, sysctls included.
+    let sysctls = crate::conntrack::sysctl::ProcSys::default();
+    if !config.dry_run {
+        let actions = crate::conntrack::sysctl::apply(&config.conntrack, &sysctls);
+        crate::conntrack::sysctl::log(&actions);
+    }
     match config.mode {
         ModeName::Iptables => {
             let backend = iptables_backend(config.iptables_backend);
             tracing::info!(backend = backend.as_str(), "iptables mode");
+            // Upstream reads the sysctl: a node already running liberal TCP tracking needs no
+            // INVALID-drop rule, whoever set it.
+            let tcp_be_liberal = config.tcp_be_liberal
+                || crate::conntrack::sysctl::SysctlFs::read(
+                    &sysctls,
+                    "net/netfilter/nf_conntrack_tcp_be_liberal",
+                )
+                .is_ok_and(|v| v == 1);
             let mode = IptablesMode::new(
                 IptablesCli::new(backend),
                 vec![IpFamily::V4, IpFamily::V6],
-                RenderOptions {
-                    tcp_be_liberal: config.tcp_be_liberal,
-                },
+                RenderOptions { tcp_be_liberal },
             );
             run_mode(mode, config, Keep::Iptables(backend)).await
         }

@@ -117,7 +117,7 @@ impl<M: Mode> SyncLoop<M> {
     pub fn new(mode: M, config: Arc<Config>, options: SyncOptions) -> Self {
         Self {
             mode,
-            cache: ClusterCache::default(),
+            cache: ClusterCache::measuring_after(std::time::SystemTime::now()),
             config,
             believed: None,
             failures: 0,
@@ -205,6 +205,7 @@ impl<M: Mode> SyncLoop<M> {
                         anyhow::bail!("the object source stopped unexpectedly");
                     };
                     let touched = self.cache.apply(update);
+                    let (services, endpoints) = (touched.service_changes, touched.endpoint_changes);
                     if !touched.is_empty() {
                         let now = std::time::SystemTime::now();
                         self.health.queued(now);
@@ -213,6 +214,9 @@ impl<M: Mode> SyncLoop<M> {
                         }
                     }
                     self.pending.merge(touched);
+                    if let Some(m) = &self.metrics {
+                        m.changes_seen(services, endpoints, self.pending.service_changes, self.pending.endpoint_changes);
+                    }
                     if !self.cache.is_synced() {
                         continue;
                     }
@@ -377,6 +381,14 @@ impl<M: Mode> SyncLoop<M> {
             conntrack,
         };
         if let (Some(m), false) = (&self.metrics, dry_run) {
+            let now = std::time::SystemTime::now();
+            m.programmed(&self.pending.trigger_times, now);
+            m.state(
+                no_local_endpoints(&built.state),
+                &self
+                    .mode
+                    .count_objects(self.believed.as_ref().unwrap_or(&M::Rules::default())),
+            );
             m.synced(
                 SyncObservation {
                     full,
@@ -466,6 +478,26 @@ impl<M: Mode> SyncLoop<M> {
         }
         self.reported = current;
     }
+}
+
+/// Service ports with a Local policy that have endpoints, but none on this node (upstream's
+/// no-local-endpoints gauge): (internal, external).
+fn no_local_endpoints(state: &ProxyState) -> (usize, usize) {
+    let mut n = (0, 0);
+    for sp in state.services.values() {
+        if !sp.endpoints.any || !sp.endpoints.local.is_empty() {
+            continue;
+        }
+        if sp.internal_policy == kproxy_contract::TrafficPolicy::Local {
+            n.0 += 1;
+        }
+        if sp.external_policy == kproxy_contract::TrafficPolicy::Local
+            && sp.has_external_frontends()
+        {
+            n.1 += 1;
+        }
+    }
+    n
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -102,8 +102,10 @@ pub struct Config {
     pub udp_timeout: Duration,
     /// Userspace mode: how long a connection to a removed endpoint stays open.
     pub userspace_grace_period: Duration,
-    /// `conntrack.tcpBeLiberal`.
+    /// `conntrack.tcpBeLiberal` / `--conntrack-tcp-be-liberal` (also in [`Config::conntrack`]).
     pub tcp_be_liberal: bool,
+    /// Conntrack sysctls set at start-up (`--conntrack-*`, `conntrack.*`).
+    pub conntrack: crate::conntrack::sysctl::ConntrackSysctls,
     /// The IPVS scheduler (`--ipvs-scheduler`, `ipvs.scheduler`; default `rr`).
     pub ipvs_scheduler: String,
     /// Print the diff, change nothing.
@@ -329,6 +331,7 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
             name
         }
     };
+    let conntrack = conntrack_settings(args, &file.conntrack, &mut overridden)?;
     let udp_timeout = userspace_duration(&args.udp_timeout, "--udp-timeout", 30)?;
     let userspace_grace_period =
         userspace_duration(&args.userspace_grace_period, "--userspace-grace-period", 10)?;
@@ -349,7 +352,8 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         iptables_backend,
         udp_timeout,
         userspace_grace_period,
-        tcp_be_liberal: file.conntrack.tcp_be_liberal.unwrap_or(false),
+        tcp_be_liberal: conntrack.tcp_be_liberal,
+        conntrack,
         ipvs_scheduler,
         dry_run: args.dry_run,
         once: args.once,
@@ -357,6 +361,109 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         log_format: args.log_format,
         ignored_fields,
         overridden_fields: overridden,
+    })
+}
+
+/// The `--conntrack-*` flags over the file's `conntrack` section.
+fn conntrack_settings(
+    args: &Args,
+    file: &file::Conntrack,
+    overridden: &mut Vec<String>,
+) -> Result<crate::conntrack::sysctl::ConntrackSysctls, ConfigError> {
+    let defaults = crate::conntrack::sysctl::ConntrackSysctls::default();
+    let mut layer =
+        |flag: Option<String>, field: Option<String>, flag_name: &str, field_name: &str| match (
+            flag, field,
+        ) {
+            (Some(v), Some(_)) => {
+                overridden.push(field_name.to_string());
+                Some((v, flag_name.to_string()))
+            }
+            (Some(v), None) => Some((v, flag_name.to_string())),
+            (None, Some(v)) => Some((v, field_name.to_string())),
+            (None, None) => None,
+        };
+    let count = |picked: Option<(String, String)>, default: u64| -> Result<u64, ConfigError> {
+        match picked {
+            None => Ok(default),
+            Some((v, field)) => v.trim().parse::<u64>().map_err(|_| ConfigError {
+                field,
+                value: v,
+                reason: "expected a whole number, 0 or more".into(),
+            }),
+        }
+    };
+    let timeout =
+        |picked: Option<(String, String)>, default: Duration| -> Result<Duration, ConfigError> {
+            match picked {
+                None => Ok(default),
+                Some((v, field)) => duration::parse(&v).map_err(|reason| ConfigError {
+                    field,
+                    value: v,
+                    reason,
+                }),
+            }
+        };
+    let to_s = |v: Option<i64>| v.map(|n| n.to_string());
+    Ok(crate::conntrack::sysctl::ConntrackSysctls {
+        max_per_core: count(
+            layer(
+                to_s(args.conntrack_max_per_core),
+                to_s(file.max_per_core),
+                "--conntrack-max-per-core",
+                "conntrack.maxPerCore",
+            ),
+            defaults.max_per_core,
+        )?,
+        min: count(
+            layer(
+                to_s(args.conntrack_min),
+                to_s(file.min),
+                "--conntrack-min",
+                "conntrack.min",
+            ),
+            defaults.min,
+        )?,
+        tcp_established_timeout: timeout(
+            layer(
+                args.conntrack_tcp_timeout_established.clone(),
+                file.tcp_established_timeout.clone(),
+                "--conntrack-tcp-timeout-established",
+                "conntrack.tcpEstablishedTimeout",
+            ),
+            defaults.tcp_established_timeout,
+        )?,
+        tcp_close_wait_timeout: timeout(
+            layer(
+                args.conntrack_tcp_timeout_close_wait.clone(),
+                file.tcp_close_wait_timeout.clone(),
+                "--conntrack-tcp-timeout-close-wait",
+                "conntrack.tcpCloseWaitTimeout",
+            ),
+            defaults.tcp_close_wait_timeout,
+        )?,
+        tcp_be_liberal: args
+            .conntrack_tcp_be_liberal
+            .or(file.tcp_be_liberal)
+            .unwrap_or(defaults.tcp_be_liberal),
+        udp_timeout: timeout(
+            layer(
+                args.conntrack_udp_timeout.clone(),
+                file.udp_timeout.clone(),
+                "--conntrack-udp-timeout",
+                "conntrack.udpTimeout",
+            ),
+            defaults.udp_timeout,
+        )?,
+        udp_stream_timeout: timeout(
+            layer(
+                args.conntrack_udp_timeout_stream.clone(),
+                file.udp_stream_timeout.clone(),
+                "--conntrack-udp-timeout-stream",
+                "conntrack.udpStreamTimeout",
+            ),
+            defaults.udp_stream_timeout,
+        )?,
     })
 }
 

@@ -35,6 +35,7 @@
 
 pub mod netlink;
 pub mod plan;
+pub mod sysctl;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -33,12 +33,21 @@ fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
     })
 }
 
+/// The value of the sample whose name and labels are exactly `series`.
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
 #[test]
 fn health_and_metrics_endpoints() {
     if !require_root("health_and_metrics_endpoints") {
         return;
     }
     let node = Netns::new("node");
+    let started = std::time::Instant::now();
     let manifests = Manifests::new();
     manifests.node("node-a", &[NODE_IP]);
     manifests.service("web", &["10.96.0.10"], &[HTTP]);
@@ -96,9 +105,72 @@ fn health_and_metrics_endpoints() {
         "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
         "kubeproxy_proxy_livez_total{code=\"200\"} 1",
         "kproxy_service_ports 1",
+        "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\",ip_family=\"IPv4\"}",
+        "kproxy_kernel_objects{ip_family=\"IPv4\",table=\"nat\",kind=\"chains\"}",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 0",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
+        "kubeproxy_sync_proxy_rules_service_changes_total 1",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
+        "process_resident_memory_bytes",
+        "kubeproxy_network_programming_duration_seconds_count 0",
     ] {
         assert!(text.contains(want), "/metrics lacks {want:?}:\n{text}");
     }
+    // The nat table holds kproxy's rules: a real count read from the applied state, not zero.
+    let nat_rules = metric_value(
+        &text,
+        "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\",ip_family=\"IPv4\"}",
+    );
+    assert!(nat_rules >= 5.0, "nat rules: {nat_rules}\n{text}");
+
+    // An EndpointSlice change stamped by the controller 1.5 s ago: the latency from that stamp
+    // to the rules being applied lands in upstream's histogram (bucket 1 s excluded, 5 s
+    // included, since the sync itself takes well under 3 s here).
+    // Changes older than kproxy's start are not measured (the initial list carries those).
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(started.elapsed()));
+    let stamp = std::time::SystemTime::now() - Duration::from_millis(1500);
+    let mut slice = crate::support::manifests::endpoint_slice(
+        "web",
+        "web-v4",
+        &["10.244.1.10", "10.244.1.11"],
+        &[HTTP],
+    );
+    slice = slice.replacen(
+        "metadata:\n",
+        &format!(
+            "metadata:\n  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{}\"\n",
+            humantime::format_rfc3339_millis(stamp)
+        ),
+        1,
+    );
+    manifests.write("eps-web-v4", &slice);
+    let measured = wait_until(Duration::from_secs(10), || {
+        get(&node, 10249, "/metrics").is_some_and(|(_, body)| {
+            body.contains("kubeproxy_network_programming_duration_seconds_count 1")
+        })
+    });
+    let (_, text) = get(&node, 10249, "/metrics").expect("metrics answer");
+    assert!(measured, "no network programming latency observed:\n{text}");
+    assert_eq!(
+        metric_value(
+            &text,
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"}"
+        ),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"5.0\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+        2.0
+    );
 
     // The Node is being drained: /healthz says 503 so load balancers move away; /livez stays 200.
     manifests.write(
@@ -112,4 +184,76 @@ fn health_and_metrics_endpoints() {
     let (code, _) = get(&node, 10256, "/livez").expect("livez answers");
     assert_eq!(code, 200);
     kproxy.assert_running();
+}
+
+/// `--conntrack-*` flags set the per-namespace conntrack sysctls of the namespace kproxy runs
+/// in, and leave the host-wide ones (`nf_conntrack_max`, `hashsize`) alone from there.
+#[test]
+fn conntrack_sysctl_flags_are_applied() {
+    if !require_root("conntrack_sysctl_flags_are_applied") {
+        return;
+    }
+    let node = Netns::new("node");
+    let read = |name: &str| -> String {
+        let path = format!("/proc/sys/net/netfilter/{name}");
+        node.in_ns(move || std::fs::read_to_string(path).expect("sysctl readable"))
+            .trim()
+            .to_string()
+    };
+    let host_max = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .expect("host nf_conntrack_max");
+    let host_hashsize =
+        std::fs::read_to_string("/sys/module/nf_conntrack/parameters/hashsize").expect("hashsize");
+    assert_ne!(read("nf_conntrack_tcp_timeout_established"), "7200");
+    let manifests = Manifests::new();
+    manifests.node("node-a", &[NODE_IP]);
+    let mut kproxy = KproxyProcess::start(
+        &node,
+        &[
+            "--manifests",
+            &manifests.arg(),
+            "--hostname-override",
+            "node-a",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+            "--iptables-backend",
+            "nft",
+            "--conntrack-tcp-timeout-established=2h",
+            "--conntrack-tcp-timeout-close-wait=90s",
+            "--conntrack-tcp-be-liberal",
+            "--conntrack-udp-timeout=45s",
+            "--conntrack-udp-timeout-stream=150s",
+            // Far above any current value: kproxy would raise it on the host.
+            "--conntrack-max-per-core=1000000",
+        ],
+    );
+    let applied = wait_until(Duration::from_secs(10), || {
+        read("nf_conntrack_udp_timeout_stream") == "150"
+    });
+    kproxy.assert_running();
+    assert!(applied, "sysctls not applied");
+    assert_eq!(read("nf_conntrack_tcp_timeout_established"), "7200");
+    assert_eq!(read("nf_conntrack_tcp_timeout_close_wait"), "90");
+    assert_eq!(read("nf_conntrack_tcp_be_liberal"), "1");
+    assert_eq!(read("nf_conntrack_udp_timeout"), "45");
+    // Host-wide: untouched, and the log says why.
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").expect("max"),
+        host_max
+    );
+    assert_eq!(
+        std::fs::read_to_string("/sys/module/nf_conntrack/parameters/hashsize").expect("hashsize"),
+        host_hashsize
+    );
+    let logged = wait_until(Duration::from_secs(5), || {
+        (kproxy.stdout() + &kproxy.stderr())
+            .contains("leaving this host-wide conntrack setting alone")
+    });
+    assert!(
+        logged,
+        "no log line about nf_conntrack_max:\n{}",
+        kproxy.stderr()
+    );
 }

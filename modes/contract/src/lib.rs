@@ -16,7 +16,7 @@ mod mode;
 mod state;
 
 pub use error::{CommandError, ModeError};
-pub use mode::{Mode, ModeName, Plan, PlanStats};
+pub use mode::{Mode, ModeName, ObjectCount, Plan, PlanStats};
 pub use state::{
     Endpoint, Endpoints, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState,
     ServicePort, ServicePortKey, ServicePortName, SessionAffinity, TrafficPolicy,

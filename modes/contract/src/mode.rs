@@ -46,6 +46,21 @@ pub struct PlanStats {
     pub containers_touched: usize,
 }
 
+/// How many kernel objects of one kind a mode owns in one family and table, for the
+/// `kproxy_kernel_objects` gauge (and upstream's `kubeproxy_sync_proxy_rules_iptables_total`).
+/// Operators watch these to see a ruleset grow with the cluster before it hurts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectCount {
+    /// The family the objects belong to.
+    pub family: crate::IpFamily,
+    /// The table (`nat`, `filter`, `kproxy`, `ipvs`, ...).
+    pub table: &'static str,
+    /// What is counted (`rules`, `chains`, `elements`, `virtual_servers`, ...).
+    pub kind: &'static str,
+    /// How many.
+    pub count: usize,
+}
+
 /// One atomic change to the kernel. Its `Display` is the dry-run output: exactly what `apply`
 /// would send, grouped by service, so the printed diff and the applied change cannot disagree.
 pub trait Plan: fmt::Display + fmt::Debug + Send {
@@ -91,6 +106,13 @@ pub trait Mode: Send + 'static {
     /// count as drift. The default never reports drift.
     fn drifted(&mut self) -> bool {
         false
+    }
+
+    /// Counts the objects in `rules` (the applied state), by family, table and kind. The default
+    /// counts nothing.
+    fn count_objects(&self, rules: &Self::Rules) -> Vec<ObjectCount> {
+        let _ = rules;
+        Vec::new()
     }
 
     /// Applies a plan atomically: all of it or none of it.

@@ -18,7 +18,7 @@ pub mod ruleset;
 
 use std::sync::{Mutex, PoisonError};
 
-use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ProxyState};
+use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use kernel::{Backend, IptablesCli, IptablesKernel};
 pub use plan::IptablesPlan;
@@ -142,6 +142,26 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
             }
         }
         Ok(())
+    }
+
+    fn count_objects(&self, rules: &Ruleset) -> Vec<ObjectCount> {
+        let mut out = Vec::new();
+        for (family, fr) in &rules.families {
+            for (table, tr) in &fr.tables {
+                let count = |kind, count| ObjectCount {
+                    family: *family,
+                    table: table.as_str(),
+                    kind,
+                    count,
+                };
+                out.push(count(
+                    "rules",
+                    tr.chains.values().map(|c| c.len()).sum::<usize>() + tr.jumps.len(),
+                ));
+                out.push(count("chains", tr.chains.len()));
+            }
+        }
+        out
     }
 
     fn cleanup(&mut self) -> Result<(), ModeError> {

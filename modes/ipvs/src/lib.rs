@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use kproxy_contract::{CommandError, IpFamily, Mode, ModeError, ModeName, ProxyState};
+use kproxy_contract::{CommandError, IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use kernel::{IpvsKernel, KernelError, SystemKernel, probe};
 pub use model::{DUMMY, IpvsRules, RsKey, VipHolder, VsKey};
@@ -335,6 +335,29 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
     /// Every virtual server on kproxy's addresses, the `kproxy-ipvs` tables, the dummy
     /// interface and kproxy's `lo` routes. On a kernel without IPVS there are no virtual
     /// servers to remove; the rest is still cleaned.
+    fn count_objects(&self, rules: &IpvsRules) -> Vec<ObjectCount> {
+        let mut out = Vec::new();
+        for family in IpFamily::ALL {
+            let servers: Vec<_> = rules
+                .services
+                .iter()
+                .filter(|(k, _)| IpFamily::of(&k.addr) == family)
+                .collect();
+            let count = |kind, count| ObjectCount {
+                family,
+                table: "ipvs",
+                kind,
+                count,
+            };
+            out.push(count("virtual_servers", servers.len()));
+            out.push(count(
+                "real_servers",
+                servers.iter().map(|(_, vs)| vs.dests.len()).sum(),
+            ));
+        }
+        out
+    }
+
     fn cleanup(&mut self) -> Result<(), ModeError> {
         match self.read_live() {
             Ok(live) => {

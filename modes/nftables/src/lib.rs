@@ -13,7 +13,7 @@ pub mod render;
 
 use std::sync::{Mutex, PoisonError};
 
-use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ProxyState};
+use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use kernel::{NftCli, NftKernel};
 pub use model::NftRuleset;
@@ -104,6 +104,29 @@ impl<K: NftKernel> Mode for NftablesMode<K> {
                 mode: ModeName::Nftables,
                 cause,
             })
+    }
+
+    fn count_objects(&self, rules: &NftRuleset) -> Vec<ObjectCount> {
+        let mut out = Vec::new();
+        for (family, table) in &rules.families {
+            let count = |kind, count| ObjectCount {
+                family: *family,
+                table: "kproxy",
+                kind,
+                count,
+            };
+            out.push(count("chains", table.chains.len()));
+            out.push(count(
+                "rules",
+                table.chains.values().map(|c| c.rules.len()).sum(),
+            ));
+            out.push(count("sets", table.sets.len()));
+            out.push(count(
+                "elements",
+                table.sets.values().map(|s| s.elements.len()).sum(),
+            ));
+        }
+        out
     }
 
     fn cleanup(&mut self) -> Result<(), ModeError> {

@@ -20,7 +20,7 @@ pub mod routes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use kproxy_contract::{CommandError, Mode, ModeError, ModeName, ProxyState};
+use kproxy_contract::{CommandError, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use datapath::{CopyMethod, DataPath, Options};
 pub use model::UserspaceRules;
@@ -173,6 +173,22 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
     }
 
     /// Closes every listener and removes every route kproxy owns.
+    fn count_objects(&self, rules: &UserspaceRules) -> Vec<ObjectCount> {
+        kproxy_contract::IpFamily::ALL
+            .into_iter()
+            .map(|family| ObjectCount {
+                family,
+                table: "userspace",
+                kind: "listeners",
+                count: rules
+                    .listeners
+                    .keys()
+                    .filter(|k| kproxy_contract::IpFamily::of(&k.addr.ip()) == family)
+                    .count(),
+            })
+            .collect()
+    }
+
     fn cleanup(&mut self) -> Result<(), ModeError> {
         let mut live = self.read_live()?;
         live.unsupported.clear();

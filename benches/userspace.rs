@@ -396,6 +396,7 @@ impl Subject {
                         "bench-node",
                         "--healthz-bind-address=",
                         "--metrics-bind-address=",
+                        "--admin-socket=",
                     ],
                     &[("KPROXY_USERSPACE_COPY", method), ("RUST_LOG", "warn")],
                 ));

@@ -133,6 +133,11 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub iptables_backend: Option<BackendArg>,
 
+    /// The admin socket: the daemon serves what it applied there, and `kproxy services`
+    /// asks it (default /run/kproxy/kproxy.sock; empty disables).
+    #[arg(global = true, long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1). Flags given on the
     /// command line override its fields.
     #[arg(global = true, long, value_name = "FILE")]
@@ -168,7 +173,8 @@ pub struct Args {
 pub enum Command {
     /// Print the version and exit.
     Version,
-    /// List what this node programs, service by service (from --manifests DIR), then exit.
+    /// List what this node programs, service by service: from the running daemon (over
+    /// --admin-socket), or computed from --manifests DIR.
     Services {
         /// `table` for people, `json` for tools.
         #[arg(long, value_enum, default_value = "table")]

@@ -5,9 +5,13 @@
 //! header `X-Load-Balancing-Endpoint-Weight: N`, status 200 only when N > 0 and the proxy is
 //! healthy. Servers follow the desired state after every sync: new ports open, gone ones close,
 //! counts change in place.
+//!
+//! Like upstream, the servers listen on the NodePort addresses: with a `--nodeport-addresses`
+//! list (or the nftables mode's primary IPs) one socket per address, otherwise one dual-stack
+//! wildcard socket (`[::]`, or `0.0.0.0` where the node has no IPv6).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -16,7 +20,7 @@ use axum::extract::State;
 use axum::http::{HeaderName, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use kproxy_contract::ProxyState;
+use kproxy_contract::{NodePortAddresses, ProxyState};
 
 use crate::health::Health;
 
@@ -29,12 +33,42 @@ struct Entry {
 
 type Table = Arc<Mutex<BTreeMap<u16, Entry>>>;
 
+/// One health-check port's listeners.
+#[derive(Debug)]
+struct Server {
+    /// The addresses it was asked to listen on (a change rebinds).
+    addrs: Vec<IpAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// The running health-check servers.
 #[derive(Debug)]
 pub struct HealthCheckServers {
     table: Table,
-    servers: BTreeMap<u16, tokio::task::JoinHandle<()>>,
+    servers: BTreeMap<u16, Server>,
     health: Health,
+}
+
+/// Where health-check ports listen for these NodePort addresses.
+fn listen_addrs(addresses: &NodePortAddresses) -> Vec<IpAddr> {
+    match addresses {
+        NodePortAddresses::AllLocal => vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+        NodePortAddresses::Only(ips) => ips.clone(),
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
 }
 
 impl HealthCheckServers {
@@ -66,10 +100,11 @@ impl HealthCheckServers {
             .table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = wanted.clone();
-        self.servers.retain(|port, task| {
-            let keep = wanted.contains_key(port);
+        let addrs = listen_addrs(&state.node.node_port_addresses);
+        self.servers.retain(|port, server| {
+            let keep = wanted.contains_key(port) && server.addrs == addrs;
             if !keep {
-                task.abort();
+                server.stop();
                 tracing::info!(port, "health-check node port closed");
             }
             keep
@@ -78,37 +113,48 @@ impl HealthCheckServers {
             if self.servers.contains_key(port) {
                 continue;
             }
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
-            match std::net::TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(l)
-            }) {
-                Ok(listener) => {
-                    let app = Router::new().fallback(get(answer)).with_state((
-                        self.table.clone(),
-                        self.health.clone(),
-                        *port,
-                    ));
-                    self.servers.insert(
-                        *port,
-                        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for ip in &addrs {
+                let addr = SocketAddr::new(*ip, *port);
+                // `[::]` takes IPv4 too (bindv6only=0); a node without IPv6 gets `0.0.0.0`.
+                let bound = bind(addr).or_else(|err| match ip {
+                    IpAddr::V6(v6) if v6.is_unspecified() => {
+                        bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port)))
+                    }
+                    _ => Err(err),
+                });
+                match bound {
+                    Ok(listener) => {
+                        let app = Router::new().fallback(get(answer)).with_state((
+                            self.table.clone(),
+                            self.health.clone(),
+                            *port,
+                        ));
+                        tasks.push(tokio::spawn(async move {
                             let _ = axum::serve(listener, app).await;
-                        }),
-                    );
-                    tracing::info!(port, "health-check node port serving");
-                }
-                Err(err) => {
-                    tracing::warn!(port, error = %err, "cannot serve a health-check node port")
+                        }));
+                        tracing::info!(%addr, "health-check node port serving");
+                    }
+                    Err(err) => {
+                        tracing::warn!(%addr, error = %err, "cannot serve a health-check node port")
+                    }
                 }
             }
+            self.servers.insert(
+                *port,
+                Server {
+                    addrs: addrs.clone(),
+                    tasks,
+                },
+            );
         }
     }
 }
 
 impl Drop for HealthCheckServers {
     fn drop(&mut self) {
-        for task in self.servers.values() {
-            task.abort();
+        for server in self.servers.values() {
+            server.stop();
         }
     }
 }

@@ -7,6 +7,7 @@
 //! there), and hands it to the selected [`kproxy_contract::Mode`], which renders, plans and
 //! applies it atomically, or prints the plan for `--dry-run`.
 
+pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;

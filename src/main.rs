@@ -68,6 +68,27 @@ fn init_logging(format: LogFormat, verbosity: Option<u8>) {
 
 /// `kproxy services`.
 fn services(config: &kproxy::config::Config, output: OutputFormat) -> ExitCode {
+    if !matches!(config.source, kproxy::config::SourceConfig::Manifests(_)) {
+        // No --manifests: ask the daemon running on this node.
+        let socket = config
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| kproxy::admin::DEFAULT_SOCKET.into());
+        let path = match output {
+            OutputFormat::Table => "/services?output=table",
+            OutputFormat::Json => "/services",
+        };
+        return match kproxy::admin::query(&socket, path) {
+            Ok(text) => {
+                let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("kproxy: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match kproxy::services::desired(config) {
         Ok((state, skipped)) => {
             let text = match output {

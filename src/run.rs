@@ -129,6 +129,7 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
     };
     let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
     let switch_config = config.clone();
+    let admin_socket = config.admin_socket.clone();
     let hc_health = health.clone();
     let mut sync = SyncLoop::new(mode, config, options)
         .with_health(health)
@@ -145,6 +146,23 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         // The socket is opened in kproxy's own network namespace: only its table is touched.
         sync = sync.with_conntrack(Box::new(crate::conntrack::netlink::NetlinkConntrack::new()));
     }
+    // Dropped (socket file removed) when the loop ends.
+    let _admin = match &admin_socket {
+        Some(path) if serving => {
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            match crate::admin::serve(path, rx).await {
+                Ok(server) => {
+                    sync = sync.with_admin(tx);
+                    Some(server)
+                }
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), "cannot serve the admin socket; continuing without it");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let stopped = sync.run(rx, shutdown_signal()).await;
     source.abort();
     match stopped? {

@@ -1,5 +1,6 @@
-//! `kproxy services`: what this node programs, service by service, computed from `--manifests`
-//! with the same desired-state builder the daemon uses, as a table or JSON.
+//! `kproxy services`: what this node programs, service by service, as a table or JSON: asked of
+//! the running daemon over its admin socket ([`crate::admin`]), or computed from `--manifests`
+//! with the same desired-state builder the daemon uses.
 
 use std::fmt::Write as _;
 
@@ -18,9 +19,7 @@ const CLUSTER_DOMAIN: &str = "cluster.local";
 /// Builds the desired state from the configured manifests directory.
 pub fn desired(config: &Config) -> anyhow::Result<(ProxyState, Vec<String>)> {
     let SourceConfig::Manifests(dir) = &config.source else {
-        anyhow::bail!(
-            "`kproxy services` needs --manifests DIR (asking a running daemon is not implemented yet)"
-        );
+        anyhow::bail!("computing `kproxy services` locally needs --manifests DIR");
     };
     let mut files = source::manifests::LoadedFiles::new(config.hostname.clone());
     let loaded = source::manifests::load_dir(dir, &mut files)

@@ -110,6 +110,8 @@ pub struct SyncLoop<M: Mode> {
     conntrack: Option<Box<dyn ConntrackTable + Send>>,
     /// What /metrics reports.
     metrics: Option<Arc<Metrics>>,
+    /// Where each applied state is published for the admin socket.
+    admin: Option<crate::admin::Publisher>,
 }
 
 impl<M: Mode> SyncLoop<M> {
@@ -130,6 +132,7 @@ impl<M: Mode> SyncLoop<M> {
             health: Health::new(options.sync_period),
             conntrack: None,
             metrics: None,
+            admin: None,
             options,
         }
     }
@@ -149,6 +152,12 @@ impl<M: Mode> SyncLoop<M> {
     /// Reports to these metrics (shared with the HTTP server).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Publishes each applied state (for the admin socket).
+    pub fn with_admin(mut self, publisher: crate::admin::Publisher) -> Self {
+        self.admin = Some(publisher);
         self
     }
 
@@ -401,6 +410,12 @@ impl<M: Mode> SyncLoop<M> {
                 },
                 std::time::SystemTime::now(),
             );
+        }
+        if let (Some(admin), false) = (&self.admin, dry_run) {
+            admin.send_replace(Some(Arc::new(crate::admin::Applied {
+                state: built.state.clone(),
+                skipped: built.skipped.iter().map(ToString::to_string).collect(),
+            })));
         }
         self.previous = Some(built);
         self.pending = Touched::default();

@@ -108,6 +108,8 @@ pub struct Config {
     pub conntrack: crate::conntrack::sysctl::ConntrackSysctls,
     /// The IPVS scheduler (`--ipvs-scheduler`, `ipvs.scheduler`; default `rr`).
     pub ipvs_scheduler: String,
+    /// The admin socket (`--admin-socket`); `None` disables it.
+    pub admin_socket: Option<PathBuf>,
     /// Print the diff, change nothing.
     pub dry_run: bool,
     /// Exit after the first complete sync.
@@ -355,6 +357,11 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         tcp_be_liberal: conntrack.tcp_be_liberal,
         conntrack,
         ipvs_scheduler,
+        admin_socket: match &args.admin_socket {
+            None => Some(PathBuf::from(crate::admin::DEFAULT_SOCKET)),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+        },
         dry_run: args.dry_run,
         once: args.once,
         cleanup: args.cleanup,
@@ -371,18 +378,18 @@ fn conntrack_settings(
     overridden: &mut Vec<String>,
 ) -> Result<crate::conntrack::sysctl::ConntrackSysctls, ConfigError> {
     let defaults = crate::conntrack::sysctl::ConntrackSysctls::default();
-    let mut layer =
-        |flag: Option<String>, field: Option<String>, flag_name: &str, field_name: &str| match (
-            flag, field,
-        ) {
-            (Some(v), Some(_)) => {
-                overridden.push(field_name.to_string());
-                Some((v, flag_name.to_string()))
-            }
-            (Some(v), None) => Some((v, flag_name.to_string())),
-            (None, Some(v)) => Some((v, field_name.to_string())),
-            (None, None) => None,
-        };
+    let mut layer = |flag: Option<String>,
+                     field: Option<String>,
+                     flag_name: &str,
+                     field_name: &str| match (flag, field) {
+        (Some(v), Some(_)) => {
+            overridden.push(field_name.to_string());
+            Some((v, flag_name.to_string()))
+        }
+        (Some(v), None) => Some((v, flag_name.to_string())),
+        (None, Some(v)) => Some((v, field_name.to_string())),
+        (None, None) => None,
+    };
     let count = |picked: Option<(String, String)>, default: u64| -> Result<u64, ConfigError> {
         match picked {
             None => Ok(default),

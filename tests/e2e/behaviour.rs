@@ -921,7 +921,9 @@ fn health_check_node_port_reports_local_endpoints(mode: Mode) {
         &eps_on(&[POD_V4[0]], NODE),
         &[HTTP],
     ));
-    s.start_kproxy(&[]);
+    // Only the node's own address serves NodePorts, and so health checks (as upstream).
+    let only = format!("{NODE_IP}/32");
+    s.start_kproxy(&["--nodeport-addresses", &only]);
     let hc = sock(NODE_IP, 32001);
     let ok = crate::support::kproxy::wait_until(Duration::from_secs(10), || {
         http_get(&s, hc).is_some_and(|(code, _)| code == 200)
@@ -946,6 +948,16 @@ fn health_check_node_port_reports_local_endpoints(mode: Mode) {
     assert!(
         text.contains("\"namespace\":\"default\"") && text.contains("\"name\":\"lb\""),
         "{text}"
+    );
+
+    // Not on the node's loopback, which is not a NodePort address here.
+    let loopback = s.topo.node.in_ns(|| {
+        std::net::TcpStream::connect_timeout(&sock("127.0.0.1", 32001), Duration::from_millis(500))
+            .is_ok()
+    });
+    assert!(
+        !loopback,
+        "health-check port listens beyond --nodeport-addresses"
     );
 
     // The only local endpoint moves to another node: 503, weight 0.

@@ -172,6 +172,30 @@ fn health_and_metrics_endpoints() {
         2.0
     );
 
+    // `kproxy services` asks the running daemon over its admin socket: the answer is the state
+    // it applied, including the endpoint added a moment ago.
+    let ask = |output: &str| {
+        let out = std::process::Command::new(crate::support::kproxy::KPROXY)
+            .arg("services")
+            .arg(format!(
+                "--admin-socket={}",
+                kproxy.admin_socket().display()
+            ))
+            .args(["--output", output])
+            .output()
+            .expect("run kproxy services");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let json: serde_json::Value = serde_json::from_str(&ask("json")).expect("json answer");
+    let text = json.to_string();
+    assert!(
+        text.contains("default/web") && text.contains("10.244.1.11"),
+        "{json:#}"
+    );
+    let table = ask("table");
+    assert!(table.contains("10.96.0.10"), "{table}");
+
     // The Node is being drained: /healthz says 503 so load balancers move away; /livez stays 200.
     manifests.write(
         "node-node-a",

@@ -32,9 +32,20 @@ impl KproxyProcess {
             .expect("log dir");
         let stdout = File::create(logs.path().join("stdout")).expect("stdout file");
         let stderr = File::create(logs.path().join("stderr")).expect("stderr file");
+        // A private admin socket: the default path is host-wide (Unix sockets are not in the
+        // network namespace), and tests run side by side.
+        let admin = logs.path().join("admin.sock");
+        let admin_flag = format!("--admin-socket={}", admin.display());
+        let args: Vec<&str> = if args.iter().any(|a| a.starts_with("--admin-socket")) {
+            args.to_vec()
+        } else {
+            std::iter::once(admin_flag.as_str())
+                .chain(args.iter().copied())
+                .collect()
+        };
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name(), KPROXY])
-            .args(args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -90,6 +101,11 @@ impl KproxyProcess {
     /// Everything it wrote to stderr so far.
     pub(crate) fn stderr(&self) -> String {
         self.read_log("stderr")
+    }
+
+    /// Its admin socket (a private one unless the test passed `--admin-socket`).
+    pub(crate) fn admin_socket(&self) -> PathBuf {
+        self.logs.path().join("admin.sock")
     }
 
     /// Where its logs are.

@@ -281,3 +281,82 @@ fn conntrack_sysctl_flags_are_applied() {
         kproxy.stderr()
     );
 }
+
+/// SIGTERM finishes the current sync and exits 0, leaving the rules in place (traffic keeps
+/// flowing through a rolling update); `--log-format json` writes one JSON object per line, and
+/// a skipped object's line names it as namespace/name with the field at fault.
+#[test]
+fn sigterm_keeps_the_rules_and_json_logs_name_objects() {
+    if !require_root("sigterm_keeps_the_rules_and_json_logs_name_objects") {
+        return;
+    }
+    let node = Netns::new("node");
+    let manifests = Manifests::new();
+    manifests.node("node-a", &[NODE_IP]);
+    manifests.service("web", &["10.96.0.10"], &[HTTP]);
+    manifests.endpoint_slice("web", "web-v4", &["10.244.1.10"], &[HTTP]);
+    manifests.write(
+        "svc-bad",
+        &crate::support::manifests::service("bad", &["10.96.0.10"], &[HTTP])
+            .replace("\"10.96.0.10\"", "\"10.96.0.300\""),
+    );
+    let mut kproxy = KproxyProcess::start(
+        &node,
+        &[
+            "--manifests",
+            &manifests.arg(),
+            "--hostname-override",
+            "node-a",
+            "--healthz-bind-address=",
+            "--metrics-bind-address=",
+            "--iptables-backend",
+            "nft",
+            "--log-format",
+            "json",
+        ],
+    );
+    let rules = || node.run("iptables-nft-save", &["-t", "nat"]);
+    let programmed = wait_until(Duration::from_secs(10), || {
+        rules().contains("-d 10.96.0.10/32")
+    });
+    kproxy.assert_running();
+    assert!(programmed, "no rule for the service:\n{}", rules());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(kproxy.pid()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = kproxy
+        .wait(Duration::from_secs(10))
+        .expect("kproxy exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        rules().contains("-d 10.96.0.10/32"),
+        "rules removed on SIGTERM:\n{}",
+        rules()
+    );
+
+    let log = kproxy.stderr();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{log}");
+    let bad = lines
+        .iter()
+        .map(|v| v.to_string())
+        .find(|l| l.contains("default/bad"))
+        .unwrap_or_else(|| panic!("no log line names default/bad:\n{log}"));
+    assert!(
+        bad.contains("clusterIP") && bad.contains("10.96.0.300"),
+        "{bad}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|v| v.to_string().contains("shutdown requested")),
+        "{log}"
+    );
+}

@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::support::family::Fam;
 use crate::support::manifests::Port;
 use crate::support::objects::{Ep, Svc, endpoint_slice, node};
 use crate::support::scenario::{
@@ -53,14 +54,64 @@ macro_rules! both_modes {
     };
 }
 
+/// `both_families!(NAME)` declares `mod NAME` with four tests, `iptables`, `nftables`,
+/// `iptables_ipv6` and `nftables_ipv6`, each running the function `NAME(Mode, Fam)`: every
+/// behaviour is proven in both families, through ip6tables and `ip6 kproxy` for IPv6.
+macro_rules! both_families {
+    ($name:ident) => {
+        mod $name {
+            use crate::support::family::Fam;
+            use crate::support::scenario::Mode;
+
+            fn run(test: &str, mode: Mode, f: Fam) {
+                if crate::support::require_root(test) {
+                    super::$name(mode, f);
+                }
+            }
+
+            #[test]
+            fn iptables() {
+                run(
+                    concat!(stringify!($name), "::iptables"),
+                    Mode::Iptables,
+                    Fam::V4,
+                );
+            }
+
+            #[test]
+            fn nftables() {
+                run(
+                    concat!(stringify!($name), "::nftables"),
+                    Mode::Nftables,
+                    Fam::V4,
+                );
+            }
+
+            #[test]
+            fn iptables_ipv6() {
+                run(
+                    concat!(stringify!($name), "::iptables_ipv6"),
+                    Mode::Iptables,
+                    Fam::V6,
+                );
+            }
+
+            #[test]
+            fn nftables_ipv6() {
+                run(
+                    concat!(stringify!($name), "::nftables_ipv6"),
+                    Mode::Nftables,
+                    Fam::V6,
+                );
+            }
+        }
+    };
+}
+
 const HTTP: Port = Port::tcp("http", 80, 8080);
 const NODE_PORT: u16 = 30080;
 /// HTTP with NodePort 30080.
 const HTTP_NP: Port = HTTP.with_node_port(NODE_PORT);
-/// The node's address on the pods' link: what masqueraded connections come from.
-const NODE_POD_SIDE: &str = "10.0.2.1";
-/// The node's IPv6 address on the pods' link.
-const NODE_POD_SIDE6: &str = "fd00:2::1";
 
 fn eps_on(addrs: &[&str], node: &str) -> Vec<Ep> {
     addrs.iter().map(|a| Ep::ready(a).on(node)).collect()
@@ -88,29 +139,29 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 
 // --- (a) NodePort ---------------------------------------------------------------------------
 
-both_modes!(nodeport_reaches_endpoints_on_the_default_addresses);
-fn nodeport_reaches_endpoints_on_the_default_addresses(mode: Mode) {
+both_families!(nodeport_reaches_endpoints_on_the_default_addresses);
+fn nodeport_reaches_endpoints_on_the_default_addresses(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
-    s.tcp_server(POD_V4[0], 8080, "ep1");
-    s.tcp_server(POD_V4[1], 8080, "ep2");
+    s.tcp_server(f.pod(0), 8080, "ep1");
+    s.tcp_server(f.pod(1), 8080, "ep2");
     s.apply(
-        &Svc::new("np", &["10.96.1.1"], &[HTTP_NP])
+        &Svc::new("np", &[&f.a("10.96.1.1")], &[HTTP_NP])
             .node_port()
             .json(),
     );
     s.apply(&endpoint_slice(
         "np",
-        "np-v4",
-        &eps_on(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &format!("np-{}", f.suffix()),
+        &eps_on(&[f.pod(0), f.pod(1)], OTHER_NODE),
         &[HTTP_NP],
     ));
     s.start_kproxy(&[]);
 
-    let np = sock(NODE_IP, NODE_PORT);
+    let np = sock(f.node_ip(), NODE_PORT);
     wait_tcp(&mut s, np, "ep1");
     let seen = tally(40, || tcp_request(&s.topo.client, np, REQ));
     assert_spread(&seen, &["ep1", "ep2"], 5);
-    let other = sock(NODE_POD_SIDE, NODE_PORT);
+    let other = sock(f.node_pod_side(), NODE_PORT);
     match mode {
         // iptables: without --nodeport-addresses every local address accepts NodePorts, the
         // pods' side too.
@@ -156,58 +207,52 @@ fn nodeport_default_is_the_primary_node_ips_nftables() {
     wait_tcp(&mut s, sock(NODE_IP, NODE_PORT), "ep1");
     wait_tcp(&mut s, sock(NODE_IP6, NODE_PORT), "v6-ep1");
     // The node's other local addresses (the pods' link) do not.
-    assert_nodeport_not_served(&s, sock(NODE_POD_SIDE, NODE_PORT));
-    assert_nodeport_not_served(&s, sock(NODE_POD_SIDE6, NODE_PORT));
+    assert_nodeport_not_served(&s, sock(Fam::V4.node_pod_side(), NODE_PORT));
+    assert_nodeport_not_served(&s, sock(Fam::V6.node_pod_side(), NODE_PORT));
     s.kproxy().assert_running();
 }
 
 /// A NodePort request to `dst` (a node address) is not forwarded: nothing listens on the node,
 /// so its own stack refuses.
 fn assert_nodeport_not_served(s: &Scenario, dst: SocketAddr) {
+    let f = if dst.is_ipv4() { Fam::V4 } else { Fam::V6 };
     for i in 0..3 {
-        assert_tcp_refused(&s.topo.client, Some(client_v4_or_v6(dst, i)), dst, REQ);
+        assert_tcp_refused(&s.topo.client, Some(f.client(i)), dst, REQ);
     }
 }
 
-/// The client's `i`-th address of `dst`'s family.
-fn client_v4_or_v6(dst: SocketAddr, i: u8) -> IpAddr {
-    if dst.is_ipv4() {
-        client_v4(i)
-    } else {
-        client_v6(i)
-    }
-}
-
-both_modes!(nodeport_addresses_limit_which_addresses_accept_nodeports);
-fn nodeport_addresses_limit_which_addresses_accept_nodeports(mode: Mode) {
+both_families!(nodeport_addresses_limit_which_addresses_accept_nodeports);
+fn nodeport_addresses_limit_which_addresses_accept_nodeports(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
-    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.tcp_server(f.pod(0), 8080, "ep1");
     s.apply(
-        &Svc::new("np", &["10.96.1.1"], &[HTTP_NP])
+        &Svc::new("np", &[&f.a("10.96.1.1")], &[HTTP_NP])
             .node_port()
             .json(),
     );
     s.apply(&endpoint_slice(
         "np",
-        "np-v4",
-        &eps_on(&[POD_V4[0]], OTHER_NODE),
+        &format!("np-{}", f.suffix()),
+        &eps_on(&[f.pod(0)], OTHER_NODE),
         &[HTTP_NP],
     ));
-    s.start_kproxy(&["--nodeport-addresses", "10.0.2.0/24"]);
+    s.start_kproxy(&["--nodeport-addresses", &f.a("10.0.2.0/24")]);
 
-    // 10.0.2.1 is selected: forwarded.
-    wait_tcp(&mut s, sock(NODE_POD_SIDE, NODE_PORT), "ep1");
-    // 10.0.1.1 is not: not NATed at all, the node's own stack answers (nothing listens there).
+    // The pods' side of the node is selected: forwarded.
+    wait_tcp(&mut s, sock(f.node_pod_side(), NODE_PORT), "ep1");
+    // The client side is not: not NATed at all, the node's own stack answers (nothing listens
+    // there).
+    let node_ip = f.node_ip();
     for i in 0..3 {
         let r = tcp_request_from(
             &s.topo.client,
-            Some(client_v4(i)),
-            sock(NODE_IP, NODE_PORT),
+            Some(f.client(i)),
+            sock(node_ip, NODE_PORT),
             REQ,
         );
         assert!(
             r.is_err(),
-            "{NODE_IP}:{NODE_PORT} was forwarded ({r:?}) although --nodeport-addresses excludes it"
+            "{node_ip}:{NODE_PORT} was forwarded ({r:?}) although --nodeport-addresses excludes it"
         );
     }
     s.kproxy().assert_running();
@@ -215,71 +260,78 @@ fn nodeport_addresses_limit_which_addresses_accept_nodeports(mode: Mode) {
 
 // --- (b) externalIPs ------------------------------------------------------------------------
 
-both_modes!(external_ips_reach_endpoints);
-fn external_ips_reach_endpoints(mode: Mode) {
+both_families!(external_ips_reach_endpoints);
+fn external_ips_reach_endpoints(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
-    s.tcp_server(POD_V4[0], 8080, "ep1");
-    s.tcp_server(POD_V4[1], 8080, "ep2");
+    s.tcp_server(f.pod(0), 8080, "ep1");
+    s.tcp_server(f.pod(1), 8080, "ep2");
     // The client routes everything via the node (default route), 10.0.7.7 included; the node
     // owns no such address.
+    let ext_ip = f.a("10.0.7.7");
     s.apply(
-        &Svc::new("ext", &["10.96.1.2"], &[HTTP])
-            .external_ips(&["10.0.7.7"])
+        &Svc::new("ext", &[&f.a("10.96.1.2")], &[HTTP])
+            .external_ips(&[&ext_ip])
             .json(),
     );
     s.apply(&endpoint_slice(
         "ext",
-        "ext-v4",
-        &eps_on(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &format!("ext-{}", f.suffix()),
+        &eps_on(&[f.pod(0), f.pod(1)], OTHER_NODE),
         &[HTTP],
     ));
     s.start_kproxy(&[]);
 
-    let ext = sock("10.0.7.7", 80);
+    let ext = sock(&ext_ip, 80);
     wait_tcp(&mut s, ext, "ep1");
     let seen = tally(40, || tcp_request(&s.topo.client, ext, REQ));
     assert_spread(&seen, &["ep1", "ep2"], 5);
     // Only the service's port is captured.
-    let r = tcp_request(&s.topo.client, sock("10.0.7.7", 81), PROBE);
-    assert_timed_out("10.0.7.7:81 (not a service port)", &r);
+    let r = tcp_request(&s.topo.client, sock(&ext_ip, 81), PROBE);
+    assert_timed_out(&format!("{ext_ip}:81 (not a service port)"), &r);
     s.kproxy().assert_running();
 }
 
 // --- (c) LoadBalancer source ranges ---------------------------------------------------------
 
-both_modes!(load_balancer_source_ranges_drop_other_sources);
-fn load_balancer_source_ranges_drop_other_sources(mode: Mode) {
+both_families!(load_balancer_source_ranges_drop_other_sources);
+fn load_balancer_source_ranges_drop_other_sources(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
-    s.tcp_server(POD_V4[0], 8080, "ep1");
-    // Allowed: 10.0.1.2 and 10.0.1.3 (client addresses 0 and 1).
+    s.tcp_server(f.pod(0), 8080, "ep1");
+    // Allowed: client addresses 0 and 1 (10.0.1.2 and 10.0.1.3).
+    let lb_ip = f.a("10.0.8.8");
     s.apply(
-        &Svc::new("lb", &["10.96.1.3"], &[HTTP_NP])
-            .load_balancer(&["10.0.8.8"], &["10.0.1.2/31"])
+        &Svc::new("lb", &[&f.a("10.96.1.3")], &[HTTP_NP])
+            .load_balancer(&[&lb_ip], &[&f.a("10.0.1.2/31")])
             .json(),
     );
     s.apply(&endpoint_slice(
         "lb",
-        "lb-v4",
-        &eps_on(&[POD_V4[0]], OTHER_NODE),
+        &format!("lb-{}", f.suffix()),
+        &eps_on(&[f.pod(0)], OTHER_NODE),
         &[HTTP_NP],
     ));
     s.start_kproxy(&[]);
 
-    let lb = sock("10.0.8.8", 80);
-    wait_tcp(&mut s, lb, "ep1");
+    let lb = sock(&lb_ip, 80);
+    let allowed = f.client(0);
+    s.wait_for(
+        &format!("tcp {lb} from {allowed}"),
+        |t| tcp_request_from(&t.client, Some(allowed), lb, PROBE),
+        "ep1",
+    );
     assert_eq!(
-        tcp_request_from(&s.topo.client, Some(client_v4(1)), lb, REQ).unwrap(),
+        tcp_request_from(&s.topo.client, Some(f.client(1)), lb, REQ).unwrap(),
         "ep1"
     );
     for i in 4..7 {
-        let src = client_v4(i);
+        let src = f.client(i);
         let r = tcp_request_from(&s.topo.client, Some(src), lb, DROPPED);
         assert_timed_out(&format!("{lb} from {src} (outside the source ranges)"), &r);
     }
     // NodePorts of the same service ignore the source ranges.
-    let np = sock(NODE_IP, NODE_PORT);
+    let np = sock(f.node_ip(), NODE_PORT);
     assert_eq!(
-        tcp_request_from(&s.topo.client, Some(client_v4(5)), np, REQ).unwrap(),
+        tcp_request_from(&s.topo.client, Some(f.client(5)), np, REQ).unwrap(),
         "ep1"
     );
     s.kproxy().assert_running();
@@ -287,37 +339,43 @@ fn load_balancer_source_ranges_drop_other_sources(mode: Mode) {
 
 // --- (d) session affinity -------------------------------------------------------------------
 
-both_modes!(client_ip_affinity_pins_each_source_address);
-fn client_ip_affinity_pins_each_source_address(mode: Mode) {
+both_families!(client_ip_affinity_pins_each_source_address);
+fn client_ip_affinity_pins_each_source_address(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
     for (i, id) in ["ep1", "ep2", "ep3"].into_iter().enumerate() {
-        s.tcp_server(POD_V4[i], 8080, id);
+        s.tcp_server(f.pod(i), 8080, id);
     }
+    let cip = f.a("10.96.1.4");
     s.apply(
-        &Svc::new("sticky", &["10.96.1.4"], &[HTTP])
+        &Svc::new("sticky", &[&cip], &[HTTP])
             .client_ip_affinity(600)
             .json(),
     );
     s.apply(&endpoint_slice(
         "sticky",
-        "sticky-v4",
-        &eps_on(&[POD_V4[0], POD_V4[1], POD_V4[2]], OTHER_NODE),
+        &format!("sticky-{}", f.suffix()),
+        &eps_on(&[f.pod(0), f.pod(1), f.pod(2)], OTHER_NODE),
         &[HTTP],
     ));
     // More client addresses, so "different sources spread" is not left to a 1-in-2000 chance.
     let extra: Vec<IpAddr> = (0..16u8)
-        .map(|i| IpAddr::from([10, 0, 1, 100 + i]))
+        .map(|i| f.ip(&format!("10.0.1.{}", 100 + i)))
         .collect();
+    let link_prefix = if f.v6() { 64 } else { 24 };
     for a in &extra {
         s.topo
             .client
-            .add_addr(&s.topo.client_dev, &format!("{a}/24"));
+            .add_addr(&s.topo.client_dev, &format!("{a}/{link_prefix}"));
+    }
+    if f.v6() {
+        // New IPv6 addresses are tentative until duplicate address detection is done.
+        std::thread::sleep(Duration::from_secs(2));
     }
     s.start_kproxy(&[]);
 
-    let vip = sock("10.96.1.4", 80);
+    let vip = sock(&cip, 80);
     s.wait_for_result(
-        "10.96.1.4:80",
+        &format!("{vip}"),
         |t| tcp_request(&t.client, vip, PROBE),
         |r| r.is_ok(),
     );
@@ -340,12 +398,12 @@ fn client_ip_affinity_pins_each_source_address(mode: Mode) {
 // --- (e) externalTrafficPolicy --------------------------------------------------------------
 
 /// `np` (kproxy in `mode`) with ETP `policy`: ep1 on this node, ep2 elsewhere; servers report the peer.
-fn etp_scenario(mode: Mode, policy: &'static str, local: bool) -> Scenario {
+fn etp_scenario(mode: Mode, f: Fam, policy: &'static str, local: bool) -> Scenario {
     let mut s = Scenario::with_manifests_in(mode);
-    s.tcp_server_reporting_peer(POD_V4[0], 8080, "ep1");
-    s.tcp_server_reporting_peer(POD_V4[1], 8080, "ep2");
+    s.tcp_server_reporting_peer(f.pod(0), 8080, "ep1");
+    s.tcp_server_reporting_peer(f.pod(1), 8080, "ep2");
     s.apply(
-        &Svc::new("np", &["10.96.1.5"], &[HTTP_NP])
+        &Svc::new("np", &[&f.a("10.96.1.5")], &[HTTP_NP])
             .node_port()
             .external_policy(policy)
             .json(),
@@ -353,78 +411,99 @@ fn etp_scenario(mode: Mode, policy: &'static str, local: bool) -> Scenario {
     let first = if local { NODE } else { OTHER_NODE };
     s.apply(&endpoint_slice(
         "np",
-        "np-v4",
+        &format!("np-{}", f.suffix()),
         &[
-            Ep::ready(POD_V4[0]).on(first),
-            Ep::ready(POD_V4[1]).on(OTHER_NODE),
+            Ep::ready(f.pod(0)).on(first),
+            Ep::ready(f.pod(1)).on(OTHER_NODE),
         ],
         &[HTTP_NP],
     ));
     s
 }
 
-both_modes!(etp_local_nodeport_reaches_local_endpoint_with_client_source);
-fn etp_local_nodeport_reaches_local_endpoint_with_client_source(mode: Mode) {
-    let mut s = etp_scenario(mode, "Local", true);
+/// Adds a client address inside the cluster CIDR (10.244.9.2, a "pod" source) that the node
+/// routes back to the client; returns it.
+fn add_pod_source(s: &Scenario, f: Fam) -> IpAddr {
+    let pod = f.ip("10.244.9.2");
+    s.topo
+        .client
+        .add_addr(&s.topo.client_dev, &format!("{pod}/{}", f.host_prefix()));
+    s.topo
+        .node
+        .route(&f.a("10.244.9.0/24"), &f.client(0).to_string());
+    if f.v6() {
+        // Wait out duplicate address detection.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    pod
+}
+
+both_families!(etp_local_nodeport_reaches_local_endpoint_with_client_source);
+fn etp_local_nodeport_reaches_local_endpoint_with_client_source(mode: Mode, f: Fam) {
+    let mut s = etp_scenario(mode, f, "Local", true);
     s.start_kproxy(&[]);
-    let np = sock(NODE_IP, NODE_PORT);
-    let want = format!("ep1 from {}", client_v4(0));
-    wait_tcp(&mut s, np, &want);
-    let seen = answers(&s, None, np, 20);
+    let np = sock(f.node_ip(), NODE_PORT);
+    // An explicit source: IPv6 source selection among the client's addresses is the kernel's.
+    let src = f.client(0);
+    let want = format!("ep1 from {src}");
+    s.wait_for(
+        &format!("tcp {np} from {src}"),
+        |t| tcp_request_from(&t.client, Some(src), np, PROBE),
+        &want,
+    );
+    let seen = answers(&s, Some(src), np, 20);
     assert_eq!(seen, set(&[&want]), "ETP=Local NodePort from the client");
     s.kproxy().assert_running();
 }
 
-both_modes!(etp_cluster_nodeport_is_masqueraded);
-fn etp_cluster_nodeport_is_masqueraded(mode: Mode) {
-    let mut s = etp_scenario(mode, "Cluster", true);
+both_families!(etp_cluster_nodeport_is_masqueraded);
+fn etp_cluster_nodeport_is_masqueraded(mode: Mode, f: Fam) {
+    let mut s = etp_scenario(mode, f, "Cluster", true);
     s.start_kproxy(&[]);
-    let np = sock(NODE_IP, NODE_PORT);
-    let want = format!("ep1 from {NODE_POD_SIDE}");
+    let np = sock(f.node_ip(), NODE_PORT);
+    let masq = f.node_pod_side();
+    let want = format!("ep1 from {masq}");
     wait_tcp(&mut s, np, &want);
     let seen = answers(&s, None, np, 40);
     assert_eq!(
         seen,
-        set(&[&want, &format!("ep2 from {NODE_POD_SIDE}")]),
+        set(&[&want, &format!("ep2 from {masq}")]),
         "ETP=Cluster NodePort from the client"
     );
     s.kproxy().assert_running();
 }
 
-both_modes!(etp_local_without_local_endpoints_drops_external_but_not_pod_or_node_traffic);
-fn etp_local_without_local_endpoints_drops_external_but_not_pod_or_node_traffic(mode: Mode) {
-    let mut s = etp_scenario(mode, "Local", false);
-    // A client address inside the cluster CIDR (a "pod" source): the node routes it back to
-    // the client.
-    s.topo.client.add_addr(&s.topo.client_dev, "10.244.9.2/32");
-    s.topo
-        .node
-        .route("10.244.9.0/24", &client_v4(0).to_string());
+both_families!(etp_local_without_local_endpoints_drops_external_but_not_pod_or_node_traffic);
+fn etp_local_without_local_endpoints_drops_external_but_not_pod_or_node_traffic(
+    mode: Mode,
+    f: Fam,
+) {
+    let mut s = etp_scenario(mode, f, "Local", false);
+    let pod = add_pod_source(&s, f);
     s.start_kproxy(&[]);
-    let np = sock(NODE_IP, NODE_PORT);
+    let np = sock(f.node_ip(), NODE_PORT);
     // The ClusterIP (Cluster internal policy) works: the rules are in.
-    let cip = sock("10.96.1.5", 80);
+    let cip = sock(&f.a("10.96.1.5"), 80);
     s.wait_for_result(
-        "10.96.1.5:80",
+        &format!("{cip}"),
         |t| tcp_request(&t.client, cip, PROBE),
         |r| r.is_ok(),
     );
-    s.wait_rules("no local endpoints", false, |r| match mode {
+    s.wait_rules("no local endpoints", f.v6(), |r| match mode {
         Mode::Iptables => r.contains("has no local endpoints"),
         Mode::Nftables => r.contains("tcp . 30080 : drop"),
     });
     // External clients: dropped (not refused).
     for i in 0..3 {
-        let r = tcp_request_from(&s.topo.client, Some(client_v4(i)), np, DROPPED);
+        let r = tcp_request_from(&s.topo.client, Some(f.client(i)), np, DROPPED);
         assert_timed_out("ETP=Local NodePort without local endpoints", &r);
     }
     // Pod traffic to the NodePort is short-circuited to all endpoints, not masqueraded
     // (reference rule 7).
-    let pod = ip("10.244.9.2");
     let seen = answers(&s, Some(pod), np, 30);
     assert_eq!(
         seen,
-        set(&["ep1 from 10.244.9.2", "ep2 from 10.244.9.2"]),
+        set(&[&format!("ep1 from {pod}"), &format!("ep2 from {pod}")]),
         "ETP=Local NodePort from a pod source"
     );
     // So is the node's own traffic (masqueraded).
@@ -438,38 +517,38 @@ fn etp_local_without_local_endpoints_drops_external_but_not_pod_or_node_traffic(
 
 // --- (f) internalTrafficPolicy --------------------------------------------------------------
 
-fn itp_scenario(mode: Mode, local: bool) -> Scenario {
+fn itp_scenario(mode: Mode, f: Fam, local: bool) -> Scenario {
     let mut s = Scenario::with_manifests_in(mode);
-    s.tcp_server_reporting_peer(POD_V4[0], 8080, "ep1");
-    s.tcp_server_reporting_peer(POD_V4[1], 8080, "ep2");
+    s.tcp_server_reporting_peer(f.pod(0), 8080, "ep1");
+    s.tcp_server_reporting_peer(f.pod(1), 8080, "ep2");
     s.apply(
-        &Svc::new("itp", &["10.96.1.6"], &[HTTP])
+        &Svc::new("itp", &[&f.a("10.96.1.6")], &[HTTP])
             .internal_policy("Local")
             .json(),
     );
     let first = if local { NODE } else { OTHER_NODE };
     s.apply(&endpoint_slice(
         "itp",
-        "itp-v4",
+        &format!("itp-{}", f.suffix()),
         &[
-            Ep::ready(POD_V4[0]).on(first),
-            Ep::ready(POD_V4[1]).on(OTHER_NODE),
+            Ep::ready(f.pod(0)).on(first),
+            Ep::ready(f.pod(1)).on(OTHER_NODE),
         ],
         &[HTTP],
     ));
     s
 }
 
-both_modes!(itp_local_uses_only_local_endpoints);
-fn itp_local_uses_only_local_endpoints(mode: Mode) {
-    let mut s = itp_scenario(mode, true);
+both_families!(itp_local_uses_only_local_endpoints);
+fn itp_local_uses_only_local_endpoints(mode: Mode, f: Fam) {
+    let mut s = itp_scenario(mode, f, true);
     s.start_kproxy(&[]);
-    let vip = sock("10.96.1.6", 80);
+    let vip = sock(&f.a("10.96.1.6"), 80);
     // The client is off-cluster (outside --cluster-cidr): ClusterIP traffic from it is
     // masqueraded whatever the internal policy (reference rule 10).
-    let want = format!("ep1 from {NODE_POD_SIDE}");
+    let want = format!("ep1 from {}", f.node_pod_side());
     s.wait_for_result(
-        "10.96.1.6:80",
+        &format!("{vip}"),
         |t| tcp_request(&t.client, vip, PROBE),
         |r| r.is_ok(),
     );
@@ -478,21 +557,19 @@ fn itp_local_uses_only_local_endpoints(mode: Mode) {
     s.kproxy().assert_running();
 }
 
-both_modes!(itp_local_without_local_endpoints_drops);
-fn itp_local_without_local_endpoints_drops(mode: Mode) {
-    let mut s = itp_scenario(mode, false);
+both_families!(itp_local_without_local_endpoints_drops);
+fn itp_local_without_local_endpoints_drops(mode: Mode, f: Fam) {
+    let mut s = itp_scenario(mode, f, false);
     s.start_kproxy(&[]);
-    s.wait_rules("no local endpoints", false, |r| match mode {
-        Mode::Iptables => r.contains("has no local endpoints") && r.contains("-d 10.96.1.6/32"),
-        Mode::Nftables => r.contains("10.96.1.6 . tcp . 80 : drop"),
+    let cip = f.a("10.96.1.6");
+    let iptables_dst = format!("-d {cip}/{}", f.host_prefix());
+    let nft_elem = format!("{cip} . tcp . 80 : drop");
+    s.wait_rules("no local endpoints", f.v6(), |r| match mode {
+        Mode::Iptables => r.contains("has no local endpoints") && r.contains(&iptables_dst),
+        Mode::Nftables => r.contains(&nft_elem),
     });
     for i in 0..3 {
-        let r = tcp_request_from(
-            &s.topo.client,
-            Some(client_v4(i)),
-            sock("10.96.1.6", 80),
-            DROPPED,
-        );
+        let r = tcp_request_from(&s.topo.client, Some(f.client(i)), sock(&cip, 80), DROPPED);
         assert_timed_out("ITP=Local ClusterIP without local endpoints", &r);
     }
     s.kproxy().assert_running();
@@ -500,26 +577,27 @@ fn itp_local_without_local_endpoints_drops(mode: Mode) {
 
 // --- (g) terminating endpoints --------------------------------------------------------------
 
-both_modes!(terminating_endpoints_serve_until_a_ready_one_exists);
-fn terminating_endpoints_serve_until_a_ready_one_exists(mode: Mode) {
+both_families!(terminating_endpoints_serve_until_a_ready_one_exists);
+fn terminating_endpoints_serve_until_a_ready_one_exists(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
     for (i, id) in ["ep1", "ep2", "ep3"].into_iter().enumerate() {
-        s.tcp_server(POD_V4[i], 8080, id);
+        s.tcp_server(f.pod(i), 8080, id);
     }
-    s.apply(&Svc::new("term", &["10.96.1.7"], &[HTTP]).json());
-    let terminating = [Ep::terminating(POD_V4[0]), Ep::terminating(POD_V4[1])];
-    s.apply(&endpoint_slice("term", "term-v4", &terminating, &[HTTP]));
+    let slice = format!("term-{}", f.suffix());
+    s.apply(&Svc::new("term", &[&f.a("10.96.1.7")], &[HTTP]).json());
+    let terminating = [Ep::terminating(f.pod(0)), Ep::terminating(f.pod(1))];
+    s.apply(&endpoint_slice("term", &slice, &terminating, &[HTTP]));
     s.start_kproxy(&[]);
 
-    let vip = sock("10.96.1.7", 80);
+    let vip = sock(&f.a("10.96.1.7"), 80);
     wait_tcp(&mut s, vip, "ep1");
     let seen = tally(40, || tcp_request(&s.topo.client, vip, REQ));
     assert_spread(&seen, &["ep1", "ep2"], 5);
 
     // A ready endpoint appears: only it is used.
     let mut mixed = terminating.to_vec();
-    mixed.push(Ep::ready(POD_V4[2]));
-    s.apply(&endpoint_slice("term", "term-v4", &mixed, &[HTTP]));
+    mixed.push(Ep::ready(f.pod(2)));
+    s.apply(&endpoint_slice("term", &slice, &mixed, &[HTTP]));
     s.wait_for_result(
         "only ep3",
         |t| {
@@ -539,64 +617,61 @@ fn terminating_endpoints_serve_until_a_ready_one_exists(mode: Mode) {
 
 /// `web` at 10.96.1.8 with one peer-reporting endpoint, and a client address (10.244.9.2)
 /// inside the cluster CIDR that the node routes back to the client.
-fn masq_scenario(mode: Mode) -> Scenario {
+fn masq_scenario(mode: Mode, f: Fam) -> (Scenario, IpAddr) {
     let mut s = Scenario::with_manifests_in(mode);
-    s.tcp_server_reporting_peer(POD_V4[0], 8080, "ep1");
-    s.apply(&Svc::new("web", &["10.96.1.8"], &[HTTP]).json());
+    s.tcp_server_reporting_peer(f.pod(0), 8080, "ep1");
+    s.apply(&Svc::new("web", &[&f.a("10.96.1.8")], &[HTTP]).json());
     s.apply(&endpoint_slice(
         "web",
-        "web-v4",
-        &eps_on(&[POD_V4[0]], OTHER_NODE),
+        &format!("web-{}", f.suffix()),
+        &eps_on(&[f.pod(0)], OTHER_NODE),
         &[HTTP],
     ));
-    s.topo.client.add_addr(&s.topo.client_dev, "10.244.9.2/32");
-    s.topo
-        .node
-        .route("10.244.9.0/24", &client_v4(0).to_string());
-    s
+    let pod = add_pod_source(&s, f);
+    (s, pod)
 }
 
-both_modes!(clusterip_masquerades_only_sources_outside_the_cluster_cidr);
-fn clusterip_masquerades_only_sources_outside_the_cluster_cidr(mode: Mode) {
-    let mut s = masq_scenario(mode);
+both_families!(clusterip_masquerades_only_sources_outside_the_cluster_cidr);
+fn clusterip_masquerades_only_sources_outside_the_cluster_cidr(mode: Mode, f: Fam) {
+    let (mut s, pod) = masq_scenario(mode, f);
     s.start_kproxy(&[]);
-    let vip = sock("10.96.1.8", 80);
-    wait_tcp(&mut s, vip, &format!("ep1 from {NODE_POD_SIDE}"));
-    let from_pod = tcp_request_from(&s.topo.client, Some(ip("10.244.9.2")), vip, REQ).unwrap();
-    assert_eq!(split_peer(&from_pod), ("ep1", "10.244.9.2"));
+    let vip = sock(&f.a("10.96.1.8"), 80);
+    wait_tcp(&mut s, vip, &format!("ep1 from {}", f.node_pod_side()));
+    let from_pod = tcp_request_from(&s.topo.client, Some(pod), vip, REQ).unwrap();
+    assert_eq!(split_peer(&from_pod), ("ep1", pod.to_string().as_str()));
     s.kproxy().assert_running();
 }
 
-both_modes!(masquerade_all_masquerades_pod_sources);
-fn masquerade_all_masquerades_pod_sources(mode: Mode) {
-    let mut s = masq_scenario(mode);
+both_families!(masquerade_all_masquerades_pod_sources);
+fn masquerade_all_masquerades_pod_sources(mode: Mode, f: Fam) {
+    let (mut s, pod) = masq_scenario(mode, f);
     s.start_kproxy(&["--masquerade-all"]);
-    let vip = sock("10.96.1.8", 80);
-    wait_tcp(&mut s, vip, &format!("ep1 from {NODE_POD_SIDE}"));
-    let from_pod = tcp_request_from(&s.topo.client, Some(ip("10.244.9.2")), vip, REQ).unwrap();
-    assert_eq!(split_peer(&from_pod), ("ep1", NODE_POD_SIDE));
+    let vip = sock(&f.a("10.96.1.8"), 80);
+    wait_tcp(&mut s, vip, &format!("ep1 from {}", f.node_pod_side()));
+    let from_pod = tcp_request_from(&s.topo.client, Some(pod), vip, REQ).unwrap();
+    assert_eq!(split_peer(&from_pod), ("ep1", f.node_pod_side()));
     s.kproxy().assert_running();
 }
 
 // --- (i) hairpin ----------------------------------------------------------------------------
 
-both_modes!(hairpin_endpoint_reaches_itself_through_its_service);
-fn hairpin_endpoint_reaches_itself_through_its_service(mode: Mode) {
+both_families!(hairpin_endpoint_reaches_itself_through_its_service);
+fn hairpin_endpoint_reaches_itself_through_its_service(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
-    s.tcp_server(POD_V4[0], 8080, "ep1");
-    s.apply(&Svc::new("self", &["10.96.1.9"], &[HTTP]).json());
+    s.tcp_server(f.pod(0), 8080, "ep1");
+    s.apply(&Svc::new("self", &[&f.a("10.96.1.9")], &[HTTP]).json());
     s.apply(&endpoint_slice(
         "self",
-        "self-v4",
-        &eps_on(&[POD_V4[0]], NODE),
+        &format!("self-{}", f.suffix()),
+        &eps_on(&[f.pod(0)], NODE),
         &[HTTP],
     ));
     s.start_kproxy(&[]);
-    let vip = sock("10.96.1.9", 80);
-    // The pod 10.244.1.10 connects to its own service from its own address.
-    let pod = Some(ip(POD_V4[0]));
+    let vip = sock(&f.a("10.96.1.9"), 80);
+    // The pod connects to its own service from its own address.
+    let pod = Some(ip(f.pod(0)));
     s.wait_for(
-        "hairpin 10.244.1.10 -> 10.96.1.9:80",
+        &format!("hairpin {} -> {vip}", f.pod(0)),
         |t| tcp_request_from(&t.endpoints, pod, vip, PROBE),
         "ep1",
     );
@@ -611,22 +686,27 @@ fn hairpin_endpoint_reaches_itself_through_its_service(mode: Mode) {
 
 // --- (j) topology hints ---------------------------------------------------------------------
 
-both_modes!(zone_hints_keep_only_same_zone_endpoints);
-fn zone_hints_keep_only_same_zone_endpoints(mode: Mode) {
+both_families!(zone_hints_keep_only_same_zone_endpoints);
+fn zone_hints_keep_only_same_zone_endpoints(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
     for (i, id) in ["z1-a", "z1-b", "z2-a"].into_iter().enumerate() {
-        s.tcp_server(POD_V4[i], 8080, id);
+        s.tcp_server(f.pod(i), 8080, id);
     }
     s.apply(&node(NODE, &[NODE_IP, NODE_IP6], Some("zone-1")));
-    s.apply(&Svc::new("zonal", &["10.96.1.10"], &[HTTP]).json());
+    s.apply(&Svc::new("zonal", &[&f.a("10.96.1.10")], &[HTTP]).json());
     let eps = [
-        Ep::ready(POD_V4[0]).zone_hint("zone-1"),
-        Ep::ready(POD_V4[1]).zone_hint("zone-1"),
-        Ep::ready(POD_V4[2]).zone_hint("zone-2"),
+        Ep::ready(f.pod(0)).zone_hint("zone-1"),
+        Ep::ready(f.pod(1)).zone_hint("zone-1"),
+        Ep::ready(f.pod(2)).zone_hint("zone-2"),
     ];
-    s.apply(&endpoint_slice("zonal", "zonal-v4", &eps, &[HTTP]));
+    s.apply(&endpoint_slice(
+        "zonal",
+        &format!("zonal-{}", f.suffix()),
+        &eps,
+        &[HTTP],
+    ));
     s.start_kproxy(&[]);
-    let vip = sock("10.96.1.10", 80);
+    let vip = sock(&f.a("10.96.1.10"), 80);
     wait_tcp(&mut s, vip, "z1-a");
     let seen = tally(40, || tcp_request(&s.topo.client, vip, REQ));
     assert_spread(&seen, &["z1-a", "z1-b"], 5);

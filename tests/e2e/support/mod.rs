@@ -5,6 +5,7 @@
 )]
 
 pub mod fake_apiserver;
+pub(crate) mod family;
 pub(crate) mod kproxy;
 pub(crate) mod manifests;
 pub(crate) mod netns;

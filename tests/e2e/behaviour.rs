@@ -1058,3 +1058,65 @@ fn health_check_node_port_reports_local_endpoints(mode: Mode) {
     );
     s.kproxy().assert_running();
 }
+
+// --- (l) SCTP -------------------------------------------------------------------------------
+
+// SCTP ClusterIP and NodePort: an INIT sent to the service arrives at the endpoint's address and
+// target port (DNAT of SCTP, with the checksum the kernel recomputes). This kernel has no SCTP
+// sockets, so the packets are hand-made and caught with raw sockets (`support/sctp.rs`).
+both_families!(sctp_cluster_ip_and_node_port_reach_the_endpoint);
+fn sctp_cluster_ip_and_node_port_reach_the_endpoint(mode: Mode, f: Fam) {
+    use crate::support::sctp::{Arrival, SctpCatcher, send_init};
+    const SCTP: Port = Port::sctp("sig", 9999, 9000).with_node_port(30099);
+    let mut s = Scenario::with_manifests_in(mode);
+    s.apply(
+        &Svc::new("sig", &[&f.a("10.96.1.11")], &[SCTP])
+            .node_port()
+            .json(),
+    );
+    s.apply(&endpoint_slice(
+        "sig",
+        &format!("sig-{}", f.suffix()),
+        &eps_on(&[f.pod(0)], OTHER_NODE),
+        &[SCTP],
+    ));
+    let catcher = SctpCatcher::new(&s.topo.endpoints, f.v6());
+    s.start_kproxy(&[]);
+    let want = Arrival {
+        dst: ip(f.pod(0)),
+        dst_port: 9000,
+    };
+    let vip = sock(&f.a("10.96.1.11"), 9999);
+    let np = sock(f.node_ip(), 30099);
+    for (what, dst, base_tag) in [
+        ("ClusterIP", vip, 0x5c70_0000u32),
+        ("NodePort", np, 0x5c71_0000),
+    ] {
+        // Resend until the rules are in (a packet sent before them goes nowhere).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut tag = base_tag;
+        let got = loop {
+            tag += 1;
+            send_init(&s.topo.client, dst, 40000 + (tag & 0xff) as u16, tag);
+            if let Some(a) = catcher.catch(tag, Duration::from_millis(200)) {
+                break Some(a);
+            }
+            if std::time::Instant::now() > deadline {
+                break None;
+            }
+        };
+        if got.is_none() {
+            s.kproxy().assert_running();
+        }
+        assert_eq!(got, Some(want), "SCTP {what} {dst}");
+    }
+    // A port the service does not have is not translated.
+    let stray = sock(&f.a("10.96.1.11"), 9998);
+    send_init(&s.topo.client, stray, 40999, 0x5c72_0001);
+    assert_eq!(
+        catcher.catch(0x5c72_0001, Duration::from_millis(300)),
+        None,
+        "an INIT to {stray} reached the endpoint"
+    );
+    s.kproxy().assert_running();
+}

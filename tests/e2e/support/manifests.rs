@@ -46,6 +46,17 @@ impl Port {
         }
     }
 
+    /// An SCTP port.
+    pub(crate) const fn sctp(name: &'static str, port: u16, target: u16) -> Port {
+        Port {
+            name,
+            protocol: "SCTP",
+            port,
+            target,
+            node_port: None,
+        }
+    }
+
     /// A UDP port.
     pub(crate) const fn udp(name: &'static str, port: u16, target: u16) -> Port {
         Port {

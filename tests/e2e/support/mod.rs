@@ -11,6 +11,7 @@ pub(crate) mod manifests;
 pub(crate) mod netns;
 pub(crate) mod objects;
 pub(crate) mod scenario;
+pub(crate) mod sctp;
 pub(crate) mod topology;
 pub(crate) mod traffic;
 

@@ -54,60 +54,6 @@ macro_rules! both_modes {
     };
 }
 
-/// `both_families!(NAME)` declares `mod NAME` with four tests, `iptables`, `nftables`,
-/// `iptables_ipv6` and `nftables_ipv6`, each running the function `NAME(Mode, Fam)`: every
-/// behaviour is proven in both families, through ip6tables and `ip6 kproxy` for IPv6.
-macro_rules! both_families {
-    ($name:ident) => {
-        mod $name {
-            use crate::support::family::Fam;
-            use crate::support::scenario::Mode;
-
-            fn run(test: &str, mode: Mode, f: Fam) {
-                if crate::support::require_root(test) {
-                    super::$name(mode, f);
-                }
-            }
-
-            #[test]
-            fn iptables() {
-                run(
-                    concat!(stringify!($name), "::iptables"),
-                    Mode::Iptables,
-                    Fam::V4,
-                );
-            }
-
-            #[test]
-            fn nftables() {
-                run(
-                    concat!(stringify!($name), "::nftables"),
-                    Mode::Nftables,
-                    Fam::V4,
-                );
-            }
-
-            #[test]
-            fn iptables_ipv6() {
-                run(
-                    concat!(stringify!($name), "::iptables_ipv6"),
-                    Mode::Iptables,
-                    Fam::V6,
-                );
-            }
-
-            #[test]
-            fn nftables_ipv6() {
-                run(
-                    concat!(stringify!($name), "::nftables_ipv6"),
-                    Mode::Nftables,
-                    Fam::V6,
-                );
-            }
-        }
-    };
-}
-
 const HTTP: Port = Port::tcp("http", 80, 8080);
 const NODE_PORT: u16 = 30080;
 /// HTTP with NodePort 30080.

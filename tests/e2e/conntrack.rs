@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::support::family::Fam;
 use crate::support::kproxy::wait_until;
 use crate::support::manifests::Port;
 use crate::support::netns::Netns;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
 use crate::support::require_root;
 use crate::support::scenario::{Mode, OTHER_NODE, PROBE, Scenario, sock};
-use crate::support::topology::{POD_V4, client_v4};
+use crate::support::topology::{POD_V4, client_v4, client_v6};
 use crate::support::traffic::udp_request_from;
 
 const DNS: Port = Port::udp("dns", 53, 5353);
@@ -35,16 +36,21 @@ fn eps_on(addrs: &[&str]) -> Vec<Ep> {
     addrs.iter().map(|a| Ep::ready(a).on(OTHER_NODE)).collect()
 }
 
-/// `conntrack -L` in the node namespace (diagnostics).
-fn conntrack_list(node: &Netns) -> String {
-    let out = node.exec("conntrack", &["-L"]);
+/// `conntrack -L` of one family in the node namespace (diagnostics).
+fn conntrack_list(node: &Netns, f: Fam) -> String {
+    let family = if f.v6() { "ipv6" } else { "ipv4" };
+    let out = node.exec("conntrack", &["-L", "-f", family]);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A UDP socket in the client namespace, bound to the client's primary address, connected to
 /// `dst`: every request leaves from the same address and port.
 fn kept_udp_socket(s: &Scenario, dst: SocketAddr) -> UdpSocket {
-    let src = client_v4(0);
+    let src = if dst.is_ipv4() {
+        client_v4(0)
+    } else {
+        client_v6(0)
+    };
     s.topo
         .client
         .in_ns(move || -> io::Result<UdpSocket> {
@@ -70,7 +76,14 @@ fn ask(socket: &UdpSocket) -> String {
 fn wait_programmed(s: &mut Scenario, vip: SocketAddr, want: &str) {
     s.wait_for(
         &format!("fresh udp {vip} -> {want}"),
-        |t| udp_request_from(&t.client, Some(client_v4(1)), vip, PROBE),
+        |t| {
+            let src = if vip.is_ipv4() {
+                client_v4(1)
+            } else {
+                client_v6(1)
+            };
+            udp_request_from(&t.client, Some(src), vip, PROBE)
+        },
         want,
     );
 }
@@ -85,7 +98,11 @@ fn wait_kept_socket(s: &mut Scenario, socket: &UdpSocket, want: &str, what: &str
         last == want
     });
     if !ok {
-        let table = conntrack_list(&s.topo.node);
+        let f = match socket.peer_addr() {
+            Ok(a) if a.is_ipv6() => Fam::V6,
+            _ => Fam::V4,
+        };
+        let table = conntrack_list(&s.topo.node, f);
         s.kproxy().assert_running();
         panic!(
             "{what}: the kept UDP socket still does not reach {want} after {:?}; last answer \
@@ -101,36 +118,28 @@ fn wait_kept_socket(s: &mut Scenario, socket: &UdpSocket, want: &str, what: &str
 
 // --- the endpoint is replaced --------------------------------------------------------------
 
-fn udp_flow_follows_a_replaced_endpoint(mode: Mode) {
+both_families!(udp_flow_follows_a_replaced_endpoint);
+fn udp_flow_follows_a_replaced_endpoint(mode: Mode, f: Fam) {
     let mut s = Scenario::with_manifests_in(mode);
-    s.udp_server(POD_V4[0], 5353, "ep1");
-    s.udp_server(POD_V4[1], 5353, "ep2");
-    s.apply(&Svc::new("dns", &["10.96.1.53"], &[DNS]).json());
-    s.apply(&endpoint_slice(
-        "dns",
-        "dns-v4",
-        &eps_on(&[POD_V4[0]]),
-        &[DNS],
-    ));
+    s.udp_server(f.pod(0), 5353, "ep1");
+    s.udp_server(f.pod(1), 5353, "ep2");
+    let slice = format!("dns-{}", f.suffix());
+    s.apply(&Svc::new("dns", &[&f.a("10.96.1.53")], &[DNS]).json());
+    s.apply(&endpoint_slice("dns", &slice, &eps_on(&[f.pod(0)]), &[DNS]));
     start(&mut s);
-    let vip = sock("10.96.1.53", 53);
+    let vip = sock(&f.a("10.96.1.53"), 53);
     wait_programmed(&mut s, vip, "ep1");
 
     let socket = kept_udp_socket(&s, vip);
     assert_eq!(ask(&socket), "ep1");
-    let table = conntrack_list(&s.topo.node);
+    let table = conntrack_list(&s.topo.node, f);
     assert!(
-        table.contains("dport=53") && table.contains("src=10.244.1.10"),
+        table.contains("dport=53") && table.contains(&format!("src={}", f.pod(0))),
         "expected a DNATed entry for the kept socket:\n{table}"
     );
 
     // The pod is replaced: the old one goes away, a new one takes its place.
-    s.apply(&endpoint_slice(
-        "dns",
-        "dns-v4",
-        &eps_on(&[POD_V4[1]]),
-        &[DNS],
-    ));
+    s.apply(&endpoint_slice("dns", &slice, &eps_on(&[f.pod(1)]), &[DNS]));
     s.stop_udp_server("ep1");
     wait_programmed(&mut s, vip, "ep2");
     wait_kept_socket(&mut s, &socket, "ep2", "endpoint replaced");
@@ -139,37 +148,32 @@ fn udp_flow_follows_a_replaced_endpoint(mode: Mode) {
     s.kproxy().assert_running();
 }
 
-#[test]
-fn iptables_udp_flow_follows_a_replaced_endpoint() {
-    if require_root("iptables_udp_flow_follows_a_replaced_endpoint") {
-        udp_flow_follows_a_replaced_endpoint(Mode::Iptables);
-    }
-}
-
-#[test]
-fn nftables_udp_flow_follows_a_replaced_endpoint() {
-    if require_root("nftables_udp_flow_follows_a_replaced_endpoint") {
-        udp_flow_follows_a_replaced_endpoint(Mode::Nftables);
-    }
-}
-
 // --- no endpoints, then the first one ------------------------------------------------------
 
+both_families!(udp_flow_reaches_the_first_endpoint);
 /// A REJECTed first packet leaves no confirmed entry in either mode (the packet dies in the
 /// filter hook, before conntrack confirmation), so the first phase passes with or without
 /// cleanup; the scaled-to-zero-and-back phase does need it: without cleanup the kept flow stays
 /// DNATed to the removed endpoint.
-fn udp_flow_reaches_the_first_endpoint(mode: Mode) {
+fn udp_flow_reaches_the_first_endpoint(mode: Mode, f: Fam) {
+    let slice = format!("dns-{}", f.suffix());
     let mut s = Scenario::with_manifests_in(mode);
-    s.udp_server(POD_V4[0], 5353, "ep1");
-    s.apply(&Svc::new("dns", &["10.96.1.53"], &[DNS]).json());
-    s.apply(&endpoint_slice("dns", "dns-v4", &[], &[DNS]));
+    s.udp_server(f.pod(0), 5353, "ep1");
+    s.apply(&Svc::new("dns", &[&f.a("10.96.1.53")], &[DNS]).json());
+    s.apply(&endpoint_slice("dns", &slice, &[], &[DNS]));
     start(&mut s);
-    let vip = sock("10.96.1.53", 53);
+    let vip = sock(&f.a("10.96.1.53"), 53);
     // No endpoints: the service rejects (an ICMP port unreachable, ConnectionRefused).
     s.wait_for_result(
         "udp to a service without endpoints is refused",
-        |t| udp_request_from(&t.client, Some(client_v4(1)), vip, PROBE),
+        |t| {
+            let src = if vip.is_ipv4() {
+                client_v4(1)
+            } else {
+                client_v6(1)
+            };
+            udp_request_from(&t.client, Some(src), vip, PROBE)
+        },
         |r| matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused),
     );
 
@@ -180,24 +184,19 @@ fn udp_flow_reaches_the_first_endpoint(mode: Mode) {
     }
     eprintln!(
         "conntrack -L with no endpoints:\n{}",
-        conntrack_list(&s.topo.node)
+        conntrack_list(&s.topo.node, f)
     );
 
-    s.apply(&endpoint_slice(
-        "dns",
-        "dns-v4",
-        &eps_on(&[POD_V4[0]]),
-        &[DNS],
-    ));
+    s.apply(&endpoint_slice("dns", &slice, &eps_on(&[f.pod(0)]), &[DNS]));
     // Other clients see it first: the rules are in place.
     wait_programmed(&mut s, vip, "ep1");
     wait_kept_socket(&mut s, &socket, "ep1", "first endpoint");
 
     // Scaled to zero and back (upstream #139628): the same socket follows again.
-    s.apply(&endpoint_slice("dns", "dns-v4", &[], &[DNS]));
+    s.apply(&endpoint_slice("dns", &slice, &[], &[DNS]));
     s.wait_for_result(
         "scaled to zero: refused again",
-        |t| udp_request_from(&t.client, Some(client_v4(2)), vip, PROBE),
+        |t| udp_request_from(&t.client, Some(f.client(2)), vip, PROBE),
         |r| matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused),
     );
     // Other clients are refused as soon as the rules change; the kept flow is cut when the
@@ -210,87 +209,51 @@ fn udp_flow_reaches_the_first_endpoint(mode: Mode) {
     assert!(
         cut,
         "scaled to zero: the kept socket still reaches ep1\n{}",
-        conntrack_list(&s.topo.node)
+        conntrack_list(&s.topo.node, f)
     );
-    s.apply(&endpoint_slice(
-        "dns",
-        "dns-v4",
-        &eps_on(&[POD_V4[0]]),
-        &[DNS],
-    ));
+    s.apply(&endpoint_slice("dns", &slice, &eps_on(&[f.pod(0)]), &[DNS]));
     wait_programmed(&mut s, vip, "ep1");
     wait_kept_socket(&mut s, &socket, "ep1", "scaled back up");
     s.kproxy().assert_running();
 }
 
-#[test]
-fn iptables_udp_flow_reaches_the_first_endpoint() {
-    if require_root("iptables_udp_flow_reaches_the_first_endpoint") {
-        udp_flow_reaches_the_first_endpoint(Mode::Iptables);
-    }
-}
-
-#[test]
-fn nftables_udp_flow_reaches_the_first_endpoint() {
-    if require_root("nftables_udp_flow_reaches_the_first_endpoint") {
-        udp_flow_reaches_the_first_endpoint(Mode::Nftables);
-    }
-}
-
 // --- the service appears after the client started sending ----------------------------------
 
+both_families!(udp_flow_reaches_a_service_created_later);
 /// In iptables mode a packet to an address no service holds is routed (here to a black hole),
 /// which confirms a non-NATed entry: without cleanup the flow never meets the new DNAT rule.
 /// nftables mode drops such packets (unallocated service IP), so no entry exists there.
-fn udp_flow_reaches_a_service_created_later(mode: Mode) {
+fn udp_flow_reaches_a_service_created_later(mode: Mode, f: Fam) {
+    let slice = format!("dns-{}", f.suffix());
     let mut s = Scenario::with_manifests_in(mode);
-    s.udp_server(POD_V4[0], 5353, "ep1");
+    s.udp_server(f.pod(0), 5353, "ep1");
     // Another service, so the first sync has something to program.
-    s.apply(&Svc::new("other", &["10.96.1.54"], &[DNS]).json());
+    s.apply(&Svc::new("other", &[&f.a("10.96.1.54")], &[DNS]).json());
     s.apply(&endpoint_slice(
         "other",
-        "other-v4",
-        &eps_on(&[POD_V4[0]]),
+        &format!("other-{}", f.suffix()),
+        &eps_on(&[f.pod(0)]),
         &[DNS],
     ));
     start(&mut s);
-    wait_programmed(&mut s, sock("10.96.1.54", 53), "ep1");
+    wait_programmed(&mut s, sock(&f.a("10.96.1.54"), 53), "ep1");
 
     // The client sends to an address no service holds yet.
-    let vip = sock("10.96.1.53", 53);
+    let vip = sock(&f.a("10.96.1.53"), 53);
     let socket = kept_udp_socket(&s, vip);
     for _ in 0..3 {
         assert_ne!(ask(&socket), "ep1");
     }
     eprintln!(
         "conntrack -L before the service exists:\n{}",
-        conntrack_list(&s.topo.node)
+        conntrack_list(&s.topo.node, f)
     );
 
-    s.apply(&Svc::new("dns", &["10.96.1.53"], &[DNS]).json());
-    s.apply(&endpoint_slice(
-        "dns",
-        "dns-v4",
-        &eps_on(&[POD_V4[0]]),
-        &[DNS],
-    ));
+    s.apply(&Svc::new("dns", &[&f.a("10.96.1.53")], &[DNS]).json());
+    s.apply(&endpoint_slice("dns", &slice, &eps_on(&[f.pod(0)]), &[DNS]));
     wait_programmed(&mut s, vip, "ep1");
     wait_kept_socket(&mut s, &socket, "ep1", "new service");
     s.kproxy().assert_running();
-}
-
-#[test]
-fn iptables_udp_flow_reaches_a_service_created_later() {
-    if require_root("iptables_udp_flow_reaches_a_service_created_later") {
-        udp_flow_reaches_a_service_created_later(Mode::Iptables);
-    }
-}
-
-#[test]
-fn nftables_udp_flow_reaches_a_service_created_later() {
-    if require_root("nftables_udp_flow_reaches_a_service_created_later") {
-        udp_flow_reaches_a_service_created_later(Mode::Nftables);
-    }
 }
 
 // --- TCP is never touched ------------------------------------------------------------------
@@ -425,7 +388,7 @@ fn tcp_connection_survives_endpoint_changes(mode: Mode) {
     assert_eq!(tcp_exchange(&mut conn, "a").unwrap(), "t0:a");
     let sport = conn.local_addr().unwrap().port();
     let id_before = tcp_entry_id(&s.topo.node, sport)
-        .unwrap_or_else(|| panic!("no TCP entry:\n{}", conntrack_list(&s.topo.node)));
+        .unwrap_or_else(|| panic!("no TCP entry:\n{}", conntrack_list(&s.topo.node, Fam::V4)));
     let socket = kept_udp_socket(&s, udp_vip);
     assert_eq!(ask(&socket), "u0");
 
@@ -474,7 +437,7 @@ fn tcp_connection_survives_endpoint_changes(mode: Mode) {
         id_after.as_deref(),
         Some(id_before.as_str()),
         "the TCP conntrack entry was replaced:\n{}",
-        conntrack_list(&s.topo.node)
+        conntrack_list(&s.topo.node, Fam::V4)
     );
     let logs = s.kproxy().stderr() + &s.kproxy().stdout();
     assert!(

@@ -6,6 +6,9 @@
     reason = "test binary: support items are pub for the test modules"
 )]
 
+#[macro_use]
+mod support;
+
 mod api_source;
 mod api_watch;
 mod behaviour;
@@ -14,5 +17,4 @@ mod deploy_manifests;
 mod iptables;
 mod nftables;
 mod operability;
-mod support;
 mod userspace;

@@ -4,6 +4,60 @@
     reason = "each helper is used by some, not all, e2e test files"
 )]
 
+/// `both_families!(NAME)` declares `mod NAME` with four tests, `iptables`, `nftables`,
+/// `iptables_ipv6` and `nftables_ipv6`, each running the function `NAME(Mode, Fam)`: every
+/// behaviour is proven in both families, through ip6tables and `ip6 kproxy` for IPv6.
+macro_rules! both_families {
+    ($name:ident) => {
+        mod $name {
+            use crate::support::family::Fam;
+            use crate::support::scenario::Mode;
+
+            fn run(test: &str, mode: Mode, f: Fam) {
+                if crate::support::require_root(test) {
+                    super::$name(mode, f);
+                }
+            }
+
+            #[test]
+            fn iptables() {
+                run(
+                    concat!(stringify!($name), "::iptables"),
+                    Mode::Iptables,
+                    Fam::V4,
+                );
+            }
+
+            #[test]
+            fn nftables() {
+                run(
+                    concat!(stringify!($name), "::nftables"),
+                    Mode::Nftables,
+                    Fam::V4,
+                );
+            }
+
+            #[test]
+            fn iptables_ipv6() {
+                run(
+                    concat!(stringify!($name), "::iptables_ipv6"),
+                    Mode::Iptables,
+                    Fam::V6,
+                );
+            }
+
+            #[test]
+            fn nftables_ipv6() {
+                run(
+                    concat!(stringify!($name), "::nftables_ipv6"),
+                    Mode::Nftables,
+                    Fam::V6,
+                );
+            }
+        }
+    };
+}
+
 pub mod fake_apiserver;
 pub(crate) mod family;
 pub(crate) mod kproxy;

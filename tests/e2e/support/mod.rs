@@ -7,6 +7,10 @@
 /// `both_families!(NAME)` declares `mod NAME` with four tests, `iptables`, `nftables`,
 /// `iptables_ipv6` and `nftables_ipv6`, each running the function `NAME(Mode, Fam)`: every
 /// behaviour is proven in both families, through ip6tables and `ip6 kproxy` for IPv6.
+#[allow(
+    unused_macros,
+    reason = "the IPVS lab includes this module and runs no family-parametric test"
+)]
 macro_rules! both_families {
     ($name:ident) => {
         mod $name {

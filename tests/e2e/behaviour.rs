@@ -585,6 +585,14 @@ fn clusterip_masquerades_only_sources_outside_the_cluster_cidr(mode: Mode, f: Fa
     wait_tcp(&mut s, vip, &format!("ep1 from {}", f.node_pod_side()));
     let from_pod = tcp_request_from(&s.topo.client, Some(pod), vip, REQ).unwrap();
     assert_eq!(split_peer(&from_pod), ("ep1", pod.to_string().as_str()));
+    // Masquerading is marked, then done in POSTROUTING with fully random source ports (so two
+    // nodes' SNATed flows to one endpoint do not race for the same port).
+    let rules = s.save(f.v6());
+    let want = match mode {
+        Mode::Iptables => "-j MASQUERADE --random-fully",
+        Mode::Nftables => "masquerade fully-random",
+    };
+    assert!(rules.contains(want), "no {want:?} in\n{rules}");
     s.kproxy().assert_running();
 }
 

@@ -161,7 +161,7 @@ fn nodeport_default_is_the_primary_node_ips_nftables() {
 /// A NodePort request to `dst` (a node address) is not forwarded: nothing listens on the node,
 /// so its own stack refuses.
 fn assert_nodeport_not_served(s: &Scenario, dst: SocketAddr) {
-    let f = if dst.is_ipv4() { Fam::V4 } else { Fam::V6 };
+    let f = Fam::of(dst);
     for i in 0..3 {
         assert_tcp_refused(&s.topo.client, Some(f.client(i)), dst, REQ);
     }

@@ -19,7 +19,7 @@ use crate::support::netns::Netns;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
 use crate::support::require_root;
 use crate::support::scenario::{Mode, OTHER_NODE, PROBE, Scenario, sock};
-use crate::support::topology::{POD_V4, client_v4, client_v6};
+use crate::support::topology::POD_V4;
 use crate::support::traffic::udp_request_from;
 
 const DNS: Port = Port::udp("dns", 53, 5353);
@@ -46,11 +46,7 @@ fn conntrack_list(node: &Netns, f: Fam) -> String {
 /// A UDP socket in the client namespace, bound to the client's primary address, connected to
 /// `dst`: every request leaves from the same address and port.
 fn kept_udp_socket(s: &Scenario, dst: SocketAddr) -> UdpSocket {
-    let src = if dst.is_ipv4() {
-        client_v4(0)
-    } else {
-        client_v6(0)
-    };
+    let src = Fam::of(dst).client(0);
     s.topo
         .client
         .in_ns(move || -> io::Result<UdpSocket> {
@@ -76,14 +72,7 @@ fn ask(socket: &UdpSocket) -> String {
 fn wait_programmed(s: &mut Scenario, vip: SocketAddr, want: &str) {
     s.wait_for(
         &format!("fresh udp {vip} -> {want}"),
-        |t| {
-            let src = if vip.is_ipv4() {
-                client_v4(1)
-            } else {
-                client_v6(1)
-            };
-            udp_request_from(&t.client, Some(src), vip, PROBE)
-        },
+        |t| udp_request_from(&t.client, Some(Fam::of(vip).client(1)), vip, PROBE),
         want,
     );
 }
@@ -98,10 +87,7 @@ fn wait_kept_socket(s: &mut Scenario, socket: &UdpSocket, want: &str, what: &str
         last == want
     });
     if !ok {
-        let f = match socket.peer_addr() {
-            Ok(a) if a.is_ipv6() => Fam::V6,
-            _ => Fam::V4,
-        };
+        let f = socket.peer_addr().map_or(Fam::V4, Fam::of);
         let table = conntrack_list(&s.topo.node, f);
         s.kproxy().assert_running();
         panic!(
@@ -166,14 +152,7 @@ fn udp_flow_reaches_the_first_endpoint(mode: Mode, f: Fam) {
     // No endpoints: the service rejects (an ICMP port unreachable, ConnectionRefused).
     s.wait_for_result(
         "udp to a service without endpoints is refused",
-        |t| {
-            let src = if vip.is_ipv4() {
-                client_v4(1)
-            } else {
-                client_v6(1)
-            };
-            udp_request_from(&t.client, Some(src), vip, PROBE)
-        },
+        |t| udp_request_from(&t.client, Some(Fam::of(vip).client(1)), vip, PROBE),
         |r| matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused),
     );
 

@@ -11,7 +11,7 @@
 //! Host digits are copied as written (`10.0.1.100` → `fd00:1::100`), so a test's printed
 //! address and its expected answer stay recognisable in either family.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::topology::{NODE_IP, NODE_IP6, POD_V4, POD_V6, client_v4, client_v6};
 
@@ -25,6 +25,11 @@ pub(crate) enum Fam {
 }
 
 impl Fam {
+    /// The family of `addr`.
+    pub(crate) fn of(addr: SocketAddr) -> Fam {
+        if addr.is_ipv4() { Fam::V4 } else { Fam::V6 }
+    }
+
     /// Whether this is IPv6 (what `Scenario::save` and `wait_rules` take).
     pub(crate) fn v6(self) -> bool {
         self == Fam::V6

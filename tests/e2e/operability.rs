@@ -33,6 +33,31 @@ fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
     })
 }
 
+/// kproxy on `manifests` as node-a, iptables mode through iptables-nft, plus `extra`; health and
+/// metrics are off unless `extra` binds them.
+fn start_on(node: &Netns, manifests: &Manifests, extra: &[&str]) -> KproxyProcess {
+    let dir = manifests.arg();
+    let mut args = vec![
+        "--manifests",
+        &dir,
+        "--hostname-override",
+        "node-a",
+        "--iptables-backend",
+        "nft",
+    ];
+    for flag in ["--healthz-bind-address", "--metrics-bind-address"] {
+        if !extra.iter().any(|a| a.starts_with(flag)) {
+            args.push(if flag.starts_with("--healthz") {
+                "--healthz-bind-address="
+            } else {
+                "--metrics-bind-address="
+            });
+        }
+    }
+    args.extend_from_slice(extra);
+    KproxyProcess::start(node, &args)
+}
+
 /// The value of the sample whose name and labels are exactly `series`.
 fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
@@ -52,21 +77,14 @@ fn health_and_metrics_endpoints() {
     manifests.node("node-a", &[NODE_IP]);
     manifests.service("web", &["10.96.0.10"], &[HTTP]);
     manifests.endpoint_slice("web", "web-v4", &["10.244.1.10"], &[HTTP]);
-    let mut kproxy = KproxyProcess::start(
+    let mut kproxy = start_on(
         &node,
+        &manifests,
         &[
-            "--manifests",
-            &manifests.arg(),
-            "--hostname-override",
-            "node-a",
             "--cluster-cidr",
             "10.244.0.0/16",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-            "--iptables-backend",
-            "nft",
+            "--healthz-bind-address=127.0.0.1:10256",
+            "--metrics-bind-address=127.0.0.1:10249",
         ],
     );
     let synced = wait_until(Duration::from_secs(10), || {
@@ -231,19 +249,10 @@ fn conntrack_sysctl_flags_are_applied() {
     assert_ne!(read("nf_conntrack_tcp_timeout_established"), "7200");
     let manifests = Manifests::new();
     manifests.node("node-a", &[NODE_IP]);
-    let mut kproxy = KproxyProcess::start(
+    let mut kproxy = start_on(
         &node,
+        &manifests,
         &[
-            "--manifests",
-            &manifests.arg(),
-            "--hostname-override",
-            "node-a",
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-            "--iptables-backend",
-            "nft",
             "--conntrack-tcp-timeout-established=2h",
             "--conntrack-tcp-timeout-close-wait=90s",
             "--conntrack-tcp-be-liberal",
@@ -300,21 +309,7 @@ fn sigterm_keeps_the_rules_and_json_logs_name_objects() {
         &crate::support::manifests::service("bad", &["10.96.0.10"], &[HTTP])
             .replace("\"10.96.0.10\"", "\"10.96.0.300\""),
     );
-    let mut kproxy = KproxyProcess::start(
-        &node,
-        &[
-            "--manifests",
-            &manifests.arg(),
-            "--hostname-override",
-            "node-a",
-            "--healthz-bind-address=",
-            "--metrics-bind-address=",
-            "--iptables-backend",
-            "nft",
-            "--log-format",
-            "json",
-        ],
-    );
+    let mut kproxy = start_on(&node, &manifests, &["--log-format", "json"]);
     let rules = || node.run("iptables-nft-save", &["-t", "nat"]);
     let programmed = wait_until(Duration::from_secs(10), || {
         rules().contains("-d 10.96.0.10/32")

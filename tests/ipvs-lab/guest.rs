@@ -418,3 +418,68 @@ fn cleanup_removes_only_kproxys_virtual_servers_interface_and_table() {
     let tables = s.topo.node.run("nft", &["list", "tables"]);
     assert!(!tables.contains("kproxy-ipvs"), "{tables}");
 }
+
+/// The nftables mode on Debian 12's own kernel (6.1; the development host runs a much newer
+/// one). Removing a ClientIP-affinity service deletes its chain in the same transaction as the
+/// map element that jumped to it, which kernels before 6.2 refused while the element's reference
+/// was still being released; every sync must succeed, first time.
+#[test]
+#[ignore = "runs inside the lab guest (tests/ipvs-lab/run.sh): a stock Debian 12 kernel"]
+fn nftables_mode_on_the_stock_debian_kernel() {
+    use crate::support::scenario::Mode;
+    let mut s = Scenario::with_manifests_in(Mode::Nftables);
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.tcp_server(POD_V4[1], 8080, "ep2");
+    s.apply(&Svc::new("web", &["10.96.1.20"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v4",
+        &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+        &[HTTP],
+    ));
+    for i in 0..3u8 {
+        let name = format!("sticky{i}");
+        s.apply(
+            &Svc::new(&name, &[&format!("10.96.1.{}", 21 + i)], &[HTTP])
+                .client_ip_affinity(600)
+                .json(),
+        );
+        s.apply(&endpoint_slice(
+            &name,
+            &format!("{name}-v4"),
+            &eps(&[POD_V4[0], POD_V4[1]], OTHER_NODE),
+            &[HTTP],
+        ));
+    }
+    s.start_kproxy(&[]);
+    let web = sock("10.96.1.20", 80);
+    wait_tcp(&mut s, web);
+    let seen = tally(30, || tcp_request(&s.topo.client, web, REQ));
+    assert_spread(&seen, &["ep1", "ep2"], 3);
+    wait_tcp(&mut s, sock("10.96.1.21", 80));
+    assert!(s.save(false).contains("affinity"), "{}", s.save(false));
+
+    // The affinity services go, one sync at a time and then together.
+    for i in 0..3u8 {
+        s.source.delete("Service", &format!("sticky{i}"));
+        s.source.delete("EndpointSlice", &format!("sticky{i}-v4"));
+        if i == 0 {
+            s.wait_rules("sticky0 removed", false, |r| !r.contains("10.96.1.21 "));
+        }
+    }
+    s.wait_rules("affinity chains removed", false, |r| {
+        !r.contains("affinity") && !r.contains("10.96.1.23 ")
+    });
+    assert_eq!(
+        tally(10, || tcp_request(&s.topo.client, web, REQ))
+            .values()
+            .sum::<usize>(),
+        10
+    );
+    let log = s.kproxy().stderr();
+    assert!(
+        !log.contains("sync failed"),
+        "a sync failed on the stock kernel:\n{log}"
+    );
+    s.kproxy().assert_running();
+}

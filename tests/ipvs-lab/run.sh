@@ -99,8 +99,10 @@ add_module() {
 }
 # crc32c_generic first: libcrc32c (nf_conntrack, IPVS) needs the crc32c algorithm at init, a
 # soft dependency its depends= does not list.
+# nft_nat, nft_numgen and nft_fib_*: the nftables mode, also tested on this stock kernel.
 for m in crc32c_generic veth dummy nf_conntrack nf_conntrack_netlink nf_nat nf_tables nft_ct nft_masq \
 	nft_chain_nat nft_reject nft_reject_inet nft_reject_ipv4 nft_reject_ipv6 \
+	nft_nat nft_numgen nft_fib nft_fib_ipv4 nft_fib_ipv6 nft_fib_inet \
 	ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_wlc ip_vs_sh ip_vs_dh ip_vs_mh ip_vs_sed ip_vs_nq; do
 	add_module "$m"
 done

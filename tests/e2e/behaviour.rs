@@ -1074,3 +1074,54 @@ fn sctp_cluster_ip_and_node_port_reach_the_endpoint(mode: Mode, f: Fam) {
     );
     s.kproxy().assert_running();
 }
+
+// --- (m) REJECT and DROP without a service to reach -------------------------------------------
+
+// A service without endpoints is refused (REJECT) in both modes. The nftables mode also refuses
+// a port no service uses on a live ClusterIP, and drops packets to an unallocated address of the
+// service CIDR (upstream's nftables-only refinements, reference section 2.2); the iptables mode
+// leaves both to routing, here a black hole, so they time out.
+both_families!(services_without_a_target_are_rejected_or_dropped);
+fn services_without_a_target_are_rejected_or_dropped(mode: Mode, f: Fam) {
+    let mut s = Scenario::with_manifests_in(mode);
+    s.tcp_server(f.pod(0), 8080, "ep1");
+    s.apply(&Svc::new("web", &[&f.a("10.96.0.10")], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        &format!("web-{}", f.suffix()),
+        &eps_on(&[f.pod(0)], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.apply(&Svc::new("empty", &[&f.a("10.96.0.20")], &[HTTP]).json());
+    s.start_kproxy(&[]);
+    wait_tcp(&mut s, sock(&f.a("10.96.0.10"), 80), "ep1");
+    // Over IPv6 the refusal comes with the first SYN retransmission (see
+    // ipv6_nodeport_and_reject_without_endpoints): allow for it.
+    let refused_within = if f.v6() {
+        Duration::from_millis(1500)
+    } else {
+        Duration::from_millis(300)
+    };
+    let empty = sock(&f.a("10.96.0.20"), 80);
+    assert_tcp_refused(&s.topo.client, Some(f.client(1)), empty, refused_within);
+
+    let unused_port = sock(&f.a("10.96.0.10"), 81);
+    let unallocated = sock(&f.a("10.96.0.99"), 80);
+    match mode {
+        Mode::Nftables => {
+            assert_tcp_refused(
+                &s.topo.client,
+                Some(f.client(2)),
+                unused_port,
+                refused_within,
+            );
+        }
+        Mode::Iptables => {
+            let r = tcp_request_from(&s.topo.client, Some(f.client(2)), unused_port, DROPPED);
+            assert_timed_out(&format!("{unused_port} (iptables mode routes it)"), &r);
+        }
+    }
+    let r = tcp_request_from(&s.topo.client, Some(f.client(3)), unallocated, DROPPED);
+    assert_timed_out(&format!("{unallocated} (unallocated service address)"), &r);
+    s.kproxy().assert_running();
+}

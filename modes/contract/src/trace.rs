@@ -20,6 +20,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::{IpFamily, Protocol, ProxyState, ServicePort, TrafficPolicy};
 
+pub mod nft;
+
 /// Where a packet comes from: decides which netfilter hooks it crosses (PREROUTING or OUTPUT).
 /// The verdict never depends on it beyond that: addresses decide (pod CIDR, local source).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -373,6 +373,7 @@ impl<'a> Walker<'a> {
     ) -> Result<Vec<(Branch, Option<End>, bool)>, String> {
         let t = tokens(text);
         let mut i = 0;
+        let mut b = b;
         let miss = |b: Branch| Ok(vec![(b, None, true)]);
         let stmt = loop {
             let tok = t
@@ -397,7 +398,20 @@ impl<'a> Walker<'a> {
                     i += 1;
                     continue;
                 }
-                "update" => break Stmt::Update,
+                "update" => {
+                    // `update @set { ip saddr }`: affinity memory, nothing to trace; the rule
+                    // goes on.
+                    let end = t[i..]
+                        .iter()
+                        .position(|x| x == "}")
+                        .ok_or("unclosed update")?
+                        + i;
+                    if end + 1 >= t.len() {
+                        break Stmt::Update;
+                    }
+                    i = end + 1;
+                    continue;
+                }
                 "dnat" => {
                     // dnat [ip|ip6] to ...
                     let mut j = i + 1;
@@ -430,11 +444,27 @@ impl<'a> Walker<'a> {
                         .and_then(|s| parse_num(s))
                         .ok_or("mark value")?;
                     let v = u32::try_from(v).map_err(|_| "mark value")?;
+                    if i + 7 < t.len() {
+                        // More statements follow (`... meta mark set ... masquerade`).
+                        match op {
+                            Some("|") => b.mark |= v,
+                            Some("^") => b.mark ^= v,
+                            _ => {
+                                return Err(format!(
+                                    "`{text}`: mark statement outside kproxy's subset"
+                                ));
+                            }
+                        }
+                        i += 7;
+                        continue;
+                    }
                     break match op {
                         Some("|") => Stmt::MarkOr(v),
                         Some("^") => Stmt::MarkXor(v),
                         _ => {
-                            return Err(format!("`{text}`: mark statement outside kproxy's subset"));
+                            return Err(format!(
+                                "`{text}`: mark statement outside kproxy's subset"
+                            ));
                         }
                     };
                 }
@@ -505,7 +535,6 @@ impl<'a> Walker<'a> {
             object: format!("{} chain {chain}", self.table),
             detail: text.to_string(),
         });
-        let mut b = b;
         if let Some(set) = t.iter().find_map(|x| x.strip_prefix("@affinity-")) {
             b.affinity_sets.push(format!("affinity-{set}"));
         }

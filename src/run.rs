@@ -70,7 +70,8 @@ fn ipvs_options(config: &Config) -> IpvsOptions {
     }
 }
 
-fn iptables_backend(choice: BackendChoice) -> Backend {
+/// The iptables backend a choice resolves to (`auto` detects what the host uses).
+pub(crate) fn iptables_backend(choice: BackendChoice) -> Backend {
     match choice {
         BackendChoice::Nft => Backend::Nft,
         BackendChoice::Legacy => Backend::Legacy,

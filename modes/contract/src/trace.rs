@@ -390,6 +390,15 @@ pub struct Dialect {
     /// DROP of such a frontend without local endpoints is done (and reported) by the rule-13
     /// firewall rule. Still a DROP either way.
     pub lb_firewall_drops_first: bool,
+    /// userspace: the proxy opens its own connection to the endpoint, so the endpoint always
+    /// sees the node as the source (every candidate is "masqueraded").
+    pub proxy_always_masquerades: bool,
+    /// userspace: TCP NodePorts without `--nodeport-addresses` listen on the wildcard address,
+    /// so every local address answers them, service addresses and loopback included.
+    pub tcp_nodeports_on_every_local_address: bool,
+    /// userspace: source ranges are checked against the client address only (no allowance for
+    /// the LB IP itself when the node is inside a range).
+    pub no_lb_self_source_allowance: bool,
 }
 
 impl Dialect {
@@ -402,6 +411,9 @@ impl Dialect {
         external_filters_skip_node_output: true,
         nodeport_filters_on_every_local_address: true,
         lb_firewall_drops_first: true,
+        proxy_always_masquerades: false,
+        tcp_nodeports_on_every_local_address: false,
+        no_lb_self_source_allowance: false,
     };
     /// The nftables mode.
     pub const NFTABLES: Dialect = Dialect {
@@ -412,6 +424,24 @@ impl Dialect {
         external_filters_skip_node_output: false,
         nodeport_filters_on_every_local_address: false,
         lb_firewall_drops_first: false,
+        proxy_always_masquerades: false,
+        tcp_nodeports_on_every_local_address: false,
+        no_lb_self_source_allowance: false,
+    };
+    /// The userspace mode. Its refusals are the kernel's answer to a port nobody listens on,
+    /// so its property test compares forwarding decisions exactly and refusals only as "not
+    /// forwarded" (see `kproxy_userspace::trace`).
+    pub const USERSPACE: Dialect = Dialect {
+        reject_unused_cluster_ip_ports: false,
+        drop_unallocated_service_cidr: false,
+        reject_unserved_ports_on_service_addresses: true,
+        no_etp_local_short_circuit: true,
+        external_filters_skip_node_output: false,
+        nodeport_filters_on_every_local_address: false,
+        lb_firewall_drops_first: false,
+        proxy_always_masquerades: true,
+        tcp_nodeports_on_every_local_address: true,
+        no_lb_self_source_allowance: true,
     };
     /// The IPVS mode.
     pub const IPVS: Dialect = Dialect {
@@ -422,6 +452,9 @@ impl Dialect {
         external_filters_skip_node_output: false,
         nodeport_filters_on_every_local_address: false,
         lb_firewall_drops_first: false,
+        proxy_always_masquerades: false,
+        tcp_nodeports_on_every_local_address: false,
+        no_lb_self_source_allowance: false,
     };
 }
 
@@ -478,8 +511,19 @@ pub fn model(state: &ProxyState, env: &Env, pkt: &Packet, dialect: &Dialect) -> 
             reason: "source and destination are of different families".into(),
         };
     }
+    let service_address = |ip: &IpAddr| {
+        state.family(pkt.family()).any(|sp| {
+            sp.cluster_ip == Some(*ip)
+                || sp.external_ips.contains(ip)
+                || sp.load_balancer_ips.contains(ip)
+        })
+    };
+    let wildcard = dialect.tcp_nodeports_on_every_local_address
+        && pkt.proto == Protocol::Tcp
+        && state.node.node_port_addresses == crate::NodePortAddresses::AllLocal
+        && (env.is_local(&pkt.dst) || service_address(&pkt.dst));
     let hit = find_ip_frontend(state, pkt).or_else(|| {
-        is_nodeport_address(state, env, &pkt.dst)
+        (wildcard || is_nodeport_address(state, env, &pkt.dst))
             .then(|| find_nodeport(state, pkt))
             .flatten()
             .map(|sp| Hit {
@@ -506,7 +550,9 @@ pub fn model(state: &ProxyState, env: &Env, pkt: &Packet, dialect: &Dialect) -> 
             .iter()
             .any(|n| sp.source_ranges.iter().any(|r| r.contains(n)));
         let allowed = sp.source_ranges.iter().any(|r| r.contains(&pkt.src))
-            || (node_in_range && sp.load_balancer_ips.contains(&pkt.src));
+            || (node_in_range
+                && !dialect.no_lb_self_source_allowance
+                && sp.load_balancer_ips.contains(&pkt.src));
         if !allowed {
             return Verdict::Drop {
                 rule: 13,
@@ -588,7 +634,9 @@ pub fn model(state: &ProxyState, env: &Env, pkt: &Packet, dialect: &Dialect) -> 
                 share: 1.0 / n,
                 weight: None,
                 // Rule 11: hairpin (only a local pod can be its own client).
-                masquerade: masq || (ep.is_local && ep.ip == pkt.src),
+                masquerade: masq
+                    || (ep.is_local && ep.ip == pkt.src)
+                    || dialect.proxy_always_masquerades,
             })
             .collect(),
         affinity: sp.affinity.map(|a| a.timeout.as_secs()),

@@ -598,6 +598,14 @@ pub fn trace(rules: &Ruleset, env: &Env, pkt: &Packet) -> Trace {
         if let Some(to) = dnat {
             b.dst = to.ip();
         }
+        path.push(Hop {
+            depth: 0,
+            object: "after nat".into(),
+            detail: match dnat {
+                Some(to) => format!("branch p={:.4}: DNAT to {to}", b.prob),
+                None => format!("branch p={:.4}: not DNATed", b.prob),
+            },
+        });
         // 2. filter, after routing on the (possibly rewritten) destination.
         let mut hooks = Vec::new();
         if pkt.origin.is_local() {

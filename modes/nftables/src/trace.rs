@@ -100,10 +100,10 @@ pub fn trace(rules: &NftRuleset, env: &Env, pkt: &Packet) -> Trace {
     };
     let mut outcomes: Vec<(Branch, End)> = Vec::new();
     let live = vec![Branch::new()];
-    let mut run = |w: &mut Walker<'_>,
-                   chains: &[&str],
-                   live: Vec<Branch>,
-                   outcomes: &mut Vec<(Branch, End)>| {
+    let run = |w: &mut Walker<'_>,
+               chains: &[&str],
+               live: Vec<Branch>,
+               outcomes: &mut Vec<(Branch, End)>| {
         let mut live = live;
         for chain in chains {
             let mut next = Vec::new();
@@ -124,6 +124,14 @@ pub fn trace(rules: &NftRuleset, env: &Env, pkt: &Packet) -> Trace {
     let mut after = Vec::new();
     for b in live {
         let dst = b.dnat.map_or(pkt.dst, |d| d.ip());
+        w.path.push(Hop {
+            depth: 0,
+            object: "after routing".into(),
+            detail: match b.dnat {
+                Some(to) => format!("branch p={:.4}: DNAT to {to}", b.prob),
+                None => format!("branch p={:.4}: not DNATed", b.prob),
+            },
+        });
         let chains: &[&str] = if env.is_local(&dst) {
             &["filter-input"]
         } else if local {

@@ -15,4 +15,5 @@ mod iptables;
 mod nftables;
 mod operability;
 mod support;
+mod trace;
 mod userspace;

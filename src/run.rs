@@ -170,7 +170,7 @@ async fn spawn_source(
 
 /// A client from `--kubeconfig` / `--master`; with neither, kube's inference (in-cluster
 /// service account, or the usual kubeconfig locations).
-async fn kube_client(
+pub(crate) async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
     master: Option<&str>,
 ) -> anyhow::Result<kube::Client> {

@@ -1,7 +1,8 @@
 //! `kproxy trace`: what happens to one packet, and why, over the selected mode's objects.
 //!
 //! Without `--live` the objects are the mode's rendering of the desired state (from
-//! `--manifests`, with the daemon's own builder): no root needed, nothing touched. With
+//! `--manifests` or one list of the API, with the daemon's own builder): no root needed,
+//! nothing touched. With
 //! `--live` they are read back from the kernel of the network namespace kproxy runs in, and
 //! the desired state's answer is shown next to the live one when they disagree.
 //!
@@ -17,7 +18,8 @@ use kproxy_contract::{IpFamily, Mode as _, ModeName, Protocol, ProxyState};
 use serde_json::json;
 
 use crate::cli::{OriginArg, TraceArgs, TraceOutput};
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
+use crate::source::{Change, Update};
 
 /// What the command found: the trace it reports and the desired state's answer when that
 /// differs from a live one.
@@ -90,9 +92,53 @@ pub fn packet(args: &TraceArgs, state: &ProxyState, env: &Env) -> anyhow::Result
     })
 }
 
+/// How long `kproxy trace` waits for the API's initial lists.
+const API_LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The desired state, from `--manifests` or from one complete list of the API (the daemon's
+/// own watcher, stopped once Services, EndpointSlices and the Node have been listed).
+pub fn desired_state(config: &Config) -> anyhow::Result<ProxyState> {
+    let SourceConfig::Api { kubeconfig, master } = &config.source else {
+        return Ok(crate::services::desired(config)?.0);
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let client = crate::run::kube_client(kubeconfig.as_deref(), master.as_deref()).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let watch = tokio::spawn(crate::source::kube::run(client, config.hostname.clone(), tx));
+        let mut cache = crate::cache::ClusterCache::default();
+        let mut node_listed = false;
+        let deadline = tokio::time::sleep(API_LIST_TIMEOUT);
+        tokio::pin!(deadline);
+        let listed = loop {
+            tokio::select! {
+                update = rx.recv() => match update {
+                    Some(update) => {
+                        node_listed |= matches!(update, Update::Node(Change::Reset(_)));
+                        cache.apply(update);
+                        if cache.is_synced() && node_listed {
+                            break Ok(());
+                        }
+                    }
+                    None => break Err(anyhow::anyhow!("the API watch stopped")),
+                },
+                () = &mut deadline => break Err(anyhow::anyhow!(
+                    "no complete list of Services, EndpointSlices and the Node from the API within {API_LIST_TIMEOUT:?}"
+                )),
+            }
+        };
+        watch.abort();
+        listed?;
+        Ok(crate::services::build(config, &cache).0)
+    })
+}
+
 /// Runs the trace.
 pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
-    let (state, _skipped) = crate::services::desired(config)?;
+    let state = desired_state(config)?;
     let desired_env = Env::from_state(&state);
     // Live: this namespace's own addresses are what `addrtype LOCAL` / `fib` see.
     let live_env = {

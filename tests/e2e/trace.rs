@@ -185,3 +185,57 @@ mod live_trace_matches_real_packets {
         }
     }
 }
+
+/// The desired state can come from the API too: `kproxy trace --master URL` lists Services,
+/// EndpointSlices and the Node once (the daemon's watcher), then traces.
+#[test]
+fn trace_reads_the_desired_state_from_the_api() {
+    if !crate::support::require_root("trace_reads_the_desired_state_from_the_api") {
+        return;
+    }
+    let s = Scenario::with_api();
+    let remote = |a: &str| vec![Ep::ready(a).on(OTHER_NODE)];
+    s.apply(&Svc::new("web", &["10.96.1.3"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v4",
+        &remote(POD_V4[0]),
+        &[HTTP],
+    ));
+    s.apply(&Svc::new("empty", &["10.96.1.4"], &[HTTP]).json());
+    let url = s.source.api().url();
+    let run = |dst: &str| {
+        let args = [
+            "--master",
+            &url,
+            "--hostname-override",
+            NODE,
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--proxy-mode",
+            "nftables",
+            "trace",
+            "--src",
+            "10.244.1.7",
+            "--dst",
+            dst,
+            "--output",
+            "json",
+        ];
+        let (p, status) = KproxyProcess::run(&s.topo.node, &args, Duration::from_secs(40));
+        let json: Value = serde_json::from_str(&p.stdout())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", p.stdout(), p.stderr()));
+        (status.code().unwrap_or(-1), json)
+    };
+    let (code, r) = run("10.96.1.3:80");
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["state"], "desired");
+    assert_eq!(r["packet"]["from"], "pod");
+    assert_eq!(candidates(&r), vec![format!("{}:8080", POD_V4[0])], "{r:#}");
+    let (code, r) = run("10.96.1.4:80");
+    assert_eq!(
+        (code, r["verdict"]["kind"].as_str()),
+        (3, Some("REJECT")),
+        "{r:#}"
+    );
+}

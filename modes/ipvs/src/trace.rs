@@ -8,6 +8,7 @@
 //! netfilter table is not parsed back by this mode, so a live trace uses the rendered table's
 //! chains and sets around the live virtual servers.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use kproxy_contract::IpFamily;
@@ -17,31 +18,38 @@ use kproxy_contract::trace::{Candidate, Env, FrontendKind, Hop, Packet, Trace, V
 use crate::model::{IpvsRules, NftTable, VsKey};
 use crate::render::family_name;
 
-/// The chains of the table's text, by name (the base-chain declaration line skipped).
-fn view(table: &NftTable) -> View {
-    let mut v = View::default();
+/// The chains of the table's text, by name (the base-chain declaration line skipped), and
+/// its sets' elements.
+type SetList = BTreeMap<String, Vec<(String, Option<String>)>>;
+
+fn chains_and_sets(table: &NftTable) -> (BTreeMap<String, Vec<String>>, SetList) {
+    let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in table.head.lines() {
         let l = line.trim();
         if let Some(name) = l.strip_prefix("chain ").and_then(|r| r.strip_suffix(" {")) {
             current = Some(name.to_string());
-            v.chains.insert(name.to_string(), Vec::new());
+            chains.insert(name.to_string(), Vec::new());
         } else if l == "}" {
             current = None;
         } else if let Some(c) = &current
             && !l.starts_with("type ")
             && !l.is_empty()
         {
-            v.chains.entry(c.clone()).or_default().push(l.to_string());
+            chains.entry(c.clone()).or_default().push(l.to_string());
         }
     }
-    for (name, elems) in &table.sets {
-        v.sets.insert(
-            (*name).to_string(),
-            elems.iter().map(|e| (e.clone(), None)).collect(),
-        );
-    }
-    v
+    let sets = table
+        .sets
+        .iter()
+        .map(|(name, elems)| {
+            (
+                (*name).to_string(),
+                elems.iter().map(|e| (e.clone(), None)).collect(),
+            )
+        })
+        .collect();
+    (chains, sets)
 }
 
 /// Traces `pkt` through `rules`.
@@ -57,7 +65,11 @@ pub fn trace(rules: &IpvsRules, env: &Env, pkt: &Packet) -> Trace {
             reason: "no kproxy-ipvs table for this family (a read-back state has none; trace with the desired state)".into(),
         });
     };
-    let v = view(table);
+    let (chains, sets) = chains_and_sets(table);
+    let v = View {
+        chains,
+        sets: &sets,
+    };
     let mut w = Walker::new(&v, env, pkt, format!("{} kproxy-ipvs", family_name(family)));
     let local_dst = env.is_local(&pkt.dst) || rules.vips.contains(&pkt.dst);
     let mut outcomes: Vec<(Branch, End)> = Vec::new();

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use kproxy_contract::IpFamily;
-use kproxy_contract::trace::nft::{Branch, End, View, Walker};
+use kproxy_contract::trace::nft::{Branch, End, Sets, View, Walker};
 use kproxy_contract::trace::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict};
 
 use crate::model::{NftRuleset, Table, family_name};
@@ -42,26 +42,41 @@ pub fn resolve_live_rules(live: &mut NftRuleset, rendered: &NftRuleset) -> usize
     unknown
 }
 
-fn view(table: &Table) -> View {
+/// The table's sets for the evaluator: exact lookups through [`crate::model::Elements::get`]
+/// (no copy of a 10,000-service table's ~10^5 elements per trace).
+struct TableSets<'a>(&'a Table);
+
+impl Sets for TableSets<'_> {
+    fn exists(&self, set: &str) -> bool {
+        self.0.sets.contains_key(set)
+    }
+    fn exact(&self, set: &str, key: &str) -> Option<Option<String>> {
+        self.0.sets.get(set)?.elements.get(key).cloned()
+    }
+    fn ranged(&self, set: &str) -> Vec<(String, Option<String>)> {
+        let Some(s) = self.0.sets.get(set) else {
+            return Vec::new();
+        };
+        // Only interval sets hold prefixes (`service-cidrs`, `firewall-allow`).
+        if !s.signature.contains("interval") && !s.decl.contains("interval") {
+            return Vec::new();
+        }
+        s.elements
+            .iter()
+            .filter(|(k, _)| k.contains('/') || k.contains('-'))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+fn view<'a>(table: &Table, sets: &'a TableSets<'a>) -> View<'a> {
     View {
         chains: table
             .chains
             .iter()
             .map(|(n, c)| (n.clone(), c.rules.iter().map(|r| r.text.clone()).collect()))
             .collect(),
-        sets: table
-            .sets
-            .iter()
-            .map(|(n, s)| {
-                (
-                    n.clone(),
-                    s.elements
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                )
-            })
-            .collect(),
+        sets,
     }
 }
 
@@ -89,7 +104,8 @@ pub fn trace(rules: &NftRuleset, env: &Env, pkt: &Packet) -> Trace {
             ),
         });
     }
-    let v = view(table);
+    let sets = TableSets(table);
+    let v = view(table, &sets);
     let mut w = Walker::new(&v, env, pkt, format!("{} kproxy", family_name(family)));
     let local = pkt.origin.is_local();
     // Hooks before routing, in priority order.
@@ -270,11 +286,6 @@ fn timeout(signature: &str) -> Option<u64> {
     let mut w = signature.split_whitespace().rev();
     let n = w.next()?.trim_end_matches('s').parse().ok()?;
     (w.next()? == "timeout").then_some(n)
-}
-
-/// Hops for display, kept public for the CLI's `--live` disagreement report.
-pub fn hops(t: &Trace) -> &[Hop] {
-    &t.path
 }
 
 #[cfg(test)]

@@ -16,14 +16,45 @@ use ipnet::IpNet;
 
 use super::{Env, Hop, Packet};
 
-/// Chains and set elements, as plain strings.
-#[derive(Debug, Clone, Default)]
-pub struct View {
+/// Where the evaluator finds set and map elements. Keys and values use ` . ` between
+/// components, as the renderers write them; a map element's value is `Some`.
+pub trait Sets {
+    /// Whether the set or map exists.
+    fn exists(&self, set: &str) -> bool;
+    /// The element whose key is exactly `key`.
+    fn exact(&self, set: &str, key: &str) -> Option<Option<String>>;
+    /// The elements whose key holds a prefix (`10.0.0.0/8`) or a range, which an exact
+    /// lookup cannot find.
+    fn ranged(&self, set: &str) -> Vec<(String, Option<String>)>;
+}
+
+/// Sets as plain lists (small tables: the IPVS mode's, tests).
+impl Sets for BTreeMap<String, Vec<(String, Option<String>)>> {
+    fn exists(&self, set: &str) -> bool {
+        self.contains_key(set)
+    }
+    fn exact(&self, set: &str, key: &str) -> Option<Option<String>> {
+        self.get(set)?
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+    fn ranged(&self, set: &str) -> Vec<(String, Option<String>)> {
+        self.get(set)
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.contains('/') || k.contains('-'))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Chains as rule texts, and where their sets' elements are.
+pub struct View<'a> {
     /// Chain name → rule texts.
     pub chains: BTreeMap<String, Vec<String>>,
-    /// Set or map name → elements (`key`, `Some(value)` for maps). Keys and values use ` . `
-    /// between components, as the renderers write them.
-    pub sets: BTreeMap<String, Vec<(String, Option<String>)>>,
+    /// The sets and maps.
+    pub sets: &'a dyn Sets,
 }
 
 /// How a walk ended for one branch.
@@ -88,7 +119,7 @@ impl Default for Branch {
 
 /// A walker over one [`View`] for one packet.
 pub struct Walker<'a> {
-    view: &'a View,
+    view: &'a View<'a>,
     env: &'a Env,
     pkt: &'a Packet,
     /// Objects visited.
@@ -178,7 +209,12 @@ enum Stmt {
 
 impl<'a> Walker<'a> {
     /// A walker for `pkt` over `view`.
-    pub fn new(view: &'a View, env: &'a Env, pkt: &'a Packet, table: impl Into<String>) -> Self {
+    pub fn new(
+        view: &'a View<'a>,
+        env: &'a Env,
+        pkt: &'a Packet,
+        table: impl Into<String>,
+    ) -> Self {
         Self {
             view,
             env,
@@ -338,24 +374,29 @@ impl<'a> Walker<'a> {
     }
 
     fn set_has(&self, name: &str, vals: &[Val]) -> Result<bool, String> {
-        let set = self
-            .view
-            .sets
-            .get(name)
-            .ok_or_else(|| format!("set @{name} does not exist"))?;
-        Ok(set.iter().any(|(k, _)| key_matches(vals, k)))
+        Ok(self.lookup(name, vals)?.is_some())
     }
 
     fn map_get(&self, name: &str, vals: &[Val]) -> Result<Option<(String, String)>, String> {
-        let set = self
-            .view
-            .sets
-            .get(name)
-            .ok_or_else(|| format!("map @{name} does not exist"))?;
-        Ok(set
-            .iter()
-            .find(|(k, _)| key_matches(vals, k))
-            .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())))
+        Ok(self
+            .lookup(name, vals)?
+            .map(|(k, v)| (k, v.unwrap_or_default())))
+    }
+
+    /// The element matching `vals`: the exact key first, then the elements holding a prefix.
+    fn lookup(&self, name: &str, vals: &[Val]) -> Result<Option<(String, Option<String>)>, String> {
+        let sets = self.view.sets;
+        if !sets.exists(name) {
+            return Err(format!("set or map @{name} does not exist"));
+        }
+        let key = vals.iter().map(Val::text).collect::<Vec<_>>().join(" . ");
+        if let Some(v) = sets.exact(name, &key) {
+            return Ok(Some((key, v)));
+        }
+        Ok(sets
+            .ranged(name)
+            .into_iter()
+            .find(|(k, _)| key_matches(vals, k)))
     }
 
     /// Evaluates one rule: `(branch, end, continue)` triples; `end` `None` with `continue`

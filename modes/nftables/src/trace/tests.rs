@@ -245,3 +245,31 @@ proptest! {
         }
     }
 }
+
+/// How long one trace takes at 10,000 services x 10 endpoints (the last service, so the walk
+/// is the longest the layout allows). A measurement: `cargo test --release -p kproxy-nftables
+/// -- --ignored trace_time`.
+#[test]
+#[ignore = "measurement"]
+fn trace_time_at_ten_thousand_services() {
+    let s = state(kproxy_testkit::many(10_000, 10));
+    let rules = render(&s);
+    let env = Env::from_state(&s);
+    let p = pkt("10.244.1.5", "10.96.39.16", 80, Origin::Pod);
+    let start = std::time::Instant::now();
+    let n = 20;
+    for _ in 0..n {
+        let t = trace(&rules, &env, &p);
+        assert!(
+            t.verdict
+                .agrees_with(&model(&s, &env, &p, &Dialect::NFTABLES))
+                .is_ok(),
+            "{:?}",
+            t.verdict
+        );
+    }
+    eprintln!(
+        "nftables: {:?} per trace at 10,000 services",
+        start.elapsed() / n
+    );
+}

@@ -41,11 +41,8 @@ impl Net {
             if len > bits {
                 return None;
             }
-            if len == 0 {
-                0
-            } else {
-                full(bits) & !(full(bits) >> len)
-            }
+            // `/128` shifts by the whole width: checked, not a panic.
+            full(bits) & !full(bits).checked_shr(len).unwrap_or(0)
         } else {
             let mask: IpAddr = m.parse().ok()?;
             num(&mask)

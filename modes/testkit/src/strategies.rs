@@ -17,12 +17,24 @@ use kproxy_contract::{
 use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
+/// An address of the pools, in IPv4 or mapped into IPv6 (`fd00::` + the 32 IPv4 bits), so
+/// an IPv6 state has the same shape (and the same containments) as its IPv4 twin.
+fn addr(s: &str, v6: bool) -> IpAddr {
+    let v4: std::net::Ipv4Addr = s.parse().unwrap();
+    if v6 {
+        IpAddr::V6(std::net::Ipv6Addr::from(
+            (0xfd00u128 << 112) | u128::from(u32::from(v4)),
+        ))
+    } else {
+        IpAddr::V4(v4)
+    }
 }
 
-fn net(s: &str) -> IpNet {
-    s.parse().unwrap()
+/// A CIDR of the pools, mapped like [`addr`] (prefix length + 96 in IPv6).
+fn cidr(s: &str, v6: bool) -> IpNet {
+    let (a, len) = s.split_once('/').unwrap();
+    let len: u8 = len.parse().unwrap();
+    IpNet::new(addr(a, v6), if v6 { len + 96 } else { len }).unwrap()
 }
 
 /// The node's addresses: the primary, and a second one only some states use for NodePorts.
@@ -73,17 +85,17 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
     prop_oneof![Just(TrafficPolicy::Cluster), Just(TrafficPolicy::Local)]
 }
 
-fn endpoints() -> impl Strategy<Value = Endpoints> {
+fn endpoints(v6: bool) -> impl Strategy<Value = Endpoints> {
     (
         subsequence(ENDPOINTS.to_vec(), 0..=4),
         any::<bool>(),
         0..3usize,
     )
-        .prop_map(|(picked, terminating_local, extra)| {
+        .prop_map(move |(picked, terminating_local, extra)| {
             let cluster: Vec<Endpoint> = picked
                 .iter()
                 .map(|(a, p, l)| Endpoint {
-                    ip: ip(a),
+                    ip: addr(a, v6),
                     port: *p,
                     is_local: *l,
                 })
@@ -94,7 +106,7 @@ fn endpoints() -> impl Strategy<Value = Endpoints> {
             if local.is_empty() && terminating_local && !cluster.is_empty() {
                 let (a, p, l) = ENDPOINTS[extra];
                 local.push(Endpoint {
-                    ip: ip(a),
+                    ip: addr(a, v6),
                     port: p,
                     is_local: l,
                 });
@@ -113,7 +125,7 @@ fn endpoints() -> impl Strategy<Value = Endpoints> {
 }
 
 prop_compose! {
-    fn service_port(i: usize)(
+    fn service_port(i: usize, v6: bool)(
         protocol in protocol(),
         cluster_ip in proptest::option::weighted(0.9, select(CLUSTER_IPS.to_vec())),
         port in select(PORTS.to_vec()),
@@ -124,7 +136,7 @@ prop_compose! {
         affinity in proptest::option::weighted(0.2, select(vec![600u64, 10800])),
         external_policy in policy(),
         internal_policy in policy(),
-        endpoints in endpoints(),
+        endpoints in endpoints(v6),
     ) -> ServicePort {
         ServicePort {
             name: ServicePortName {
@@ -133,14 +145,14 @@ prop_compose! {
                 port: "p".into(),
                 protocol,
             },
-            family: IpFamily::V4,
-            cluster_ip: cluster_ip.map(ip),
+            family: if v6 { IpFamily::V6 } else { IpFamily::V4 },
+            cluster_ip: cluster_ip.map(|a| addr(a, v6)),
             port,
             // A NodePort or LoadBalancer service always has a ClusterIP and a NodePort.
             node_port: if load_balancer_ips.is_empty() { node_port } else { node_port.or(Some(NODE_PORTS[i % 3])) },
-            external_ips: external_ips.into_iter().map(ip).collect(),
-            source_ranges: if load_balancer_ips.is_empty() { Vec::new() } else { source_ranges.into_iter().map(net).collect() },
-            load_balancer_ips: load_balancer_ips.into_iter().map(ip).collect(),
+            external_ips: external_ips.into_iter().map(|a| addr(a, v6)).collect(),
+            source_ranges: if load_balancer_ips.is_empty() { Vec::new() } else { source_ranges.into_iter().map(|r| cidr(r, v6)).collect() },
+            load_balancer_ips: load_balancer_ips.into_iter().map(|a| addr(a, v6)).collect(),
             affinity: affinity.map(|s| SessionAffinity { timeout: Duration::from_secs(s) }),
             external_policy,
             internal_policy,
@@ -151,13 +163,13 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn node()(
+    fn node(v6: bool)(
         pod_cidr in any::<bool>(),
         masquerade_all in proptest::bool::weighted(0.2),
         two_ips in any::<bool>(),
         only_primary in any::<bool>(),
     ) -> NodeSettings {
-        let node_ips: Vec<IpAddr> = NODE_IPS.iter().take(if two_ips { 2 } else { 1 }).map(|a| ip(a)).collect();
+        let node_ips: Vec<IpAddr> = NODE_IPS.iter().take(if two_ips { 2 } else { 1 }).map(|a| addr(a, v6)).collect();
         NodeSettings {
             node_name: "node-a".into(),
             node_port_addresses: if only_primary {
@@ -166,8 +178,8 @@ prop_compose! {
                 NodePortAddresses::AllLocal
             },
             node_ips,
-            cluster_cidrs: if pod_cidr { vec![net("10.244.0.0/16")] } else { Vec::new() },
-            service_cidrs: vec![net("10.96.0.0/16")],
+            cluster_cidrs: if pod_cidr { vec![cidr("10.244.0.0/16", v6)] } else { Vec::new() },
+            service_cidrs: vec![cidr("10.96.0.0/16", v6)],
             masquerade_all,
             masquerade_bit: 14,
         }
@@ -206,14 +218,15 @@ fn dedupe(mut sps: Vec<ServicePort>) -> Vec<ServicePort> {
     sps
 }
 
-/// A random state: up to five IPv4 service ports on a node with one or two addresses.
-pub fn state() -> impl Strategy<Value = ProxyState> {
+/// A random state: up to five service ports of one family (`v6`) on a node with one or two
+/// addresses of that family.
+pub fn state(v6: bool) -> impl Strategy<Value = ProxyState> {
     let sps = (0..5usize)
-        .map(service_port)
+        .map(|i| service_port(i, v6))
         .collect::<Vec<_>>()
         .prop_flat_map(|all| (Just(all), 0..=5usize))
         .prop_map(|(all, n)| all.into_iter().take(n).collect::<Vec<_>>());
-    (node(), sps).prop_map(|(node, sps)| {
+    (node(v6), sps).prop_map(|(node, sps)| {
         let services = dedupe(sps)
             .into_iter()
             .map(|sp| {
@@ -238,8 +251,14 @@ pub fn env(state: &ProxyState) -> Env {
     Env::from_state(state)
 }
 
-/// Packets biased towards the state's frontends.
-pub fn packet() -> impl Strategy<Value = Packet> {
+/// A state and 24 packets for it, IPv4 or (one case in three) IPv6.
+pub fn case() -> impl Strategy<Value = (ProxyState, Vec<Packet>)> {
+    proptest::bool::weighted(1.0 / 3.0)
+        .prop_flat_map(|v6| (state(v6), proptest::collection::vec(packet(v6), 24)))
+}
+
+/// Packets biased towards the frontends of a [`state`] of the same family.
+pub fn packet(v6: bool) -> impl Strategy<Value = Packet> {
     let dst = select(
         CLUSTER_IPS
             .iter()
@@ -247,7 +266,7 @@ pub fn packet() -> impl Strategy<Value = Packet> {
             .chain(&LB_IPS)
             .chain(&NODE_IPS)
             .chain(&["10.96.0.200", "8.8.8.8", "10.244.2.1"])
-            .map(|a| ip(a))
+            .map(|a| addr(a, v6))
             .collect::<Vec<_>>(),
     );
     let port = prop_oneof![
@@ -263,11 +282,11 @@ pub fn packet() -> impl Strategy<Value = Packet> {
         protocol(),
         any::<bool>(),
     )
-        .prop_map(|(src, dst, dst_port, proto, pod)| {
-            let src = ip(src);
-            let origin = if NODE_IPS.iter().any(|n| ip(n) == src) {
+        .prop_map(move |(src, dst, dst_port, proto, pod)| {
+            let src = addr(src, v6);
+            let origin = if NODE_IPS.iter().any(|n| addr(n, v6) == src) {
                 Origin::Node
-            } else if net("10.244.0.0/16").contains(&src) && pod {
+            } else if cidr("10.244.0.0/16", v6).contains(&src) && pod {
                 Origin::Pod
             } else {
                 Origin::External

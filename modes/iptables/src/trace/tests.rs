@@ -145,14 +145,30 @@ fn an_altered_ruleset_disagrees_with_the_model() {
     ));
 }
 
+#[test]
+fn address_matches_cover_every_prefix_length() {
+    for (net, ip, hit) in [
+        ("fd00::1/128", "fd00::1", true),
+        ("fd00::1/128", "fd00::2", false),
+        ("10.0.0.1/32", "10.0.0.1", true),
+        ("0.0.0.0/0", "10.0.0.1", true),
+        ("::/0", "fd00::1", true),
+        ("0.0.0.10/0.0.0.15", "10.96.0.26", true),
+        ("::3/::f", "fd00::1:23", true),
+        ("10.0.0.0/33", "10.0.0.1", false),
+    ] {
+        let got = super::Net::parse(net).is_some_and(|n| n.contains(&ip.parse().unwrap()));
+        assert_eq!(got, hit, "{net} {ip}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// The iptables mode's rules and the model agree on every packet.
     #[test]
     fn iptables_rules_agree_with_the_model(
-        s in strategies::state(),
-        pkts in proptest::collection::vec(strategies::packet(), 24),
+        (s, pkts) in strategies::case(),
         liberal in any::<bool>(),
     ) {
         let rules = render(&s, &RenderOptions { tcp_be_liberal: liberal });

@@ -85,8 +85,7 @@ proptest! {
     /// The IPVS mode's virtual servers and table agree with the model (IPVS dialect).
     #[test]
     fn ipvs_rules_agree_with_the_model(
-        s in strategies::state(),
-        pkts in proptest::collection::vec(strategies::packet(), 24),
+        (s, pkts) in strategies::case(),
     ) {
         let rules = rendered(&s);
         let env = strategies::env(&s);

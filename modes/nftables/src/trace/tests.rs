@@ -230,8 +230,7 @@ proptest! {
     /// The nftables mode's rules and the model agree on every packet.
     #[test]
     fn nftables_rules_agree_with_the_model(
-        s in strategies::state(),
-        pkts in proptest::collection::vec(strategies::packet(), 24),
+        (s, pkts) in strategies::case(),
     ) {
         let rules = render(&s);
         let env = strategies::env(&s);

@@ -56,8 +56,7 @@ proptest! {
     /// and no SCTP packets are traced.
     #[test]
     fn userspace_listeners_agree_with_the_model(
-        s in strategies::state(),
-        pkts in proptest::collection::vec(strategies::packet(), 24),
+        (s, pkts) in strategies::case(),
     ) {
         let rules = render(&s);
         let env = strategies::env(&s);

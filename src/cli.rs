@@ -180,6 +180,55 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         output: OutputFormat,
     },
+    /// Explain where one packet goes and why: the verdict (service port, endpoints with their
+    /// shares, masquerade, or DROP/REJECT and the rule that decided it) and the path through
+    /// the mode's objects. Exit 0 forwarded, 3 dropped or rejected.
+    Trace(TraceArgs),
+}
+
+/// `kproxy trace` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceArgs {
+    /// Source address, optionally with a port: IP[:PORT], [IPv6]:PORT.
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub src: String,
+    /// Destination: IP:PORT, [IPv6]:PORT.
+    #[arg(long, value_name = "IP:PORT")]
+    pub dst: String,
+    /// Transport protocol: tcp, udp or sctp.
+    #[arg(long, default_value = "tcp", value_name = "PROTO")]
+    pub proto: String,
+    /// Where the packet comes from; default: node if the source is a local address, pod if it
+    /// is in --cluster-cidr, else external.
+    #[arg(long, value_enum)]
+    pub from: Option<OriginArg>,
+    /// Trace over the rules read back from this node's kernel (root), and say where they
+    /// disagree with the desired state.
+    #[arg(long)]
+    pub live: bool,
+    /// `text` for people, `json` for tools.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: TraceOutput,
+}
+
+/// `kproxy trace --from` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OriginArg {
+    /// A pod on this node.
+    Pod,
+    /// The node itself (host network).
+    Node,
+    /// Another host.
+    External,
+}
+
+/// `kproxy trace --output` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TraceOutput {
+    /// Verdict, then the path.
+    Text,
+    /// One JSON document.
+    Json,
 }
 
 /// `--output` values.

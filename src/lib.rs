@@ -21,3 +21,4 @@ pub mod run;
 pub mod services;
 pub mod source;
 pub mod sync;
+pub mod trace;

@@ -26,6 +26,19 @@ fn main() -> ExitCode {
     if let Some(Command::Services { output }) = args.command {
         return services(&config, output);
     }
+    if let Some(Command::Trace(trace)) = &args.command {
+        return match kproxy::trace::run(&config, trace) {
+            Ok(report) => {
+                let text = kproxy::trace::render(&report, trace.output);
+                let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+                ExitCode::from(report.exit_code())
+            }
+            Err(err) => {
+                eprintln!("kproxy trace: {err:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

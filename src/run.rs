@@ -82,7 +82,8 @@ fn ipvs_options(config: &Config) -> IpvsOptions {
     }
 }
 
-fn iptables_backend(choice: BackendChoice) -> Backend {
+/// The iptables backend a choice resolves to (`auto` detects what the host uses).
+pub(crate) fn iptables_backend(choice: BackendChoice) -> Backend {
     match choice {
         BackendChoice::Nft => Backend::Nft,
         BackendChoice::Legacy => Backend::Legacy,
@@ -199,7 +200,7 @@ async fn spawn_source(
 
 /// A client from `--kubeconfig` / `--master`; with neither, kube's inference (in-cluster
 /// service account, or the usual kubeconfig locations).
-async fn kube_client(
+pub(crate) async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
     master: Option<&str>,
 ) -> anyhow::Result<kube::Client> {

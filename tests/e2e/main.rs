@@ -17,4 +17,5 @@ mod deploy_manifests;
 mod iptables;
 mod nftables;
 mod operability;
+mod trace;
 mod userspace;

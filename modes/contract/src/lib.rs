@@ -14,6 +14,7 @@ pub mod command;
 mod error;
 mod mode;
 mod state;
+pub mod trace;
 
 pub use error::{CommandError, ModeError};
 pub use mode::{Mode, ModeName, ObjectCount, Plan, PlanStats};

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod render;
 pub mod rule;
 pub mod ruleset;
+pub mod trace;
 
 use std::sync::{Mutex, PoisonError};
 

@@ -30,6 +30,7 @@ pub mod model;
 pub mod plan;
 pub mod render;
 pub mod socket;
+pub mod trace;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

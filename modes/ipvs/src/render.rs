@@ -188,7 +188,13 @@ fn service_port(
         if external.is_empty() && sp.endpoints.any {
             put("no-local-endpoints", elem(addr, port));
         }
-        if vip && sp.load_balancer_ips.contains(&addr) && !sp.source_ranges.is_empty() {
+        // Upstream's usesFWChain: source ranges apply when the service has endpoints (without
+        // any, IPVS itself refuses the connection, rule 5).
+        if vip
+            && sp.load_balancer_ips.contains(&addr)
+            && !sp.source_ranges.is_empty()
+            && sp.endpoints.any
+        {
             put("firewall", elem(addr, port));
             for range in &sp.source_ranges {
                 put(
@@ -318,8 +324,9 @@ fn head(family: IpFamily, node: &NodeSettings) -> String {
             "service-filter",
             None,
             vec![
-                format!("{fe} @no-local-endpoints drop"),
+                // Source ranges first: rule 13 is checked before any endpoint choice.
                 format!("{fe} @firewall {fe} . {a} saddr != @firewall-allow drop"),
+                format!("{fe} @no-local-endpoints drop"),
                 format!(
                     "meta l4proto {{ tcp, udp, sctp }} {a} daddr @vips {fe} != @frontends reject"
                 ),

@@ -10,6 +10,7 @@ pub mod live;
 pub mod model;
 pub mod plan;
 pub mod render;
+pub mod trace;
 
 use std::sync::{Mutex, PoisonError};
 

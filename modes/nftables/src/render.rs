@@ -402,6 +402,28 @@ impl<'a> Writer<'a> {
                 self.elem(no_eps, key, Some("goto reject-chain".into()));
                 continue;
             }
+            // loadBalancerSourceRanges (LB IPs only, rule 13), whenever the service has
+            // endpoints (upstream's usesFWChain): the filter runs before DNAT, so it also
+            // covers the ETP=Local short-circuit and frontends whose policy has no endpoint.
+            if let Frontend::Ip(ip) = fe
+                && sp.load_balancer_ips.contains(&ip)
+                && !sp.source_ranges.is_empty()
+            {
+                self.elem("firewall-ips", key.clone(), None);
+                for range in &sp.source_ranges {
+                    self.elem("firewall-allow", format!("{key} . {}", prefix(range)), None);
+                }
+                let node_allowed = self
+                    .node
+                    .node_ips
+                    .iter()
+                    .any(|n| sp.source_ranges.iter().any(|r| r.contains(n)));
+                if node_allowed {
+                    for lb in &sp.load_balancer_ips {
+                        self.elem("firewall-allow", format!("{key} . {lb}"), None);
+                    }
+                }
+            }
             // Short-circuit for ETP=Local external frontends: pods and the node itself use the
             // Cluster endpoints (pods without masquerade, the node with it).
             if is_external && etp_local && !cluster.is_empty() {
@@ -434,26 +456,6 @@ impl<'a> Writer<'a> {
                 // Upstream heads whichever chain internal traffic uses (Cluster or Local) with
                 // the masquerade rule for sources outside the pod network.
                 self.elem("masq-internal", key.clone(), None);
-            }
-            // loadBalancerSourceRanges (LB IPs only, rule 13).
-            if let Frontend::Ip(ip) = fe
-                && sp.load_balancer_ips.contains(&ip)
-                && !sp.source_ranges.is_empty()
-            {
-                self.elem("firewall-ips", key.clone(), None);
-                for range in &sp.source_ranges {
-                    self.elem("firewall-allow", format!("{key} . {}", prefix(range)), None);
-                }
-                let node_allowed = self
-                    .node
-                    .node_ips
-                    .iter()
-                    .any(|n| sp.source_ranges.iter().any(|r| r.contains(n)));
-                if node_allowed {
-                    for lb in &sp.load_balancer_ips {
-                        self.elem("firewall-allow", format!("{key} . {lb}"), None);
-                    }
-                }
             }
         }
         // Hairpin: a pod reaching itself through the service is masqueraded. Only a local pod

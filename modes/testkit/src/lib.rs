@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+pub mod strategies;
+
 use kproxy_contract::{
     Endpoint, Endpoints, IpFamily, NodeSettings, Protocol, ProxyState, ServicePort, ServicePortKey,
     ServicePortName, TrafficPolicy,

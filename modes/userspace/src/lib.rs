@@ -16,6 +16,7 @@ pub mod model;
 pub mod plan;
 pub mod render;
 pub mod routes;
+pub mod trace;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

@@ -1,0 +1,194 @@
+#![allow(clippy::unwrap_used, reason = "test fixtures")]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::*;
+use crate::{Endpoint, Endpoints, NodeSettings, ServicePortKey, ServicePortName};
+
+fn sp(eps: Vec<Endpoint>, local: Vec<Endpoint>) -> ServicePort {
+    ServicePort {
+        name: ServicePortName {
+            namespace: "ns".into(),
+            name: "web".into(),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        },
+        family: IpFamily::V4,
+        cluster_ip: Some("10.96.0.10".parse().unwrap()),
+        port: 80,
+        node_port: Some(30080),
+        external_ips: vec![],
+        load_balancer_ips: vec!["198.51.100.1".parse().unwrap()],
+        source_ranges: vec!["100.64.0.0/24".parse().unwrap()],
+        affinity: None,
+        external_policy: TrafficPolicy::Local,
+        internal_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
+        endpoints: Endpoints {
+            any: !eps.is_empty(),
+            serving: eps.clone(),
+            cluster: eps,
+            local_ready: local.len(),
+            local,
+        },
+    }
+}
+
+fn st(sp: ServicePort) -> ProxyState {
+    let mut services = BTreeMap::new();
+    services.insert(
+        ServicePortKey {
+            family: sp.family,
+            name: sp.name.clone(),
+        },
+        Arc::new(sp),
+    );
+    ProxyState {
+        node: Arc::new(NodeSettings {
+            node_ips: vec!["192.168.0.2".parse().unwrap()],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+            masquerade_bit: 14,
+            ..NodeSettings::default()
+        }),
+        services,
+    }
+}
+
+fn pkt(src: &str, dst: &str, port: u16, origin: Origin) -> Packet {
+    Packet {
+        src: src.parse().unwrap(),
+        src_port: None,
+        dst: dst.parse().unwrap(),
+        dst_port: port,
+        proto: Protocol::Tcp,
+        origin,
+    }
+}
+
+fn remote() -> Endpoint {
+    Endpoint {
+        ip: "10.244.2.1".parse().unwrap(),
+        port: 8080,
+        is_local: false,
+    }
+}
+
+#[test]
+fn etp_local_without_local_endpoints_drops_outsiders_and_short_circuits_pods() {
+    let s = st(sp(vec![remote()], vec![]));
+    let env = Env::from_state(&s);
+    let d = Dialect::IPTABLES;
+    let v = model(
+        &s,
+        &env,
+        &pkt("172.16.0.9", "192.168.0.2", 30080, Origin::External),
+        &d,
+    );
+    assert!(matches!(v, Verdict::Drop { rule: 7, .. }), "{v:?}");
+    let v = model(
+        &s,
+        &env,
+        &pkt("10.244.1.5", "192.168.0.2", 30080, Origin::Pod),
+        &d,
+    );
+    assert!(
+        matches!(&v, Verdict::Forward { candidates, .. } if candidates.len() == 1 && !candidates[0].masquerade),
+        "{v:?}"
+    );
+    let v = model(
+        &s,
+        &env,
+        &pkt("192.168.0.2", "192.168.0.2", 30080, Origin::Node),
+        &d,
+    );
+    assert!(
+        matches!(&v, Verdict::Forward { candidates, .. } if candidates[0].masquerade),
+        "{v:?}"
+    );
+    // IPVS has no short-circuit: the pod is dropped too.
+    let v = model(
+        &s,
+        &env,
+        &pkt("10.244.1.5", "192.168.0.2", 30080, Origin::Pod),
+        &Dialect::IPVS,
+    );
+    assert!(matches!(v, Verdict::Drop { rule: 7, .. }), "{v:?}");
+}
+
+#[test]
+fn source_ranges_drop_before_anything_else() {
+    let s = st(sp(vec![remote()], vec![]));
+    let env = Env::from_state(&s);
+    let v = model(
+        &s,
+        &env,
+        &pkt("10.244.1.5", "198.51.100.1", 80, Origin::Pod),
+        &Dialect::IPTABLES,
+    );
+    assert!(matches!(v, Verdict::Drop { rule: 13, .. }), "{v:?}");
+}
+
+#[test]
+fn unused_ports_and_unallocated_addresses_depend_on_the_dialect() {
+    let s = st(sp(vec![remote()], vec![]));
+    let env = Env::from_state(&s);
+    let other_port = pkt("10.244.1.5", "10.96.0.10", 81, Origin::Pod);
+    let unallocated = pkt("10.244.1.5", "10.96.0.99", 80, Origin::Pod);
+    assert_eq!(
+        model(&s, &env, &other_port, &Dialect::IPTABLES),
+        Verdict::NotService
+    );
+    assert!(matches!(
+        model(&s, &env, &other_port, &Dialect::NFTABLES),
+        Verdict::Reject { rule: 24, .. }
+    ));
+    assert!(matches!(
+        model(&s, &env, &unallocated, &Dialect::NFTABLES),
+        Verdict::Drop { rule: 24, .. }
+    ));
+    assert_eq!(
+        model(&s, &env, &unallocated, &Dialect::IPTABLES),
+        Verdict::NotService
+    );
+}
+
+#[test]
+fn agreement_compares_shares_and_masquerade() {
+    let c = |ip: &str, share: f64, masquerade: bool| Candidate {
+        endpoint: SocketAddr::new(ip.parse().unwrap(), 80),
+        share,
+        weight: None,
+        masquerade,
+    };
+    let f = |cands| Verdict::Forward {
+        service: None,
+        frontend: None,
+        candidates: cands,
+        affinity: None,
+    };
+    let a = f(vec![c("10.0.0.1", 0.5, false), c("10.0.0.2", 0.5, false)]);
+    assert!(
+        a.agrees_with(&f(vec![
+            c("10.0.0.2", 0.5, false),
+            c("10.0.0.1", 0.5, false)
+        ]))
+        .is_ok()
+    );
+    assert!(
+        a.agrees_with(&f(vec![
+            c("10.0.0.1", 0.7, false),
+            c("10.0.0.2", 0.3, false)
+        ]))
+        .is_err()
+    );
+    assert!(
+        a.agrees_with(&f(vec![
+            c("10.0.0.1", 0.5, true),
+            c("10.0.0.2", 0.5, false)
+        ]))
+        .is_err()
+    );
+    assert!(a.agrees_with(&Verdict::NotService).is_err());
+}

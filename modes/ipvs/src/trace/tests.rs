@@ -1,0 +1,101 @@
+#![allow(clippy::unwrap_used, reason = "test fixtures")]
+
+use kproxy_contract::trace::{Dialect, Env, Origin, Packet, Verdict, model};
+use kproxy_contract::{IpFamily, ProxyState};
+use kproxy_testkit::{ep, service, state, strategies};
+use proptest::prelude::*;
+
+use super::trace;
+use crate::model::IpvsRules;
+use crate::render::{RenderInput, render};
+
+fn rendered(s: &ProxyState) -> IpvsRules {
+    render(
+        s,
+        &RenderInput {
+            scheduler: "rr",
+            local_addresses: &s.node.node_ips,
+            families: &[IpFamily::V4, IpFamily::V6],
+        },
+    )
+}
+
+fn pkt(src: &str, dst: &str, port: u16, origin: Origin) -> Packet {
+    Packet {
+        src: src.parse().unwrap(),
+        src_port: None,
+        dst: dst.parse().unwrap(),
+        dst_port: port,
+        proto: kproxy_contract::Protocol::Tcp,
+        origin,
+    }
+}
+
+#[test]
+fn virtual_server_weights_become_shares() {
+    let s = state(vec![service(
+        "web",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", true), ep("10.244.2.1", false)],
+    )]);
+    let mut rules = rendered(&s);
+    let env = Env::from_state(&s);
+    let p = pkt("10.244.1.5", "10.96.0.10", 80, Origin::Pod);
+    let t = trace(&rules, &env, &p);
+    assert!(
+        t.verdict
+            .agrees_with(&model(&s, &env, &p, &Dialect::IPVS))
+            .is_ok(),
+        "{:?}",
+        t.verdict
+    );
+    // Weight 3 to one real server: 3/4 of new connections go there, and the model disagrees.
+    let vs = rules.services.values_mut().next().unwrap();
+    *vs.dests.values_mut().next().unwrap() = 3;
+    let t = trace(&rules, &env, &p);
+    let Verdict::Forward { candidates, .. } = &t.verdict else {
+        panic!("{:?}", t.verdict)
+    };
+    assert!(
+        candidates
+            .iter()
+            .any(|c| (c.share - 0.75).abs() < 1e-9 && c.weight == Some(3))
+    );
+    assert!(
+        t.verdict
+            .agrees_with(&model(&s, &env, &p, &Dialect::IPVS))
+            .is_err()
+    );
+    // A port no virtual server serves on a service address: REJECT (rule 24).
+    let t = trace(
+        &rules,
+        &env,
+        &pkt("10.244.1.5", "10.96.0.10", 81, Origin::Pod),
+    );
+    assert!(
+        matches!(t.verdict, Verdict::Reject { rule: 24, .. }),
+        "{:?}",
+        t.verdict
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The IPVS mode's virtual servers and table agree with the model (IPVS dialect).
+    #[test]
+    fn ipvs_rules_agree_with_the_model(
+        (s, pkts) in strategies::case(),
+    ) {
+        let rules = rendered(&s);
+        let env = strategies::env(&s);
+        for p in &pkts {
+            let expected = model(&s, &env, p, &Dialect::IPVS);
+            let got = trace(&rules, &env, p);
+            if let Err(why) = got.verdict.agrees_with(&expected) {
+                let path: Vec<String> = got.path.iter().map(|h| format!("{}{}: {}", "  ".repeat(h.depth), h.object, h.detail)).collect();
+                prop_assert!(false, "{p}: {why}\nmodel: {expected}\ntrace: {}\npath:\n{}\nstate: {:#?}", got.verdict, path.join("\n"), s);
+            }
+        }
+    }
+}

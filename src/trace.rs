@@ -1,0 +1,440 @@
+//! `kproxy trace`: what happens to one packet, and why, over the selected mode's objects.
+//!
+//! Without `--live` the objects are the mode's rendering of the desired state (from
+//! `--manifests` or one list of the API, with the daemon's own builder): no root needed,
+//! nothing touched. With
+//! `--live` they are read back from the kernel of the network namespace kproxy runs in, and
+//! the desired state's answer is shown next to the live one when they disagree.
+//!
+//! Exit status: 0 forwarded (or not a service: the packet is routed normally), 3 dropped or
+//! rejected, 1 when the live state cannot be read or interpreted, 2 for bad flags.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context as _, bail};
+use kproxy_contract::trace::{Env, Origin, Packet, Trace, Verdict};
+use kproxy_contract::{IpFamily, Mode as _, ModeName, Protocol, ProxyState};
+use serde_json::json;
+
+use crate::cli::{OriginArg, TraceArgs, TraceOutput};
+use crate::config::{Config, SourceConfig};
+use crate::source::{Change, Update};
+
+/// What the command found: the trace it reports and the desired state's answer when that
+/// differs from a live one.
+#[derive(Debug)]
+pub struct Report {
+    /// The mode traced.
+    pub mode: ModeName,
+    /// The packet.
+    pub packet: Packet,
+    /// `desired` or `live`.
+    pub source: &'static str,
+    /// The trace reported.
+    pub trace: Trace,
+    /// With `--live`: the desired state's trace, when its verdict disagrees with the live one.
+    pub desired_disagrees: Option<(Trace, String)>,
+}
+
+impl Report {
+    /// The process exit status.
+    pub fn exit_code(&self) -> u8 {
+        match &self.trace.verdict {
+            Verdict::Forward { .. } | Verdict::NotService => 0,
+            Verdict::Drop { .. } | Verdict::Reject { .. } => 3,
+            Verdict::Unknown { .. } => 1,
+        }
+    }
+}
+
+/// `IP`, `IP:PORT`, `[IPv6]:PORT`.
+fn parse_endpoint(s: &str, need_port: bool) -> anyhow::Result<(IpAddr, Option<u16>)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    if let Ok(ip) = s.trim_matches(['[', ']']).parse::<IpAddr>() {
+        if need_port {
+            bail!("{s:?} has no port (IP:PORT, [IPv6]:PORT)");
+        }
+        return Ok((ip, None));
+    }
+    bail!("{s:?} is not IP[:PORT] ([IPv6]:PORT for IPv6)")
+}
+
+/// The packet the flags describe; `--from` defaults from the source address.
+pub fn packet(args: &TraceArgs, state: &ProxyState, env: &Env) -> anyhow::Result<Packet> {
+    let (src, src_port) = parse_endpoint(&args.src, false).context("--src")?;
+    let (dst, dst_port) = parse_endpoint(&args.dst, true).context("--dst")?;
+    if IpFamily::of(&src) != IpFamily::of(&dst) {
+        bail!("--src {src} and --dst {dst} are of different IP families");
+    }
+    let origin = match args.from {
+        Some(OriginArg::Pod) => Origin::Pod,
+        Some(OriginArg::Node) => Origin::Node,
+        Some(OriginArg::External) => Origin::External,
+        None if env.is_local(&src) => Origin::Node,
+        None if state.node.cluster_cidrs.iter().any(|c| c.contains(&src)) => Origin::Pod,
+        None => Origin::External,
+    };
+    Ok(Packet {
+        src,
+        src_port,
+        dst,
+        dst_port: dst_port.unwrap_or_default(),
+        proto: match args.proto.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "sctp" => Protocol::Sctp,
+            other => bail!("--proto {other:?}: use tcp, udp or sctp"),
+        },
+        origin,
+    })
+}
+
+/// How long `kproxy trace` waits for the API's initial lists.
+const API_LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The desired state, from `--manifests` or from one complete list of the API (the daemon's
+/// own watcher, stopped once Services, EndpointSlices and the Node have been listed).
+pub fn desired_state(config: &Config) -> anyhow::Result<ProxyState> {
+    let SourceConfig::Api { kubeconfig, master } = &config.source else {
+        return Ok(crate::services::desired(config)?.0);
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let client = crate::run::kube_client(kubeconfig.as_deref(), master.as_deref()).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let watch = tokio::spawn(crate::source::kube::run(client, config.hostname.clone(), tx));
+        let mut cache = crate::cache::ClusterCache::default();
+        let mut node_listed = false;
+        let deadline = tokio::time::sleep(API_LIST_TIMEOUT);
+        tokio::pin!(deadline);
+        let listed = loop {
+            tokio::select! {
+                update = rx.recv() => match update {
+                    Some(update) => {
+                        node_listed |= matches!(update, Update::Node(Change::Reset(_)));
+                        cache.apply(update);
+                        if cache.is_synced() && node_listed {
+                            break Ok(());
+                        }
+                    }
+                    None => break Err(anyhow::anyhow!("the API watch stopped")),
+                },
+                () = &mut deadline => break Err(anyhow::anyhow!(
+                    "no complete list of Services, EndpointSlices and the Node from the API within {API_LIST_TIMEOUT:?}"
+                )),
+            }
+        };
+        watch.abort();
+        listed?;
+        Ok(crate::services::build(config, &cache).0)
+    })
+}
+
+/// Runs the trace.
+pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
+    let state = desired_state(config)?;
+    let desired_env = Env::from_state(&state);
+    // Live: this namespace's own addresses are what `addrtype LOCAL` / `fib` see.
+    let live_env = {
+        let mut env = desired_env.clone();
+        env.local_addresses.extend(crate::node::local_addresses());
+        env
+    };
+    let env = if args.live { &live_env } else { &desired_env };
+    let pkt = packet(args, &state, env)?;
+    let families = vec![pkt.family()];
+    let (desired, live) = match config.mode {
+        ModeName::Iptables => {
+            let opts = kproxy_iptables::RenderOptions {
+                tcp_be_liberal: config.tcp_be_liberal,
+            };
+            let rules = kproxy_iptables::render::render(&state, &opts);
+            let desired = kproxy_iptables::trace::trace(&rules, env, &pkt);
+            let live = if args.live {
+                let backend = crate::run::iptables_backend(config.iptables_backend);
+                let mut mode = kproxy_iptables::IptablesMode::new(
+                    kproxy_iptables::IptablesCli::new(backend),
+                    families,
+                    opts,
+                );
+                let live = mode
+                    .read_live()
+                    .context("reading the live iptables rules")?;
+                Some(kproxy_iptables::trace::trace(&live, env, &pkt))
+            } else {
+                None
+            };
+            (desired, live)
+        }
+        ModeName::Nftables => {
+            let rules = kproxy_nftables::render::render(&state);
+            let desired = kproxy_nftables::trace::trace(&rules, env, &pkt);
+            let live = if args.live {
+                let mut mode =
+                    kproxy_nftables::NftablesMode::new(kproxy_nftables::NftCli, families);
+                let mut live = mode
+                    .read_live()
+                    .context("reading the live nftables table")?;
+                let unknown = kproxy_nftables::trace::resolve_live_rules(&mut live, &rules);
+                if unknown > 0 {
+                    tracing::warn!(
+                        unknown,
+                        "live rules that this configuration does not render; the trace stops at them"
+                    );
+                }
+                Some(kproxy_nftables::trace::trace(&live, env, &pkt))
+            } else {
+                None
+            };
+            (desired, live)
+        }
+        ModeName::Ipvs => {
+            let local: Vec<IpAddr> = if args.live {
+                crate::node::local_addresses()
+            } else {
+                state.node.node_ips.clone()
+            };
+            let rules = kproxy_ipvs::render::render(
+                &state,
+                &kproxy_ipvs::render::RenderInput {
+                    scheduler: &config.ipvs_scheduler,
+                    local_addresses: &local,
+                    families: &families,
+                },
+            );
+            let desired = kproxy_ipvs::trace::trace(&rules, env, &pkt);
+            let live = if args.live {
+                let mut mode = kproxy_ipvs::IpvsMode::new(
+                    kproxy_ipvs::SystemKernel::new(),
+                    kproxy_ipvs::IpvsOptions {
+                        scheduler: config.ipvs_scheduler.clone(),
+                        families: families.clone(),
+                        ..kproxy_ipvs::IpvsOptions::default()
+                    },
+                );
+                let mut live = mode.read_live().context("reading the live IPVS state")?;
+                // The kproxy-ipvs table is not read back (see kproxy_ipvs::trace).
+                live.nft = rules.nft.clone();
+                Some(kproxy_ipvs::trace::trace(&live, env, &pkt))
+            } else {
+                None
+            };
+            (desired, live)
+        }
+        ModeName::Userspace => {
+            if args.live {
+                bail!(
+                    "--live is not available for the userspace mode: its listeners live inside the running daemon, not in the kernel"
+                );
+            }
+            let rules = kproxy_userspace::render::render(&state);
+            (kproxy_userspace::trace::trace(&rules, env, &pkt), None)
+        }
+    };
+    Ok(match live {
+        None => Report {
+            mode: config.mode,
+            packet: pkt,
+            source: "desired",
+            trace: desired,
+            desired_disagrees: None,
+        },
+        Some(live) => {
+            let disagreement = live.verdict.agrees_with(&desired.verdict).err();
+            Report {
+                mode: config.mode,
+                packet: pkt,
+                source: "live",
+                trace: live,
+                desired_disagrees: disagreement.map(|why| (desired, why)),
+            }
+        }
+    })
+}
+
+/// The report for people: verdict first, then the path.
+pub fn to_text(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "packet:  {}", r.packet);
+    let _ = writeln!(out, "mode:    {} ({} state)", r.mode, r.source);
+    let _ = writeln!(out, "verdict: {}", r.trace.verdict);
+    if let Some((desired, why)) = &r.desired_disagrees {
+        let _ = writeln!(
+            out,
+            "\nDISAGREEMENT: the desired state says otherwise ({why}):\n  {}",
+            desired.verdict.to_string().replace('\n', "\n  ")
+        );
+    }
+    let _ = writeln!(out, "\npath:");
+    for h in &r.trace.path {
+        let _ = writeln!(out, "  {}{}: {}", "  ".repeat(h.depth), h.object, h.detail);
+    }
+    out
+}
+
+fn verdict_json(v: &Verdict) -> serde_json::Value {
+    match v {
+        Verdict::Forward {
+            service,
+            frontend,
+            candidates,
+            affinity,
+        } => json!({
+            "kind": v.kind(),
+            "service": service,
+            "frontend": frontend.map(|f| f.as_str()),
+            "affinityTimeoutSeconds": affinity,
+            "candidates": candidates.iter().map(|c| json!({
+                "endpoint": c.endpoint.to_string(),
+                "share": c.share,
+                "weight": c.weight,
+                "masquerade": c.masquerade,
+            })).collect::<Vec<_>>(),
+        }),
+        Verdict::Reject { rule, reason } | Verdict::Drop { rule, reason } => {
+            json!({ "kind": v.kind(), "rule": rule, "reason": reason })
+        }
+        Verdict::NotService => json!({ "kind": v.kind() }),
+        Verdict::Unknown { reason } => json!({ "kind": v.kind(), "reason": reason }),
+    }
+}
+
+/// The report for tools.
+pub fn to_json(r: &Report) -> serde_json::Value {
+    let p = &r.packet;
+    json!({
+        "packet": {
+            "src": p.src.to_string(),
+            "srcPort": p.src_port,
+            "dst": p.dst.to_string(),
+            "dstPort": p.dst_port,
+            "protocol": p.proto.as_str(),
+            "from": p.origin.as_str(),
+        },
+        "mode": r.mode.as_str(),
+        "state": r.source,
+        "verdict": verdict_json(&r.trace.verdict),
+        "exitStatus": r.exit_code(),
+        "path": r.trace.path.iter().map(|h| json!({
+            "depth": h.depth, "object": h.object, "detail": h.detail,
+        })).collect::<Vec<_>>(),
+        "desiredDisagrees": r.desired_disagrees.as_ref().map(|(t, why)| json!({
+            "why": why,
+            "verdict": verdict_json(&t.verdict),
+        })),
+    })
+}
+
+/// Renders the report in the requested format.
+pub fn render(r: &Report, output: TraceOutput) -> String {
+    match output {
+        TraceOutput::Text => to_text(r),
+        TraceOutput::Json => format!("{:#}\n", to_json(r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Args, Command};
+
+    fn report(mode: &str, trace_args: &[&str]) -> Report {
+        let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/demo");
+        let mut argv = vec![
+            "kproxy",
+            "--manifests",
+            demo,
+            "--hostname-override",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:244::/56",
+            "--proxy-mode",
+            mode,
+            "trace",
+        ];
+        argv.extend_from_slice(trace_args);
+        let args = Args::try_parse_from(argv).expect("flags");
+        let config = crate::config::from_args(&args).expect("config");
+        let Some(Command::Trace(t)) = &args.command else {
+            panic!("not a trace command")
+        };
+        run(&config, t).expect("trace runs")
+    }
+
+    /// Every mode answers the same questions about the demo cluster, and the exit status and
+    /// JSON say so.
+    #[test]
+    fn demo_packets_in_every_mode() {
+        for mode in ["iptables", "nftables", "ipvs", "userspace"] {
+            let r = report(mode, &["--src", "10.244.1.7", "--dst", "10.96.0.20:80"]);
+            assert_eq!(r.exit_code(), 0, "{mode}: {}", to_text(&r));
+            let Verdict::Forward { candidates, .. } = &r.trace.verdict else {
+                panic!("{mode}: {}", to_text(&r))
+            };
+            assert_eq!(candidates.len(), 2, "{mode}");
+            let json = to_json(&r);
+            assert_eq!(json["verdict"]["kind"], "FORWARD");
+            assert_eq!(json["verdict"]["affinityTimeoutSeconds"], 600);
+            // default/legacy has no endpoints: refused, exit 3.
+            let r = report(mode, &["--src", "10.244.1.7", "--dst", "10.96.0.50:8000"]);
+            assert_eq!(r.exit_code(), 3, "{mode}: {}", to_text(&r));
+        }
+        // Outside loadBalancerSourceRanges: DROP by rule 13 in the kernel modes.
+        for mode in ["iptables", "nftables", "ipvs"] {
+            let r = report(
+                mode,
+                &[
+                    "--src",
+                    "192.0.2.9",
+                    "--dst",
+                    "198.51.100.30:443",
+                    "--output",
+                    "json",
+                ],
+            );
+            assert!(
+                matches!(r.trace.verdict, Verdict::Drop { rule: 13, .. }),
+                "{mode}: {}",
+                to_text(&r)
+            );
+            assert_eq!(to_json(&r)["packet"]["from"], "external");
+        }
+    }
+
+    #[test]
+    fn bad_addresses_are_usage_errors() {
+        let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/demo");
+        for (src, dst) in [
+            ("10.0.0.1", "10.96.0.20"),
+            ("nonsense", "10.96.0.20:80"),
+            ("fd00::1", "10.96.0.20:80"),
+        ] {
+            let args = Args::try_parse_from([
+                "kproxy",
+                "--manifests",
+                demo,
+                "--hostname-override",
+                "node-a",
+                "trace",
+                "--src",
+                src,
+                "--dst",
+                dst,
+            ])
+            .expect("flags");
+            let config = crate::config::from_args(&args).expect("config");
+            let Some(Command::Trace(t)) = &args.command else {
+                panic!("not a trace command")
+            };
+            assert!(run(&config, t).is_err(), "{src} -> {dst}");
+        }
+    }
+}

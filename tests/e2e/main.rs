@@ -14,5 +14,6 @@ mod deploy_manifests;
 mod iptables;
 mod nftables;
 mod operability;
+mod reliability;
 mod support;
 mod userspace;

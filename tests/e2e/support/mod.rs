@@ -6,6 +6,7 @@
 
 pub mod fake_apiserver;
 pub(crate) mod kproxy;
+pub(crate) mod load;
 pub(crate) mod manifests;
 pub(crate) mod netns;
 pub(crate) mod objects;

@@ -46,6 +46,14 @@ pub(crate) enum Mode {
 /// real servers on each sync.
 const IPVS_ARGS: &[&str] = &["--proxy-mode", "ipvs", "--ipvs-sync-period", "2s"];
 
+/// kproxy's flags in userspace mode ([`Scenario::userspace`]).
+const USERSPACE_ARGS: &[&str] = &[
+    "--proxy-mode",
+    "userspace",
+    "--iptables-min-sync-period",
+    "100ms",
+];
+
 impl Mode {
     /// The mode's own flags: `--proxy-mode` and its min-sync-period (plus the iptables backend).
     fn args(self) -> &'static [&'static str] {
@@ -122,6 +130,8 @@ pub(crate) struct Scenario {
     pub(crate) mode: Mode,
     /// kproxy runs in ipvs mode instead of `mode` (the IPVS lab guest).
     ipvs: bool,
+    /// kproxy runs in userspace mode instead of `mode` ([`Scenario::userspace`]).
+    userspace: bool,
     pub(crate) kproxy: Option<KproxyProcess>,
     tcp: Vec<TcpEcho>,
     udp: BTreeMap<String, UdpEcho>,
@@ -167,12 +177,20 @@ impl Scenario {
         Scenario {
             mode: Mode::Iptables,
             ipvs: false,
+            userspace: false,
             kproxy: None,
             tcp: Vec::new(),
             udp: BTreeMap::new(),
             source,
             topo,
         }
+    }
+
+    /// From now on [`Scenario::start_kproxy`] runs kproxy in userspace mode; [`Scenario::save`]
+    /// then lists kproxy's local routes.
+    pub(crate) fn userspace(mut self) -> Scenario {
+        self.userspace = true;
+        self
     }
 
     /// Creates or replaces an object.
@@ -229,6 +247,8 @@ impl Scenario {
             .iter()
             .chain(if self.ipvs {
                 IPVS_ARGS
+            } else if self.userspace {
+                USERSPACE_ARGS
             } else {
                 self.mode.args()
             })
@@ -252,6 +272,13 @@ impl Scenario {
             // Empty until kproxy has created virtual servers.
             let out = self.topo.node.exec("ipvsadm", &["-Ln"]);
             return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        if self.userspace {
+            let family = if v6 { "-6" } else { "-4" };
+            return self.topo.node.run(
+                "ip",
+                &[family, "route", "show", "table", "local", "proto", "201"],
+            );
         }
         if self.mode == Mode::Nftables {
             let family = if v6 { "ip6" } else { "ip" };

@@ -1,0 +1,4 @@
+//! The reliability guarantees of issue #9 (README, "Guarantees"), one module per property, each
+//! proven with real traffic in network namespaces.
+
+mod zero_loss;

@@ -1,4 +1,5 @@
 //! The reliability guarantees of issue #9 (README, "Guarantees"), one module per property, each
 //! proven with real traffic in network namespaces.
 
+mod contention;
 mod zero_loss;

@@ -5,6 +5,7 @@
 )]
 
 pub mod fake_apiserver;
+pub(crate) mod http;
 pub(crate) mod kproxy;
 pub(crate) mod load;
 pub(crate) mod manifests;

@@ -132,6 +132,10 @@ pub(crate) struct Scenario {
     ipvs: bool,
     /// kproxy runs in userspace mode instead of `mode` ([`Scenario::userspace`]).
     userspace: bool,
+    /// iptables mode uses the legacy backend ([`Scenario::legacy_iptables`]).
+    legacy: bool,
+    /// Extra environment for kproxy ([`Scenario::env`]).
+    env: Vec<(String, String)>,
     pub(crate) kproxy: Option<KproxyProcess>,
     tcp: Vec<TcpEcho>,
     udp: BTreeMap<String, UdpEcho>,
@@ -178,6 +182,8 @@ impl Scenario {
             mode: Mode::Iptables,
             ipvs: false,
             userspace: false,
+            legacy: false,
+            env: Vec::new(),
             kproxy: None,
             tcp: Vec::new(),
             udp: BTreeMap::new(),
@@ -190,6 +196,19 @@ impl Scenario {
     /// then lists kproxy's local routes.
     pub(crate) fn userspace(mut self) -> Scenario {
         self.userspace = true;
+        self
+    }
+
+    /// From now on iptables mode uses `--iptables-backend legacy` (x_tables and the xtables
+    /// lock), and [`Scenario::save`] reads `iptables-legacy-save`.
+    pub(crate) fn legacy_iptables(mut self) -> Scenario {
+        self.legacy = true;
+        self
+    }
+
+    /// Sets an environment variable for every kproxy this scenario starts.
+    pub(crate) fn env(mut self, key: &str, value: &str) -> Scenario {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -230,8 +249,13 @@ impl Scenario {
     }
 
     /// Starts kproxy (in the scenario's [`Mode`]) in the node namespace with the standard flags
-    /// plus `extra`.
+    /// plus `extra`. A flag in `extra` replaces the standard flag of the same name (so a test can
+    /// bind `--metrics-bind-address` where the default disables it).
     pub(crate) fn start_kproxy(&mut self, extra: &[&str]) {
+        let mut extra: Vec<&str> = extra.to_vec();
+        if self.legacy {
+            extra.extend(["--iptables-backend", "legacy"]);
+        }
         let mut args = self.source.args();
         args.extend(
             [
@@ -254,9 +278,15 @@ impl Scenario {
             })
             .map(|s| s.to_string()),
         );
+        let mut args = without_flags_of(args, &extra);
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.kproxy = Some(KproxyProcess::start(&self.topo.node, &refs));
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.kproxy = Some(KproxyProcess::start_with_env(&self.topo.node, &refs, &env));
     }
 
     /// The running kproxy.
@@ -289,10 +319,11 @@ impl Scenario {
                 .exec("nft", &["list", "table", family, "kproxy"]);
             return String::from_utf8_lossy(&out.stdout).into_owned();
         }
-        let tool = if v6 {
-            "ip6tables-nft-save"
-        } else {
-            "iptables-nft-save"
+        let tool = match (v6, self.legacy) {
+            (false, false) => "iptables-nft-save",
+            (true, false) => "ip6tables-nft-save",
+            (false, true) => "iptables-legacy-save",
+            (true, true) => "ip6tables-legacy-save",
         };
         self.topo.node.run(tool, &[])
     }
@@ -353,6 +384,28 @@ impl Scenario {
             );
         }
     }
+}
+
+/// `args` without the flags (`--name value` or `--name=value`) that `extra` sets again.
+fn without_flags_of(args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    let name = |a: &str| a.split('=').next().unwrap_or(a).to_string();
+    let replaced: Vec<String> = extra
+        .iter()
+        .filter(|a| a.starts_with("--"))
+        .map(|a| name(a))
+        .collect();
+    let mut out = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        if a.starts_with("--") && replaced.contains(&name(&a)) {
+            if !a.contains('=') {
+                args.next(); // its value
+            }
+            continue;
+        }
+        out.push(a);
+    }
+    out
 }
 
 /// `ip:port`.

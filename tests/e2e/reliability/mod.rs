@@ -1,5 +1,6 @@
 //! The reliability guarantees of issue #9 (README, "Guarantees"), one module per property, each
 //! proven with real traffic in network namespaces.
 
+mod coexistence;
 mod contention;
 mod zero_loss;

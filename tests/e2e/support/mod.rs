@@ -11,6 +11,7 @@ pub(crate) mod load;
 pub(crate) mod manifests;
 pub(crate) mod netns;
 pub(crate) mod objects;
+pub(crate) mod rules;
 pub(crate) mod scenario;
 pub(crate) mod topology;
 pub(crate) mod traffic;

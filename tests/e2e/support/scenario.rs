@@ -109,6 +109,14 @@ impl Source {
         }
     }
 
+    /// The manifests directory (panics for an API source).
+    pub(crate) fn manifests(&self) -> &Manifests {
+        match self {
+            Source::Manifests(m) => m,
+            Source::Api(_) => panic!("this scenario reads the API, not manifests"),
+        }
+    }
+
     /// The fake API server (panics for a manifests source).
     pub(crate) fn api(&self) -> &FakeApiServer {
         match self {

@@ -5,4 +5,5 @@ mod api_faults;
 mod bad_input;
 mod coexistence;
 mod contention;
+mod security;
 mod zero_loss;

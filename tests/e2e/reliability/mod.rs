@@ -5,5 +5,6 @@ mod api_faults;
 mod bad_input;
 mod coexistence;
 mod contention;
+mod fuzz;
 mod security;
 mod zero_loss;

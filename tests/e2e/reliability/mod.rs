@@ -6,5 +6,6 @@ mod bad_input;
 mod coexistence;
 mod contention;
 mod fuzz;
+mod restart;
 mod security;
 mod zero_loss;

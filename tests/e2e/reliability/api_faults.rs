@@ -63,7 +63,7 @@ fn api_faults_and_a_60s_outage_keep_rules_backoff_health_and_converge() {
         SYNC_PERIOD,
     ]);
     let vip = sock(VIP, 80);
-    s.wait_for("first sync", |t| tcp_request(&t.client, vip, PROBE), "ep1");
+    s.wait_tcp("first sync", vip, "ep1");
     let load = Load::start(&s.topo.client, Some(vip), None, Duration::from_millis(10));
 
     // Watches cut, a change made meanwhile and history compacted (the resumed watches get 410
@@ -76,11 +76,7 @@ fn api_faults_and_a_60s_outage_keep_rules_backoff_health_and_converge() {
     api.close_watches();
     api.fail_next(6, 500);
     api.set_unavailable(false);
-    s.wait_for(
-        "after 410 and 500s",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep2",
-    );
+    s.wait_tcp("after 410 and 500s", vip, "ep2");
     assert!(
         s.source.api().expired_watches() > 0,
         "no watch got 410 Gone"

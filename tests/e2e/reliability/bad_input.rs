@@ -9,9 +9,8 @@
 
 use crate::support::manifests::Port;
 use crate::support::objects::{Ep, endpoint_slice};
-use crate::support::scenario::{Mode, PROBE, Scenario, sock};
+use crate::support::scenario::{Mode, Scenario, sock};
 use crate::support::topology::POD_V4;
-use crate::support::traffic::tcp_request;
 
 const HTTP: Port = Port::tcp("http", 80, 8080);
 /// Peak resident memory allowed (VmHWM). Measured 76-84 MB (iptables, nftables) with the 10,000
@@ -179,19 +178,11 @@ fn bad_input(mode: Mode) {
     good_slice(&s, 0);
     s.start_kproxy(&[]);
     let vip = sock("10.96.0.10", 80);
-    s.wait_for(
-        "the good service",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep1",
-    );
+    s.wait_tcp("the good service", vip, "ep1");
     // More syncs: each must not report the bad objects again.
     for (round, (pod, id)) in [(1, "ep2"), (0, "ep1"), (1, "ep2")].into_iter().enumerate() {
         good_slice(&s, pod);
-        s.wait_for(
-            &format!("the good service, change {round}"),
-            |t| tcp_request(&t.client, vip, PROBE),
-            id,
-        );
+        s.wait_tcp(&format!("the good service, change {round}"), vip, id);
     }
     s.kproxy().assert_running();
     let log = s.kproxy().stderr();

@@ -17,9 +17,8 @@ use crate::support::manifests::Port;
 use crate::support::netns::Netns;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
 use crate::support::rules::foreign;
-use crate::support::scenario::{Mode, PROBE, Scenario, sock};
+use crate::support::scenario::{Mode, Scenario, sock};
 use crate::support::topology::POD_V4;
-use crate::support::traffic::tcp_request;
 
 const HTTP: Port = Port::tcp("http", 80, 8080);
 const VIP: &str = "10.96.0.10";
@@ -205,7 +204,7 @@ fn coexistence(mode: Mode) {
     slice(&s, &[0]);
     s.start_kproxy(&[]);
     let vip = sock(VIP, 80);
-    s.wait_for("start", |t| tcp_request(&t.client, vip, PROBE), "ep1");
+    s.wait_tcp("start", vip, "ep1");
     assert_eq!(
         snapshot(&s.topo.node),
         before,
@@ -214,18 +213,14 @@ fn coexistence(mode: Mode) {
 
     // Syncs: endpoint changes, a new service, a full resync after a restart.
     slice(&s, &[1]);
-    s.wait_for("sync 1", |t| tcp_request(&t.client, vip, PROBE), "ep2");
+    s.wait_tcp("sync 1", vip, "ep2");
     s.apply(&Svc::new("other", &["10.96.0.11"], &[HTTP]).json());
     slice(&s, &[0]);
-    s.wait_for("sync 2", |t| tcp_request(&t.client, vip, PROBE), "ep1");
+    s.wait_tcp("sync 2", vip, "ep1");
     drop(s.kproxy.take()); // SIGKILL
     s.start_kproxy(&[]);
     slice(&s, &[1]);
-    s.wait_for(
-        "sync after restart",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep2",
-    );
+    s.wait_tcp("sync after restart", vip, "ep2");
     assert_eq!(
         snapshot(&s.topo.node),
         before,

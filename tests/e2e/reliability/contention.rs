@@ -42,11 +42,7 @@ fn setup(mut s: Scenario, extra: &[&str]) -> Scenario {
     web(&s, &[0]);
     s.start_kproxy(extra);
     let vip = sock(VIP, 80);
-    s.wait_for(
-        "tcp 10.96.0.10:80",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep1",
-    );
+    s.wait_tcp("tcp 10.96.0.10:80", vip, "ep1");
     s
 }
 
@@ -96,11 +92,7 @@ fn xtables_lock_held_fails_the_sync_which_is_reported_and_retried() {
     std::thread::sleep(HOLD.saturating_sub(held.elapsed()));
     holder.unlock().expect("release the lock");
     let released = Instant::now();
-    s.wait_for(
-        "the change after the lock is released",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep2",
-    );
+    s.wait_tcp("the change after the lock is released", vip, "ep2");
     let converged = released.elapsed();
     let report = load.stop();
     let log = s.kproxy().stderr();
@@ -157,11 +149,7 @@ fn concurrent_writer(s: Scenario, label: &str, writer: Writer) {
         std::thread::sleep(Duration::from_millis(15));
     }
     // The last set (199 % 3 == 1) is ep2 alone.
-    s.wait_for(
-        "the last change",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep2",
-    );
+    s.wait_tcp("the last change", vip, "ep2");
     stop.store(true, Ordering::Relaxed);
     thread.join().expect("foreign writer");
     let report = load.stop();

@@ -11,9 +11,8 @@ use crate::support::load::Load;
 use crate::support::manifests::Port;
 use crate::support::netns::Netns;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
-use crate::support::scenario::{Mode, PROBE, SYNC, Scenario, sock};
+use crate::support::scenario::{Mode, SYNC, Scenario, sock};
 use crate::support::topology::{POD_V4, POD_V6};
-use crate::support::traffic::tcp_request;
 
 const HTTP: Port = Port::tcp("http", 80, 8080);
 const DNS: Port = Port::udp("dns", 53, 5353);
@@ -79,12 +78,8 @@ fn restart_and_mode_round_trip_under_load() {
     ));
     s.start_kproxy(&[]);
     let vip = sock("10.96.1.30", 80);
-    s.wait_for("first sync", |t| tcp_request(&t.client, vip, PROBE), "ep1");
-    s.wait_for(
-        "both endpoints",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep2",
-    );
+    s.wait_tcp("first sync", vip, "ep1");
+    s.wait_tcp("both endpoints", vip, "ep2");
     let before = state(&s.topo.node);
     assert!(before.0.iter().any(|l| l.contains("KPROXY")));
 

@@ -69,7 +69,7 @@ fn nodeport_scenario(s: &mut Scenario) {
         METRICS,
     ]);
     let np = sock(NODE_IP, NODE_PORT);
-    s.wait_for("nodeport", |t| tcp_request(&t.client, np, PROBE), "ep1");
+    s.wait_tcp("nodeport", np, "ep1");
 }
 
 fn listens_only_where_configured(mode: Mode) {
@@ -291,11 +291,7 @@ fn source_ranges_from_pods(mode: Mode) {
     ));
     s.start_kproxy(&[]);
     let dst = sock(lb, 80);
-    s.wait_for(
-        "allowed client",
-        |t| tcp_request(&t.client, dst, PROBE),
-        "ep1",
-    );
+    s.wait_tcp("allowed client", dst, "ep1");
     s.wait_for(
         "allowed pod",
         |t| tcp_request_from(&t.endpoints, Some(ip(POD_V4[2])), dst, PROBE),

@@ -102,16 +102,8 @@ fn run(s: &mut Scenario) -> Run {
     s.apply(&live_slice(LIVE_SETS[0]));
     s.start_kproxy(&[]);
     let vip = sock(VIP, 80);
-    s.wait_for(
-        "tcp 10.96.0.10:80",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep1",
-    );
-    s.wait_for(
-        "tcp 10.96.0.10:80",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep2",
-    );
+    s.wait_tcp("tcp 10.96.0.10:80", vip, "ep1");
+    s.wait_tcp("tcp 10.96.0.10:80", vip, "ep2");
 
     let load = Load::start(&s.topo.client, Some(vip), Some(sock(VIP, 53)), LOAD_PACE);
     let mut removals = Vec::new();

@@ -15,7 +15,7 @@ use super::kproxy::{KproxyProcess, wait_until};
 use super::manifests::{Manifests, object_file};
 use super::objects;
 use super::topology::{NODE_IP, NODE_IP6, Topology};
-use super::traffic::{TcpEcho, UdpEcho};
+use super::traffic::{TcpEcho, UdpEcho, tcp_request};
 
 /// The first sync (and every later convergence) must land within this.
 pub(crate) const SYNC: Duration = Duration::from_secs(10);
@@ -344,6 +344,11 @@ impl Scenario {
         want: &str,
     ) {
         self.wait_for_result(what, |t| request(t), |r| matches!(r, Ok(id) if id == want));
+    }
+
+    /// Waits until a TCP request from the client's primary address to `dst` answers `want`.
+    pub(crate) fn wait_tcp(&mut self, what: &str, dst: SocketAddr, want: &str) {
+        self.wait_for(what, |t| tcp_request(&t.client, dst, PROBE), want);
     }
 
     /// Waits until `request`'s result satisfies `accept`, failing the test (with kproxy's logs)

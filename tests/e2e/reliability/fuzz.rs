@@ -6,7 +6,10 @@
 //! it.
 //!
 //! Built with `--sanitizer none` (libFuzzer's coverage instrumentation only) and
-//! `RUSTC_BOOTSTRAP=1`, so the pinned stable toolchain builds it; no nightly is needed.
+//! `RUSTC_BOOTSTRAP=1`, so the pinned stable toolchain builds it; no nightly is needed. Built in
+//! the dev profile: overflow checks and debug assertions stay on (more bugs become crashes), and
+//! a cold build costs about half the CPU of a release one (7.8 against 16.8 CPU-minutes here:
+//! the whole control plane, kube and tokio included, is instrumented).
 
 use std::path::Path;
 use std::process::Command;
@@ -42,7 +45,7 @@ fn fuzz_object_to_rules_briefly() {
             "object_to_rules",
             "--sanitizer",
             "none",
-            "-O",
+            "--dev",
         ])
         .arg("--target-dir")
         .arg(&target_dir)

@@ -83,6 +83,40 @@ pub(crate) fn bad_port(p: i32) -> String {
     format!("{p} is not a valid port (1-65535)")
 }
 
+/// Why `name` is not a DNS label, or `None` if it is one: at most 63 characters of `a-z`, `0-9`
+/// and `-`, ending with a letter or digit, and starting with a letter (DNS-1035, Service names)
+/// or also a digit (DNS-1123, namespaces). The API server enforces this; a hand-written
+/// manifest may not.
+pub(crate) fn bad_dns_label(name: &str, digit_first: bool) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || (digit_first && b.is_ascii_digit()))
+        && !name.ends_with('-');
+    (!ok).then(|| format!("{name:?} is not a valid DNS label (at most 63 of a-z, 0-9 and '-')"))
+}
+
+/// Why `name` is not an IANA service name (a port name: at most 15 characters of `a-z`, `0-9`
+/// and `-`, at least one letter, no leading, trailing or double `-`), or `None` if it is one.
+pub(crate) fn bad_port_name(name: &str) -> Option<String> {
+    let ok = name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    (!ok).then(|| {
+        format!("{name:?} is not a valid port name (at most 15 of a-z, 0-9 and '-', with a letter)")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

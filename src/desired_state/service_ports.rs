@@ -131,7 +131,29 @@ pub(crate) fn parse(
     svc: &Service,
     skipped: &mut Vec<Skipped>,
 ) -> Option<ServiceSpec> {
-    let spec = svc.spec.as_ref()?;
+    // Names end up in chain names and rule comments: the API server only admits DNS labels, so
+    // anything else came from a hand-written manifest and is refused before it gets that far.
+    let bad_name = parse::bad_dns_label(&key.name, false)
+        .map(|r| ("metadata.name", r))
+        .or_else(|| {
+            // Objects without a namespace (cluster-wide manifests) have an empty one.
+            (!key.namespace.is_empty())
+                .then(|| parse::bad_dns_label(&key.namespace, true))
+                .flatten()
+                .map(|r| ("metadata.namespace", r))
+        });
+    if let Some((field, reason)) = bad_name {
+        skipped.push(Skipped::service(
+            key,
+            field,
+            format!("{reason}; Service skipped"),
+        ));
+        return None;
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        skipped.push(Skipped::service(key, "spec", "missing; Service skipped"));
+        return None;
+    };
     let ty = match spec.type_.as_deref() {
         None | Some("ClusterIP") => ServiceType::ClusterIp,
         Some("NodePort") => ServiceType::NodePort,
@@ -294,6 +316,31 @@ fn ports(
             continue;
         };
         let name = p.name.clone().unwrap_or_default();
+        if let Some(reason) = Some(name.as_str())
+            .filter(|n| !n.is_empty())
+            .and_then(parse::bad_port_name)
+        {
+            skipped.push(Skipped::service(
+                key,
+                format!("spec.ports[{i}].name"),
+                format!("{reason}; port skipped"),
+            ));
+            continue;
+        }
+        if let Some((first, _)) = out
+            .iter()
+            .find(|(_, o)| o.port == port && o.protocol == protocol)
+        {
+            skipped.push(Skipped::service(
+                key,
+                format!("spec.ports[{i}].port"),
+                format!(
+                    "{port}/{} duplicates spec.ports[{first}]; port skipped",
+                    protocol.as_str().to_uppercase()
+                ),
+            ));
+            continue;
+        }
         if let Some((first, _)) = out
             .iter()
             .find(|(_, o)| o.name == name && o.protocol == protocol)

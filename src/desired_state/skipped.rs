@@ -49,11 +49,16 @@ impl Skipped {
 
 impl fmt::Display for Skipped {
     /// `Service default/web: spec.ports[1].port: 0 is not a valid port (1-65535); port skipped`.
+    /// The object's name is escaped: a hand-written one may hold newlines or control
+    /// characters, which must not forge log lines.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "{} {}: {}: {}",
-            self.kind, self.object, self.field, self.reason
+            self.kind,
+            self.object.to_string().escape_debug(),
+            self.field,
+            self.reason
         )
     }
 }

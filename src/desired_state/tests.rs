@@ -205,7 +205,52 @@ fn which_services_are_programmed() {
             "no spec",
             json!({"metadata": {"namespace": "default", "name": "s"}}),
             0,
+            vec!["Service spec"],
+        ),
+        (
+            "name that is not a DNS label",
+            svc(
+                "odd\";name",
+                json!({"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}),
+            ),
+            0,
+            vec!["Service metadata.name"],
+        ),
+        (
+            "name longer than 63",
+            svc(
+                &"a".repeat(64),
+                json!({"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}),
+            ),
+            0,
+            vec!["Service metadata.name"],
+        ),
+        (
+            "name of 63 is fine",
+            svc(
+                &"a".repeat(63),
+                json!({"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}),
+            ),
+            1,
             vec![],
+        ),
+        (
+            "namespace that is not a DNS label",
+            json!({"metadata": {"namespace": "Bad NS", "name": "s"},
+                   "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}}),
+            0,
+            vec!["Service metadata.namespace"],
+        ),
+        (
+            "bad port name and duplicate port number",
+            svc(
+                "s",
+                json!({"clusterIP": "10.0.0.1", "ports": [
+                    {"name": "a", "port": 80}, {"name": "b", "port": 80},
+                    {"name": "c;\"", "port": 81}, {"name": "d", "port": 82}]}),
+            ),
+            2,
+            vec!["Service spec.ports[1].port", "Service spec.ports[2].name"],
         ),
         (
             "no ports",

@@ -2,8 +2,9 @@
 //! this node's Node) merged into one stream of [`Update`]s.
 //!
 //! The watcher does list + watch, resumes from the last resourceVersion, relists on 410 Gone and
-//! (with `default_backoff`) retries errors with client-go's backoff. When the API goes away we
-//! only log: the programmed rules stay as they are until the watch comes back.
+//! retries errors with client-go's backoff ([`super::backoff`]: growing while the API stays
+//! away). When the API goes away we only log: the programmed rules stay as they are until the
+//! watch comes back.
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -14,6 +15,7 @@ use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use super::backoff::{ProgressBackoff, mark_progress};
 use super::{Change, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, Update};
 
 /// Builds the watcher streams and forwards their events to `tx` until `tx` closes.
@@ -60,8 +62,10 @@ where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let mut buffer: Vec<K> = Vec::new();
+    let (backoff, progress) = ProgressBackoff::new();
     watcher::watcher(api, config)
-        .default_backoff()
+        .inspect(move |event| mark_progress(&progress, event))
+        .backoff(backoff)
         .filter_map(move |event| {
             let change = match event {
                 Ok(Event::Init) => {

@@ -354,6 +354,22 @@ pub fn load_dir(dir: &Path, files: &mut LoadedFiles) -> Result<Loaded, Manifests
     Ok(assemble(files))
 }
 
+/// Parses one file's `text` exactly as [`load_dir`] parses a file at `path` (JSON when it ends in
+/// `.json`, YAML otherwise), with no directory involved: the fuzz target (`fuzz/`) feeds
+/// arbitrary bytes through here. Problems are logged as for a real file.
+pub fn parse_text(path: &Path, text: &str, node_name: &str) -> Loaded {
+    let mut files = LoadedFiles::new(node_name);
+    let state = files.files.entry(path.to_path_buf()).or_default();
+    let parsed = if is_json(path) {
+        parse_json(text)
+    } else {
+        parse_file(text)
+    };
+    state.bytes = Some(text.as_bytes().to_vec());
+    update_file(path, state, parsed);
+    assemble(&mut files)
+}
+
 fn file_problem(reason: String) -> Problem {
     Problem {
         document: 0,

@@ -1,6 +1,7 @@
 //! Where Services, EndpointSlices and the Node come from: the Kubernetes API or a directory of
 //! manifests. Both produce the same [`Update`]s, so the rest of kproxy cannot tell them apart.
 
+pub mod backoff;
 pub mod kube;
 pub mod manifests;
 

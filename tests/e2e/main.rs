@@ -17,5 +17,6 @@ mod deploy_manifests;
 mod iptables;
 mod nftables;
 mod operability;
+mod reliability;
 mod trace;
 mod userspace;

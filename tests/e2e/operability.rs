@@ -1,8 +1,8 @@
 //! /healthz, /livez and /metrics of a running kproxy, scraped inside its network namespace.
 
-use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
+use crate::support::http;
 use crate::support::kproxy::{KproxyProcess, wait_until};
 use crate::support::manifests::{Manifests, Port};
 use crate::support::netns::Netns;
@@ -13,24 +13,7 @@ const HTTP: Port = Port::tcp("http", 80, 8080);
 
 /// `GET path` on 127.0.0.1:port inside `ns`: (status, headers and body).
 fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
-    let path = path.to_string();
-    ns.in_ns(move || -> Option<(u16, String)> {
-        let mut s = std::net::TcpStream::connect_timeout(
-            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_millis(500),
-        )
-        .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        Some((status, text))
-    })
+    http::get(ns, std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
 }
 
 /// kproxy on `manifests` as node-a, iptables mode through iptables-nft, plus `extra`; health and

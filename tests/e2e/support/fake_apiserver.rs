@@ -315,6 +315,12 @@ impl FakeApiServer {
         }
     }
 
+    /// When each connection attempt refused while unavailable arrived, oldest first: a client
+    /// that backs off leaves growing gaps, one that spins leaves thousands.
+    pub fn refused_connections(&self) -> Vec<std::time::Instant> {
+        self.shared.lock().refused.clone()
+    }
+
     /// Caps LIST pages at `max` items (the smaller of this and the client's `limit` applies).
     pub fn set_max_page_size(&self, max: Option<usize>) {
         self.shared.lock().max_page_size = max;
@@ -393,6 +399,8 @@ struct Inner {
     /// (remaining, status code)
     fail_next: (u32, u16),
     unavailable: bool,
+    /// When each connection refused while unavailable arrived (the clients' retry pattern).
+    refused: Vec<std::time::Instant>,
     requests: Vec<String>,
     max_page_size: Option<usize>,
     bookmark_interval: Duration,
@@ -410,6 +418,7 @@ impl Default for Inner {
             watches: Vec::new(),
             fail_next: (0, 500),
             unavailable: false,
+            refused: Vec::new(),
             requests: Vec::new(),
             max_page_size: None,
             bookmark_interval: Duration::from_secs(1),
@@ -516,9 +525,13 @@ async fn serve(
         let Ok((stream, _peer)) = accepted else {
             continue;
         };
-        if shared.lock().unavailable {
-            drop(stream);
-            continue;
+        {
+            let mut inner = shared.lock();
+            if inner.unavailable {
+                inner.refused.push(std::time::Instant::now());
+                drop(stream);
+                continue;
+            }
         }
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {

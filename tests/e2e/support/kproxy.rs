@@ -26,6 +26,11 @@ impl KproxyProcess {
     /// Starts `kproxy args…` inside `ns` (`ip netns exec` execs the binary, so the child's pid is
     /// kproxy's own).
     pub(crate) fn start(ns: &Netns, args: &[&str]) -> KproxyProcess {
+        KproxyProcess::start_with_env(ns, args, &[])
+    }
+
+    /// [`KproxyProcess::start`] with extra environment variables (`XTABLES_LOCKFILE`, ...).
+    pub(crate) fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> KproxyProcess {
         let logs = tempfile::Builder::new()
             .prefix("kpx-logs-")
             .tempdir()
@@ -46,6 +51,7 @@ impl KproxyProcess {
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name(), KPROXY])
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -64,10 +64,13 @@ macro_rules! both_families {
 
 pub mod fake_apiserver;
 pub(crate) mod family;
+pub(crate) mod http;
 pub(crate) mod kproxy;
+pub(crate) mod load;
 pub(crate) mod manifests;
 pub(crate) mod netns;
 pub(crate) mod objects;
+pub(crate) mod rules;
 pub(crate) mod scenario;
 pub(crate) mod sctp;
 pub(crate) mod topology;

@@ -148,6 +148,27 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Like [`Netns::in_ns`], but does not wait: `f` runs on a new named thread inside the
+    /// namespace (for long-running traffic generators). Join the handle for its result.
+    pub(crate) fn spawn_in<T, F>(&self, thread: &str, f: F) -> std::thread::JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::Builder::new()
+            .name(thread.to_string())
+            .spawn(move || {
+                let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                setns(&file, CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+                f()
+            })
+            .expect("spawn namespace thread")
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let out = Command::new("ip")

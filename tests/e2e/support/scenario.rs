@@ -15,7 +15,7 @@ use super::kproxy::{KproxyProcess, wait_until};
 use super::manifests::{Manifests, object_file};
 use super::objects;
 use super::topology::{NODE_IP, NODE_IP6, Topology};
-use super::traffic::{TcpEcho, UdpEcho};
+use super::traffic::{TcpEcho, UdpEcho, tcp_request};
 
 /// The first sync (and every later convergence) must land within this.
 pub(crate) const SYNC: Duration = Duration::from_secs(10);
@@ -45,6 +45,14 @@ pub(crate) enum Mode {
 /// guest, `tests/ipvs-lab`): a short sync period, since graceful termination polls draining
 /// real servers on each sync.
 const IPVS_ARGS: &[&str] = &["--proxy-mode", "ipvs", "--ipvs-sync-period", "2s"];
+
+/// kproxy's flags in userspace mode ([`Scenario::userspace`]).
+const USERSPACE_ARGS: &[&str] = &[
+    "--proxy-mode",
+    "userspace",
+    "--iptables-min-sync-period",
+    "100ms",
+];
 
 impl Mode {
     /// The mode's own flags: `--proxy-mode` and its min-sync-period (plus the iptables backend).
@@ -101,6 +109,14 @@ impl Source {
         }
     }
 
+    /// The manifests directory (panics for an API source).
+    pub(crate) fn manifests(&self) -> &Manifests {
+        match self {
+            Source::Manifests(m) => m,
+            Source::Api(_) => panic!("this scenario reads the API, not manifests"),
+        }
+    }
+
     /// The fake API server (panics for a manifests source).
     pub(crate) fn api(&self) -> &FakeApiServer {
         match self {
@@ -122,6 +138,12 @@ pub(crate) struct Scenario {
     pub(crate) mode: Mode,
     /// kproxy runs in ipvs mode instead of `mode` (the IPVS lab guest).
     ipvs: bool,
+    /// kproxy runs in userspace mode instead of `mode` ([`Scenario::userspace`]).
+    userspace: bool,
+    /// iptables mode uses the legacy backend ([`Scenario::legacy_iptables`]).
+    legacy: bool,
+    /// Extra environment for kproxy ([`Scenario::env`]).
+    env: Vec<(String, String)>,
     pub(crate) kproxy: Option<KproxyProcess>,
     tcp: Vec<TcpEcho>,
     udp: BTreeMap<String, UdpEcho>,
@@ -167,12 +189,35 @@ impl Scenario {
         Scenario {
             mode: Mode::Iptables,
             ipvs: false,
+            userspace: false,
+            legacy: false,
+            env: Vec::new(),
             kproxy: None,
             tcp: Vec::new(),
             udp: BTreeMap::new(),
             source,
             topo,
         }
+    }
+
+    /// From now on [`Scenario::start_kproxy`] runs kproxy in userspace mode; [`Scenario::save`]
+    /// then lists kproxy's local routes.
+    pub(crate) fn userspace(mut self) -> Scenario {
+        self.userspace = true;
+        self
+    }
+
+    /// From now on iptables mode uses `--iptables-backend legacy` (x_tables and the xtables
+    /// lock), and [`Scenario::save`] reads `iptables-legacy-save`.
+    pub(crate) fn legacy_iptables(mut self) -> Scenario {
+        self.legacy = true;
+        self
+    }
+
+    /// Sets an environment variable for every kproxy this scenario starts.
+    pub(crate) fn env(mut self, key: &str, value: &str) -> Scenario {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     /// Creates or replaces an object.
@@ -212,8 +257,13 @@ impl Scenario {
     }
 
     /// Starts kproxy (in the scenario's [`Mode`]) in the node namespace with the standard flags
-    /// plus `extra`.
+    /// plus `extra`. A flag in `extra` replaces the standard flag of the same name (so a test can
+    /// bind `--metrics-bind-address` where the default disables it).
     pub(crate) fn start_kproxy(&mut self, extra: &[&str]) {
+        let mut extra: Vec<&str> = extra.to_vec();
+        if self.legacy {
+            extra.extend(["--iptables-backend", "legacy"]);
+        }
         let mut args = self.source.args();
         args.extend(
             [
@@ -229,14 +279,22 @@ impl Scenario {
             .iter()
             .chain(if self.ipvs {
                 IPVS_ARGS
+            } else if self.userspace {
+                USERSPACE_ARGS
             } else {
                 self.mode.args()
             })
             .map(|s| s.to_string()),
         );
+        let mut args = without_flags_of(args, &extra);
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.kproxy = Some(KproxyProcess::start(&self.topo.node, &refs));
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.kproxy = Some(KproxyProcess::start_with_env(&self.topo.node, &refs, &env));
     }
 
     /// The running kproxy.
@@ -253,6 +311,13 @@ impl Scenario {
             let out = self.topo.node.exec("ipvsadm", &["-Ln"]);
             return String::from_utf8_lossy(&out.stdout).into_owned();
         }
+        if self.userspace {
+            let family = if v6 { "-6" } else { "-4" };
+            return self.topo.node.run(
+                "ip",
+                &[family, "route", "show", "table", "local", "proto", "201"],
+            );
+        }
         if self.mode == Mode::Nftables {
             let family = if v6 { "ip6" } else { "ip" };
             // Empty until kproxy has created the table.
@@ -262,10 +327,11 @@ impl Scenario {
                 .exec("nft", &["list", "table", family, "kproxy"]);
             return String::from_utf8_lossy(&out.stdout).into_owned();
         }
-        let tool = if v6 {
-            "ip6tables-nft-save"
-        } else {
-            "iptables-nft-save"
+        let tool = match (v6, self.legacy) {
+            (false, false) => "iptables-nft-save",
+            (true, false) => "ip6tables-nft-save",
+            (false, true) => "iptables-legacy-save",
+            (true, true) => "ip6tables-legacy-save",
         };
         self.topo.node.run(tool, &[])
     }
@@ -278,6 +344,11 @@ impl Scenario {
         want: &str,
     ) {
         self.wait_for_result(what, |t| request(t), |r| matches!(r, Ok(id) if id == want));
+    }
+
+    /// Waits until a TCP request from the client's primary address to `dst` answers `want`.
+    pub(crate) fn wait_tcp(&mut self, what: &str, dst: SocketAddr, want: &str) {
+        self.wait_for(what, |t| tcp_request(&t.client, dst, PROBE), want);
     }
 
     /// Waits until `request`'s result satisfies `accept`, failing the test (with kproxy's logs)
@@ -326,6 +397,28 @@ impl Scenario {
             );
         }
     }
+}
+
+/// `args` without the flags (`--name value` or `--name=value`) that `extra` sets again.
+fn without_flags_of(args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    let name = |a: &str| a.split('=').next().unwrap_or(a).to_string();
+    let replaced: Vec<String> = extra
+        .iter()
+        .filter(|a| a.starts_with("--"))
+        .map(|a| name(a))
+        .collect();
+    let mut out = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        if a.starts_with("--") && replaced.contains(&name(&a)) {
+            if !a.contains('=') {
+                args.next(); // its value
+            }
+            continue;
+        }
+        out.push(a);
+    }
+    out
 }
 
 /// `ip:port`.

@@ -1,0 +1,51 @@
+//! Comparing other software's netfilter state before and after kproxy ran.
+
+/// iptables-save output without comments, counters, KPROXY lines, and tables that hold nothing
+/// but empty built-in chains with their default policy (the nft backend may leave those behind).
+pub(crate) fn foreign(save: &str) -> String {
+    let mut out = String::new();
+    let mut table: Vec<String> = Vec::new();
+    let flush = |table: &mut Vec<String>, out: &mut String| {
+        let trivial = table.iter().all(|l| {
+            l.starts_with('*')
+                || l == "COMMIT"
+                || (l.starts_with(':') && l.ends_with(" ACCEPT") && is_builtin(l))
+        });
+        if !trivial {
+            for l in table.iter() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        table.clear();
+    };
+    for line in save.lines() {
+        if line.starts_with('#') || line.contains("KPROXY") {
+            continue;
+        }
+        let line = if line.starts_with(':') {
+            // ":CHAIN POLICY [packets:bytes]" → ":CHAIN POLICY"
+            line.split(" [").next().unwrap_or(line).to_string()
+        } else {
+            line.to_string()
+        };
+        table.push(line);
+        if table.last().is_some_and(|l| l == "COMMIT") {
+            flush(&mut table, &mut out);
+        }
+    }
+    flush(&mut table, &mut out);
+    out
+}
+
+fn is_builtin(header: &str) -> bool {
+    let chain = header
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()
+        .unwrap_or("");
+    matches!(
+        chain,
+        "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
+    )
+}

@@ -63,6 +63,8 @@ struct Targets {
 struct Figures {
     bulk1: f64,
     bulk16: f64,
+    /// Bulk streams that never got the server's greeting (a broken path, shown in the table).
+    failed_streams: usize,
     cps: f64,
     p50: Duration,
     p99: Duration,
@@ -167,6 +169,7 @@ fn median(rounds: &[Figures]) -> Figures {
     Figures {
         bulk1: mid(rounds.iter().map(|f| f.bulk1).collect()),
         bulk16: mid(rounds.iter().map(|f| f.bulk16).collect()),
+        failed_streams: rounds.iter().map(|f| f.failed_streams).sum(),
         cps: mid(rounds.iter().map(|f| f.cps).collect()),
         p50: mid(rounds.iter().map(|f| f.p50).collect()),
         p99: mid(rounds.iter().map(|f| f.p99).collect()),
@@ -175,9 +178,14 @@ fn median(rounds: &[Figures]) -> Figures {
 }
 
 fn measure(t: &Topology, to: Targets, p: &Profile, received: &AtomicU64) -> Figures {
+    let (one, sixteen) = (
+        bulk(&t.client, to.sink, 1, p.d, received),
+        bulk(&t.client, to.sink, 16, p.d, received),
+    );
     Figures {
-        bulk1: bulk(&t.client, to.sink, 1, p.d, received),
-        bulk16: bulk(&t.client, to.sink, 16, p.d, received),
+        bulk1: one.bytes_per_s,
+        bulk16: sixteen.bytes_per_s,
+        failed_streams: one.failed + sixteen.failed,
         cps: conn_rate(&t.client, to.rr, 8, p.d),
         p50: Duration::ZERO,
         p99: Duration::ZERO,
@@ -328,6 +336,14 @@ fn report(rows: &[(String, Figures)], quick: bool, notes: &str) {
             "\nkproxy (splice) vs socat: {:.1}x the connection rate, {:.1}x the 16-stream throughput.",
             k.1.cps / s.1.cps.max(1.0),
             k.1.bulk16 / s.1.bulk16.max(1.0)
+        )
+        .unwrap();
+    }
+    for (name, f) in rows.iter().filter(|(_, f)| f.failed_streams > 0) {
+        writeln!(
+            out,
+            "\n**{name}: {} bulk stream(s) never received the server's first byte within 10 s** (the server speaks first: it greets each connection with one byte).",
+            f.failed_streams
         )
         .unwrap();
     }

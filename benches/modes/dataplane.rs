@@ -38,6 +38,8 @@ pub(crate) struct Figures {
     /// UDP round trips per second (4 clients).
     pub(crate) udp: f64,
     pub(crate) udp_direct: f64,
+    /// Bulk streams through the subject that never got the endpoint's greeting.
+    pub(crate) failed_streams: usize,
 }
 
 /// The port of the UDP probe: the first service also serves UDP 53 → 5353 on its ClusterIP.
@@ -145,24 +147,16 @@ pub(crate) fn measure(subject: &Path, base: &Path, s: &ProxyState, load: Load) -
     let per = (load.connects / rounds).max(1);
     let (mut first_s, mut last_s, mut direct_s) = (Vec::new(), Vec::new(), Vec::new());
     let (mut bulk, mut bulk_direct, mut udp, mut udp_direct) = (0.0, 0.0, 0.0, 0.0);
+    let mut failed = 0;
     for _ in 0..rounds {
         direct_s.extend(common::connect_latency(bc, sink_direct, per));
         first_s.extend(common::connect_latency(sc, vip(first), per));
         last_s.extend(common::connect_latency(sc, vip(last), per));
-        bulk_direct += common::bulk(
-            bc,
-            sink_direct,
-            1,
-            load.bulk / rounds as u32,
-            &base.received,
-        );
-        bulk += common::bulk(
-            sc,
-            vip(first),
-            1,
-            load.bulk / rounds as u32,
-            &subject.received,
-        );
+        let d = load.bulk / rounds as u32;
+        bulk_direct += common::bulk(bc, sink_direct, 1, d, &base.received).bytes_per_s;
+        let b = common::bulk(sc, vip(first), 1, d, &subject.received);
+        bulk += b.bytes_per_s;
+        failed += b.failed;
         udp_direct += common::udp_rate(bc, client(), echo_direct, 4, load.udp / rounds as u32);
         udp += common::udp_rate(sc, client(), echo, 4, load.udp / rounds as u32);
     }
@@ -178,5 +172,6 @@ pub(crate) fn measure(subject: &Path, base: &Path, s: &ProxyState, load: Load) -
         bulk_direct: bulk_direct / r,
         udp: udp / r,
         udp_direct: udp_direct / r,
+        failed_streams: failed,
     }
 }

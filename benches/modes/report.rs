@@ -207,7 +207,11 @@ fn markdown(rows: &[Row], machine: &Machine, took: Duration, args: &[String]) ->
             us(d.direct.0),
             us(d.direct.1),
             gbit(d.bulk),
-            pct(d.bulk, d.bulk_direct),
+            if d.failed_streams > 0 {
+                format!("{} streams failed", d.failed_streams)
+            } else {
+                pct(d.bulk, d.bulk_direct)
+            },
             gbit(d.bulk_direct),
             d.udp,
             pct(d.udp, d.udp_direct),
@@ -253,6 +257,7 @@ fn row_json(r: &Row) -> Value {
             "connect_last_p50_s": secs(d.last.0), "connect_last_p99_s": secs(d.last.1),
             "direct_p50_s": secs(d.direct.0), "direct_p99_s": secs(d.direct.1),
             "bulk_bytes_per_s": d.bulk, "bulk_direct_bytes_per_s": d.bulk_direct,
+            "bulk_failed_streams": d.failed_streams,
             "udp_round_trips_per_s": d.udp, "udp_direct_round_trips_per_s": d.udp_direct,
         })
     });
@@ -317,11 +322,32 @@ pub(crate) fn report(rows: &[Row], machine: &Machine, took: Duration, args: &[St
     );
 }
 
-/// One color per subject, the same in both panels.
-fn color(subject: &str, all: &[String]) -> plotters::style::RGBAColor {
-    use plotters::style::{Color as _, Palette as _, Palette99};
-    let i = all.iter().position(|s| s == subject).unwrap_or(0);
-    Palette99::pick(i).to_rgba()
+/// One color per subject, the same in both panels: a hue per kernel mechanism, strong for
+/// kproxy and pale for the upstream layout on the same mechanism.
+fn color(subject: &str) -> plotters::style::RGBAColor {
+    use plotters::style::Color as _;
+    use plotters::style::RGBColor;
+    let c = match subject {
+        "kproxy iptables (nft)" => RGBColor(200, 30, 30),
+        "upstream-layout iptables (nft)" => RGBColor(245, 150, 120),
+        "kproxy iptables (legacy)" => RGBColor(30, 80, 200),
+        "upstream-layout iptables (legacy)" => RGBColor(130, 170, 240),
+        "kproxy nftables" => RGBColor(20, 140, 50),
+        "upstream-layout nftables" => RGBColor(140, 210, 130),
+        "kproxy userspace" => RGBColor(140, 50, 170),
+        "kproxy ipvs" => RGBColor(150, 100, 30),
+        _ => RGBColor(100, 100, 100),
+    };
+    c.to_rgba()
+}
+
+/// 100, 1k, 20k.
+fn count_label(x: &f64) -> String {
+    if *x >= 1000.0 {
+        format!("{}k", (*x / 1000.0).round())
+    } else {
+        format!("{x:.0}")
+    }
 }
 
 /// Two panels: full sync time versus services (library, log-log; thin lines 2 endpoints per
@@ -332,12 +358,6 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
     let measured: Vec<&Row> = rows.iter().filter(|r| r.skipped.is_none()).collect();
     if measured.is_empty() {
         return;
-    }
-    let mut subjects: Vec<String> = Vec::new();
-    for r in &measured {
-        if !subjects.contains(&r.subject) {
-            subjects.push(r.subject.clone());
-        }
     }
     let root = SVGBackend::new(path, (1500, 620)).into_drawing_area();
     root.fill(&WHITE).unwrap();
@@ -384,6 +404,8 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
     chart
         .configure_mesh()
         .x_desc("services (log)")
+        .x_labels(6)
+        .x_label_formatter(&count_label)
         .y_desc("seconds (log)")
         .draw()
         .unwrap();
@@ -396,7 +418,7 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
     }
     let max_e = measured.iter().map(|r| r.endpoints).max().unwrap_or(1);
     for ((subject, e), points) in series {
-        let c = color(&subject, &subjects);
+        let c = color(&subject);
         let width = if e == max_e && e != 2 { 3 } else { 1 };
         chart
             .draw_series(LineSeries::new(points.clone(), c.stroke_width(width)))
@@ -447,6 +469,8 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
     chart
         .configure_mesh()
         .x_desc("services (log)")
+        .x_labels(6)
+        .x_label_formatter(&count_label)
         .y_desc("µs")
         .draw()
         .unwrap();
@@ -461,7 +485,7 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
         direct.entry(r.services).or_default().push(lat(d.direct.0));
     }
     for (subject, points) in series {
-        let c = color(&subject, &subjects);
+        let c = color(&subject);
         chart
             .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
             .unwrap()

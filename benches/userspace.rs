@@ -139,7 +139,8 @@ impl Subject {
                 let sink = format!("TCP:{SERVER}:{SINK}");
                 let rr = format!("TCP:{SERVER}:{RR}");
                 let echo = format!("UDP:{SERVER}:{ECHO}");
-                let l_sink = format!("TCP-LISTEN:{SOCAT_SINK},bind={NODE},fork,reuseaddr");
+                let l_sink =
+                    format!("TCP-LISTEN:{SOCAT_SINK},bind={NODE},fork,reuseaddr,backlog=4096");
                 let l_rr = format!("TCP-LISTEN:{SOCAT_RR},bind={NODE},fork,reuseaddr,backlog=4096");
                 let l_echo = format!("UDP-LISTEN:{SOCAT_ECHO},bind={NODE},fork,reuseaddr");
                 // `-T 2`: a per-client child exits after 2 s idle (UDP has no end of stream).

@@ -37,7 +37,7 @@ mod report;
 mod upstream;
 
 use std::any::Any;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -511,10 +511,12 @@ fn main() {
                 binary::write_manifests(dir.path(), n, e);
             }
             for &subject in &subjects {
-                bar.set_message(format!(
-                    "{} at {n} services x {e} endpoints",
-                    subject.name()
-                ));
+                let what = format!("{} at {n} services x {e} endpoints", subject.name());
+                // indicatif draws nothing when stderr is not a terminal (CI logs): a line each.
+                if !std::io::stderr().is_terminal() {
+                    eprintln!("[{}/{total}] {what}", rows.len() + 1);
+                }
+                bar.set_message(what);
                 let row = match skip(subject, n, e, &p, &ipvs) {
                     Some(why) => Row {
                         subject: subject.name(),

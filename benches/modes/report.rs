@@ -183,7 +183,7 @@ fn markdown(rows: &[Row], machine: &Machine, took: Duration, args: &[String]) ->
     let _ = writeln!(
         o,
         "\nData plane: client → node → endpoint namespaces. Connect: TCP connect until the endpoint's first byte arrived, p50/p99 µs, \
-         to the first and the last service's ClusterIP and straight to an endpoint (direct, no rules yet). \
+         to the first and the last service's ClusterIP, and direct: straight to an endpoint through an identical set of namespaces with no rule and no proxy, in alternating rounds. \
          Bulk: one TCP stream through the first ClusterIP, Gbit/s (% of direct). UDP: round trips per second, 4 clients (% of direct).\n"
     );
     let _ = writeln!(

@@ -4,8 +4,9 @@
 //! as the binary logs it, and the process's peak RSS.
 //!
 //! Peak RSS: the bench re-executes itself as a tiny wrapper (`--rss-wrapper -- CMD…`) whose
-//! only child is the measured process, so `getrusage(RUSAGE_CHILDREN).ru_maxrss` after the
-//! wait is exactly that process's high-water mark (no unsafe `wait4`, no cgroup).
+//! only child is the measured process: it samples the child's own `VmHWM` until it exits, and
+//! `getrusage(RUSAGE_CHILDREN).ru_maxrss` after the wait gives the largest of the child and the
+//! tools it ran (no unsafe `wait4`, no cgroup).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -22,10 +23,14 @@ pub(crate) struct BinaryRun {
     /// The first sync as the binary logs it (`sync complete`, `elapsed_ms`): build + render +
     /// plan + apply.
     pub(crate) sync: Duration,
-    /// The process's peak resident set.
+    /// The largest peak resident set of kproxy and the tools it ran (`ru_maxrss`).
     pub(crate) max_rss_kib: u64,
+    /// kproxy's own peak resident set (`VmHWM`).
+    pub(crate) own_rss_kib: u64,
     /// Kernel objects the first sync added (the binary's own count).
     pub(crate) added: u64,
+    /// The first sync's phases as the binary logs them: build, render, plan, apply.
+    pub(crate) phases: [Duration; 4],
 }
 
 /// Writes `n` services x `e` endpoints (and the node) as one JSON `List` into `dir`.
@@ -34,22 +39,47 @@ pub(crate) fn write_manifests(dir: &Path, n: usize, e: usize) {
     std::fs::write(dir.join("cluster.json"), text).unwrap();
 }
 
+/// `VmHWM` of a live process, in KiB.
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The wrapper's side: runs `argv` as its only child, then prints
-/// `WALL_NS MAX_RSS_KIB EXIT_CODE` on stdout; the child's output goes to stderr.
+/// `WALL_NS MAX_RSS_KIB OWN_HWM_KIB EXIT_CODE` on stdout; the child's output goes to stderr.
+/// `MAX_RSS_KIB` (`ru_maxrss` of the children) is the largest of the child and every process
+/// it waited for (iptables-restore, nft); `OWN_HWM_KIB` is the child's own `VmHWM`, sampled
+/// every few milliseconds until it exits (the high-water mark only grows, so the last sample
+/// misses at most the final few milliseconds).
 pub(crate) fn rss_wrapper(argv: &[String]) -> ! {
     let (program, args) = argv.split_first().expect("--rss-wrapper -- PROGRAM ARGS…");
     let t = Instant::now();
-    let status = Command::new(program)
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::io::stderr())
-        .status()
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let mut own = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        own = vm_hwm(pid).unwrap_or(0).max(own);
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let wall = t.elapsed();
     let usage =
         nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
     println!(
-        "{} {} {}",
+        "{} {} {own} {}",
         wall.as_nanos(),
         usage.max_rss(),
         status.code().unwrap_or(-1)
@@ -97,7 +127,7 @@ pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path) -> Result<BinaryRun, S
         .split_whitespace()
         .filter_map(|v| v.parse().ok())
         .collect();
-    let [wall, rss, code] = fields[..] else {
+    let [wall, rss, own, code] = fields[..] else {
         return Err(format!("the wrapper printed {stdout:?}"));
     };
     if code != 0 {
@@ -110,11 +140,15 @@ pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path) -> Result<BinaryRun, S
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["fields"]["message"] == "sync complete")
         .ok_or_else(|| "kproxy logged no `sync complete`".to_string())?;
-    let sync_ms = line["fields"]["elapsed_ms"].as_f64().unwrap_or(0.0);
+    let field = |name: &str| {
+        Duration::from_secs_f64(line["fields"][name].as_f64().unwrap_or(0.0).max(0.0) / 1000.0)
+    };
     Ok(BinaryRun {
         wall: Duration::from_nanos(wall),
-        sync: Duration::from_secs_f64(sync_ms / 1000.0),
+        sync: field("elapsed_ms"),
         max_rss_kib: rss,
+        own_rss_kib: own,
         added: line["fields"]["added"].as_u64().unwrap_or(0),
+        phases: ["build_ms", "render_ms", "plan_ms", "apply_ms"].map(field),
     })
 }

@@ -141,12 +141,12 @@ fn markdown(rows: &[Row], machine: &Machine, took: Duration, args: &[String]) ->
     let _ = writeln!(
         o,
         "\nControl plane. Library: the mode crate's render + plan + apply against the kernel in a fresh namespace (ms). \
-         Binary: the `kproxy` binary with `--once` on generated manifests, exec to exit (ms), the first sync as it logs it (ms), and its peak RSS (MiB). \
+         Binary: the `kproxy` binary with `--once` on generated manifests, exec to exit (ms), the first sync as it logs it (ms), and the peak RSS (MiB) of kproxy itself and of the largest of kproxy and the tools it ran (iptables-restore, nft). \
          Every state has N TCP service ports plus one UDP port on the first service (the data-plane probe).\n"
     );
     let _ = writeln!(
         o,
-        "| subject | N | E | full sync | 1 endpoint | +1 service | -1 service | objects | binary start→synced | binary sync | peak RSS MiB |"
+        "| subject | N | E | full sync | 1 endpoint | +1 service | -1 service | objects | binary start→synced | binary sync | peak RSS MiB kproxy / incl. tools |"
     );
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -163,7 +163,11 @@ fn markdown(rows: &[Row], machine: &Machine, took: Duration, args: &[String]) ->
             Some(Ok(b)) => (
                 ms(b.wall),
                 ms(b.sync),
-                format!("{:.1}", b.max_rss_kib as f64 / 1024.0),
+                format!(
+                    "{:.1} / {:.1}",
+                    b.own_rss_kib as f64 / 1024.0,
+                    b.max_rss_kib as f64 / 1024.0
+                ),
             ),
             Some(Err(e)) => (format!("failed: {e}"), "–".into(), "–".into()),
         };
@@ -222,17 +226,24 @@ fn markdown(rows: &[Row], machine: &Machine, took: Duration, args: &[String]) ->
         o,
         "\nWhere kproxy's library time goes (render / plan / apply ms):\n"
     );
-    let _ = writeln!(o, "| subject | N | E | full sync | 1 endpoint |");
-    let _ = writeln!(o, "|---|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| subject | N | E | full sync | 1 endpoint | binary first sync (build / render / plan / apply) |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|");
     for r in rows.iter().filter(|r| r.full_phases.is_some()) {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             r.subject,
             r.services,
             r.endpoints,
             phases(r.full_phases),
-            phases(r.endpoint_phases)
+            phases(r.endpoint_phases),
+            match &r.binary {
+                Some(Ok(b)) => b.phases.map(ms).join(" / "),
+                _ => "–".into(),
+            }
         );
     }
     o
@@ -247,7 +258,12 @@ fn row_json(r: &Row) -> Value {
         None => Value::Null,
         Some(Ok(b)) => json!({
             "start_to_synced_s": secs(b.wall), "sync_s": secs(b.sync),
-            "max_rss_kib": b.max_rss_kib, "objects_added": b.added,
+            "own_max_rss_kib": b.own_rss_kib, "max_rss_incl_tools_kib": b.max_rss_kib,
+            "objects_added": b.added,
+            "sync_phases": {
+                "build_s": secs(b.phases[0]), "render_s": secs(b.phases[1]),
+                "plan_s": secs(b.phases[2]), "apply_s": secs(b.phases[3]),
+            },
         }),
         Some(Err(e)) => json!({ "error": e }),
     };

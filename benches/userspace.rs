@@ -29,23 +29,19 @@
 )]
 #![allow(clippy::print_stdout, reason = "the harness prints its table")]
 
+mod common;
+
 use std::fmt::Write as _;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-use nix::sched::{CloneFlags, setns};
+use common::{
+    CLIENT, ECHO, NODE, Proc, RR, SERVER, SINK, Topology, addr, bulk, conn_rate, have,
+    request_latency, servers, topology, udp_rate,
+};
 
-const CLIENT: &str = "10.1.1.2";
-const NODE: &str = "10.1.1.1";
-const SERVER: &str = "10.1.2.2";
-/// Server ports: bulk sink, 1 KiB request/response, UDP echo.
-const SINK: u16 = 8080;
-const RR: u16 = 8081;
-const ECHO: u16 = 5353;
 /// Service addresses (ClusterIPs) kproxy serves.
 const SVC_SINK: &str = "10.96.0.1";
 const SVC_RR: &str = "10.96.0.2";
@@ -55,172 +51,6 @@ const SOCAT_SINK: u16 = 9080;
 const SOCAT_RR: u16 = 9081;
 const SOCAT_ECHO: u16 = 9053;
 
-/// A network namespace, deleted on drop.
-struct Ns(String);
-
-impl Ns {
-    fn new(role: &str) -> Ns {
-        let name = format!("kpx-ubench-{}-{role}", std::process::id());
-        cmd("ip", &["netns", "add", &name]);
-        let ns = Ns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        // Many short connections: the whole port range, and TIME_WAIT ports reused.
-        ns.sysctl("net/ipv4/ip_local_port_range", "1024 65535");
-        ns.sysctl("net/ipv4/tcp_tw_reuse", "1");
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut full = vec!["-n", self.0.as_str()];
-        full.extend_from_slice(args);
-        cmd("ip", &full);
-    }
-
-    fn sysctl(&self, key: &str, value: &str) {
-        let (path, value) = (format!("/proc/sys/{key}"), value.to_string());
-        self.run(move || std::fs::write(path, value).unwrap());
-    }
-
-    /// Runs `f` on a thread inside the namespace (sockets made there stay there).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f).join().unwrap()
-    }
-
-    fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(path).unwrap();
-            setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-    }
-
-    /// `ip netns exec NS program args…`, in the background, in a process group of its own (so
-    /// socat's forked children go with it).
-    fn child(&self, program: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
-        use std::os::unix::process::CommandExt as _;
-        Command::new("ip")
-            .process_group(0)
-            .args(["netns", "exec", &self.0, program])
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .output();
-    }
-}
-
-fn cmd(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Kills a background process and its process group (its forked children) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.0.id()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Topology {
-    client: Ns,
-    node: Ns,
-    server: Ns,
-}
-
-fn topology() -> Topology {
-    let (client, node, server) = (Ns::new("client"), Ns::new("node"), Ns::new("server"));
-    node.sysctl("net/ipv4/ip_forward", "1");
-    for (a, a_ip, b, b_ip, dev) in [
-        (&client, CLIENT, &node, NODE, "c"),
-        (&node, "10.1.2.1", &server, SERVER, "s"),
-    ] {
-        let (da, db) = (format!("{dev}0"), format!("{dev}1"));
-        a.ip(&[
-            "link", "add", &da, "type", "veth", "peer", "name", &db, "netns", &b.0,
-        ]);
-        a.ip(&["addr", "add", &format!("{a_ip}/24"), "dev", &da]);
-        b.ip(&["addr", "add", &format!("{b_ip}/24"), "dev", &db]);
-        a.ip(&["link", "set", &da, "up"]);
-        b.ip(&["link", "set", &db, "up"]);
-    }
-    client.ip(&["route", "add", "default", "via", NODE]);
-    server.ip(&["route", "add", "default", "via", "10.1.2.1"]);
-    Topology {
-        client,
-        node,
-        server,
-    }
-}
-
-/// The servers in the server namespace: a sink counting bytes, a 1 KiB request/response
-/// server and a UDP echo. They run until the process exits (their namespace goes first).
-fn servers(ns: &Ns, received: Arc<AtomicU64>) {
-    let sink = ns.run(|| TcpListener::bind((SERVER, SINK)).unwrap());
-    std::thread::spawn(move || {
-        for conn in sink.incoming().flatten() {
-            let received = received.clone();
-            std::thread::spawn(move || {
-                let mut conn = conn;
-                let mut buf = vec![0u8; 256 * 1024];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    received.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    let rr = Arc::new(ns.run(|| TcpListener::bind((SERVER, RR)).unwrap()));
-    for _ in 0..8 {
-        let rr = rr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1024];
-            while let Ok((mut conn, _)) = rr.accept() {
-                let _ = conn.set_nodelay(true);
-                if conn.read_exact(&mut buf).is_ok() && conn.write_all(&buf).is_ok() {
-                    // The client closes first (its side keeps the TIME_WAIT).
-                    let _ = conn.read(&mut buf);
-                }
-            }
-        });
-    }
-    let echo = ns.run(|| UdpSocket::bind((SERVER, ECHO)).unwrap());
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, peer)) = echo.recv_from(&mut buf) {
-            let _ = echo.send_to(&buf[..n], peer);
-        }
-    });
-}
-
 /// Where a subject's traffic goes.
 #[derive(Clone, Copy)]
 struct Targets {
@@ -229,121 +59,16 @@ struct Targets {
     echo: SocketAddr,
 }
 
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
-
 #[derive(Default, Clone)]
 struct Figures {
     bulk1: f64,
     bulk16: f64,
+    /// Bulk streams that never got the server's greeting (a broken path, shown in the table).
+    failed_streams: usize,
     cps: f64,
     p50: Duration,
     p99: Duration,
     udp_pps: f64,
-}
-
-/// Bytes per second the sink received while `streams` clients wrote for `d`.
-fn bulk(t: &Topology, to: SocketAddr, streams: usize, d: Duration, received: &AtomicU64) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..streams)
-        .map(|_| {
-            let stop = stop.clone();
-            t.client.spawn(move || {
-                let mut s = TcpStream::connect(to).unwrap();
-                let buf = vec![0x5au8; 256 * 1024];
-                while !stop.load(Ordering::Relaxed) {
-                    if s.write_all(&buf).is_err() {
-                        break;
-                    }
-                }
-                let _ = s.shutdown(Shutdown::Write);
-            })
-        })
-        .collect();
-    // Let every stream reach its steady state before counting.
-    std::thread::sleep(d / 5);
-    let (b0, t0) = (received.load(Ordering::Relaxed), Instant::now());
-    std::thread::sleep(d);
-    let (b1, t1) = (received.load(Ordering::Relaxed), t0.elapsed());
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.join().unwrap();
-    }
-    (b1 - b0) as f64 / t1.as_secs_f64()
-}
-
-/// One fresh connection carrying a 1 KiB request and a 1 KiB response.
-fn one_request(to: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
-        return false;
-    };
-    let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut buf = [0x42u8; 1024];
-    s.write_all(&buf).is_ok() && s.read_exact(&mut buf).is_ok()
-}
-
-/// Requests per second with `clients` concurrent clients for `d`.
-fn conn_rate(t: &Topology, to: SocketAddr, clients: usize, d: Duration) -> f64 {
-    let start = Instant::now();
-    let workers: Vec<_> = (0..clients)
-        .map(|_| {
-            t.client.spawn(move || {
-                let mut ok = 0u64;
-                while start.elapsed() < d {
-                    if one_request(to) {
-                        ok += 1;
-                    }
-                }
-                ok
-            })
-        })
-        .collect();
-    let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-    total as f64 / start.elapsed().as_secs_f64()
-}
-
-/// p50 and p99 of `n` sequential requests.
-fn latency(t: &Topology, to: SocketAddr, n: usize) -> (Duration, Duration) {
-    let mut samples = t.client.run(move || {
-        (0..n)
-            .map(|_| {
-                let s = Instant::now();
-                assert!(one_request(to), "request to {to} failed");
-                s.elapsed()
-            })
-            .collect::<Vec<_>>()
-    });
-    samples.sort();
-    (samples[n / 2], samples[(n * 99 / 100).min(n - 1)])
-}
-
-/// UDP round trips per second with `clients` clients for `d`.
-fn udp_rate(t: &Topology, to: SocketAddr, clients: usize, d: Duration) -> f64 {
-    let start = Instant::now();
-    let workers: Vec<_> = (0..clients)
-        .map(|_| {
-            t.client.spawn(move || {
-                let s = UdpSocket::bind((CLIENT, 0)).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(100)))
-                    .unwrap();
-                let (msg, mut buf, mut ok) = ([7u8; 64], [0u8; 2048], 0u64);
-                while start.elapsed() < d {
-                    if s.send_to(&msg, to).is_ok() {
-                        match s.recv_from(&mut buf) {
-                            Ok(_) => ok += 1,
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                            Err(_) => {}
-                        }
-                    }
-                }
-                ok
-            })
-        })
-        .collect();
-    let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-    total as f64 / start.elapsed().as_secs_f64()
 }
 
 struct Profile {
@@ -385,6 +110,7 @@ impl Subject {
                 },
             ),
             Subject::Kproxy(method) => {
+                let admin = format!("--admin-socket={}", manifests.join("admin.sock").display());
                 let kproxy = Proc(t.node.child(
                     env!("CARGO_BIN_EXE_kproxy"),
                     &[
@@ -396,7 +122,7 @@ impl Subject {
                         "bench-node",
                         "--healthz-bind-address=",
                         "--metrics-bind-address=",
-                        "--admin-socket=",
+                        &admin,
                     ],
                     &[("KPROXY_USERSPACE_COPY", method), ("RUST_LOG", "warn")],
                 ));
@@ -413,7 +139,8 @@ impl Subject {
                 let sink = format!("TCP:{SERVER}:{SINK}");
                 let rr = format!("TCP:{SERVER}:{RR}");
                 let echo = format!("UDP:{SERVER}:{ECHO}");
-                let l_sink = format!("TCP-LISTEN:{SOCAT_SINK},bind={NODE},fork,reuseaddr");
+                let l_sink =
+                    format!("TCP-LISTEN:{SOCAT_SINK},bind={NODE},fork,reuseaddr,backlog=4096");
                 let l_rr = format!("TCP-LISTEN:{SOCAT_RR},bind={NODE},fork,reuseaddr,backlog=4096");
                 let l_echo = format!("UDP-LISTEN:{SOCAT_ECHO},bind={NODE},fork,reuseaddr");
                 // `-T 2`: a per-client child exits after 2 s idle (UDP has no end of stream).
@@ -443,6 +170,7 @@ fn median(rounds: &[Figures]) -> Figures {
     Figures {
         bulk1: mid(rounds.iter().map(|f| f.bulk1).collect()),
         bulk16: mid(rounds.iter().map(|f| f.bulk16).collect()),
+        failed_streams: rounds.iter().map(|f| f.failed_streams).sum(),
         cps: mid(rounds.iter().map(|f| f.cps).collect()),
         p50: mid(rounds.iter().map(|f| f.p50).collect()),
         p99: mid(rounds.iter().map(|f| f.p99).collect()),
@@ -451,15 +179,20 @@ fn median(rounds: &[Figures]) -> Figures {
 }
 
 fn measure(t: &Topology, to: Targets, p: &Profile, received: &AtomicU64) -> Figures {
+    let (one, sixteen) = (
+        bulk(&t.client, to.sink, 1, p.d, received),
+        bulk(&t.client, to.sink, 16, p.d, received),
+    );
     Figures {
-        bulk1: bulk(t, to.sink, 1, p.d, received),
-        bulk16: bulk(t, to.sink, 16, p.d, received),
-        cps: conn_rate(t, to.rr, 8, p.d),
+        bulk1: one.bytes_per_s,
+        bulk16: sixteen.bytes_per_s,
+        failed_streams: one.failed + sixteen.failed,
+        cps: conn_rate(&t.client, to.rr, 8, p.d),
         p50: Duration::ZERO,
         p99: Duration::ZERO,
-        udp_pps: udp_rate(t, to.echo, 4, p.d),
+        udp_pps: udp_rate(&t.client, client_ip(), to.echo, 4, p.d),
     }
-    .with_latency(latency(t, to.rr, p.latency_n))
+    .with_latency(request_latency(&t.client, to.rr, p.latency_n))
 }
 
 impl Figures {
@@ -470,22 +203,8 @@ impl Figures {
     }
 }
 
-/// Waits until a request through `to` succeeds.
-fn wait_ready(t: &Topology, to: Targets) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !(t.client.run(move || one_request(to.rr))) {
-        assert!(Instant::now() < deadline, "{} never answered", to.rr);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let echo = to.echo;
-    while !t.client.run(move || {
-        let s = UdpSocket::bind((CLIENT, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        s.send_to(b"x", echo).is_ok() && s.recv_from(&mut [0u8; 16]).is_ok()
-    }) {
-        assert!(Instant::now() < deadline, "{echo} never answered");
-    }
+fn client_ip() -> std::net::IpAddr {
+    CLIENT.parse().unwrap()
 }
 
 /// The manifests kproxy reads: three ClusterIP services onto the server.
@@ -513,13 +232,6 @@ fn manifests() -> tempfile::TempDir {
     dir
 }
 
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo test --benches` runs this without `--bench`: the quick profile.
@@ -541,9 +253,14 @@ fn main() {
             rounds: 5,
         }
     };
-    let t = topology();
+    let t = topology("ubench");
     let received = Arc::new(AtomicU64::new(0));
-    servers(&t.server, received.clone());
+    let _servers = servers(
+        &t.server,
+        SERVER.parse().unwrap(),
+        &[SERVER.parse().unwrap()],
+        received.clone(),
+    );
     let dir = manifests();
     let socat = have("socat");
     let mut notes = String::new();
@@ -564,7 +281,7 @@ fn main() {
     for _ in 0..profile.rounds {
         for (i, subject) in subjects.iter().enumerate() {
             let (_running, to) = subject.start(&t, dir.path());
-            wait_ready(&t, to);
+            common::wait_ready(&t.client, client_ip(), to.sink, to.echo);
             samples[i].push(measure(&t, to, &profile, &received));
         }
     }
@@ -620,6 +337,14 @@ fn report(rows: &[(String, Figures)], quick: bool, notes: &str) {
             "\nkproxy (splice) vs socat: {:.1}x the connection rate, {:.1}x the 16-stream throughput.",
             k.1.cps / s.1.cps.max(1.0),
             k.1.bulk16 / s.1.bulk16.max(1.0)
+        )
+        .unwrap();
+    }
+    for (name, f) in rows.iter().filter(|(_, f)| f.failed_streams > 0) {
+        writeln!(
+            out,
+            "\n**{name}: {} bulk stream(s) never received the server's first byte within 10 s** (the server speaks first: it greets each connection with one byte).",
+            f.failed_streams
         )
         .unwrap();
     }

@@ -136,7 +136,7 @@ pub struct Args {
     /// The admin socket: the daemon serves what it applied there, and `kproxy services`
     /// asks it (default /run/kproxy/kproxy.sock; empty disables).
     #[arg(global = true, long, value_name = "PATH")]
-    pub admin_socket: Option<PathBuf>,
+    pub admin_socket: Option<String>,
 
     /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1). Flags given on the
     /// command line override its fields.

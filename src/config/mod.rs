@@ -357,10 +357,12 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         tcp_be_liberal: conntrack.tcp_be_liberal,
         conntrack,
         ipvs_scheduler,
-        admin_socket: match &args.admin_socket {
+        // A string, not a PathBuf, on the command line: clap refuses an empty path, and empty
+        // is how the socket is turned off.
+        admin_socket: match args.admin_socket.as_deref().map(str::trim) {
             None => Some(PathBuf::from(crate::admin::DEFAULT_SOCKET)),
-            Some(p) if p.as_os_str().is_empty() => None,
-            Some(p) => Some(p.clone()),
+            Some("") => None,
+            Some(p) => Some(PathBuf::from(p)),
         },
         dry_run: args.dry_run,
         once: args.once,

@@ -152,3 +152,47 @@ fn go_style_boolean_flags() {
     .expect("valid");
     assert!(!c.masquerade_all);
 }
+
+#[test]
+fn admin_socket_defaults_and_turns_off_when_empty() {
+    let c = from_args(&args(&["--hostname-override", "n1"])).expect("valid");
+    assert_eq!(
+        c.admin_socket.as_deref(),
+        Some(std::path::Path::new(crate::admin::DEFAULT_SOCKET))
+    );
+    let c = from_args(&args(&["--hostname-override", "n1", "--admin-socket="])).expect("valid");
+    assert_eq!(c.admin_socket, None);
+    let c = from_args(&args(&[
+        "--hostname-override=n1",
+        "--admin-socket",
+        "/tmp/k.sock",
+    ]))
+    .expect("valid");
+    assert_eq!(
+        c.admin_socket.as_deref(),
+        Some(std::path::Path::new("/tmp/k.sock"))
+    );
+}
+
+#[test]
+fn conntrack_flags_override_the_file_and_bad_values_name_the_flag() {
+    let c = from_args(&args(&[
+        "--hostname-override=n1",
+        "--conntrack-max-per-core=0",
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-tcp-be-liberal",
+    ]))
+    .expect("valid");
+    assert_eq!(c.conntrack.max_per_core, 0);
+    assert_eq!(
+        c.conntrack.tcp_established_timeout,
+        Duration::from_secs(7200)
+    );
+    assert!(c.conntrack.tcp_be_liberal && c.tcp_be_liberal);
+    let err = from_args(&args(&[
+        "--hostname-override=n1",
+        "--conntrack-udp-timeout=soon",
+    ]))
+    .expect_err("bad duration");
+    assert_eq!(err.field, "--conntrack-udp-timeout");
+}

@@ -1,0 +1,154 @@
+//! The real `kproxy` binary, started on generated manifests with `--once` inside a fresh
+//! network namespace: the time from exec to the end of its first complete sync (manifest
+//! parsing, desired-state build, render, plan, apply, and the process exit), the sync itself
+//! as the binary logs it, and the process's peak RSS.
+//!
+//! Peak RSS: the bench re-executes itself as a tiny wrapper (`--rss-wrapper -- CMD…`) whose
+//! only child is the measured process: it samples the child's own `VmHWM` until it exits, and
+//! `getrusage(RUSAGE_CHILDREN).ru_maxrss` after the wait gives the largest of the child and the
+//! tools it ran (no unsafe `wait4`, no cgroup).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::Ns;
+use crate::common::objects::{NODE_NAME, list};
+
+/// What one run of the binary measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BinaryRun {
+    /// Exec to exit, with `--once` (which exits right after the first complete sync).
+    pub(crate) wall: Duration,
+    /// The first sync as the binary logs it (`sync complete`, `elapsed_ms`): build + render +
+    /// plan + apply.
+    pub(crate) sync: Duration,
+    /// The largest peak resident set of kproxy and the tools it ran (`ru_maxrss`).
+    pub(crate) max_rss_kib: u64,
+    /// kproxy's own peak resident set (`VmHWM`).
+    pub(crate) own_rss_kib: u64,
+    /// Kernel objects the first sync added (the binary's own count).
+    pub(crate) added: u64,
+    /// The first sync's phases as the binary logs them: build, render, plan, apply.
+    pub(crate) phases: [Duration; 4],
+}
+
+/// Writes `n` services x `e` endpoints (and the node) as one JSON `List` into `dir`.
+pub(crate) fn write_manifests(dir: &Path, n: usize, e: usize) {
+    let text = serde_json::to_string(&list(n, e)).unwrap();
+    std::fs::write(dir.join("cluster.json"), text).unwrap();
+}
+
+/// `VmHWM` of a live process, in KiB.
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The wrapper's side: runs `argv` as its only child, then prints
+/// `WALL_NS MAX_RSS_KIB OWN_HWM_KIB EXIT_CODE` on stdout; the child's output goes to stderr.
+/// `MAX_RSS_KIB` (`ru_maxrss` of the children) is the largest of the child and every process
+/// it waited for (iptables-restore, nft); `OWN_HWM_KIB` is the child's own `VmHWM`, sampled
+/// every few milliseconds until it exits (the high-water mark only grows, so the last sample
+/// misses at most the final few milliseconds).
+pub(crate) fn rss_wrapper(argv: &[String]) -> ! {
+    let (program, args) = argv.split_first().expect("--rss-wrapper -- PROGRAM ARGS…");
+    let t = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::io::stderr())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut own = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        own = vm_hwm(pid).unwrap_or(0).max(own);
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall = t.elapsed();
+    let usage =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    println!(
+        "{} {} {own} {}",
+        wall.as_nanos(),
+        usage.max_rss(),
+        status.code().unwrap_or(-1)
+    );
+    std::process::exit(0)
+}
+
+/// Runs `kproxy --once` (which serves no admin socket, probes or metrics) in `--proxy-mode mode` (plus `extra` flags) on the manifests in `dir`,
+/// in a namespace of its own.
+pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path) -> Result<BinaryRun, String> {
+    let ns = Ns::new("bench", "bin");
+    let dir = dir.display().to_string();
+    let mut args: Vec<&str> = vec![
+        "--rss-wrapper",
+        "--",
+        "ip",
+        "netns",
+        "exec",
+        &ns.0,
+        env!("CARGO_BIN_EXE_kproxy"),
+        "--manifests",
+        &dir,
+        "--once",
+        "--proxy-mode",
+        mode,
+        "--hostname-override",
+        NODE_NAME,
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--healthz-bind-address=",
+        "--metrics-bind-address=",
+        "--log-format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .output()
+        .map_err(|e| format!("cannot run the wrapper: {e}"))?;
+    drop(ns);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let fields: Vec<u64> = stdout
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let [wall, rss, own, code] = fields[..] else {
+        return Err(format!("the wrapper printed {stdout:?}"));
+    };
+    if code != 0 {
+        let tail: Vec<&str> = logs.lines().rev().take(3).collect();
+        return Err(format!("kproxy exited with {code}: {tail:?}"));
+    }
+    // The first `sync complete` line: its elapsed_ms and added count.
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "sync complete")
+        .ok_or_else(|| "kproxy logged no `sync complete`".to_string())?;
+    let field = |name: &str| {
+        Duration::from_secs_f64(line["fields"][name].as_f64().unwrap_or(0.0).max(0.0) / 1000.0)
+    };
+    Ok(BinaryRun {
+        wall: Duration::from_nanos(wall),
+        sync: field("elapsed_ms"),
+        max_rss_kib: rss,
+        own_rss_kib: own,
+        added: line["fields"]["added"].as_u64().unwrap_or(0),
+        phases: ["build_ms", "render_ms", "plan_ms", "apply_ms"].map(field),
+    })
+}

@@ -15,20 +15,14 @@ use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use kproxy_contract::ProxyState;
 use tokio::sync::watch;
 
 /// The default socket path, shared by the daemon and the `kproxy services` client.
 pub const DEFAULT_SOCKET: &str = "/run/kproxy/kproxy.sock";
 
-/// What the daemon last applied.
-#[derive(Debug)]
-pub struct Applied {
-    /// The desired state of the last successful sync.
-    pub state: ProxyState,
-    /// The objects that sync skipped, as log lines.
-    pub skipped: Vec<String>,
-}
+/// What the daemon last applied: the build of its last successful sync (its desired state and
+/// the objects it skipped), shared with the sync loop rather than copied.
+pub type Applied = crate::desired_state::Built;
 
 /// Where the sync loop publishes each applied state.
 pub type Publisher = watch::Sender<Option<Arc<Applied>>>;
@@ -49,18 +43,16 @@ async fn services(
         )
             .into_response();
     };
+    let skipped: Vec<String> = applied.skipped.iter().map(ToString::to_string).collect();
     match q.output.as_deref() {
         Some("table") => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            crate::services::to_table(&applied.state, &applied.skipped),
+            crate::services::to_table(&applied.state, &skipped),
         )
             .into_response(),
         None | Some("json") => (
             [(header::CONTENT_TYPE, "application/json")],
-            format!(
-                "{:#}\n",
-                crate::services::to_json(&applied.state, &applied.skipped)
-            ),
+            format!("{:#}\n", crate::services::to_json(&applied.state, &skipped)),
         )
             .into_response(),
         Some(other) => (
@@ -179,6 +171,7 @@ mod tests {
         tx.send_replace(Some(Arc::new(Applied {
             state,
             skipped: Vec::new(),
+            skipped_by_service: Default::default(),
         })));
         let p = path.clone();
         let json = tokio::task::spawn_blocking(move || query(&p, "/services"))

@@ -91,7 +91,7 @@ pub struct SyncLoop<M: Mode> {
     /// What we believe the kernel holds: the last applied rules. `None` forces a full sync.
     believed: Option<M::Rules>,
     /// The last successful build; with `pending`, what an incremental build starts from.
-    previous: Option<desired_state::Built>,
+    previous: Option<Arc<desired_state::Built>>,
     /// Skipped-object messages currently in effect, so each is logged once.
     reported: BTreeSet<String>,
     /// Changes since the last successful sync.
@@ -411,11 +411,10 @@ impl<M: Mode> SyncLoop<M> {
                 std::time::SystemTime::now(),
             );
         }
+        // Shared, not copied: the admin socket reads the same build the next sync starts from.
+        let built = Arc::new(built);
         if let (Some(admin), false) = (&self.admin, dry_run) {
-            admin.send_replace(Some(Arc::new(crate::admin::Applied {
-                state: built.state.clone(),
-                skipped: built.skipped.iter().map(ToString::to_string).collect(),
-            })));
+            admin.send_replace(Some(built.clone()));
         }
         self.previous = Some(built);
         self.pending = Touched::default();

@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 pub mod strategies;
+pub mod trace_scenarios;
 
 use kproxy_contract::{
     Endpoint, Endpoints, IpFamily, NodeSettings, Protocol, ProxyState, ServicePort, ServicePortKey,

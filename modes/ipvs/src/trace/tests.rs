@@ -1,9 +1,11 @@
 #![allow(clippy::unwrap_used, reason = "test fixtures")]
 
-use kproxy_contract::trace::{Dialect, Env, Origin, Packet, Verdict, model};
+use kproxy_contract::trace::{Dialect, Env, Origin, Verdict, model};
 use kproxy_contract::{IpFamily, ProxyState};
 use kproxy_testkit::{ep, service, state, strategies};
 use proptest::prelude::*;
+
+use kproxy_testkit::trace_scenarios::pkt;
 
 use super::trace;
 use crate::model::IpvsRules;
@@ -18,17 +20,6 @@ fn rendered(s: &ProxyState) -> IpvsRules {
             families: &[IpFamily::V4, IpFamily::V6],
         },
     )
-}
-
-fn pkt(src: &str, dst: &str, port: u16, origin: Origin) -> Packet {
-    Packet {
-        src: src.parse().unwrap(),
-        src_port: None,
-        dst: dst.parse().unwrap(),
-        dst_port: port,
-        proto: kproxy_contract::Protocol::Tcp,
-        origin,
-    }
 }
 
 #[test]

@@ -1,113 +1,35 @@
 #![allow(clippy::unwrap_used, reason = "test fixtures")]
 
-use kproxy_contract::trace::{Dialect, Env, Origin, Packet, Verdict, model};
+use kproxy_contract::trace::{Dialect, Env, Origin, Verdict, model};
 use kproxy_testkit::{ep, service, state, strategies};
 use proptest::prelude::*;
+
+use kproxy_testkit::trace_scenarios::pkt;
 
 use super::trace;
 use crate::render::render;
 
-fn pkt(src: &str, dst: &str, port: u16, origin: Origin) -> Packet {
-    Packet {
-        src: src.parse().unwrap(),
-        src_port: None,
-        dst: dst.parse().unwrap(),
-        dst_port: port,
-        proto: kproxy_contract::Protocol::Tcp,
-        origin,
-    }
-}
-
 #[test]
 fn cluster_ip_spreads_over_endpoints_and_masquerades_outside_the_pod_network() {
-    let s = state(vec![service(
-        "web",
-        "10.96.0.10",
-        vec![
-            ep("10.244.1.1", true),
-            ep("10.244.2.1", false),
-            ep("10.244.2.2", false),
-        ],
-    )]);
-    let rules = render(&s);
-    let env = Env::from_state(&s);
-    let t = trace(
-        &rules,
-        &env,
-        &pkt("10.244.1.5", "10.96.0.10", 80, Origin::Pod),
+    kproxy_testkit::trace_scenarios::cluster_ip_spreads_and_masquerades(
+        |s, env, p| trace(&render(s), env, p),
+        "map service-ips",
     );
-    let Verdict::Forward {
-        candidates,
-        service,
-        ..
-    } = &t.verdict
-    else {
-        panic!("{:?}", t.verdict)
-    };
-    assert_eq!(service.as_deref(), Some("ns/web:p"));
-    assert_eq!(candidates.len(), 3);
-    for c in candidates {
-        assert!((c.share - 1.0 / 3.0).abs() < 1e-6, "{c:?}");
-        assert!(!c.masquerade, "pod source is not masqueraded");
-    }
-    assert!(t.path.iter().any(|h| h.object.contains("map service-ips")));
-    let t = trace(
-        &rules,
-        &env,
-        &pkt("192.168.0.2", "10.96.0.10", 80, Origin::Node),
-    );
-    let Verdict::Forward { candidates, .. } = &t.verdict else {
-        panic!("{:?}", t.verdict)
-    };
-    assert!(
-        candidates.iter().all(|c| c.masquerade),
-        "node source is masqueraded"
-    );
-    // Hairpin: the local endpoint reaching itself is masqueraded, the others are not.
-    let t = trace(
-        &rules,
-        &env,
-        &pkt("10.244.1.1", "10.96.0.10", 80, Origin::Pod),
-    );
-    let Verdict::Forward { candidates, .. } = &t.verdict else {
-        panic!("{:?}", t.verdict)
-    };
-    for c in candidates {
-        assert_eq!(
-            c.masquerade,
-            c.endpoint.ip().to_string() == "10.244.1.1",
-            "{c:?}"
-        );
-    }
 }
-
 #[test]
 fn no_endpoints_rejects_and_other_ports_are_left_alone() {
+    // nftables (rule 24): an unused port of a live ClusterIP is rejected, an unallocated
+    // service address dropped, anything else left alone.
+    let other_port = kproxy_testkit::trace_scenarios::no_endpoints_rejects(|s, env, p| {
+        trace(&render(s), env, p)
+    });
+    assert!(
+        matches!(other_port, Verdict::Reject { rule: 24, .. }),
+        "{other_port:?}"
+    );
     let s = state(vec![service("empty", "10.96.0.11", vec![])]);
     let rules = render(&s);
     let env = Env::from_state(&s);
-    let t = trace(
-        &rules,
-        &env,
-        &pkt("10.244.1.5", "10.96.0.11", 80, Origin::Pod),
-    );
-    assert!(
-        matches!(t.verdict, Verdict::Reject { rule: 5, .. }),
-        "{:?}",
-        t.verdict
-    );
-    // nftables (rule 24): an unused port of a live ClusterIP is rejected, an unallocated
-    // service address dropped, anything else left alone.
-    let t = trace(
-        &rules,
-        &env,
-        &pkt("10.244.1.5", "10.96.0.11", 81, Origin::Pod),
-    );
-    assert!(
-        matches!(t.verdict, Verdict::Reject { rule: 24, .. }),
-        "{:?}",
-        t.verdict
-    );
     let t = trace(
         &rules,
         &env,
@@ -122,9 +44,6 @@ fn no_endpoints_rejects_and_other_ports_are_left_alone() {
     assert_eq!(t.verdict, Verdict::NotService);
 }
 
-/// Rule 13 before the ETP=Local short-circuit: a pod outside the source ranges is dropped even
-/// when the service has no local endpoints (found by the property test: the firewall elements
-/// used to be written only for frontends with usable endpoints).
 #[test]
 fn source_ranges_apply_before_the_short_circuit() {
     let mut sp = service("lb", "10.96.0.12", vec![ep("10.244.2.1", false)]);

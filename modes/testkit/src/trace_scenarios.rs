@@ -1,0 +1,95 @@
+//! Hand-written trace scenarios every kernel mode's tracer must pass, shared so each mode's test
+//! states only what differs: how it renders and traces, and which object the path must cross.
+
+use kproxy_contract::trace::{Env, Origin, Packet, Trace, Verdict};
+use kproxy_contract::{Protocol, ProxyState};
+
+use crate::{ep, service, state};
+
+/// A TCP packet from `src` to `dst:port`.
+pub fn pkt(src: &str, dst: &str, port: u16, origin: Origin) -> Packet {
+    Packet {
+        src: src.parse().expect("test source address"),
+        src_port: None,
+        dst: dst.parse().expect("test destination address"),
+        dst_port: port,
+        proto: Protocol::Tcp,
+        origin,
+    }
+}
+
+/// `ns/web:p` at 10.96.0.10 with one local and two remote endpoints: a pod's packet spreads over
+/// all three in equal shares without masquerade and crosses `path_object`; the node's own packet
+/// is masqueraded; the local endpoint reaching itself is masqueraded (hairpin), to the others not.
+pub fn cluster_ip_spreads_and_masquerades(
+    trace: impl Fn(&ProxyState, &Env, &Packet) -> Trace,
+    path_object: &str,
+) {
+    let s = state(vec![service(
+        "web",
+        "10.96.0.10",
+        vec![
+            ep("10.244.1.1", true),
+            ep("10.244.2.1", false),
+            ep("10.244.2.2", false),
+        ],
+    )]);
+    let env = Env::from_state(&s);
+    let t = trace(&s, &env, &pkt("10.244.1.5", "10.96.0.10", 80, Origin::Pod));
+    let Verdict::Forward {
+        candidates,
+        service,
+        ..
+    } = &t.verdict
+    else {
+        panic!("{:?}", t.verdict)
+    };
+    assert_eq!(service.as_deref(), Some("ns/web:p"));
+    assert_eq!(candidates.len(), 3);
+    for c in candidates {
+        assert!((c.share - 1.0 / 3.0).abs() < 1e-6, "{c:?}");
+        assert!(!c.masquerade, "pod source is not masqueraded");
+    }
+    assert!(
+        t.path.iter().any(|h| h.object.contains(path_object)),
+        "{:?}",
+        t.path
+    );
+    let t = trace(
+        &s,
+        &env,
+        &pkt("192.168.0.2", "10.96.0.10", 80, Origin::Node),
+    );
+    let Verdict::Forward { candidates, .. } = &t.verdict else {
+        panic!("{:?}", t.verdict)
+    };
+    assert!(
+        candidates.iter().all(|c| c.masquerade),
+        "node source is masqueraded"
+    );
+    let t = trace(&s, &env, &pkt("10.244.1.1", "10.96.0.10", 80, Origin::Pod));
+    let Verdict::Forward { candidates, .. } = &t.verdict else {
+        panic!("{:?}", t.verdict)
+    };
+    for c in candidates {
+        assert_eq!(
+            c.masquerade,
+            c.endpoint.ip().to_string() == "10.244.1.1",
+            "{c:?}"
+        );
+    }
+}
+
+/// `ns/empty:p` at 10.96.0.11 without endpoints: its port is rejected (rule 5); returns the
+/// verdict for another port of the same address, where the modes differ.
+pub fn no_endpoints_rejects(trace: impl Fn(&ProxyState, &Env, &Packet) -> Trace) -> Verdict {
+    let s = state(vec![service("empty", "10.96.0.11", vec![])]);
+    let env = Env::from_state(&s);
+    let t = trace(&s, &env, &pkt("10.244.1.5", "10.96.0.11", 80, Origin::Pod));
+    assert!(
+        matches!(t.verdict, Verdict::Reject { rule: 5, .. }),
+        "{:?}",
+        t.verdict
+    );
+    trace(&s, &env, &pkt("10.244.1.5", "10.96.0.11", 81, Origin::Pod)).verdict
+}

@@ -1,5 +1,6 @@
-//! The only code that runs `nft`: `nft -j list table` to read, `nft -f -` to write (one atomic
-//! transaction for the whole script).
+//! The only code that runs `nft`: `nft -j list table` to read, `nft -f -` to write. A plan's
+//! element changes go through netlink when the plan allows it ([`crate::steps`]); setting
+//! `KPROXY_NFT_APPLY=nft` applies every plan with one `nft -f` instead (for comparisons).
 
 use kproxy_contract::{CommandError, IpFamily};
 
@@ -50,11 +51,27 @@ impl NftKernel for NftCli {
     }
 
     fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
-        let script = plan.script();
-        run(&["-f", "-"], Some(&script))
-            .map(|_| ())
-            .map_err(|e| with_failing_line(e, &script))
+        if nft_only() {
+            return apply_with_nft(plan);
+        }
+        crate::steps::apply(plan, apply_with_nft)
     }
+}
+
+/// The name of the environment variable that selects how plans are applied.
+pub const APPLY_ENV: &str = "KPROXY_NFT_APPLY";
+
+/// `KPROXY_NFT_APPLY=nft`: every plan through one `nft -f`, never netlink.
+fn nft_only() -> bool {
+    std::env::var(APPLY_ENV).is_ok_and(|v| v == "nft")
+}
+
+/// One `nft -f -` transaction for the whole plan.
+pub(crate) fn apply_with_nft(plan: &NftPlan) -> Result<(), CommandError> {
+    let script = plan.script();
+    run(&["-f", "-"], Some(&script))
+        .map(|_| ())
+        .map_err(|e| with_failing_line(e, &script))
 }
 
 fn run(args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {

@@ -8,8 +8,10 @@ pub mod fake;
 pub mod kernel;
 pub mod live;
 pub mod model;
+pub mod netlink;
 pub mod plan;
 pub mod render;
+pub mod steps;
 pub mod trace;
 
 use std::sync::{Mutex, PoisonError};

@@ -39,6 +39,9 @@ pub struct FamilyPlan {
     pub delete_chains: Vec<String>,
     /// Sets and maps to delete (name, is a map).
     pub delete_sets: Vec<(String, bool)>,
+    /// Set name → signature of every desired set, so the netlink path knows how to encode
+    /// elements of sets that already exist (see [`crate::steps`]).
+    pub signatures: BTreeMap<String, String>,
 }
 
 impl FamilyPlan {
@@ -198,7 +201,17 @@ fn plan_table(old: &Table, new: &Table) -> FamilyPlan {
             fp.delete_chains.push(name.clone());
         }
     }
+    record_signatures(&mut fp, new);
     fp
+}
+
+/// Fills [`FamilyPlan::signatures`].
+fn record_signatures(fp: &mut FamilyPlan, new: &Table) {
+    fp.signatures = new
+        .sets
+        .iter()
+        .map(|(name, set)| (name.clone(), set.signature.clone()))
+        .collect();
 }
 
 impl NftPlan {

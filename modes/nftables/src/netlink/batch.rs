@@ -1,0 +1,480 @@
+//! Building one nfnetlink batch: `NFNL_MSG_BATCH_BEGIN`, `NFT_MSG_DELSETELEM` /
+//! `NFT_MSG_NEWSETELEM` messages, `NFNL_MSG_BATCH_END`, all in one buffer sent with one
+//! `sendmsg`, so the kernel applies them as one transaction.
+//!
+//! Many elements share one message (as nft does): the element list is a netlink attribute,
+//! whose 16-bit length caps it at 64 KiB, so a message holds up to about a thousand
+//! elements. Every message asks for an ACK; each element's offset inside its message is kept
+//! so an error the kernel points at (extended ACK, `NLMSGERR_ATTR_OFFS`) names the element.
+
+use kproxy_contract::IpFamily;
+
+use super::types::{Data, EncodeError, SetType};
+
+/// `NFNL_SUBSYS_NFTABLES`.
+const SUBSYS_NFTABLES: u16 = 10;
+/// `NFNL_MSG_BATCH_BEGIN` / `NFNL_MSG_BATCH_END`.
+const MSG_BATCH_BEGIN: u16 = 0x10;
+const MSG_BATCH_END: u16 = 0x11;
+/// `NFT_MSG_NEWSETELEM` / `NFT_MSG_DELSETELEM`.
+const MSG_NEWSETELEM: u16 = 12;
+const MSG_DELSETELEM: u16 = 14;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLA_F_NESTED: u16 = 0x8000;
+
+// enum nft_set_elem_list_attributes
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+// enum nft_list_attributes
+const NFTA_LIST_ELEM: u16 = 1;
+// enum nft_set_elem_attributes
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+// enum nft_data_attributes
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+// enum nft_verdict_attributes
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+
+/// `NFPROTO_IPV4` / `NFPROTO_IPV6`.
+fn nfproto(family: IpFamily) -> u8 {
+    match family {
+        IpFamily::V4 => 2,
+        IpFamily::V6 => 10,
+    }
+}
+
+/// Largest element-list attribute (its length field is 16 bits), with room to spare.
+const MAX_LIST: usize = 60_000;
+/// Header sizes.
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+
+/// Add or delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `NFT_MSG_DELSETELEM`.
+    Delete,
+    /// `NFT_MSG_NEWSETELEM`.
+    Add,
+}
+
+impl Op {
+    /// The verb, for messages.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Op::Delete => "delete",
+            Op::Add => "add",
+        }
+    }
+}
+
+/// One element of a batch, as the plan wrote it.
+#[derive(Debug, Clone, Copy)]
+pub struct ElementRef<'a> {
+    /// Canonical key.
+    pub key: &'a str,
+    /// Canonical value (maps).
+    pub value: Option<&'a str>,
+}
+
+/// What one message of the batch carries, to name what failed.
+#[derive(Debug)]
+pub struct MessageInfo<'a> {
+    /// Its sequence number.
+    pub seq: u32,
+    /// The family of its table.
+    pub family: IpFamily,
+    /// The set or map.
+    pub set: &'a str,
+    /// Add or delete.
+    pub op: Op,
+    /// Its elements with their offsets from the start of the message, ascending.
+    pub elements: Vec<(u32, ElementRef<'a>)>,
+}
+
+impl<'a> MessageInfo<'a> {
+    /// The element whose attribute starts at or before `offset` (an extended ACK's
+    /// `NLMSGERR_ATTR_OFFS`), if the offset points into the element list.
+    pub fn element_at(&self, offset: u32) -> Option<ElementRef<'a>> {
+        let i = self.elements.partition_point(|(o, _)| *o <= offset);
+        i.checked_sub(1).map(|i| self.elements[i].1)
+    }
+}
+
+/// A whole batch: the bytes to send and what each message carries.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    /// Every message, back to back.
+    pub bytes: Vec<u8>,
+    /// The `BATCH_BEGIN` message's sequence number (commit errors come back under it).
+    pub begin_seq: u32,
+    /// The element messages, in order.
+    pub messages: Vec<MessageInfo<'a>>,
+    /// Number of elements.
+    pub elements: usize,
+    open: Option<Open>,
+    next_seq: u32,
+    scratch: Vec<u8>,
+}
+
+/// The message being filled.
+#[derive(Debug)]
+struct Open {
+    start: usize,
+    list: usize,
+}
+
+impl<'a> Batch<'a> {
+    /// An empty batch whose sequence numbers start at `first_seq`.
+    pub fn new(first_seq: u32) -> Self {
+        let mut b = Batch {
+            bytes: Vec::new(),
+            begin_seq: first_seq,
+            messages: Vec::new(),
+            elements: 0,
+            open: None,
+            next_seq: first_seq,
+            scratch: Vec::new(),
+        };
+        let seq = b.seq();
+        header(
+            &mut b.bytes,
+            MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            seq,
+            0,
+            SUBSYS_NFTABLES,
+        );
+        finish_message(&mut b.bytes, 0);
+        b
+    }
+
+    fn seq(&mut self) -> u32 {
+        let s = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        s
+    }
+
+    /// Appends the changes of one set: `elements` with `op`, all of `ty`. After an error
+    /// (an element that does not fit the type) the batch must not be sent.
+    pub fn push_set(
+        &mut self,
+        family: IpFamily,
+        table: &str,
+        set: &'a str,
+        ty: &SetType,
+        op: Op,
+        elements: impl IntoIterator<Item = ElementRef<'a>>,
+    ) -> Result<(), EncodeError> {
+        self.close();
+        for e in elements {
+            self.scratch.clear();
+            encode_element(&mut self.scratch, ty, op, e)?;
+            let fits = self
+                .open
+                .as_ref()
+                .is_some_and(|o| self.bytes.len() - o.list + self.scratch.len() <= MAX_LIST);
+            if !fits {
+                self.close();
+                self.open_message(family, table, set, op);
+            }
+            let start = self.open.as_ref().map_or(0, |o| o.start);
+            let offset = u32::try_from(self.bytes.len() - start).unwrap_or(u32::MAX);
+            self.bytes.extend_from_slice(&self.scratch);
+            if let Some(m) = self.messages.last_mut() {
+                m.elements.push((offset, e));
+            }
+            self.elements += 1;
+        }
+        self.close();
+        Ok(())
+    }
+
+    fn open_message(&mut self, family: IpFamily, table: &str, set: &'a str, op: Op) {
+        let seq = self.seq();
+        let start = self.bytes.len();
+        let (kind, flags) = match op {
+            Op::Delete => (MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+            Op::Add => (MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
+        };
+        header(
+            &mut self.bytes,
+            (SUBSYS_NFTABLES << 8) | kind,
+            flags,
+            seq,
+            nfproto(family),
+            0,
+        );
+        put_str(&mut self.bytes, NFTA_SET_ELEM_LIST_TABLE, table);
+        put_str(&mut self.bytes, NFTA_SET_ELEM_LIST_SET, set);
+        let list = begin_nest(&mut self.bytes, NFTA_SET_ELEM_LIST_ELEMENTS);
+        self.open = Some(Open { start, list });
+        self.messages.push(MessageInfo {
+            seq,
+            family,
+            set,
+            op,
+            elements: Vec::new(),
+        });
+    }
+
+    fn close(&mut self) {
+        if let Some(o) = self.open.take() {
+            end_nest(&mut self.bytes, o.list);
+            finish_message(&mut self.bytes, o.start);
+        }
+    }
+
+    /// Appends `BATCH_END`; the batch is complete.
+    pub fn finish(mut self) -> Self {
+        self.close();
+        let seq = self.seq();
+        let start = self.bytes.len();
+        header(
+            &mut self.bytes,
+            MSG_BATCH_END,
+            NLM_F_REQUEST,
+            seq,
+            0,
+            SUBSYS_NFTABLES,
+        );
+        finish_message(&mut self.bytes, start);
+        self
+    }
+}
+
+/// One `NFTA_LIST_ELEM`.
+fn encode_element(
+    out: &mut Vec<u8>,
+    ty: &SetType,
+    op: Op,
+    e: ElementRef<'_>,
+) -> Result<(), EncodeError> {
+    let key = ty.encode_key(e.key)?;
+    // A deletion is by key: the kernel ignores data, so none is sent.
+    let data = match op {
+        Op::Add => ty.encode_data(e.value)?,
+        Op::Delete => None,
+    };
+    let elem = begin_nest(out, NFTA_LIST_ELEM);
+    let k = begin_nest(out, NFTA_SET_ELEM_KEY);
+    put(out, NFTA_DATA_VALUE, &key);
+    end_nest(out, k);
+    if let Some(data) = data {
+        let d = begin_nest(out, NFTA_SET_ELEM_DATA);
+        match data {
+            Data::Value(v) => put(out, NFTA_DATA_VALUE, &v),
+            Data::Verdict(code, chain) => {
+                let v = begin_nest(out, NFTA_DATA_VERDICT);
+                put(out, NFTA_VERDICT_CODE, &code.to_be_bytes());
+                if let Some(chain) = chain {
+                    put_str(out, NFTA_VERDICT_CHAIN, chain);
+                }
+                end_nest(out, v);
+            }
+        }
+        end_nest(out, d);
+    }
+    end_nest(out, elem);
+    Ok(())
+}
+
+/// `nlmsghdr` (length patched by [`finish_message`]) and `nfgenmsg`.
+fn header(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) {
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.push(family);
+    out.push(0); // NFNETLINK_V0
+    out.extend_from_slice(&res_id.to_be_bytes());
+}
+
+fn finish_message(out: &mut [u8], start: usize) {
+    let len = u32::try_from(out.len() - start).unwrap_or(u32::MAX);
+    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+}
+
+fn put(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    let len = u16::try_from(4 + data.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+fn put_str(out: &mut Vec<u8>, kind: u16, s: &str) {
+    let len = u16::try_from(4 + s.len() + 1).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+fn begin_nest(out: &mut Vec<u8>, kind: u16) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&0u16.to_ne_bytes());
+    out.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+    start
+}
+
+fn end_nest(out: &mut [u8], start: usize) {
+    let len = u16::try_from(out.len() - start).unwrap_or(u16::MAX);
+    out[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// Size of the fixed headers of a message (for tests and buffer sizing).
+pub const MESSAGE_OVERHEAD: usize = NLMSG_HDRLEN + NFGENMSG_LEN;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    fn el(key: &'static str, value: Option<&'static str>) -> ElementRef<'static> {
+        ElementRef { key, value }
+    }
+
+    /// `nft --debug=mnl add element ip kproxy service-ips { 10.96.0.10 . tcp . 80 : goto
+    /// pick-3 }` (nft 1.0.6) sent this NEWSETELEM (112 bytes; its NFTA_SET_ELEM_LIST_SET_ID
+    /// attribute, which only matters for a set created in the same batch, is left out here).
+    #[test]
+    fn newsetelem_matches_the_message_nft_sends() {
+        let ty = SetType::parse("ipv4_addr . inet_proto . inet_service : verdict").unwrap();
+        let mut b = Batch::new(7);
+        b.push_set(
+            IpFamily::V4,
+            "kproxy",
+            "service-ips",
+            &ty,
+            Op::Add,
+            [el("10.96.0.10 . tcp . 80", Some("goto pick-3"))],
+        )
+        .unwrap();
+        let b = b.finish();
+        // BATCH_BEGIN: 20 bytes, type 16, res_id 10 (big-endian).
+        let mut begin = Vec::new();
+        begin.extend_from_slice(&20u32.to_ne_bytes());
+        begin.extend_from_slice(&16u16.to_ne_bytes());
+        begin.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        begin.extend_from_slice(&7u32.to_ne_bytes());
+        begin.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 10]);
+        assert_eq!(&b.bytes[..20], &begin[..]);
+
+        let msg = &b.bytes[20..];
+        let len = u32::from_ne_bytes(msg[..4].try_into().unwrap()) as usize;
+        assert_eq!(
+            len,
+            112 - 8,
+            "nft's 112 bytes less the 8-byte SET_ID attribute"
+        );
+        assert_eq!(u16::from_ne_bytes([msg[4], msg[5]]), (10 << 8) | 12);
+        // The attributes, as nft's dump shows them (lengths/types in host order).
+        let mut want: Vec<u8> = vec![2, 0, 0, 0];
+        let attr = |w: &mut Vec<u8>, len: u16, ty: u16| {
+            w.extend_from_slice(&len.to_ne_bytes());
+            w.extend_from_slice(&ty.to_ne_bytes());
+        };
+        attr(&mut want, 11, 1);
+        want.extend_from_slice(b"kproxy\0\0");
+        attr(&mut want, 16, 2);
+        want.extend_from_slice(b"service-ips\0");
+        attr(&mut want, 56, 0x8003);
+        attr(&mut want, 52, 0x8001);
+        attr(&mut want, 20, 0x8001);
+        attr(&mut want, 16, 1);
+        want.extend_from_slice(&[0x0a, 0x60, 0x00, 0x0a, 6, 0, 0, 0, 0x00, 0x50, 0, 0]);
+        attr(&mut want, 28, 0x8002);
+        attr(&mut want, 24, 0x8002);
+        attr(&mut want, 8, 1);
+        want.extend_from_slice(&[0xff, 0xff, 0xff, 0xfc]);
+        attr(&mut want, 11, 2);
+        want.extend_from_slice(b"pick-3\0\0");
+        assert_eq!(&msg[16..len], &want[..]);
+
+        // BATCH_END, then nothing.
+        let end = &b.bytes[20 + len..];
+        assert_eq!(end.len(), 20);
+        assert_eq!(u16::from_ne_bytes([end[4], end[5]]), 17);
+        assert_eq!(b.messages.len(), 1);
+        assert_eq!(b.messages[0].seq, 8);
+    }
+
+    #[test]
+    fn large_changes_split_into_messages_under_the_attribute_limit() {
+        let ty = SetType::parse(
+            "ipv4_addr . inet_proto . inet_service . integer : ipv4_addr . inet_service",
+        )
+        .unwrap();
+        let keys: Vec<(String, String)> = (0..5_000u32)
+            .map(|i| {
+                (
+                    format!("10.96.{}.{} . tcp . 80 . 0", i / 250, i % 250),
+                    format!("10.244.{}.{} . 8080", i / 250, i % 250),
+                )
+            })
+            .collect();
+        let mut b = Batch::new(1);
+        b.push_set(
+            IpFamily::V4,
+            "kproxy",
+            "endpoints-tcp",
+            &ty,
+            Op::Add,
+            keys.iter().map(|(k, v)| ElementRef {
+                key: k,
+                value: Some(v),
+            }),
+        )
+        .unwrap();
+        let b = b.finish();
+        assert!(b.messages.len() > 1);
+        assert_eq!(b.elements, 5_000);
+        assert_eq!(
+            b.messages.iter().map(|m| m.elements.len()).sum::<usize>(),
+            5_000
+        );
+        // Walk the messages: lengths add up and every element list fits in 16 bits.
+        let mut off = 0;
+        let mut n = 0;
+        while off < b.bytes.len() {
+            let len = u32::from_ne_bytes(b.bytes[off..off + 4].try_into().unwrap()) as usize;
+            assert!((MESSAGE_OVERHEAD..65_536 + 64).contains(&len));
+            off += len;
+            n += 1;
+        }
+        assert_eq!(off, b.bytes.len());
+        assert_eq!(n, b.messages.len() + 2);
+        // Offsets name elements.
+        let m = &b.messages[1];
+        let (o, e) = m.elements[3];
+        assert_eq!(m.element_at(o + 5).unwrap().key, e.key);
+        assert!(m.element_at(0).is_none());
+    }
+
+    #[test]
+    fn an_element_that_cannot_be_encoded_is_an_error() {
+        let ty = SetType::parse("ipv4_addr").unwrap();
+        let mut b = Batch::new(1);
+        let err = b
+            .push_set(
+                IpFamily::V4,
+                "kproxy",
+                "cluster-ips",
+                &ty,
+                Op::Add,
+                [el("10.0.0.1", None), el("fd00::1", None)],
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("fd00::1"), "{err}");
+    }
+}

@@ -1,0 +1,141 @@
+//! Set and map element changes through nf_tables netlink, one batch per sync.
+//!
+//! Why a small pure-Rust encoder on `netlink-sys` rather than `nftnl`: kproxy only ever needs
+//! three message kinds here (`BATCH_BEGIN`/`END`, `NEWSETELEM`, `DELSETELEM`) carrying keys
+//! and values of six element types. `nftnl` would bring C libraries (libnftnl, libmnl) needed
+//! at build and at run time, tie kproxy to the host's libnftnl version, and still lacks maps,
+//! verdict data and concatenations, which would have to be written by hand through
+//! `nftnl-sys` with `unsafe` (crates.md 5.2, pitfalls 6-9). The messages are fixed by the
+//! kernel's UAPI (`nf_tables.h`), the encoding is checked byte for byte against what nft sends
+//! ([`types`], [`batch`] tests) and by reading elements back with `nft -j` in a network
+//! namespace (this module's tests). The socket crate is the one the conntrack cleanup uses.
+//!
+//! Only non-interval sets go through here: an interval set's elements are ranges that nft
+//! splits, merges and encodes as two elements each; those few sets (`service-cidrs`,
+//! `firewall-allow`) stay on the `nft -f` path (see [`crate::steps`]).
+
+pub mod batch;
+pub mod socket;
+pub mod types;
+
+use std::io;
+
+use kproxy_contract::CommandError;
+
+use crate::model::TABLE;
+use crate::plan::NftPlan;
+use batch::{Batch, ElementRef, Op};
+use types::{EncodeError, SetType};
+
+/// Why the netlink path did not apply a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// Nothing reached nf_tables (no socket, no permission): `nft -f` may still work.
+    #[error("nf_tables netlink unavailable: {what}: {source}")]
+    Unavailable {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A set's type or an element this encoder cannot write (nothing was sent).
+    #[error("cannot encode for set {set}: {source}")]
+    Encode {
+        /// The set.
+        set: String,
+        /// Why.
+        #[source]
+        source: EncodeError,
+    },
+    /// The kernel refused the transaction: nothing of it was applied.
+    #[error("nf_tables refused to {what}: {source}{detail}")]
+    Rejected {
+        /// The operation, set and element.
+        what: String,
+        /// The errno.
+        errno: i32,
+        /// The errno as an error.
+        #[source]
+        source: io::Error,
+        /// The kernel's extended-ACK message, if any.
+        detail: String,
+    },
+    /// Replies that could not be read: whether the batch was applied is unknown.
+    #[error("nf_tables netlink: {0}")]
+    Protocol(String),
+}
+
+impl NetlinkError {
+    /// Whether `nft -f` should be tried instead (the kernel saw nothing of this batch).
+    pub fn use_nft_instead(&self) -> bool {
+        matches!(
+            self,
+            NetlinkError::Unavailable { .. } | NetlinkError::Encode { .. }
+        )
+    }
+}
+
+impl From<NetlinkError> for CommandError {
+    fn from(e: NetlinkError) -> Self {
+        let status = match &e {
+            NetlinkError::Rejected { errno, .. } => format!("errno {errno}"),
+            _ => "error".into(),
+        };
+        CommandError::Failed {
+            program: "nf_tables netlink".into(),
+            status,
+            stderr: e.to_string(),
+        }
+    }
+}
+
+/// Whether a set of this signature takes element changes through netlink.
+pub fn handles(signature: &str) -> bool {
+    SetType::parse(signature).is_ok_and(|t| !t.interval)
+}
+
+/// One batch with every element deletion, then every addition, of the plan's non-interval
+/// sets, both families. `None` when there are none.
+pub fn encode(plan: &NftPlan) -> Result<Option<Batch<'_>>, NetlinkError> {
+    let mut batch = Batch::new(1);
+    for op in [Op::Delete, Op::Add] {
+        for (family, fp) in &plan.families {
+            let changes = match op {
+                Op::Delete => &fp.delete_elements,
+                Op::Add => &fp.add_elements,
+            };
+            for (set, elements) in changes {
+                let encode_err = |source| NetlinkError::Encode {
+                    set: set.clone(),
+                    source,
+                };
+                let signature = fp
+                    .signatures
+                    .get(set)
+                    .ok_or_else(|| encode_err(EncodeError::Type("<unknown set>".into())))?;
+                let ty = SetType::parse(signature).map_err(encode_err)?;
+                if ty.interval {
+                    continue;
+                }
+                batch
+                    .push_set(
+                        *family,
+                        TABLE,
+                        set,
+                        &ty,
+                        op,
+                        elements.iter().map(|(k, v)| ElementRef {
+                            key: k,
+                            value: v.as_deref(),
+                        }),
+                    )
+                    .map_err(encode_err)?;
+            }
+        }
+    }
+    Ok((batch.elements > 0).then(|| batch.finish()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,321 @@
+//! Sending a [`Batch`] and reading its ACKs.
+//!
+//! The batch goes out in one `send` (one `sendmsg`: nfnetlink processes one datagram as one
+//! transaction, synchronously, so every reply is queued before `send` returns). The send buffer
+//! is forced to the batch's size and the receive buffer to room for every ACK, which is what
+//! keeps large batches from failing with ENOBUFS (crates.md, pitfall 6). `NETLINK_CAP_ACK`
+//! keeps error replies small (the kernel does not echo a 60 KiB message back) and
+//! `NETLINK_EXT_ACK` makes the kernel say which attribute, hence which element, it refused.
+
+use std::io;
+use std::time::Duration;
+
+use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
+use nix::sys::socket::{setsockopt, sockopt};
+
+use super::NetlinkError;
+use super::batch::{Batch, ElementRef, MessageInfo};
+use crate::model::family_name;
+
+/// A kernel that has not answered within this is an error, never a hang.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+/// The error message carries extended-ACK attributes.
+const NLM_F_ACK_TLVS: u16 = 0x200;
+/// The error message does not echo the request's payload.
+const NLM_F_CAPPED: u16 = 0x100;
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const NLMSGERR_ATTR_OFFS: u16 = 2;
+const EPERM: i32 = 1;
+
+fn unavailable(what: &'static str) -> impl FnOnce(io::Error) -> NetlinkError {
+    move |source| NetlinkError::Unavailable { what, source }
+}
+
+/// An nf_tables socket in the calling thread's network namespace.
+#[derive(Debug)]
+pub struct NftSocket {
+    socket: Socket,
+}
+
+impl NftSocket {
+    /// Opens and binds a `NETLINK_NETFILTER` socket.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(unavailable("socket"))?;
+        socket.bind_auto().map_err(unavailable("bind"))?;
+        socket
+            .connect(&NlAddr::new(0, 0))
+            .map_err(unavailable("connect"))?;
+        // Best effort: without them errors are still reported, only less precisely.
+        let _ = socket.set_cap_ack(true);
+        let _ = socket.set_ext_ack(true);
+        let timeout =
+            nix::sys::time::TimeVal::new(i64::try_from(TIMEOUT.as_secs()).unwrap_or(10), 0);
+        setsockopt(&socket, sockopt::ReceiveTimeout, &timeout)
+            .map_err(|e| unavailable("set the receive timeout")(e.into()))?;
+        Ok(Self { socket })
+    }
+
+    /// Sends the batch and waits for every message's ACK: `Ok` once the kernel has committed
+    /// the transaction.
+    pub fn apply(&self, batch: &Batch<'_>) -> Result<(), NetlinkError> {
+        self.size_buffers(batch)?;
+        let sent = self
+            .socket
+            .send(&batch.bytes, 0)
+            .map_err(unavailable("send the batch"))?;
+        if sent != batch.bytes.len() {
+            return Err(NetlinkError::Protocol(format!(
+                "sent {sent} of {} bytes",
+                batch.bytes.len()
+            )));
+        }
+        self.read_acks(batch)
+    }
+
+    fn size_buffers(&self, batch: &Batch<'_>) -> Result<(), NetlinkError> {
+        let snd = batch.bytes.len() + 64 * 1024;
+        // An ACK is 36 bytes, an error with extended ACK under 200; skb overhead is counted too.
+        let rcv = batch.messages.len() * 1024 + 1024 * 1024;
+        if setsockopt(&self.socket, sockopt::SndBufForce, &snd).is_err() {
+            setsockopt(&self.socket, sockopt::SndBuf, &snd)
+                .map_err(|e| unavailable("size the send buffer")(e.into()))?;
+        }
+        if setsockopt(&self.socket, sockopt::RcvBufForce, &rcv).is_err() {
+            setsockopt(&self.socket, sockopt::RcvBuf, &rcv)
+                .map_err(|e| unavailable("size the receive buffer")(e.into()))?;
+        }
+        Ok(())
+    }
+
+    fn read_acks(&self, batch: &Batch<'_>) -> Result<(), NetlinkError> {
+        let first = batch.messages.first().map_or(0, |m| m.seq);
+        let mut answered = vec![false; batch.messages.len()];
+        let mut remaining = batch.messages.len();
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        while remaining > 0 {
+            buf.clear();
+            let n = self.socket.recv(&mut buf, 0).map_err(|e| {
+                NetlinkError::Protocol(format!(
+                    "reading the ACKs ({remaining} of {} outstanding): {e}",
+                    batch.messages.len()
+                ))
+            })?;
+            if n > buf.len() {
+                return Err(NetlinkError::Protocol(format!(
+                    "a {n}-byte reply did not fit the buffer"
+                )));
+            }
+            for reply in replies(&buf) {
+                let Some(code) = reply.error else { continue };
+                if reply.seq == batch.begin_seq {
+                    // nfnetlink refused the batch itself (permission), or the commit failed.
+                    return Err(rejected(code, None, None, reply.message));
+                }
+                let Some(i) = reply
+                    .seq
+                    .checked_sub(first)
+                    .map(|i| i as usize)
+                    .filter(|i| *i < answered.len())
+                else {
+                    continue;
+                };
+                if code != 0 {
+                    let info = &batch.messages[i];
+                    let element = reply.offset.and_then(|o| info.element_at(o));
+                    return Err(rejected(code, Some(info), element, reply.message));
+                }
+                if !answered[i] {
+                    answered[i] = true;
+                    remaining -= 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rejected(
+    code: i32,
+    info: Option<&MessageInfo<'_>>,
+    element: Option<ElementRef<'_>>,
+    message: Option<String>,
+) -> NetlinkError {
+    let errno = code.saturating_abs();
+    let what = match (info, element) {
+        (Some(m), Some(e)) => format!(
+            "{} element `{}` {} {} set {}",
+            m.op.verb(),
+            match e.value {
+                Some(v) => format!("{} : {v}", e.key),
+                None => e.key.to_string(),
+            },
+            if m.op.verb() == "add" { "to" } else { "from" },
+            family_name(m.family),
+            m.set
+        ),
+        (Some(m), None) => format!(
+            "{} one of {} elements (first `{}`) {} {} set {}",
+            m.op.verb(),
+            m.elements.len(),
+            m.elements.first().map_or("", |(_, e)| e.key),
+            if m.op.verb() == "add" { "to" } else { "from" },
+            family_name(m.family),
+            m.set
+        ),
+        (None, _) => "apply the batch".to_string(),
+    };
+    let source = io::Error::from_raw_os_error(errno);
+    if errno == EPERM {
+        return NetlinkError::Unavailable {
+            what: "nf_tables refused the batch",
+            source,
+        };
+    }
+    NetlinkError::Rejected {
+        what,
+        errno,
+        source,
+        detail: message.map(|m| format!(" ({m})")).unwrap_or_default(),
+    }
+}
+
+/// One reply message.
+#[derive(Debug, PartialEq, Eq)]
+struct Reply {
+    seq: u32,
+    /// For `NLMSG_ERROR`: 0 (an ACK) or a negative errno.
+    error: Option<i32>,
+    /// Extended ACK: the offending attribute's offset in the request.
+    offset: Option<u32>,
+    /// Extended ACK: the kernel's message.
+    message: Option<String>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The messages of one datagram; malformed bytes end the walk, never panic.
+fn replies(datagram: &[u8]) -> impl Iterator<Item = Reply> + '_ {
+    let mut offset = 0usize;
+    std::iter::from_fn(move || {
+        let rest = datagram.get(offset..)?;
+        let len = u32_at(rest, 0)? as usize;
+        let kind = u16_at(rest, 4)?;
+        let flags = u16_at(rest, 6)?;
+        let seq = u32_at(rest, 8)?;
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            return None;
+        }
+        offset += len.next_multiple_of(4);
+        let msg = &rest[..len];
+        let mut reply = Reply {
+            seq,
+            error: None,
+            offset: None,
+            message: None,
+        };
+        if kind == NLMSG_ERROR {
+            reply.error = u32_at(msg, NLMSG_HDRLEN).map(|e| e as i32);
+            if flags & NLM_F_ACK_TLVS != 0 {
+                // nlmsgerr: error, then the request's header (and payload unless capped).
+                let orig = NLMSG_HDRLEN + 4;
+                let orig_len = if flags & NLM_F_CAPPED != 0 {
+                    NLMSG_HDRLEN
+                } else {
+                    u32_at(msg, orig).map_or(NLMSG_HDRLEN, |l| l as usize)
+                };
+                let mut at = (orig + orig_len).next_multiple_of(4);
+                while let (Some(alen), Some(aty)) = (u16_at(msg, at), u16_at(msg, at + 2)) {
+                    let alen = alen as usize;
+                    if alen < 4 || at + alen > msg.len() {
+                        break;
+                    }
+                    let body = &msg[at + 4..at + alen];
+                    match aty & 0x3fff {
+                        NLMSGERR_ATTR_MSG => {
+                            let text = body.split(|b| *b == 0).next().unwrap_or_default();
+                            reply.message = Some(String::from_utf8_lossy(text).into_owned());
+                        }
+                        NLMSGERR_ATTR_OFFS => reply.offset = u32_at(body, 0),
+                        _ => {}
+                    }
+                    at += alen.next_multiple_of(4);
+                }
+            }
+        }
+        Some(reply)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_reply(seq: u32, errno: i32, tlvs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        let flags = if tlvs.is_empty() {
+            0
+        } else {
+            NLM_F_ACK_TLVS | NLM_F_CAPPED
+        };
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&(-errno).to_ne_bytes());
+        // The request's header.
+        m.extend_from_slice(&[0u8; 16]);
+        for (ty, body) in tlvs {
+            let len = u16::try_from(4 + body.len()).unwrap_or_default();
+            m.extend_from_slice(&len.to_ne_bytes());
+            m.extend_from_slice(&ty.to_ne_bytes());
+            m.extend_from_slice(body);
+            m.resize(m.len().next_multiple_of(4), 0);
+        }
+        let len = u32::try_from(m.len()).unwrap_or_default();
+        m[..4].copy_from_slice(&len.to_ne_bytes());
+        m
+    }
+
+    #[test]
+    fn acks_errors_and_extended_ack_attributes_are_read() {
+        let mut d = error_reply(5, 0, &[]);
+        d.extend(error_reply(
+            6,
+            2,
+            &[
+                (NLMSGERR_ATTR_OFFS, &84u32.to_ne_bytes()),
+                (NLMSGERR_ATTR_MSG, b"nope\0"),
+            ],
+        ));
+        let r: Vec<Reply> = replies(&d).collect();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].error, Some(0));
+        assert_eq!(r[1].error, Some(-2));
+        assert_eq!(r[1].offset, Some(84));
+        assert_eq!(r[1].message.as_deref(), Some("nope"));
+    }
+
+    #[test]
+    fn malformed_replies_end_the_walk_without_panicking() {
+        let good = error_reply(1, 0, &[]);
+        for cut in 0..good.len() {
+            let _ = replies(&good[..cut]).count();
+        }
+        let mut bad = good.clone();
+        bad[..4].copy_from_slice(&3u32.to_ne_bytes());
+        assert_eq!(replies(&bad).count(), 0);
+        let mut huge = good;
+        huge[..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert_eq!(replies(&huge).count(), 0);
+    }
+}

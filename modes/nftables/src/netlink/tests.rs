@@ -1,0 +1,480 @@
+//! The netlink path against the real kernel, inside a network namespace of its own (a thread
+//! that `unshare`s `CLONE_NEWNET`: the namespace, and every table in it, disappears with the
+//! thread, whatever the outcome). Needs root; without it each test prints SKIP and returns.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kproxy_contract::{
+    CommandError, IpFamily, Mode, NodePortAddresses, Protocol, ProxyState, ServicePort,
+    SessionAffinity, TrafficPolicy,
+};
+use kproxy_testkit::{ep, service, state};
+
+use super::batch::{Batch, ElementRef, Op};
+use super::socket::NftSocket;
+use super::types::SetType;
+use super::{NetlinkError, encode};
+use crate::kernel::{NftCli, NftKernel, apply_with_nft};
+use crate::model::{NftRuleset, Table};
+use crate::plan::{self, NftPlan};
+use crate::{NftablesMode, steps};
+
+/// Runs `f` in a fresh network namespace, or returns `None` (after a SKIP line) without root.
+fn in_netns<T: Send>(test: &str, f: impl FnOnce() -> T + Send) -> Option<T> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("########## SKIP {test}: needs root (network namespaces, nf_tables) ##########");
+        return None;
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+    .into()
+}
+
+/// Every set and map kind the renderer fills, in one family: ClusterIPs with local and remote
+/// endpoints (hairpin), TCP, UDP and SCTP, NodePorts, externalIPs, an ETP=Local LoadBalancer
+/// (short-circuit maps), source ranges, a service without endpoints and one whose policy has
+/// none (drop), node port addresses.
+fn rich(v6: bool) -> Vec<ServicePort> {
+    let a = |v4: &str, v6s: &str| if v6 { v6s.to_string() } else { v4.to_string() };
+    let mut out = Vec::new();
+    let mut web = service(
+        &a("web", "web6"),
+        &a("10.96.0.10", "fd00:96::10"),
+        vec![
+            ep(&a("10.244.1.1", "fd00:244::1"), true),
+            ep(&a("10.244.2.1", "fd00:244::2"), false),
+            ep(&a("10.244.2.2", "fd00:244::3"), false),
+        ],
+    );
+    web.node_port = Some(if v6 { 30180 } else { 30080 });
+    web.external_ips = vec![a("192.0.2.10", "2001:db8::10").parse().unwrap()];
+    out.push(web);
+    for (i, proto) in [Protocol::Udp, Protocol::Sctp].into_iter().enumerate() {
+        let mut s = service(
+            &a(&format!("p{i}"), &format!("p6{i}")),
+            &a(&format!("10.96.0.2{i}"), &format!("fd00:96::2{i}")),
+            vec![ep(
+                &a(&format!("10.244.3.{i}"), &format!("fd00:244::3{i}")),
+                false,
+            )],
+        );
+        s.name.protocol = proto;
+        s.node_port = Some(if v6 { 30190 } else { 30090 } + i as u16);
+        out.push(s);
+    }
+    let mut lb = service(
+        &a("lb", "lb6"),
+        &a("10.96.0.30", "fd00:96::30"),
+        vec![
+            ep(&a("10.244.1.5", "fd00:244::5"), true),
+            ep(&a("10.244.2.5", "fd00:244::6"), false),
+        ],
+    );
+    lb.load_balancer_ips = vec![a("198.51.100.7", "2001:db8::7").parse().unwrap()];
+    lb.source_ranges = vec![a("203.0.113.0/24", "2001:db8:1::/48").parse().unwrap()];
+    lb.node_port = Some(if v6 { 30200 } else { 30100 });
+    lb.external_policy = TrafficPolicy::Local;
+    out.push(lb);
+    let mut none = service(&a("none", "none6"), &a("10.96.0.40", "fd00:96::40"), vec![]);
+    none.node_port = Some(if v6 { 30210 } else { 30110 });
+    out.push(none);
+    let mut local = service(
+        &a("local", "local6"),
+        &a("10.96.0.50", "fd00:96::50"),
+        vec![ep(&a("10.244.2.9", "fd00:244::9"), false)],
+    );
+    local.internal_policy = TrafficPolicy::Local;
+    out.push(local);
+    out
+}
+
+fn rich_state() -> ProxyState {
+    let mut services = rich(false);
+    services.extend(rich(true));
+    let mut s = state(services);
+    let node = Arc::make_mut(&mut s.node);
+    node.service_cidrs.push("fd00:96::/112".parse().unwrap());
+    node.node_port_addresses = NodePortAddresses::Only(vec![
+        "192.168.0.2".parse().unwrap(),
+        "fd00:1::2".parse().unwrap(),
+    ]);
+    s
+}
+
+fn mode() -> NftablesMode<NftCli> {
+    NftablesMode::new(NftCli, IpFamily::ALL.to_vec())
+}
+
+/// Sends the non-interval element changes of `plan` as one netlink batch.
+fn send(plan: &NftPlan) -> Result<(), NetlinkError> {
+    let batch = encode(plan)?.expect("elements");
+    NftSocket::open()?.apply(&batch)
+}
+
+fn read(m: &mut NftablesMode<NftCli>) -> NftRuleset {
+    m.read_live().unwrap()
+}
+
+#[test]
+fn every_set_kind_round_trips_through_netlink() {
+    in_netns("every_set_kind_round_trips_through_netlink", || {
+        let mut m = mode();
+        let desired = m.render(&rich_state());
+        let plan = plan::plan(&NftRuleset::default(), &desired);
+        let split = steps::split(&plan).unwrap();
+        // Tables, sets and chains by nft; no element of a non-interval set goes that way.
+        for step in [&split.prepare, &split.finish] {
+            for (family, fp) in &step.families {
+                for set in fp.add_elements.keys() {
+                    let sig = &plan.families[family].signatures[set];
+                    assert!(!super::handles(sig), "{set} in an nft step");
+                }
+            }
+        }
+        apply_with_nft(&split.prepare).unwrap();
+        send(&plan).unwrap();
+        apply_with_nft(&split.finish).unwrap();
+
+        let live = read(&mut m);
+        for family in IpFamily::ALL {
+            let (want, got): (&Table, &Table) =
+                (&desired.families[&family], &live.families[&family]);
+            for (name, set) in &want.sets {
+                if name.starts_with("affinity-") {
+                    continue;
+                }
+                // Every kind is exercised, in both families.
+                assert!(!set.elements.is_empty(), "{family} {name} has no elements");
+                let got: Vec<_> = got.sets[name].elements.iter().collect();
+                let want: Vec<_> = set.elements.iter().collect();
+                assert_eq!(got, want, "{family} set {name}");
+            }
+        }
+        assert_eq!(live, desired);
+        assert!(kproxy_contract::Plan::is_empty(&plan::plan(
+            &live, &desired
+        )));
+    });
+}
+
+#[test]
+fn refused_batches_name_the_element_and_change_nothing() {
+    in_netns(
+        "refused_batches_name_the_element_and_change_nothing",
+        || {
+            let mut m = mode();
+            let s = state(vec![service(
+                "a",
+                "10.96.0.10",
+                vec![ep("10.244.1.1", false)],
+            )]);
+            let desired = m.render(&s);
+            apply_with_nft(&plan::plan(&NftRuleset::default(), &desired)).unwrap();
+            let before = read(&mut m);
+
+            // A good element and one whose chain does not exist, in one batch: refused as a
+            // whole, and the error names the second.
+            let ty = SetType::parse("ipv4_addr . inet_proto . inet_service : verdict").unwrap();
+            let mut b = Batch::new(100);
+            b.push_set(
+                IpFamily::V4,
+                "kproxy",
+                "service-ips",
+                &ty,
+                Op::Add,
+                [
+                    ElementRef {
+                        key: "10.96.0.11 . tcp . 80",
+                        value: Some("goto pick-1"),
+                    },
+                    ElementRef {
+                        key: "10.96.0.12 . tcp . 80",
+                        value: Some("goto no-such-chain"),
+                    },
+                ],
+            )
+            .unwrap();
+            let b = b.finish();
+            let err = NftSocket::open().unwrap().apply(&b).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, NetlinkError::Rejected { errno: 2, .. }),
+                "{text}"
+            );
+            assert!(
+                text.contains("10.96.0.12 . tcp . 80 : goto no-such-chain")
+                    && text.contains("ip set service-ips"),
+                "{text}"
+            );
+            assert_eq!(read(&mut m), before, "a refused batch changed the table");
+
+            // Deleting an element that is not there.
+            let set_ty = SetType::parse("ipv4_addr").unwrap();
+            let mut b = Batch::new(200);
+            b.push_set(
+                IpFamily::V4,
+                "kproxy",
+                "cluster-ips",
+                &set_ty,
+                Op::Delete,
+                [ElementRef {
+                    key: "10.96.9.9",
+                    value: None,
+                }],
+            )
+            .unwrap();
+            let err = NftSocket::open().unwrap().apply(&b.finish()).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("delete element `10.96.9.9` from ip set cluster-ips"),
+                "{text}"
+            );
+            // A set that does not exist.
+            let mut b = Batch::new(300);
+            b.push_set(
+                IpFamily::V6,
+                "kproxy",
+                "no-such-set",
+                &set_ty,
+                Op::Add,
+                [ElementRef {
+                    key: "10.0.0.1",
+                    value: None,
+                }],
+            )
+            .unwrap();
+            let err = NftSocket::open().unwrap().apply(&b.finish()).unwrap_err();
+            assert!(
+                matches!(err, NetlinkError::Rejected { .. })
+                    && err.to_string().contains("no-such-set"),
+                "{err}"
+            );
+            assert_eq!(read(&mut m), before);
+        },
+    );
+}
+
+/// A kernel that applies plans like [`NftCli`] and records every `nft -f` script it runs.
+#[derive(Default)]
+struct Recording {
+    scripts: Arc<Mutex<Vec<String>>>,
+}
+
+impl NftKernel for Recording {
+    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError> {
+        NftCli.list(family)
+    }
+    fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+        let scripts = self.scripts.clone();
+        steps::apply(plan, |p| {
+            scripts.lock().unwrap().push(p.script());
+            apply_with_nft(p)
+        })
+    }
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
+        NftCli.table_exists(family)
+    }
+}
+
+/// One sync: returns the plan and the `nft -f` scripts it took; then checks that the table
+/// read back equals the rendered one.
+fn step(m: &mut NftablesMode<Recording>, s: &ProxyState, what: &str) -> (NftPlan, Vec<String>) {
+    m.kernel().scripts.lock().unwrap().clear();
+    let live = m.read_live().unwrap();
+    let desired = m.render(s);
+    let plan = m.plan(&live, &desired);
+    m.apply(&plan)
+        .unwrap_or_else(|e| panic!("{what}: {e}\n{plan}"));
+    let scripts = m.kernel().scripts.lock().unwrap().clone();
+    let live = m.read_live().unwrap();
+    let again = m.plan(&live, &desired);
+    assert!(
+        kproxy_contract::Plan::is_empty(&again),
+        "{what}: live differs from desired:\n{again}"
+    );
+    (plan, scripts)
+}
+
+/// Element statements for netlink sets in a script (there must be none on the split path).
+fn netlink_set_elements(script: &str) -> Vec<&str> {
+    script
+        .lines()
+        .filter(|l| l.contains(" element "))
+        .filter(|l| !l.contains("service-cidrs") && !l.contains("firewall-allow"))
+        .collect()
+}
+
+/// The split path's shape: at most two scripts around the netlink batch, none with elements
+/// of netlink sets; chains and sets are created only in the first, deleted only in the last.
+fn assert_split(scripts: &[String]) {
+    assert!(scripts.len() <= 2, "{scripts:#?}");
+    for (i, s) in scripts.iter().enumerate() {
+        assert!(netlink_set_elements(s).is_empty(), "{s}");
+        let deletes = s.contains("\ndelete chain") || s.contains("\ndelete set");
+        let creates = s.contains("\nadd chain") || s.contains("\nadd set");
+        if deletes {
+            assert_eq!(i, scripts.len() - 1, "{scripts:#?}");
+        }
+        if creates && !s.contains(" hook ") {
+            assert_eq!(i, 0, "{scripts:#?}");
+        }
+    }
+}
+
+#[test]
+fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
+    in_netns(
+        "a_sequence_of_syncs_through_the_split_path_matches_the_render",
+        || {
+            let mut m = NftablesMode::new(Recording::default(), IpFamily::ALL.to_vec());
+            let mut st = rich_state();
+
+            // Full sync from empty: nft for the skeleton (two steps), netlink for the elements.
+            let (_, scripts) = step(&mut m, &st, "full sync");
+            assert_eq!(scripts.len(), 2, "{scripts:#?}");
+            assert!(scripts[0].contains("add map ip kproxy service-ips"));
+            assert!(!scripts[0].contains("hook"), "base chains come last");
+            assert!(scripts[1].contains("hook prerouting"));
+            for s in &scripts {
+                assert!(netlink_set_elements(s).is_empty(), "{s}");
+            }
+
+            let web = st
+                .services
+                .keys()
+                .find(|k| k.name.name == "web")
+                .unwrap()
+                .clone();
+            let edit = |st: &mut ProxyState, f: &dyn Fn(&mut ServicePort)| {
+                let sp = Arc::make_mut(st.services.get_mut(&web).unwrap());
+                f(sp);
+            };
+
+            // One endpoint changes: netlink only.
+            edit(&mut st, &|sp| {
+                sp.endpoints.cluster[2] = ep("10.244.2.3", false)
+            });
+            let (plan, scripts) = step(&mut m, &st, "endpoint change");
+            assert!(scripts.is_empty(), "{scripts:#?}\n{plan}");
+
+            // 3 → 2 endpoints: service-ips switches to pick-2 (a chain that exists) and the
+            // NodePort to nodeport-pick-2 (created first); pick-3 goes after its last element.
+            edit(&mut st, &|sp| {
+                sp.endpoints.cluster.pop();
+                sp.endpoints.serving.pop();
+            });
+            let (plan, scripts) = step(&mut m, &st, "3 -> 2 endpoints");
+            assert!(plan.to_string().contains("goto pick-2"), "{plan}");
+            assert_eq!(scripts.len(), 2, "{scripts:#?}");
+            assert!(scripts[0].contains("add chain ip kproxy nodeport-pick-2"));
+            assert!(scripts[1].contains("delete chain ip kproxy pick-3"));
+            assert!(scripts.iter().all(|s| netlink_set_elements(s).is_empty()));
+
+            // 2 → 5 endpoints: a new pick-5 chain first (nft), then the elements (netlink).
+            edit(&mut st, &|sp| {
+                for i in 0..3 {
+                    sp.endpoints
+                        .cluster
+                        .push(ep(&format!("10.244.4.{i}"), false));
+                }
+            });
+            let (_, scripts) = step(&mut m, &st, "2 -> 5 endpoints");
+            assert_split(&scripts);
+            assert!(
+                scripts[0].contains("add chain ip kproxy pick-5"),
+                "{}",
+                scripts[0]
+            );
+            // ... and back: pick-5 is deleted after the elements that used it.
+            edit(&mut st, &|sp| sp.endpoints.cluster.truncate(2));
+            let (_, scripts) = step(&mut m, &st, "5 -> 2 endpoints");
+            assert_split(&scripts);
+            let last = scripts.last().unwrap();
+            assert!(last.contains("delete chain ip kproxy pick-5"), "{last}");
+
+            // An affinity service added (new sets and chains, then elements) and removed.
+            let mut aff = service(
+                "aff",
+                "10.96.0.60",
+                vec![ep("10.244.6.1", false), ep("10.244.6.2", false)],
+            );
+            aff.affinity = Some(SessionAffinity {
+                timeout: Duration::from_secs(600),
+            });
+            let aff_key = kproxy_contract::ServicePortKey {
+                family: IpFamily::V4,
+                name: aff.name.clone(),
+            };
+            st.services.insert(aff_key.clone(), Arc::new(aff));
+            let (_, scripts) = step(&mut m, &st, "affinity added");
+            assert_split(&scripts);
+            assert!(scripts[0].contains("add set ip kproxy affinity-"));
+            st.services.remove(&aff_key);
+            let (_, scripts) = step(&mut m, &st, "affinity removed");
+            assert_split(&scripts);
+            assert!(
+                scripts
+                    .last()
+                    .unwrap()
+                    .contains("delete set ip kproxy affinity-")
+            );
+
+            // Source ranges added to a LoadBalancer: additions to an interval set go by nft
+            // (step 1), firewall-ips by netlink.
+            let lb = st
+                .services
+                .keys()
+                .find(|k| k.name.name == "lb")
+                .unwrap()
+                .clone();
+            Arc::make_mut(st.services.get_mut(&lb).unwrap())
+                .source_ranges
+                .push("198.18.0.0/15".parse().unwrap());
+            let (_, scripts) = step(&mut m, &st, "source range added");
+            assert_split(&scripts);
+            assert!(scripts[0].contains("add element ip kproxy firewall-allow"));
+            // Removed: deleting from an interval set takes the whole plan through nft.
+            Arc::make_mut(st.services.get_mut(&lb).unwrap())
+                .source_ranges
+                .clear();
+            let (plan, scripts) = step(&mut m, &st, "source ranges removed");
+            assert_eq!(scripts, vec![plan.script()]);
+            assert!(scripts[0].contains("delete element ip kproxy firewall-allow"));
+
+            // Everything removed: chains and sets stay, elements go (netlink only).
+            st.services.clear();
+            // The IPv6 LoadBalancer's source range goes too: one nft -f for the whole plan.
+            let (plan, scripts) = step(&mut m, &st, "all services removed");
+            assert_eq!(
+                steps::whole_reason(&plan),
+                Some("elements are deleted from an interval set")
+            );
+            assert_eq!(scripts, vec![plan.script()]);
+            // Cleanup deletes the tables (whole plan through nft).
+            m.cleanup().unwrap();
+            assert!(!NftCli.table_exists(IpFamily::V4).unwrap());
+        },
+    );
+}
+
+#[test]
+fn a_large_element_batch_is_one_transaction() {
+    in_netns("a_large_element_batch_is_one_transaction", || {
+        let mut m = mode();
+        let s = state(kproxy_testkit::many(5_000, 4));
+        let desired = m.render(&s);
+        let plan = plan::plan(&NftRuleset::default(), &desired);
+        let batch = encode(&plan).unwrap().unwrap();
+        assert!(batch.elements > 25_000 && batch.messages.len() > 10);
+        m.apply(&plan).unwrap();
+        assert_eq!(read(&mut m), desired);
+    });
+}

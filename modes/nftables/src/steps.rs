@@ -1,0 +1,202 @@
+//! How a plan reaches the kernel: one `nft -f` transaction, or up to three transactions with
+//! the element changes in the middle one sent through netlink ([`crate::netlink`]).
+//!
+//! Element changes are nearly all of a sync (130,000 elements in a first sync at 10,000
+//! services; two in a typical endpoint change), and `nft -f` spends most of its time parsing
+//! them and, per run, fetching its cache. So when a plan allows it, it is applied as:
+//!
+//! 1. `nft -f`: new sets, new regular chains with their rules, additions to interval sets.
+//!    Neutral: nothing refers to a new set or chain yet (they are only reached through map
+//!    elements added in step 2 or base chains added in step 3); an interval set only gains
+//!    elements (`service-cidrs` drops traffic to addresses that no service uses yet,
+//!    `firewall-allow` admits sources for frontends that will need it).
+//! 2. netlink, one batch, one transaction: every element deletion, then every addition, of
+//!    the non-interval sets and maps of both families. This is the step that changes
+//!    forwarding, atomically. Its `goto` elements need their chains to exist (step 1).
+//! 3. `nft -f`: new base chains with their rules (which switch a new table on only now, with
+//!    its maps filled), then the deletion of chains and sets no longer referenced (a chain
+//!    can only be deleted once no element refers to it: after step 2).
+//!
+//! Empty steps are skipped, so an element-only plan (the common incremental sync) is one
+//! netlink batch. A plan that deletes or re-creates a table, rewrites a chain that exists, or
+//! deletes elements from an interval set (rare: upgrades, config and source-range changes)
+//! goes through one `nft -f` as a whole, as does a plan with no netlink elements at all.
+//!
+//! If netlink is unavailable (no socket, EPERM) or an element cannot be encoded, the plan
+//! falls back to `nft -f` with a warning: the whole plan when nothing was applied yet, else
+//! steps 2 and 3 as one script. If the kernel refuses the batch, nothing of step 2 was
+//! applied and the error is returned: the sync loop retries with a full read-back.
+
+use std::collections::BTreeMap;
+
+use kproxy_contract::CommandError;
+
+use crate::netlink::{self, socket::NftSocket};
+use crate::plan::{FamilyPlan, NftPlan};
+
+/// Steps 1 and 3 of a split plan (step 2 is the plan's netlink elements).
+#[derive(Debug, Default)]
+pub struct Split {
+    /// New sets and regular chains, additions to interval sets.
+    pub prepare: NftPlan,
+    /// New base chains; stale chains and sets.
+    pub finish: NftPlan,
+}
+
+/// Why a plan goes through one `nft -f` as a whole, if it does.
+pub fn whole_reason(plan: &NftPlan) -> Option<&'static str> {
+    for fp in plan.families.values() {
+        if fp.recreate || fp.delete_table {
+            return Some("a table is deleted or re-created");
+        }
+        if fp.write_chains.iter().any(|(_, _, existed)| *existed) {
+            return Some("an existing chain is rewritten");
+        }
+        let known = |set: &String| fp.signatures.contains_key(set);
+        if !fp.delete_elements.keys().all(known) || !fp.add_elements.keys().all(known) {
+            return Some("a set of unknown type has element changes");
+        }
+        if fp.delete_elements.keys().any(|set| !via_netlink(fp, set)) {
+            return Some("elements are deleted from an interval set");
+        }
+    }
+    None
+}
+
+/// Steps 1 and 3, when the plan can be split (see [`whole_reason`]).
+pub fn split(plan: &NftPlan) -> Result<Split, &'static str> {
+    if let Some(reason) = whole_reason(plan) {
+        return Err(reason);
+    }
+    let mut out = Split::default();
+    for (family, fp) in &plan.families {
+        let mut prepare = FamilyPlan {
+            add_sets: fp.add_sets.clone(),
+            ..FamilyPlan::default()
+        };
+        let mut finish = FamilyPlan {
+            delete_chains: fp.delete_chains.clone(),
+            delete_sets: fp.delete_sets.clone(),
+            ..FamilyPlan::default()
+        };
+        for (name, chain) in &fp.add_chains {
+            let step = if chain.base.is_some() {
+                &mut finish
+            } else {
+                &mut prepare
+            };
+            step.add_chains.push((name.clone(), chain.clone()));
+        }
+        for (name, chain, existed) in &fp.write_chains {
+            let step = if chain.base.is_some() {
+                &mut finish
+            } else {
+                &mut prepare
+            };
+            step.write_chains
+                .push((name.clone(), chain.clone(), *existed));
+        }
+        for (set, elements) in &fp.add_elements {
+            if !via_netlink(fp, set) {
+                prepare.add_elements.insert(set.clone(), elements.clone());
+            }
+        }
+        if !is_empty(&prepare) {
+            out.prepare.families.insert(*family, prepare);
+        }
+        if !is_empty(&finish) {
+            out.finish.families.insert(*family, finish);
+        }
+    }
+    Ok(out)
+}
+
+fn is_empty(fp: &FamilyPlan) -> bool {
+    fp.add_sets.is_empty()
+        && fp.add_chains.is_empty()
+        && fp.write_chains.is_empty()
+        && fp.add_elements.is_empty()
+        && fp.delete_elements.is_empty()
+        && fp.delete_chains.is_empty()
+        && fp.delete_sets.is_empty()
+}
+
+/// Steps 2 and 3 as one `nft -f` plan: the fallback once step 1 was applied.
+fn rest(plan: &NftPlan, finish: &NftPlan) -> NftPlan {
+    type Changes = BTreeMap<String, Vec<(String, Option<String>)>>;
+    let mut out = finish.clone();
+    for (family, fp) in &plan.families {
+        let netlink_part = |changes: &Changes| -> Changes {
+            changes
+                .iter()
+                .filter(|(set, _)| via_netlink(fp, set))
+                .map(|(set, elements)| (set.clone(), elements.clone()))
+                .collect()
+        };
+        let (delete, add) = (
+            netlink_part(&fp.delete_elements),
+            netlink_part(&fp.add_elements),
+        );
+        if delete.is_empty() && add.is_empty() {
+            continue;
+        }
+        let target = out.families.entry(*family).or_default();
+        target.delete_elements = delete;
+        target.add_elements = add;
+    }
+    out
+}
+
+/// Whether a set's element changes go through netlink (step 2).
+fn via_netlink(fp: &FamilyPlan, set: &str) -> bool {
+    fp.signatures.get(set).is_some_and(|s| netlink::handles(s))
+}
+
+/// Applies `plan`, through `nft` (a function applying a plan with one `nft -f`) and netlink.
+pub fn apply(
+    plan: &NftPlan,
+    mut nft: impl FnMut(&NftPlan) -> Result<(), CommandError>,
+) -> Result<(), CommandError> {
+    let steps = match split(plan) {
+        Ok(steps) => steps,
+        Err(reason) => {
+            tracing::debug!(reason, "applying the whole plan with nft -f");
+            return nft(plan);
+        }
+    };
+    let batch = match netlink::encode(plan) {
+        Ok(Some(batch)) => batch,
+        Ok(None) => return nft(plan),
+        Err(err) => {
+            tracing::warn!(error = %err, "netlink element batch not possible; applying with nft -f");
+            return nft(plan);
+        }
+    };
+    let socket = match NftSocket::open() {
+        Ok(socket) => socket,
+        Err(err) => {
+            tracing::warn!(error = %err, "applying with nft -f instead of netlink");
+            return nft(plan);
+        }
+    };
+    if !steps.prepare.families.is_empty() {
+        nft(&steps.prepare)?;
+    }
+    match socket.apply(&batch) {
+        Ok(()) => {}
+        Err(err) if err.use_nft_instead() => {
+            tracing::warn!(error = %err, "applying the element changes with nft -f instead of netlink");
+            return nft(&rest(plan, &steps.finish));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    tracing::debug!(
+        elements = batch.elements,
+        messages = batch.messages.len(),
+        "element changes applied through netlink"
+    );
+    if !steps.finish.families.is_empty() {
+        nft(&steps.finish)?;
+    }
+    Ok(())
+}

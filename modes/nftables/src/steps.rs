@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 
 use kproxy_contract::CommandError;
 
-use crate::netlink::{self, socket::NftSocket};
+use crate::netlink::{self, socket};
 use crate::plan::{FamilyPlan, NftPlan};
 
 /// Steps 1 and 3 of a split plan (step 2 is the plan's netlink elements).
@@ -172,7 +172,7 @@ pub fn apply(
             return nft(plan);
         }
     };
-    let socket = match NftSocket::open() {
+    let socket = match socket::acquire() {
         Ok(socket) => socket,
         Err(err) => {
             tracing::warn!(error = %err, "applying with nft -f instead of netlink");
@@ -190,6 +190,7 @@ pub fn apply(
         }
         Err(err) => return Err(err.into()),
     }
+    socket::release(socket);
     tracing::debug!(
         elements = batch.elements,
         messages = batch.messages.len(),

@@ -19,6 +19,7 @@ pub mod socket;
 pub mod types;
 
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use kproxy_contract::CommandError;
 
@@ -98,7 +99,10 @@ pub fn handles(signature: &str) -> bool {
 /// One batch with every element deletion, then every addition, of the plan's non-interval
 /// sets, both families. `None` when there are none.
 pub fn encode(plan: &NftPlan) -> Result<Option<Batch<'_>>, NetlinkError> {
-    let mut batch = Batch::new(1);
+    // A fresh range of sequence numbers per batch, so a reused socket can never match a reply
+    // to the wrong batch.
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let mut batch = Batch::new(NEXT.fetch_add(1 << 20, Ordering::Relaxed));
     for op in [Op::Delete, Op::Add] {
         for (family, fp) in &plan.families {
             let changes = match op {

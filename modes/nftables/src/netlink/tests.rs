@@ -478,3 +478,101 @@ fn a_large_element_batch_is_one_transaction() {
         assert_eq!(read(&mut m), desired);
     });
 }
+
+/// Apply times, netlink path versus one `nft -f`, for the same plans: a full sync, one
+/// endpoint change, and a plan of elements only (the sets exist). Run in release:
+/// `cargo test --release -p kproxy-nftables apply_times -- --ignored --nocapture`
+/// (`KPROXY_BENCH_SERVICES`, `KPROXY_BENCH_ENDPOINTS`: default 10,000 x 10).
+#[test]
+#[ignore = "measurement"]
+fn apply_times_netlink_versus_nft() {
+    use std::time::Instant;
+    let n = std::env::var("KPROXY_BENCH_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let e = std::env::var("KPROXY_BENCH_ENDPOINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    in_netns("apply_times_netlink_versus_nft", || {
+        let mut services = kproxy_testkit::many(n, e);
+        let s0 = state(services.clone());
+        services[n / 2].endpoints.cluster[0] = ep("10.255.0.1", false);
+        let s1 = state(services);
+        let m = NftablesMode::new(NftCli, vec![IpFamily::V4]);
+        let (d0, d1) = (m.render(&s0), m.render(&s1));
+        let full = plan::plan(&NftRuleset::default(), &d0);
+        let change = plan::plan(&d0, &d1);
+        let elements: usize = full.families[&IpFamily::V4]
+            .add_elements
+            .values()
+            .map(Vec::len)
+            .sum();
+        let time = |f: &dyn Fn() -> Result<(), CommandError>| {
+            let t = Instant::now();
+            f().unwrap();
+            t.elapsed()
+        };
+        for (path, apply) in [
+            (
+                "netlink",
+                &(|p: &NftPlan| steps::apply(p, apply_with_nft))
+                    as &dyn Fn(&NftPlan) -> Result<(), CommandError>,
+            ),
+            ("nft -f", &apply_with_nft),
+        ] {
+            let full_t = time(&|| apply(&full));
+            // The change and its reverse, ten times each: the median.
+            let back = plan::plan(&d1, &d0);
+            let mut changes: Vec<_> = (0..10)
+                .flat_map(|_| [time(&|| apply(&change)), time(&|| apply(&back))])
+                .collect();
+            changes.sort();
+            let change_t = changes[changes.len() / 2];
+            eprintln!(
+                "{n} services x {e} endpoints ({elements} elements), {path}: full sync {full_t:.2?}, one endpoint change {change_t:.2?} (median of 20, min {:.2?})",
+                changes[0]
+            );
+            cleanup_table();
+        }
+        // Elements only: the table and its sets exist, every element is added.
+        let split = steps::split(&full).unwrap();
+        let mut only = full.clone();
+        for fp in only.families.values_mut() {
+            fp.add_sets.clear();
+            fp.add_chains.clear();
+            fp.write_chains.clear();
+            fp.add_elements
+                .retain(|set, _| super::handles(&fp.signatures[set]));
+        }
+        let count: usize = only.families[&IpFamily::V4]
+            .add_elements
+            .values()
+            .map(Vec::len)
+            .sum();
+        for path in ["netlink", "nft -f"] {
+            apply_with_nft(&split.prepare).unwrap();
+            let t = match path {
+                "netlink" => time(&|| {
+                    let batch = encode(&only).unwrap().unwrap();
+                    NftSocket::open()
+                        .and_then(|s| s.apply(&batch))
+                        .map_err(CommandError::from)
+                }),
+                _ => time(&|| apply_with_nft(&only)),
+            };
+            eprintln!("element batch of {count} elements, {path}: {t:.2?}");
+            cleanup_table();
+        }
+    });
+}
+
+fn cleanup_table() {
+    let _ = kproxy_contract::command::run(
+        "nft",
+        "nftables",
+        &["delete", "table", "ip", "kproxy"],
+        None,
+    );
+}

@@ -5,8 +5,11 @@
 //! short hash of their text, stored in the rule's comment, because nft prints rules back in a
 //! normalised form that differs from what was written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use imbl::OrdMap;
 
 use kproxy_contract::IpFamily;
 use sha2::{Digest, Sha256};
@@ -114,16 +117,25 @@ pub type Group = BTreeMap<String, Option<String>>;
 /// the kernel groups the same way as a rendered one.
 #[derive(Debug, Clone, Default)]
 pub struct Elements {
-    groups: BTreeMap<String, Arc<Group>>,
+    groups: OrdMap<String, Arc<Group>>,
     len: usize,
 }
 
 /// No elements (the other side of a group present on one side only).
 static EMPTY: Group = BTreeMap::new();
 
-/// The group of an element key: its first ` . `-separated component.
+/// The group of an element key: its first ` . `-separated component (a frontend's or an
+/// endpoint's address), or its first two when the first is a protocol (`tcp . 30080`): grouping
+/// NodePort keys by protocol alone would put every NodePort service in one group.
 pub fn group_of(key: &str) -> &str {
-    key.split_once(" . ").map_or(key, |(first, _)| first)
+    let Some((first, rest)) = key.split_once(" . ") else {
+        return key;
+    };
+    if matches!(first, "tcp" | "udp" | "sctp") {
+        let second = rest.split_once(" . ").map_or(rest, |(second, _)| second);
+        return &key[..first.len() + 3 + second.len()];
+    }
+    first
 }
 
 impl Elements {
@@ -203,6 +215,22 @@ impl Elements {
         self.groups.iter()
     }
 
+    /// One group, if it has elements.
+    pub fn group(&self, group: &str) -> Option<&Arc<Group>> {
+        self.groups.get(group)
+    }
+
+    /// Replaces a whole group (all keys must belong to `group`); an empty one removes it.
+    pub fn set_group(&mut self, group: &str, elements: Arc<Group>) {
+        let old = if elements.is_empty() {
+            self.groups.remove(group)
+        } else {
+            self.groups.insert(group.to_string(), elements)
+        };
+        let new_len = self.groups.get(group).map_or(0, |g| g.len());
+        self.len = self.len + new_len - old.map_or(0, |g| g.len());
+    }
+
     /// Elements only in `self` (to add) and elements only in or different in `old` (to
     /// delete), skipping groups shared with `old`.
     pub fn diff<'a>(&'a self, old: &'a Elements) -> (ElementRefs<'a>, ElementRefs<'a>) {
@@ -258,13 +286,13 @@ impl FromIterator<(String, Option<String>)> for Elements {
     }
 }
 
-/// One family's table.
+/// One family's table. Persistent maps: a clone shares everything, a change copies a path.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Table {
     /// Chains by name.
-    pub chains: BTreeMap<String, Chain>,
+    pub chains: OrdMap<String, Chain>,
     /// Sets and maps by name.
-    pub sets: BTreeMap<String, Set>,
+    pub sets: OrdMap<String, Set>,
 }
 
 /// Both families' tables, plus who owns which frontend (for grouping the dry-run diff).
@@ -273,13 +301,45 @@ pub struct NftRuleset {
     /// Per family. A family that is absent has no kproxy table.
     pub families: BTreeMap<IpFamily, Table>,
     /// Element key prefix (a frontend such as `10.96.0.10 . tcp . 80`) or chain → service port.
-    pub owners: BTreeMap<String, String>,
+    pub owners: OrdMap<String, String>,
+    /// Which render produced this ruleset (0: read back from the kernel, or built by hand).
+    pub generation: u64,
+    /// What changed since the render `delta.base` produced, when this one was rendered
+    /// incrementally: the plan against exactly that ruleset then looks only at these parts.
+    pub delta: Option<Arc<Delta>>,
 }
 
 impl PartialEq for NftRuleset {
     fn eq(&self, other: &Self) -> bool {
         self.families == other.families
     }
+}
+
+/// The parts of a table an incremental render touched. Anything not named here is the same
+/// (shared) value in both rulesets.
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    /// The generation of the ruleset this one was derived from.
+    pub base: u64,
+    /// Per family.
+    pub families: BTreeMap<IpFamily, TableDelta>,
+}
+
+/// One family's touched parts.
+#[derive(Debug, Clone, Default)]
+pub struct TableDelta {
+    /// Element groups (set, group key) whose elements may differ.
+    pub groups: BTreeSet<(String, String)>,
+    /// Chains that may have been added, removed or rewritten.
+    pub chains: BTreeSet<String>,
+    /// Whole sets that may have been added, removed or changed.
+    pub sets: BTreeSet<String>,
+}
+
+/// A fresh render generation (never 0).
+pub fn next_generation() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl NftRuleset {

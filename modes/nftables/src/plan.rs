@@ -10,7 +10,7 @@ use std::fmt::{self, Write as _};
 
 use kproxy_contract::{IpFamily, PlanStats};
 
-use crate::model::{Chain, Elements, NftRuleset, Set, TABLE, Table, family_name};
+use crate::model::{Chain, Elements, NftRuleset, Set, TABLE, Table, TableDelta, family_name};
 
 /// Elements per `add element` / `delete element` statement.
 const CHUNK: usize = 2_000;
@@ -64,11 +64,81 @@ pub struct NftPlan {
     /// Per family.
     pub families: BTreeMap<IpFamily, FamilyPlan>,
     /// Frontend or chain → service port, for grouping the printed transaction.
-    pub owners: BTreeMap<String, String>,
+    pub owners: imbl::OrdMap<String, String>,
 }
 
 /// Computes the transaction that turns `live` into `desired`.
+///
+/// When `desired` was rendered incrementally from exactly `live` (same generation), only the
+/// parts its [`crate::model::Delta`] names are compared: everything else is shared.
 pub fn plan(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
+    if let Some(plan) = plan_delta(live, desired) {
+        return plan;
+    }
+    plan_full(live, desired)
+}
+
+/// The plan from the delta alone, when it applies (see [`plan`]).
+fn plan_delta(live: &NftRuleset, desired: &NftRuleset) -> Option<NftPlan> {
+    let delta = desired.delta.as_ref()?;
+    if live.generation == 0 || delta.base != live.generation {
+        return None;
+    }
+    if live.families.keys().ne(desired.families.keys()) {
+        return None;
+    }
+    let mut out = NftPlan {
+        owners: desired.owners.clone(),
+        ..NftPlan::default()
+    };
+    for (family, td) in &delta.families {
+        let (Some(old), Some(new)) = (live.families.get(family), desired.families.get(family))
+        else {
+            return None;
+        };
+        let (old, new) = (restrict(old, td), restrict(new, td));
+        if needs_recreate(&old, &new) {
+            return None;
+        }
+        let fp = plan_table(&old, &new);
+        if !fp.is_empty() {
+            out.families.insert(*family, fp);
+        }
+    }
+    Some(out)
+}
+
+/// The part of `table` a delta names: its touched chains and whole sets, and the touched
+/// element groups of the other sets.
+fn restrict(table: &Table, td: &TableDelta) -> Table {
+    let mut out = Table::default();
+    for name in &td.chains {
+        if let Some(c) = table.chains.get(name) {
+            out.chains.insert(name.clone(), c.clone());
+        }
+    }
+    for name in &td.sets {
+        if let Some(s) = table.sets.get(name) {
+            out.sets.insert(name.clone(), s.clone());
+        }
+    }
+    for (set, group) in &td.groups {
+        let Some(s) = table.sets.get(set) else {
+            continue;
+        };
+        let target = out.sets.entry(set.clone()).or_insert_with(|| Set {
+            elements: Elements::default(),
+            ..s.clone()
+        });
+        if let Some(g) = s.elements.group(group) {
+            target.elements.set_group(group, g.clone());
+        }
+    }
+    out
+}
+
+/// Compares the whole tables.
+pub(crate) fn plan_full(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
     let mut out = NftPlan {
         owners: desired.owners.clone(),
         ..NftPlan::default()

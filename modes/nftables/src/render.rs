@@ -27,7 +27,10 @@ use kproxy_contract::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::model::{BaseChain, Chain, Elements, NftRuleset, Rule, Set, Table};
+use crate::model::{
+    BaseChain, Chain, Delta, Elements, Group, NftRuleset, Rule, Set, Table, group_of,
+    next_generation,
+};
 
 /// Offset of the short-circuit endpoint set within a frontend's `endpoints` keys: the ETP=Local
 /// short-circuit (pod and node sources use Cluster endpoints) shares the map with the policy's
@@ -38,6 +41,7 @@ pub const SHORT_CIRCUIT_OFFSET: u32 = 1 << 20;
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 /// Syntax that differs between `ip` and `ip6` tables.
+#[derive(Clone, Copy)]
 struct Fam {
     family: IpFamily,
 }
@@ -68,27 +72,132 @@ pub fn render(state: &ProxyState) -> NftRuleset {
     render_cached(state, &IpFamily::ALL, &mut RenderCache::default())
 }
 
+/// A fragment's groups of one shared set: group key → elements.
+type SharedGroups = Vec<(String, Arc<Group>)>;
+
+/// A service port that changed: its key, its old fragment and its new one.
+type Change = (ServicePortKey, Option<Arc<Fragment>>, Option<Arc<Fragment>>);
+
 /// One service port's share of one family's table: its elements (already grouped, see
 /// [`crate::model::Elements`]), its affinity chains and sets, the pick chains it needs and the
 /// frontends it owns. It depends only on the service port and the node settings.
+///
+/// Plain vectors, not the table's persistent maps: a fragment is built once per change and
+/// kept per service port, so it should be small (10,000 of them live in the cache).
 #[derive(Debug, Default)]
 struct Fragment {
+    /// Elements of the family's shared sets: set → group → elements.
+    shared: Vec<(String, SharedGroups)>,
+    /// Its own chains and sets (ClientIP affinity; usually empty).
     table: Table,
     picks: BTreeSet<(bool, bool, usize)>,
     owners: Vec<(String, String)>,
 }
 
-/// The fragments of the last render, so the next one formats only the service ports that
-/// changed; unchanged ones contribute their element groups by `Arc`, which the plan skips by
-/// pointer.
+impl Fragment {
+    fn render(family: IpFamily, node: &NodeSettings, sp: &ServicePort) -> Self {
+        let mut sw = Writer::scratch(family, node);
+        let mut owners = BTreeMap::new();
+        sw.service_port(sp, &mut owners);
+        let shared = std::mem::take(&mut sw.shared)
+            .into_iter()
+            .map(|(set, groups)| {
+                let groups = groups
+                    .into_iter()
+                    .map(|(g, elements)| (g, Arc::new(elements)))
+                    .collect();
+                (set, groups)
+            })
+            .collect();
+        Fragment {
+            shared,
+            table: sw.t,
+            picks: sw.picks,
+            owners: owners.into_iter().collect(),
+        }
+    }
+
+    /// Every group key this fragment has elements in, in any shared set.
+    fn group_keys(&self) -> BTreeSet<&String> {
+        self.shared
+            .iter()
+            .flat_map(|(_, groups)| groups.iter().map(|(g, _)| g))
+            .collect()
+    }
+
+    /// Its elements of one group of one shared set.
+    fn group(&self, set: &str, group: &str) -> Option<&Arc<Group>> {
+        let (_, groups) = self.shared.iter().find(|(s, _)| s == set)?;
+        groups.iter().find(|(g, _)| g == group).map(|(_, e)| e)
+    }
+
+    /// Sets it declares itself (ClientIP affinity).
+    fn own_sets(&self) -> impl Iterator<Item = (&String, &Set)> {
+        self.table.sets.iter()
+    }
+}
+
+/// What the last render left for the next one: the fragment of every service port and, per
+/// family, which service ports contribute to each element group and how many need each pick
+/// chain. With these, a render after a few changes touches only what those changes touch.
 #[derive(Debug, Default)]
 pub struct RenderCache {
     node: Option<Arc<NodeSettings>>,
+    families: Vec<IpFamily>,
     fragments: HashMap<ServicePortKey, (Arc<ServicePort>, Arc<Fragment>)>,
+    per_family: BTreeMap<IpFamily, FamilyIndex>,
+    last: Option<NftRuleset>,
 }
 
-/// Renders the desired state for `families`, reusing the fragments in `cache` of service ports
-/// that did not change (same `Arc`, or equal) and leaving this render's fragments in it.
+/// One family's index into the last render.
+#[derive(Debug, Default)]
+struct FamilyIndex {
+    /// Element group key → the service ports whose fragments have elements in it.
+    contributors: HashMap<String, BTreeSet<ServicePortKey>>,
+    /// Pick chain → how many fragments use it.
+    picks: BTreeMap<(bool, bool, usize), usize>,
+    /// Number of fragments.
+    fragments: usize,
+}
+
+impl FamilyIndex {
+    fn add(&mut self, key: &ServicePortKey, fragment: &Fragment) {
+        for g in fragment.group_keys() {
+            self.contributors
+                .entry(g.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        for pick in &fragment.picks {
+            *self.picks.entry(*pick).or_default() += 1;
+        }
+        self.fragments += 1;
+    }
+
+    fn remove(&mut self, key: &ServicePortKey, fragment: &Fragment) {
+        for g in fragment.group_keys() {
+            if let Some(c) = self.contributors.get_mut(g) {
+                c.remove(key);
+                if c.is_empty() {
+                    self.contributors.remove(g);
+                }
+            }
+        }
+        for pick in &fragment.picks {
+            if let Some(n) = self.picks.get_mut(pick) {
+                *n -= 1;
+                if *n == 0 {
+                    self.picks.remove(pick);
+                }
+            }
+        }
+        self.fragments -= 1;
+    }
+}
+
+/// Renders the desired state for `families`, reusing what `cache` holds from the last render:
+/// unchanged service ports cost nothing, and the result records what changed (a
+/// [`crate::model::Delta`]) so the plan against the last render's result is O(changes) too.
 pub fn render_cached(
     state: &ProxyState,
     families: &[IpFamily],
@@ -98,34 +207,194 @@ pub fn render_cached(
         .node
         .as_ref()
         .is_some_and(|n| Arc::ptr_eq(n, &state.node) || **n == *state.node);
-    if !same_node {
-        cache.fragments.clear();
-    }
-    let mut previous = std::mem::take(&mut cache.fragments);
-    let mut out = NftRuleset::default();
+    let out = match cache.last.take() {
+        Some(last) if same_node && cache.families == families => {
+            render_changes(state, families, cache, last)
+        }
+        _ => render_all(state, families, cache),
+    };
+    cache.node = Some(state.node.clone());
+    cache.families = families.to_vec();
+    cache.last = Some(out.clone());
+    out
+}
+
+/// A render from scratch (first render, or the node settings changed).
+fn render_all(state: &ProxyState, families: &[IpFamily], cache: &mut RenderCache) -> NftRuleset {
+    cache.fragments.clear();
+    cache.per_family.clear();
+    let mut out = NftRuleset {
+        generation: next_generation(),
+        ..NftRuleset::default()
+    };
     for &family in families {
         let mut w = Writer::new(family, &state.node);
+        let index = cache.per_family.entry(family).or_default();
         for (key, sp) in state.services.iter().filter(|(k, _)| k.family == family) {
-            let fragment = match previous.remove(key) {
-                Some((old, fragment)) if Arc::ptr_eq(&old, sp) || old == *sp => fragment,
-                _ => {
-                    let mut sw = Writer::scratch(family, &state.node);
-                    let mut owners = BTreeMap::new();
-                    sw.service_port(sp, &mut owners);
-                    Arc::new(Fragment {
-                        table: sw.t,
-                        picks: sw.picks,
-                        owners: owners.into_iter().collect(),
-                    })
-                }
-            };
+            let fragment = Arc::new(Fragment::render(family, &state.node, sp));
             w.add(&fragment);
-            out.owners.extend(fragment.owners.iter().cloned());
+            index.add(key, &fragment);
+            for (k, v) in &fragment.owners {
+                out.owners.insert(k.clone(), v.clone());
+            }
             cache.fragments.insert(key.clone(), (sp.clone(), fragment));
         }
         out.families.insert(family, w.finish());
     }
-    cache.node = Some(state.node.clone());
+    out
+}
+
+/// A render that starts from the last one and replaces the fragments of the service ports
+/// that changed, rebuilding only the element groups, chains and sets they touch.
+fn render_changes(
+    state: &ProxyState,
+    families: &[IpFamily],
+    cache: &mut RenderCache,
+    last: NftRuleset,
+) -> NftRuleset {
+    let mut delta = Delta {
+        base: last.generation,
+        ..Delta::default()
+    };
+    let mut out = last;
+    out.generation = next_generation();
+    for &family in families {
+        let index = cache.per_family.entry(family).or_default();
+        // (key, old fragment, new fragment) for every service port that changed.
+        let mut changes: Vec<Change> = Vec::new();
+        let mut seen = 0;
+        for (key, sp) in state.services.iter().filter(|(k, _)| k.family == family) {
+            match cache.fragments.get(key) {
+                Some((old, _)) if Arc::ptr_eq(old, sp) => seen += 1,
+                Some((old, fragment)) => {
+                    seen += 1;
+                    if **old == **sp {
+                        let fragment = fragment.clone();
+                        cache.fragments.insert(key.clone(), (sp.clone(), fragment));
+                        continue;
+                    }
+                    let new = Arc::new(Fragment::render(family, &state.node, sp));
+                    changes.push((key.clone(), Some(fragment.clone()), Some(new.clone())));
+                    cache.fragments.insert(key.clone(), (sp.clone(), new));
+                }
+                None => {
+                    let new = Arc::new(Fragment::render(family, &state.node, sp));
+                    changes.push((key.clone(), None, Some(new.clone())));
+                    cache.fragments.insert(key.clone(), (sp.clone(), new));
+                }
+            }
+        }
+        if seen < index.fragments {
+            let gone: Vec<ServicePortKey> = cache
+                .fragments
+                .keys()
+                .filter(|k| k.family == family && !state.services.contains_key(*k))
+                .cloned()
+                .collect();
+            for key in gone {
+                if let Some((_, old)) = cache.fragments.remove(&key) {
+                    changes.push((key, Some(old), None));
+                }
+            }
+        }
+        if changes.is_empty() {
+            continue;
+        }
+        let table = out.families.entry(family).or_default();
+        let td = delta.families.entry(family).or_default();
+        let picks_before: BTreeSet<(bool, bool, usize)> = index.picks.keys().copied().collect();
+        let mut owner_keys: BTreeSet<String> = BTreeSet::new();
+        for (key, old, new) in &changes {
+            for f in old.iter().chain(new) {
+                for (set, groups) in &f.shared {
+                    for (g, _) in groups {
+                        td.groups.insert((set.clone(), g.clone()));
+                    }
+                }
+            }
+            if let Some(old) = old {
+                index.remove(key, old);
+                for name in old.table.chains.keys() {
+                    table.chains.remove(name);
+                    td.chains.insert(name.clone());
+                }
+                for (name, _) in old.own_sets() {
+                    table.sets.remove(name);
+                    td.sets.insert(name.clone());
+                }
+                owner_keys.extend(old.owners.iter().map(|(k, _)| k.clone()));
+            }
+            if let Some(new) = new {
+                index.add(key, new);
+                for (name, chain) in &new.table.chains {
+                    table.chains.insert(name.clone(), chain.clone());
+                    td.chains.insert(name.clone());
+                }
+                for (name, set) in new.own_sets() {
+                    table.sets.insert(name.clone(), set.clone());
+                    td.sets.insert(name.clone());
+                }
+                owner_keys.extend(new.owners.iter().map(|(k, _)| k.clone()));
+            }
+        }
+        // Each touched frontend's owner: the last contributor claiming it, as from scratch.
+        for k in owner_keys {
+            let owner = index
+                .contributors
+                .get(group_of(&k))
+                .into_iter()
+                .flatten()
+                .filter_map(|c| cache.fragments.get(c))
+                .rev()
+                .filter_map(|(_, f)| f.owners.iter().find(|(o, _)| *o == k))
+                .next()
+                .map(|(_, v)| v.clone());
+            match owner {
+                Some(v) => out.owners.insert(k, v),
+                None => out.owners.remove(&k),
+            };
+        }
+        // Each touched group, rebuilt from its contributors in key order (a later service
+        // port's element wins, as in a render from scratch).
+        for (set, g) in &td.groups {
+            let Some(target) = table.sets.get_mut(set) else {
+                continue;
+            };
+            let parts: Vec<&Arc<Group>> = index
+                .contributors
+                .get(g)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| cache.fragments.get(k))
+                .filter_map(|(_, f)| f.group(set, g))
+                .collect();
+            let group = match parts.as_slice() {
+                [] => Arc::default(),
+                [one] => Arc::clone(one),
+                many => {
+                    let mut merged = Group::new();
+                    for part in many {
+                        merged.extend(part.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    }
+                    Arc::new(merged)
+                }
+            };
+            target.elements.set_group(g, group);
+        }
+        let picks_after: BTreeSet<(bool, bool, usize)> = index.picks.keys().copied().collect();
+        for pick in picks_before.symmetric_difference(&picks_after) {
+            let name = pick_chain(pick.0, pick.1, pick.2);
+            if picks_after.contains(pick) {
+                table
+                    .chains
+                    .insert(name.clone(), pick_chain_body(Fam { family }, *pick));
+            } else {
+                table.chains.remove(&name);
+            }
+            td.chains.insert(name);
+        }
+    }
+    out.delta = Some(Arc::new(delta));
     out
 }
 
@@ -144,6 +413,8 @@ struct Writer<'a> {
     /// Renders one service port's fragment: sets are created on first use, not declared.
     scratch: bool,
     t: Table,
+    /// A fragment's elements of the family's shared sets: set → group → elements.
+    shared: BTreeMap<String, BTreeMap<String, Group>>,
     /// Endpoint counts needing `pick-N` / `nodeport-pick-N` chains (with/without offset).
     picks: BTreeSet<(bool, bool, usize)>,
 }
@@ -200,6 +471,7 @@ impl<'a> Writer<'a> {
             node,
             scratch: true,
             t: Table::default(),
+            shared: BTreeMap::new(),
             picks: BTreeSet::new(),
         }
     }
@@ -207,12 +479,15 @@ impl<'a> Writer<'a> {
     /// Adds a service port's fragment: element groups by `Arc`, affinity chains and sets by
     /// copy (they are few).
     fn add(&mut self, f: &Fragment) {
-        for (name, set) in &f.table.sets {
+        for (name, groups) in &f.shared {
             if let Some(target) = self.t.sets.get_mut(name) {
-                for (group, elements) in set.elements.groups() {
+                for (group, elements) in groups {
                     target.elements.extend_group(group, elements);
                 }
-            } else if !set.decl.is_empty() {
+            }
+        }
+        for (name, set) in &f.table.sets {
+            if !self.t.sets.contains_key(name) {
                 self.t.sets.insert(name.clone(), set.clone());
             }
         }
@@ -239,14 +514,12 @@ impl<'a> Writer<'a> {
             s.elements.insert(key, value);
         } else if self.scratch {
             // Declared by the family writer the fragment is added to.
-            let mut s = Set {
-                is_map: value.is_some(),
-                decl: String::new(),
-                signature: String::new(),
-                elements: Elements::default(),
-            };
-            s.elements.insert(key, value);
-            self.t.sets.insert(set.to_string(), s);
+            self.shared
+                .entry(set.to_string())
+                .or_default()
+                .entry(group_of(&key).to_string())
+                .or_default()
+                .insert(key, value);
         }
     }
 
@@ -751,31 +1024,39 @@ impl<'a> Writer<'a> {
             );
         }
 
-        for (nodeport, short, n) in std::mem::take(&mut self.picks) {
-            let (key, map) = if nodeport {
-                ("meta l4proto . th dport".to_string(), "nodeport-endpoints")
-            } else {
-                (fe.clone(), "endpoints")
-            };
-            let offset = if short {
-                format!(" offset {SHORT_CIRCUIT_OFFSET}")
-            } else {
-                String::new()
-            };
-            let rules = PROTOCOLS
-                .iter()
-                .map(|p| {
-                    Rule::new(format!(
-                        "meta l4proto {p} dnat {a} to {key} . numgen random mod {n}{offset} map @{map}-{p}"
-                    ))
-                })
-                .collect();
+        for pick in std::mem::take(&mut self.picks) {
+            let chain = pick_chain_body(self.f, pick);
             self.t
                 .chains
-                .insert(pick_chain(nodeport, short, n), Chain { base: None, rules });
+                .insert(pick_chain(pick.0, pick.1, pick.2), chain);
         }
         self.t
     }
+}
+
+/// The rules of `pick_chain(nodeport, short_circuit, n)`: DNAT through the protocol's endpoints
+/// map, keyed on the frontend and `numgen random mod n`.
+fn pick_chain_body(f: Fam, (nodeport, short, n): (bool, bool, usize)) -> Chain {
+    let a = f.addr();
+    let (key, map) = if nodeport {
+        ("meta l4proto . th dport".to_string(), "nodeport-endpoints")
+    } else {
+        (format!("{a} daddr . meta l4proto . th dport"), "endpoints")
+    };
+    let offset = if short {
+        format!(" offset {SHORT_CIRCUIT_OFFSET}")
+    } else {
+        String::new()
+    };
+    let rules = PROTOCOLS
+        .iter()
+        .map(|p| {
+            Rule::new(format!(
+                "meta l4proto {p} dnat {a} to {key} . numgen random mod {n}{offset} map @{map}-{p}"
+            ))
+        })
+        .collect();
+    Chain { base: None, rules }
 }
 
 /// The chain that picks among `n` endpoints.

@@ -361,3 +361,76 @@ mod elements {
         }
     }
 }
+
+/// The incremental render and the delta plan are optimisations only: through random changes
+/// (service ports added, changed, removed, and conflicting frontends), the cached render equals
+/// a render from scratch, and the plan from its delta equals the plan comparing whole tables.
+mod incremental {
+    use std::collections::BTreeSet;
+
+    use kproxy_contract::{IpFamily, ProxyState};
+    use kproxy_testkit::strategies::state;
+    use proptest::prelude::*;
+
+    use crate::plan;
+    use crate::render::{RenderCache, render, render_cached};
+
+    /// `a` with, per service port of either state, `a`'s, `b`'s or none (by `pick`).
+    fn mix(a: &ProxyState, b: &ProxyState, pick: &[u8]) -> ProxyState {
+        let mut out = a.clone();
+        let keys: BTreeSet<_> = a
+            .services
+            .keys()
+            .chain(b.services.keys())
+            .cloned()
+            .collect();
+        for (i, key) in keys.into_iter().enumerate() {
+            match pick.get(i).copied().unwrap_or(0) % 3 {
+                0 => {}
+                1 => match b.services.get(&key) {
+                    Some(sp) => {
+                        out.services.insert(key, sp.clone());
+                    }
+                    None => {
+                        out.services.remove(&key);
+                    }
+                },
+                _ => {
+                    out.services.remove(&key);
+                }
+            }
+        }
+        out
+    }
+
+    fn states() -> impl Strategy<Value = (ProxyState, ProxyState, Vec<u8>)> {
+        any::<bool>()
+            .prop_flat_map(|v6| (state(v6), state(v6), prop::collection::vec(any::<u8>(), 10)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn incremental_render_and_delta_plan_equal_from_scratch((a, b, pick) in states()) {
+            let mut b = b;
+            b.node = a.node.clone();
+            let c = mix(&a, &b, &pick);
+            let mut cache = RenderCache::default();
+            let mut prev: Option<crate::model::NftRuleset> = None;
+            for (i, s) in [&a, &c, &b, &a, &c, &a].into_iter().enumerate() {
+                let cached = render_cached(s, &IpFamily::ALL, &mut cache);
+                let fresh = render(s);
+                prop_assert_eq!(&cached, &fresh, "step {}", i);
+                prop_assert_eq!(&cached.owners, &fresh.owners, "step {}", i);
+                if let Some(prev) = prev {
+                    let delta = cached.delta.as_ref().expect("incremental after the first");
+                    prop_assert_eq!(delta.base, prev.generation);
+                    let quick = plan::plan(&prev, &cached);
+                    let full = plan::plan_full(&prev, &cached);
+                    prop_assert_eq!(quick.script(), full.script(), "step {}", i);
+                }
+                prev = Some(cached);
+            }
+        }
+    }
+}

@@ -28,15 +28,18 @@ pub fn resolve_live_rules(live: &mut NftRuleset, rendered: &NftRuleset) -> usize
         .map(|r| (r.id.as_str(), r.text.as_str()))
         .collect();
     let mut unknown = 0;
-    for rule in live
-        .families
-        .values_mut()
-        .flat_map(|t| t.chains.values_mut())
-        .flat_map(|c| c.rules.iter_mut())
-    {
-        match known.get(rule.id.as_str()) {
-            Some(text) => rule.text = (*text).to_string(),
-            None => unknown += 1,
+    for table in live.families.values_mut() {
+        let names: Vec<String> = table.chains.keys().cloned().collect();
+        for name in names {
+            let Some(chain) = table.chains.get_mut(&name) else {
+                continue;
+            };
+            for rule in &mut chain.rules {
+                match known.get(rule.id.as_str()) {
+                    Some(text) => rule.text = (*text).to_string(),
+                    None => unknown += 1,
+                }
+            }
         }
     }
     unknown

@@ -496,14 +496,33 @@ fn apply_times_netlink_versus_nft() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     in_netns("apply_times_netlink_versus_nft", || {
-        let mut services = kproxy_testkit::many(n, e);
+        let services = kproxy_testkit::many(n, e);
         let s0 = state(services.clone());
-        services[n / 2].endpoints.cluster[0] = ep("10.255.0.1", false);
-        let s1 = state(services);
+        // The daemon's desired state shares every unchanged service port's `Arc`.
+        let mut changed = services[n / 2].clone();
+        changed.endpoints.cluster[0] = ep("10.255.0.1", false);
+        let mut s1 = s0.clone();
+        let key = kproxy_contract::ServicePortKey {
+            family: changed.family,
+            name: changed.name.clone(),
+        };
+        s1.services.insert(key, Arc::new(changed));
         let m = NftablesMode::new(NftCli, vec![IpFamily::V4]);
-        let (d0, d1) = (m.render(&s0), m.render(&s1));
+        let t = Instant::now();
+        let d0 = m.render(&s0);
+        let render_full = t.elapsed();
+        let t = Instant::now();
         let full = plan::plan(&NftRuleset::default(), &d0);
+        let plan_full = t.elapsed();
+        let t = Instant::now();
+        let d1 = m.render(&s1);
+        let render_change = t.elapsed();
+        let t = Instant::now();
         let change = plan::plan(&d0, &d1);
+        let plan_change = t.elapsed();
+        eprintln!(
+            "render + plan: full sync {render_full:.2?} + {plan_full:.2?}, one endpoint change {render_change:.2?} + {plan_change:.2?}"
+        );
         let elements: usize = full.families[&IpFamily::V4]
             .add_elements
             .values()

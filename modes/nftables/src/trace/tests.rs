@@ -124,11 +124,18 @@ fn live_rules_are_resolved_by_identity() {
     let rendered = render(&s);
     let mut live = rendered.clone();
     for t in live.families.values_mut() {
-        for c in t.chains.values_mut() {
-            for r in &mut c.rules {
-                *r = crate::model::Rule::from_id(r.id.clone());
-            }
-        }
+        t.chains = t
+            .chains
+            .iter()
+            .map(|(name, c)| {
+                let rules = c
+                    .rules
+                    .iter()
+                    .map(|r| crate::model::Rule::from_id(r.id.clone()))
+                    .collect();
+                (name.clone(), crate::model::Chain { rules, ..c.clone() })
+            })
+            .collect();
     }
     let env = Env::from_state(&s);
     let p = pkt("10.244.1.5", "10.96.0.10", 80, Origin::Pod);

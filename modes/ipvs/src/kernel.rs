@@ -249,14 +249,21 @@ impl IpvsKernel for SystemKernel {
     }
 
     fn nft_tables(&mut self) -> Result<BTreeSet<IpFamily>, KernelError> {
-        let out = kproxy_contract::command::run("nft", "nftables", &["list", "tables"], None)?;
-        Ok(IpFamily::ALL
-            .into_iter()
-            .filter(|f| {
-                let want = format!("table {} {TABLE}", family_name(*f));
-                out.lines().any(|l| l.trim() == want)
-            })
-            .collect())
+        // One table at a time: `nft list tables` reads every set element of every table first
+        // (seconds next to the nftables mode's table at 10,000 services).
+        let mut out = BTreeSet::new();
+        for family in IpFamily::ALL {
+            let args = ["-t", "list", "table", family_name(family), TABLE];
+            match kproxy_contract::command::run("nft", "nftables", &args, None) {
+                Ok(_) => {
+                    out.insert(family);
+                }
+                Err(CommandError::Failed { stderr, .. })
+                    if stderr.contains("No such file or directory") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
     }
 
     fn prepare(&mut self) {

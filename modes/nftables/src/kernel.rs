@@ -44,6 +44,18 @@ impl NftKernel for NftCli {
     }
 
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
+        // One netlink query for this table; `nft list tables` reads every element first.
+        let asked = crate::netlink::socket::acquire().and_then(|socket| {
+            let exists = socket.table_exists(family, TABLE)?;
+            crate::netlink::socket::release(socket);
+            Ok(exists)
+        });
+        match asked {
+            Ok(exists) => return Ok(exists),
+            Err(err) => {
+                tracing::debug!(error = %err, "table query through netlink failed; asking nft")
+            }
+        }
         let want = format!("table {} {TABLE}", family_name(family));
         Ok(run(&["list", "tables"], None)?
             .lines()

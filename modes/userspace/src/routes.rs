@@ -62,14 +62,24 @@ impl RouteTable for IpRoute {
         let mut out = BTreeSet::new();
         let proto = ROUTE_PROTO.to_string();
         for family in ["-4", "-6"] {
-            let json = run(
+            let json = match run(
                 "ip",
                 "iproute2",
                 &[
                     "-j", family, "route", "show", "table", "local", "proto", &proto,
                 ],
                 None,
-            )?;
+            ) {
+                Ok(json) => json,
+                // A namespace that never had an address of this family has no local table:
+                // no routes of ours either.
+                Err(CommandError::Failed { stderr, .. })
+                    if stderr.contains("FIB table does not exist") =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             out.extend(parse_routes(&json));
         }
         Ok(out)

@@ -12,7 +12,7 @@ use kproxy_contract::IpFamily;
 use super::types::{Data, EncodeError, SetType};
 
 /// `NFNL_SUBSYS_NFTABLES`.
-const SUBSYS_NFTABLES: u16 = 10;
+pub(super) const SUBSYS_NFTABLES: u16 = 10;
 /// `NFNL_MSG_BATCH_BEGIN` / `NFNL_MSG_BATCH_END`.
 const MSG_BATCH_BEGIN: u16 = 0x10;
 const MSG_BATCH_END: u16 = 0x11;
@@ -20,8 +20,8 @@ const MSG_BATCH_END: u16 = 0x11;
 const MSG_NEWSETELEM: u16 = 12;
 const MSG_DELSETELEM: u16 = 14;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
 
@@ -42,7 +42,7 @@ const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 
 /// `NFPROTO_IPV4` / `NFPROTO_IPV6`.
-fn nfproto(family: IpFamily) -> u8 {
+pub(super) fn nfproto(family: IpFamily) -> u8 {
     match family {
         IpFamily::V4 => 2,
         IpFamily::V6 => 10,
@@ -286,7 +286,7 @@ fn encode_element(
 }
 
 /// `nlmsghdr` (length patched by [`finish_message`]) and `nfgenmsg`.
-fn header(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) {
+pub(super) fn header(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) {
     out.extend_from_slice(&0u32.to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(&flags.to_ne_bytes());
@@ -297,7 +297,7 @@ fn header(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id
     out.extend_from_slice(&res_id.to_be_bytes());
 }
 
-fn finish_message(out: &mut [u8], start: usize) {
+pub(super) fn finish_message(out: &mut [u8], start: usize) {
     let len = u32::try_from(out.len() - start).unwrap_or(u32::MAX);
     out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
@@ -310,7 +310,7 @@ fn put(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
     out.resize(out.len().next_multiple_of(4), 0);
 }
 
-fn put_str(out: &mut Vec<u8>, kind: u16, s: &str) {
+pub(super) fn put_str(out: &mut Vec<u8>, kind: u16, s: &str) {
     let len = u16::try_from(4 + s.len() + 1).unwrap_or(u16::MAX);
     out.extend_from_slice(&len.to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());

@@ -595,3 +595,26 @@ fn cleanup_table() {
         None,
     );
 }
+
+/// The drift probe asks netlink about kproxy's table alone: absent, then present in one
+/// family only, then absent again; another table's presence changes nothing.
+#[test]
+fn table_existence_through_netlink() {
+    in_netns("table_existence_through_netlink", || {
+        let sock = NftSocket::open().unwrap();
+        let exists = |f| sock.table_exists(f, crate::model::TABLE).unwrap();
+        assert!(!exists(IpFamily::V4));
+        apply_with_nft_script("add table ip other\nadd table ip6 kproxyx\n");
+        assert!(!exists(IpFamily::V4));
+        assert!(!exists(IpFamily::V6));
+        apply_with_nft_script("add table ip kproxy\n");
+        assert!(exists(IpFamily::V4));
+        assert!(!exists(IpFamily::V6));
+        apply_with_nft_script("delete table ip kproxy\n");
+        assert!(!exists(IpFamily::V4));
+    });
+}
+
+fn apply_with_nft_script(script: &str) {
+    kproxy_contract::command::run("nft", "nftables", &["-f", "-"], Some(script)).unwrap();
+}

@@ -132,9 +132,27 @@ impl<K: NftKernel> Mode for NftablesMode<K> {
         out
     }
 
+    /// Deletes kproxy's tables, without reading them back first (seconds at 10,000 services).
     fn cleanup(&mut self) -> Result<(), ModeError> {
-        let live = self.read_live()?;
-        let plan = self.plan(&live, &NftRuleset::default());
+        let mut plan = NftPlan::default();
+        for family in self.families.clone() {
+            let exists = self
+                .kernel
+                .table_exists(family)
+                .map_err(|cause| ModeError::ReadLive {
+                    mode: ModeName::Nftables,
+                    cause,
+                })?;
+            if exists {
+                plan.families.insert(
+                    family,
+                    plan::FamilyPlan {
+                        delete_table: true,
+                        ..plan::FamilyPlan::default()
+                    },
+                );
+            }
+        }
         self.apply(&plan)
     }
 }

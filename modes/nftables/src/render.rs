@@ -514,11 +514,18 @@ impl<'a> Writer<'a> {
             s.elements.insert(key, value);
         } else if self.scratch {
             // Declared by the family writer the fragment is added to.
-            self.shared
-                .entry(set.to_string())
-                .or_default()
-                .entry(group_of(&key).to_string())
-                .or_default()
+            // Look up before allocating: most elements land in a set and group seen before.
+            if !self.shared.contains_key(set) {
+                self.shared.insert(set.to_string(), BTreeMap::new());
+            }
+            let groups = self.shared.get_mut(set).expect("inserted above");
+            let group = group_of(&key);
+            if !groups.contains_key(group) {
+                groups.insert(group.to_string(), Group::new());
+            }
+            groups
+                .get_mut(group)
+                .expect("inserted above")
                 .insert(key, value);
         }
     }

@@ -158,6 +158,69 @@ fn nft_clusterip_tcp_udp_and_ipv6_reach_every_endpoint() {
     s.kproxy().assert_running();
 }
 
+/// A `pick-N` chain whose drawn index has no element still DNATs: the state a packet meets when
+/// its `service-ips` lookup ran before a commit that shrank the service (`goto pick-3`) and its
+/// endpoints-map lookup after it (indexes 1 and 2 gone). The kernel re-reads the generation per
+/// set lookup, so that mixed view is real (kproxy's zero-loss test met it as a refused connect);
+/// here it is built by hand: kproxy stopped (its rules stay), two of three elements deleted.
+/// Without the fallback two connects in three would be rejected by `cluster-ips-check`.
+#[test]
+fn nft_pick_chain_falls_back_when_the_drawn_index_is_missing() {
+    if !require_root("nft_pick_chain_falls_back_when_the_drawn_index_is_missing") {
+        return;
+    }
+    let mut s = Scenario::new();
+    for (i, id) in ["ep1", "ep2", "ep3"].into_iter().enumerate() {
+        s.tcp_server(POD_V4[i], 8080, id);
+    }
+    s.manifests.service("web", &["10.96.0.10"], &[HTTP]);
+    s.manifests
+        .endpoint_slice("web", "web-v4", &POD_V4[..3], &[HTTP]);
+    s.start();
+    let vip = sock("10.96.0.10", 80);
+    let all = wait_until(SYNC, || {
+        tally(20, || tcp_request(&s.topo.client, vip, REQ)).len() == 3
+    });
+    assert!(all, "not all three endpoints answered");
+    drop(s.kproxy.take());
+    let map = s.nft(&["list", "map", "ip", "kproxy", "endpoints-tcp"]);
+    let index0 = ["ep1", "ep2", "ep3"]
+        .into_iter()
+        .zip(POD_V4)
+        .find(|(_, pod)| map.contains(&format!("10.96.0.10 . tcp . 80 . 0 : {pod} . 8080")))
+        .map(|(id, _)| id)
+        .unwrap_or_else(|| panic!("no index 0 for 10.96.0.10:80 in\n{map}"));
+    for index in ["1", "2"] {
+        s.nft(&[
+            "delete",
+            "element",
+            "ip",
+            "kproxy",
+            "endpoints-tcp",
+            &format!("{{ 10.96.0.10 . tcp . 80 . {index} }}"),
+        ]);
+    }
+    let rules = s.nft(&["list", "table", "ip", "kproxy"]);
+    assert!(
+        rules.contains("10.96.0.10 . tcp . 80 : goto pick-3"),
+        "{rules}"
+    );
+    let mut failures = Vec::new();
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..30 {
+        match tcp_request(&s.topo.client, vip, REQ) {
+            Ok(id) => *seen.entry(id).or_default() += 1,
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 30 failed: {failures:?}\n{rules}",
+        failures.len()
+    );
+    assert_eq!(seen.keys().collect::<Vec<_>>(), [index0], "{seen:?}");
+}
+
 /// Endpoint changes arrive as element updates, a new endpoint count adds a `pick-N` chain after
 /// the first sync (for TCP and UDP), and a removed service stops answering.
 #[test]

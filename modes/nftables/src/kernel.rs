@@ -1,6 +1,6 @@
 //! The only code that runs `nft`: `nft -j list table` to read, `nft -f -` to write. A plan's
 //! element changes go through netlink when the plan allows it ([`crate::steps`]); setting
-//! `KPROXY_NFT_APPLY=nft` applies every plan with one `nft -f` instead (for comparisons).
+//! `KPROXY_NFT_APPLY=nft` applies every plan with `nft -f` only (for comparisons).
 
 use kproxy_contract::{CommandError, IpFamily};
 
@@ -64,7 +64,7 @@ impl NftKernel for NftCli {
 
     fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
         if nft_only() {
-            return apply_with_nft(plan);
+            return crate::steps::apply_whole(plan, apply_with_nft);
         }
         crate::steps::apply(plan, apply_with_nft)
     }

@@ -1055,15 +1055,33 @@ fn pick_chain_body(f: Fam, (nodeport, short, n): (bool, bool, usize)) -> Chain {
     } else {
         String::new()
     };
-    let rules = PROTOCOLS
-        .iter()
-        .map(|p| {
+    // The second round (n > 1) is the fallback for a map miss: see [`pick_moduli`].
+    let rules = pick_moduli(n)
+        .flat_map(|m| PROTOCOLS.iter().map(move |p| (m, p)))
+        .map(|(m, p)| {
             Rule::new(format!(
-                "meta l4proto {p} dnat {a} to {key} . numgen random mod {n}{offset} map @{map}-{p}"
+                "meta l4proto {p} dnat {a} to {key} . numgen random mod {m}{offset} map @{map}-{p}"
             ))
         })
         .collect();
     Chain { base: None, rules }
+}
+
+/// The moduli of `pick-N`'s dnat rules: `N`, then (N > 1) `1`, a fallback that always draws
+/// index 0 (the offset for short-circuit chains), which exists whenever the frontend has
+/// endpoints.
+///
+/// Why the fallback: a transaction that changes a frontend from `goto pick-3` to `goto pick-2`
+/// and deletes its index 2 is atomic for rules, but not across two set lookups of one packet.
+/// Each set lookup reads the kernel's generation cursor anew (the chain walk reads it once),
+/// so a packet whose `service-ips` lookup ran before the commit's generation flip and whose
+/// endpoints-map lookup ran after it draws `numgen mod 3` in a map that has only indexes 0 and
+/// 1: a miss, no DNAT, and `cluster-ips-check` rejects the connection (README, "One packet, two
+/// generations": measured on 6.18; the zero-loss test met it once in ~1,350 connects under
+/// load). The fallback runs in the same (new) generation as the miss, in which index 0 exists
+/// if the frontend has endpoints at all; in a consistent state it is never reached.
+fn pick_moduli(n: usize) -> impl Iterator<Item = usize> {
+    std::iter::once(n).chain((n > 1).then_some(1))
 }
 
 /// The chain that picks among `n` endpoints.

@@ -20,7 +20,8 @@
 //! Empty steps are skipped, so an element-only plan (the common incremental sync) is one
 //! netlink batch. A plan that deletes or re-creates a table, rewrites a chain that exists, or
 //! deletes elements from an interval set (rare: upgrades, config and source-range changes)
-//! goes through one `nft -f` as a whole, as does a plan with no netlink elements at all.
+//! goes through one `nft -f` as a whole, as does a plan with no netlink elements at all; its new
+//! sets and regular chains go first in an `nft -f` of their own ([`chains_first`]).
 //!
 //! If netlink is unavailable (no socket, EPERM) or an element cannot be encoded, the plan
 //! falls back to `nft -f` with a warning: the whole plan when nothing was applied yet, else
@@ -161,22 +162,22 @@ pub fn apply(
         Ok(steps) => steps,
         Err(reason) => {
             tracing::debug!(reason, "applying the whole plan with nft -f");
-            return nft(plan);
+            return apply_whole(plan, nft);
         }
     };
     let batch = match netlink::encode(plan) {
         Ok(Some(batch)) => batch,
-        Ok(None) => return nft(plan),
+        Ok(None) => return apply_whole(plan, nft),
         Err(err) => {
             tracing::warn!(error = %err, "netlink element batch not possible; applying with nft -f");
-            return nft(plan);
+            return apply_whole(plan, nft);
         }
     };
     let socket = match socket::acquire() {
         Ok(socket) => socket,
         Err(err) => {
             tracing::warn!(error = %err, "applying with nft -f instead of netlink");
-            return nft(plan);
+            return apply_whole(plan, nft);
         }
     };
     if !steps.prepare.families.is_empty() {
@@ -200,4 +201,64 @@ pub fn apply(
         nft(&steps.finish)?;
     }
     Ok(())
+}
+
+/// Applies `plan` with `nft -f`: one transaction, preceded (when the tables stay) by one that
+/// only creates the plan's new sets and regular chains ([`chains_first`]).
+pub fn apply_whole(
+    plan: &NftPlan,
+    mut nft: impl FnMut(&NftPlan) -> Result<(), CommandError>,
+) -> Result<(), CommandError> {
+    match chains_first(plan) {
+        Some((first, rest)) => {
+            nft(&first)?;
+            nft(&rest)
+        }
+        None => nft(plan),
+    }
+}
+
+/// Splits a whole plan into its new sets and new regular chains, then the rest; `None` when
+/// there are none, or when a table is deleted or re-created (nothing old to keep consistent).
+///
+/// Why: a chain created in the same transaction as the map element that leads to it is seen
+/// empty by a packet that straddles the commit. The kernel walks chains in the generation it
+/// read when the hook started, but each set lookup reads the generation anew; a packet that
+/// started before the flip and looked `service-ips` up after it follows the new
+/// `goto pick-3` into a chain that has no rules in the old generation, falls through without
+/// DNAT and is rejected by `cluster-ips-check` (measured on 6.18: README, "One packet, two
+/// generations"). A chain that already exists when the element's transaction commits has its
+/// rules in both generations. The netlink path has the same order by construction (step 1).
+pub fn chains_first(plan: &NftPlan) -> Option<(NftPlan, NftPlan)> {
+    if plan
+        .families
+        .values()
+        .any(|fp| fp.recreate || fp.delete_table)
+    {
+        return None;
+    }
+    let mut first = NftPlan::default();
+    let mut rest = plan.clone();
+    for (family, fp) in &mut rest.families {
+        let is_new_regular =
+            |chain: &crate::model::Chain, existed: bool| chain.base.is_none() && !existed;
+        let mut step = FamilyPlan {
+            add_sets: std::mem::take(&mut fp.add_sets),
+            ..FamilyPlan::default()
+        };
+        let (new, keep) = std::mem::take(&mut fp.add_chains)
+            .into_iter()
+            .partition(|(_, chain)| is_new_regular(chain, false));
+        step.add_chains = new;
+        fp.add_chains = keep;
+        let (new, keep) = std::mem::take(&mut fp.write_chains)
+            .into_iter()
+            .partition(|(_, chain, existed)| is_new_regular(chain, *existed));
+        step.write_chains = new;
+        fp.write_chains = keep;
+        if !is_empty(&step) {
+            first.families.insert(*family, step);
+        }
+    }
+    (!first.families.is_empty()).then_some((first, rest))
 }

@@ -217,10 +217,11 @@ fn zero_loss_updates_iptables() {
     }
 }
 
+/// The rare refused connect this test once met (1 of 1,354, under the full suite's load) was a
+/// SYN straddling a commit: `service-ips` looked up before the generation flip (`goto pick-3`),
+/// the endpoints map after it (index 2 gone); `pick-N` now ends with a fallback to index 0
+/// (`modes/nftables/README.md`, "One packet, two generations").
 #[test]
-#[ignore = "under the full suite's load one run saw 1 of 1,354 TCP connects refused (an ICMP \
-            reject 118 µs after connect, between two syncs); the cause is not found yet (#9), \
-            so the nftables zero-loss property is not claimed; run with --ignored"]
 fn zero_loss_updates_nftables() {
     if crate::support::require_root("zero_loss_updates_nftables") {
         let mut s = Scenario::with_api();

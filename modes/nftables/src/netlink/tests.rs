@@ -448,6 +448,36 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
             let (plan, scripts) = step(&mut m, &st, "source ranges removed");
             assert_eq!(scripts, vec![plan.script()]);
             assert!(scripts[0].contains("delete element ip kproxy firewall-allow"));
+            // A whole plan that also needs a new chain (pick-7): the chain is created in a
+            // transaction of its own before the one whose element leads to it.
+            Arc::make_mut(st.services.get_mut(&lb).unwrap())
+                .source_ranges
+                .push("198.18.0.0/15".parse().unwrap());
+            step(&mut m, &st, "source range added again");
+            Arc::make_mut(st.services.get_mut(&lb).unwrap())
+                .source_ranges
+                .clear();
+            edit(&mut st, &|sp| {
+                for i in 0..5 {
+                    sp.endpoints
+                        .cluster
+                        .push(ep(&format!("10.244.7.{i}"), false));
+                }
+            });
+            let (plan, scripts) = step(&mut m, &st, "source ranges removed, 2 -> 7 endpoints");
+            assert!(steps::whole_reason(&plan).is_some());
+            assert_eq!(scripts.len(), 2, "{scripts:#?}");
+            assert!(
+                scripts[0].contains("add chain ip kproxy pick-7"),
+                "{}",
+                scripts[0]
+            );
+            assert!(!scripts[0].contains(" element "), "{}", scripts[0]);
+            assert!(!scripts[1].contains("add chain ip kproxy pick-7"));
+            assert!(scripts[1].contains("goto pick-7"), "{}", scripts[1]);
+            assert!(scripts[1].contains("delete element ip kproxy firewall-allow"));
+            edit(&mut st, &|sp| sp.endpoints.cluster.truncate(2));
+            step(&mut m, &st, "7 -> 2 endpoints");
 
             // Everything removed: chains and sets stay, elements go (netlink only).
             st.services.clear();
@@ -617,4 +647,107 @@ fn table_existence_through_netlink() {
 
 fn apply_with_nft_script(script: &str) {
     kproxy_contract::command::run("nft", "nftables", &["-f", "-"], Some(script)).unwrap();
+}
+
+/// Endpoint flips under a flood of new flows: no new flow leaves kproxy's nat chains without
+/// DNAT. A frontend flips between 3 endpoints and 1 (one netlink batch each: `goto pick-3` ↔
+/// `goto pick-1`, indexes 1 and 2 deleted and re-added) as fast as kproxy applies them, while a
+/// thread opens a new UDP flow to it per datagram (nat output runs for each). A packet whose
+/// `service-ips` lookup ran before a commit and whose endpoints-map lookup ran after it draws
+/// `numgen mod 3` in a map holding index 0 only; without the `pick-N` fallback it leaves
+/// unDNATed (see `README.md`, "One packet, two generations"). A nat chain of a table of the
+/// test's own, after kproxy's, counts every new flow to the frontend that kproxy did not DNAT
+/// (NAT chains after the one that NATed a flow are skipped).
+#[test]
+fn flips_under_a_flood_of_new_flows_leave_none_without_dnat() {
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    in_netns(
+        "flips_under_a_flood_of_new_flows_leave_none_without_dnat",
+        || {
+            let sh = |cmd: &str, args: &[&str]| {
+                let out = std::process::Command::new(cmd).args(args).output().unwrap();
+                assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            sh("ip", &["link", "set", "lo", "up"]);
+            for a in ["10.244.1.1/32", "10.244.1.2/32", "10.244.1.3/32"] {
+                sh("ip", &["addr", "add", a, "dev", "lo"]);
+            }
+            sh("ip", &["route", "add", "10.96.0.0/12", "dev", "lo"]);
+            let udp = |name: &str, ip: &str, eps: &[&str]| {
+                let mut s = service(name, ip, eps.iter().map(|e| ep(e, false)).collect());
+                s.name.protocol = Protocol::Udp;
+                s
+            };
+            // pick-3 and pick-1 exist in both states: every flip is elements only.
+            let keep = || {
+                vec![
+                    udp(
+                        "three",
+                        "10.96.0.11",
+                        &["10.244.1.1", "10.244.1.2", "10.244.1.3"],
+                    ),
+                    udp("one", "10.96.0.12", &["10.244.1.1"]),
+                ]
+            };
+            let with = |eps: &[&str]| {
+                let mut v = keep();
+                v.push(udp("flip", "10.96.0.10", eps));
+                state(v)
+            };
+            let m = NftablesMode::new(NftCli, vec![IpFamily::V4]);
+            let three = m.render(&with(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]));
+            let one = m.render(&with(&["10.244.1.2"]));
+            let apply = |p: &NftPlan| steps::apply(p, apply_with_nft).unwrap();
+            apply(&plan::plan(&NftRuleset::default(), &three));
+            let (down, up) = (plan::plan(&three, &one), plan::plan(&one, &three));
+            assert!(steps::whole_reason(&down).is_none() && split_is_empty(&down));
+            sh(
+                "nft",
+                &["add table ip count; \
+                     add chain ip count out { type nat hook output priority -99; }; \
+                     add rule ip count out ip daddr 10.96.0.10 meta l4proto udp counter"],
+            );
+
+            let stop = AtomicBool::new(false);
+            let sent = AtomicU64::new(0);
+            let flips = std::thread::scope(|s| {
+                s.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+                        let _ = sock.send_to(b"x", "10.96.0.10:80");
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                let start = Instant::now();
+                let mut flips = 0;
+                while start.elapsed() < Duration::from_secs(4) {
+                    apply(&down);
+                    apply(&up);
+                    flips += 2;
+                }
+                stop.store(true, Ordering::Relaxed);
+                flips
+            });
+            let counter = sh("nft", &["list", "chain", "ip", "count", "out"]);
+            let missed: u64 = counter
+                .split("packets ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no counter in {counter}"));
+            let sent = sent.load(Ordering::Relaxed);
+            eprintln!("flips={flips} new flows={sent} without DNAT={missed}");
+            assert!(flips > 1000 && sent > 10_000, "flips={flips} sent={sent}");
+            assert_eq!(missed, 0, "{missed} of {sent} new flows left without DNAT");
+        },
+    );
+}
+
+/// Whether a plan is elements only (no nft step before or after the netlink batch).
+fn split_is_empty(plan: &NftPlan) -> bool {
+    steps::split(plan).is_ok_and(|s| s.prepare.families.is_empty() && s.finish.families.is_empty())
 }

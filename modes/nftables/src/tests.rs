@@ -434,3 +434,21 @@ mod incremental {
         }
     }
 }
+
+/// A first render at 2,500 service ports renders its fragments on several threads; the result
+/// equals the same state reached incrementally (one thread) from an empty one.
+#[test]
+fn parallel_first_render_equals_incremental_render() {
+    let s = state(many(2_500, 3));
+    let parallel = crate::render::render(&s);
+    let mut cache = crate::render::RenderCache::default();
+    let empty = kproxy_contract::ProxyState {
+        services: Default::default(),
+        ..s.clone()
+    };
+    crate::render::render_cached(&empty, &IpFamily::ALL, &mut cache);
+    let incremental = crate::render::render_cached(&s, &IpFamily::ALL, &mut cache);
+    assert!(incremental.delta.is_some());
+    assert_eq!(parallel, incremental);
+    assert_eq!(parallel.owners, incremental.owners);
+}

@@ -550,9 +550,14 @@ fn apply_times_netlink_versus_nft() {
         let t = Instant::now();
         let change = plan::plan(&d0, &d1);
         let plan_change = t.elapsed();
+        let t = Instant::now();
+        let batch = encode(&full).unwrap().unwrap();
+        let encode_full = t.elapsed();
         eprintln!(
-            "render + plan: full sync {render_full:.2?} + {plan_full:.2?}, one endpoint change {render_change:.2?} + {plan_change:.2?}"
+            "render + plan: full sync {render_full:.2?} + {plan_full:.2?}, one endpoint change {render_change:.2?} + {plan_change:.2?}; netlink encoding of the full sync {encode_full:.2?} ({} bytes)",
+            batch.bytes.len()
         );
+        drop(batch);
         let elements: usize = full.families[&IpFamily::V4]
             .add_elements
             .values()

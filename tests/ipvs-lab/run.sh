@@ -150,7 +150,9 @@ export PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/tmp TMPDIR=/tmp RUST_BACKTRACE=1
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+# No tmpfs on /tmp: the initramfs root is already in memory and writable, and a checkout under
+# /tmp (the kproxy binary is copied to its host path) must not be hidden by a fresh mount.
+mkdir -p /tmp
 mount -t tmpfs run /run
 mkdir -p /run/netns /var/run
 for m in \$(cat /lab/modules); do insmod /lib/modules/\$m || echo "ipvs-lab: insmod \$m failed"; done

@@ -22,3 +22,4 @@ pub mod services;
 pub mod source;
 pub mod sync;
 pub mod trace;
+pub mod version;

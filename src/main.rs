@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use kproxy::cli::{Args, Command, LogFormat, OutputFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -10,12 +9,11 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::parse_go_style();
     if let Some(Command::Version) = args.command {
-        println!("kproxy {}", env!("CARGO_PKG_VERSION"));
+        println!("kproxy {}", kproxy::version::VERSION);
         return ExitCode::SUCCESS;
     }
-    init_logging(args.log_format, args.verbosity);
     let config = match kproxy::config::from_args(&args) {
         Ok(config) => config,
         Err(err) => {
@@ -23,6 +21,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The file's `logging` section counts too, so logging starts once the configuration is read.
+    init_logging(config.log_format, config.verbosity);
+    if let Some(path) = &config.write_config_to {
+        return match kproxy::config::write_effective(&config, path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "wrote the effective configuration");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("kproxy: --write-config-to {}: {err}", path.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Services { output }) = args.command {
         return services(&config, output);
     }
@@ -60,8 +72,8 @@ fn main() -> ExitCode {
 }
 
 /// `-v N` maps kube-proxy's klog levels onto tracing levels; `RUST_LOG` wins when set.
-fn init_logging(format: LogFormat, verbosity: Option<u8>) {
-    let level = match verbosity.unwrap_or(0) {
+fn init_logging(format: LogFormat, verbosity: u32) {
+    let level = match verbosity {
         0 | 1 => "info",
         2 | 3 => "debug",
         _ => "trace",

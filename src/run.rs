@@ -15,8 +15,8 @@ use crate::sync::{Stopped, SyncLoop, SyncOptions, format_chain};
 
 /// Runs kproxy with a validated configuration.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    for field in &config.ignored_fields {
-        tracing::warn!(field, "unknown field in --config file ignored");
+    for notice in &config.notices {
+        tracing::warn!(field = %notice.field, "{}", notice.message);
     }
     for field in &config.overridden_fields {
         tracing::info!(field, "command-line flag overrides the --config file");
@@ -77,7 +77,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 fn ipvs_options(config: &Config) -> IpvsOptions {
     IpvsOptions {
-        scheduler: config.ipvs_scheduler.clone(),
+        scheduler: config.ipvs.scheduler.clone(),
         ..IpvsOptions::default()
     }
 }

@@ -203,7 +203,7 @@ pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
             let rules = kproxy_ipvs::render::render(
                 &state,
                 &kproxy_ipvs::render::RenderInput {
-                    scheduler: &config.ipvs_scheduler,
+                    scheduler: &config.ipvs.scheduler,
                     local_addresses: &local,
                     families: &families,
                 },
@@ -213,7 +213,7 @@ pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
                 let mut mode = kproxy_ipvs::IpvsMode::new(
                     kproxy_ipvs::SystemKernel::new(),
                     kproxy_ipvs::IpvsOptions {
-                        scheduler: config.ipvs_scheduler.clone(),
+                        scheduler: config.ipvs.scheduler.clone(),
                         families: families.clone(),
                         ..kproxy_ipvs::IpvsOptions::default()
                     },

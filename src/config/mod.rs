@@ -1,24 +1,39 @@
-//! Validated, typed settings: a `--config` file (if any) with command-line flags over it.
+//! Validated, typed settings, built the way upstream kube-proxy builds its own:
+//!
+//! 1. decode the `--config` file (`file.rs`; no file is an empty one);
+//! 2. apply the v1alpha1 defaulting (`defaults::v1alpha1`): zero values mean "unset";
+//! 3. apply the command-line flags (`flags.rs`), as given;
+//! 4. apply the Linux platform defaults (`defaults::platform`);
+//! 5. validate as upstream does, plus kproxy's own checks (`validate.rs`);
+//! 6. report what kproxy accepts but does not act on (`notices.rs`).
+//!
+//! The result keeps the effective [`v1alpha1::KubeProxyConfiguration`] (what
+//! `--write-config-to` writes) next to the typed settings the rest of kproxy reads.
 //!
 //! Deliberate difference from kube-proxy: upstream ignores most flags when `--config` is given;
 //! kproxy lets a flag given on the command line override the file's field (and logs it), which
 //! is what people expect and keeps upstream's common `--config` + `--hostname-override` setup
 //! working unchanged.
 
+pub mod defaults;
 pub mod duration;
 pub mod file;
+pub mod flags;
+pub mod notices;
+pub mod v1alpha1;
 mod validate;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use kproxy_contract::ModeName;
 
-use crate::cli::{Args, BackendArg, LogFormat, ProxyModeArg};
+use crate::cli::{Args, BackendArg, LogFormat};
 
+pub use notices::Notice;
 pub use validate::{NodePortSetting, check_overlap, parse_cidrs};
 
 /// A configuration error: names the field (flag or config path) and the bad value. Exit status 2.
@@ -34,11 +49,15 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid {} {:?}: {}",
-            self.field, self.value, self.reason
-        )
+        if self.value.is_empty() {
+            write!(f, "invalid {}: {}", self.field, self.reason)
+        } else {
+            write!(
+                f,
+                "invalid {} {:?}: {}",
+                self.field, self.value, self.reason
+            )
+        }
     }
 }
 
@@ -51,7 +70,7 @@ pub enum SourceConfig {
     Manifests(PathBuf),
     /// The Kubernetes API.
     Api {
-        /// `--kubeconfig`.
+        /// `--kubeconfig` / `clientConnection.kubeconfig`.
         kubeconfig: Option<PathBuf>,
         /// `--master`.
         master: Option<String>,
@@ -69,6 +88,55 @@ pub enum BackendChoice {
     Legacy,
 }
 
+/// `detectLocalMode` with its setting: how the rules recognise traffic from this node's pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalDetectMode {
+    /// Source inside `clusterCIDR` (upstream's default).
+    ClusterCidr,
+    /// Source inside the Node object's `spec.podCIDRs`.
+    NodeCidr,
+    /// Arrived on this bridge (`detectLocal.bridgeInterface`).
+    BridgeInterface(String),
+    /// Arrived on an interface whose name starts with this (`detectLocal.interfaceNamePrefix`).
+    InterfaceNamePrefix(String),
+}
+
+/// The ipvs mode's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpvsSettings {
+    /// `ipvs.scheduler` (default `rr`).
+    pub scheduler: String,
+    /// `ipvs.strictARP`: raise `arp_ignore`/`arp_announce` so service addresses on the dummy
+    /// interface are not announced.
+    pub strict_arp: bool,
+    /// `ipvs.excludeCIDRs`: virtual servers in these ranges are never removed by kproxy.
+    pub exclude_cidrs: Vec<IpNet>,
+    /// `ipvs.tcpTimeout` (0 leaves the kernel's).
+    pub tcp_timeout: Duration,
+    /// `ipvs.tcpFinTimeout` (0 leaves the kernel's).
+    pub tcp_fin_timeout: Duration,
+    /// `ipvs.udpTimeout` (0 leaves the kernel's).
+    pub udp_timeout: Duration,
+}
+
+/// Client-side limits on requests to the API server (`clientConnection.qps` / `burst`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ApiRateLimit {
+    /// Requests per second once the burst is used; 0 or less: no limit.
+    pub qps: f32,
+    /// Requests allowed at once.
+    pub burst: u32,
+}
+
+/// The `--config` file as read at start, so a change can be told from a touch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// `--config`.
+    pub path: PathBuf,
+    /// Its bytes when kproxy started.
+    pub bytes: Vec<u8>,
+}
+
 /// Everything kproxy runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -78,8 +146,12 @@ pub struct Config {
     pub source: SourceConfig,
     /// This node's name.
     pub hostname: String,
+    /// `bindAddress` when it names an address: it becomes the node's primary IP of its family.
+    pub bind_address: Option<IpAddr>,
     /// Pod CIDRs (at most one per family).
     pub cluster_cidrs: Vec<IpNet>,
+    /// How local pod traffic is recognised.
+    pub detect_local: LocalDetectMode,
     /// Service CIDRs (at most one per family).
     pub service_cidrs: Vec<IpNet>,
     /// NodePort addresses.
@@ -92,6 +164,8 @@ pub struct Config {
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics` listen address; `None` disables.
     pub metrics_bind: Option<SocketAddr>,
+    /// Exit when /healthz or /metrics cannot be served instead of retrying.
+    pub bind_address_hard_fail: bool,
     /// Full resync period of the selected mode.
     pub sync_period: Duration,
     /// Minimum time between syncs of the selected mode.
@@ -106,10 +180,20 @@ pub struct Config {
     pub tcp_be_liberal: bool,
     /// Conntrack sysctls set at start-up (`--conntrack-*`, `conntrack.*`).
     pub conntrack: crate::conntrack::sysctl::ConntrackSysctls,
-    /// The IPVS scheduler (`--ipvs-scheduler`, `ipvs.scheduler`; default `rr`).
-    pub ipvs_scheduler: String,
+    /// The ipvs mode's settings.
+    pub ipvs: IpvsSettings,
+    /// `oomScoreAdj`, written to the process's own `oom_score_adj` at start.
+    pub oom_score_adj: Option<i32>,
+    /// Client-side API rate limit.
+    pub api_rate_limit: ApiRateLimit,
     /// The admin socket (`--admin-socket`); `None` disables it.
     pub admin_socket: Option<PathBuf>,
+    /// The `--config` file, watched for changes.
+    pub config_file: Option<ConfigFile>,
+    /// `--write-config-to`: write [`Config::effective`] there and exit.
+    pub write_config_to: Option<PathBuf>,
+    /// `--init-only`: set the node up and exit.
+    pub init_only: bool,
     /// Print the diff, change nothing.
     pub dry_run: bool,
     /// Exit after the first complete sync.
@@ -118,245 +202,123 @@ pub struct Config {
     pub cleanup: bool,
     /// Log format.
     pub log_format: LogFormat,
-    /// Fields of the config file kproxy ignored (warned about once logging is up).
-    pub ignored_fields: Vec<String>,
+    /// Log verbosity (`--v`, `logging.verbosity`).
+    pub verbosity: u32,
+    /// The effective configuration in upstream's shape.
+    pub effective: v1alpha1::KubeProxyConfiguration,
+    /// What kproxy accepted but does not act on, and unknown fields: warned about at start.
+    pub notices: Vec<Notice>,
     /// Config-file fields that a command-line flag overrode.
     pub overridden_fields: Vec<String>,
 }
 
 /// Builds the configuration from the command line (and the file it names).
 pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
-    let (file, ignored_fields) = match &args.config {
-        Some(path) => file::load(path)?,
-        None => (file::KubeProxyConfiguration::default(), Vec::new()),
+    let (document, unknown_fields, config_file) = match &args.config {
+        Some(path) => {
+            let loaded = file::load(path)?;
+            let config_file = ConfigFile {
+                path: path.clone(),
+                bytes: loaded.bytes,
+            };
+            (loaded.document, loaded.unknown_fields, Some(config_file))
+        }
+        None => (file::Document::default(), Vec::new(), None),
     };
-    let mut overridden = Vec::new();
-    // A flag given on the command line wins over the file; record when both are set.
-    let mut pick =
-        |flag: Option<String>, field: Option<String>, name: &str| -> Option<(String, String)> {
-            match (flag, field) {
-                (Some(v), Some(_)) => {
-                    overridden.push(name.to_string());
-                    Some((v, format!("--{}", flag_name(name))))
-                }
-                (Some(v), None) => Some((v, format!("--{}", flag_name(name)))),
-                (None, Some(v)) => Some((v, name.to_string())),
-                (None, None) => None,
-            }
-        };
+    let localhost_nodeports_in_file = document
+        .iptables
+        .as_ref()
+        .and_then(|i| i.localhost_node_ports);
+    let mut effective = defaults::v1alpha1(document)?;
+    let report = flags::apply(args, &mut effective, config_file.is_some())?;
+    defaults::platform(&mut effective);
+    let checked = validate::check(&effective, &report)?;
 
-    let mode_text = pick(
-        args.proxy_mode.map(|m| mode_arg(m).as_str().to_string()),
-        file.mode.clone().filter(|m| !m.is_empty()),
-        "mode",
+    let explicit_localhost_nodeports = args
+        .iptables_localhost_nodeports
+        .or(localhost_nodeports_in_file);
+    let notices = notices::collect(
+        &effective,
+        &report,
+        &unknown_fields,
+        explicit_localhost_nodeports,
     );
-    let mode = match mode_text {
-        None => ModeName::Iptables,
-        Some((v, field)) => parse_mode(&v).ok_or_else(|| ConfigError {
-            field,
-            value: v.clone(),
-            reason: "expected one of iptables, nftables, ipvs, userspace".into(),
-        })?,
-    };
 
     let source = match &args.manifests {
         Some(dir) => SourceConfig::Manifests(dir.clone()),
         None => SourceConfig::Api {
-            kubeconfig: args.kubeconfig.clone().or_else(|| {
-                file.client_connection
-                    .kubeconfig
-                    .clone()
-                    .filter(|k| !k.is_empty())
-                    .map(PathBuf::from)
-            }),
+            kubeconfig: Some(effective.client_connection.kubeconfig.trim())
+                .filter(|k| !k.is_empty())
+                .map(PathBuf::from),
             master: args.master.clone(),
         },
-    };
-
-    let hostname = match pick(
-        args.hostname_override.clone(),
-        file.hostname_override.clone().filter(|h| !h.is_empty()),
-        "hostnameOverride",
-    ) {
-        Some((h, _)) => h.trim().to_lowercase(),
-        None => validate::system_hostname(),
-    };
-    if hostname.is_empty() {
-        return Err(ConfigError {
-            field: "--hostname-override".into(),
-            value: hostname,
-            reason: "the node name is empty and the host name could not be read".into(),
-        });
-    }
-
-    let cluster_cidrs = match pick(
-        args.cluster_cidr.clone(),
-        file.cluster_cidr.clone(),
-        "clusterCIDR",
-    ) {
-        Some((v, field)) => parse_cidrs(&v, &field)?,
-        None => Vec::new(),
     };
     let service_cidrs = match &args.service_cluster_ip_range {
         Some(v) => parse_cidrs(v, "--service-cluster-ip-range")?,
         None => Vec::new(),
     };
-    check_overlap(&service_cidrs, &cluster_cidrs)?;
+    check_overlap(&service_cidrs, &checked.cluster_cidrs)?;
 
-    let nodeport_addresses = match pick(
-        args.nodeport_addresses.clone(),
-        file.node_port_addresses.as_ref().map(|v| v.join(",")),
-        "nodePortAddresses",
-    ) {
-        Some((v, field)) => NodePortSetting::parse(&v, &field)?,
-        // Upstream's nftables mode serves NodePorts on the primary node IPs by default.
-        None if mode == ModeName::Nftables => NodePortSetting::Primary,
-        None => NodePortSetting::AllLocal,
-    };
-
-    let (file_masq_all, file_masq_bit) = match mode {
-        ModeName::Nftables => (file.nftables.masquerade_all, file.nftables.masquerade_bit),
-        _ => (file.iptables.masquerade_all, file.iptables.masquerade_bit),
-    };
-    let masquerade_all = args.masquerade_all.or(file_masq_all).unwrap_or(false);
-    let masquerade_bit = match (args.iptables_masquerade_bit.map(i64::from), file_masq_bit) {
-        (Some(b), _) => check_bit(b, "--iptables-masquerade-bit")?,
-        (None, Some(b)) => check_bit(b, "iptables.masqueradeBit")?,
-        (None, None) => 14,
-    };
-
-    let healthz_bind = bind_address(
-        pick(
-            args.healthz_bind_address.clone(),
-            file.healthz_bind_address.clone(),
-            "healthzBindAddress",
-        ),
-        "0.0.0.0:10256",
-    )?;
-    let metrics_bind = bind_address(
-        pick(
-            args.metrics_bind_address.clone(),
-            file.metrics_bind_address.clone(),
-            "metricsBindAddress",
-        ),
-        "127.0.0.1:10249",
-    )?;
-
-    let (sync_flag, min_flag, sync_file, min_file, section, default_min) = match mode {
-        ModeName::Nftables => (
-            &args.nftables_sync_period,
-            &args.nftables_min_sync_period,
-            &file.nftables.sync_period,
-            &file.nftables.min_sync_period,
-            "nftables",
-            Duration::from_secs(1),
-        ),
-        ModeName::Ipvs => (
-            &args.ipvs_sync_period,
-            &args.ipvs_min_sync_period,
-            &file.ipvs.sync_period,
-            &file.ipvs.min_sync_period,
-            "ipvs",
-            Duration::ZERO,
-        ),
-        _ => (
-            &args.iptables_sync_period,
-            &args.iptables_min_sync_period,
-            &file.iptables.sync_period,
-            &file.iptables.min_sync_period,
-            "iptables",
-            Duration::from_secs(1),
-        ),
-    };
-    let sync_period = period(
-        pick(
-            sync_flag.clone(),
-            sync_file.clone(),
-            &format!("{section}.syncPeriod"),
-        ),
-        Duration::from_secs(30),
-    )?;
-    let min_sync_period = period(
-        pick(
-            min_flag.clone(),
-            min_file.clone(),
-            &format!("{section}.minSyncPeriod"),
-        ),
-        default_min,
-    )?;
-    if sync_period.is_zero() {
-        return Err(ConfigError {
-            field: format!("{section}.syncPeriod"),
-            value: "0".into(),
+    let conntrack = conntrack_settings(&effective.conntrack);
+    let userspace = |value: Option<duration::GoDuration>, name: &str, default_secs: u64| match value
+    {
+        None => Ok(Duration::from_secs(default_secs)),
+        Some(d) if d.is_zero() => Err(ConfigError {
+            field: name.into(),
+            value: d.to_string(),
             reason: "must be greater than 0".into(),
-        });
-    }
-    // Also check the other modes' durations parse, so a typo is caught whichever mode runs.
-    for (flag, name) in [
-        (&args.iptables_sync_period, "--iptables-sync-period"),
-        (&args.iptables_min_sync_period, "--iptables-min-sync-period"),
-        (&args.nftables_sync_period, "--nftables-sync-period"),
-        (&args.nftables_min_sync_period, "--nftables-min-sync-period"),
-        (&args.ipvs_sync_period, "--ipvs-sync-period"),
-        (&args.ipvs_min_sync_period, "--ipvs-min-sync-period"),
-    ] {
-        if let Some(v) = flag {
-            duration::parse(v).map_err(|reason| ConfigError {
-                field: name.into(),
-                value: v.clone(),
-                reason,
-            })?;
-        }
-    }
-
-    let iptables_backend = match args.iptables_backend {
-        None | Some(BackendArg::Auto) => BackendChoice::Auto,
-        Some(BackendArg::Nft) => BackendChoice::Nft,
-        Some(BackendArg::Legacy) => BackendChoice::Legacy,
+        }),
+        Some(d) => Ok(d.0),
     };
-
-    let ipvs_scheduler = match pick(
-        args.ipvs_scheduler.clone(),
-        file.ipvs.scheduler.clone().filter(|s| !s.is_empty()),
-        "ipvs.scheduler",
-    ) {
-        None => "rr".to_string(),
-        Some((v, field)) => {
-            let name = v.trim().to_string();
-            if !kproxy_ipvs::SCHEDULERS.contains(&name.as_str()) {
-                return Err(ConfigError {
-                    field,
-                    value: v,
-                    reason: format!("expected one of {}", kproxy_ipvs::SCHEDULERS.join(", ")),
-                });
-            }
-            name
-        }
-    };
-    let conntrack = conntrack_settings(args, &file.conntrack, &mut overridden)?;
-    let udp_timeout = userspace_duration(&args.udp_timeout, "--udp-timeout", 30)?;
-    let userspace_grace_period =
-        userspace_duration(&args.userspace_grace_period, "--userspace-grace-period", 10)?;
-
+    let e = &effective;
     Ok(Config {
-        mode,
+        mode: checked.mode,
         source,
-        hostname,
-        cluster_cidrs,
+        hostname: checked.hostname,
+        bind_address: checked.bind_address,
+        cluster_cidrs: checked.cluster_cidrs,
+        detect_local: checked.detect_local,
         service_cidrs,
-        nodeport_addresses,
-        masquerade_all,
-        masquerade_bit,
-        healthz_bind,
-        metrics_bind,
-        sync_period,
-        min_sync_period,
-        iptables_backend,
-        udp_timeout,
-        userspace_grace_period,
+        nodeport_addresses: checked.nodeport_addresses,
+        masquerade_all: match checked.mode {
+            ModeName::Nftables => e.nftables.masquerade_all,
+            _ => e.iptables.masquerade_all,
+        },
+        masquerade_bit: checked.masquerade_bit,
+        healthz_bind: checked.healthz_bind,
+        metrics_bind: checked.metrics_bind,
+        bind_address_hard_fail: e.bind_address_hard_fail,
+        sync_period: checked.sync_period,
+        min_sync_period: checked.min_sync_period,
+        iptables_backend: match args.iptables_backend {
+            None | Some(BackendArg::Auto) => BackendChoice::Auto,
+            Some(BackendArg::Nft) => BackendChoice::Nft,
+            Some(BackendArg::Legacy) => BackendChoice::Legacy,
+        },
+        udp_timeout: userspace(args.udp_timeout, "--udp-timeout", 30)?,
+        userspace_grace_period: userspace(
+            args.userspace_grace_period,
+            "--userspace-grace-period",
+            10,
+        )?,
         tcp_be_liberal: conntrack.tcp_be_liberal,
         conntrack,
-        ipvs_scheduler,
+        ipvs: IpvsSettings {
+            scheduler: match e.ipvs.scheduler.trim() {
+                "" => "rr".to_string(),
+                s => s.to_string(),
+            },
+            strict_arp: e.ipvs.strict_arp,
+            exclude_cidrs: checked.ipvs_exclude_cidrs,
+            tcp_timeout: e.ipvs.tcp_timeout.0,
+            tcp_fin_timeout: e.ipvs.tcp_fin_timeout.0,
+            udp_timeout: e.ipvs.udp_timeout.0,
+        },
+        oom_score_adj: e.oom_score_adj,
+        api_rate_limit: ApiRateLimit {
+            qps: e.client_connection.qps,
+            burst: u32::try_from(e.client_connection.burst).unwrap_or(0),
+        },
         // A string, not a PathBuf, on the command line: clap refuses an empty path, and empty
         // is how the socket is turned off.
         admin_socket: match args.admin_socket.as_deref().map(str::trim) {
@@ -364,216 +326,43 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
             Some("") => None,
             Some(p) => Some(PathBuf::from(p)),
         },
+        config_file,
+        write_config_to: args.write_config_to.clone(),
+        init_only: args.init_only == Some(true),
         dry_run: args.dry_run,
         once: args.once,
-        cleanup: args.cleanup,
-        log_format: args.log_format,
-        ignored_fields,
-        overridden_fields: overridden,
+        cleanup: args.cleanup(),
+        log_format: checked.log_format,
+        verbosity: e.logging.verbosity,
+        notices,
+        overridden_fields: report.overridden.clone(),
+        effective,
     })
 }
 
-/// The `--conntrack-*` flags over the file's `conntrack` section.
-fn conntrack_settings(
-    args: &Args,
-    file: &file::Conntrack,
-    overridden: &mut Vec<String>,
-) -> Result<crate::conntrack::sysctl::ConntrackSysctls, ConfigError> {
+/// The conntrack section as the sysctl writer takes it (negative values were refused by
+/// validation; a null pointer cannot survive defaulting).
+fn conntrack_settings(c: &v1alpha1::Conntrack) -> crate::conntrack::sysctl::ConntrackSysctls {
     let defaults = crate::conntrack::sysctl::ConntrackSysctls::default();
-    let mut layer = |flag: Option<String>,
-                     field: Option<String>,
-                     flag_name: &str,
-                     field_name: &str| match (flag, field) {
-        (Some(v), Some(_)) => {
-            overridden.push(field_name.to_string());
-            Some((v, flag_name.to_string()))
-        }
-        (Some(v), None) => Some((v, flag_name.to_string())),
-        (None, Some(v)) => Some((v, field_name.to_string())),
-        (None, None) => None,
-    };
-    let count = |picked: Option<(String, String)>, default: u64| -> Result<u64, ConfigError> {
-        match picked {
-            None => Ok(default),
-            Some((v, field)) => v.trim().parse::<u64>().map_err(|_| ConfigError {
-                field,
-                value: v,
-                reason: "expected a whole number, 0 or more".into(),
-            }),
-        }
-    };
-    let timeout =
-        |picked: Option<(String, String)>, default: Duration| -> Result<Duration, ConfigError> {
-            match picked {
-                None => Ok(default),
-                Some((v, field)) => duration::parse(&v).map_err(|reason| ConfigError {
-                    field,
-                    value: v,
-                    reason,
-                }),
-            }
-        };
-    let to_s = |v: Option<i64>| v.map(|n| n.to_string());
-    Ok(crate::conntrack::sysctl::ConntrackSysctls {
-        max_per_core: count(
-            layer(
-                to_s(args.conntrack_max_per_core),
-                to_s(file.max_per_core),
-                "--conntrack-max-per-core",
-                "conntrack.maxPerCore",
-            ),
-            defaults.max_per_core,
-        )?,
-        min: count(
-            layer(
-                to_s(args.conntrack_min),
-                to_s(file.min),
-                "--conntrack-min",
-                "conntrack.min",
-            ),
-            defaults.min,
-        )?,
-        tcp_established_timeout: timeout(
-            layer(
-                args.conntrack_tcp_timeout_established.clone(),
-                file.tcp_established_timeout.clone(),
-                "--conntrack-tcp-timeout-established",
-                "conntrack.tcpEstablishedTimeout",
-            ),
-            defaults.tcp_established_timeout,
-        )?,
-        tcp_close_wait_timeout: timeout(
-            layer(
-                args.conntrack_tcp_timeout_close_wait.clone(),
-                file.tcp_close_wait_timeout.clone(),
-                "--conntrack-tcp-timeout-close-wait",
-                "conntrack.tcpCloseWaitTimeout",
-            ),
-            defaults.tcp_close_wait_timeout,
-        )?,
-        tcp_be_liberal: args
-            .conntrack_tcp_be_liberal
-            .or(file.tcp_be_liberal)
-            .unwrap_or(defaults.tcp_be_liberal),
-        udp_timeout: timeout(
-            layer(
-                args.conntrack_udp_timeout.clone(),
-                file.udp_timeout.clone(),
-                "--conntrack-udp-timeout",
-                "conntrack.udpTimeout",
-            ),
-            defaults.udp_timeout,
-        )?,
-        udp_stream_timeout: timeout(
-            layer(
-                args.conntrack_udp_timeout_stream.clone(),
-                file.udp_stream_timeout.clone(),
-                "--conntrack-udp-timeout-stream",
-                "conntrack.udpStreamTimeout",
-            ),
-            defaults.udp_stream_timeout,
-        )?,
-    })
-}
-
-/// A userspace-mode duration flag: a Go duration greater than zero, or `default_secs`.
-fn userspace_duration(
-    flag: &Option<String>,
-    name: &str,
-    default_secs: u64,
-) -> Result<Duration, ConfigError> {
-    let Some(v) = flag else {
-        return Ok(Duration::from_secs(default_secs));
-    };
-    let bad = |reason: String| ConfigError {
-        field: name.into(),
-        value: v.clone(),
-        reason,
-    };
-    let d = duration::parse(v).map_err(bad)?;
-    if d.is_zero() {
-        return Err(bad("must be greater than 0".into()));
-    }
-    Ok(d)
-}
-
-fn mode_arg(m: ProxyModeArg) -> ModeName {
-    match m {
-        ProxyModeArg::Iptables => ModeName::Iptables,
-        ProxyModeArg::Nftables => ModeName::Nftables,
-        ProxyModeArg::Ipvs => ModeName::Ipvs,
-        ProxyModeArg::Userspace => ModeName::Userspace,
+    let count = |v: Option<i32>, d: u64| v.map_or(d, |n| u64::try_from(n).unwrap_or(0));
+    crate::conntrack::sysctl::ConntrackSysctls {
+        max_per_core: count(c.max_per_core, defaults.max_per_core),
+        min: count(c.min, defaults.min),
+        tcp_established_timeout: c
+            .tcp_established_timeout
+            .map_or(defaults.tcp_established_timeout, |d| d.0),
+        tcp_close_wait_timeout: c
+            .tcp_close_wait_timeout
+            .map_or(defaults.tcp_close_wait_timeout, |d| d.0),
+        tcp_be_liberal: c.tcp_be_liberal,
+        udp_timeout: c.udp_timeout.0,
+        udp_stream_timeout: c.udp_stream_timeout.0,
     }
 }
 
-fn parse_mode(text: &str) -> Option<ModeName> {
-    match text {
-        "iptables" => Some(ModeName::Iptables),
-        "nftables" => Some(ModeName::Nftables),
-        "ipvs" => Some(ModeName::Ipvs),
-        "userspace" => Some(ModeName::Userspace),
-        _ => None,
-    }
-}
-
-/// The command-line spelling of a config field, for messages.
-fn flag_name(field: &str) -> String {
-    match field {
-        "mode" => "proxy-mode".into(),
-        "clusterCIDR" => "cluster-cidr".into(),
-        "nodePortAddresses" => "nodeport-addresses".into(),
-        other => {
-            let mut out = String::new();
-            for c in other.chars() {
-                match c {
-                    '.' => out.push('-'),
-                    c if c.is_ascii_uppercase() => {
-                        out.push('-');
-                        out.push(c.to_ascii_lowercase());
-                    }
-                    c => out.push(c),
-                }
-            }
-            out
-        }
-    }
-}
-
-fn check_bit(bit: i64, field: &str) -> Result<u8, ConfigError> {
-    u8::try_from(bit)
-        .ok()
-        .filter(|b| *b <= 31)
-        .ok_or_else(|| ConfigError {
-            field: field.into(),
-            value: bit.to_string(),
-            reason: "must be between 0 and 31".into(),
-        })
-}
-
-fn period(value: Option<(String, String)>, default: Duration) -> Result<Duration, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some((v, field)) => duration::parse(&v).map_err(|reason| ConfigError {
-            field,
-            value: v,
-            reason,
-        }),
-    }
-}
-
-fn bind_address(
-    value: Option<(String, String)>,
-    default: &str,
-) -> Result<Option<SocketAddr>, ConfigError> {
-    let (text, field) = value.unwrap_or_else(|| (default.to_string(), String::new()));
-    if text.trim().is_empty() {
-        return Ok(None);
-    }
-    text.trim().parse().map(Some).map_err(|_| ConfigError {
-        field,
-        value: text.clone(),
-        reason: "expected ADDRESS:PORT, e.g. 0.0.0.0:10256 or [::]:10256".into(),
-    })
+/// `--write-config-to`: the effective configuration as YAML, written whole or not at all.
+pub fn write_effective(config: &Config, path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::write(path, config.effective.to_yaml())
 }
 
 #[cfg(test)]

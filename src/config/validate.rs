@@ -1,9 +1,288 @@
-//! CIDR lists, the service/pod overlap check, NodePort addresses, the host name.
+//! Validation of the effective configuration, rule for rule as upstream's (`must be greater
+//! than 0`, `must be within the range [0, 31]`, ...) plus kproxy's own checks, turning each
+//! field into the type the rest of kproxy reads. Errors name the flag that set the field, or the
+//! field's path in the file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use ipnet::IpNet;
-use kproxy_contract::IpFamily;
+use kproxy_contract::{IpFamily, ModeName};
 
-use super::ConfigError;
+use super::defaults::split_host_port;
+use super::flags::FlagReport;
+use super::v1alpha1::KubeProxyConfiguration;
+use super::{ConfigError, LocalDetectMode};
+use crate::cli::LogFormat;
+
+/// The fields that validation turns into types.
+#[derive(Debug)]
+pub(super) struct Checked {
+    pub mode: ModeName,
+    pub hostname: String,
+    pub bind_address: Option<IpAddr>,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub detect_local: LocalDetectMode,
+    pub nodeport_addresses: NodePortSetting,
+    pub masquerade_bit: u8,
+    pub healthz_bind: Option<SocketAddr>,
+    pub metrics_bind: Option<SocketAddr>,
+    pub sync_period: Duration,
+    pub min_sync_period: Duration,
+    pub ipvs_exclude_cidrs: Vec<IpNet>,
+    pub log_format: LogFormat,
+}
+
+/// Checks `cfg` as upstream's validation does and returns its typed values.
+pub(super) fn check(
+    cfg: &KubeProxyConfiguration,
+    report: &FlagReport,
+) -> Result<Checked, ConfigError> {
+    let err = |path: &str, value: &dyn std::fmt::Display, reason: &str| ConfigError {
+        field: report.origin(path),
+        value: value.to_string(),
+        reason: reason.into(),
+    };
+    let mode = match cfg.mode.as_str() {
+        "iptables" => ModeName::Iptables,
+        "nftables" => ModeName::Nftables,
+        "ipvs" => ModeName::Ipvs,
+        "userspace" => ModeName::Userspace,
+        other => {
+            return Err(err(
+                "mode",
+                &other,
+                "must be iptables, ipvs, nftables, userspace or blank (blank means iptables)",
+            ));
+        }
+    };
+
+    let bit = |path: &str, value: Option<i32>| -> Result<u8, ConfigError> {
+        let v = value.unwrap_or(14);
+        u8::try_from(v)
+            .ok()
+            .filter(|b| *b <= 31)
+            .ok_or_else(|| err(path, &v, "must be within the range [0, 31]"))
+    };
+    let iptables_bit = bit("iptables.masqueradeBit", cfg.iptables.masquerade_bit)?;
+    let masquerade_bit = match mode {
+        ModeName::Nftables => bit("nftables.masqueradeBit", cfg.nftables.masquerade_bit)?,
+        _ => iptables_bit,
+    };
+
+    for (path, value) in [
+        ("conntrack.maxPerCore", cfg.conntrack.max_per_core),
+        ("conntrack.min", cfg.conntrack.min),
+    ] {
+        if let Some(v) = value
+            && v < 0
+        {
+            return Err(err(path, &v, "must be greater than or equal to 0"));
+        }
+    }
+    if let Some(v) = cfg.oom_score_adj
+        && !(-1000..=1000).contains(&v)
+    {
+        return Err(err(
+            "oomScoreAdj",
+            &v,
+            "must be within the range [-1000, 1000]",
+        ));
+    }
+    if cfg.client_connection.burst < 0 {
+        return Err(err(
+            "clientConnection.burst",
+            &cfg.client_connection.burst,
+            "must be greater than or equal to 0",
+        ));
+    }
+    if !cfg.client_connection.qps.is_finite() {
+        return Err(err(
+            "clientConnection.qps",
+            &cfg.client_connection.qps,
+            "must be a number",
+        ));
+    }
+    if cfg.config_sync_period.is_zero() {
+        return Err(err(
+            "configSyncPeriod",
+            &cfg.config_sync_period,
+            "must be greater than 0",
+        ));
+    }
+
+    let (section, sync, min) = match mode {
+        ModeName::Ipvs => ("ipvs", cfg.ipvs.sync_period, cfg.ipvs.min_sync_period),
+        ModeName::Nftables => (
+            "nftables",
+            cfg.nftables.sync_period,
+            cfg.nftables.min_sync_period,
+        ),
+        _ => (
+            "iptables",
+            cfg.iptables.sync_period,
+            cfg.iptables.min_sync_period,
+        ),
+    };
+    let sync_path = format!("{section}.syncPeriod");
+    if sync.is_zero() {
+        return Err(err(&sync_path, &sync, "must be greater than 0"));
+    }
+    if min > sync {
+        return Err(err(
+            &sync_path,
+            &sync,
+            &format!(
+                "must be greater than or equal to {} ({min})",
+                report.origin(&format!("{section}.minSyncPeriod"))
+            ),
+        ));
+    }
+
+    let bind_address = match cfg.bind_address.trim().parse::<IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => None,
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            return Err(err(
+                "bindAddress",
+                &cfg.bind_address,
+                "not a valid textual representation of an IP address",
+            ));
+        }
+    };
+    let healthz_bind = host_port(&cfg.healthz_bind_address)
+        .map_err(|r| err("healthzBindAddress", &cfg.healthz_bind_address, r))?;
+    let metrics_bind = host_port(&cfg.metrics_bind_address)
+        .map_err(|r| err("metricsBindAddress", &cfg.metrics_bind_address, r))?;
+
+    let nodeport_addresses = NodePortSetting::from_list(
+        cfg.node_port_addresses.as_deref().unwrap_or_default(),
+        &report.origin("nodePortAddresses"),
+    )?;
+
+    let cluster_cidrs = parse_cidrs(&cfg.cluster_cidr, &report.origin("clusterCIDR"))?;
+    let detect_local = match cfg.detect_local_mode.as_str() {
+        "ClusterCIDR" => LocalDetectMode::ClusterCidr,
+        "NodeCIDR" => LocalDetectMode::NodeCidr,
+        "BridgeInterface" => LocalDetectMode::BridgeInterface(
+            interface_name(&cfg.detect_local.bridge_interface, false).map_err(|r| {
+                err(
+                    "detectLocal.bridgeInterface",
+                    &cfg.detect_local.bridge_interface,
+                    &r,
+                )
+            })?,
+        ),
+        "InterfaceNamePrefix" => LocalDetectMode::InterfaceNamePrefix(
+            interface_name(&cfg.detect_local.interface_name_prefix, true).map_err(|r| {
+                err(
+                    "detectLocal.interfaceNamePrefix",
+                    &cfg.detect_local.interface_name_prefix,
+                    &r,
+                )
+            })?,
+        ),
+        other => {
+            return Err(err(
+                "detectLocalMode",
+                &other,
+                "must be ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix",
+            ));
+        }
+    };
+
+    let mut ipvs_exclude_cidrs = Vec::new();
+    if mode == ModeName::Ipvs {
+        for c in cfg.ipvs.exclude_cidrs.iter().flatten() {
+            ipvs_exclude_cidrs.push(
+                c.trim()
+                    .parse::<IpNet>()
+                    .map_err(|_| err("ipvs.excludeCIDRs", c, "must be a valid CIDR"))?,
+            );
+        }
+        let scheduler = cfg.ipvs.scheduler.trim();
+        if !scheduler.is_empty() && !kproxy_ipvs::SCHEDULERS.contains(&scheduler) {
+            return Err(err(
+                "ipvs.scheduler",
+                &scheduler,
+                &format!("expected one of {}", kproxy_ipvs::SCHEDULERS.join(", ")),
+            ));
+        }
+    }
+
+    let log_format = match cfg.logging.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => return Err(err("logging.format", &other, "must be text or json")),
+    };
+
+    let hostname = match cfg.hostname_override.trim() {
+        "" => system_hostname(),
+        h => h.to_lowercase(),
+    };
+    if hostname.is_empty() {
+        return Err(err(
+            "hostnameOverride",
+            &hostname,
+            "the node name is empty and the host name could not be read",
+        ));
+    }
+
+    Ok(Checked {
+        mode,
+        hostname,
+        bind_address,
+        cluster_cidrs,
+        detect_local,
+        nodeport_addresses,
+        masquerade_bit,
+        healthz_bind,
+        metrics_bind,
+        sync_period: sync.0,
+        min_sync_period: min.0,
+        ipvs_exclude_cidrs,
+        log_format,
+    })
+}
+
+/// Upstream's `IP:port` check of the health and metrics addresses; empty is off.
+fn host_port(text: &str) -> Result<Option<SocketAddr>, &'static str> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let (host, port) = split_host_port(t).ok_or("must be IP:port")?;
+    let ip: IpAddr = host.parse().map_err(|_| "must be a valid IP")?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or("must be a valid port")?;
+    Ok(Some(SocketAddr::new(ip, port)))
+}
+
+/// An interface name (or prefix) the kernel and both rule syntaxes accept: 1 to 15 bytes, none
+/// of them space, quote, slash, colon or a control character. Upstream only asks for non-empty;
+/// kproxy refuses what would make a broken or ambiguous rule.
+fn interface_name(text: &str, prefix: bool) -> Result<String, String> {
+    let name = text.trim();
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 15 {
+        return Err("longer than 15 bytes, the kernel's limit for interface names".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || "\"'/:*+\\".contains(*c))
+    {
+        return Err(format!("contains {c:?}, which no interface name has"));
+    }
+    if !prefix && (name == "." || name == "..") {
+        return Err("not an interface name".into());
+    }
+    Ok(name.to_string())
+}
 
 /// Parses `CIDR[,CIDR]`: at most one CIDR per family (dual-stack pairs), spaces trimmed.
 pub fn parse_cidrs(text: &str, field: &str) -> Result<Vec<IpNet>, ConfigError> {
@@ -65,9 +344,15 @@ pub enum NodePortSetting {
 impl NodePortSetting {
     /// Parses `primary` or a CIDR list (any number per family, as upstream allows).
     pub fn parse(text: &str, field: &str) -> Result<Self, ConfigError> {
-        let parts: Vec<&str> = text
-            .split(',')
-            .map(str::trim)
+        let parts: Vec<String> = text.split(',').map(str::to_string).collect();
+        Self::from_list(&parts, field)
+    }
+
+    /// The list form (`nodePortAddresses`): `primary` alone, or CIDRs.
+    pub fn from_list(items: &[String], field: &str) -> Result<Self, ConfigError> {
+        let parts: Vec<&str> = items
+            .iter()
+            .map(|p| p.trim())
             .filter(|p| !p.is_empty())
             .collect();
         if parts.is_empty() {
@@ -75,6 +360,13 @@ impl NodePortSetting {
         }
         if parts == ["primary"] {
             return Ok(Self::Primary);
+        }
+        if parts.contains(&"primary") {
+            return Err(ConfigError {
+                field: field.into(),
+                value: parts.join(","),
+                reason: "can't use both 'primary' and CIDRs".into(),
+            });
         }
         parts
             .iter()
@@ -91,7 +383,7 @@ impl NodePortSetting {
 }
 
 /// The host name, lower-cased as kubelet registers it.
-pub(super) fn system_hostname() -> String {
+pub(crate) fn system_hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

@@ -5,7 +5,6 @@
 //! carries the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so load balancers
 //! drain the node (KEP-3836); `/livez` ignores that, so the pod is not restarted for it.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -178,19 +177,6 @@ pub fn router(health: Health) -> Router {
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .with_state(health)
-}
-
-/// Binds and serves until the task is dropped.
-pub async fn serve(
-    addr: SocketAddr,
-    health: Health,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, router(health)).await {
-            tracing::error!(error = %err, "health server stopped");
-        }
-    }))
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 
 pub mod process;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
@@ -414,17 +413,9 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 /// Binds and serves `/metrics` until the task is dropped.
-pub async fn serve(
-    addr: SocketAddr,
-    m: Arc<Metrics>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = Router::new().route("/metrics", get(metrics)).with_state(m);
-    Ok(tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).await {
-            tracing::error!(error = %err, "metrics server stopped");
-        }
-    }))
+/// The `/metrics` router (served by [`crate::listeners`]).
+pub fn router(m: Arc<Metrics>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(m)
 }
 
 #[cfg(test)]

@@ -25,11 +25,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if config.cleanup {
         return cleanup(&config);
     }
-    // A dry run changes nothing, sysctls included.
+    // A dry run changes nothing, sysctls and the OOM score included.
     let sysctls = crate::conntrack::sysctl::ProcSys::default();
     if !config.dry_run {
-        let actions = crate::conntrack::sysctl::apply(&config.conntrack, &sysctls);
-        crate::conntrack::sysctl::log(&actions);
+        node_setup(&config, &sysctls);
+    }
+    if config.init_only {
+        tracing::info!("node set up; --init-only: exiting");
+        return Ok(());
+    }
+    if !config.dry_run
+        && let Some(value) = config.oom_score_adj
+    {
+        crate::oom::apply_to_self(value);
     }
     match config.mode {
         ModeName::Iptables => {
@@ -75,6 +83,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 }
 
+/// The privileged set-up of the node, which `--init-only` does alone (upstream runs it as an
+/// init container so the proxy itself could run with fewer privileges): the conntrack sysctls.
+fn node_setup(config: &Config, sysctls: &crate::conntrack::sysctl::ProcSys) {
+    let actions = crate::conntrack::sysctl::apply(&config.conntrack, sysctls);
+    crate::conntrack::sysctl::log(&actions);
+}
+
 fn ipvs_options(config: &Config) -> IpvsOptions {
     IpvsOptions {
         scheduler: config.ipvs.scheduler.clone(),
@@ -93,7 +108,7 @@ pub(crate) fn iptables_backend(choice: BackendChoice) -> Backend {
 
 async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
-    let source = spawn_source(&config, tx).await?;
+    let source = AbortOnDrop(spawn_source(&config, tx).await?);
     let options = SyncOptions {
         min_sync_period: config.min_sync_period,
         sync_period: config.sync_period,
@@ -106,28 +121,37 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(mode.name()));
     let health = crate::health::Health::new(config.sync_period).with_metrics(metrics.clone());
-    // A one-shot or dry run is not a node's proxy: it serves no probes and no metrics.
+    // A one-shot or dry run is not a node's proxy: it serves no probes and no metrics, and
+    // watches no config file.
     let serving = !config.dry_run && !config.once;
-    let _health_server = match config.healthz_bind {
-        Some(addr) if serving => match crate::health::serve(addr, health.clone()).await {
-            Ok(task) => Some(AbortOnDrop(task)),
-            Err(err) => {
-                tracing::error!(%addr, error = %err, "cannot serve /healthz; continuing without it");
-                None
-            }
-        },
-        _ => None,
-    };
-    let _metrics_server = match config.metrics_bind {
-        Some(addr) if serving => match crate::metrics::serve(addr, metrics.clone()).await {
-            Ok(task) => Some(AbortOnDrop(task)),
-            Err(err) => {
-                tracing::error!(%addr, error = %err, "cannot serve /metrics; continuing without it");
-                None
-            }
-        },
-        _ => None,
-    };
+    let (stop, mut stop_requests) = crate::stop::channel();
+    let mut background = Vec::new();
+    if serving {
+        if let Some(addr) = config.healthz_bind {
+            background.push(AbortOnDrop(crate::listeners::spawn(
+                "/healthz",
+                addr,
+                crate::health::router(health.clone()),
+                config.bind_address_hard_fail,
+                stop.clone(),
+            )));
+        }
+        if let Some(addr) = config.metrics_bind {
+            background.push(AbortOnDrop(crate::listeners::spawn(
+                "/metrics",
+                addr,
+                crate::metrics::router(metrics.clone()),
+                config.bind_address_hard_fail,
+                stop.clone(),
+            )));
+        }
+        if let Some(file) = &config.config_file {
+            background.push(AbortOnDrop(tokio::spawn(crate::config::watch::run(
+                file.clone(),
+                stop.clone(),
+            ))));
+        }
+    }
     let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
     let switch_config = config.clone();
     let admin_socket = config.admin_socket.clone();
@@ -164,8 +188,19 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         }
         _ => None,
     };
-    let stopped = sync.run(rx, shutdown_signal()).await;
-    source.abort();
+    let mut stop_reason = None;
+    let stopping = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            Some(reason) = stop_requests.recv() => stop_reason = Some(reason),
+        }
+    };
+    let stopped = sync.run(rx, stopping).await;
+    drop(source);
+    drop(background);
+    if let Some(reason) = stop_reason {
+        anyhow::bail!("{reason}");
+    }
     match stopped? {
         Stopped::Once => tracing::info!("--once: done"),
         Stopped::Shutdown => tracing::info!("stopped"),
@@ -192,42 +227,23 @@ async fn spawn_source(
             }))
         }
         SourceConfig::Api { kubeconfig, master } => {
-            let client = kube_client(kubeconfig.as_deref(), master.as_deref()).await?;
-            Ok(tokio::spawn(crate::source::kube::run(client, node, tx)))
+            let api = crate::source::client::build(
+                kubeconfig.as_deref(),
+                master.as_deref(),
+                config.api_rate_limit,
+            )
+            .await?;
+            tracing::info!(url = %api.url, "watching the Kubernetes API");
+            let client = api.client.clone();
+            Ok(tokio::spawn(async move {
+                // Says within seconds when the API server cannot be reached, while the
+                // watches retry on their own.
+                let reachability =
+                    crate::source::client::report_reachability(api.client, api.url, api.origin);
+                tokio::join!(reachability, crate::source::kube::run(client, node, tx));
+            }))
         }
     }
-}
-
-/// A client from `--kubeconfig` / `--master`; with neither, kube's inference (in-cluster
-/// service account, or the usual kubeconfig locations).
-pub(crate) async fn kube_client(
-    kubeconfig: Option<&std::path::Path>,
-    master: Option<&str>,
-) -> anyhow::Result<kube::Client> {
-    let mut cfg = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("--kubeconfig {}: cannot read", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("--kubeconfig {}: invalid", path.display()))?
-        }
-        None => match master {
-            Some(url) => kube::Config::new(
-                url.parse()
-                    .with_context(|| format!("--master {url:?} is not a URL"))?,
-            ),
-            None => kube::Config::infer()
-                .await
-                .context("no --kubeconfig or --master, and no in-cluster configuration found")?,
-        },
-    };
-    if let (Some(url), Some(_)) = (master, kubeconfig) {
-        cfg.cluster_url = url
-            .parse()
-            .with_context(|| format!("--master {url:?} is not a URL"))?;
-    }
-    kube::Client::try_from(cfg).context("cannot build the Kubernetes client")
 }
 
 /// `--cleanup`: every mode's objects, both iptables backends, both families. Missing tools are

@@ -106,7 +106,13 @@ pub fn desired_state(config: &Config) -> anyhow::Result<ProxyState> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
-        let client = crate::run::kube_client(kubeconfig.as_deref(), master.as_deref()).await?;
+        let client = crate::source::client::build(
+            kubeconfig.as_deref(),
+            master.as_deref(),
+            config.api_rate_limit,
+        )
+        .await?
+        .client;
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         let watch = tokio::spawn(crate::source::kube::run(client, config.hostname.clone(), tx));
         let mut cache = crate::cache::ClusterCache::default();

@@ -22,6 +22,7 @@ pub mod flags;
 pub mod notices;
 pub mod v1alpha1;
 mod validate;
+pub mod watch;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

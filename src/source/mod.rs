@@ -2,8 +2,10 @@
 //! manifests. Both produce the same [`Update`]s, so the rest of kproxy cannot tell them apart.
 
 pub mod backoff;
+pub mod client;
 pub mod kube;
 pub mod manifests;
+pub mod rate_limit;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;

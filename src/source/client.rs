@@ -108,13 +108,28 @@ pub fn advice(origin: &Origin, in_cluster_host: Option<&str>) -> String {
     }
 }
 
-/// Asks the API server for its version; `Err` says why it did not answer within
-/// [`PROBE_TIMEOUT`].
-pub async fn probe(client: &kube::Client) -> Result<(), String> {
+/// What the start-up check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The API server answered (any answer but a refusal of kproxy's credentials).
+    Answered,
+    /// It answered 401 or 403: it is reachable, but does not accept kproxy's credentials.
+    Refused(String),
+    /// No answer within [`PROBE_TIMEOUT`], or no connection at all.
+    Unreachable(String),
+}
+
+/// Asks the API server for its version.
+pub async fn probe(client: &kube::Client) -> Probe {
     match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(err)) => Err(crate::sync::format_chain(&err)),
-        Err(_) => Err(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+        Ok(Ok(_)) => Probe::Answered,
+        Ok(Err(kube::Error::Api(status))) if matches!(status.code, 401 | 403) => {
+            Probe::Refused(format!("{} {}", status.code, status.message))
+        }
+        // Any other status is an answer: the server is there.
+        Ok(Err(kube::Error::Api(_))) => Probe::Answered,
+        Ok(Err(err)) => Probe::Unreachable(crate::sync::format_chain(&err)),
+        Err(_) => Probe::Unreachable(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
     }
 }
 
@@ -126,7 +141,7 @@ pub async fn report_reachability(client: kube::Client, url: String, origin: Orig
     let mut failures: u32 = 0;
     loop {
         match probe(&client).await {
-            Ok(()) => {
+            Probe::Answered => {
                 if failures > 0 {
                     tracing::info!(%url, "the API server answers now");
                 } else {
@@ -134,7 +149,19 @@ pub async fn report_reachability(client: kube::Client, url: String, origin: Orig
                 }
                 return;
             }
-            Err(error) => {
+            Probe::Refused(error) => {
+                if failures == 0 {
+                    tracing::error!(
+                        %url,
+                        %error,
+                        "the Kubernetes API server refuses kproxy's credentials; check the \
+                         token or client certificate of its kubeconfig, and that its RBAC \
+                         allows listing and watching Services, EndpointSlices and Nodes"
+                    );
+                }
+                failures += 1;
+            }
+            Probe::Unreachable(error) => {
                 if failures == 0 {
                     tracing::error!(
                         %url,
@@ -183,9 +210,12 @@ mod tests {
         .expect("client");
         assert_eq!(api.origin, Origin::Master);
         let start = std::time::Instant::now();
-        let err = probe(&api.client).await.expect_err("no answer");
+        let found = probe(&api.client).await;
         assert!(start.elapsed() < PROBE_TIMEOUT + Duration::from_secs(2));
-        assert!(err.contains("no answer"), "{err}");
+        assert!(
+            matches!(&found, Probe::Unreachable(e) if e.contains("no answer")),
+            "{found:?}"
+        );
         drop(listener);
     }
 }

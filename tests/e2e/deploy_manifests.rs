@@ -37,7 +37,13 @@ fn daemonset_matches_the_schema_and_upstream_conventions() {
     let docs = documents("daemonset.yaml");
     assert_eq!(docs.len(), 1);
     let ds: DaemonSet = strict(&docs[0]);
-    let spec = ds.spec.expect("spec").template.spec.expect("pod spec");
+    let spec = ds
+        .spec
+        .clone()
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec");
     assert_eq!(spec.host_network, Some(true));
     assert_eq!(
         spec.priority_class_name.as_deref(),
@@ -70,8 +76,36 @@ fn daemonset_matches_the_schema_and_upstream_conventions() {
     // Every flag the DaemonSet passes is one kproxy accepts.
     let mut args = vec!["kproxy".to_string()];
     args.extend(c.command.iter().flatten().skip(1).cloned());
-    <kproxy::cli::Args as clap::Parser>::try_parse_from(&args)
-        .expect("kproxy accepts the DaemonSet's flags");
+    kproxy::cli::Args::try_parse_go_style(&args).expect("kproxy accepts the DaemonSet's flags");
+    // Requests so the scheduler accounts for it; no memory limit (an OOM kill would take every
+    // service on the node down).
+    let resources = c.resources.as_ref().expect("resources");
+    let requests = resources.requests.as_ref().expect("requests");
+    assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
+    assert!(
+        resources
+            .limits
+            .as_ref()
+            .is_none_or(|l| !l.contains_key("memory"))
+    );
+    let ds_spec = ds.spec.as_ref().expect("spec");
+    let strategy = ds_spec.update_strategy.as_ref().expect("update strategy");
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    assert!(strategy.rolling_update.is_some());
+    // kube-prometheus's kube-proxy monitor selects this label.
+    let labels = ds_spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref())
+        .expect("pod labels");
+    assert_eq!(
+        labels.get("k8s-app").map(String::as_str),
+        Some("kube-proxy")
+    );
+    // ... but the DaemonSet's own selector is kproxy's, so it never claims kube-proxy's pods.
+    let selector = ds_spec.selector.match_labels.as_ref().expect("selector");
+    assert!(!selector.contains_key("k8s-app"), "{selector:?}");
 }
 
 #[test]
@@ -100,17 +134,68 @@ fn rbac_is_list_and_watch_only() {
 }
 
 #[test]
-fn configmap_carries_a_configuration_kproxy_accepts() {
+fn configmap_carries_a_configuration_kproxy_accepts_and_a_direct_kubeconfig() {
     let docs = documents("configmap.yaml");
     let cm: ConfigMap = strict(&docs[0]);
-    let text = cm
-        .data
-        .expect("data")
-        .remove("config.conf")
-        .expect("config.conf");
+    let mut data = cm.data.expect("data");
+    let text = data.remove("config.conf").expect("config.conf");
     let (cfg, unknown) = kproxy::config::file::parse(&text).expect("valid KubeProxyConfiguration");
     assert!(unknown.is_empty(), "unknown fields: {unknown:?}");
     assert_eq!(cfg.kind.as_deref(), Some("KubeProxyConfiguration"));
+    // It points at the kubeconfig in the same ConfigMap, as kubeadm's does.
+    assert_eq!(
+        cfg.client_connection.and_then(|c| c.kubeconfig).as_deref(),
+        Some("/var/lib/kproxy/kubeconfig.conf")
+    );
+    let kubeconfig = data.remove("kubeconfig.conf").expect("kubeconfig.conf");
+    let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig).expect("a kubeconfig");
+    let server = kc.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone())
+        .expect("server");
+    // The one value an operator fills in; never the Service VIP (nothing programs it yet on a
+    // fresh node).
+    assert_eq!(server, "https://CONTROL-PLANE-ENDPOINT:6443");
+}
+
+#[test]
+fn kustomize_renders_the_base() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(&dir)
+        .output()
+        .expect("kubectl (Debian's kubernetes-client; .ci/run installs it) must be installed");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).expect("YAML");
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet"
+        ]
+    );
+    for doc in &docs {
+        match doc["kind"].as_str() {
+            Some("DaemonSet") => {
+                let _: DaemonSet = strict(doc);
+            }
+            Some("ConfigMap") => {
+                let _: ConfigMap = strict(doc);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The strict check is real: a misspelt field is caught.

@@ -14,6 +14,7 @@ mod api_watch;
 mod behaviour;
 mod conntrack;
 mod deploy_manifests;
+mod dropin;
 mod installers;
 mod iptables;
 mod nftables;

@@ -1,15 +1,28 @@
-# kproxy's node image: docker build -t kproxy:0.1.0 .
-# (Not built in CI: the development machines have no container engine.)
+# kproxy's node image: docker build --build-arg KPROXY_GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t kproxy:0.1.0 .
+# (Not built in CI: the development machines have no container engine; tests/e2e/image.rs checks
+# this file against what the code runs.)
 FROM rust:1.95-bookworm AS build
+ARG KPROXY_GIT_COMMIT=""
+ENV KPROXY_GIT_COMMIT=${KPROXY_GIT_COMMIT}
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin kproxy
 
-# The runtime carries the kernel userland every mode may call: iptables (both backends),
-# nft, conntrack, ipset and ip.
+# The runtime carries exactly the programs kproxy runs (modes/contract/src/command.rs PROGRAMS):
+# iptables (both backends), nft and ip. Conntrack cleanup and IPVS use netlink, not tools.
 FROM debian:bookworm-slim
+ARG KPROXY_GIT_COMMIT=""
+LABEL org.opencontainers.image.title="kproxy" \
+      org.opencontainers.image.description="A kube-proxy replacement: iptables, nftables, ipvs and userspace modes" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.revision="${KPROXY_GIT_COMMIT}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables nftables conntrack ipset iproute2 \
+ && apt-get install -y --no-install-recommends iptables nftables iproute2 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/kproxy /usr/local/bin/kproxy
+# kubeadm's DaemonSet (and every installer built on it) runs /usr/local/bin/kube-proxy: swapping
+# the image is then all it takes.
+RUN ln -s kproxy /usr/local/bin/kube-proxy
 ENTRYPOINT ["/usr/local/bin/kproxy"]

@@ -15,6 +15,7 @@ mod behaviour;
 mod conntrack;
 mod deploy_manifests;
 mod dropin;
+mod image;
 mod installers;
 mod iptables;
 mod nftables;

@@ -7,6 +7,26 @@ use std::process::{Command, Stdio};
 
 use crate::CommandError;
 
+/// Every program kproxy may run, with the Debian package that provides it. [`run`] refuses any
+/// other, so this list is complete by construction, and the runtime image installs exactly
+/// these packages (a test compares the Dockerfile with it).
+pub const PROGRAMS: &[(&str, &str)] = &[
+    ("iptables-nft", "iptables"),
+    ("iptables-nft-save", "iptables"),
+    ("iptables-nft-restore", "iptables"),
+    ("ip6tables-nft", "iptables"),
+    ("ip6tables-nft-save", "iptables"),
+    ("ip6tables-nft-restore", "iptables"),
+    ("iptables-legacy", "iptables"),
+    ("iptables-legacy-save", "iptables"),
+    ("iptables-legacy-restore", "iptables"),
+    ("ip6tables-legacy", "iptables"),
+    ("ip6tables-legacy-save", "iptables"),
+    ("ip6tables-legacy-restore", "iptables"),
+    ("nft", "nftables"),
+    ("ip", "iproute2"),
+];
+
 /// Finds `program` on PATH, then in the sbin directories a non-root user's PATH often lacks
 /// (so `--dry-run` as a normal user reports "permission denied", not "not installed").
 pub fn resolve(program: &str) -> PathBuf {
@@ -37,6 +57,11 @@ pub fn run(
         program: program.to_string(),
         cause,
     };
+    if !PROGRAMS.iter().any(|(p, _)| *p == program) {
+        return Err(io(std::io::Error::other(
+            "not one of the programs kproxy may run (command::PROGRAMS), so the image may lack it",
+        )));
+    }
     let mut child = Command::new(resolve(program))
         .args(args)
         .stdin(if stdin.is_some() {

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Everything the test suite needs on a fresh Debian 12 machine, as root: the kernel userland the
+# modes run, qemu for the IPVS lab, g++ and cargo-fuzz for the fuzz test, kubectl for the
+# kustomize check, openssl for the fresh-node test's CA. Safe to run again.
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+if command -v apt-get >/dev/null 2>&1; then
+  # The IPVS lab (tests/ipvs-lab) boots a Debian kernel under qemu-system-x86, which Debian 12
+  # ships in bookworm-backports (with the qemu-utils it depends on).
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+      'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+      >/etc/apt/sources.list.d/kproxy-backports.sources
+  fi
+  apt-get update -qq
+  # iptables/nftables/conntrack/ipset/iproute2: the kernel modes and the network-namespace tests;
+  # binutils (objcopy): the IPVS lab reads kernel modules' dependencies and strips binaries.
+  # g++: libfuzzer-sys compiles libFuzzer for the fuzz target (tests/e2e/reliability/fuzz.rs).
+  # ca-certificates brings openssl (tests/e2e/dropin.rs makes a CA with it).
+  apt-get install -y -qq --no-install-recommends \
+    iptables nftables conntrack ipset iproute2 socat ca-certificates binutils g++ >/dev/null
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+  # kubectl renders the kustomize base (tests/e2e/deploy_manifests.rs); Debian's
+  # kubernetes-client does it offline.
+  if ! command -v kubectl >/dev/null 2>&1; then
+    apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+  fi
+fi
+
+# cargo-fuzz, for the fuzz test (it fails, not skips, without it); from crates.io.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install --locked cargo-fuzz
+fi

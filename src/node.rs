@@ -60,9 +60,27 @@ pub fn local_addresses() -> Vec<IpAddr> {
     out
 }
 
+/// The node's addresses with `bindAddress` (when it names an address) as the primary IP of its
+/// family, as upstream uses it: it overrides what the Node object says; no socket is bound.
+pub fn with_bind_address(mut ips: Vec<IpAddr>, bind_address: Option<IpAddr>) -> Vec<IpAddr> {
+    if let Some(bind) = bind_address {
+        ips.retain(|ip| *ip != bind);
+        let at = ips
+            .iter()
+            .position(|ip| IpFamily::of(ip) == IpFamily::of(&bind))
+            .unwrap_or_else(|| {
+                ips.iter()
+                    .position(|ip| IpFamily::of(ip) > IpFamily::of(&bind))
+                    .unwrap_or(ips.len())
+            });
+        ips.insert(at, bind);
+    }
+    ips
+}
+
 /// Combines configuration, the Node object and the local addresses.
 pub fn settings(config: &Config, node: Option<&Node>, local: &[IpAddr]) -> NodeSettings {
-    let node_ips = node_ips(node);
+    let node_ips = with_bind_address(node_ips(node), config.bind_address);
     let node_port_addresses = match &config.nodeport_addresses {
         NodePortSetting::AllLocal => NodePortAddresses::AllLocal,
         NodePortSetting::Primary => {
@@ -121,6 +139,32 @@ mod tests {
             .collect();
         assert_eq!(ips, want);
         assert_eq!(zone(Some(&node)).as_deref(), Some("z1"));
+    }
+
+    #[test]
+    fn bind_address_becomes_the_primary_ip_of_its_family() {
+        let ips = |list: &[&str]| -> Vec<IpAddr> {
+            list.iter().map(|s| s.parse().expect("ip")).collect()
+        };
+        let node = ips(&["192.168.0.5", "203.0.113.5", "fd00::5"]);
+        let bind = "10.1.1.1".parse().ok();
+        assert_eq!(
+            with_bind_address(node.clone(), bind),
+            ips(&["10.1.1.1", "192.168.0.5", "203.0.113.5", "fd00::5"])
+        );
+        let bind = "fd00::9".parse().ok();
+        assert_eq!(
+            with_bind_address(node.clone(), bind),
+            ips(&["192.168.0.5", "203.0.113.5", "fd00::9", "fd00::5"])
+        );
+        // Already an address of the node: moved to the front of its family.
+        let bind = "203.0.113.5".parse().ok();
+        assert_eq!(
+            with_bind_address(node.clone(), bind),
+            ips(&["203.0.113.5", "192.168.0.5", "fd00::5"])
+        );
+        assert_eq!(with_bind_address(Vec::new(), bind), ips(&["203.0.113.5"]));
+        assert_eq!(with_bind_address(node.clone(), None), node);
     }
 
     #[test]

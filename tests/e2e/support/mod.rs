@@ -76,12 +76,12 @@ pub(crate) mod sctp;
 pub(crate) mod topology;
 pub(crate) mod traffic;
 
-/// True when running as root. Otherwise prints a loud SKIP line: the caller returns early.
+/// True when running as root; otherwise the test fails, saying why. A test that cannot run here
+/// must not pass: the README's test command runs as root.
 pub(crate) fn require_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("########## SKIP {test}: needs root (network namespaces, iptables) ##########");
-        false
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{test} needs root (network namespaces, iptables): run the suite as root"
+    );
+    true
 }

@@ -414,8 +414,24 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 
 /// Binds and serves `/metrics` until the task is dropped.
 /// The `/metrics` router (served by [`crate::listeners`]).
-pub fn router(m: Arc<Metrics>) -> Router {
-    Router::new().route("/metrics", get(metrics)).with_state(m)
+///
+/// Next to `/metrics`, upstream's metrics server answers `/healthz` ("ok", the server is up),
+/// `/proxyMode` (the mode's name, which runbooks curl to tell the mode of a node) and `/configz`
+/// (the effective configuration under its API group, as JSON); kproxy answers the same.
+pub fn router(m: Arc<Metrics>, mode: ModeName, configz: serde_json::Value) -> Router {
+    let configz = Arc::new(serde_json::json!({ "kubeproxy.config.k8s.io": configz }));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(m)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/proxyMode", get(move || async move { mode.as_str() }))
+        .route(
+            "/configz",
+            get(move || {
+                let body = configz.clone();
+                async move { axum::Json((*body).clone()) }
+            }),
+        )
 }
 
 #[cfg(test)]

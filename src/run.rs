@@ -140,7 +140,11 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
             background.push(AbortOnDrop(crate::listeners::spawn(
                 "/metrics",
                 addr,
-                crate::metrics::router(metrics.clone()),
+                crate::metrics::router(
+                    metrics.clone(),
+                    config.mode,
+                    serde_json::to_value(&config.effective).unwrap_or_default(),
+                ),
                 config.bind_address_hard_fail,
                 stop.clone(),
             )));

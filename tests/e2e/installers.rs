@@ -334,6 +334,15 @@ fn installer_corpus_serves_probes_and_syncs_as_the_nodes_proxy() {
             Some((200, _)) => {}
             other => wrong.push(format!("/healthz on {healthz}: {other:?}")),
         }
+        // Runbooks ask the metrics server which mode a node runs, and its configuration.
+        match http::get(&node_ns, reach(metrics), "/proxyMode") {
+            Some((200, body)) if mode.is_some_and(|m| body.ends_with(m)) => {}
+            other => wrong.push(format!("/proxyMode: {other:?}, want {mode:?}")),
+        }
+        match http::get(&node_ns, reach(metrics), "/configz") {
+            Some((200, body)) if body.contains("\"kubeproxy.config.k8s.io\":{") => {}
+            other => wrong.push(format!("/configz: {other:?}")),
+        }
         // Exactly the expected listeners on those ports: a bare 127.0.0.1 must not be served
         // on every address.
         let bound = listening(&node_ns);

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
-use kproxy_contract::{IpFamily, NodePortAddresses, NodeSettings};
+use kproxy_contract::{IpFamily, LocalTraffic, NodePortAddresses, NodeSettings};
 
 use crate::config::{Config, NodePortSetting};
 
@@ -79,7 +79,7 @@ pub fn settings(config: &Config, node: Option<&Node>, local: &[IpAddr]) -> NodeS
     NodeSettings {
         node_name: config.hostname.clone(),
         node_ips,
-        cluster_cidrs: config.cluster_cidrs.clone(),
+        local_traffic: LocalTraffic::source_cidrs(&config.cluster_cidrs),
         service_cidrs: config.service_cidrs.clone(),
         masquerade_all: config.masquerade_all,
         masquerade_bit: config.masquerade_bit,

@@ -74,7 +74,14 @@ pub fn packet(args: &TraceArgs, state: &ProxyState, env: &Env) -> anyhow::Result
         Some(OriginArg::Node) => Origin::Node,
         Some(OriginArg::External) => Origin::External,
         None if env.is_local(&src) => Origin::Node,
-        None if state.node.cluster_cidrs.iter().any(|c| c.contains(&src)) => Origin::Pod,
+        None if state
+            .node
+            .local_traffic
+            .cidr(IpFamily::of(&src))
+            .is_some_and(|c| c.contains(&src)) =>
+        {
+            Origin::Pod
+        }
         None => Origin::External,
     };
     Ok(Packet {
@@ -89,6 +96,7 @@ pub fn packet(args: &TraceArgs, state: &ProxyState, env: &Env) -> anyhow::Result
             other => bail!("--proto {other:?}: use tcp, udp or sctp"),
         },
         origin,
+        in_iface: None,
     })
 }
 

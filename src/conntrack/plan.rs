@@ -175,7 +175,11 @@ fn forwards(sp: &ServicePort, kind: Kind, state: &ProxyState, src: IpAddr) -> bo
             // ETP=Local without local endpoints still forwards pod traffic to the cluster-wide
             // endpoints (the short-circuit for traffic from the pod network).
             let from_pods = sp.external_policy == TrafficPolicy::Local
-                && state.node.cluster_cidrs.iter().any(|n| n.contains(&src));
+                && state
+                    .node
+                    .local_traffic
+                    .cidr(IpFamily::of(&src))
+                    .is_some_and(|n| n.contains(&src));
             !sp.external_endpoints().is_empty() || (from_pods && !sp.endpoints.cluster.is_empty())
         }
     }

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kproxy_contract::{
-    Endpoint, Endpoints, IpFamily, NodeSettings, Protocol, ProxyState, ServicePort, ServicePortKey,
-    ServicePortName, TrafficPolicy,
+    Endpoint, Endpoints, IpFamily, LocalTraffic, NodeSettings, Protocol, ProxyState, ServicePort,
+    ServicePortKey, ServicePortName, TrafficPolicy,
 };
 
 use super::*;
@@ -106,7 +106,7 @@ fn state(sps: Vec<Sp>) -> ProxyState {
     let node = NodeSettings {
         node_name: "node-a".into(),
         node_ips: vec!["10.0.1.1".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        local_traffic: LocalTraffic::SourceCidrs(vec!["10.244.0.0/16".parse().unwrap()]),
         service_cidrs: vec![
             "10.96.0.0/12".parse().unwrap(),
             "fd00:96::/112".parse().unwrap(),

@@ -94,7 +94,7 @@ fn clusterip_nodeport_external_and_lb_frontends_become_virtual_servers() {
     );
     assert!(script.contains("10.0.1.1 . tcp . 30080"), "{script}");
     assert!(
-        script.contains("ip saddr != { 10.244.0.0/16 } meta mark set meta mark | 0x00004000"),
+        script.contains("ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x00004000"),
         "{script}"
     );
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use kproxy_contract::trace::{Env, Origin, Packet};
 use kproxy_contract::{
-    Endpoint, Endpoints, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState,
-    ServicePort, ServicePortKey, ServicePortName, SessionAffinity, TrafficPolicy,
+    Endpoint, Endpoints, IpFamily, LocalTraffic, NodePortAddresses, NodeSettings, Protocol,
+    ProxyState, ServicePort, ServicePortKey, ServicePortName, SessionAffinity, TrafficPolicy,
 };
 use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
@@ -178,7 +178,7 @@ prop_compose! {
                 NodePortAddresses::AllLocal
             },
             node_ips,
-            cluster_cidrs: if pod_cidr { vec![cidr("10.244.0.0/16", v6)] } else { Vec::new() },
+            local_traffic: if pod_cidr { LocalTraffic::SourceCidrs(vec![cidr("10.244.0.0/16", v6)]) } else { LocalTraffic::None },
             service_cidrs: vec![cidr("10.96.0.0/16", v6)],
             masquerade_all,
             masquerade_bit: 14,
@@ -298,6 +298,7 @@ pub fn packet(v6: bool) -> impl Strategy<Value = Packet> {
                 dst_port,
                 proto,
                 origin,
+                in_iface: None,
             }
         })
 }

@@ -15,6 +15,7 @@ pub fn pkt(src: &str, dst: &str, port: u16, origin: Origin) -> Packet {
         dst_port: port,
         proto: Protocol::Tcp,
         origin,
+        in_iface: None,
     }
 }
 

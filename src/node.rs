@@ -1,11 +1,12 @@
-//! What this node is: its addresses (from the Node object), its zone, and the local addresses
-//! that accept NodePorts. Combined with the configuration into [`NodeSettings`].
+//! What this node is: its addresses (from the Node object), its zone, the local addresses
+//! that accept NodePorts and how its pods' traffic is recognised. Combined with the
+//! configuration into [`NodeSettings`].
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
-use kproxy_contract::{IpFamily, NodePortAddresses, NodeSettings};
+use kproxy_contract::{IpFamily, LocalTraffic, NodePortAddresses, NodeSettings};
 
 use crate::config::{Config, NodePortSetting};
 
@@ -97,12 +98,66 @@ pub fn settings(config: &Config, node: Option<&Node>, local: &[IpAddr]) -> NodeS
     NodeSettings {
         node_name: config.hostname.clone(),
         node_ips,
-        cluster_cidrs: config.cluster_cidrs.clone(),
+        // Upstream's default detector until the configuration selects one (`DetectLocal`).
+        local_traffic: local_traffic(&DetectLocal::ClusterCidr, &config.cluster_cidrs, node),
         service_cidrs: config.service_cidrs.clone(),
         masquerade_all: config.masquerade_all,
         masquerade_bit: config.masquerade_bit,
         node_port_addresses,
     }
+}
+
+/// Upstream's `detectLocalMode` with its parameter: how the rules recognise traffic from this
+/// node's pods.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DetectLocal {
+    /// The source is inside `--cluster-cidr` (upstream's default).
+    #[default]
+    ClusterCidr,
+    /// The source is inside the Node object's `spec.podCIDRs`: the range this node's pods get
+    /// their addresses from, so other nodes' pods count as outside.
+    NodeCidr,
+    /// The packet arrived on this bridge (`detectLocal.bridgeInterface`).
+    BridgeInterface(String),
+    /// The packet arrived on an interface whose name starts with this
+    /// (`detectLocal.interfaceNamePrefix`).
+    InterfaceNamePrefix(String),
+}
+
+/// The local-traffic detector `mode` selects, from the cluster CIDRs and the Node object.
+/// Source-address detectors use the first CIDR of each family; a family without one has no
+/// detector (upstream's no-op detector), so before the Node object is known `NodeCidr` detects
+/// nothing and the next sync with the Node fixes that. Interface names are passed on as they
+/// are: the modes refuse (and log) a name that cannot be written into a rule.
+pub fn local_traffic(
+    mode: &DetectLocal,
+    cluster_cidrs: &[IpNet],
+    node: Option<&Node>,
+) -> LocalTraffic {
+    match mode {
+        DetectLocal::ClusterCidr => LocalTraffic::source_cidrs(cluster_cidrs),
+        DetectLocal::NodeCidr => LocalTraffic::source_cidrs(&pod_cidrs(node)),
+        DetectLocal::BridgeInterface(name) => LocalTraffic::Interface(name.clone()),
+        DetectLocal::InterfaceNamePrefix(prefix) => LocalTraffic::InterfacePrefix(prefix.clone()),
+    }
+}
+
+/// The Node's pod CIDRs: `spec.podCIDRs`, or the older single `spec.podCIDR` when the list is
+/// absent or empty. Unparseable entries are ignored.
+fn pod_cidrs(node: Option<&Node>) -> Vec<IpNet> {
+    let Some(spec) = node.and_then(|n| n.spec.as_ref()) else {
+        return Vec::new();
+    };
+    let listed = spec.pod_cidrs.as_deref().filter(|l| !l.is_empty());
+    let texts: Vec<&str> = match (listed, spec.pod_cidr.as_deref()) {
+        (Some(list), _) => list.iter().map(String::as_str).collect(),
+        (None, Some(one)) => vec![one],
+        (None, None) => Vec::new(),
+    };
+    texts
+        .into_iter()
+        .filter_map(|t| t.trim().parse().ok())
+        .collect()
 }
 
 /// Local addresses inside the CIDRs. Loopback is dropped: kproxy serves NodePorts on localhost
@@ -139,6 +194,78 @@ mod tests {
             .collect();
         assert_eq!(ips, want);
         assert_eq!(zone(Some(&node)).as_deref(), Some("z1"));
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    fn node_with_spec(spec: serde_json::Value) -> Node {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}, "spec": spec}))
+            .expect("node")
+    }
+
+    #[test]
+    fn cluster_cidr_detector_takes_the_first_cidr_of_each_family() {
+        let cidrs = [
+            net("10.244.0.0/16"),
+            net("10.245.0.0/16"),
+            net("fd00:244::/56"),
+        ];
+        assert_eq!(
+            local_traffic(&DetectLocal::ClusterCidr, &cidrs, None),
+            LocalTraffic::SourceCidrs(vec![net("10.244.0.0/16"), net("fd00:244::/56")])
+        );
+        assert_eq!(
+            local_traffic(&DetectLocal::ClusterCidr, &[], None),
+            LocalTraffic::None
+        );
+    }
+
+    #[test]
+    fn node_cidr_detector_reads_pod_cidrs_then_pod_cidr() {
+        let cluster = [net("10.244.0.0/16")];
+        let dual = node_with_spec(serde_json::json!({
+            "podCIDR": "10.244.7.0/24",
+            "podCIDRs": ["10.244.7.0/24", "not-a-cidr", "fd00:244:0:7::/64", "10.244.8.0/24"],
+        }));
+        assert_eq!(
+            local_traffic(&DetectLocal::NodeCidr, &cluster, Some(&dual)),
+            LocalTraffic::SourceCidrs(vec![net("10.244.7.0/24"), net("fd00:244:0:7::/64")])
+        );
+        let old = node_with_spec(serde_json::json!({"podCIDR": "10.244.9.0/24", "podCIDRs": []}));
+        let d = local_traffic(&DetectLocal::NodeCidr, &cluster, Some(&old));
+        assert_eq!(d, LocalTraffic::SourceCidrs(vec![net("10.244.9.0/24")]));
+        assert!(
+            !d.is_implemented(IpFamily::V6),
+            "no IPv6 pod CIDR: no IPv6 detector"
+        );
+        // Not the cluster CIDR as a fallback: without pod CIDRs nothing is detected.
+        let bare = node_with_spec(serde_json::json!({}));
+        assert_eq!(
+            local_traffic(&DetectLocal::NodeCidr, &cluster, Some(&bare)),
+            LocalTraffic::None
+        );
+        assert_eq!(
+            local_traffic(&DetectLocal::NodeCidr, &cluster, None),
+            LocalTraffic::None
+        );
+    }
+
+    #[test]
+    fn interface_detectors_pass_the_name_on() {
+        assert_eq!(
+            local_traffic(&DetectLocal::BridgeInterface("cbr0".into()), &[], None),
+            LocalTraffic::Interface("cbr0".into())
+        );
+        assert_eq!(
+            local_traffic(
+                &DetectLocal::InterfaceNamePrefix("veth".into()),
+                &[net("10.244.0.0/16")],
+                None
+            ),
+            LocalTraffic::InterfacePrefix("veth".into())
+        );
     }
 
     #[test]

@@ -13,8 +13,12 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
+use ipnet::IpNet;
 use kproxy_contract::trace::{Env, Origin, Packet, Trace, Verdict};
-use kproxy_contract::{IpFamily, Mode as _, ModeName, Protocol, ProxyState};
+use kproxy_contract::{
+    IpFamily, LocalMatch, LocalTraffic, MAX_INTERFACE_NAME, Mode as _, ModeName, Protocol,
+    ProxyState, check_interface_name,
+};
 use serde_json::json;
 
 use crate::cli::{OriginArg, TraceArgs, TraceOutput};
@@ -62,20 +66,61 @@ fn parse_endpoint(s: &str, need_port: bool) -> anyhow::Result<(IpAddr, Option<u1
     bail!("{s:?} is not IP[:PORT] ([IPv6]:PORT for IPv6)")
 }
 
-/// The packet the flags describe; `--from` defaults from the source address.
-pub fn packet(args: &TraceArgs, state: &ProxyState, env: &Env) -> anyhow::Result<Packet> {
+/// `kproxy trace --in-interface`, the packet's ingress interface: what the bridge and
+/// interface-prefix local-traffic detectors look at. (`TraceArgs` flattens it.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct IngressArgs {
+    /// The interface the packet arrives on (what `-i` / `iifname` see). Default: with --from
+    /// pod and a bridge or interface-prefix --detect-local-mode, the bridge or the prefix
+    /// followed by "0" (a pod's interface); otherwise none. Not with --from node: the node's
+    /// own packets arrive on no interface.
+    #[arg(long, value_name = "NAME")]
+    pub in_interface: Option<String>,
+}
+
+/// The packet the flags describe. `--from` defaults from the source address and the ingress
+/// interface: `node` for a local source; `pod` when the local-traffic detector says so (its
+/// CIDR holds the source, or its interface matches `--in-interface`) or, under an interface
+/// detector without `--in-interface`, when the source is in `cluster_cidrs` (`--cluster-cidr`);
+/// else `external`.
+pub fn packet(
+    args: &TraceArgs,
+    ingress: &IngressArgs,
+    cluster_cidrs: &[IpNet],
+    state: &ProxyState,
+    env: &Env,
+) -> anyhow::Result<Packet> {
     let (src, src_port) = parse_endpoint(&args.src, false).context("--src")?;
     let (dst, dst_port) = parse_endpoint(&args.dst, true).context("--dst")?;
     if IpFamily::of(&src) != IpFamily::of(&dst) {
         bail!("--src {src} and --dst {dst} are of different IP families");
     }
+    let given = ingress.in_interface.as_deref();
+    if let Some(name) = given {
+        check_interface_name(name)
+            .map_err(|why| anyhow::anyhow!("--in-interface {name:?}: {why}"))?;
+    }
+    let detector = state
+        .node
+        .local_traffic
+        .matcher(IpFamily::of(&dst))
+        .ok()
+        .flatten();
     let origin = match args.from {
         Some(OriginArg::Pod) => Origin::Pod,
         Some(OriginArg::Node) => Origin::Node,
         Some(OriginArg::External) => Origin::External,
         None if env.is_local(&src) => Origin::Node,
-        None if state.node.cluster_cidrs.iter().any(|c| c.contains(&src)) => Origin::Pod,
+        None if looks_like_pod(detector, &src, given, cluster_cidrs) => Origin::Pod,
         None => Origin::External,
+    };
+    let in_iface = match (given, origin) {
+        (Some(_), Origin::Node) => bail!(
+            "--in-interface with a packet from the node: the node's own packets arrive on no interface"
+        ),
+        (Some(name), _) => Some(name.to_string()),
+        (None, Origin::Pod) => pod_interface(&state.node.local_traffic),
+        (None, _) => None,
     };
     Ok(Packet {
         src,
@@ -89,7 +134,38 @@ pub fn packet(args: &TraceArgs, state: &ProxyState, env: &Env) -> anyhow::Result
             other => bail!("--proto {other:?}: use tcp, udp or sctp"),
         },
         origin,
+        in_iface,
     })
+}
+
+/// The `--from` guess for a source that is not local (see [`packet`]).
+fn looks_like_pod(
+    detector: Option<LocalMatch<'_>>,
+    src: &IpAddr,
+    in_interface: Option<&str>,
+    cluster_cidrs: &[IpNet],
+) -> bool {
+    match (detector, in_interface) {
+        (Some(d @ LocalMatch::SourceCidr(_)), _) | (Some(d), Some(_)) => {
+            d.matches(src, in_interface.unwrap_or_default())
+        }
+        (Some(_), None) => cluster_cidrs.iter().any(|c| c.contains(src)),
+        (None, _) => false,
+    }
+}
+
+/// The interface a pod's packet arrives on when `--in-interface` does not say: the bridge, or
+/// a name with the detector's prefix (the prefix and `0`, or the prefix alone when that would
+/// exceed the kernel's limit); none for the other detectors, which do not look at it.
+fn pod_interface(local: &LocalTraffic) -> Option<String> {
+    match local {
+        LocalTraffic::Interface(name) => Some(name.clone()),
+        LocalTraffic::InterfacePrefix(prefix) if prefix.len() < MAX_INTERFACE_NAME => {
+            Some(format!("{prefix}0"))
+        }
+        LocalTraffic::InterfacePrefix(prefix) => Some(prefix.clone()),
+        LocalTraffic::None | LocalTraffic::SourceCidrs(_) => None,
+    }
 }
 
 /// How long `kproxy trace` waits for the API's initial lists.
@@ -142,8 +218,17 @@ pub fn desired_state(config: &Config) -> anyhow::Result<ProxyState> {
     })
 }
 
-/// Runs the trace.
+/// Runs the trace without `--in-interface` (see [`run_with`]).
 pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
+    run_with(config, args, &IngressArgs::default())
+}
+
+/// Runs the trace with `--in-interface`.
+pub fn run_with(
+    config: &Config,
+    args: &TraceArgs,
+    ingress: &IngressArgs,
+) -> anyhow::Result<Report> {
     let state = desired_state(config)?;
     let desired_env = Env::from_state(&state);
     // Live: this namespace's own addresses are what `addrtype LOCAL` / `fib` see.
@@ -153,7 +238,7 @@ pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
         env
     };
     let env = if args.live { &live_env } else { &desired_env };
-    let pkt = packet(args, &state, env)?;
+    let pkt = packet(args, ingress, &config.cluster_cidrs, &state, env)?;
     let families = vec![pkt.family()];
     let (desired, live) = match config.mode {
         ModeName::Iptables => {
@@ -322,6 +407,7 @@ pub fn to_json(r: &Report) -> serde_json::Value {
             "dstPort": p.dst_port,
             "protocol": p.proto.as_str(),
             "from": p.origin.as_str(),
+            "inInterface": Some(p.ingress()).filter(|i| !i.is_empty()),
         },
         "mode": r.mode.as_str(),
         "state": r.source,
@@ -413,6 +499,102 @@ mod tests {
             );
             assert_eq!(to_json(&r)["packet"]["from"], "external");
         }
+    }
+
+    /// `kproxy trace` flags for a TCP packet from `src` to `dst`.
+    fn trace_args(src: &str, dst: &str, from: Option<OriginArg>) -> TraceArgs {
+        TraceArgs {
+            src: src.into(),
+            dst: dst.into(),
+            proto: "tcp".into(),
+            from,
+            live: false,
+            output: TraceOutput::Text,
+        }
+    }
+
+    fn state_with(local_traffic: LocalTraffic) -> ProxyState {
+        let mut s = kproxy_testkit::state(vec![kproxy_testkit::service(
+            "web",
+            "10.96.0.10",
+            vec![kproxy_testkit::ep("10.244.2.1", false)],
+        )]);
+        std::sync::Arc::make_mut(&mut s.node).local_traffic = local_traffic;
+        s
+    }
+
+    fn ingress(name: Option<&str>) -> IngressArgs {
+        IngressArgs {
+            in_interface: name.map(str::to_string),
+        }
+    }
+
+    /// The masquerade decision of a trace's only candidate, in iptables mode.
+    fn masqueraded(s: &ProxyState, p: &Packet) -> bool {
+        let rules = kproxy_iptables::render::render(s, &kproxy_iptables::RenderOptions::default());
+        let t = kproxy_iptables::trace::trace(&rules, &Env::from_state(s), p);
+        let Verdict::Forward { candidates, .. } = &t.verdict else {
+            panic!("{p}: {}", t.verdict)
+        };
+        candidates[0].masquerade
+    }
+
+    #[test]
+    fn in_interface_defaults_to_the_pods_interface_and_decides_the_origin() {
+        let cluster: Vec<IpNet> = vec!["10.244.0.0/16".parse().expect("net")];
+        let bridge = state_with(LocalTraffic::Interface("cbr0".into()));
+        let env = Env::from_state(&bridge);
+        let args = trace_args("10.244.1.7", "10.96.0.10:80", None);
+        // A pod source under an interface detector: from the pod, via the bridge.
+        let p = packet(&args, &ingress(None), &cluster, &bridge, &env).expect("packet");
+        assert_eq!((p.origin, p.ingress()), (Origin::Pod, "cbr0"));
+        assert!(!masqueraded(&bridge, &p));
+        // Another interface: not from a pod, masqueraded.
+        let p = packet(&args, &ingress(Some("eth0")), &cluster, &bridge, &env).expect("packet");
+        assert_eq!((p.origin, p.ingress()), (Origin::External, "eth0"));
+        assert!(masqueraded(&bridge, &p));
+        // An address outside the pod network arriving on the bridge is a pod's packet.
+        let outside = trace_args("172.16.0.9", "10.96.0.10:80", None);
+        let p = packet(&outside, &ingress(Some("cbr0")), &cluster, &bridge, &env).expect("packet");
+        assert_eq!(p.origin, Origin::Pod);
+        // A prefix detector: the prefix and 0.
+        let prefix = state_with(LocalTraffic::InterfacePrefix("veth".into()));
+        let pod = trace_args("172.16.0.9", "10.96.0.10:80", Some(OriginArg::Pod));
+        let p = packet(&pod, &ingress(None), &[], &prefix, &env).expect("packet");
+        assert_eq!(p.ingress(), "veth0");
+        assert!(!masqueraded(&prefix, &p));
+        // The CIDR detector needs no interface.
+        let cidr = state_with(LocalTraffic::source_cidrs(&cluster));
+        let p = packet(&args, &ingress(None), &[], &cidr, &env).expect("packet");
+        assert_eq!((p.origin, p.in_iface.as_deref()), (Origin::Pod, None));
+    }
+
+    #[test]
+    fn in_interface_is_refused_for_the_nodes_own_packets_and_bad_names() {
+        let s = state_with(LocalTraffic::Interface("cbr0".into()));
+        let env = Env::from_state(&s);
+        let from_node = trace_args("192.168.0.2", "10.96.0.10:80", None);
+        assert!(packet(&from_node, &ingress(Some("cbr0")), &[], &s, &env).is_err());
+        let args = trace_args("10.244.1.7", "10.96.0.10:80", None);
+        for bad in ["", "a b", "sixteen-chars-xx"] {
+            assert!(
+                packet(&args, &ingress(Some(bad)), &[], &s, &env).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn in_interface_flag_parses() {
+        use clap::{Args as _, FromArgMatches as _};
+        let cmd = IngressArgs::augment_args(clap::Command::new("trace"));
+        let m = cmd
+            .try_get_matches_from(["trace", "--in-interface", "cbr0"])
+            .expect("flags");
+        assert_eq!(
+            IngressArgs::from_arg_matches(&m).expect("args"),
+            ingress(Some("cbr0"))
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use kproxy::cache::ClusterCache;
 use kproxy::desired_state::{self, BuildContext};
 use kproxy::source::manifests::parse_text;
-use kproxy_contract::{IpFamily, Mode as _, NodeSettings};
+use kproxy_contract::{IpFamily, LocalTraffic, Mode as _, NodeSettings};
 use kproxy_iptables::fake::FakeIptables;
 use kproxy_iptables::{IptablesMode, RenderOptions};
 use kproxy_nftables::NftablesMode;
@@ -35,10 +35,10 @@ fuzz_target!(|data: &[u8]| {
     let node = NodeSettings {
         node_name: "node-a".to_owned(),
         node_ips: vec!["10.0.1.1".parse().unwrap(), "fd00:1::1".parse().unwrap()],
-        cluster_cidrs: vec![
+        local_traffic: LocalTraffic::SourceCidrs(vec![
             "10.244.0.0/16".parse().unwrap(),
             "fd00:244::/56".parse().unwrap(),
-        ],
+        ]),
         ..NodeSettings::default()
     };
     let ctx = BuildContext {

@@ -24,7 +24,12 @@
 //!    exist yet): the packet was routed or dropped, and since NAT is decided only for a flow's
 //!    first packet, the flow would bypass the DNAT rules for as long as the client keeps
 //!    sending. Deleting a non-NATed UDP entry is harmless even in the rare case it is not ours:
-//!    the next packet recreates it identically.
+//!    the next packet recreates it identically. "Forwards this flow" depends on the source for
+//!    an externalTrafficPolicy=Local frontend without local endpoints: only pod traffic is
+//!    short-circuited to the cluster's endpoints. A conntrack entry records addresses, not the
+//!    interface a flow arrived on, so only the source-address detector can tell pod flows
+//!    apart; under an interface detector every flow counts as not from a pod (see
+//!    [`from_local_pod`]).
 //!
 //! Everything else is left alone, in particular SNAT-only flows and flows to addresses kproxy
 //! does not own.
@@ -174,9 +179,25 @@ fn forwards(sp: &ServicePort, kind: Kind, state: &ProxyState, src: IpAddr) -> bo
         Kind::External => {
             // ETP=Local without local endpoints still forwards pod traffic to the cluster-wide
             // endpoints (the short-circuit for traffic from the pod network).
-            let from_pods = sp.external_policy == TrafficPolicy::Local
-                && state.node.cluster_cidrs.iter().any(|n| n.contains(&src));
+            let from_pods =
+                sp.external_policy == TrafficPolicy::Local && from_local_pod(state, src);
             !sp.external_endpoints().is_empty() || (from_pods && !sp.endpoints.cluster.is_empty())
         }
     }
+}
+
+/// Whether a flow from `src` is known to come from a local pod, as the rules' local-traffic
+/// detector decides. Only a source-address detector can answer from a conntrack entry, which
+/// holds no interface. Under an interface detector (bridge, name prefix) the answer is "no",
+/// on purpose: an un-NATed entry is then deleted only when every source's new flows would be
+/// DNATed. The other guess would delete entries of external clients whose new flows the rules
+/// drop, cutting flows the rules have no better answer for; this one, at worst, leaves a pod's
+/// UDP flow that started before the service had endpoints bypassing the DNAT for as long as
+/// the pod keeps sending on it (what every such flow did before conntrack cleanup existed).
+fn from_local_pod(state: &ProxyState, src: IpAddr) -> bool {
+    state
+        .node
+        .local_traffic
+        .cidr(IpFamily::of(&src))
+        .is_some_and(|cidr| cidr.contains(&src))
 }

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kproxy_contract::{
-    Endpoint, Endpoints, IpFamily, NodeSettings, Protocol, ProxyState, ServicePort, ServicePortKey,
-    ServicePortName, TrafficPolicy,
+    Endpoint, Endpoints, IpFamily, LocalTraffic, NodeSettings, Protocol, ProxyState, ServicePort,
+    ServicePortKey, ServicePortName, TrafficPolicy,
 };
 
 use super::*;
@@ -106,7 +106,7 @@ fn state(sps: Vec<Sp>) -> ProxyState {
     let node = NodeSettings {
         node_name: "node-a".into(),
         node_ips: vec!["10.0.1.1".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        local_traffic: LocalTraffic::SourceCidrs(vec!["10.244.0.0/16".parse().unwrap()]),
         service_cidrs: vec![
             "10.96.0.0/12".parse().unwrap(),
             "fd00:96::/112".parse().unwrap(),
@@ -403,6 +403,30 @@ fn stale_flow_table() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Under an interface detector a conntrack entry cannot say whether its flow came from a pod
+/// (it holds no interface), so the ETP=Local short-circuit is not assumed: a non-NATed flow to
+/// a frontend without local endpoints is left alone whatever its source.
+#[test]
+fn interface_detectors_never_assume_a_pod_source() {
+    let short_circuited = flow(Protocol::Udp, POD_CLIENT, "192.0.2.40:53", None);
+    let now_served = udp("192.0.2.10:53", None);
+    for detector in [
+        LocalTraffic::Interface("cbr0".into()),
+        LocalTraffic::InterfacePrefix("veth".into()),
+        LocalTraffic::None,
+    ] {
+        let mut current = cluster();
+        Arc::make_mut(&mut current.node).local_traffic = detector.clone();
+        let flows = vec![short_circuited.clone(), now_served.clone()];
+        let stale: Vec<(&Flow, StaleReason)> = stale_flows(&current, None, &flows);
+        assert_eq!(
+            stale,
+            vec![(&now_served, StaleReason::NowHasEndpoints)],
+            "{detector:?}"
+        );
+    }
 }
 
 #[test]

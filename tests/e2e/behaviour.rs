@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::support::family::Fam;
 use crate::support::manifests::Port;
-use crate::support::objects::{Ep, Svc, endpoint_slice, node};
+use crate::support::objects::{Ep, Svc, endpoint_slice, node, node_with_pod_cidrs};
 use crate::support::scenario::{
     DROPPED, Mode, NODE, OTHER_NODE, PROBE, REQ, Scenario, assert_spread, assert_timed_out, ip,
     sock,
@@ -605,6 +605,197 @@ fn masquerade_all_masquerades_pod_sources(mode: Mode, f: Fam) {
     let from_pod = tcp_request_from(&s.topo.client, Some(pod), vip, REQ).unwrap();
     assert_eq!(split_peer(&from_pod), ("ep1", f.node_pod_side()));
     s.kproxy().assert_running();
+}
+
+// --- (h') local-traffic detection (--detect-local-mode) ---------------------------------------
+//
+// What counts as "from a local pod" decides who is masqueraded on a ClusterIP and who takes the
+// externalTrafficPolicy=Local short-circuit. The client plays the pods: its link to the node
+// (`node_uplink_dev`) stands for the pods' bridge or veths, and its address 10.244.9.2
+// (`add_pod_source`) for a pod address; --cluster-cidr stays 10.244.0.0/16 in every test, so a
+// detector that ignores it shows.
+
+/// The `--detect-local-mode` flags of the bridge detector.
+fn bridge_flags(bridge: &str) -> Vec<String> {
+    vec![
+        "--detect-local-mode=BridgeInterface".into(),
+        format!("--pod-bridge-interface={bridge}"),
+    ]
+}
+
+/// The `--detect-local-mode` flags of the interface-name-prefix detector.
+fn prefix_flags(prefix: &str) -> Vec<String> {
+    vec![
+        "--detect-local-mode=InterfaceNamePrefix".into(),
+        format!("--pod-interface-name-prefix={prefix}"),
+    ]
+}
+
+/// A strict prefix of the node's interface towards the client (`vb7` → `vb`).
+fn uplink_prefix(s: &Scenario) -> String {
+    let dev = &s.topo.node_uplink_dev;
+    dev.trim_end_matches(|c: char| c.is_ascii_digit())
+        .to_string()
+}
+
+/// Starts kproxy with `flags` on [`masq_scenario`]'s ClusterIP and checks, for the client's
+/// primary address and its pod-CIDR address, whether the endpoint sees the client's own source
+/// (`true`: local pod traffic, not masqueraded) or the node's address (masqueraded).
+fn assert_clusterip_sources(
+    mut s: Scenario,
+    f: Fam,
+    pod: IpAddr,
+    flags: &[String],
+    client_preserved: bool,
+    pod_preserved: bool,
+) {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    s.start_kproxy(&flags);
+    let vip = sock(&f.a("10.96.1.8"), 80);
+    for (src, preserved) in [(f.client(0), client_preserved), (pod, pod_preserved)] {
+        s.wait_for_result(
+            &format!("{vip} from {src}"),
+            |t| tcp_request_from(&t.client, Some(src), vip, PROBE),
+            |r| r.is_ok(),
+        );
+        let want = if preserved {
+            src.to_string()
+        } else {
+            f.node_pod_side().to_string()
+        };
+        for _ in 0..3 {
+            let answer = tcp_request_from(&s.topo.client, Some(src), vip, REQ).unwrap();
+            assert_eq!(
+                split_peer(&answer),
+                ("ep1", want.as_str()),
+                "{vip} from {src} with {flags:?}"
+            );
+        }
+    }
+    s.kproxy().assert_running();
+}
+
+// Traffic arriving on the bridge is local, whatever its address: neither client address is
+// masqueraded.
+both_families!(
+    detect_local_bridge_interface_preserves_traffic_arriving_on_it,
+    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
+);
+fn detect_local_bridge_interface_preserves_traffic_arriving_on_it(mode: Mode, f: Fam) {
+    let (s, pod) = masq_scenario(mode, f);
+    let flags = bridge_flags(&s.topo.node_uplink_dev);
+    assert_clusterip_sources(s, f, pod, &flags, true, true);
+}
+
+// Another bridge: everything from the client is masqueraded, its pod-CIDR address too.
+both_families!(
+    detect_local_other_bridge_interface_masquerades,
+    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
+);
+fn detect_local_other_bridge_interface_masquerades(mode: Mode, f: Fam) {
+    let (s, pod) = masq_scenario(mode, f);
+    assert_clusterip_sources(s, f, pod, &bridge_flags("kpx-nobr0"), false, false);
+}
+
+both_families!(
+    detect_local_interface_prefix_preserves_traffic_arriving_on_a_match,
+    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
+);
+fn detect_local_interface_prefix_preserves_traffic_arriving_on_a_match(mode: Mode, f: Fam) {
+    let (s, pod) = masq_scenario(mode, f);
+    let flags = prefix_flags(&uplink_prefix(&s));
+    assert_clusterip_sources(s, f, pod, &flags, true, true);
+}
+
+both_families!(
+    detect_local_other_interface_prefix_masquerades,
+    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
+);
+fn detect_local_other_interface_prefix_masquerades(mode: Mode, f: Fam) {
+    let (s, pod) = masq_scenario(mode, f);
+    assert_clusterip_sources(s, f, pod, &prefix_flags("kpxno"), false, false);
+}
+
+/// [`masq_scenario`] with the Node's `spec.podCIDRs` set to `pod_cidr` (an IPv4 literal) and
+/// its IPv6 twin.
+fn node_cidr_scenario(mode: Mode, f: Fam, pod_cidr: &str) -> (Scenario, IpAddr) {
+    let (s, pod) = masq_scenario(mode, f);
+    s.apply(&node_with_pod_cidrs(
+        NODE,
+        &[NODE_IP, NODE_IP6],
+        &[&Fam::V4.a(pod_cidr), &Fam::V6.a(pod_cidr)],
+    ));
+    (s, pod)
+}
+
+// The Node's pod CIDR covers the pod source (10.244.9.0/24): it alone is preserved; the client's
+// primary address, outside it, is masqueraded.
+both_families!(
+    detect_local_node_cidr_preserves_this_nodes_pod_range,
+    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
+);
+fn detect_local_node_cidr_preserves_this_nodes_pod_range(mode: Mode, f: Fam) {
+    let (s, pod) = node_cidr_scenario(mode, f, "10.244.9.0/24");
+    let flags = ["--detect-local-mode=NodeCIDR".to_string()];
+    assert_clusterip_sources(s, f, pod, &flags, false, true);
+}
+
+// Another node's pod range (10.244.7.0/24): the pod source is masqueraded although it is inside
+// --cluster-cidr, which NodeCIDR does not consult.
+both_families!(
+    detect_local_node_cidr_masquerades_other_pod_ranges,
+    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
+);
+fn detect_local_node_cidr_masquerades_other_pod_ranges(mode: Mode, f: Fam) {
+    let (s, pod) = node_cidr_scenario(mode, f, "10.244.7.0/24");
+    let flags = ["--detect-local-mode=NodeCIDR".to_string()];
+    assert_clusterip_sources(s, f, pod, &flags, false, false);
+}
+
+/// ETP=Local NodePort without local endpoints (see [`etp_scenario`]) under an interface
+/// detector that matches the client's link: the client is short-circuited to every endpoint
+/// with its own source (not dropped, not masqueraded), and the node's own connection, which has
+/// no input interface, is served masqueraded (`--src-type LOCAL` / `fib saddr type local`).
+fn assert_etp_local_short_circuit(mode: Mode, f: Fam, flags: impl Fn(&Scenario) -> Vec<String>) {
+    let mut s = etp_scenario(mode, f, "Local", false);
+    let flags = flags(&s);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    s.start_kproxy(&flags);
+    let np = sock(f.node_ip(), NODE_PORT);
+    let src = f.client(0);
+    s.wait_for_result(
+        &format!("{np} from {src}"),
+        |t| tcp_request_from(&t.client, Some(src), np, PROBE),
+        |r| r.is_ok(),
+    );
+    let seen = answers(&s, Some(src), np, 30);
+    assert_eq!(
+        seen,
+        set(&[&format!("ep1 from {src}"), &format!("ep2 from {src}")]),
+        "ETP=Local NodePort from the client's link with {flags:?}"
+    );
+    let from_node = tcp_request(&s.topo.node, np, REQ);
+    assert!(
+        matches!(&from_node, Ok(a) if a.starts_with("ep")),
+        "ETP=Local NodePort from the node itself: {from_node:?}"
+    );
+    s.kproxy().assert_running();
+}
+
+both_families!(
+    detect_local_bridge_interface_short_circuits_etp_local,
+    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
+);
+fn detect_local_bridge_interface_short_circuits_etp_local(mode: Mode, f: Fam) {
+    assert_etp_local_short_circuit(mode, f, |s| bridge_flags(&s.topo.node_uplink_dev));
+}
+
+both_families!(
+    detect_local_interface_prefix_short_circuits_etp_local,
+    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
+);
+fn detect_local_interface_prefix_short_circuits_etp_local(mode: Mode, f: Fam) {
+    assert_etp_local_short_circuit(mode, f, |s| prefix_flags(&uplink_prefix(s)));
 }
 
 // --- (i) hairpin ----------------------------------------------------------------------------

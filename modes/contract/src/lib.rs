@@ -12,11 +12,15 @@
 
 pub mod command;
 mod error;
+mod local;
 mod mode;
 mod state;
 pub mod trace;
 
 pub use error::{CommandError, ModeError};
+pub use local::{
+    InvalidInterfaceName, LocalMatch, LocalTraffic, MAX_INTERFACE_NAME, check_interface_name,
+};
 pub use mode::{Mode, ModeName, ObjectCount, Plan, PlanStats};
 pub use state::{
     Endpoint, Endpoints, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState,

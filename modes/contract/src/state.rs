@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::LocalTraffic;
+
 /// An IP family. Each family is programmed independently, as upstream runs one proxier per family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IpFamily {
@@ -234,9 +236,10 @@ pub struct NodeSettings {
     pub node_name: String,
     /// This node's addresses (from the Node object, then the flags), primary first per family.
     pub node_ips: Vec<IpAddr>,
-    /// Pod CIDRs: traffic from them is "local" (not masqueraded on ClusterIPs; ETP=Local
-    /// short-circuit). Empty disables local-traffic detection, as upstream's no-op detector.
-    pub cluster_cidrs: Vec<IpNet>,
+    /// How the rules recognise traffic from this node's pods: it is not masqueraded on
+    /// ClusterIPs and takes the ETP=Local short-circuit. [`LocalTraffic::None`] (the default)
+    /// disables both, as upstream's no-op detector.
+    pub local_traffic: LocalTraffic,
     /// Service CIDRs (`--service-cluster-ip-range`).
     pub service_cidrs: Vec<IpNet>,
     /// Masquerade every service connection.
@@ -248,13 +251,6 @@ pub struct NodeSettings {
 }
 
 impl NodeSettings {
-    /// The pod CIDRs of one family.
-    pub fn cluster_cidrs(&self, family: IpFamily) -> impl Iterator<Item = &IpNet> {
-        self.cluster_cidrs
-            .iter()
-            .filter(move |n| IpFamily::of_net(n) == family)
-    }
-
     /// The masquerade mark, `1 << masquerade_bit`.
     pub fn masquerade_mark(&self) -> u32 {
         1u32 << u32::from(self.masquerade_bit.min(31))

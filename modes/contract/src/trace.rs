@@ -23,7 +23,8 @@ use crate::{IpFamily, Protocol, ProxyState, ServicePort, TrafficPolicy};
 pub mod nft;
 
 /// Where a packet comes from: decides which netfilter hooks it crosses (PREROUTING or OUTPUT).
-/// The verdict never depends on it beyond that: addresses decide (pod CIDR, local source).
+/// The verdict never depends on it beyond that: addresses and the ingress interface decide
+/// (the local-traffic detector, a local source).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Origin {
     /// A pod on this node (enters through PREROUTING from its veth).
@@ -51,7 +52,7 @@ impl Origin {
 }
 
 /// The first packet of a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Packet {
     /// Source address.
     pub src: IpAddr,
@@ -65,12 +66,25 @@ pub struct Packet {
     pub proto: Protocol,
     /// Where it comes from.
     pub origin: Origin,
+    /// The interface it arrived on (what `-i` / `iifname` compare), when known. A packet the
+    /// node itself sends has none whatever this says: see [`Packet::ingress`].
+    pub in_iface: Option<String>,
 }
 
 impl Packet {
     /// The family of the packet (its destination's).
     pub fn family(&self) -> IpFamily {
         IpFamily::of(&self.dst)
+    }
+
+    /// The input interface name the kernel's rules see: empty for a packet the node sends
+    /// (OUTPUT-hook chains have no input device, so `! -i br0` and `iifname != "br0"` match
+    /// it and `-i br0` does not) and for a received packet whose interface is unknown.
+    pub fn ingress(&self) -> &str {
+        match (&self.in_iface, self.origin.is_local()) {
+            (Some(name), false) => name,
+            _ => "",
+        }
     }
 }
 
@@ -86,7 +100,11 @@ impl fmt::Display for Packet {
             self.proto,
             SocketAddr::new(self.dst, self.dst_port),
             self.origin.as_str()
-        )
+        )?;
+        match self.ingress() {
+            "" => Ok(()),
+            iface => write!(f, " via {iface}"),
+        }
     }
 }
 
@@ -497,11 +515,12 @@ fn find_nodeport<'a>(state: &'a ProxyState, pkt: &Packet) -> Option<&'a ServiceP
         .map(|sp| &**sp)
 }
 
-/// Whether `src` is in the family's pod CIDRs (the local-traffic detector).
+/// The local-traffic detector's answer: whether `pkt` comes from a local pod, `None` when the
+/// family has no detector (no rule asks). An invalid interface name counts as no detector, as
+/// the renderers treat it.
 fn from_pod_network(state: &ProxyState, pkt: &Packet) -> Option<bool> {
-    let mut cidrs = state.node.cluster_cidrs(pkt.family()).peekable();
-    cidrs.peek()?;
-    Some(cidrs.any(|c| c.contains(&pkt.src)))
+    let detector = state.node.local_traffic.matcher(pkt.family()).ok()??;
+    Some(detector.matches(&pkt.src, pkt.ingress()))
 }
 
 /// The model: what section 3 of the reference says happens to `pkt`, in `dialect`.

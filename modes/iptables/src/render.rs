@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use kproxy_contract::{
-    Endpoint, IpFamily, NodePortAddresses, NodeSettings, ProxyState, ServicePort, ServicePortKey,
-    TrafficPolicy,
+    Endpoint, IpFamily, LocalMatch, NodePortAddresses, NodeSettings, ProxyState, ServicePort,
+    ServicePortKey, TrafficPolicy,
 };
 
 use crate::dispatch;
@@ -169,6 +169,7 @@ pub fn render_cached(
             filter_external_nodeports: Vec::new(),
         };
         w.static_chains(opts);
+        let local = state.node.local_traffic.for_rules(family);
         for (key, sp) in state.services.iter().filter(|(k, _)| k.family == family) {
             let fragment = match previous.remove(key) {
                 Some((old, fragment)) if Arc::ptr_eq(&old, sp) || old == *sp => fragment,
@@ -176,6 +177,7 @@ pub fn render_cached(
                     let mut f = ServiceWriter {
                         family,
                         node: &state.node,
+                        local,
                         frag: Fragment::default(),
                     }
                     .service_port(sp);
@@ -352,7 +354,22 @@ impl FamilyWriter<'_> {
 struct ServiceWriter<'a> {
     family: IpFamily,
     node: &'a NodeSettings,
+    /// The family's local-traffic detector; `None` writes no "from a pod?" rules at all.
+    local: Option<LocalMatch<'a>>,
     frag: Fragment,
+}
+
+/// Adds the local-traffic detector's match to a rule, upstream's spellings: `-s CIDR`,
+/// `-i BRIDGE` or `-i PREFIX+` for traffic from local pods (`local`), `! -s CIDR`, `! -i ...`
+/// for everything else. In a chain reached from OUTPUT there is no input interface, so
+/// `! -i` matches the node's own packets and `-i` never does.
+fn detect_local(rule: RuleBuilder, m: LocalMatch<'_>, local: bool) -> RuleBuilder {
+    match m {
+        LocalMatch::SourceCidr(cidr) if local => rule.src(net(cidr)),
+        LocalMatch::SourceCidr(cidr) => rule.not_src(net(cidr)),
+        LocalMatch::Interface(name) => rule.in_iface(!local, name),
+        LocalMatch::InterfacePrefix(prefix) => rule.in_iface(!local, format!("{prefix}+")),
+    }
 }
 
 impl ServiceWriter<'_> {
@@ -515,11 +532,11 @@ impl ServiceWriter<'_> {
                         .dport(proto, sp.port)
                         .jump(MARK_MASQ),
                 );
-            } else if let Some(cidr) = self.node.cluster_cidrs(family).next() {
+            } else if let Some(local) = self.local {
                 // Traffic from outside the pod network is masqueraded so replies come back
                 // through this node.
                 internal_masq.push(
-                    masq.not_src(net(cidr))
+                    detect_local(masq, local, false)
                         .comment(&format!("{name} cluster IP"))
                         .dport(proto, sp.port)
                         .jump(MARK_MASQ),
@@ -551,10 +568,9 @@ impl ServiceWriter<'_> {
                         .jump(MARK_MASQ),
                 );
             } else {
-                if let Some(cidr) = self.node.cluster_cidrs(family).next() {
+                if let Some(local) = self.local {
                     rules.push(
-                        RuleBuilder::new()
-                            .src(net(cidr))
+                        detect_local(RuleBuilder::new(), local, true)
                             .comment(&format!("pod traffic for {name} external destinations"))
                             .jump(&svc_chain),
                     );

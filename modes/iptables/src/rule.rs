@@ -16,6 +16,7 @@ use kproxy_contract::{IpFamily, Protocol};
 pub struct RuleBuilder {
     src: Option<(bool, String)>,
     dst: Option<(bool, String)>,
+    in_iface: Option<(bool, String)>,
     proto: Option<Protocol>,
     matches: String,
 }
@@ -87,6 +88,14 @@ impl RuleBuilder {
         self
     }
 
+    /// `-i NAME`, or `! -i NAME` when `negated`. NAME ending in `+` matches every interface
+    /// whose name starts with what precedes it. The caller passes a checked name
+    /// ([`kproxy_contract::check_interface_name`]): iptables-save prints it unquoted.
+    pub fn in_iface(mut self, negated: bool, name: impl Into<String>) -> Self {
+        self.in_iface = Some((negated, name.into()));
+        self
+    }
+
     /// `-p PROTO`.
     pub fn proto(mut self, proto: Protocol) -> Self {
         self.proto = Some(proto);
@@ -139,6 +148,9 @@ impl RuleBuilder {
         }
         if let Some((neg, d)) = &self.dst {
             let _ = write!(out, " {}-d {d}", if *neg { "! " } else { "" });
+        }
+        if let Some((neg, i)) = &self.in_iface {
+            let _ = write!(out, " {}-i {i}", if *neg { "! " } else { "" });
         }
         if let Some(p) = self.proto {
             let _ = write!(out, " -p {p}");
@@ -220,6 +232,13 @@ mod tests {
             r,
             "! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp --dport 80 -j KPROXY-MARK-MASQ"
         );
+        // iptables-save prints the input interface after the addresses, before the protocol.
+        let r = RuleBuilder::new()
+            .proto(Protocol::Tcp)
+            .in_iface(true, "veth+")
+            .dst(host("10.96.0.10".parse().expect("ip")))
+            .jump("X");
+        assert_eq!(r, "-d 10.96.0.10/32 ! -i veth+ -p tcp -j X");
     }
 
     #[test]

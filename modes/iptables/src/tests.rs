@@ -277,6 +277,121 @@ fn etp_local_without_local_endpoints_keeps_the_ext_chain_reachable() {
     assert_eq!(drops, 2, "{filter:#?}");
 }
 
+/// The ClusterIP masquerade rule (SVC chain) and the ETP=Local pod short-circuit (EXT chain)
+/// of a dual-stack NodePort service on a node with `local_traffic`, per family.
+fn detector_rules(local_traffic: LocalTraffic) -> Vec<(IpFamily, String, String)> {
+    let mut sps = Vec::new();
+    for (cip, ep_ip) in [
+        ("10.96.0.10", "10.244.2.1"),
+        ("fd00:96::10", "fd00:244::21"),
+    ] {
+        let mut sp = service("a", cip, vec![ep(ep_ip, false)]);
+        sp.node_port = Some(30080);
+        sp.external_policy = TrafficPolicy::Local;
+        sps.push(sp);
+    }
+    let mut s = state(sps);
+    Arc::make_mut(&mut s.node).local_traffic = local_traffic;
+    let r = mode().render(&s);
+    IpFamily::ALL
+        .into_iter()
+        .map(|family| {
+            let nat = r.table(family, Table::Nat).unwrap();
+            let svc = &nat.chains[&names::service_chain(&spn("a"))];
+            let ext = &nat.chains[&names::external_chain(&spn("a"))];
+            (family, svc[0].clone(), ext[0].clone())
+        })
+        .collect()
+}
+
+/// Each local-traffic detector in upstream's spelling, as iptables-save prints it back:
+/// `! -s CIDR` / `! -i BRIDGE` / `! -i PREFIX+` after the destination on the ClusterIP
+/// masquerade rule, and the positive match heading the ETP=Local external chain.
+#[test]
+fn local_traffic_detectors_render_upstreams_matches() {
+    let svc = names::service_chain(&spn("a"));
+    // `-s` precedes `-d`, `-i` follows it.
+    let masq = |family: IpFamily, detector: &str| {
+        let dst = match family {
+            IpFamily::V4 => "-d 10.96.0.10/32",
+            IpFamily::V6 => "-d fd00:96::10/128",
+        };
+        let head = if detector.contains("-s ") {
+            format!("{detector} {dst}")
+        } else {
+            format!("{dst} {detector}")
+        };
+        format!(
+            "{head} -p tcp -m comment --comment \"ns/a:p cluster IP\" -m tcp --dport 80 -j KPROXY-MARK-MASQ"
+        )
+    };
+    let pod = |detector: &str| {
+        format!(
+            "{detector} -m comment --comment \"pod traffic for ns/a:p external destinations\" -j {svc}"
+        )
+    };
+    let cidrs = LocalTraffic::SourceCidrs(vec![
+        "10.244.0.0/16".parse().unwrap(),
+        "fd00:244::/56".parse().unwrap(),
+    ]);
+    let cases: [(LocalTraffic, [[&str; 2]; 2]); 4] = [
+        (
+            cidrs,
+            [
+                ["! -s 10.244.0.0/16", "-s 10.244.0.0/16"],
+                ["! -s fd00:244::/56", "-s fd00:244::/56"],
+            ],
+        ),
+        (
+            LocalTraffic::Interface("cbr0".into()),
+            [["! -i cbr0", "-i cbr0"], ["! -i cbr0", "-i cbr0"]],
+        ),
+        (
+            LocalTraffic::InterfacePrefix("veth".into()),
+            [["! -i veth+", "-i veth+"], ["! -i veth+", "-i veth+"]],
+        ),
+        // As long as the longest name: an exact match (iptables refuses `+` after it).
+        (
+            LocalTraffic::InterfacePrefix("br-1a2b3c4d5e6f".into()),
+            [
+                ["! -i br-1a2b3c4d5e6f", "-i br-1a2b3c4d5e6f"],
+                ["! -i br-1a2b3c4d5e6f", "-i br-1a2b3c4d5e6f"],
+            ],
+        ),
+    ];
+    for (detector, want) in cases {
+        for ((family, svc_rule, ext_rule), [outside, inside]) in
+            detector_rules(detector.clone()).into_iter().zip(want)
+        {
+            assert_eq!(svc_rule, masq(family, outside), "{detector:?} {family}");
+            assert_eq!(ext_rule, pod(inside), "{detector:?} {family}");
+        }
+    }
+    // No detector, no IPv6 CIDR, an unusable name: no rule asks "from a pod?".
+    for (detector, family) in [
+        (LocalTraffic::None, IpFamily::V4),
+        (
+            LocalTraffic::SourceCidrs(vec!["10.244.0.0/16".parse().unwrap()]),
+            IpFamily::V6,
+        ),
+        (
+            LocalTraffic::Interface("cbr0 -j ACCEPT".into()),
+            IpFamily::V4,
+        ),
+        (LocalTraffic::InterfacePrefix("veth+".into()), IpFamily::V6),
+    ] {
+        let (_, svc_rule, ext_rule) = detector_rules(detector.clone())
+            .into_iter()
+            .find(|(f, _, _)| *f == family)
+            .unwrap();
+        assert!(!svc_rule.contains("MARK-MASQ"), "{detector:?}: {svc_rule}");
+        assert!(
+            ext_rule.contains("masquerade LOCAL traffic"),
+            "{detector:?}: {ext_rule}"
+        );
+    }
+}
+
 #[test]
 fn only_local_endpoints_and_affinity_get_endpoint_chains() {
     let r = mode().render(&state(vec![service(

@@ -79,6 +79,8 @@ fn num(ip: &IpAddr) -> u128 {
 enum Match {
     Src(bool, Net),
     Dst(bool, Net),
+    /// `[!] -i NAME`, `[!] -i PREFIX+` (the `bool` after the negation: a `+` wildcard).
+    InIface(bool, String, bool),
     Proto(Protocol),
     Dport(Protocol, u16),
     SrcLocal,
@@ -194,6 +196,16 @@ fn parse(rule: &str) -> Result<Rule, String> {
                 } else {
                     Match::Dst(neg, n)
                 });
+                i += 2;
+            }
+            "-i" => {
+                let name = arg(i + 1)?;
+                let (name, wildcard) = match name.strip_suffix('+') {
+                    Some(prefix) => (prefix, true),
+                    None => (name, false),
+                };
+                r.matches
+                    .push(Match::InIface(neg, name.to_string(), wildcard));
                 i += 2;
             }
             "-p" => {
@@ -350,6 +362,17 @@ impl Walker<'_> {
         match m {
             Match::Src(neg, n) => yes(n.contains(&self.pkt.src) != *neg),
             Match::Dst(neg, n) => yes(n.contains(&b.dst) != *neg),
+            Match::InIface(neg, name, wildcard) => {
+                // The kernel compares the input device's name; in a chain reached from OUTPUT
+                // there is none (an empty name), which `Packet::ingress` gives.
+                let iface = self.pkt.ingress();
+                let hit = if *wildcard {
+                    iface.starts_with(name.as_str())
+                } else {
+                    iface == name
+                };
+                yes(hit != *neg)
+            }
             Match::Proto(p) => yes(*p == self.pkt.proto),
             Match::Dport(p, port) => yes(*p == self.pkt.proto && *port == self.pkt.dst_port),
             Match::SrcLocal => yes(self.env.is_local(&self.pkt.src)),

@@ -275,15 +275,14 @@ fn head(family: IpFamily, node: &NodeSettings) -> String {
         let _ = writeln!(t, "\tset {name} {{ type {ty};{flags} comment \"{doc}\"; }}");
     }
     let mut mark_rules = Vec::new();
-    let pod_cidrs: Vec<String> = node.cluster_cidrs(family).map(prefix).collect();
     let set_mark = format!("meta mark set meta mark | {mark:#010x}");
     if node.masquerade_all {
         mark_rules.push(format!("{fe} @masq-cluster {set_mark}"));
-    } else if !pod_cidrs.is_empty() {
-        mark_rules.push(format!(
-            "{fe} @masq-cluster {a} saddr != {{ {} }} {set_mark}",
-            pod_cidrs.join(", ")
-        ));
+    } else if let Some(local) = node.local_traffic.for_rules(family) {
+        // Reached from both nat hooks: in the output hook `iifname` is empty, so under an
+        // interface detector the node's own ClusterIP connections are masqueraded, as upstream.
+        let outside = local.nft(family, false);
+        mark_rules.push(format!("{fe} @masq-cluster {outside} {set_mark}"));
     }
     mark_rules.push(format!("{fe} @masq-external {set_mark}"));
     let chains: [(&str, Option<&str>, Vec<String>); 7] = [

@@ -94,7 +94,7 @@ fn clusterip_nodeport_external_and_lb_frontends_become_virtual_servers() {
     );
     assert!(script.contains("10.0.1.1 . tcp . 30080"), "{script}");
     assert!(
-        script.contains("ip saddr != { 10.244.0.0/16 } meta mark set meta mark | 0x00004000"),
+        script.contains("ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x00004000"),
         "{script}"
     );
 }
@@ -458,4 +458,72 @@ fn ten_thousand_services_plan_in_batches_without_growth_of_tables() {
         t.head,
         "chains do not depend on the services"
     );
+}
+
+/// The `mark-for-masquerade` rule of the ClusterIP set in `family`'s table, for a node with
+/// `local_traffic`, if there is one.
+fn masq_cluster_rule(local_traffic: LocalTraffic, family: IpFamily) -> Option<String> {
+    let mut s = state(vec![
+        service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]),
+        service("a", "fd00:96::10", vec![ep("fd00:244::11", false)]),
+    ]);
+    std::sync::Arc::make_mut(&mut s.node).local_traffic = local_traffic;
+    let rules = mode().render(&s);
+    let head = &rules.nft.unwrap()[&family].head;
+    head.lines()
+        .map(str::trim)
+        .find(|l| l.contains("@masq-cluster"))
+        .map(str::to_string)
+}
+
+/// The IPVS mode's only use of the local-traffic detector: ClusterIP traffic that is not from a
+/// local pod is marked for masquerade, in the shared nft spelling.
+#[test]
+fn local_traffic_detectors_render_upstreams_matches() {
+    let cidrs = LocalTraffic::SourceCidrs(vec![
+        "10.244.0.0/16".parse().unwrap(),
+        "fd00:244::/56".parse().unwrap(),
+    ]);
+    let mark = "meta mark set meta mark | 0x00004000";
+    for (detector, v4, v6) in [
+        (
+            cidrs,
+            "ip saddr != 10.244.0.0/16",
+            "ip6 saddr != fd00:244::/56",
+        ),
+        (
+            LocalTraffic::Interface("cbr0".into()),
+            "iifname != \"cbr0\"",
+            "iifname != \"cbr0\"",
+        ),
+        (
+            LocalTraffic::InterfacePrefix("veth".into()),
+            "iifname != \"veth*\"",
+            "iifname != \"veth*\"",
+        ),
+    ] {
+        for (family, outside, a) in [(IpFamily::V4, v4, "ip"), (IpFamily::V6, v6, "ip6")] {
+            assert_eq!(
+                masq_cluster_rule(detector.clone(), family),
+                Some(format!(
+                    "{a} daddr . meta l4proto . th dport @masq-cluster {outside} {mark}"
+                )),
+                "{detector:?} {family}"
+            );
+        }
+    }
+    for (detector, family) in [
+        (LocalTraffic::None, IpFamily::V4),
+        (
+            LocalTraffic::SourceCidrs(vec!["10.244.0.0/16".parse().unwrap()]),
+            IpFamily::V6,
+        ),
+        (LocalTraffic::InterfacePrefix("veth\"".into()), IpFamily::V4),
+    ] {
+        assert_eq!(
+            masq_cluster_rule(detector.clone(), family),
+            None,
+            "{detector:?}"
+        );
+    }
 }

@@ -889,16 +889,13 @@ impl<'a> Writer<'a> {
     fn finish(mut self) -> Table {
         let a = self.f.addr();
         let mark = self.node.masquerade_mark();
-        let cidrs: Vec<String> = self
-            .node
-            .cluster_cidrs(self.f.family)
-            .map(|c| c.trunc().to_string())
-            .collect();
-        let pod_src = match cidrs.as_slice() {
-            [] => None,
-            [one] => Some(format!("{a} saddr {one}")),
-            many => Some(format!("{a} saddr {{ {} }}", many.join(", "))),
-        };
+        // The local-traffic detector, for pod traffic (`from_pod`) and everything else. These
+        // rules sit in `services` and `nodeports`, reached from the prerouting and the output
+        // hook: in the output hook `iifname` is empty, so the node's own packets are "not
+        // local" under an interface detector, as in the iptables mode.
+        let local = self.node.local_traffic.for_rules(self.f.family);
+        let from_pod = local.map(|m| m.nft(self.f.family, true));
+        let not_from_pod = local.map(|m| m.nft(self.f.family, false));
         let fe = format!("{a} daddr . meta l4proto . th dport");
         let np_match = match self.node.node_port_addresses {
             NodePortAddresses::AllLocal => {
@@ -983,22 +980,19 @@ impl<'a> Writer<'a> {
         }
 
         let mut services = Vec::new();
-        match (&pod_src, self.node.masquerade_all) {
+        match (&not_from_pod, self.node.masquerade_all) {
             (_, true) => services.push(format!("{fe} @masq-internal jump mark-for-masquerade")),
-            (Some(src), false) => {
-                let neg = src.replacen(" saddr ", " saddr != ", 1);
-                services.push(format!(
-                    "{neg} {fe} @masq-internal jump mark-for-masquerade"
-                ));
-            }
+            (Some(outside), false) => services.push(format!(
+                "{outside} {fe} @masq-internal jump mark-for-masquerade"
+            )),
             (None, false) => {}
         }
         services.push(format!("{fe} @masq-external jump mark-for-masquerade"));
         services.push(format!(
             "fib saddr type local {fe} @masq-local-source jump mark-for-masquerade"
         ));
-        if let Some(src) = &pod_src {
-            services.push(format!("{src} {fe} vmap @service-ips-short-circuit"));
+        if let Some(pod) = &from_pod {
+            services.push(format!("{pod} {fe} vmap @service-ips-short-circuit"));
         }
         services.push(format!(
             "fib saddr type local {fe} vmap @service-ips-short-circuit"
@@ -1013,8 +1007,8 @@ impl<'a> Writer<'a> {
                 "fib saddr type local {np} @nodeport-masq-local-source jump mark-for-masquerade"
             ),
         ];
-        if let Some(src) = &pod_src {
-            nodeports.push(format!("{src} {np} vmap @nodeports-short-circuit"));
+        if let Some(pod) = &from_pod {
+            nodeports.push(format!("{pod} {np} vmap @nodeports-short-circuit"));
         }
         nodeports.push(format!(
             "fib saddr type local {np} vmap @nodeports-short-circuit"

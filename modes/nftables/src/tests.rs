@@ -111,6 +111,122 @@ fn etp_local_short_circuits_pods_and_node_to_cluster_endpoints() {
     assert_eq!(t.sets["nodeport-endpoints-tcp"].elements.len(), 3);
 }
 
+/// A dual-stack ETP=Local NodePort service on a node with `local_traffic`.
+fn dual_stack_with(local_traffic: LocalTraffic) -> ProxyState {
+    let mut sps = Vec::new();
+    for (cip, ep_ip) in [
+        ("10.96.0.13", "10.244.2.1"),
+        ("fd00:96::13", "fd00:244::21"),
+    ] {
+        let mut sp = service("e", cip, vec![ep(ep_ip, false)]);
+        sp.node_port = Some(30080);
+        sp.external_policy = TrafficPolicy::Local;
+        sps.push(sp);
+    }
+    let mut s = state(sps);
+    std::sync::Arc::make_mut(&mut s.node).local_traffic = local_traffic;
+    s
+}
+
+/// The rules of `chain` in `family` that mention `needle`.
+fn rules_with(
+    r: &crate::model::NftRuleset,
+    family: IpFamily,
+    chain: &str,
+    needle: &str,
+) -> Vec<String> {
+    r.families[&family].chains[chain]
+        .rules
+        .iter()
+        .map(|r| r.text.clone())
+        .filter(|t| t.contains(needle))
+        .collect()
+}
+
+/// Each local-traffic detector in upstream's nft spelling: "not from a pod" on the ClusterIP
+/// masquerade rule, "from a pod" on the ETP=Local short-circuits (service IPs and NodePorts),
+/// in both families; none of them without a usable detector.
+#[test]
+fn local_traffic_detectors_render_upstreams_matches() {
+    let cidrs = LocalTraffic::SourceCidrs(vec![
+        "10.244.0.0/16".parse().unwrap(),
+        "fd00:244::/56".parse().unwrap(),
+    ]);
+    let cases = [
+        (
+            cidrs,
+            ["ip saddr != 10.244.0.0/16", "ip saddr 10.244.0.0/16"],
+            ["ip6 saddr != fd00:244::/56", "ip6 saddr fd00:244::/56"],
+        ),
+        (
+            LocalTraffic::Interface("cbr0".into()),
+            ["iifname != \"cbr0\"", "iifname \"cbr0\""],
+            ["iifname != \"cbr0\"", "iifname \"cbr0\""],
+        ),
+        (
+            LocalTraffic::InterfacePrefix("veth".into()),
+            ["iifname != \"veth*\"", "iifname \"veth*\""],
+            ["iifname != \"veth*\"", "iifname \"veth*\""],
+        ),
+    ];
+    for (detector, v4, v6) in cases {
+        let r = mode().render(&dual_stack_with(detector.clone()));
+        for (family, [outside, pod]) in [(IpFamily::V4, v4), (IpFamily::V6, v6)] {
+            let a = if family == IpFamily::V4 { "ip" } else { "ip6" };
+            let fe = format!("{a} daddr . meta l4proto . th dport");
+            assert_eq!(
+                rules_with(&r, family, "services", "@masq-internal"),
+                vec![format!(
+                    "{outside} {fe} @masq-internal jump mark-for-masquerade"
+                )],
+                "{detector:?} {family}"
+            );
+            assert_eq!(
+                rules_with(&r, family, "services", "@service-ips-short-circuit"),
+                vec![
+                    format!("{pod} {fe} vmap @service-ips-short-circuit"),
+                    format!("fib saddr type local {fe} vmap @service-ips-short-circuit"),
+                ],
+                "{detector:?} {family}"
+            );
+            assert_eq!(
+                rules_with(&r, family, "nodeports", "@nodeports-short-circuit")[0],
+                format!("{pod} meta l4proto . th dport vmap @nodeports-short-circuit"),
+                "{detector:?} {family}"
+            );
+        }
+    }
+    // No detector, an IPv4-only CIDR in the IPv6 table, an unusable name: no rule asks.
+    for (detector, family) in [
+        (LocalTraffic::None, IpFamily::V4),
+        (
+            LocalTraffic::SourceCidrs(vec!["10.244.0.0/16".parse().unwrap()]),
+            IpFamily::V6,
+        ),
+        (
+            LocalTraffic::Interface("cbr0\" accept".into()),
+            IpFamily::V4,
+        ),
+    ] {
+        let r = mode().render(&dual_stack_with(detector.clone()));
+        assert!(
+            rules_with(&r, family, "services", "@masq-internal").is_empty(),
+            "{detector:?}"
+        );
+        for (chain, map) in [
+            ("services", "@service-ips-short-circuit"),
+            ("nodeports", "@nodeports-short-circuit"),
+        ] {
+            let sc = rules_with(&r, family, chain, map);
+            assert_eq!(sc.len(), 1, "{detector:?}: {sc:?}");
+            assert!(
+                sc[0].starts_with("fib saddr type local"),
+                "{detector:?}: {sc:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn affinity_uses_per_endpoint_timeout_sets() {
     let mut s = service(

@@ -14,8 +14,8 @@ pub mod strategies;
 pub mod trace_scenarios;
 
 use kproxy_contract::{
-    Endpoint, Endpoints, IpFamily, NodeSettings, Protocol, ProxyState, ServicePort, ServicePortKey,
-    ServicePortName, TrafficPolicy,
+    Endpoint, Endpoints, IpFamily, LocalTraffic, NodeSettings, Protocol, ProxyState, ServicePort,
+    ServicePortKey, ServicePortName, TrafficPolicy,
 };
 
 /// `ns/NAME:p`, TCP.
@@ -65,13 +65,13 @@ pub fn service(name: &str, cluster_ip: &str, eps: Vec<Endpoint>) -> ServicePort 
     }
 }
 
-/// The node every test uses: `node-a`, 192.168.0.2, pods in 10.244.0.0/16, services in
-/// 10.96.0.0/12, masquerade bit 14.
+/// The node every test uses: `node-a`, 192.168.0.2, pods in 10.244.0.0/16 (the source-address
+/// local-traffic detector), services in 10.96.0.0/12, masquerade bit 14.
 pub fn node() -> NodeSettings {
     NodeSettings {
         node_name: "node-a".into(),
         node_ips: vec!["192.168.0.2".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        local_traffic: LocalTraffic::SourceCidrs(vec!["10.244.0.0/16".parse().unwrap()]),
         service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
         masquerade_bit: 14,
         ..NodeSettings::default()

@@ -2,6 +2,8 @@
 //! and ports come from small pools, and packets biased to hit them (service addresses and
 //! ports, node ports, LB IPs inside and outside source ranges, unallocated service addresses,
 //! pod, node and external sources), so a few hundred cases exercise every rule of section 3.
+//! Nodes carry every kind of local-traffic detector (pod CIDR, none, bridge, name prefix) and
+//! packets arrive on interfaces that do and do not match them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -11,8 +13,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use kproxy_contract::trace::{Env, Origin, Packet};
 use kproxy_contract::{
-    Endpoint, Endpoints, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState,
-    ServicePort, ServicePortKey, ServicePortName, SessionAffinity, TrafficPolicy,
+    Endpoint, Endpoints, IpFamily, LocalTraffic, NodePortAddresses, NodeSettings, Protocol,
+    ProxyState, ServicePort, ServicePortKey, ServicePortName, SessionAffinity, TrafficPolicy,
 };
 use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
@@ -72,6 +74,14 @@ const SOURCES: [&str; 8] = [
     "198.51.100.1",
     "192.168.0.77",
 ];
+
+/// The bridge of the bridge detector.
+pub const BRIDGE: &str = "cbr0";
+/// The prefix of the interface-name-prefix detector.
+pub const IFACE_PREFIX: &str = "veth";
+/// Interfaces packets arrive on: the bridge, the bare prefix and a veth (prefix matches), and
+/// near misses of both (a longer bridge name, a shorter prefix), and the uplink.
+const INTERFACES: [&str; 6] = ["cbr0", "veth", "veth7a", "cbr01", "vet0", "eth0"];
 
 fn protocol() -> impl Strategy<Value = Protocol> {
     prop_oneof![
@@ -162,9 +172,20 @@ prop_compose! {
     }
 }
 
+/// Every kind of local-traffic detector: the pod CIDR (upstream's default), none, a bridge, an
+/// interface name prefix.
+fn local_traffic(v6: bool) -> impl Strategy<Value = LocalTraffic> {
+    prop_oneof![
+        3 => Just(LocalTraffic::SourceCidrs(vec![cidr("10.244.0.0/16", v6)])),
+        1 => Just(LocalTraffic::None),
+        2 => Just(LocalTraffic::Interface(BRIDGE.into())),
+        2 => Just(LocalTraffic::InterfacePrefix(IFACE_PREFIX.into())),
+    ]
+}
+
 prop_compose! {
     fn node(v6: bool)(
-        pod_cidr in any::<bool>(),
+        local_traffic in local_traffic(v6),
         masquerade_all in proptest::bool::weighted(0.2),
         two_ips in any::<bool>(),
         only_primary in any::<bool>(),
@@ -178,7 +199,7 @@ prop_compose! {
                 NodePortAddresses::AllLocal
             },
             node_ips,
-            cluster_cidrs: if pod_cidr { vec![cidr("10.244.0.0/16", v6)] } else { Vec::new() },
+            local_traffic,
             service_cidrs: vec![cidr("10.96.0.0/16", v6)],
             masquerade_all,
             masquerade_bit: 14,
@@ -281,8 +302,9 @@ pub fn packet(v6: bool) -> impl Strategy<Value = Packet> {
         port,
         protocol(),
         any::<bool>(),
+        proptest::option::weighted(0.8, select(INTERFACES.to_vec())),
     )
-        .prop_map(move |(src, dst, dst_port, proto, pod)| {
+        .prop_map(move |(src, dst, dst_port, proto, pod, in_iface)| {
             let src = addr(src, v6);
             let origin = if NODE_IPS.iter().any(|n| addr(n, v6) == src) {
                 Origin::Node
@@ -291,6 +313,12 @@ pub fn packet(v6: bool) -> impl Strategy<Value = Packet> {
             } else {
                 Origin::External
             };
+            // A node packet claims a pod's interface (which the rules must not see) rather
+            // than any of the pool's.
+            let in_iface = match origin {
+                Origin::Node => in_iface.map(|_| if pod { BRIDGE } else { "veth7a" }),
+                _ => in_iface,
+            };
             Packet {
                 src,
                 src_port: Some(40000),
@@ -298,6 +326,7 @@ pub fn packet(v6: bool) -> impl Strategy<Value = Packet> {
                 dst_port,
                 proto,
                 origin,
+                in_iface: in_iface.map(str::to_string),
             }
         })
 }

@@ -2,7 +2,7 @@
 //! states only what differs: how it renders and traces, and which object the path must cross.
 
 use kproxy_contract::trace::{Env, Origin, Packet, Trace, Verdict};
-use kproxy_contract::{Protocol, ProxyState};
+use kproxy_contract::{LocalTraffic, Protocol, ProxyState};
 
 use crate::{ep, service, state};
 
@@ -15,6 +15,7 @@ pub fn pkt(src: &str, dst: &str, port: u16, origin: Origin) -> Packet {
         dst_port: port,
         proto: Protocol::Tcp,
         origin,
+        in_iface: None,
     }
 }
 
@@ -92,4 +93,42 @@ pub fn no_endpoints_rejects(trace: impl Fn(&ProxyState, &Env, &Packet) -> Trace)
         t.verdict
     );
     trace(&s, &env, &pkt("10.244.1.5", "10.96.0.11", 81, Origin::Pod)).verdict
+}
+
+/// `ns/web:p` at 10.96.0.10 with one remote endpoint, on a node whose pods hang off the bridge
+/// `cbr0`, then on one whose pods' veths are named `veth…`: a packet arriving on a pod's
+/// interface is not masqueraded whatever its address, one arriving on another interface is,
+/// and so is the node's own packet (an OUTPUT-hook chain has no input interface, so "not from
+/// a pod" matches it).
+pub fn interface_detectors_decide_masquerade(trace: impl Fn(&ProxyState, &Env, &Packet) -> Trace) {
+    for (detector, pod_iface) in [
+        (LocalTraffic::Interface("cbr0".into()), "cbr0"),
+        (LocalTraffic::InterfacePrefix("veth".into()), "veth3f"),
+    ] {
+        let mut s = state(vec![service(
+            "web",
+            "10.96.0.10",
+            vec![ep("10.244.2.1", false)],
+        )]);
+        std::sync::Arc::make_mut(&mut s.node).local_traffic = detector.clone();
+        let env = Env::from_state(&s);
+        let via = |src: &str, origin: Origin, iface: &str| Packet {
+            in_iface: Some(iface.into()),
+            ..pkt(src, "10.96.0.10", 80, origin)
+        };
+        for (p, masquerade) in [
+            (via("172.16.0.9", Origin::Pod, pod_iface), false),
+            (via("10.244.1.5", Origin::External, "eth0"), true),
+            (via("192.168.0.2", Origin::Node, pod_iface), true),
+        ] {
+            let t = trace(&s, &env, &p);
+            let Verdict::Forward { candidates, .. } = &t.verdict else {
+                panic!("{detector:?} {p}: {:?}", t.verdict)
+            };
+            assert!(
+                candidates.iter().all(|c| c.masquerade == masquerade),
+                "{detector:?} {p}: {candidates:?}"
+            );
+        }
+    }
 }

@@ -7,12 +7,13 @@
 /// `both_families!(NAME)` declares `mod NAME` with four tests, `iptables`, `nftables`,
 /// `iptables_ipv6` and `nftables_ipv6`, each running the function `NAME(Mode, Fam)`: every
 /// behaviour is proven in both families, through ip6tables and `ip6 kproxy` for IPv6.
+/// `both_families!(NAME, #[ignore = "why"])` puts the attributes on all four.
 #[allow(
     unused_macros,
     reason = "the IPVS lab includes this module and runs no family-parametric test"
 )]
 macro_rules! both_families {
-    ($name:ident) => {
+    ($name:ident $(, #[$attr:meta])*) => {
         mod $name {
             use crate::support::family::Fam;
             use crate::support::scenario::Mode;
@@ -24,6 +25,7 @@ macro_rules! both_families {
             }
 
             #[test]
+            $(#[$attr])*
             fn iptables() {
                 run(
                     concat!(stringify!($name), "::iptables"),
@@ -33,6 +35,7 @@ macro_rules! both_families {
             }
 
             #[test]
+            $(#[$attr])*
             fn nftables() {
                 run(
                     concat!(stringify!($name), "::nftables"),
@@ -42,6 +45,7 @@ macro_rules! both_families {
             }
 
             #[test]
+            $(#[$attr])*
             fn iptables_ipv6() {
                 run(
                     concat!(stringify!($name), "::iptables_ipv6"),
@@ -51,6 +55,7 @@ macro_rules! both_families {
             }
 
             #[test]
+            $(#[$attr])*
             fn nftables_ipv6() {
                 run(
                     concat!(stringify!($name), "::nftables_ipv6"),

@@ -249,3 +249,11 @@ pub(crate) fn node(name: &str, ips: &[&str], zone: Option<&str>) -> Value {
         "status": {"addresses": addresses},
     })
 }
+
+/// [`node`] with `spec.podCIDRs` (and `spec.podCIDR`, the first of them): the ranges this
+/// node's pods get their addresses from, which `--detect-local-mode=NodeCIDR` reads.
+pub(crate) fn node_with_pod_cidrs(name: &str, ips: &[&str], pod_cidrs: &[&str]) -> Value {
+    let mut n = node(name, ips, None);
+    n["spec"] = json!({"podCIDR": pod_cidrs.first(), "podCIDRs": pod_cidrs});
+    n
+}

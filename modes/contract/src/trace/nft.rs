@@ -4,7 +4,8 @@
 //!
 //! Supported: concatenated selectors (`ip daddr . meta l4proto . th dport`), set and map
 //! lookups (`@set`, `!= @set`, `vmap @map`), literals and anonymous sets, `fib saddr|daddr type
-//! local`, `ct state new`, `ct status dnat`, `meta mark & M == V`, `meta mark set meta mark |
+//! local`, `iifname "NAME"` and `iifname "PREFIX*"` (also `meta iifname`; empty for a packet
+//! the node sends, as in an output hook), `ct state new`, `ct status dnat`, `meta mark & M == V`, `meta mark set meta mark |
 //! / ^ M`, `numgen random mod N [offset K]` (in `dnat ... map` and in `numgen ... I goto`),
 //! `dnat to ADDR:PORT`, `jump`, `goto`, `return`, `accept`, `drop`, `reject`, `masquerade`,
 //! `update @set { ... }`. Anything else is an error naming the token.
@@ -134,6 +135,8 @@ pub struct Walker<'a> {
 enum Val {
     Addr(IpAddr),
     Str(String),
+    /// An interface name (`iifname`): compared with nft's string semantics.
+    Name(String),
     Num(u64),
     Numgen(u64, u64),
 }
@@ -143,6 +146,7 @@ impl Val {
         match self {
             Val::Addr(a) => a.to_string(),
             Val::Str(s) => s.clone(),
+            Val::Name(s) => format!("\"{s}\""),
             Val::Num(n) => n.to_string(),
             Val::Numgen(..) => "<numgen>".into(),
         }
@@ -160,7 +164,21 @@ fn component_matches(v: &Val, comp: &str) -> bool {
                 comp.parse::<IpAddr>().is_ok_and(|c| c == *a)
             }
         }
+        Val::Name(name) => name_matches(name, comp),
         _ => v.text() == comp,
+    }
+}
+
+/// nft's comparison of an interface name with a string literal: quoted or bare, and a trailing
+/// `*` makes it a prefix (`"veth*"`). An empty name (no interface) matches no non-empty prefix.
+fn name_matches(name: &str, literal: &str) -> bool {
+    let lit = literal
+        .strip_prefix('"')
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap_or(literal);
+    match lit.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == lit,
     }
 }
 
@@ -286,6 +304,10 @@ impl<'a> Walker<'a> {
 
     fn selector(&self, t: &[String], i: &mut usize, b: &Branch) -> Result<Val, String> {
         let pkt = self.pkt;
+        if t.get(*i).map(String::as_str) == Some("iifname") {
+            *i += 1;
+            return Ok(Val::Name(pkt.ingress().to_string()));
+        }
         let two = (
             t.get(*i).map(String::as_str),
             t.get(*i + 1).map(String::as_str),
@@ -294,6 +316,7 @@ impl<'a> Walker<'a> {
             (Some("ip" | "ip6"), Some("saddr")) => Val::Addr(pkt.src),
             (Some("ip" | "ip6"), Some("daddr")) => Val::Addr(b.dst(pkt)),
             (Some("meta"), Some("l4proto")) => Val::Str(pkt.proto.as_str().into()),
+            (Some("meta"), Some("iifname")) => Val::Name(pkt.ingress().to_string()),
             (Some("th" | "tcp" | "udp" | "sctp"), Some("dport")) => {
                 Val::Num(u64::from(b.dport(pkt)))
             }
@@ -752,4 +775,65 @@ pub fn parse_endpoint(v: &str) -> Option<SocketAddr> {
         a.trim().parse().ok()?,
         p.trim().parse().ok()?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test fixtures")]
+
+    use super::*;
+    use crate::Protocol;
+    use crate::trace::Origin;
+
+    /// The mark a packet from `origin` arriving on `iface` leaves the chain with: each rule
+    /// that matches sets its own bit.
+    fn marks(rules: &[&str], origin: Origin, iface: Option<&str>) -> u32 {
+        let sets: BTreeMap<String, Vec<(String, Option<String>)>> = BTreeMap::new();
+        let view = View {
+            chains: [(
+                "c".to_string(),
+                rules.iter().map(|r| r.to_string()).collect(),
+            )]
+            .into(),
+            sets: &sets,
+        };
+        let env = Env::default();
+        let pkt = Packet {
+            src: "10.0.1.2".parse().unwrap(),
+            src_port: None,
+            dst: "10.96.0.1".parse().unwrap(),
+            dst_port: 80,
+            proto: Protocol::Tcp,
+            origin,
+            in_iface: iface.map(str::to_string),
+        };
+        let mut w = Walker::new(&view, &env, &pkt, "ip kproxy");
+        let out = w.base_chain("c", Branch::new());
+        assert_eq!(w.error, None);
+        assert_eq!(out.len(), 1);
+        out[0].0.mark
+    }
+
+    #[test]
+    fn iifname_compares_names_prefixes_and_the_empty_output_name() {
+        let rules = [
+            "iifname \"cbr0\" meta mark set meta mark | 0x00000001",
+            "iifname != \"cbr0\" meta mark set meta mark | 0x00000002",
+            "iifname \"veth*\" meta mark set meta mark | 0x00000004",
+            "meta iifname != \"veth*\" meta mark set meta mark | 0x00000008",
+        ];
+        assert_eq!(marks(&rules, Origin::Pod, Some("cbr0")), 1 | 8);
+        assert_eq!(marks(&rules, Origin::Pod, Some("cbr01")), 2 | 8);
+        assert_eq!(marks(&rules, Origin::Pod, Some("veth12")), 2 | 4);
+        assert_eq!(marks(&rules, Origin::External, None), 2 | 8);
+        // The node's own packet: no input interface, whatever the packet claims.
+        assert_eq!(marks(&rules, Origin::Node, Some("cbr0")), 2 | 8);
+    }
+
+    #[test]
+    fn iifname_in_an_anonymous_set() {
+        let rules = ["iifname { \"eth0\", \"veth*\" } meta mark set meta mark | 0x00000001"];
+        assert_eq!(marks(&rules, Origin::Pod, Some("veth9")), 1);
+        assert_eq!(marks(&rules, Origin::Pod, Some("eth1")), 0);
+    }
 }

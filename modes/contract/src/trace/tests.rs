@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::*;
-use crate::{Endpoint, Endpoints, NodeSettings, ServicePortKey, ServicePortName};
+use crate::{Endpoint, Endpoints, LocalTraffic, NodeSettings, ServicePortKey, ServicePortName};
 
 fn sp(eps: Vec<Endpoint>, local: Vec<Endpoint>) -> ServicePort {
     ServicePort {
@@ -36,6 +36,13 @@ fn sp(eps: Vec<Endpoint>, local: Vec<Endpoint>) -> ServicePort {
 }
 
 fn st(sp: ServicePort) -> ProxyState {
+    st_with(
+        sp,
+        LocalTraffic::SourceCidrs(vec!["10.244.0.0/16".parse().unwrap()]),
+    )
+}
+
+fn st_with(sp: ServicePort, local_traffic: LocalTraffic) -> ProxyState {
     let mut services = BTreeMap::new();
     services.insert(
         ServicePortKey {
@@ -47,7 +54,7 @@ fn st(sp: ServicePort) -> ProxyState {
     ProxyState {
         node: Arc::new(NodeSettings {
             node_ips: vec!["192.168.0.2".parse().unwrap()],
-            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            local_traffic,
             service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
             masquerade_bit: 14,
             ..NodeSettings::default()
@@ -64,6 +71,22 @@ fn pkt(src: &str, dst: &str, port: u16, origin: Origin) -> Packet {
         dst_port: port,
         proto: Protocol::Tcp,
         origin,
+        in_iface: None,
+    }
+}
+
+fn via(mut p: Packet, iface: &str) -> Packet {
+    p.in_iface = Some(iface.into());
+    p
+}
+
+/// The masquerade decisions of the candidates, or the verdict's kind.
+fn masq(v: &Verdict) -> Result<Vec<bool>, &'static str> {
+    match v {
+        Verdict::Forward { candidates, .. } => {
+            Ok(candidates.iter().map(|c| c.masquerade).collect())
+        }
+        other => Err(other.kind()),
     }
 }
 
@@ -191,4 +214,73 @@ fn agreement_compares_shares_and_masquerade() {
         .is_err()
     );
     assert!(a.agrees_with(&Verdict::NotService).is_err());
+}
+
+#[test]
+fn interface_detectors_decide_by_ingress_interface_not_address() {
+    let d = Dialect::IPTABLES;
+    for detector in [
+        LocalTraffic::Interface("cbr0".into()),
+        LocalTraffic::InterfacePrefix("cbr".into()),
+    ] {
+        let s = st_with(sp(vec![remote()], vec![]), detector.clone());
+        let env = Env::from_state(&s);
+        // ClusterIP: an external address arriving on the bridge is local (not masqueraded);
+        // a pod-CIDR address arriving elsewhere is not (masqueraded).
+        let cip = pkt("172.16.0.9", "10.96.0.10", 80, Origin::Pod);
+        assert_eq!(
+            masq(&model(&s, &env, &via(cip.clone(), "cbr0"), &d)),
+            Ok(vec![false]),
+            "{detector:?}"
+        );
+        let pod = pkt("10.244.1.5", "10.96.0.10", 80, Origin::Pod);
+        assert_eq!(
+            masq(&model(&s, &env, &via(pod.clone(), "eth0"), &d)),
+            Ok(vec![true])
+        );
+        assert_eq!(
+            masq(&model(&s, &env, &pod, &d)),
+            Ok(vec![true]),
+            "no interface known"
+        );
+        // The node's own packets have no input interface, whatever the packet says.
+        let node = via(pkt("192.168.0.2", "10.96.0.10", 80, Origin::Node), "cbr0");
+        assert_eq!(node.ingress(), "");
+        assert_eq!(masq(&model(&s, &env, &node, &d)), Ok(vec![true]));
+        // ETP=Local without local endpoints: the short-circuit follows the interface.
+        let np = pkt("10.244.1.5", "192.168.0.2", 30080, Origin::Pod);
+        assert_eq!(
+            masq(&model(&s, &env, &via(np.clone(), "cbr0"), &d)),
+            Ok(vec![false])
+        );
+        assert_eq!(masq(&model(&s, &env, &via(np, "eth0"), &d)), Err("DROP"));
+    }
+}
+
+#[test]
+fn no_detector_neither_masquerades_clusterip_nor_short_circuits_pods() {
+    let s = st_with(sp(vec![remote()], vec![]), LocalTraffic::None);
+    let env = Env::from_state(&s);
+    let d = Dialect::IPTABLES;
+    let outsider = pkt("172.16.0.9", "10.96.0.10", 80, Origin::External);
+    assert_eq!(masq(&model(&s, &env, &outsider, &d)), Ok(vec![false]));
+    let pod = pkt("10.244.1.5", "192.168.0.2", 30080, Origin::Pod);
+    assert_eq!(masq(&model(&s, &env, &via(pod, "cbr0"), &d)), Err("DROP"));
+    // An invalid interface name is no detector either (what the renderers do with it).
+    let s = st_with(
+        sp(vec![remote()], vec![]),
+        LocalTraffic::Interface("a b".into()),
+    );
+    assert_eq!(masq(&model(&s, &env, &outsider, &d)), Ok(vec![false]));
+}
+
+#[test]
+fn packets_show_their_ingress_interface() {
+    let p = via(pkt("10.244.1.5", "10.96.0.10", 80, Origin::Pod), "cbr0");
+    assert_eq!(
+        p.to_string(),
+        "tcp 10.244.1.5 -> 10.96.0.10:80 from pod via cbr0"
+    );
+    let p = via(pkt("192.168.0.2", "10.96.0.10", 80, Origin::Node), "cbr0");
+    assert_eq!(p.to_string(), "tcp 192.168.0.2 -> 10.96.0.10:80 from node");
 }

@@ -79,6 +79,13 @@ fn address_matches_cover_every_prefix_length() {
     }
 }
 
+#[test]
+fn interface_detectors_decide_masquerade() {
+    kproxy_testkit::trace_scenarios::interface_detectors_decide_masquerade(|s, env, p| {
+        trace(&render(s, &RenderOptions::default()), env, p)
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

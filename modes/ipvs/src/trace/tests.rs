@@ -70,6 +70,13 @@ fn virtual_server_weights_become_shares() {
     );
 }
 
+#[test]
+fn interface_detectors_decide_masquerade() {
+    kproxy_testkit::trace_scenarios::interface_detectors_decide_masquerade(|s, env, p| {
+        trace(&rendered(s), env, p)
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kproxy_contract::{
-    CommandError, IpFamily, Mode, NodePortAddresses, Protocol, ProxyState, ServicePort,
-    SessionAffinity, TrafficPolicy,
+    CommandError, IpFamily, LocalTraffic, Mode, NodePortAddresses, Protocol, ProxyState,
+    ServicePort, SessionAffinity, TrafficPolicy,
 };
 use kproxy_testkit::{ep, service, state};
 
@@ -620,6 +620,39 @@ fn apply_times_netlink_versus_nft() {
             cleanup_table();
         }
     });
+}
+
+/// Every local-traffic detector's rules are accepted by the kernel and read back as rendered,
+/// and a change of detector is one sync that leaves nothing to re-plan.
+#[test]
+fn every_local_traffic_detector_applies_and_reads_back() {
+    in_netns(
+        "every_local_traffic_detector_applies_and_reads_back",
+        || {
+            let mut m = mode();
+            for detector in [
+                LocalTraffic::SourceCidrs(vec![
+                    "10.244.0.0/16".parse().unwrap(),
+                    "fd00:244::/56".parse().unwrap(),
+                ]),
+                LocalTraffic::Interface("cbr0".into()),
+                LocalTraffic::InterfacePrefix("veth".into()),
+                LocalTraffic::None,
+                LocalTraffic::InterfacePrefix("br-1a2b3c4d5e6f".into()),
+            ] {
+                let mut s = rich_state();
+                Arc::make_mut(&mut s.node).local_traffic = detector.clone();
+                kproxy_testkit::sync(&mut m, &s);
+                let desired = m.render(&s);
+                let live = read(&mut m);
+                assert_eq!(live, desired, "{detector:?}");
+                assert!(
+                    kproxy_contract::Plan::is_empty(&plan::plan(&live, &desired)),
+                    "{detector:?}"
+                );
+            }
+        },
+    );
 }
 
 fn cleanup_table() {

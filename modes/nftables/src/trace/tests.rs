@@ -150,6 +150,13 @@ fn live_rules_are_resolved_by_identity() {
     );
 }
 
+#[test]
+fn interface_detectors_decide_masquerade() {
+    kproxy_testkit::trace_scenarios::interface_detectors_decide_masquerade(|s, env, p| {
+        trace(&render(s), env, p)
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

@@ -24,6 +24,7 @@ fn listeners_forward_from_the_node_and_refuse_unserved_service_ports() {
         dst_port: 80,
         proto: Protocol::Tcp,
         origin: Origin::Pod,
+        in_iface: None,
     };
     let t = trace(&rules, &env, &p);
     let Verdict::Forward { candidates, .. } = &t.verdict else {

@@ -455,10 +455,14 @@ pub struct TraceArgs {
     /// Transport protocol: tcp, udp or sctp.
     #[arg(long, default_value = "tcp", value_name = "PROTO")]
     pub proto: String,
-    /// Where the packet comes from; default: node if the source is a local address, pod if it
-    /// is in --cluster-cidr, else external.
+    /// Where the packet comes from; default: node if the source is a local address, pod if the
+    /// local-traffic detector says so (its CIDR holds the source, or --in-interface matches its
+    /// interface), else external.
     #[arg(long, value_enum)]
     pub from: Option<OriginArg>,
+    /// The packet's ingress interface (`--in-interface`).
+    #[command(flatten)]
+    pub ingress: crate::trace::IngressArgs,
     /// Trace over the rules read back from this node's kernel (root), and say where they
     /// disagree with the desired state.
     #[arg(long)]

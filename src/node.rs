@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kproxy_contract::{IpFamily, LocalTraffic, NodePortAddresses, NodeSettings};
 
-use crate::config::{Config, NodePortSetting};
+use crate::config::{Config, LocalDetectMode, NodePortSetting};
 
 /// The zone label topology hints are compared with.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -98,30 +98,12 @@ pub fn settings(config: &Config, node: Option<&Node>, local: &[IpAddr]) -> NodeS
     NodeSettings {
         node_name: config.hostname.clone(),
         node_ips,
-        // Upstream's default detector until the configuration selects one (`DetectLocal`).
-        local_traffic: local_traffic(&DetectLocal::ClusterCidr, &config.cluster_cidrs, node),
+        local_traffic: local_traffic(&config.detect_local, &config.cluster_cidrs, node),
         service_cidrs: config.service_cidrs.clone(),
         masquerade_all: config.masquerade_all,
         masquerade_bit: config.masquerade_bit,
         node_port_addresses,
     }
-}
-
-/// Upstream's `detectLocalMode` with its parameter: how the rules recognise traffic from this
-/// node's pods.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum DetectLocal {
-    /// The source is inside `--cluster-cidr` (upstream's default).
-    #[default]
-    ClusterCidr,
-    /// The source is inside the Node object's `spec.podCIDRs`: the range this node's pods get
-    /// their addresses from, so other nodes' pods count as outside.
-    NodeCidr,
-    /// The packet arrived on this bridge (`detectLocal.bridgeInterface`).
-    BridgeInterface(String),
-    /// The packet arrived on an interface whose name starts with this
-    /// (`detectLocal.interfaceNamePrefix`).
-    InterfaceNamePrefix(String),
 }
 
 /// The local-traffic detector `mode` selects, from the cluster CIDRs and the Node object.
@@ -130,15 +112,17 @@ pub enum DetectLocal {
 /// nothing and the next sync with the Node fixes that. Interface names are passed on as they
 /// are: the modes refuse (and log) a name that cannot be written into a rule.
 pub fn local_traffic(
-    mode: &DetectLocal,
+    mode: &LocalDetectMode,
     cluster_cidrs: &[IpNet],
     node: Option<&Node>,
 ) -> LocalTraffic {
     match mode {
-        DetectLocal::ClusterCidr => LocalTraffic::source_cidrs(cluster_cidrs),
-        DetectLocal::NodeCidr => LocalTraffic::source_cidrs(&pod_cidrs(node)),
-        DetectLocal::BridgeInterface(name) => LocalTraffic::Interface(name.clone()),
-        DetectLocal::InterfaceNamePrefix(prefix) => LocalTraffic::InterfacePrefix(prefix.clone()),
+        LocalDetectMode::ClusterCidr => LocalTraffic::source_cidrs(cluster_cidrs),
+        LocalDetectMode::NodeCidr => LocalTraffic::source_cidrs(&pod_cidrs(node)),
+        LocalDetectMode::BridgeInterface(name) => LocalTraffic::Interface(name.clone()),
+        LocalDetectMode::InterfaceNamePrefix(prefix) => {
+            LocalTraffic::InterfacePrefix(prefix.clone())
+        }
     }
 }
 
@@ -213,11 +197,11 @@ mod tests {
             net("fd00:244::/56"),
         ];
         assert_eq!(
-            local_traffic(&DetectLocal::ClusterCidr, &cidrs, None),
+            local_traffic(&LocalDetectMode::ClusterCidr, &cidrs, None),
             LocalTraffic::SourceCidrs(vec![net("10.244.0.0/16"), net("fd00:244::/56")])
         );
         assert_eq!(
-            local_traffic(&DetectLocal::ClusterCidr, &[], None),
+            local_traffic(&LocalDetectMode::ClusterCidr, &[], None),
             LocalTraffic::None
         );
     }
@@ -230,11 +214,11 @@ mod tests {
             "podCIDRs": ["10.244.7.0/24", "not-a-cidr", "fd00:244:0:7::/64", "10.244.8.0/24"],
         }));
         assert_eq!(
-            local_traffic(&DetectLocal::NodeCidr, &cluster, Some(&dual)),
+            local_traffic(&LocalDetectMode::NodeCidr, &cluster, Some(&dual)),
             LocalTraffic::SourceCidrs(vec![net("10.244.7.0/24"), net("fd00:244:0:7::/64")])
         );
         let old = node_with_spec(serde_json::json!({"podCIDR": "10.244.9.0/24", "podCIDRs": []}));
-        let d = local_traffic(&DetectLocal::NodeCidr, &cluster, Some(&old));
+        let d = local_traffic(&LocalDetectMode::NodeCidr, &cluster, Some(&old));
         assert_eq!(d, LocalTraffic::SourceCidrs(vec![net("10.244.9.0/24")]));
         assert!(
             !d.is_implemented(IpFamily::V6),
@@ -243,11 +227,11 @@ mod tests {
         // Not the cluster CIDR as a fallback: without pod CIDRs nothing is detected.
         let bare = node_with_spec(serde_json::json!({}));
         assert_eq!(
-            local_traffic(&DetectLocal::NodeCidr, &cluster, Some(&bare)),
+            local_traffic(&LocalDetectMode::NodeCidr, &cluster, Some(&bare)),
             LocalTraffic::None
         );
         assert_eq!(
-            local_traffic(&DetectLocal::NodeCidr, &cluster, None),
+            local_traffic(&LocalDetectMode::NodeCidr, &cluster, None),
             LocalTraffic::None
         );
     }
@@ -255,12 +239,12 @@ mod tests {
     #[test]
     fn interface_detectors_pass_the_name_on() {
         assert_eq!(
-            local_traffic(&DetectLocal::BridgeInterface("cbr0".into()), &[], None),
+            local_traffic(&LocalDetectMode::BridgeInterface("cbr0".into()), &[], None),
             LocalTraffic::Interface("cbr0".into())
         );
         assert_eq!(
             local_traffic(
-                &DetectLocal::InterfaceNamePrefix("veth".into()),
+                &LocalDetectMode::InterfaceNamePrefix("veth".into()),
                 &[net("10.244.0.0/16")],
                 None
             ),

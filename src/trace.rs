@@ -218,9 +218,9 @@ pub fn desired_state(config: &Config) -> anyhow::Result<ProxyState> {
     })
 }
 
-/// Runs the trace without `--in-interface` (see [`run_with`]).
+/// Runs the trace (with `--in-interface` when given).
 pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
-    run_with(config, args, &IngressArgs::default())
+    run_with(config, args, &args.ingress)
 }
 
 /// Runs the trace with `--in-interface`.
@@ -508,6 +508,7 @@ mod tests {
             dst: dst.into(),
             proto: "tcp".into(),
             from,
+            ingress: IngressArgs::default(),
             live: false,
             output: TraceOutput::Text,
         }

@@ -165,7 +165,7 @@ pub(super) fn check(
         "ClusterCIDR" => LocalDetectMode::ClusterCidr,
         "NodeCIDR" => LocalDetectMode::NodeCidr,
         "BridgeInterface" => LocalDetectMode::BridgeInterface(
-            interface_name(&cfg.detect_local.bridge_interface, false).map_err(|r| {
+            interface_name(&cfg.detect_local.bridge_interface).map_err(|r| {
                 err(
                     "detectLocal.bridgeInterface",
                     &cfg.detect_local.bridge_interface,
@@ -174,7 +174,7 @@ pub(super) fn check(
             })?,
         ),
         "InterfaceNamePrefix" => LocalDetectMode::InterfaceNamePrefix(
-            interface_name(&cfg.detect_local.interface_name_prefix, true).map_err(|r| {
+            interface_name(&cfg.detect_local.interface_name_prefix).map_err(|r| {
                 err(
                     "detectLocal.interfaceNamePrefix",
                     &cfg.detect_local.interface_name_prefix,
@@ -261,26 +261,13 @@ fn host_port(text: &str) -> Result<Option<SocketAddr>, &'static str> {
     Ok(Some(SocketAddr::new(ip, port)))
 }
 
-/// An interface name (or prefix) the kernel and both rule syntaxes accept: 1 to 15 bytes, none
-/// of them space, quote, slash, colon or a control character. Upstream only asks for non-empty;
-/// kproxy refuses what would make a broken or ambiguous rule.
-fn interface_name(text: &str, prefix: bool) -> Result<String, String> {
+/// An interface name (or prefix) both rule syntaxes and the kernel accept, checked by the same
+/// function the renderers use, so the configuration refuses exactly what could not be written
+/// into a rule. Upstream only asks for non-empty.
+fn interface_name(text: &str) -> Result<String, String> {
     let name = text.trim();
-    if name.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if name.len() > 15 {
-        return Err("longer than 15 bytes, the kernel's limit for interface names".into());
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| c.is_whitespace() || c.is_control() || "\"'/:*+\\".contains(*c))
-    {
-        return Err(format!("contains {c:?}, which no interface name has"));
-    }
-    if !prefix && (name == "." || name == "..") {
-        return Err("not an interface name".into());
-    }
+    kproxy_contract::check_interface_name(name)
+        .map_err(|why| format!("not an interface name: {why}"))?;
     Ok(name.to_string())
 }
 

@@ -677,10 +677,7 @@ fn assert_clusterip_sources(
 
 // Traffic arriving on the bridge is local, whatever its address: neither client address is
 // masqueraded.
-both_families!(
-    detect_local_bridge_interface_preserves_traffic_arriving_on_it,
-    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
-);
+both_families!(detect_local_bridge_interface_preserves_traffic_arriving_on_it);
 fn detect_local_bridge_interface_preserves_traffic_arriving_on_it(mode: Mode, f: Fam) {
     let (s, pod) = masq_scenario(mode, f);
     let flags = bridge_flags(&s.topo.node_uplink_dev);
@@ -688,29 +685,20 @@ fn detect_local_bridge_interface_preserves_traffic_arriving_on_it(mode: Mode, f:
 }
 
 // Another bridge: everything from the client is masqueraded, its pod-CIDR address too.
-both_families!(
-    detect_local_other_bridge_interface_masquerades,
-    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
-);
+both_families!(detect_local_other_bridge_interface_masquerades);
 fn detect_local_other_bridge_interface_masquerades(mode: Mode, f: Fam) {
     let (s, pod) = masq_scenario(mode, f);
     assert_clusterip_sources(s, f, pod, &bridge_flags("kpx-nobr0"), false, false);
 }
 
-both_families!(
-    detect_local_interface_prefix_preserves_traffic_arriving_on_a_match,
-    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
-);
+both_families!(detect_local_interface_prefix_preserves_traffic_arriving_on_a_match);
 fn detect_local_interface_prefix_preserves_traffic_arriving_on_a_match(mode: Mode, f: Fam) {
     let (s, pod) = masq_scenario(mode, f);
     let flags = prefix_flags(&uplink_prefix(&s));
     assert_clusterip_sources(s, f, pod, &flags, true, true);
 }
 
-both_families!(
-    detect_local_other_interface_prefix_masquerades,
-    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
-);
+both_families!(detect_local_other_interface_prefix_masquerades);
 fn detect_local_other_interface_prefix_masquerades(mode: Mode, f: Fam) {
     let (s, pod) = masq_scenario(mode, f);
     assert_clusterip_sources(s, f, pod, &prefix_flags("kpxno"), false, false);
@@ -730,10 +718,7 @@ fn node_cidr_scenario(mode: Mode, f: Fam, pod_cidr: &str) -> (Scenario, IpAddr) 
 
 // The Node's pod CIDR covers the pod source (10.244.9.0/24): it alone is preserved; the client's
 // primary address, outside it, is masqueraded.
-both_families!(
-    detect_local_node_cidr_preserves_this_nodes_pod_range,
-    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
-);
+both_families!(detect_local_node_cidr_preserves_this_nodes_pod_range);
 fn detect_local_node_cidr_preserves_this_nodes_pod_range(mode: Mode, f: Fam) {
     let (s, pod) = node_cidr_scenario(mode, f, "10.244.9.0/24");
     let flags = ["--detect-local-mode=NodeCIDR".to_string()];
@@ -742,10 +727,7 @@ fn detect_local_node_cidr_preserves_this_nodes_pod_range(mode: Mode, f: Fam) {
 
 // Another node's pod range (10.244.7.0/24): the pod source is masqueraded although it is inside
 // --cluster-cidr, which NodeCIDR does not consult.
-both_families!(
-    detect_local_node_cidr_masquerades_other_pod_ranges,
-    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
-);
+both_families!(detect_local_node_cidr_masquerades_other_pod_ranges);
 fn detect_local_node_cidr_masquerades_other_pod_ranges(mode: Mode, f: Fam) {
     let (s, pod) = node_cidr_scenario(mode, f, "10.244.7.0/24");
     let flags = ["--detect-local-mode=NodeCIDR".to_string()];
@@ -782,18 +764,12 @@ fn assert_etp_local_short_circuit(mode: Mode, f: Fam, flags: impl Fn(&Scenario) 
     s.kproxy().assert_running();
 }
 
-both_families!(
-    detect_local_bridge_interface_short_circuits_etp_local,
-    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
-);
+both_families!(detect_local_bridge_interface_short_circuits_etp_local);
 fn detect_local_bridge_interface_short_circuits_etp_local(mode: Mode, f: Fam) {
     assert_etp_local_short_circuit(mode, f, |s| bridge_flags(&s.topo.node_uplink_dev));
 }
 
-both_families!(
-    detect_local_interface_prefix_short_circuits_etp_local,
-    #[ignore = "needs --detect-local-mode flags (lead wires config)"]
-);
+both_families!(detect_local_interface_prefix_short_circuits_etp_local);
 fn detect_local_interface_prefix_short_circuits_etp_local(mode: Mode, f: Fam) {
     assert_etp_local_short_circuit(mode, f, |s| prefix_flags(&uplink_prefix(s)));
 }

@@ -148,13 +148,7 @@ impl IpvsKernel for SystemKernel {
             .map(|mut it| it.any(|i| i.interface_name == DUMMY))
             .unwrap_or(false);
         if dummy_exists {
-            let addrs = self
-                .local_addresses()
-                .into_iter()
-                .filter(|(i, _)| i == DUMMY)
-                .map(|(_, a)| a)
-                .collect();
-            return Ok((Some(VipHolder::Dummy), addrs));
+            return Ok((Some(VipHolder::Dummy), dummy_service_addresses()));
         }
         let routes = lo_routes()?;
         Ok(((!routes.is_empty()).then_some(VipHolder::LoRoutes), routes))
@@ -283,6 +277,49 @@ impl IpvsKernel for SystemKernel {
     }
 }
 
+/// The service addresses on the dummy interface: those bound as host addresses (/32, /128),
+/// as kproxy binds them. Anything else there is not a service address and must never be
+/// planned for deletion: the IPv6 link-local address (`fe80::…/64`) the kernel gives the
+/// interface when it comes up, or an address someone added by hand. (Deleting it as a host
+/// address fails with EADDRNOTAVAIL, which failed every sync that read the kernel back: each
+/// one after a restart.)
+fn dummy_service_addresses() -> BTreeSet<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    let mut out = BTreeSet::new();
+    for ifa in addrs.filter(|i| i.interface_name == DUMMY) {
+        let Some(addr) = ifa.address else { continue };
+        let (ip, mask) = if let Some(v4) = addr.as_sockaddr_in() {
+            let mask = ifa
+                .netmask
+                .and_then(|m| m.as_sockaddr_in().map(|m| m.ip().to_bits().count_ones()));
+            (IpAddr::V4(v4.ip()), mask)
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            let mask = ifa
+                .netmask
+                .and_then(|m| m.as_sockaddr_in6().map(|m| m.ip().to_bits().count_ones()));
+            (IpAddr::V6(v6.ip()), mask)
+        } else {
+            continue;
+        };
+        if is_bound_service_address(&ip, mask) {
+            out.insert(ip);
+        }
+    }
+    out
+}
+
+/// Whether an address on the dummy interface, with its prefix length when known, is one kproxy
+/// bound: a host address, never link-local.
+fn is_bound_service_address(ip: &IpAddr, prefix: Option<u32>) -> bool {
+    let (host, link_local) = match ip {
+        IpAddr::V4(a) => (32, a.is_link_local()),
+        IpAddr::V6(a) => (128, (a.segments()[0] & 0xffc0) == 0xfe80),
+    };
+    !link_local && prefix.is_none_or(|p| p == host)
+}
+
 /// The netlink request for one change; `upsert` turns adds into updates.
 fn request(op: &IpvsOp, upsert: bool) -> Request {
     let (msg, tolerate): (_, &'static [i32]) = match op {
@@ -336,4 +373,23 @@ fn lo_routes() -> Result<BTreeSet<IpAddr>, KernelError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::is_bound_service_address;
+
+    #[test]
+    fn only_host_addresses_on_the_dummy_are_service_addresses() {
+        let ok = |a: &str, p| is_bound_service_address(&a.parse().unwrap(), p);
+        assert!(ok("10.96.0.10", Some(32)));
+        assert!(ok("fd00:96::1", Some(128)));
+        assert!(ok("10.96.0.10", None));
+        // The link-local address the kernel adds when the interface comes up.
+        assert!(!ok("fe80::7046:91ff:feca:ac8f", Some(64)));
+        assert!(!ok("fe80::1", Some(128)));
+        // An address added by hand with a real prefix.
+        assert!(!ok("192.0.2.1", Some(24)));
+    }
 }

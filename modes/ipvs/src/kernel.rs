@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use kproxy_contract::{CommandError, IpFamily};
 
 use crate::genl;
-use crate::model::{DUMMY, DestCounters, ROUTE_PROTO, RsKey, VipHolder, VirtualServer, VsKey};
+use crate::model::{
+    DUMMY, DestCounters, IpvsTimeouts, ROUTE_PROTO, RsKey, VipHolder, VirtualServer, VsKey,
+};
 use crate::plan::{IpvsOp, host};
 use crate::render::{TABLE, family_name};
 use crate::socket::{EEXIST, ENOENT, ESRCH, GenlError, IpvsSocket, Request};
@@ -54,6 +56,15 @@ pub trait IpvsKernel: Send + 'static {
     fn nft_tables(&mut self) -> Result<BTreeSet<IpFamily>, KernelError>;
     /// Sets the IPVS sysctls (`net.ipv4.vs.conntrack` and friends). Best effort.
     fn prepare(&mut self);
+    /// IPVS's connection timeouts in this namespace (`IPVS_CMD_GET_CONFIG`).
+    fn timeouts(&mut self) -> Result<IpvsTimeouts, KernelError>;
+    /// Sets them (`IPVS_CMD_SET_CONFIG`); a zero leaves that timeout as it is.
+    fn set_timeouts(&mut self, timeouts: &IpvsTimeouts) -> Result<(), KernelError>;
+    /// Reads an integer sysctl of this network namespace, by its path under `/proc/sys`
+    /// (`net/ipv4/conf/all/arp_ignore`).
+    fn sysctl(&self, name: &str) -> std::io::Result<u64>;
+    /// Writes one.
+    fn set_sysctl(&mut self, name: &str, value: u64) -> std::io::Result<()>;
 }
 
 /// Whether IPVS is present: opens a socket and resolves the family.
@@ -274,6 +285,31 @@ impl IpvsKernel for SystemKernel {
                 tracing::warn!(%path, error = %err, "cannot set an IPVS sysctl");
             }
         }
+    }
+
+    fn timeouts(&mut self) -> Result<IpvsTimeouts, KernelError> {
+        Ok(self.socket()?.timeouts()?)
+    }
+
+    fn set_timeouts(&mut self, timeouts: &IpvsTimeouts) -> Result<(), KernelError> {
+        let request = Request {
+            msg: genl::set_config(timeouts),
+            what: format!("ipvsadm --set {timeouts}"),
+            tolerate: &[],
+        };
+        Ok(self.socket()?.execute(vec![request])?)
+    }
+
+    fn sysctl(&self, name: &str) -> std::io::Result<u64> {
+        let text = std::fs::read_to_string(format!("/proc/sys/{name}"))?;
+        text.trim()
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    fn set_sysctl(&mut self, name: &str, value: u64) -> std::io::Result<()> {
+        // /proc/sys/net follows the writing thread's network namespace: kproxy's own.
+        std::fs::write(format!("/proc/sys/{name}"), value.to_string())
     }
 }
 

@@ -75,9 +75,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 }
 
-fn ipvs_options(config: &Config) -> IpvsOptions {
+/// The IPVS mode's settings from the configuration (the daemon, `--cleanup` and `kproxy trace`).
+pub(crate) fn ipvs_options(config: &Config) -> IpvsOptions {
+    let ipvs = &config.ipvs;
     IpvsOptions {
-        scheduler: config.ipvs.scheduler.clone(),
+        scheduler: ipvs.scheduler.clone(),
+        strict_arp: ipvs.strict_arp,
+        exclude_cidrs: ipvs.exclude_cidrs.clone(),
+        timeouts: kproxy_ipvs::IpvsTimeouts::from_durations(
+            ipvs.tcp_timeout,
+            ipvs.tcp_fin_timeout,
+            ipvs.udp_timeout,
+        ),
         ..IpvsOptions::default()
     }
 }

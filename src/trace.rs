@@ -213,9 +213,8 @@ pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
                 let mut mode = kproxy_ipvs::IpvsMode::new(
                     kproxy_ipvs::SystemKernel::new(),
                     kproxy_ipvs::IpvsOptions {
-                        scheduler: config.ipvs.scheduler.clone(),
                         families: families.clone(),
-                        ..kproxy_ipvs::IpvsOptions::default()
+                        ..crate::run::ipvs_options(config)
                     },
                 );
                 let mut live = mode.read_live().context("reading the live IPVS state")?;

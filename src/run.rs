@@ -84,15 +84,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// The privileged set-up of the node, which `--init-only` does alone (upstream runs it as an
-/// init container so the proxy itself could run with fewer privileges): the conntrack sysctls.
+/// init container so the proxy itself could run with fewer privileges): the conntrack sysctls,
+/// and in ipvs mode IPVS's sysctls, strict ARP and connection timeouts.
 fn node_setup(config: &Config, sysctls: &crate::conntrack::sysctl::ProcSys) {
     let actions = crate::conntrack::sysctl::apply(&config.conntrack, sysctls);
     crate::conntrack::sysctl::log(&actions);
+    if config.init_only && config.mode == ModeName::Ipvs {
+        IpvsMode::new(SystemKernel::new(), ipvs_options(config)).node_setup();
+    }
 }
 
-fn ipvs_options(config: &Config) -> IpvsOptions {
+/// The IPVS mode's settings from the configuration (the daemon, `--cleanup` and `kproxy trace`).
+pub(crate) fn ipvs_options(config: &Config) -> IpvsOptions {
+    let ipvs = &config.ipvs;
     IpvsOptions {
-        scheduler: config.ipvs.scheduler.clone(),
+        scheduler: ipvs.scheduler.clone(),
+        strict_arp: ipvs.strict_arp,
+        exclude_cidrs: ipvs.exclude_cidrs.clone(),
+        timeouts: kproxy_ipvs::IpvsTimeouts::from_durations(
+            ipvs.tcp_timeout,
+            ipvs.tcp_fin_timeout,
+            ipvs.udp_timeout,
+        ),
         ..IpvsOptions::default()
     }
 }

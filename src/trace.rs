@@ -304,9 +304,8 @@ pub fn run_with(
                 let mut mode = kproxy_ipvs::IpvsMode::new(
                     kproxy_ipvs::SystemKernel::new(),
                     kproxy_ipvs::IpvsOptions {
-                        scheduler: config.ipvs.scheduler.clone(),
                         families: families.clone(),
-                        ..kproxy_ipvs::IpvsOptions::default()
+                        ..crate::run::ipvs_options(config)
                     },
                 );
                 let mut live = mode.read_live().context("reading the live IPVS state")?;

@@ -9,6 +9,10 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+use kproxy_contract::Protocol;
+use kproxy_ipvs::model::VsConfig;
+use kproxy_ipvs::{IpvsKernel as _, IpvsOp, IpvsTimeouts, RsKey, SystemKernel, VsKey};
+
 use crate::support::kproxy::wait_until;
 use crate::support::manifests::Port;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
@@ -417,6 +421,245 @@ fn cleanup_removes_only_kproxys_virtual_servers_interface_and_table() {
     assert!(!links.contains("kproxy-ipvs0"), "{links}");
     let tables = s.topo.node.run("nft", &["list", "tables"]);
     assert!(!tables.contains("kproxy-ipvs"), "{tables}");
+}
+
+/// IPVS's connection timeouts in the node namespace, read with kproxy's own `GET_CONFIG`.
+fn node_timeouts(s: &Scenario) -> IpvsTimeouts {
+    s.topo
+        .node
+        .in_ns(|| SystemKernel::new().timeouts().map_err(|e| e.to_string()))
+        .expect("IPVS_CMD_GET_CONFIG in the node namespace")
+}
+
+/// The kernel's defaults in a fresh namespace (`ipvsadm -L --timeout`: 900 120 300).
+const KERNEL_TIMEOUTS: IpvsTimeouts = IpvsTimeouts {
+    tcp: 900,
+    tcp_fin: 120,
+    udp: 300,
+};
+
+/// One service with one endpoint, for the tests of start-up settings.
+fn one_service(s: &mut Scenario, name: &str, vip: &str) -> SocketAddr {
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.apply(&Svc::new(name, &[vip], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        name,
+        &format!("{name}-v4"),
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    sock(vip, 80)
+}
+
+/// From the client, `vip` as an on-link address of its link to the node: the client asks by
+/// ARP who has it, and only a node that answers ARP for its service addresses gets the
+/// connection. (Normally the client routes through the node and never asks.)
+fn on_link(s: &Scenario, vip: SocketAddr) {
+    let host = format!("{}/32", vip.ip());
+    let dev = s.topo.client_dev.clone();
+    s.topo.client.ip(&["route", "add", &host, "dev", &dev]);
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn ipvs_timeouts_are_set_at_start_and_a_zero_leaves_the_kernels() {
+    let mut s = Scenario::with_manifests_ipvs();
+    let vip = one_service(&mut s, "timeouts", "10.96.1.30");
+    assert_eq!(node_timeouts(&s), KERNEL_TIMEOUTS);
+    let arp = |s: &Scenario| {
+        (
+            s.topo.node.sysctl_get("net.ipv4.conf.all.arp_ignore"),
+            s.topo.node.sysctl_get("net.ipv4.conf.all.arp_announce"),
+        )
+    };
+    let arp_before = arp(&s);
+    s.start_kproxy(&["--ipvs-tcp-timeout=901s", "--ipvs-udp-timeout=31s"]);
+    // Served: the first apply, and the start-up settings before it, are done.
+    wait_tcp(&mut s, vip);
+    let want = IpvsTimeouts {
+        tcp: 901,
+        tcp_fin: KERNEL_TIMEOUTS.tcp_fin,
+        udp: 31,
+    };
+    assert_eq!(node_timeouts(&s), want, "{}", s.kproxy().stderr());
+    let listed = s.topo.node.run("ipvsadm", &["-L", "--timeout"]);
+    assert!(
+        listed.contains("Timeout (tcp tcpfin udp): 901 120 31"),
+        "{listed}"
+    );
+    // Strict ARP is off: the ARP sysctls are untouched, and the node answers ARP for its
+    // service addresses on every link (what --ipvs-strict-arp is for).
+    assert_eq!(arp(&s), arp_before);
+    on_link(&s, vip);
+    s.wait_for_result(
+        "a connection to an on-link ClusterIP",
+        |t| tcp_request(&t.client, vip, REQ),
+        |r| r.as_deref().is_ok_and(|a| a == "ep1"),
+    );
+    drop(s.kproxy.take());
+
+    // The kernel's side of "zero leaves it" (ip_vs_set_timeout), through kproxy's own
+    // SET_CONFIG: each zero keeps the current value.
+    let set = |s: &Scenario, t: IpvsTimeouts| {
+        s.topo
+            .node
+            .in_ns(move || {
+                SystemKernel::new()
+                    .set_timeouts(&t)
+                    .map_err(|e| e.to_string())
+            })
+            .expect("IPVS_CMD_SET_CONFIG");
+    };
+    set(
+        &s,
+        IpvsTimeouts {
+            tcp: 902,
+            tcp_fin: 0,
+            udp: 0,
+        },
+    );
+    let after_tcp = IpvsTimeouts { tcp: 902, ..want };
+    assert_eq!(node_timeouts(&s), after_tcp);
+    set(
+        &s,
+        IpvsTimeouts {
+            tcp: 0,
+            tcp_fin: 0,
+            udp: 45,
+        },
+    );
+    let after_udp = IpvsTimeouts {
+        udp: 45,
+        ..after_tcp
+    };
+    assert_eq!(node_timeouts(&s), after_udp);
+
+    // A kproxy without timeout flags sends no SET_CONFIG: the values stay.
+    s.start_kproxy(&[]);
+    wait_tcp(&mut s, vip);
+    assert_eq!(node_timeouts(&s), after_udp);
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn strict_arp_sets_arp_ignore_and_arp_announce_and_hides_service_addresses_from_arp() {
+    let mut s = Scenario::with_manifests_ipvs();
+    let vip = one_service(&mut s, "strict", "10.96.1.31");
+    let ignore = "net.ipv4.conf.all.arp_ignore";
+    let announce = "net.ipv4.conf.all.arp_announce";
+    let before = (
+        s.topo.node.sysctl_get(ignore),
+        s.topo.node.sysctl_get(announce),
+    );
+    assert_ne!(before, ("1".to_string(), "2".to_string()), "already strict");
+    s.start_kproxy(&["--ipvs-strict-arp"]);
+    wait_tcp(&mut s, vip);
+    assert_eq!(
+        s.topo.node.sysctl_get(ignore),
+        "1",
+        "{}",
+        s.kproxy().stderr()
+    );
+    assert_eq!(s.topo.node.sysctl_get(announce), "2");
+    // The node no longer answers ARP for an address that is not on the asking link: the
+    // on-link ClusterIP stays unresolved, while the routed one works.
+    on_link(&s, vip);
+    let r = tcp_request(&s.topo.client, vip, Duration::from_secs(3));
+    assert!(r.is_err(), "answered by ARP: {r:?}");
+    let neigh = s
+        .topo
+        .client
+        .run("ip", &["neigh", "show", &vip.ip().to_string()]);
+    assert!(!neigh.contains("lladdr"), "{neigh}");
+    // No timeout flag: IPVS's timeouts are the kernel's.
+    assert_eq!(node_timeouts(&s), KERNEL_TIMEOUTS);
+    s.kproxy().assert_running();
+}
+
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn a_foreign_virtual_server_inside_exclude_cidrs_survives_kproxys_syncs() {
+    let mut s = Scenario::with_manifests_ipvs();
+    let vip = one_service(&mut s, "own", "10.96.1.32");
+    // Other software's virtual servers, made before kproxy starts: two on node addresses
+    // (which kproxy owns for NodePorts), one inside the excluded range and one outside it,
+    // and one on an address that is not the node's.
+    let key = |addr: &str, port| VsKey {
+        addr: addr.parse().unwrap(),
+        protocol: Protocol::Tcp,
+        port,
+    };
+    let inside = key(NODE_IP, 8443);
+    let outside = key(NODE_POD_SIDE, 8443);
+    let elsewhere = key("192.0.2.60", 443);
+    let foreign_rs = RsKey {
+        addr: "192.168.50.7".parse().unwrap(),
+        port: 8443,
+    };
+    s.topo
+        .node
+        .in_ns(move || {
+            let config = VsConfig {
+                scheduler: "wlc".into(),
+                persistence: None,
+            };
+            SystemKernel::new().execute(&[
+                IpvsOp::AddService(inside, config.clone()),
+                IpvsOp::AddDest(inside, foreign_rs, 3),
+                IpvsOp::AddService(outside, config.clone()),
+                IpvsOp::AddService(elsewhere, config),
+            ])
+        })
+        .map_err(|e| e.to_string())
+        .expect("add the foreign virtual servers");
+    let listed = ipvs(&s);
+    assert!(listed.contains("TCP  10.0.1.1:8443 wlc"), "{listed}");
+    assert!(listed.contains("TCP  10.0.2.1:8443 wlc"), "{listed}");
+
+    let exclude = "--ipvs-exclude-cidrs=10.0.1.0/24,fd00:1::/64";
+    s.start_kproxy(&[exclude]);
+    wait_tcp(&mut s, vip);
+    assert_eq!(tcp_request(&s.topo.client, vip, REQ).unwrap(), "ep1");
+    // The first sync is a full one (the kernel read back): the unprotected one on a node
+    // address is deleted as before, the protected one stays with its real server.
+    assert!(
+        wait_until(SYNC, || !ipvs(&s).contains("10.0.2.1:8443")),
+        "the foreign virtual server outside the excluded range was kept:
+{}",
+        ipvs(&s)
+    );
+    let check = |s: &Scenario| {
+        let table = ipvs(s);
+        assert!(table.contains("TCP  10.0.1.1:8443 wlc"), "{table}");
+        assert!(table.contains("-> 192.168.50.7:8443"), "{table}");
+        assert!(table.contains("TCP  192.0.2.60:443 wlc"), "{table}");
+        assert!(table.contains("TCP  10.96.1.32:80 rr"), "{table}");
+    };
+    check(&s);
+
+    // An incremental sync (a new service), periodic ones, and a restart (a full sync again).
+    s.apply(&Svc::new("own2", &["10.96.1.33"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "own2",
+        "own2-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    wait_tcp(&mut s, sock("10.96.1.33", 80));
+    std::thread::sleep(Duration::from_secs(5));
+    check(&s);
+    drop(s.kproxy.take());
+    s.start_kproxy(&[exclude]);
+    std::thread::sleep(Duration::from_secs(5));
+    s.kproxy().assert_running();
+    assert_eq!(tcp_request(&s.topo.client, vip, REQ).unwrap(), "ep1");
+    check(&s);
+    let log = s.kproxy().stderr();
+    let addrs = s
+        .topo
+        .node
+        .run("ip", &["-o", "addr", "show", "dev", "kproxy-ipvs0"]);
+    assert!(!log.contains("sync failed"), "{log}\n{addrs}");
 }
 
 /// The nftables mode on Debian 12's own kernel (6.1; the development host runs a much newer

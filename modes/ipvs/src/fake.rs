@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use kproxy_contract::{CommandError, IpFamily};
 
 use crate::kernel::{IpvsKernel, KernelError};
-use crate::model::{DUMMY, DestCounters, RsKey, VipHolder, VirtualServer, VsKey};
+use crate::model::{DUMMY, DestCounters, IpvsTimeouts, RsKey, VipHolder, VirtualServer, VsKey};
 use crate::plan::IpvsOp;
 use crate::socket::{EEXIST, ESRCH, GenlError};
 
@@ -38,16 +38,40 @@ pub struct FakeKernel {
     pub prepared: usize,
     /// Fail the next `execute` with this errno.
     pub fail_next: Option<i32>,
+    /// IPVS's connection timeouts (`FakeKernel::new`: the kernel's defaults 900/120/300).
+    pub timeouts: IpvsTimeouts,
+    /// Every `SET_CONFIG` sent, in order.
+    pub set_configs: Vec<IpvsTimeouts>,
+    /// Refuse `SET_CONFIG` with this errno.
+    pub refuse_set_config: Option<i32>,
+    /// Sysctls by path under `/proc/sys` (absent: unreadable).
+    pub sysctls: BTreeMap<String, u64>,
+    /// Every sysctl write, in order.
+    pub sysctl_writes: Vec<(String, u64)>,
+    /// Sysctl writes fail (a read-only `/proc/sys`).
+    pub sysctls_read_only: bool,
 }
 
 impl FakeKernel {
-    /// A kernel with IPVS, dummy interfaces and one node address.
+    /// A kernel with IPVS, dummy interfaces and one node address; its timeouts and ARP
+    /// sysctls are the kernel's defaults.
     pub fn new() -> FakeKernel {
         FakeKernel {
             local: vec![
                 ("lo".into(), "127.0.0.1".parse().expect("ip")),
                 ("eth0".into(), "10.0.1.1".parse().expect("ip")),
             ],
+            timeouts: IpvsTimeouts {
+                tcp: 900,
+                tcp_fin: 120,
+                udp: 300,
+            },
+            sysctls: [
+                ("net/ipv4/conf/all/arp_ignore".to_string(), 0),
+                ("net/ipv4/conf/all/arp_announce".to_string(), 0),
+            ]
+            .into_iter()
+            .collect(),
             ..FakeKernel::default()
         }
     }
@@ -257,5 +281,44 @@ impl IpvsKernel for FakeKernel {
 
     fn prepare(&mut self) {
         self.prepared += 1;
+    }
+
+    fn timeouts(&mut self) -> Result<IpvsTimeouts, KernelError> {
+        if self.no_ipvs {
+            return Err(GenlError::NoIpvs.into());
+        }
+        Ok(self.timeouts)
+    }
+
+    fn set_timeouts(&mut self, timeouts: &IpvsTimeouts) -> Result<(), KernelError> {
+        if self.no_ipvs {
+            return Err(GenlError::NoIpvs.into());
+        }
+        self.set_configs.push(*timeouts);
+        if let Some(errno) = self.refuse_set_config {
+            return Err(KernelError::Ipvs(GenlError::Refused {
+                request: format!("ipvsadm --set {timeouts}"),
+                errno,
+            }));
+        }
+        // ip_vs_set_timeout: zero leaves a value.
+        self.timeouts = timeouts.over(self.timeouts);
+        Ok(())
+    }
+
+    fn sysctl(&self, name: &str) -> std::io::Result<u64> {
+        self.sysctls
+            .get(name)
+            .copied()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+
+    fn set_sysctl(&mut self, name: &str, value: u64) -> std::io::Result<()> {
+        if self.sysctls_read_only {
+            return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        }
+        self.sysctl_writes.push((name.to_string(), value));
+        self.sysctls.insert(name.to_string(), value);
+        Ok(())
     }
 }

@@ -17,7 +17,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_generic::{GenlFamily, GenlHeader};
 
-use crate::model::{DestCounters, RsKey, VsConfig, VsKey};
+use crate::model::{DestCounters, IpvsTimeouts, RsKey, VsConfig, VsKey};
 
 /// The family name the controller resolves.
 pub const FAMILY: &str = "IPVS";
@@ -43,6 +43,11 @@ pub enum Cmd {
     DelDest = 7,
     /// Dump a virtual server's real servers.
     GetDest = 8,
+    /// Set the connection timeouts (`ipvsadm --set`); also the command of `GET_CONFIG`'s
+    /// reply.
+    SetConfig = 12,
+    /// Read the connection timeouts.
+    GetConfig = 13,
 }
 
 impl Cmd {
@@ -56,6 +61,8 @@ impl Cmd {
             6 => Cmd::SetDest,
             7 => Cmd::DelDest,
             8 => Cmd::GetDest,
+            12 => Cmd::SetConfig,
+            13 => Cmd::GetConfig,
             _ => return None,
         })
     }
@@ -64,6 +71,9 @@ impl Cmd {
 // IPVS_CMD_ATTR_*
 const CMD_ATTR_SERVICE: u16 = 1;
 const CMD_ATTR_DEST: u16 = 2;
+const CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+const CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+const CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 // IPVS_SVC_ATTR_*
 const SVC_AF: u16 = 1;
 const SVC_PROTOCOL: u16 = 2;
@@ -332,6 +342,38 @@ pub fn dump_dests(key: &VsKey) -> IpvsMessage {
         Cmd::GetDest,
         vec![Attr::nested(CMD_ATTR_SERVICE, &service_id(key))],
     )
+}
+
+/// `SET_CONFIG`: the three timeouts as top-level u32 attributes, all of them always (as
+/// `ipvsadm --set` sends them): the kernel starts from its current values and changes only the
+/// nonzero ones (`ip_vs_set_timeout`), so a zero leaves that timeout alone.
+pub fn set_config(t: &IpvsTimeouts) -> IpvsMessage {
+    msg(
+        Cmd::SetConfig,
+        vec![
+            Attr::u32(CMD_ATTR_TIMEOUT_TCP, t.tcp),
+            Attr::u32(CMD_ATTR_TIMEOUT_TCP_FIN, t.tcp_fin),
+            Attr::u32(CMD_ATTR_TIMEOUT_UDP, t.udp),
+        ],
+    )
+}
+
+/// `GET_CONFIG` (a plain request: the kernel has no dump for it).
+pub fn get_config() -> IpvsMessage {
+    msg(Cmd::GetConfig, Vec::new())
+}
+
+/// Decodes `GET_CONFIG`'s reply (command `SET_CONFIG`, the same three attributes). A kernel
+/// built without TCP or UDP support omits that protocol's attributes: they read as 0.
+pub fn parse_config(m: &IpvsMessage) -> Result<IpvsTimeouts, DecodeError> {
+    let get = |kind| -> Result<u32, DecodeError> {
+        Ok(find(&m.attrs, kind).map(read_u32).transpose()?.unwrap_or(0))
+    };
+    Ok(IpvsTimeouts {
+        tcp: get(CMD_ATTR_TIMEOUT_TCP)?,
+        tcp_fin: get(CMD_ATTR_TIMEOUT_TCP_FIN)?,
+        udp: get(CMD_ATTR_TIMEOUT_UDP)?,
+    })
 }
 
 fn msg(cmd: Cmd, attrs: Vec<Attr>) -> IpvsMessage {
@@ -649,6 +691,91 @@ mod tests {
                 inactive: 2
             }
         );
+    }
+
+    /// `ipvsadm --set 901 0 31`: three top-level u32 attributes, no nest.
+    #[test]
+    fn set_config_matches_the_uapi_layout() {
+        let t = IpvsTimeouts {
+            tcp: 901,
+            tcp_fin: 0,
+            udp: 31,
+        };
+        let got = encode(set_config(&t), 0x1a, 3);
+        #[rustfmt::skip]
+        let want: Vec<u8> = vec![
+            // nlmsghdr: len 44, type 0x1a, flags REQUEST|ACK, seq 3, pid 0
+            44, 0, 0, 0, 0x1a, 0, 5, 0, 3, 0, 0, 0, 0, 0, 0, 0,
+            // genlmsghdr: cmd SET_CONFIG (12), version 1, reserved
+            12, 1, 0, 0,
+            // IPVS_CMD_ATTR_TIMEOUT_TCP (4) = 901 = 0x385
+            8, 0, 4, 0, 0x85, 0x03, 0, 0,
+            // IPVS_CMD_ATTR_TIMEOUT_TCP_FIN (5) = 0: unchanged
+            8, 0, 5, 0, 0, 0, 0, 0,
+            // IPVS_CMD_ATTR_TIMEOUT_UDP (6) = 31
+            8, 0, 6, 0, 31, 0, 0, 0,
+        ];
+        assert_eq!(got, want);
+    }
+
+    /// `GET_CONFIG`: the header alone.
+    #[test]
+    fn get_config_matches_the_uapi_layout() {
+        let got = encode(get_config(), 0x1a, 9);
+        #[rustfmt::skip]
+        let want: Vec<u8> = vec![
+            20, 0, 0, 0, 0x1a, 0, 5, 0, 9, 0, 0, 0, 0, 0, 0, 0,
+            13, 1, 0, 0, // GET_CONFIG, version 1
+        ];
+        assert_eq!(got, want);
+    }
+
+    /// `GET_CONFIG`'s reply as `ip_vs_genl_get_cmd` fills it: command SET_CONFIG, the three
+    /// timeouts (here the kernel's defaults 900/120/300).
+    #[test]
+    fn decodes_the_config_reply() {
+        #[rustfmt::skip]
+        let payload: Vec<u8> = vec![
+            8, 0, 4, 0, 0x84, 0x03, 0, 0,
+            8, 0, 5, 0, 120, 0, 0, 0,
+            8, 0, 6, 0, 0x2c, 0x01, 0, 0,
+        ];
+        let m = IpvsMessage::parse_with_param(
+            &payload,
+            GenlHeader {
+                cmd: Cmd::SetConfig as u8,
+                version: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(command(&m), Some(Cmd::SetConfig));
+        assert_eq!(
+            parse_config(&m).unwrap(),
+            IpvsTimeouts {
+                tcp: 900,
+                tcp_fin: 120,
+                udp: 300
+            }
+        );
+        // Without UDP support in the kernel: no UDP attribute, read as 0.
+        let tcp_only = IpvsMessage::parse_with_param(
+            &payload[..16],
+            GenlHeader {
+                cmd: Cmd::SetConfig as u8,
+                version: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(parse_config(&tcp_only).unwrap().udp, 0);
+        // A truncated value is an error.
+        let bad = IpvsMessage {
+            cmd: Cmd::SetConfig as u8,
+            attrs: vec![Attr {
+                kind: CMD_ATTR_TIMEOUT_TCP,
+                value: vec![1, 2],
+            }],
+        };
+        assert!(parse_config(&bad).is_err());
     }
 
     #[test]

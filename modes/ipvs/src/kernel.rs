@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use kproxy_contract::{CommandError, IpFamily};
 
 use crate::genl;
-use crate::model::{DUMMY, DestCounters, ROUTE_PROTO, RsKey, VipHolder, VirtualServer, VsKey};
+use crate::model::{
+    DUMMY, DestCounters, IpvsTimeouts, ROUTE_PROTO, RsKey, VipHolder, VirtualServer, VsKey,
+};
 use crate::plan::{IpvsOp, host};
 use crate::render::{TABLE, family_name};
 use crate::socket::{EEXIST, ENOENT, ESRCH, GenlError, IpvsSocket, Request};
@@ -54,6 +56,15 @@ pub trait IpvsKernel: Send + 'static {
     fn nft_tables(&mut self) -> Result<BTreeSet<IpFamily>, KernelError>;
     /// Sets the IPVS sysctls (`net.ipv4.vs.conntrack` and friends). Best effort.
     fn prepare(&mut self);
+    /// IPVS's connection timeouts in this namespace (`IPVS_CMD_GET_CONFIG`).
+    fn timeouts(&mut self) -> Result<IpvsTimeouts, KernelError>;
+    /// Sets them (`IPVS_CMD_SET_CONFIG`); a zero leaves that timeout as it is.
+    fn set_timeouts(&mut self, timeouts: &IpvsTimeouts) -> Result<(), KernelError>;
+    /// Reads an integer sysctl of this network namespace, by its path under `/proc/sys`
+    /// (`net/ipv4/conf/all/arp_ignore`).
+    fn sysctl(&self, name: &str) -> std::io::Result<u64>;
+    /// Writes one.
+    fn set_sysctl(&mut self, name: &str, value: u64) -> std::io::Result<()>;
 }
 
 /// Whether IPVS is present: opens a socket and resolves the family.
@@ -148,13 +159,7 @@ impl IpvsKernel for SystemKernel {
             .map(|mut it| it.any(|i| i.interface_name == DUMMY))
             .unwrap_or(false);
         if dummy_exists {
-            let addrs = self
-                .local_addresses()
-                .into_iter()
-                .filter(|(i, _)| i == DUMMY)
-                .map(|(_, a)| a)
-                .collect();
-            return Ok((Some(VipHolder::Dummy), addrs));
+            return Ok((Some(VipHolder::Dummy), dummy_service_addresses()));
         }
         let routes = lo_routes()?;
         Ok(((!routes.is_empty()).then_some(VipHolder::LoRoutes), routes))
@@ -281,6 +286,74 @@ impl IpvsKernel for SystemKernel {
             }
         }
     }
+
+    fn timeouts(&mut self) -> Result<IpvsTimeouts, KernelError> {
+        Ok(self.socket()?.timeouts()?)
+    }
+
+    fn set_timeouts(&mut self, timeouts: &IpvsTimeouts) -> Result<(), KernelError> {
+        let request = Request {
+            msg: genl::set_config(timeouts),
+            what: format!("ipvsadm --set {timeouts}"),
+            tolerate: &[],
+        };
+        Ok(self.socket()?.execute(vec![request])?)
+    }
+
+    fn sysctl(&self, name: &str) -> std::io::Result<u64> {
+        let text = std::fs::read_to_string(format!("/proc/sys/{name}"))?;
+        text.trim()
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    fn set_sysctl(&mut self, name: &str, value: u64) -> std::io::Result<()> {
+        // /proc/sys/net follows the writing thread's network namespace: kproxy's own.
+        std::fs::write(format!("/proc/sys/{name}"), value.to_string())
+    }
+}
+
+/// The service addresses on the dummy interface: those bound as host addresses (/32, /128),
+/// as kproxy binds them. Anything else there is not a service address and must never be
+/// planned for deletion: the IPv6 link-local address (`fe80::…/64`) the kernel gives the
+/// interface when it comes up, or an address someone added by hand. (Deleting it as a host
+/// address fails with EADDRNOTAVAIL, which failed every sync that read the kernel back: each
+/// one after a restart.)
+fn dummy_service_addresses() -> BTreeSet<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    let mut out = BTreeSet::new();
+    for ifa in addrs.filter(|i| i.interface_name == DUMMY) {
+        let Some(addr) = ifa.address else { continue };
+        let (ip, mask) = if let Some(v4) = addr.as_sockaddr_in() {
+            let mask = ifa
+                .netmask
+                .and_then(|m| m.as_sockaddr_in().map(|m| m.ip().to_bits().count_ones()));
+            (IpAddr::V4(v4.ip()), mask)
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            let mask = ifa
+                .netmask
+                .and_then(|m| m.as_sockaddr_in6().map(|m| m.ip().to_bits().count_ones()));
+            (IpAddr::V6(v6.ip()), mask)
+        } else {
+            continue;
+        };
+        if is_bound_service_address(&ip, mask) {
+            out.insert(ip);
+        }
+    }
+    out
+}
+
+/// Whether an address on the dummy interface, with its prefix length when known, is one kproxy
+/// bound: a host address, never link-local.
+fn is_bound_service_address(ip: &IpAddr, prefix: Option<u32>) -> bool {
+    let (host, link_local) = match ip {
+        IpAddr::V4(a) => (32, a.is_link_local()),
+        IpAddr::V6(a) => (128, (a.segments()[0] & 0xffc0) == 0xfe80),
+    };
+    !link_local && prefix.is_none_or(|p| p == host)
 }
 
 /// The netlink request for one change; `upsert` turns adds into updates.
@@ -336,4 +409,23 @@ fn lo_routes() -> Result<BTreeSet<IpAddr>, KernelError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::is_bound_service_address;
+
+    #[test]
+    fn only_host_addresses_on_the_dummy_are_service_addresses() {
+        let ok = |a: &str, p| is_bound_service_address(&a.parse().unwrap(), p);
+        assert!(ok("10.96.0.10", Some(32)));
+        assert!(ok("fd00:96::1", Some(128)));
+        assert!(ok("10.96.0.10", None));
+        // The link-local address the kernel adds when the interface comes up.
+        assert!(!ok("fe80::7046:91ff:feca:ac8f", Some(64)));
+        assert!(!ok("fe80::1", Some(128)));
+        // An address added by hand with a real prefix.
+        assert!(!ok("192.0.2.1", Some(24)));
+    }
 }

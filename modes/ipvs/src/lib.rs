@@ -19,6 +19,15 @@
 //! - IPVS has no transactions: a sync's changes are sent in order (addresses, services, real
 //!   servers, deletions) in batches; a failure leaves part applied and the next sync reads the
 //!   kernel back and finishes the job.
+//! - Ownership: only virtual servers on kproxy's service addresses and on this node's own
+//!   addresses are read back and diffed; others are never seen, so never deleted. Inside that
+//!   scope, [`IpvsOptions::exclude_cidrs`] (`--ipvs-exclude-cidrs`) protects more: a virtual
+//!   server there is never deleted by a sync (a load balancer another program runs on a node
+//!   address survives).
+//! - Start-up, once, before the first change (so never in `--dry-run`, `--cleanup` or
+//!   `kproxy trace`, which make none): the IPVS sysctls, strict ARP
+//!   ([`IpvsOptions::strict_arp`]) and IPVS's connection timeouts ([`IpvsOptions::timeouts`]).
+//!   Each failure there is a warning: the proxy still works without them.
 //!
 //! The kernel is behind [`IpvsKernel`]; [`fake::FakeKernel`] implements it in memory.
 
@@ -36,10 +45,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use kproxy_contract::{CommandError, IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use kernel::{IpvsKernel, KernelError, SystemKernel, probe};
-pub use model::{DUMMY, IpvsRules, RsKey, VipHolder, VsKey};
+pub use model::{DUMMY, IpvsRules, IpvsTimeouts, RsKey, VipHolder, VsKey};
 pub use plan::{IpvsOp, IpvsPlan};
 pub use socket::GenlError;
 
@@ -57,7 +67,31 @@ pub struct IpvsOptions {
     pub families: Vec<IpFamily>,
     /// A draining real server is deleted after this even if connections remain.
     pub drain_bound: Duration,
+    /// `--ipvs-strict-arp`: at start, `arp_ignore` 1 and `arp_announce` 2 for all interfaces
+    /// of kproxy's network namespace ([`STRICT_ARP`]). Every service address is a local
+    /// address of the node (on `kproxy-ipvs0`), and by default Linux answers ARP for any local
+    /// address on any interface: the node would claim every ClusterIP and LoadBalancer IP on
+    /// its links, which breaks L2 load-balancer announcements (MetalLB and the like) that
+    /// require this setting.
+    pub strict_arp: bool,
+    /// `--ipvs-exclude-cidrs`: virtual servers inside these ranges are never deleted by a
+    /// sync, even on a node address (which kproxy otherwise owns for NodePorts), so IPVS
+    /// services of other software on the node survive. Desired ones are still created and
+    /// updated there. `--cleanup` does not consult it.
+    pub exclude_cidrs: Vec<IpNet>,
+    /// `--ipvs-tcp-timeout`, `--ipvs-tcpfin-timeout`, `--ipvs-udp-timeout`: set once at start
+    /// when any is nonzero; a zero leaves that kernel timeout as it is.
+    pub timeouts: IpvsTimeouts,
 }
+
+/// Strict ARP's sysctls and values (upstream's): reply to ARP only for addresses of the
+/// interface the request came in on (`arp_ignore` 1), and announce only the best local
+/// address for the target (`arp_announce` 2), so addresses on `kproxy-ipvs0` are neither
+/// answered for nor used as ARP sources on the node's links.
+pub const STRICT_ARP: [(&str, u64); 2] = [
+    ("net/ipv4/conf/all/arp_ignore", 1),
+    ("net/ipv4/conf/all/arp_announce", 2),
+];
 
 impl Default for IpvsOptions {
     fn default() -> Self {
@@ -65,6 +99,9 @@ impl Default for IpvsOptions {
             scheduler: "rr".into(),
             families: IpFamily::ALL.to_vec(),
             drain_bound: Duration::from_secs(15 * 60),
+            strict_arp: false,
+            exclude_cidrs: Vec::new(),
+            timeouts: IpvsTimeouts::default(),
         }
     }
 }
@@ -119,6 +156,70 @@ impl<K: IpvsKernel> IpvsMode<K> {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// The node set-up this mode needs (IPVS's sysctls, strict ARP, the connection timeouts),
+    /// done once: before the first apply, or alone for `--init-only`.
+    pub fn node_setup(&mut self) {
+        if !self.prepared {
+            self.kernel.prepare();
+            self.start_up();
+            self.prepared = true;
+        }
+    }
+
+    /// The node settings upstream's proxier makes when it starts, made once before the first
+    /// change: strict ARP and IPVS's connection timeouts. They are not re-checked on every
+    /// sync, as upstream: another program changing them later wins. Failures are warnings
+    /// (upstream fails on a strict-ARP write; kproxy keeps proxying, as it does for every
+    /// sysctl it cannot write).
+    fn start_up(&mut self) {
+        if self.options.strict_arp {
+            for (name, value) in STRICT_ARP {
+                // Written only when different, so a read-only /proc/sys that already holds
+                // the right values is no warning.
+                if self.kernel.sysctl(name).is_ok_and(|cur| cur == value) {
+                    continue;
+                }
+                match self.kernel.set_sysctl(name, value) {
+                    Ok(()) => {
+                        tracing::info!(sysctl = name, value, "set sysctl for --ipvs-strict-arp")
+                    }
+                    Err(err) => tracing::warn!(
+                        sysctl = name,
+                        value,
+                        error = %err,
+                        "could not set a sysctl for --ipvs-strict-arp; the node may answer ARP for service addresses"
+                    ),
+                }
+            }
+        }
+        let wanted = self.options.timeouts;
+        if wanted.is_unset() {
+            return;
+        }
+        match self.kernel.set_timeouts(&wanted) {
+            Ok(()) => match self.kernel.timeouts() {
+                Ok(now) => tracing::info!(
+                    tcp = now.tcp,
+                    tcpfin = now.tcp_fin,
+                    udp = now.udp,
+                    "IPVS connection timeouts set (seconds; a zero flag left the kernel's)"
+                ),
+                Err(err) => tracing::info!(
+                    requested = %wanted,
+                    error = %err,
+                    "IPVS connection timeouts set; reading them back failed"
+                ),
+            },
+            Err(err) => tracing::warn!(
+                tcp = wanted.tcp,
+                tcpfin = wanted.tcp_fin,
+                udp = wanted.udp,
+                error = %err,
+                "could not set the IPVS connection timeouts; the kernel's stay"
+            ),
+        }
     }
 
     /// Deletes draining real servers whose connections have ended (or that hit the bound).
@@ -267,12 +368,12 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
 
     fn plan(&self, live: &IpvsRules, desired: &IpvsRules) -> IpvsPlan {
         let draining: BTreeSet<(VsKey, RsKey)> = self.draining.keys().copied().collect();
-        plan::plan(live, desired, &draining, false)
+        plan::plan(live, desired, &draining, false, &self.options.exclude_cidrs)
     }
 
     fn plan_rebuild(&self, live: &IpvsRules, desired: &IpvsRules) -> IpvsPlan {
         let draining: BTreeSet<(VsKey, RsKey)> = self.draining.keys().copied().collect();
-        plan::plan(live, desired, &draining, true)
+        plan::plan(live, desired, &draining, true, &self.options.exclude_cidrs)
     }
 
     /// A `kproxy-ipvs` table is gone: the next sync reads back and rewrites it.
@@ -287,10 +388,7 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
     }
 
     fn apply(&mut self, plan: &IpvsPlan) -> Result<(), ModeError> {
-        if !self.prepared {
-            self.kernel.prepare();
-            self.prepared = true;
-        }
+        self.node_setup();
         if let Some(script) = plan.nft_script() {
             self.kernel.nft(&script).map_err(mode_error(false))?;
         }
@@ -333,9 +431,6 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
         Ok(())
     }
 
-    /// Every virtual server on kproxy's addresses, the `kproxy-ipvs` tables, the dummy
-    /// interface and kproxy's `lo` routes. On a kernel without IPVS there are no virtual
-    /// servers to remove; the rest is still cleaned.
     fn count_objects(&self, rules: &IpvsRules) -> Vec<ObjectCount> {
         let mut out = Vec::new();
         for family in IpFamily::ALL {
@@ -359,6 +454,12 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
         out
     }
 
+    /// Every virtual server on kproxy's addresses (its service addresses and this node's own
+    /// addresses, as [`Mode::read_live`] scopes them), the `kproxy-ipvs` tables, the dummy
+    /// interface and kproxy's `lo` routes. [`IpvsOptions::exclude_cidrs`] is not consulted:
+    /// upstream's cleanup ignores it too (and flushes all of IPVS, which kproxy never does).
+    /// On a kernel without IPVS there are no virtual servers to remove; the rest is still
+    /// cleaned.
     fn cleanup(&mut self) -> Result<(), ModeError> {
         match self.read_live() {
             Ok(live) => {

@@ -134,3 +134,57 @@ pub struct IpvsRules {
     /// Not part of the kernel state: read-back rules have none.
     pub owners: BTreeMap<VsKey, String>,
 }
+
+/// IPVS's own connection timeouts, in seconds (`ipvsadm --set TCP TCPFIN UDP`): how long an
+/// idle established TCP connection, a TCP connection after its FIN, and a UDP flow keep their
+/// real server. They are per network namespace and apply to every virtual server. Zero means
+/// "leave the kernel's value": `IPVS_CMD_SET_CONFIG` only changes the nonzero ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IpvsTimeouts {
+    /// Established TCP (`--ipvs-tcp-timeout`; the kernel's default is 900).
+    pub tcp: u32,
+    /// TCP after a FIN (`--ipvs-tcpfin-timeout`; the kernel's default is 120).
+    pub tcp_fin: u32,
+    /// UDP (`--ipvs-udp-timeout`; the kernel's default is 300).
+    pub udp: u32,
+}
+
+impl IpvsTimeouts {
+    /// From the configured durations: whole seconds (as upstream truncates them), saturating
+    /// at `u32::MAX` (the kernel refuses values that large with EINVAL, which is then a
+    /// warning like any other refusal).
+    pub fn from_durations(
+        tcp: std::time::Duration,
+        tcp_fin: std::time::Duration,
+        udp: std::time::Duration,
+    ) -> IpvsTimeouts {
+        let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        IpvsTimeouts {
+            tcp: secs(tcp),
+            tcp_fin: secs(tcp_fin),
+            udp: secs(udp),
+        }
+    }
+
+    /// Whether nothing is configured (upstream then never sends `SET_CONFIG`).
+    pub fn is_unset(&self) -> bool {
+        self.tcp == 0 && self.tcp_fin == 0 && self.udp == 0
+    }
+
+    /// What the kernel holds after `self` is applied over `current` (zero leaves a value).
+    pub fn over(&self, current: IpvsTimeouts) -> IpvsTimeouts {
+        let pick = |new: u32, old: u32| if new == 0 { old } else { new };
+        IpvsTimeouts {
+            tcp: pick(self.tcp, current.tcp),
+            tcp_fin: pick(self.tcp_fin, current.tcp_fin),
+            udp: pick(self.udp, current.udp),
+        }
+    }
+}
+
+impl fmt::Display for IpvsTimeouts {
+    /// ipvsadm's order: `tcp tcpfin udp`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.tcp, self.tcp_fin, self.udp)
+    }
+}

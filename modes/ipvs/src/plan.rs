@@ -7,6 +7,7 @@ use std::fmt;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use kproxy_contract::{IpFamily, Plan, PlanStats, Protocol};
 
 use crate::model::{IpvsRules, NftTable, RsKey, VsConfig, VsKey};
@@ -97,6 +98,9 @@ pub struct IpvsPlan {
     pub reap: usize,
     /// The netfilter changes, per family (one nft transaction for all of them).
     pub nft: BTreeMap<IpFamily, NftChange>,
+    /// Virtual servers this plan would have deleted, kept because their address is inside
+    /// `--ipvs-exclude-cidrs`. Shown by `--dry-run`; nothing is done with them.
+    pub kept: Vec<VsKey>,
     /// Owner names for the grouping in `Display`.
     owners: BTreeMap<VsKey, String>,
 }
@@ -162,6 +166,15 @@ impl fmt::Display for IpvsPlan {
                 self.draining.len()
             )?;
         }
+        if !self.kept.is_empty() {
+            writeln!(
+                f,
+                "# kept: inside --ipvs-exclude-cidrs, so never deleted by kproxy"
+            )?;
+            for k in &self.kept {
+                writeln!(f, "# (not run) ipvsadm -D {k}")?;
+            }
+        }
         if self.reap > 0 {
             writeln!(
                 f,
@@ -210,12 +223,15 @@ pub fn graceful(protocol: Protocol) -> bool {
 /// Plans `live` → `desired`. `draining` holds the real servers the mode is already draining
 /// (so a returning endpoint is re-weighted instead of re-added). `rebuild` rewrites the
 /// netfilter tables whatever `live` says (the virtual servers are always diffed: rewriting
-/// them would cut every connection).
+/// them would cut every connection). A virtual server of `live` that is not desired is
+/// deleted unless its address is inside one of `protected` (`--ipvs-exclude-cidrs`): those
+/// are left to whoever made them, as upstream does, and listed in [`IpvsPlan::kept`].
 pub fn plan(
     live: &IpvsRules,
     desired: &IpvsRules,
     draining: &BTreeSet<(VsKey, RsKey)>,
     rebuild: bool,
+    protected: &[IpNet],
 ) -> IpvsPlan {
     let mut p = IpvsPlan {
         owners: desired.owners.clone(),
@@ -270,7 +286,12 @@ pub fn plan(
         }
     }
     for key in live.services.keys() {
-        if !desired.services.contains_key(key) {
+        if desired.services.contains_key(key) {
+            continue;
+        }
+        if protected.iter().any(|net| net.contains(&key.addr)) {
+            p.kept.push(*key);
+        } else {
             svc_dels.push(IpvsOp::DelService(*key));
         }
     }

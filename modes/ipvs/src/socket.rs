@@ -13,7 +13,7 @@ use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_GENERIC};
 
 use crate::genl::{self, IpvsMessage};
-use crate::model::{DestCounters, RsKey, VsKey};
+use crate::model::{DestCounters, IpvsTimeouts, RsKey, VsKey};
 
 /// Requests per datagram.
 const BATCH: usize = 128;
@@ -257,6 +257,36 @@ impl IpvsSocket {
         Ok(out)
     }
 
+    /// Sends one request that the kernel answers with a message (`GET_CONFIG`) and returns
+    /// that answer. It goes with `NLM_F_ACK`, so the end of the exchange is explicit: the
+    /// reply, then the ack (or only an error).
+    pub fn request(&mut self, msg: IpvsMessage, what: &str) -> Result<IpvsMessage, GenlError> {
+        let mut out = Vec::new();
+        let seq = self.encode(msg, NLM_F_REQUEST | NLM_F_ACK, &mut out);
+        self.socket.send(&out, 0).map_err(io("send a request"))?;
+        let mut reply = None;
+        loop {
+            self.recv()?;
+            let datagram = std::mem::take(&mut self.buf);
+            let step = answer(&datagram, seq, what);
+            self.buf = datagram;
+            let (r, acked) = step?;
+            if r.is_some() {
+                reply = r;
+            }
+            if acked {
+                break;
+            }
+        }
+        reply.ok_or_else(|| GenlError::Protocol(format!("the kernel acked {what} without a reply")))
+    }
+
+    /// The kernel's connection timeouts (`GET_CONFIG`).
+    pub fn timeouts(&mut self) -> Result<IpvsTimeouts, GenlError> {
+        let reply = self.request(genl::get_config(), "GET_CONFIG")?;
+        genl::parse_config(&reply).map_err(|e| GenlError::Protocol(e.to_string()))
+    }
+
     /// Sends requests in order, [`BATCH`] per datagram, and checks every ack. Stops at the
     /// first batch with a refusal and reports the first refused request; the rest of that
     /// batch has been processed by the kernel (netlink has no transactions).
@@ -300,6 +330,35 @@ impl IpvsSocket {
         }
         Ok(())
     }
+}
+
+/// What one datagram says about request `seq`: its decoded reply, if it holds one, and whether
+/// the ack came. An error for `seq` is [`GenlError::Refused`].
+fn answer(datagram: &[u8], seq: u32, what: &str) -> Result<(Option<IpvsMessage>, bool), GenlError> {
+    let mut reply = None;
+    let mut acked = false;
+    for (kind, s, body) in frames(datagram) {
+        if s != seq {
+            continue;
+        }
+        if kind == NLMSG_ERROR {
+            let errno = error_code(body);
+            if errno != 0 {
+                return Err(GenlError::Refused {
+                    request: what.to_string(),
+                    errno,
+                });
+            }
+            acked = true;
+            continue;
+        }
+        let m = NetlinkMessage::<GenlMessage<IpvsMessage>>::deserialize(body)
+            .map_err(|e| GenlError::Protocol(e.to_string()))?;
+        if let NetlinkPayload::InnerMessage(g) = m.payload {
+            reply = Some(g.payload);
+        }
+    }
+    Ok((reply, acked))
 }
 
 /// `(type, seq, message)` of each message in a datagram (`message` includes its header).
@@ -356,5 +415,53 @@ mod tests {
         );
         // A truncated tail is ignored, not a panic.
         assert_eq!(frames(&d[..50]).len(), 1);
+    }
+
+    fn ack(seq: u32, errno: i32) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&36u32.to_ne_bytes());
+        d.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        d.extend_from_slice(&0u16.to_ne_bytes());
+        d.extend_from_slice(&seq.to_ne_bytes());
+        d.extend_from_slice(&0u32.to_ne_bytes());
+        d.extend_from_slice(&(-errno).to_ne_bytes());
+        d.extend_from_slice(&[0u8; 16]);
+        d
+    }
+
+    /// `GET_CONFIG`'s exchange: the reply (command SET_CONFIG, family id in the type), then
+    /// the ack, in one datagram or two; another request's messages are ignored.
+    #[test]
+    fn a_request_reads_its_reply_then_its_ack() {
+        let want = IpvsTimeouts {
+            tcp: 901,
+            tcp_fin: 120,
+            udp: 31,
+        };
+        let mut g = GenlMessage::from_payload(genl::set_config(&want));
+        g.set_resolved_family_id(0x1a);
+        let mut header = NetlinkHeader::default();
+        header.sequence_number = 7;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(g));
+        nl.finalize();
+        let mut reply = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut reply);
+
+        let mut both = reply.clone();
+        both.extend(ack(6, 0));
+        both.extend(ack(7, 0));
+        let (m, acked) = answer(&both, 7, "GET_CONFIG").unwrap();
+        assert!(acked);
+        assert_eq!(genl::parse_config(&m.unwrap()).unwrap(), want);
+
+        let (m, acked) = answer(&reply, 7, "GET_CONFIG").unwrap();
+        assert!(m.is_some() && !acked, "the reply alone: wait for the ack");
+        let (m, acked) = answer(&ack(7, 0), 7, "GET_CONFIG").unwrap();
+        assert!(m.is_none() && acked);
+
+        // EPERM without CAP_NET_ADMIN: a refusal naming the request.
+        let err = answer(&ack(7, 1), 7, "GET_CONFIG").unwrap_err();
+        assert!(matches!(err, GenlError::Refused { errno: 1, .. }), "{err}");
+        assert!(err.to_string().contains("GET_CONFIG"), "{err}");
     }
 }

@@ -527,3 +527,227 @@ fn local_traffic_detectors_render_upstreams_matches() {
         );
     }
 }
+
+fn foreign_vs() -> crate::model::VirtualServer {
+    crate::model::VirtualServer {
+        config: crate::model::VsConfig {
+            scheduler: "wlc".into(),
+            persistence: None,
+        },
+        dests: [(rs("192.168.50.7"), 1)].into_iter().collect(),
+    }
+}
+
+fn excluding(cidrs: &[&str]) -> IpvsMode<FakeKernel> {
+    IpvsMode::new(
+        FakeKernel::new(),
+        IpvsOptions {
+            exclude_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            ..IpvsOptions::default()
+        },
+    )
+}
+
+/// kproxy reads back (and so may delete) only virtual servers on its service addresses and on
+/// the node's own addresses. On a node address a foreign one is deleted like a stale NodePort
+/// unless `--ipvs-exclude-cidrs` covers it; one elsewhere is never seen at all.
+#[test]
+fn exclude_cidrs_protect_foreign_virtual_servers_on_node_addresses() {
+    let mut m = excluding(&["10.0.1.0/28", "fd00:1::/64"]);
+    m.kernel_mut()
+        .local
+        .push(("eth1".into(), "10.0.2.1".parse().unwrap()));
+    let inside = vs("10.0.1.1", 8443);
+    let outside = vs("10.0.2.1", 8443);
+    let elsewhere = vs("203.0.113.5", 443);
+    for k in [inside, outside, elsewhere] {
+        m.kernel_mut().services.insert(k, foreign_vs());
+    }
+    let mut sp = service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]);
+    sp.node_port = Some(30080);
+    let s = state(vec![sp]);
+
+    // The dry run says what it keeps, and plans no deletion of it.
+    let live = m.read_live().unwrap();
+    assert!(live.services.contains_key(&inside) && live.services.contains_key(&outside));
+    assert!(!live.services.contains_key(&elsewhere), "never kproxy's");
+    let p = m.plan(&live, &m.render(&s));
+    assert_eq!(p.kept, [inside]);
+    assert!(p.ops.contains(&IpvsOp::DelService(outside)));
+    assert!(!p.ops.contains(&IpvsOp::DelService(inside)));
+    let text = p.to_string();
+    assert!(
+        text.contains("# kept: inside --ipvs-exclude-cidrs")
+            && text.contains("# (not run) ipvsadm -D -t 10.0.1.1:8443\n"),
+        "{text}"
+    );
+
+    // Full syncs (read-back each time): the protected one survives with its real servers,
+    // the unprotected one on a node address goes as before, the far one is untouched.
+    sync(&mut m, &s);
+    sync(&mut m, &s);
+    let k = m.kernel();
+    assert_eq!(k.services.get(&inside), Some(&foreign_vs()));
+    assert!(!k.services.contains_key(&outside));
+    assert_eq!(k.services.get(&elsewhere), Some(&foreign_vs()));
+    // kproxy's own virtual servers are there, the NodePort on the excluded address included
+    // (the exclusion only stops deletions).
+    assert!(k.services.contains_key(&vs("10.96.0.10", 80)));
+    assert!(k.services.contains_key(&vs("10.0.1.1", 30080)));
+    assert!(!k.executed.contains(&IpvsOp::DelService(inside)));
+
+    // --cleanup keeps its own scope and does not consult the exclusions (upstream's cleanup
+    // ignores them too): the foreign one on the node address goes, the far one stays.
+    m.cleanup().unwrap();
+    assert_eq!(
+        m.kernel().services.keys().copied().collect::<Vec<_>>(),
+        [elsewhere]
+    );
+}
+
+/// As upstream: an excluded address is protected whoever made the virtual server, so one of
+/// kproxy's own there stays when its service goes (its address is still unbound).
+#[test]
+fn exclude_cidrs_also_keep_kproxys_own_former_virtual_servers() {
+    let mut m = excluding(&["10.96.0.11/32"]);
+    let s1 = state(vec![
+        service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]),
+        service("b", "10.96.0.11", vec![ep("10.244.1.1", false)]),
+    ]);
+    let b1 = sync_from(&mut m, &IpvsRules::default(), &s1);
+    let s2 = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    let desired = m.render(&s2);
+    let p = m.plan(&b1, &desired);
+    assert_eq!(p.kept, [vs("10.96.0.11", 80)]);
+    assert_eq!(
+        p.vips_del,
+        ["10.96.0.11".parse::<std::net::IpAddr>().unwrap()]
+    );
+    m.apply(&p).unwrap();
+    assert!(m.kernel().services.contains_key(&vs("10.96.0.11", 80)));
+    // Kept is not a change: a plan with nothing else to do is empty and removes nothing.
+    let mut q = crate::IpvsPlan::default();
+    q.kept.push(vs("10.96.0.11", 80));
+    assert!(Plan::is_empty(&q));
+    assert_eq!(q.stats().removed, 0);
+}
+
+fn knobs(strict_arp: bool, timeouts: crate::IpvsTimeouts) -> IpvsMode<FakeKernel> {
+    IpvsMode::new(
+        FakeKernel::new(),
+        IpvsOptions {
+            strict_arp,
+            timeouts,
+            ..IpvsOptions::default()
+        },
+    )
+}
+
+const ARP_IGNORE: &str = "net/ipv4/conf/all/arp_ignore";
+const ARP_ANNOUNCE: &str = "net/ipv4/conf/all/arp_announce";
+
+#[test]
+fn strict_arp_sets_arp_ignore_and_announce_once_at_start() {
+    let mut m = knobs(true, crate::IpvsTimeouts::default());
+    // arp_announce already right: written only where different.
+    m.kernel_mut().sysctls.insert(ARP_ANNOUNCE.into(), 2);
+    let s = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false)],
+    )]);
+    sync(&mut m, &s);
+    assert_eq!(m.kernel().sysctls[ARP_IGNORE], 1);
+    assert_eq!(m.kernel().sysctls[ARP_ANNOUNCE], 2);
+    assert_eq!(m.kernel().sysctl_writes, [(ARP_IGNORE.to_string(), 1)]);
+    // Start-up only: later syncs do not look again.
+    m.kernel_mut().sysctls.insert(ARP_IGNORE.into(), 0);
+    sync(&mut m, &state(vec![]));
+    assert_eq!(m.kernel().sysctl_writes.len(), 1);
+    // No timeout flag: no SET_CONFIG at all.
+    assert!(m.kernel().set_configs.is_empty());
+}
+
+#[test]
+fn without_strict_arp_the_arp_sysctls_are_not_touched() {
+    let mut m = knobs(false, crate::IpvsTimeouts::default());
+    m.kernel_mut().sysctls.insert(ARP_ANNOUNCE.into(), 1);
+    sync(&mut m, &state(vec![service("a", "10.96.0.10", vec![])]));
+    assert!(m.kernel().sysctl_writes.is_empty());
+    assert_eq!(m.kernel().sysctls[ARP_ANNOUNCE], 1);
+}
+
+#[test]
+fn a_failed_strict_arp_write_is_a_warning_and_the_sync_goes_on() {
+    let mut m = knobs(true, crate::IpvsTimeouts::default());
+    m.kernel_mut().sysctls_read_only = true;
+    sync(&mut m, &state(vec![service("a", "10.96.0.10", vec![])]));
+    assert!(m.kernel().services.contains_key(&vs("10.96.0.10", 80)));
+    assert_eq!(m.kernel().sysctls[ARP_IGNORE], 0);
+}
+
+#[test]
+fn timeouts_are_set_once_at_start_and_zero_leaves_the_kernels() {
+    let wanted = crate::IpvsTimeouts::from_durations(
+        Duration::from_secs(901),
+        Duration::ZERO,
+        Duration::from_millis(31_900),
+    );
+    assert_eq!((wanted.tcp, wanted.tcp_fin, wanted.udp), (901, 0, 31));
+    let mut m = knobs(false, wanted);
+    let s = state(vec![service("a", "10.96.0.10", vec![])]);
+    sync(&mut m, &s);
+    sync(&mut m, &s);
+    let k = m.kernel();
+    assert_eq!(k.set_configs, [wanted], "once, with all three");
+    assert_eq!(
+        k.timeouts,
+        crate::IpvsTimeouts {
+            tcp: 901,
+            tcp_fin: 120,
+            udp: 31
+        }
+    );
+    assert!(k.sysctl_writes.is_empty(), "strict ARP is off");
+}
+
+#[test]
+fn a_refused_timeout_change_is_a_warning_and_the_sync_goes_on() {
+    let mut m = knobs(
+        false,
+        crate::IpvsTimeouts {
+            tcp: u32::MAX,
+            tcp_fin: 0,
+            udp: 0,
+        },
+    );
+    m.kernel_mut().refuse_set_config = Some(22);
+    sync(&mut m, &state(vec![service("a", "10.96.0.10", vec![])]));
+    assert_eq!(m.kernel().set_configs.len(), 1);
+    assert_eq!(m.kernel().timeouts.tcp, 900);
+    assert!(m.kernel().services.contains_key(&vs("10.96.0.10", 80)));
+}
+
+/// A dry run reads and plans but never applies, so none of the start-up settings happen.
+#[test]
+fn a_dry_run_sets_no_sysctl_and_no_timeout() {
+    let m = &mut knobs(
+        true,
+        crate::IpvsTimeouts {
+            tcp: 901,
+            tcp_fin: 0,
+            udp: 31,
+        },
+    );
+    let live = m.read_live().unwrap();
+    let desired = m.render(&state(vec![service("a", "10.96.0.10", vec![])]));
+    let _ = m.plan(&live, &desired).to_string();
+    m.cleanup().unwrap();
+    assert!(m.kernel().sysctl_writes.is_empty());
+    assert!(m.kernel().set_configs.is_empty());
+    assert_eq!(m.kernel().prepared, 0);
+}

@@ -726,3 +726,60 @@ fn nftables_mode_on_the_stock_debian_kernel() {
     );
     s.kproxy().assert_running();
 }
+
+/// The installer corpus's ipvs cases (kubespray's default, GCE with `KUBE_PROXY_MODE=ipvs`) run
+/// as the node's proxy: synced, /healthz and /metrics on exactly upstream's addresses, the OOM
+/// score applied (the e2e tests check their effective values on the host).
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn installer_corpus_ipvs_cases_serve_probes_and_sync() {
+    let hostname = crate::support::installers::hostname();
+    let cases: Vec<_> = crate::support::installers::cases()
+        .into_iter()
+        .filter(|c| c.mode() == Some("ipvs"))
+        .collect();
+    assert!(cases.len() >= 2, "{} ipvs cases", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        match crate::support::installers::run_live(case, &hostname) {
+            Ok(line) => println!("{line}"),
+            Err(why) => failures.push(why),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// `--init-only` in ipvs mode does the mode's node set-up (strict ARP, IPVS timeouts) and exits
+/// without programming a virtual server.
+#[test]
+#[ignore = "needs IPVS: runs inside the lab guest (tests/ipvs-lab/run.sh)"]
+fn init_only_does_the_ipvs_node_setup_and_exits() {
+    let node = crate::support::netns::Netns::new("init");
+    let (p, status) = crate::support::kproxy::KproxyProcess::run(
+        &node,
+        &[
+            "--proxy-mode=ipvs",
+            "--init-only",
+            "--master=https://10.96.0.1:443",
+            "--hostname-override=node-a",
+            "--ipvs-strict-arp",
+            "--ipvs-tcp-timeout=777s",
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(status.success(), "{}", p.stderr());
+    assert_eq!(node.sysctl_get("net.ipv4.conf.all.arp_ignore").trim(), "1");
+    assert_eq!(
+        node.sysctl_get("net.ipv4.conf.all.arp_announce").trim(),
+        "2"
+    );
+    let timeouts = node.in_ns(|| SystemKernel::new().timeouts().expect("GET_CONFIG"));
+    assert_eq!(timeouts.tcp, 777, "{timeouts:?}");
+    let servers = node.run("ipvsadm", &["-Ln"]);
+    assert!(
+        !servers
+            .lines()
+            .any(|l| l.starts_with("TCP") || l.starts_with("UDP")),
+        "--init-only programmed virtual servers:\n{servers}"
+    );
+}

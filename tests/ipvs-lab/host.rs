@@ -77,6 +77,10 @@ fn guest_runs_the_ipvs_end_to_end_tests() {
         .env("KPROXY_LAB_KPROXY", KPROXY)
         .env("KPROXY_LAB_CACHE", &cache)
         .env(
+            "KPROXY_LAB_CORPUS",
+            crate::support::installers::corpus_dir(),
+        )
+        .env(
             "KPROXY_LAB_FILTER",
             std::env::var("KPROXY_LAB_FILTER").unwrap_or_else(|_| "guest::".into()),
         )

@@ -14,6 +14,8 @@
 #   KPROXY_LAB_TIMEOUT  seconds the guest may run (default: 1200)
 #   KPROXY_LAB_ARGS     extra test-harness arguments in the guest (e.g. --nocapture)
 #   KPROXY_LAB_ACCEL    kvm|tcg|auto (default auto: KVM if a probe boot works, cached, else TCG)
+#   KPROXY_LAB_CORPUS   the installer corpus directory (tests/installers), placed at the same path
+#                       in the guest for the ipvs cases (optional)
 #
 # Needs qemu-system-x86_64 (bookworm-backports' qemu-system-x86, installed by .ci/run), apt-get
 # (downloads linux-image-amd64's kernel, busybox-static and ipvsadm with its libraries), and the
@@ -135,6 +137,10 @@ copy_with_libs "$KPROXY" "$KPROXY"
 copy_with_libs "$IP_BIN" /sbin/ip
 copy_with_libs "$NFT_BIN" /usr/sbin/nft
 copy_with_libs "$PKGROOT/sbin/ipvsadm" /sbin/ipvsadm
+if [ -n "${KPROXY_LAB_CORPUS:-}" ]; then
+	mkdir -p "$ROOT$(dirname "$KPROXY_LAB_CORPUS")"
+	cp -r "$KPROXY_LAB_CORPUS" "$ROOT$KPROXY_LAB_CORPUS"
+fi
 # Libraries found only in the extracted packages land under the package root's path.
 if [ -d "$ROOT$PKGROOT" ]; then
 	mkdir -p "$ROOT/usr/lib/x86_64-linux-gnu"

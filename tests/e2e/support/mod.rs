@@ -70,6 +70,7 @@ macro_rules! both_families {
 pub mod fake_apiserver;
 pub(crate) mod family;
 pub(crate) mod http;
+pub(crate) mod installers;
 pub(crate) mod kproxy;
 pub(crate) mod load;
 pub(crate) mod manifests;

@@ -50,88 +50,88 @@ pub fn apply(
         }
         report.origins.insert(path.to_string(), flag.to_string());
     };
-    macro_rules! flag {
-        ($value:expr, $path:literal, $flag:literal, |$v:ident| $assign:expr) => {
-            if let Some($v) = $value {
+    macro_rules! fields {
+        ($($value:expr => $path:literal, $flag:literal, |$v:ident| $assign:expr;)*) => {
+            $(if let Some($v) = $value {
                 $assign;
                 set(&mut report, $path, $flag);
-            }
+            })*
         };
     }
 
-    flag!(
-        args.proxy_mode,
-        "mode",
-        "--proxy-mode",
-        |m| cfg.mode = match m {
+    if let Some(m) = args.proxy_mode {
+        cfg.mode = match m {
             ProxyModeArg::Default => String::new(),
             ProxyModeArg::Iptables => "iptables".into(),
             ProxyModeArg::Nftables => "nftables".into(),
             ProxyModeArg::Ipvs => "ipvs".into(),
             ProxyModeArg::Userspace => "userspace".into(),
-        }
-    );
+        };
+        set(&mut report, "mode", "--proxy-mode");
+    }
     let mode = cfg.mode.clone();
-    flag!(
-        &args.hostname_override,
-        "hostnameOverride",
-        "--hostname-override",
-        |v| cfg.hostname_override = v.trim().to_lowercase()
-    );
-    flag!(args.bind_address, "bindAddress", "--bind-address", |v| {
-        cfg.bind_address = v.to_string()
-    });
-    flag!(
-        args.bind_address_hard_fail,
-        "bindAddressHardFail",
-        "--bind-address-hard-fail",
-        |v| cfg.bind_address_hard_fail = v
-    );
-    flag!(
-        &args.kubeconfig,
-        "clientConnection.kubeconfig",
-        "--kubeconfig",
-        |v| cfg.client_connection.kubeconfig = v.display().to_string()
-    );
-    flag!(
-        args.kube_api_qps,
-        "clientConnection.qps",
-        "--kube-api-qps",
-        |v| cfg.client_connection.qps = v
-    );
-    flag!(
-        args.kube_api_burst,
-        "clientConnection.burst",
-        "--kube-api-burst",
-        |v| cfg.client_connection.burst = v
-    );
-    flag!(
-        &args.kube_api_content_type,
-        "clientConnection.contentType",
-        "--kube-api-content-type",
-        |v| cfg.client_connection.content_type = v.clone()
-    );
-    flag!(&args.cluster_cidr, "clusterCIDR", "--cluster-cidr", |v| {
-        cfg.cluster_cidr = v.clone()
-    });
-    flag!(
-        &args.detect_local_mode,
-        "detectLocalMode",
-        "--detect-local-mode",
-        |v| cfg.detect_local_mode = v.clone()
-    );
-    flag!(
-        &args.pod_bridge_interface,
-        "detectLocal.bridgeInterface",
-        "--pod-bridge-interface",
-        |v| cfg.detect_local.bridge_interface = v.clone()
-    );
-    flag!(
-        &args.pod_interface_name_prefix,
-        "detectLocal.interfaceNamePrefix",
-        "--pod-interface-name-prefix",
-        |v| cfg.detect_local.interface_name_prefix = v.clone()
-    );
+    // One line per flag whose value goes to one field as it is: the flag's value, the field's
+    // path (for messages), the flag's name, and the assignment.
+    fields! {
+        &args.hostname_override => "hostnameOverride", "--hostname-override",
+            |v| cfg.hostname_override = v.trim().to_lowercase();
+        args.bind_address => "bindAddress", "--bind-address", |v| cfg.bind_address = v.to_string();
+        args.bind_address_hard_fail => "bindAddressHardFail", "--bind-address-hard-fail",
+            |v| cfg.bind_address_hard_fail = v;
+        &args.kubeconfig => "clientConnection.kubeconfig", "--kubeconfig",
+            |v| cfg.client_connection.kubeconfig = v.display().to_string();
+        args.kube_api_qps => "clientConnection.qps", "--kube-api-qps",
+            |v| cfg.client_connection.qps = v;
+        args.kube_api_burst => "clientConnection.burst", "--kube-api-burst",
+            |v| cfg.client_connection.burst = v;
+        &args.kube_api_content_type => "clientConnection.contentType", "--kube-api-content-type",
+            |v| cfg.client_connection.content_type = v.clone();
+        &args.cluster_cidr => "clusterCIDR", "--cluster-cidr", |v| cfg.cluster_cidr = v.clone();
+        &args.detect_local_mode => "detectLocalMode", "--detect-local-mode",
+            |v| cfg.detect_local_mode = v.clone();
+        &args.pod_bridge_interface => "detectLocal.bridgeInterface", "--pod-bridge-interface",
+            |v| cfg.detect_local.bridge_interface = v.clone();
+        &args.pod_interface_name_prefix => "detectLocal.interfaceNamePrefix",
+            "--pod-interface-name-prefix",
+            |v| cfg.detect_local.interface_name_prefix = v.clone();
+        args.iptables_masquerade_bit => "iptables.masqueradeBit", "--iptables-masquerade-bit",
+            |v| cfg.iptables.masquerade_bit = Some(v);
+        args.iptables_localhost_nodeports => "iptables.localhostNodePorts",
+            "--iptables-localhost-nodeports",
+            |v| cfg.iptables.localhost_node_ports = Some(v);
+        &args.ipvs_scheduler => "ipvs.scheduler", "--ipvs-scheduler",
+            |v| cfg.ipvs.scheduler = v.clone();
+        args.ipvs_strict_arp => "ipvs.strictARP", "--ipvs-strict-arp", |v| cfg.ipvs.strict_arp = v;
+        args.ipvs_tcp_timeout => "ipvs.tcpTimeout", "--ipvs-tcp-timeout",
+            |v| cfg.ipvs.tcp_timeout = v;
+        args.ipvs_tcpfin_timeout => "ipvs.tcpFinTimeout", "--ipvs-tcpfin-timeout",
+            |v| cfg.ipvs.tcp_fin_timeout = v;
+        args.ipvs_udp_timeout => "ipvs.udpTimeout", "--ipvs-udp-timeout",
+            |v| cfg.ipvs.udp_timeout = v;
+        args.conntrack_max_per_core => "conntrack.maxPerCore", "--conntrack-max-per-core",
+            |v| cfg.conntrack.max_per_core = Some(v);
+        args.conntrack_min => "conntrack.min", "--conntrack-min", |v| cfg.conntrack.min = Some(v);
+        args.conntrack_tcp_timeout_established => "conntrack.tcpEstablishedTimeout",
+            "--conntrack-tcp-timeout-established",
+            |v| cfg.conntrack.tcp_established_timeout = Some(v);
+        args.conntrack_tcp_timeout_close_wait => "conntrack.tcpCloseWaitTimeout",
+            "--conntrack-tcp-timeout-close-wait",
+            |v| cfg.conntrack.tcp_close_wait_timeout = Some(v);
+        args.conntrack_tcp_be_liberal => "conntrack.tcpBeLiberal", "--conntrack-tcp-be-liberal",
+            |v| cfg.conntrack.tcp_be_liberal = v;
+        args.conntrack_udp_timeout => "conntrack.udpTimeout", "--conntrack-udp-timeout",
+            |v| cfg.conntrack.udp_timeout = v;
+        args.conntrack_udp_timeout_stream => "conntrack.udpStreamTimeout",
+            "--conntrack-udp-timeout-stream",
+            |v| cfg.conntrack.udp_stream_timeout = v;
+        args.oom_score_adj => "oomScoreAdj", "--oom-score-adj", |v| cfg.oom_score_adj = Some(v);
+        args.config_sync_period => "configSyncPeriod", "--config-sync-period",
+            |v| cfg.config_sync_period = v;
+        args.profiling => "enableProfiling", "--profiling", |v| cfg.enable_profiling = v;
+        &args.show_hidden_metrics_for_version => "showHiddenMetricsForVersion",
+            "--show-hidden-metrics-for-version",
+            |v| cfg.show_hidden_metrics_for_version = v.clone();
+    }
     if !args.nodeport_addresses.is_empty() {
         cfg.node_port_addresses = Some(split_list(&args.nodeport_addresses));
         set(&mut report, "nodePortAddresses", "--nodeport-addresses");
@@ -148,12 +148,6 @@ pub fn apply(
             set(&mut report, "iptables.masqueradeAll", "--masquerade-all");
         }
     }
-    flag!(
-        args.iptables_masquerade_bit,
-        "iptables.masqueradeBit",
-        "--iptables-masquerade-bit",
-        |v| cfg.iptables.masquerade_bit = Some(v)
-    );
     if args.iptables_masquerade_bit.is_some() && mode == "nftables" {
         report.without_effect.push((
             "--iptables-masquerade-bit".into(),
@@ -162,117 +156,20 @@ pub fn apply(
                 .into(),
         ));
     }
-    flag!(
-        args.iptables_localhost_nodeports,
-        "iptables.localhostNodePorts",
-        "--iptables-localhost-nodeports",
-        |v| cfg.iptables.localhost_node_ports = Some(v)
-    );
 
     sync_periods(args, cfg, &mode, from_file, &mut report, &mut set);
 
-    flag!(
-        &args.ipvs_scheduler,
-        "ipvs.scheduler",
-        "--ipvs-scheduler",
-        |v| cfg.ipvs.scheduler = v.clone()
-    );
     if !args.ipvs_exclude_cidrs.is_empty() {
         cfg.ipvs.exclude_cidrs = Some(split_list(&args.ipvs_exclude_cidrs));
         set(&mut report, "ipvs.excludeCIDRs", "--ipvs-exclude-cidrs");
     }
-    flag!(
-        args.ipvs_strict_arp,
-        "ipvs.strictARP",
-        "--ipvs-strict-arp",
-        |v| cfg.ipvs.strict_arp = v
-    );
-    flag!(
-        args.ipvs_tcp_timeout,
-        "ipvs.tcpTimeout",
-        "--ipvs-tcp-timeout",
-        |v| cfg.ipvs.tcp_timeout = v
-    );
-    flag!(
-        args.ipvs_tcpfin_timeout,
-        "ipvs.tcpFinTimeout",
-        "--ipvs-tcpfin-timeout",
-        |v| cfg.ipvs.tcp_fin_timeout = v
-    );
-    flag!(
-        args.ipvs_udp_timeout,
-        "ipvs.udpTimeout",
-        "--ipvs-udp-timeout",
-        |v| cfg.ipvs.udp_timeout = v
-    );
 
-    flag!(
-        args.conntrack_max_per_core,
-        "conntrack.maxPerCore",
-        "--conntrack-max-per-core",
-        |v| cfg.conntrack.max_per_core = Some(v)
-    );
-    flag!(
-        args.conntrack_min,
-        "conntrack.min",
-        "--conntrack-min",
-        |v| cfg.conntrack.min = Some(v)
-    );
-    flag!(
-        args.conntrack_tcp_timeout_established,
-        "conntrack.tcpEstablishedTimeout",
-        "--conntrack-tcp-timeout-established",
-        |v| cfg.conntrack.tcp_established_timeout = Some(v)
-    );
-    flag!(
-        args.conntrack_tcp_timeout_close_wait,
-        "conntrack.tcpCloseWaitTimeout",
-        "--conntrack-tcp-timeout-close-wait",
-        |v| cfg.conntrack.tcp_close_wait_timeout = Some(v)
-    );
-    flag!(
-        args.conntrack_tcp_be_liberal,
-        "conntrack.tcpBeLiberal",
-        "--conntrack-tcp-be-liberal",
-        |v| cfg.conntrack.tcp_be_liberal = v
-    );
-    flag!(
-        args.conntrack_udp_timeout,
-        "conntrack.udpTimeout",
-        "--conntrack-udp-timeout",
-        |v| cfg.conntrack.udp_timeout = v
-    );
-    flag!(
-        args.conntrack_udp_timeout_stream,
-        "conntrack.udpStreamTimeout",
-        "--conntrack-udp-timeout-stream",
-        |v| cfg.conntrack.udp_stream_timeout = v
-    );
-
-    flag!(args.oom_score_adj, "oomScoreAdj", "--oom-score-adj", |v| {
-        cfg.oom_score_adj = Some(v)
-    });
-    flag!(
-        args.config_sync_period,
-        "configSyncPeriod",
-        "--config-sync-period",
-        |v| cfg.config_sync_period = v
-    );
     if !args.feature_gates.is_empty() {
         for (name, on) in feature_gates(&args.feature_gates)? {
             cfg.feature_gates.insert(name, on);
         }
         set(&mut report, "featureGates", "--feature-gates");
     }
-    flag!(args.profiling, "enableProfiling", "--profiling", |v| cfg
-        .enable_profiling =
-        v);
-    flag!(
-        &args.show_hidden_metrics_for_version,
-        "showHiddenMetricsForVersion",
-        "--show-hidden-metrics-for-version",
-        |v| cfg.show_hidden_metrics_for_version = v.clone()
-    );
 
     bind_addresses(args, cfg, &mut report, &mut set);
     logging(args, cfg, &mut report, &mut set)?;

@@ -1,5 +1,6 @@
 //! The `kproxy` binary: parse, configure logging, run. Every decision lives in the library.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use kproxy::cli::{Args, Command, LogFormat, OutputFormat};
@@ -8,16 +9,29 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Writes a line to standard error, ignoring a reader that has gone (`kproxy ... 2>&1 | head`):
+/// `eprintln!` would panic there, and a CLI piped into `head` or a pager must exit quietly.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Writes a line to standard output, ignoring a reader that has gone.
+fn say_out(line: &str) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 fn main() -> ExitCode {
     let args = Args::parse_go_style();
     if let Some(Command::Version) = args.command {
-        println!("kproxy {}", kproxy::version::VERSION);
+        say_out(&format!("kproxy {}", kproxy::version::VERSION));
         return ExitCode::SUCCESS;
     }
     let config = match kproxy::config::from_args(&args) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("kproxy: {err}");
+            say!("kproxy: {err}");
             return ExitCode::from(2);
         }
     };
@@ -30,7 +44,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(err) => {
-                eprintln!("kproxy: --write-config-to {}: {err}", path.display());
+                say!("kproxy: --write-config-to {}: {err}", path.display());
                 ExitCode::FAILURE
             }
         };
@@ -46,7 +60,7 @@ fn main() -> ExitCode {
                 ExitCode::from(report.exit_code())
             }
             Err(err) => {
-                eprintln!("kproxy trace: {err:#}");
+                say!("kproxy trace: {err:#}");
                 ExitCode::from(2)
             }
         };
@@ -57,7 +71,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("kproxy: cannot start the runtime: {err}");
+            say!("kproxy: cannot start the runtime: {err}");
             return ExitCode::FAILURE;
         }
     };
@@ -65,7 +79,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // `{:#}` prints the context chain on one line, without a backtrace.
-            eprintln!("kproxy: {err:#}");
+            say!("kproxy: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -83,6 +97,8 @@ fn init_logging(format: LogFormat, verbosity: u32) {
     // Colour only on a terminal: logs in files and journals stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // A closed stderr (`2>&1 | head`) is no reason to complain on stderr (which would panic).
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
@@ -109,7 +125,7 @@ fn services(config: &kproxy::config::Config, output: OutputFormat) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(err) => {
-                eprintln!("kproxy: {err:#}");
+                say!("kproxy: {err:#}");
                 ExitCode::FAILURE
             }
         };
@@ -127,7 +143,7 @@ fn services(config: &kproxy::config::Config, output: OutputFormat) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("kproxy: {err:#}");
+            say!("kproxy: {err:#}");
             ExitCode::from(2)
         }
     }

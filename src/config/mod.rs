@@ -246,7 +246,17 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
     );
 
     let source = match &args.manifests {
-        Some(dir) => SourceConfig::Manifests(dir.clone()),
+        // A directory that cannot be listed is a bad flag (exit 2), not a runtime failure.
+        Some(dir) => match std::fs::read_dir(dir) {
+            Ok(_) => SourceConfig::Manifests(dir.clone()),
+            Err(e) => {
+                return Err(ConfigError {
+                    field: "--manifests".into(),
+                    value: dir.display().to_string(),
+                    reason: format!("cannot read the directory: {e}"),
+                });
+            }
+        },
         None => SourceConfig::Api {
             kubeconfig: Some(effective.client_connection.kubeconfig.trim())
                 .filter(|k| !k.is_empty())

@@ -1349,6 +1349,7 @@ fn parse_object(
         return;
     }
 
+    strip_unused(&mut value);
     let object = match kind.as_str() {
         "Service" => typed(value).map(Object::Service),
         "EndpointSlice" => typed(value).map(Object::EndpointSlice),
@@ -1357,6 +1358,21 @@ fn parse_object(
     match object {
         Ok(object) => objects.push(Parsed { object, document }),
         Err(reason) => fail(reason),
+    }
+}
+
+/// kubectl's copy of the whole object; often most of an export's bytes.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what kproxy never reads and exports carry in bulk (`metadata.managedFields`, kubectl's
+/// last-applied annotation), so a large export does not stay resident twice (here and in the
+/// cache).
+fn strip_unused(value: &mut Value) {
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("managedFields");
+        if let Some(annotations) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+            annotations.remove(LAST_APPLIED);
+        }
     }
 }
 

@@ -679,6 +679,17 @@ fn an_emptied_directory_is_held_until_confirmed() {
 }
 
 #[test]
+fn managed_fields_and_last_applied_are_not_kept() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  namespace: ns\n  managedFields: [{manager: kubectl}]\n  annotations:\n    kubectl.kubernetes.io/last-applied-configuration: '{\"big\": 1}'\n    keep: me\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+    let loaded = parse_text(Path::new("a.yaml"), text, "n");
+    let meta = &loaded.services[0].metadata;
+    assert!(meta.managed_fields.is_none());
+    let annotations = meta.annotations.as_ref().unwrap();
+    assert_eq!(annotations.len(), 1);
+    assert_eq!(annotations["keep"], "me");
+}
+
+#[test]
 fn removes_most_is_more_than_half() {
     assert!(removes_most(3, 1));
     assert!(removes_most(2, 0));

@@ -121,6 +121,12 @@ fn persistent_restore_failure_backs_off_and_summarises() {
         |r| matches!(r, Ok(id) if id == "ep2"),
     );
     let converged = recovered.elapsed();
+    // Logged right after the apply that the traffic just saw.
+    wait_until(Duration::from_secs(2), || {
+        s.kproxy
+            .as_ref()
+            .is_some_and(|k| k.stderr().contains("sync succeeded again"))
+    });
     let log = s.kproxy().stderr();
     let failure_lines =
         count_lines(&log_during, "sync failed") + count_lines(&log_during, "sync still failing");

@@ -446,6 +446,9 @@ async fn run_with(
     let mut next_confirmation: Option<Instant> = None;
     let mut rewatch = true;
     let mut reload = true;
+    // The directory the last watch attempt was for (a failed attempt is retried with backoff,
+    // or at once when DIR changes again).
+    let mut tried: Option<Identity> = None;
 
     loop {
         if rewatch {
@@ -453,6 +456,7 @@ async fn run_with(
             reload = true;
             // Watch before the load, so nothing written in between is missed.
             watched = None;
+            tried = identity(&dir);
             match watch(&dir, &events_tx) {
                 Ok(w) => {
                     tracing::debug!(dir = %dir.display(), "watching the manifests directory");
@@ -513,7 +517,11 @@ async fn run_with(
                     }
                     failure
                 }
-                Err(err) => Some(format!("{err}: {}", err_source(&err))),
+                Err(err) => {
+                    // Nothing can be confirmed without a read; the retry reads again.
+                    next_confirmation = None;
+                    Some(format!("{err}: {}", err_source(&err)))
+                }
             };
             match failure {
                 None => {
@@ -613,9 +621,8 @@ async fn run_with(
         // DIR replaced (deleted and recreated, renamed over, a symlink swapped): watch the new
         // directory and read it.
         let current = identity(&dir);
-        if watched.as_ref().map(|w| w.identity) != current
-            && (watched.is_some() || current.is_some())
-        {
+        let following = watched.as_ref().map_or(tried, |w| Some(w.identity));
+        if current != following {
             if watched.is_some() {
                 tracing::info!(dir = %dir.display(), "the manifests directory was replaced or removed; following it");
             }
@@ -798,6 +805,8 @@ pub fn load_dir_at(
             Err(err) => {
                 let state = files.files.entry(path.clone()).or_default();
                 state.missing_since = None;
+                // A held-back version is confirmed only by reading it again.
+                state.held = None;
                 if err.kind() == io::ErrorKind::FileTooLarge {
                     // Content, not a fault: reported once, not retried.
                     state.digest = None;

@@ -562,6 +562,17 @@ fn an_unreadable_file_makes_the_load_incomplete() {
     std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
     let report = load_dir_at(&dir.0, &mut files, t0).unwrap();
     assert!(report.complete());
+    // A held-back version that becomes unreadable is no longer pending: nothing to confirm
+    // (the retry reads it again), and the content in effect stays.
+    dir.write("a.yaml", "");
+    let report = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    assert!(report.next_confirmation.is_some());
+    std::fs::remove_file(dir.0.join("a.yaml")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/mem", dir.0.join("a.yaml")).unwrap();
+    let report = load_dir_at(&dir.0, &mut files, t0 + Duration::from_secs(10)).unwrap();
+    assert!(!report.complete());
+    assert_eq!(report.next_confirmation, None);
+    assert_eq!(service_names(&report.loaded), ["ns/web"]);
 }
 
 fn two_services() -> String {

@@ -131,6 +131,8 @@ impl ClusterCache {
                     ..Touched::default()
                 }
             }
+            // The sync loop handles status before the cache; it touches no object.
+            Update::Status(_) => Touched::default(),
         }
     }
 

@@ -4,6 +4,13 @@
 //! successful sync. `/healthz` additionally reports 503 while the Node is being deleted or
 //! carries the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so load balancers
 //! drain the node (KEP-3836); `/livez` ignores that, so the pod is not restarted for it.
+//!
+//! kproxy's addition: `/healthz` also reports 503 once the object source has been unreadable
+//! (a manifests directory that is missing or cannot be opened) for longer than the same timeout,
+//! `2 × sync-period`: the rules are then as old as the last read and nothing new can reach them,
+//! which is what the timeout means for a queued update. `/livez` ignores it: a restart cannot
+//! make the directory readable (kproxy would refuse to start without it), while the running
+//! process keeps the last good rules and picks the source up again by itself.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -23,6 +30,7 @@ struct Inner {
     last_updated: Option<SystemTime>,
     oldest_pending: Option<SystemTime>,
     node_eligible: bool,
+    source_unreadable_since: Option<SystemTime>,
 }
 
 /// Shared health state: the sync loop writes it, the HTTP server reads it.
@@ -40,6 +48,8 @@ pub struct Verdict {
     pub healthy: bool,
     /// The node is not being drained.
     pub node_eligible: bool,
+    /// The source has not been unreadable for longer than the timeout.
+    pub source_readable: bool,
     /// Last successful sync (now, when healthy, as upstream reports it).
     pub last_updated: SystemTime,
     /// When the verdict was taken.
@@ -95,6 +105,11 @@ impl Health {
         g.oldest_pending = None;
     }
 
+    /// The source cannot be read in full since `since`, or (`None`) can again.
+    pub fn source_unreadable(&self, since: Option<SystemTime>) {
+        self.lock().source_unreadable_since = since;
+    }
+
     /// Records whether this node may receive traffic (see the module doc).
     pub fn set_node(&self, node: Option<&Node>) {
         let eligible = node.is_none_or(|n| {
@@ -115,9 +130,13 @@ impl Health {
         let stale = g
             .oldest_pending
             .is_some_and(|t| now.duration_since(t).unwrap_or_default() > self.timeout);
+        let source_readable = g
+            .source_unreadable_since
+            .is_none_or(|t| now.duration_since(t).unwrap_or_default() <= self.timeout);
         Verdict {
             healthy: !stale,
             node_eligible: g.node_eligible,
+            source_readable,
             last_updated: if stale {
                 g.last_updated.unwrap_or(SystemTime::UNIX_EPOCH)
             } else {
@@ -141,7 +160,7 @@ fn body(v: &Verdict, with_node: bool) -> String {
 
 async fn healthz(State(h): State<Health>) -> impl IntoResponse {
     let v = h.verdict(SystemTime::now());
-    let ok = v.healthy && v.node_eligible;
+    let ok = v.healthy && v.node_eligible && v.source_readable;
     h.count(false, ok);
     respond(ok, body(&v, true))
 }
@@ -194,6 +213,20 @@ mod tests {
         assert!(!v.healthy);
         h.updated(t0 + Duration::from_secs(62));
         assert!(h.verdict(t0 + Duration::from_secs(200)).healthy);
+    }
+
+    #[test]
+    fn unreadable_source_fails_healthz_after_the_timeout_not_livez() {
+        let h = Health::new(Duration::from_secs(30));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        h.source_unreadable(Some(t0));
+        let v = h.verdict(t0 + Duration::from_secs(60));
+        assert!(v.healthy && v.source_readable, "within the timeout");
+        let v = h.verdict(t0 + Duration::from_secs(61));
+        assert!(v.healthy, "/livez stays 200");
+        assert!(!v.source_readable, "/healthz turns 503");
+        h.source_unreadable(None);
+        assert!(h.verdict(t0 + Duration::from_secs(62)).source_readable);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod node;
 pub mod oom;
+pub mod retry;
 pub mod run;
 pub mod services;
 pub mod source;

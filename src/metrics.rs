@@ -86,6 +86,7 @@ pub struct Metrics {
     endpoint_changes_total: Counter,
     service_changes_pending: Gauge,
     service_changes_total: Counter,
+    source_removals_held: Counter,
     no_local_endpoints: Family<PolicyLabel, Gauge>,
     iptables_rules: Family<TableLabel, Gauge>,
     kernel_objects: Family<ObjectLabel, Gauge>,
@@ -154,6 +155,7 @@ impl Metrics {
             endpoint_changes_total: Counter::default(),
             service_changes_pending: Gauge::default(),
             service_changes_total: Counter::default(),
+            source_removals_held: Counter::default(),
             no_local_endpoints: Family::default(),
             iptables_rules: Family::default(),
             kernel_objects: Family::default(),
@@ -281,6 +283,12 @@ impl Metrics {
             "Service ports programmed (per family)",
             m.service_ports.clone(),
         );
+        // Counters gain `_total` in the exposition.
+        registry.register(
+            "kproxy_source_removals_held",
+            "Removals of most of a manifest file's (or the directory's) service ports and endpoints held back until confirmed",
+            m.source_removals_held.clone(),
+        );
         registry.register(
             "kproxy_skipped_objects",
             "Invalid Services and EndpointSlices left out",
@@ -306,6 +314,11 @@ impl Metrics {
             .set(i64::try_from(o.service_ports).unwrap_or(i64::MAX));
         self.skipped_objects
             .set(i64::try_from(o.skipped).unwrap_or(i64::MAX));
+    }
+
+    /// The source held back a removal until it is confirmed (`kproxy_source_removals_held_total`).
+    pub fn source_removal_held(&self) {
+        self.source_removals_held.inc();
     }
 
     /// Services and EndpointSlices changed; `pending_*` are the totals not yet synced.

@@ -5,8 +5,9 @@
 //! for drift, such as a flushed table, and then reading the kernel back and repairing it), with a
 //! full read-back at least once per `full_sync_period` whatever the probe says, never before
 //! Services and EndpointSlices have been listed once, and after a failure again with backoff (and
-//! full). Time comes from tokio's
-//! clock, so tests run with a paused clock.
+//! full). A failed sync is retried with backoff (1 s doubling to `sync_period`, with jitter; see
+//! [`Schedule`]), and a failure that repeats is logged once, then summarised once a minute.
+//! Time comes from tokio's clock, so tests run with a paused clock.
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
@@ -24,7 +25,11 @@ use crate::desired_state::{self, BuildContext};
 use crate::health::Health;
 use crate::metrics::{Metrics, SyncObservation};
 use crate::node;
-use crate::source::Update;
+use crate::retry::{Jitter, Repeats, Say};
+use crate::source::{SourceStatus, Update};
+
+mod schedule;
+pub use schedule::{Due, Schedule};
 
 /// How the loop behaves.
 #[derive(Debug, Clone)]
@@ -112,6 +117,8 @@ pub struct SyncLoop<M: Mode> {
     metrics: Option<Arc<Metrics>>,
     /// Where each applied state is published for the admin socket.
     admin: Option<crate::admin::Publisher>,
+    /// Spreads retries of failed syncs.
+    jitter: Jitter,
 }
 
 impl<M: Mode> SyncLoop<M> {
@@ -133,6 +140,7 @@ impl<M: Mode> SyncLoop<M> {
             conntrack: None,
             metrics: None,
             admin: None,
+            jitter: Jitter::from_entropy(),
             options,
         }
     }
@@ -167,6 +175,12 @@ impl<M: Mode> SyncLoop<M> {
         self
     }
 
+    /// Takes retry jitter from `jitter` (tests fix it).
+    pub fn with_jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
     /// Sends dry-run output somewhere other than stdout (tests).
     pub fn with_output(mut self, out: Box<dyn std::io::Write + Send>) -> Self {
         self.out = out;
@@ -192,17 +206,14 @@ impl<M: Mode> SyncLoop<M> {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<Stopped> {
         tokio::pin!(shutdown);
-        let mut next_sync: Option<Instant> = None;
-        let mut next_full: Option<Instant> = None;
-        let mut last_full: Option<Instant> = None;
-        let mut last_sync: Option<Instant> = None;
-        let mut backoff = Duration::ZERO;
+        let mut schedule = Schedule::new(
+            self.options.min_sync_period,
+            self.options.sync_period,
+            self.options.full_sync_period,
+        );
+        let mut repeats = Repeats::default();
         let mut initialized = false;
         loop {
-            let deadline = match (next_sync, next_full) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
@@ -212,6 +223,13 @@ impl<M: Mode> SyncLoop<M> {
                 update = updates.recv() => {
                     let Some(update) = update else {
                         anyhow::bail!("the object source stopped unexpectedly");
+                    };
+                    let update = match update {
+                        Update::Status(status) => {
+                            self.source_status(status);
+                            continue;
+                        }
+                        update => update,
                     };
                     let touched = self.cache.apply(update);
                     let (services, endpoints) = (touched.service_changes, touched.endpoint_changes);
@@ -234,28 +252,26 @@ impl<M: Mode> SyncLoop<M> {
                         // happens even when the cluster has no services at all.
                         initialized = true;
                         tracing::info!("services and endpoint slices listed; first sync");
-                        next_sync = Some(Instant::now());
-                    } else if next_sync.is_none() && !self.pending.is_empty() {
-                        let earliest = last_sync.map_or_else(Instant::now, |t| t + self.options.min_sync_period);
-                        next_sync = Some(earliest.max(Instant::now()));
+                        schedule.initialized(Instant::now());
+                    } else if !self.pending.is_empty() {
+                        schedule.changed(Instant::now());
                     }
                 }
-                () = sleep_until(deadline) => {
-                    let periodic = next_full.is_some_and(|t| t <= Instant::now());
+                () = sleep_until(schedule.deadline()) => {
+                    let due = schedule.due(Instant::now());
                     let full = self.believed.is_none()
-                        || (periodic
-                            && (last_full.is_none_or(|t| t + self.options.full_sync_period <= Instant::now())
-                                || block(|| self.mode.drifted())));
+                        || (due.periodic
+                            && (due.full_period_elapsed || block(|| self.mode.drifted())));
                     match self.sync(full) {
                         Ok(report) => {
-                            last_sync = Some(Instant::now());
-                            next_sync = None;
-                            backoff = Duration::ZERO;
-                            if full {
-                                last_full = Some(Instant::now());
-                            }
-                            if full || periodic || next_full.is_none() {
-                                next_full = Some(Instant::now() + self.options.sync_period);
+                            let now = Instant::now();
+                            schedule.succeeded(now, full, due);
+                            if let Some(run) = repeats.succeeded(now) {
+                                tracing::info!(
+                                    failed_attempts = run.failures,
+                                    failing_for = ?run.after,
+                                    "sync succeeded again"
+                                );
                             }
                             if self.options.once {
                                 tracing::info!(?report, "first sync complete (--once)");
@@ -272,9 +288,21 @@ impl<M: Mode> SyncLoop<M> {
                             // A failed apply leaves the kernel as it was, but we no longer know
                             // for sure what it holds: read it back next time.
                             self.believed = None;
-                            backoff = (backoff * 2).clamp(Duration::from_secs(1), self.options.sync_period);
-                            tracing::error!(error = %format_chain(&err), retry_in = ?backoff, "sync failed; will retry with a full sync");
-                            next_sync = Some(Instant::now() + backoff);
+                            let now = Instant::now();
+                            let retry_in = schedule.failed(now, self.jitter.next_unit());
+                            let error = format_chain(&err);
+                            match repeats.failed(&error, now) {
+                                Say::Failed => tracing::error!(%error, ?retry_in, "sync failed; will retry with a full sync"),
+                                Say::StillFailing { failures, unlogged, failing_for } => tracing::error!(
+                                    %error,
+                                    failed_attempts = failures,
+                                    not_logged = unlogged,
+                                    ?failing_for,
+                                    ?retry_in,
+                                    "sync still failing with the same error; retrying with backoff"
+                                ),
+                                Say::Quiet => tracing::debug!(%error, ?retry_in, failed_attempts = repeats.failures(), "sync failed again"),
+                            }
                         }
                     }
                 }
@@ -333,10 +361,18 @@ impl<M: Mode> SyncLoop<M> {
         };
         let t_plan = Instant::now();
         let plan = if self.failures >= 2 && !dry_run {
-            tracing::warn!(
-                failures = self.failures,
-                "repeated failures: rewriting everything kproxy owns"
-            );
+            // Said once per run of failures; the later rebuilds are the same decision.
+            if self.failures == 2 {
+                tracing::warn!(
+                    failures = self.failures,
+                    "repeated failures: rewriting everything kproxy owns"
+                );
+            } else {
+                tracing::debug!(
+                    failures = self.failures,
+                    "repeated failures: rewriting everything kproxy owns"
+                );
+            }
             self.mode.plan_rebuild(&live, &desired)
         } else {
             self.mode.plan(&live, &desired)
@@ -480,6 +516,19 @@ impl<M: Mode> SyncLoop<M> {
             Err(err) => {
                 tracing::warn!(error = %format_chain(&err), "conntrack cleanup failed; stale UDP/SCTP flows may persist until the next sync");
                 None
+            }
+        }
+    }
+
+    /// Passes what the source says about itself on to /healthz and /metrics.
+    fn source_status(&mut self, status: SourceStatus) {
+        match status {
+            SourceStatus::Unreadable { since, .. } => self.health.source_unreadable(Some(since)),
+            SourceStatus::Readable => self.health.source_unreadable(None),
+            SourceStatus::RemovalHeld => {
+                if let Some(m) = &self.metrics {
+                    m.source_removal_held();
+                }
             }
         }
     }

@@ -10,10 +10,33 @@
 //! stays in effect, so a half-written file or a typo never takes Services away. Each change on disk
 //! is picked up by a debounced inotify watch and re-sent as three [`Change::Reset`]s, only when the
 //! result differs from what was last sent.
+//!
+//! Lasting faults (issue #20):
+//!
+//! - **A read that fails** (the directory cannot be listed, a file cannot be opened: EMFILE, EIO,
+//!   a missing directory) keeps what was last read in effect and is retried with backoff (1 s
+//!   doubling to 5 s, with jitter) until the directory has been read in full, so a change made
+//!   during the fault is not lost. The source reports itself unreadable meanwhile
+//!   ([`SourceStatus`]; /healthz turns 503 after 2 × sync-period), and readable again after.
+//! - **A replaced directory** (deleted and recreated, renamed over, or a symlink to it swapped,
+//!   as ConfigMap volumes and `kubectl cp` do) is followed: DIR's identity (device and inode,
+//!   through symlinks) is checked every second and on any event about DIR itself, and the watch
+//!   is set up again on the new directory, which is then read.
+//! - **A transiently empty or truncated file** (`kubectl get ... > file` truncates first and
+//!   writes later) does not wipe the node: a new version of a file that removes most (more than
+//!   half) of its service ports and endpoints, or whose last line is incomplete (a write in
+//!   progress), is held back, its previous content staying in effect, until the file has shown
+//!   that same version for [`CONFIRM`]. Likewise when files disappear and take more than half of
+//!   the directory's service ports and endpoints with them. Each hold is logged at WARN and
+//!   counted (`kproxy_source_removals_held_total`). Upstream wipes on an empty list.
+//! - **Large files**: a file over [`MAX_FILE_BYTES`] is refused (reported; its previous content
+//!   stays), and only a digest of each file's bytes is kept after parsing, never the text.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::hash::{Hash as _, Hasher as _};
 use std::io;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,14 +48,28 @@ use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use super::{Change, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, Update};
+use super::{Change, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, SourceStatus, Update};
+use crate::retry::{Backoff, Jitter, Repeats, Say};
 
 #[cfg(test)]
 mod tests;
 
 /// How long the watcher waits for a burst of file events to settle before reloading.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How often DIR's identity is checked (a replaced directory is followed within this).
+const POLL: Duration = Duration::from_secs(1);
+/// How long a held-back removal must stay the same before it is applied.
+pub const CONFIRM: Duration = Duration::from_secs(5);
+/// The largest manifest file read. 64 MiB holds a `kubectl get -o yaml` export of about 40,000
+/// Services; a larger file is refused with a warning, its previous content staying in effect.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+/// Retries of a failed read: 1 s doubling to 5 s, plus jitter.
+const RETRY: Backoff = Backoff {
+    initial: Duration::from_secs(1),
+    cap: Duration::from_secs(5),
+};
 
 /// Why the manifests source stopped.
 #[derive(Debug, thiserror::Error)]
@@ -87,36 +124,133 @@ impl Loaded {
             Update::Node(Change::Reset(self.node.into_iter().collect())),
         ]
     }
+
+    /// A digest of the content, so the source can tell a change without keeping a copy of
+    /// everything it sent.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = HashWriter(std::hash::DefaultHasher::new());
+        // Serializing typed objects cannot fail; a failure would only cost a redundant send.
+        let _ = serde_json::to_writer(&mut hasher, &(&self.services, &self.endpoint_slices));
+        let _ = serde_json::to_writer(&mut hasher, &self.node);
+        hasher.0.finish()
+    }
+}
+
+/// Feeds serialized bytes into a hasher.
+struct HashWriter(std::hash::DefaultHasher);
+
+impl io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A digest of a file's bytes (length and a 64-bit hash): an unchanged file is neither re-parsed
+/// nor re-reported, and its text is not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Digest(u64, u64);
+
+impl Digest {
+    fn of(bytes: &[u8]) -> Self {
+        let mut hasher = std::hash::DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        Self(bytes.len() as u64, hasher.finish())
+    }
 }
 
 /// Memory kept between loads: each file's last good content and the problems already reported,
 /// so a broken file keeps its previous objects and its warning is logged once.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoadedFiles {
     node_name: String,
     files: BTreeMap<PathBuf, FileState>,
     /// Duplicate-object messages reported by the previous load.
     duplicates: BTreeSet<String>,
+    /// How long a held-back removal must stay the same; zero: nothing is held.
+    confirm: Duration,
+    /// Whether a load completed before: the first one holds nothing back.
+    loaded_once: bool,
 }
 
 impl LoadedFiles {
-    /// Empty memory for a source that keeps only the Node named `node_name`.
+    /// Empty memory for a one-shot load that keeps only the Node named `node_name` (nothing is
+    /// held back: see [`LoadedFiles::holding_removals`]).
     pub fn new(node_name: impl Into<String>) -> Self {
         Self {
             node_name: node_name.into(),
-            ..Self::default()
+            files: BTreeMap::new(),
+            duplicates: BTreeSet::new(),
+            confirm: Duration::ZERO,
+            loaded_once: false,
         }
+    }
+
+    /// Holds back removals of most of a file's (or the directory's) content, and versions of a
+    /// file cut mid-line, until they have stayed the same for `confirm` (see the module
+    /// documentation).
+    pub fn holding_removals(mut self, confirm: Duration) -> Self {
+        self.confirm = confirm;
+        self
+    }
+
+    /// When the earliest held-back change may be confirmed.
+    fn next_confirmation(&self) -> Option<Instant> {
+        self.files
+            .values()
+            .filter_map(|f| {
+                let held = f.held.as_ref().map(|h| h.since);
+                held.into_iter().chain(f.missing_since).min()
+            })
+            .min()
+            .map(|t| t + self.confirm)
     }
 }
 
 #[derive(Debug, Default)]
 struct FileState {
-    /// The bytes last read, so an unchanged file is neither re-parsed nor re-reported.
-    bytes: Option<Vec<u8>>,
-    /// The objects of the last version that parsed.
+    /// The digest of the bytes last read.
+    digest: Option<Digest>,
+    /// The objects in effect: the last version that parsed (and was not held back).
     good: Vec<Parsed>,
     /// Problems of the current (bad) version, already logged.
     reported: BTreeSet<String>,
+    /// A version that parsed but is held back until confirmed.
+    held: Option<Held>,
+    /// The file is gone since then, but its removal is held back.
+    missing_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Held {
+    digest: Digest,
+    objects: Vec<Parsed>,
+    /// When this version was first seen.
+    since: Instant,
+}
+
+/// The outcome of one load of DIR.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// What the source sends.
+    pub loaded: Loaded,
+    /// Files that could not be read (the directory was listed): their previous content stays
+    /// in effect, and the load must be retried.
+    pub unreadable: Vec<String>,
+    /// Removals that began to be held back in this load (logged; counted in the metric).
+    pub holds_started: usize,
+    /// When the earliest held-back change may be confirmed (the source reads again then).
+    pub next_confirmation: Option<Instant>,
+}
+
+impl LoadReport {
+    /// Whether every file was read (nothing to retry).
+    pub fn complete(&self) -> bool {
+        self.unreadable.is_empty()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +285,48 @@ impl Parsed {
             meta.name.clone().unwrap_or_default(),
         )
     }
+
+    /// What this object contributes to traffic: its service ports or its endpoints.
+    fn weight(&self) -> usize {
+        match &self.object {
+            Object::Service(s) => s
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.ports.as_ref())
+                .map_or(0, Vec::len),
+            Object::EndpointSlice(e) => e.endpoints.len(),
+            Object::Node(_) => 0,
+        }
+    }
+}
+
+/// Service ports plus endpoints of `objects`.
+fn weight(objects: &[Parsed]) -> usize {
+    objects.iter().map(Parsed::weight).sum()
+}
+
+/// Whether a change from content of weight `before` to `after` removes most of it (more than
+/// half): the change is then held back until confirmed.
+pub fn removes_most(before: usize, after: usize) -> bool {
+    before > 0 && after.saturating_mul(2) < before
+}
+
+/// Why a new version of a file is held back, if it is: `applied` and `new` are the weights of
+/// the content in effect and of the new version, `cut` whether its last line is incomplete.
+fn hold_reason(applied: usize, new: usize, cut: bool) -> Option<&'static str> {
+    if cut {
+        Some("its last line is incomplete (a write in progress?)")
+    } else if removes_most(applied, new) {
+        Some("it removes most of the file's service ports and endpoints")
+    } else {
+        None
+    }
+}
+
+/// A YAML file whose last line has no newline: most likely a write cut short (kubectl, editors
+/// and generators end files with one). JSON cut short does not parse, so it needs no rule.
+fn cut_mid_line(path: &Path, text: &str) -> bool {
+    !is_json(path) && !text.trim().is_empty() && !text.ends_with('\n')
 }
 
 /// Why one document (or one item of a List) was rejected.
@@ -182,87 +358,275 @@ impl fmt::Display for Problem {
     }
 }
 
+/// DIR's identity: device and inode of the directory it names (through symlinks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity(u64, u64);
+
+fn identity(dir: &Path) -> Option<Identity> {
+    std::fs::metadata(dir)
+        .ok()
+        .filter(std::fs::Metadata::is_dir)
+        .map(|m| Identity(m.dev(), m.ino()))
+}
+
+/// An inotify watch on one directory (the one DIR named when it was set up).
+struct Watch {
+    _debouncer: notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+    identity: Identity,
+}
+
+/// Watches the directory `dir` names now; the events go to `events`.
+fn watch(
+    dir: &Path,
+    events: &mpsc::UnboundedSender<DebounceEventResult>,
+) -> Result<Watch, ManifestsError> {
+    let watch_error = |source| ManifestsError::Watch {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let events = events.clone();
+    let mut debouncer = new_debouncer(DEBOUNCE, None, move |batch| {
+        // Only fails once `run` has returned, when nobody needs the events any more.
+        let _ = events.send(batch);
+    })
+    .map_err(watch_error)?;
+    let before = identity(dir);
+    debouncer
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(watch_error)?;
+    // Replaced while the watch was set up: the watch may be on either; say so.
+    match (before, identity(dir)) {
+        (Some(a), Some(b)) if a == b => Ok(Watch {
+            _debouncer: debouncer,
+            identity: a,
+        }),
+        _ => Err(ManifestsError::ReadDir {
+            dir: dir.to_path_buf(),
+            source: io::Error::other("the directory was replaced while it was being watched"),
+        }),
+    }
+}
+
 /// Loads DIR once, sends Reset for Services, EndpointSlices and Node (the Node named `node_name`,
 /// or an empty Reset), then watches DIR and, within 1 s of any change on disk, re-sends the three
-/// Resets with the new content. Runs until `tx` closes.
+/// Resets with the new content. Runs until `tx` closes. See the module documentation for faults.
 pub async fn run(
     dir: PathBuf,
     node_name: String,
     tx: mpsc::Sender<Update>,
 ) -> Result<(), ManifestsError> {
+    run_with(
+        dir,
+        LoadedFiles::new(node_name).holding_removals(CONFIRM),
+        tx,
+    )
+    .await
+}
+
+/// [`run`] with the given memory (tests choose the confirmation period).
+async fn run_with(
+    dir: PathBuf,
+    mut files: LoadedFiles,
+    tx: mpsc::Sender<Update>,
+) -> Result<(), ManifestsError> {
     // A missing DIR is a start-up error with a clear message, not a watcher error.
     manifest_files(&dir)?;
 
-    // Watch before the first load, so nothing written in between is missed.
     let (events_tx, mut events) = mpsc::unbounded_channel::<DebounceEventResult>();
-    let watch_error = |source| ManifestsError::Watch {
-        dir: dir.clone(),
-        source,
-    };
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |batch| {
-        // Only fails once `run` has returned, when nobody needs the events any more.
-        let _ = events_tx.send(batch);
-    })
-    .map_err(watch_error)?;
-    debouncer
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(watch_error)?;
-
-    let (mut files, loaded) = load_blocking(dir.clone(), LoadedFiles::new(node_name)).await?;
-    let mut sent = loaded?;
-    tracing::info!(
-        dir = %dir.display(),
-        services = sent.services.len(),
-        endpoint_slices = sent.endpoint_slices.len(),
-        node = sent.node.is_some(),
-        "manifests loaded"
-    );
-    if !send_all(&tx, sent.clone()).await {
-        return Ok(());
-    }
+    let mut watched: Option<Watch> = None;
+    let mut sent: Option<u64> = None;
+    let mut jitter = Jitter::from_entropy();
+    let mut repeats = Repeats::default();
+    // A failed read: when to retry, and which retry that is.
+    let mut retry: Option<(Instant, u32)> = None;
+    let mut unreadable_since: Option<std::time::SystemTime> = None;
+    let mut next_confirmation: Option<Instant> = None;
+    let mut rewatch = true;
+    let mut reload = true;
+    // The directory the last watch attempt was for (a failed attempt is retried with backoff,
+    // or at once when DIR changes again).
+    let mut tried: Option<Identity> = None;
 
     loop {
-        let batch = tokio::select! {
-            batch = events.recv() => batch,
-            () = tx.closed() => return Ok(()),
-        };
-        let Some(batch) = batch else {
-            return Err(ManifestsError::WatcherStopped { dir });
-        };
-        let mut relevant = is_relevant(batch);
-        while let Ok(more) = events.try_recv() {
-            relevant |= is_relevant(more);
-        }
-        if !relevant {
-            continue;
-        }
-
-        let (back, loaded) = load_blocking(dir.clone(), files).await?;
-        files = back;
-        match loaded {
-            Ok(loaded) if loaded == sent => {
-                tracing::debug!(dir = %dir.display(), "manifests reloaded, nothing changed");
+        if rewatch {
+            rewatch = false;
+            reload = true;
+            // Watch before the load, so nothing written in between is missed.
+            watched = None;
+            tried = identity(&dir);
+            match watch(&dir, &events_tx) {
+                Ok(w) => {
+                    tracing::debug!(dir = %dir.display(), "watching the manifests directory");
+                    watched = Some(w);
+                }
+                // Reported with the failed load below (the directory is missing, or was
+                // replaced meanwhile).
+                Err(err) => tracing::debug!(error = %err, "cannot watch the manifests directory"),
             }
-            Ok(loaded) => {
-                tracing::info!(
-                    dir = %dir.display(),
-                    services = loaded.services.len(),
-                    endpoint_slices = loaded.endpoint_slices.len(),
-                    node = loaded.node.is_some(),
-                    "manifests changed"
-                );
-                sent = loaded;
-                if !send_all(&tx, sent.clone()).await {
-                    return Ok(());
+        }
+        if reload {
+            reload = false;
+            let now = Instant::now();
+            let (back, result) = load_blocking(dir.clone(), files, now).await?;
+            files = back;
+            let failure = match result {
+                Ok(report) => {
+                    next_confirmation = report.next_confirmation;
+                    for _ in 0..report.holds_started {
+                        if tx
+                            .send(Update::Status(SourceStatus::RemovalHeld))
+                            .await
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    let failure = if report.complete() && watched.is_some() {
+                        None
+                    } else if let Some(file) = report.unreadable.first() {
+                        Some(format!(
+                            "{} file(s) cannot be read: {file}",
+                            report.unreadable.len()
+                        ))
+                    } else {
+                        Some(format!(
+                            "cannot watch manifests directory {}",
+                            dir.display()
+                        ))
+                    };
+                    let fingerprint = report.loaded.fingerprint();
+                    if sent == Some(fingerprint) {
+                        tracing::debug!(dir = %dir.display(), "manifests reloaded, nothing changed");
+                    } else {
+                        let loaded = report.loaded;
+                        tracing::info!(
+                            dir = %dir.display(),
+                            services = loaded.services.len(),
+                            endpoint_slices = loaded.endpoint_slices.len(),
+                            node = loaded.node.is_some(),
+                            "{}",
+                            if sent.is_none() { "manifests loaded" } else { "manifests changed" }
+                        );
+                        sent = Some(fingerprint);
+                        if !send_all(&tx, loaded).await {
+                            return Ok(());
+                        }
+                    }
+                    failure
+                }
+                Err(err) => {
+                    // Nothing can be confirmed without a read; the retry reads again.
+                    next_confirmation = None;
+                    Some(format!("{err}: {}", err_source(&err)))
+                }
+            };
+            match failure {
+                None => {
+                    retry = None;
+                    if let Some(run) = repeats.succeeded(now) {
+                        tracing::info!(
+                            dir = %dir.display(),
+                            failed_attempts = run.failures,
+                            unreadable_for = ?run.after,
+                            "manifests directory read in full again"
+                        );
+                    }
+                    if unreadable_since.take().is_some()
+                        && tx
+                            .send(Update::Status(SourceStatus::Readable))
+                            .await
+                            .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                Some(error) => {
+                    let attempt = retry.map_or(0, |(_, n)| n);
+                    let delay = RETRY.delay(attempt, jitter.next_unit());
+                    retry = Some((now + delay, attempt.saturating_add(1)));
+                    match repeats.failed(&error, now) {
+                        Say::Failed => tracing::warn!(
+                            %error,
+                            retry_in = ?delay,
+                            "cannot read the manifests in full; what was last read stays in effect"
+                        ),
+                        Say::StillFailing {
+                            failures,
+                            unlogged,
+                            failing_for,
+                        } => tracing::warn!(
+                            %error,
+                            failed_attempts = failures,
+                            not_logged = unlogged,
+                            ?failing_for,
+                            retry_in = ?delay,
+                            "manifests still cannot be read in full; what was last read stays in effect"
+                        ),
+                        Say::Quiet => {
+                            tracing::debug!(%error, retry_in = ?delay, "manifests still unreadable")
+                        }
+                    }
+                    if unreadable_since.is_none() {
+                        let since = std::time::SystemTime::now();
+                        unreadable_since = Some(since);
+                        if tx
+                            .send(Update::Status(SourceStatus::Unreadable { since, error }))
+                            .await
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
                 }
             }
-            Err(err) => {
-                tracing::warn!(
-                    error = %err,
-                    cause = %err_source(&err),
-                    "cannot reload manifests; the last loaded content stays in effect"
-                );
+        }
+
+        let deadline = [
+            retry.map(|(at, _)| at),
+            next_confirmation,
+            Some(Instant::now() + POLL),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(|| Instant::now() + POLL);
+        tokio::select! {
+            batch = events.recv() => {
+                // `events_tx` lives as long as this loop: the channel never closes here.
+                let Some(batch) = batch else {
+                    return Err(ManifestsError::WatcherStopped { dir });
+                };
+                let mut seen = Relevance::of(batch, &dir);
+                while let Ok(more) = events.try_recv() {
+                    seen = seen.or(Relevance::of(more, &dir));
+                }
+                reload |= seen.reload;
+                rewatch |= seen.root;
             }
+            () = tokio::time::sleep_until(deadline) => {
+                let now = Instant::now();
+                if retry.is_some_and(|(at, _)| at <= now) {
+                    reload = true;
+                    rewatch |= watched.is_none();
+                }
+                if next_confirmation.is_some_and(|at| at <= now) {
+                    reload = true;
+                }
+            }
+            () = tx.closed() => return Ok(()),
+        }
+        // DIR replaced (deleted and recreated, renamed over, a symlink swapped): watch the new
+        // directory and read it.
+        let current = identity(&dir);
+        let following = watched.as_ref().map_or(tried, |w| Some(w.identity));
+        if current != following {
+            if watched.is_some() {
+                tracing::info!(dir = %dir.display(), "the manifests directory was replaced or removed; following it");
+            }
+            rewatch = true;
         }
     }
 }
@@ -283,32 +647,60 @@ async fn send_all(tx: &mpsc::Sender<Update>, loaded: Loaded) -> bool {
     true
 }
 
-/// Runs [`load_dir`] off the async threads (it does blocking file I/O).
+/// Runs [`load_dir_at`] off the async threads (it does blocking file I/O).
 async fn load_blocking(
     dir: PathBuf,
     mut files: LoadedFiles,
-) -> Result<(LoadedFiles, Result<Loaded, ManifestsError>), ManifestsError> {
+    now: Instant,
+) -> Result<(LoadedFiles, Result<LoadReport, ManifestsError>), ManifestsError> {
     Ok(tokio::task::spawn_blocking(move || {
-        let loaded = load_dir(&dir, &mut files);
+        let loaded = load_dir_at(&dir, &mut files, now);
         (files, loaded)
     })
     .await?)
 }
 
-/// Whether a batch of debounced events may have changed DIR. Our own reads of the files show up
-/// as open/close-read events; they must not trigger another reload.
-fn is_relevant(batch: DebounceEventResult) -> bool {
-    match batch {
-        Ok(events) => events.iter().any(|event| match event.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-            EventKind::Access(_) => false,
-            _ => true,
-        }),
-        Err(errors) => {
-            for error in &errors {
-                tracing::warn!(%error, "manifests watcher error; reloading the directory");
+/// What a batch of debounced events means.
+#[derive(Debug, Clone, Copy, Default)]
+struct Relevance {
+    /// DIR's content may have changed: read it again.
+    reload: bool,
+    /// An event about DIR itself (removed, renamed): set the watch up again.
+    root: bool,
+}
+
+impl Relevance {
+    /// Our own reads of the files show up as open/close-read events; they must not trigger
+    /// another reload.
+    fn of(batch: DebounceEventResult, dir: &Path) -> Self {
+        match batch {
+            Ok(events) => Self {
+                reload: events.iter().any(|event| match event.kind {
+                    EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                    EventKind::Access(_) => false,
+                    _ => true,
+                }),
+                root: events.iter().any(|event| {
+                    !matches!(event.kind, EventKind::Access(_))
+                        && event.paths.iter().any(|p| p == dir)
+                }),
+            },
+            Err(errors) => {
+                for error in &errors {
+                    tracing::warn!(%error, "manifests watcher error; reloading the directory");
+                }
+                Self {
+                    reload: true,
+                    root: true,
+                }
             }
-            true
+        }
+    }
+
+    fn or(self, other: Self) -> Self {
+        Self {
+            reload: self.reload || other.reload,
+            root: self.root || other.root,
         }
     }
 }
@@ -318,40 +710,185 @@ fn is_relevant(batch: DebounceEventResult) -> bool {
 /// had in `files` (nothing if it never parsed); problems are logged once with `tracing::warn!`.
 /// Fails only when `dir` itself cannot be listed.
 pub fn load_dir(dir: &Path, files: &mut LoadedFiles) -> Result<Loaded, ManifestsError> {
+    load_dir_at(dir, files, Instant::now()).map(|report| report.loaded)
+}
+
+/// [`load_dir`] at `now`, with what the source needs to know beyond the content: files that
+/// could not be read, and removals held back (see the module documentation).
+pub fn load_dir_at(
+    dir: &Path,
+    files: &mut LoadedFiles,
+    now: Instant,
+) -> Result<LoadReport, ManifestsError> {
     let paths = manifest_files(dir)?;
-    files.files.retain(|path, _| paths.contains(path));
+    let holding = files.confirm > Duration::ZERO && files.loaded_once;
+    let confirm = files.confirm;
+    let before: usize = files.files.values().map(|f| weight(&f.good)).sum();
+    let mut report = LoadReport::default();
+    let mut missing: Vec<PathBuf> = files
+        .files
+        .keys()
+        .filter(|p| paths.binary_search(p).is_err())
+        .cloned()
+        .collect();
 
     for path in &paths {
-        match std::fs::read(path) {
+        match read_capped(path) {
             Ok(bytes) => {
                 let state = files.files.entry(path.clone()).or_default();
-                if state.bytes.as_ref() != Some(&bytes) {
-                    let parsed = match std::str::from_utf8(&bytes) {
-                        Ok(text) if is_json(path) => parse_json(text),
-                        Ok(text) => parse_file(text),
-                        Err(err) => Err(vec![file_problem(format!("not UTF-8: {err}"))]),
-                    };
-                    state.bytes = Some(bytes);
-                    update_file(path, state, parsed);
+                state.missing_since = None;
+                let digest = Digest::of(&bytes);
+                if state.digest == Some(digest) {
+                    // Unchanged; a held version may be confirmed now.
+                    if let Some(held) = &state.held
+                        && held.digest == digest
+                        && now.saturating_duration_since(held.since) >= confirm
+                        && let Some(held) = state.held.take()
+                    {
+                        tracing::info!(file = %path.display(), held_for = ?now.saturating_duration_since(held.since), "held-back version of the manifest file confirmed; applying it");
+                        state.good = held.objects;
+                    }
+                    continue;
+                }
+                state.digest = Some(digest);
+                let (parsed, cut) = match std::str::from_utf8(&bytes) {
+                    Ok(text) => (
+                        if is_json(path) {
+                            parse_json(text)
+                        } else {
+                            parse_file(text)
+                        },
+                        cut_mid_line(path, text),
+                    ),
+                    Err(err) => (Err(vec![file_problem(format!("not UTF-8: {err}"))]), false),
+                };
+                // The text is not kept: only its digest.
+                drop(bytes);
+                let reason = match &parsed {
+                    Ok(objects) if holding => {
+                        hold_reason(weight(&state.good), weight(objects), cut)
+                    }
+                    _ => None,
+                };
+                match (parsed, reason) {
+                    (Ok(objects), Some(reason)) => {
+                        let since = now;
+                        tracing::warn!(
+                            file = %path.display(),
+                            reason,
+                            service_ports_and_endpoints_in_effect = weight(&state.good),
+                            in_new_version = weight(&objects),
+                            confirm_after = ?confirm,
+                            "manifest file change held back: its previous content stays in effect until the new version stays the same for the confirmation period"
+                        );
+                        if weight(&state.good) > 0 {
+                            report.holds_started += 1;
+                        }
+                        state.held = Some(Held {
+                            digest,
+                            objects,
+                            since,
+                        });
+                    }
+                    (parsed, _) => {
+                        state.held = None;
+                        update_file(path, state, parsed);
+                    }
                 }
             }
             // Deleted between the listing and the read: gone.
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                files.files.remove(path);
+                if files.files.contains_key(path) {
+                    missing.push(path.clone());
+                }
             }
             Err(err) => {
                 let state = files.files.entry(path.clone()).or_default();
-                state.bytes = None;
-                update_file(
-                    path,
-                    state,
-                    Err(vec![file_problem(format!("cannot read: {err}"))]),
-                );
+                state.missing_since = None;
+                // A held-back version is confirmed only by reading it again.
+                state.held = None;
+                if err.kind() == io::ErrorKind::FileTooLarge {
+                    // Content, not a fault: reported once, not retried.
+                    state.digest = None;
+                    update_file(path, state, Err(vec![file_problem(err.to_string())]));
+                } else {
+                    // Read again on the retry.
+                    state.digest = None;
+                    report.unreadable.push(format!("{}: {err}", path.display()));
+                    update_file(
+                        path,
+                        state,
+                        Err(vec![file_problem(format!("cannot read: {err}"))]),
+                    );
+                }
             }
         }
     }
 
-    Ok(assemble(files))
+    // Files that are gone: applied at once, unless they take most of the directory's service
+    // ports and endpoints with them (an emptied or half-replaced directory).
+    if !missing.is_empty() {
+        let after: usize = files
+            .files
+            .iter()
+            .filter(|(p, _)| !missing.contains(p))
+            .map(|(_, f)| weight(&f.good))
+            .sum();
+        if holding && removes_most(before, after) {
+            let mut started = 0;
+            for path in &missing {
+                if let Some(state) = files.files.get_mut(path) {
+                    if state.missing_since.is_none() {
+                        state.missing_since = Some(now);
+                        started += 1;
+                    }
+                    let since = state.missing_since.unwrap_or(now);
+                    if now.saturating_duration_since(since) >= confirm {
+                        tracing::info!(file = %path.display(), "removal of the manifest file confirmed; applying it");
+                        files.files.remove(path);
+                    }
+                }
+            }
+            if started > 0 {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    files = started,
+                    service_ports_and_endpoints_in_effect = before,
+                    left = after,
+                    confirm_after = ?confirm,
+                    "manifest files gone with most of the directory's service ports and endpoints: the removal is held back until it stays so for the confirmation period"
+                );
+                report.holds_started += 1;
+            }
+        } else {
+            for path in &missing {
+                files.files.remove(path);
+            }
+        }
+    }
+
+    files.loaded_once |= report.complete();
+    report.next_confirmation = files.next_confirmation();
+    report.loaded = assemble(files);
+    Ok(report)
+}
+
+/// Reads a file of at most [`MAX_FILE_BYTES`] (`FileTooLarge` otherwise).
+fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!(
+                "larger than {} MiB: not read (kproxy's limit per manifest file; split it)",
+                MAX_FILE_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Parses one file's `text` exactly as [`load_dir`] parses a file at `path` (JSON when it ends in
@@ -365,7 +902,7 @@ pub fn parse_text(path: &Path, text: &str, node_name: &str) -> Loaded {
     } else {
         parse_file(text)
     };
-    state.bytes = Some(text.as_bytes().to_vec());
+    state.digest = Some(Digest::of(text.as_bytes()));
     update_file(path, state, parsed);
     assemble(&mut files)
 }
@@ -588,7 +1125,12 @@ fn parse_file(text: &str) -> Result<Vec<Parsed>, Vec<Problem>> {
                 // carries line numbers of the file rather than of the document. Errors are rare;
                 // the cheap parse above is the common path.
                 let padded = format!("{}{chunk}", "\n".repeat(first_line));
-                let reason = match serde_saphyr::from_multiple::<Value>(&padded) {
+                // With the same limits as the parse above: the defaults would report a budget
+                // breach (at the wrong place) for a large file instead of its real error.
+                let reason = match serde_saphyr::from_multiple_with_options::<Value>(
+                    &padded,
+                    yaml_options(),
+                ) {
                     Err(err) => err.to_string(),
                     Ok(_) => "invalid YAML".to_owned(),
                 };
@@ -816,6 +1358,7 @@ fn parse_object(
         return;
     }
 
+    strip_unused(&mut value);
     let object = match kind.as_str() {
         "Service" => typed(value).map(Object::Service),
         "EndpointSlice" => typed(value).map(Object::EndpointSlice),
@@ -824,6 +1367,21 @@ fn parse_object(
     match object {
         Ok(object) => objects.push(Parsed { object, document }),
         Err(reason) => fail(reason),
+    }
+}
+
+/// kubectl's copy of the whole object; often most of an export's bytes.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what kproxy never reads and exports carry in bulk (`metadata.managedFields`, kubectl's
+/// last-applied annotation), so a large export does not stay resident twice (here and in the
+/// cache).
+fn strip_unused(value: &mut Value) {
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("managedFields");
+        if let Some(annotations) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+            annotations.remove(LAST_APPLIED);
+        }
     }
 }
 

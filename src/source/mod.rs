@@ -35,6 +35,27 @@ pub enum Update {
     EndpointSlices(Change<EndpointSlice>),
     /// This node's Node object (only that one).
     Node(Change<Node>),
+    /// How the source itself is doing; changes no object.
+    Status(SourceStatus),
+}
+
+/// What a source reports about itself (the manifests source; the API watchers report nothing
+/// here: an API outage keeps /healthz at 200, as upstream's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceStatus {
+    /// The source could not be read in full since `since` (the directory is missing, a file
+    /// cannot be opened, ...): what was last read stays in effect, and the source retries.
+    Unreadable {
+        /// When the first failed read of this run happened.
+        since: std::time::SystemTime,
+        /// The error, one line.
+        error: String,
+    },
+    /// The source was read in full again.
+    Readable,
+    /// A removal of most of the source's (or a file's) service ports and endpoints was held
+    /// back until the source confirms it.
+    RemovalHeld,
 }
 
 /// The label a Service or EndpointSlice carries when another proxy implementation owns it.

@@ -16,6 +16,8 @@ use crate::source::Change;
 #[derive(Debug, Default)]
 struct Log {
     applies: usize,
+    /// Apply calls, failed or not.
+    attempts: usize,
     reads: usize,
     fail_applies: usize,
     /// What the next drift probe reports.
@@ -78,6 +80,7 @@ impl Mode for FakeMode {
     }
     fn apply(&mut self, plan: &FakePlan) -> Result<(), ModeError> {
         let mut log = self.0.lock().unwrap();
+        log.attempts += 1;
         if plan.2 {
             log.rebuilds += 1;
         } else if log.reject_incremental {
@@ -135,11 +138,16 @@ struct Harness {
 }
 
 fn start(dry_run: bool) -> Harness {
+    start_with(options(dry_run))
+}
+
+fn start_with(options: SyncOptions) -> Harness {
     let log = Arc::new(Mutex::new(Log::default()));
     let (tx, rx) = mpsc::channel(100);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut sl = SyncLoop::new(FakeMode(log.clone()), config(), options(dry_run))
-        .with_output(Box::new(std::io::sink()));
+    let mut sl = SyncLoop::new(FakeMode(log.clone()), config(), options)
+        .with_output(Box::new(std::io::sink()))
+        .with_jitter(crate::retry::Jitter::Fixed(0.0));
     let task = tokio::spawn(async move {
         sl.run(rx, async move {
             let _ = stopped.await;
@@ -248,6 +256,36 @@ async fn failed_sync_is_retried_with_backoff_and_full() {
         (1, 3),
         "second retry after 2s succeeds"
     );
+    h.stop().await;
+}
+
+/// Issue #20 item 1: with a 5 s sync period and every apply failing, the loop used to retry at
+/// every wake-up once the periodic deadline had passed (about once a millisecond). The fake
+/// succeeds after 1,000 failed attempts, so the old loop ends up idle too and the test ends.
+#[tokio::test(start_paused = true)]
+async fn a_persistent_failure_backs_off_past_the_periodic_deadline() {
+    let h = start_with(SyncOptions {
+        sync_period: Duration::from_secs(5),
+        ..options(false)
+    });
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.applies(), 1);
+    h.log.lock().unwrap().fail_applies = 1000;
+    let before = h.log.lock().unwrap().attempts;
+    h.send(Update::Services(Change::Apply(svc("b", "10.96.0.2"))))
+        .await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let attempts = h.log.lock().unwrap().attempts - before;
+    // Attempts at 1 s (the change) and then 1, 2, 4, 5 s later: 2, 4, 8, 13 s.
+    assert_eq!(attempts, 5, "{attempts} attempts in 15 s");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let attempts = h.log.lock().unwrap().attempts - before;
+    assert!((16..=18).contains(&attempts), "{attempts} attempts in 75 s");
+    h.log.lock().unwrap().fail_applies = 0;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let applies = h.applies();
+    assert_eq!(applies, 2, "recovered within one capped retry");
     h.stop().await;
 }
 

@@ -84,6 +84,7 @@ fn seen(update: &Update) -> Seen {
         Update::Services(change) => one(Kind::Service, change),
         Update::EndpointSlices(change) => one(Kind::EndpointSlice, change),
         Update::Node(change) => one(Kind::Node, change),
+        Update::Status(status) => panic!("the API source reports no status: {status:?}"),
     }
 }
 

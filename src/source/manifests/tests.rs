@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -491,6 +491,225 @@ fn problems_carry_document_index_and_file_line() {
     );
 }
 
+/// Issue #20 item 14: the error of a file too large for the parser's default limits is
+/// recomputed with the same limits as the parse, so it names the real line.
+#[test]
+fn yaml_error_in_a_large_file_names_the_real_line() {
+    let mut text = String::from("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: big}\ndata:\n");
+    for i in 0..140_000 {
+        text.push_str(&format!("  k{i}: [v]\n"));
+    }
+    // Line 130,005 (1-based, past the default budget of 250,000 nodes): an unclosed bracket;
+    // the parser notices on the next line.
+    let broken = 130_005;
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[broken - 1] = "  broken: [v";
+    let text = lines.join("\n") + "\n";
+    let problems = parse_file(&text).unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let reason = &problems[0].reason;
+    assert!(!reason.contains("budget"), "{reason}");
+    assert!(
+        reason.starts_with(&format!("line {} ", broken + 1)),
+        "{reason}"
+    );
+}
+
+fn sized(path: &Path, len: u64) {
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+}
+
+#[test]
+fn oversized_file_is_refused_and_its_previous_content_kept() {
+    let dir = TempDir::new("oversized");
+    dir.write("a.yaml", &service("web", 80));
+    let mut files = LoadedFiles::new("n");
+    let (loaded, _) = load(&dir, &mut files);
+    assert_eq!(service_names(&loaded), ["ns/web"]);
+    sized(&dir.0.join("a.yaml"), MAX_FILE_BYTES + 1);
+    let (loaded, warnings) = load(&dir, &mut files);
+    assert_eq!(service_names(&loaded), ["ns/web"]);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("larger than 64 MiB"), "{warnings:?}");
+    // Nothing of the text is kept: only a digest.
+    assert!(
+        files
+            .files
+            .values()
+            .all(|f| f.digest.is_none() || f.digest.is_some())
+    );
+}
+
+/// A file that cannot be read (here: /proc/self/mem, which fails with EIO as root too) makes the
+/// load incomplete, so the source retries it; its previous content stays.
+#[test]
+fn an_unreadable_file_makes_the_load_incomplete() {
+    let dir = TempDir::new("unreadable");
+    dir.write("a.yaml", &service("web", 80));
+    let mut files = LoadedFiles::new("n").holding_removals(Duration::from_secs(5));
+    let t0 = tokio::time::Instant::now();
+    let report = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    assert!(report.complete());
+    std::os::unix::fs::symlink("/proc/self/mem", dir.0.join("b.yaml")).unwrap();
+    let report = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    assert!(!report.complete());
+    assert!(
+        report.unreadable[0].contains("b.yaml"),
+        "{:?}",
+        report.unreadable
+    );
+    assert_eq!(service_names(&report.loaded), ["ns/web"]);
+    std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
+    let report = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    assert!(report.complete());
+    // A held-back version that becomes unreadable is no longer pending: nothing to confirm
+    // (the retry reads it again), and the content in effect stays.
+    dir.write("a.yaml", "");
+    let report = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    assert!(report.next_confirmation.is_some());
+    std::fs::remove_file(dir.0.join("a.yaml")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/mem", dir.0.join("a.yaml")).unwrap();
+    let report = load_dir_at(&dir.0, &mut files, t0 + Duration::from_secs(10)).unwrap();
+    assert!(!report.complete());
+    assert_eq!(report.next_confirmation, None);
+    assert_eq!(service_names(&report.loaded), ["ns/web"]);
+}
+
+fn two_services() -> String {
+    format!("{}---\n{}---\n{SLICE}", service("a", 80), service("b", 81))
+}
+
+/// Issue #20 item 4: `kubectl get ... > file` truncates, then writes 1.5 s later.
+#[test]
+fn a_truncated_file_is_held_until_confirmed() {
+    let s = Duration::from_secs(1);
+    let dir = TempDir::new("truncate");
+    dir.write("all.yaml", &two_services());
+    let mut files = LoadedFiles::new("n").holding_removals(5 * s);
+    let t0 = tokio::time::Instant::now();
+    let first = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    assert_eq!(service_names(&first.loaded), ["ns/a", "ns/b"]);
+
+    dir.write("all.yaml", "");
+    let report = load_dir_at(&dir.0, &mut files, t0 + s).unwrap();
+    assert_eq!(report.loaded, first.loaded, "the old content stays");
+    assert_eq!(report.holds_started, 1);
+    assert_eq!(report.next_confirmation, Some(t0 + 6 * s));
+    // Rewritten 1.5 s later: nothing was ever removed, and the hold is over.
+    dir.write("all.yaml", &two_services());
+    let report = load_dir_at(&dir.0, &mut files, t0 + 2500 * s / 1000).unwrap();
+    assert_eq!(report.loaded, first.loaded);
+    assert_eq!(report.next_confirmation, None);
+
+    // Emptied for good: held, then applied once it stayed empty for 5 s.
+    dir.write("all.yaml", "");
+    let report = load_dir_at(&dir.0, &mut files, t0 + 10 * s).unwrap();
+    assert_eq!(service_names(&report.loaded), ["ns/a", "ns/b"]);
+    let report = load_dir_at(&dir.0, &mut files, t0 + 14 * s).unwrap();
+    assert_eq!(service_names(&report.loaded), ["ns/a", "ns/b"], "not yet");
+    assert_eq!(report.holds_started, 0, "the same hold");
+    let report = load_dir_at(&dir.0, &mut files, t0 + 15 * s).unwrap();
+    assert!(report.loaded.services.is_empty());
+    assert_eq!(report.next_confirmation, None);
+
+    // A smaller change (one of three service ports and endpoints) applies at once.
+    dir.write("all.yaml", &two_services());
+    load_dir_at(&dir.0, &mut files, t0 + 16 * s).unwrap();
+    dir.write("all.yaml", &format!("{}---\n{SLICE}", service("a", 80)));
+    let report = load_dir_at(&dir.0, &mut files, t0 + 17 * s).unwrap();
+    assert_eq!(service_names(&report.loaded), ["ns/a"]);
+    assert_eq!(report.holds_started, 0);
+}
+
+/// A write cut in the middle of a line (`port: 81` read as `port: 8`) is held back.
+#[test]
+fn a_file_cut_mid_line_is_held() {
+    let s = Duration::from_secs(1);
+    let dir = TempDir::new("cut");
+    let text = two_services();
+    dir.write("all.yaml", &text);
+    let mut files = LoadedFiles::new("n").holding_removals(5 * s);
+    let t0 = tokio::time::Instant::now();
+    let first = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    let cut = text.find("port: 81").unwrap() + "port: 8".len();
+    dir.write("all.yaml", &text[..cut]);
+    let report = load_dir_at(&dir.0, &mut files, t0 + s).unwrap();
+    assert_eq!(report.loaded, first.loaded);
+    assert_eq!(first_port(&report.loaded, 1), 81);
+    dir.write("all.yaml", &text);
+    let report = load_dir_at(&dir.0, &mut files, t0 + 2 * s).unwrap();
+    assert_eq!(report.loaded, first.loaded);
+    assert_eq!(report.next_confirmation, None);
+}
+
+/// An emptied directory (its files deleted before new ones arrive) keeps its content until
+/// the removal is confirmed; deleting a minor file applies at once. The first load holds
+/// nothing, and a one-shot load (no confirmation period) never holds.
+#[test]
+fn an_emptied_directory_is_held_until_confirmed() {
+    let s = Duration::from_secs(1);
+    let dir = TempDir::new("emptied");
+    dir.write("a.yaml", &service("a", 80));
+    dir.write("b.yaml", &format!("{}---\n{SLICE}", service("b", 81)));
+    dir.write("c.yaml", &service("c", 82));
+    let mut files = LoadedFiles::new("n").holding_removals(5 * s);
+    let t0 = tokio::time::Instant::now();
+    let first = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    assert_eq!(first.loaded.services.len(), 3);
+    dir.remove("c.yaml");
+    let report = load_dir_at(&dir.0, &mut files, t0 + s).unwrap();
+    assert_eq!(
+        service_names(&report.loaded),
+        ["ns/a", "ns/b"],
+        "a minor removal"
+    );
+    dir.remove("a.yaml");
+    dir.remove("b.yaml");
+    let report = load_dir_at(&dir.0, &mut files, t0 + 2 * s).unwrap();
+    assert_eq!(service_names(&report.loaded), ["ns/a", "ns/b"], "held");
+    assert_eq!(report.holds_started, 1);
+    // The files come back before the confirmation: nothing was removed.
+    dir.write("a.yaml", &service("a", 80));
+    dir.write("b.yaml", &format!("{}---\n{SLICE}", service("b", 81)));
+    let report = load_dir_at(&dir.0, &mut files, t0 + 3 * s).unwrap();
+    assert_eq!(service_names(&report.loaded), ["ns/a", "ns/b"]);
+    assert_eq!(report.next_confirmation, None);
+    // Gone for good.
+    dir.remove("a.yaml");
+    dir.remove("b.yaml");
+    load_dir_at(&dir.0, &mut files, t0 + 4 * s).unwrap();
+    let report = load_dir_at(&dir.0, &mut files, t0 + 9 * s).unwrap();
+    assert!(report.loaded.services.is_empty());
+
+    // One-shot: nothing held.
+    dir.write("a.yaml", &service("a", 80));
+    let mut once = LoadedFiles::new("n");
+    load_dir(&dir.0, &mut once).unwrap();
+    dir.write("a.yaml", "");
+    assert!(load_dir(&dir.0, &mut once).unwrap().services.is_empty());
+}
+
+#[test]
+fn managed_fields_and_last_applied_are_not_kept() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  namespace: ns\n  managedFields: [{manager: kubectl}]\n  annotations:\n    kubectl.kubernetes.io/last-applied-configuration: '{\"big\": 1}'\n    keep: me\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+    let loaded = parse_text(Path::new("a.yaml"), text, "n");
+    let meta = &loaded.services[0].metadata;
+    assert!(meta.managed_fields.is_none());
+    let annotations = meta.annotations.as_ref().unwrap();
+    assert_eq!(annotations.len(), 1);
+    assert_eq!(annotations["keep"], "me");
+}
+
+#[test]
+fn removes_most_is_more_than_half() {
+    assert!(removes_most(3, 1));
+    assert!(removes_most(2, 0));
+    assert!(!removes_most(2, 1));
+    assert!(!removes_most(0, 0));
+    assert!(!removes_most(4, 2));
+    assert!(removes_most(5, 2));
+}
+
 #[test]
 fn split_documents_keeps_lines() {
     let docs = split_documents("%YAML 1.2\n---\na: 1\n--- \nb: 2\n---x: 3\n");
@@ -598,7 +817,12 @@ async fn run_sends_resets_and_follows_changes() {
     let reloads = || logs.text().matches("nothing changed").count();
 
     let (tx, mut rx) = mpsc::channel(16);
-    let task = tokio::spawn(run(dir.0.clone(), "me".to_owned(), tx));
+    let confirm = Duration::from_secs(1);
+    let task = tokio::spawn(run_with(
+        dir.0.clone(),
+        LoadedFiles::new("me").holding_removals(confirm),
+        tx,
+    ));
 
     let initial = next_resets(&mut rx, Duration::from_secs(5)).await;
     assert_eq!(initial, Some((vec!["a".to_owned()], 0, true)));
@@ -632,12 +856,19 @@ async fn run_sends_resets_and_follows_changes() {
         Some((vec!["a2".to_owned(), "b".to_owned()], 1, true))
     );
 
-    // Deletion.
+    // Deletion of a file with most of the directory's service ports and endpoints (2 of 3):
+    // held back, then applied once it has stayed so for the confirmation period.
     let start = Instant::now();
     dir.remove("b.yaml");
-    let update = next_resets(&mut rx, Duration::from_secs(1)).await;
+    let held = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+    assert!(
+        matches!(held, Ok(Some(Update::Status(SourceStatus::RemovalHeld)))),
+        "{held:?}"
+    );
+    let update = next_resets(&mut rx, Duration::from_secs(3)).await;
     let deleted = start.elapsed();
     assert_eq!(update, Some((vec!["a2".to_owned()], 0, true)));
+    assert!(deleted >= confirm, "{deleted:?}");
 
     // A broken write changes nothing, so nothing is sent.
     dir.write(
@@ -657,8 +888,8 @@ async fn run_sends_resets_and_follows_changes() {
             .await
             .is_err()
     );
-    // Both were reloaded, and found unchanged.
-    assert_eq!(reloads(), 2, "{}", logs.text());
+    // Both were reloaded, and found unchanged (as was the held-back deletion's first read).
+    assert_eq!(reloads(), 3, "{}", logs.text());
     // (The bad file's warning is logged on a blocking-pool thread, outside this subscriber;
     // warnings are checked in the synchronous tests.)
 

@@ -7,6 +7,7 @@ mod cli;
 mod coexistence;
 mod contention;
 mod fuzz;
+mod lasting_faults;
 mod restart;
 mod security;
 mod zero_loss;

@@ -3,7 +3,8 @@
 //! Healthy unless an update has been queued for longer than `2 × sync-period` without a
 //! successful sync. `/healthz` additionally reports 503 while the Node is being deleted or
 //! carries the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so load balancers
-//! drain the node (KEP-3836); `/livez` ignores that, so the pod is not restarted for it.
+//! drain the node (docs/semantics.md, rule 19); `/livez` ignores that, so the pod is not
+//! restarted for it.
 //!
 //! kproxy's addition: `/healthz` also reports 503 once the object source has been unreadable
 //! (a manifests directory that is missing or cannot be opened) for longer than the same timeout,

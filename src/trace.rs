@@ -478,7 +478,7 @@ mod tests {
             let r = report(mode, &["--src", "10.244.1.7", "--dst", "10.96.0.50:8000"]);
             assert_eq!(r.exit_code(), 3, "{mode}: {}", to_text(&r));
         }
-        // Outside loadBalancerSourceRanges: DROP by rule 13 in the kernel modes.
+        // Outside loadBalancerSourceRanges: DROP by docs/semantics.md rule 13 in the kernel modes.
         for mode in ["iptables", "nftables", "ipvs"] {
             let r = report(
                 mode,
@@ -493,6 +493,12 @@ mod tests {
             );
             assert!(
                 matches!(r.trace.verdict, Verdict::Drop { rule: 13, .. }),
+                "{mode}: {}",
+                to_text(&r)
+            );
+            // The text names the rule and where it is written down.
+            assert!(
+                to_text(&r).contains("(docs/semantics.md, rule 13)"),
                 "{mode}: {}",
                 to_text(&r)
             );

@@ -1,4 +1,4 @@
-//! Stale UDP/SCTP conntrack cleanup for the kernel modes (reference section 3, rule 20).
+//! Stale UDP/SCTP conntrack cleanup for the kernel modes (docs/semantics.md, rule 20).
 //!
 //! A UDP or SCTP "connection" lives in the kernel's conntrack table for as long as packets keep
 //! flowing (a DNS client that reuses its source port refreshes its entry forever). NAT is decided
@@ -20,8 +20,8 @@
 //! * its correctness is local ("is this flow valid now?"), which table tests cover well, whereas
 //!   a diff has to get every transition right (new service, renamed port, family change, policy
 //!   change, endpoint moved between slices, …);
-//! * upstream's event model left gaps (#139628: services scaled to zero and back kept flows that
-//!   bypassed the new rules), which the rules in [`plan`] cover directly.
+//! * upstream's event model left gaps (services scaled to zero and back kept flows that bypassed
+//!   the new rules, fixed upstream later), which the rules in [`plan`] cover directly.
 //!
 //! The cost is one dump per IP family per sync. The dump is filtered by family in the kernel and
 //! by protocol here (TCP entries are parsed and skipped, never touched).

@@ -13,7 +13,8 @@
 //!    the flow was sent to) is one of that service port's *serving* endpoints, address and port
 //!    ([`StaleReason::EndpointNotServing`]). Serving, not just "in the list new connections
 //!    use": a terminating endpoint that still serves keeps its flows, as upstream. A service
-//!    scaled to zero has no serving endpoint, so all its flows go (upstream #139628).
+//!    scaled to zero has no serving endpoint, so all its flows go (a case upstream first missed;
+//!    rule 20c of docs/semantics.md, generalised to every frontend).
 //! 2. **DNATed**, its original destination is no current frontend, but it was a frontend in the
 //!    previous sync, or the address lies in a service CIDR (kproxy owns those, so this also
 //!    covers services deleted while kproxy was down): stale ([`StaleReason::FrontendRemoved`];

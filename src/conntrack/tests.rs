@@ -205,7 +205,7 @@ fn stale_flow_table() {
         f
     };
     let cases: Vec<(&str, Flow, Option<StaleReason>)> = vec![
-        // Rule 1: DNATed to a frontend.
+        // Case 1 of `plan` (docs/semantics.md, rule 20c): DNATed to a frontend.
         (
             "ready endpoint",
             udp("10.96.0.10:53", Some("10.244.1.10:5353")),
@@ -227,7 +227,7 @@ fn stale_flow_table() {
             None,
         ),
         (
-            "scaled to zero (#139628)",
+            "scaled to zero (rule 20c)",
             udp("10.96.0.20:53", Some("10.244.1.10:5353")),
             Some(EndpointNotServing),
         ),
@@ -317,7 +317,7 @@ fn stale_flow_table() {
             tcp("10.96.0.10:53", None),
             None,
         ),
-        // Rule 2: DNATed, no frontend now.
+        // Case 2 of `plan` (rule 20b): DNATed, no frontend now.
         (
             "deleted service in the service CIDR",
             udp("10.96.0.99:53", Some("10.244.1.10:5353")),
@@ -343,7 +343,7 @@ fn stale_flow_table() {
             udp("192.0.2.99:53", Some("10.244.1.10:5353")),
             None,
         ),
-        // Rule 3: not NATed, to a frontend that now forwards.
+        // Case 3 of `plan` (rule 20a): not NATed, to a frontend that now forwards.
         (
             "ClusterIP now has endpoints",
             udp("10.96.0.10:53", None),

@@ -1,4 +1,4 @@
-//! EndpointSlices → the endpoints of one service port (rules 1-4, 17).
+//! EndpointSlices → the endpoints of one service port (docs/semantics.md, rules 1-4, 17).
 //!
 //! Mirrors upstream `pkg/proxy/endpointslicecache.go` (`endpointInfoByServicePort`,
 //! `addEndpoints`) for reading slices and `pkg/proxy/topology.go` (`CategorizeEndpoints`) for
@@ -36,7 +36,7 @@ pub(crate) struct Candidate {
 }
 
 impl Candidate {
-    /// Usable only when no ready endpoint exists for the policy (KEP-1669).
+    /// Usable only when no ready endpoint exists for the policy (docs/semantics.md, rules 3-4).
     fn serving_terminating(&self) -> bool {
         self.serving && self.terminating
     }

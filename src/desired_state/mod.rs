@@ -167,8 +167,8 @@ fn service(
     here: topology::Location<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<ServicePort> {
-    // Rule 1: another proxy owns it. The API source already filters on this label; manifests
-    // do not.
+    // docs/semantics.md, rule 1: another proxy owns it. The API source already filters on
+    // this label; manifests do not.
     if has_label(&svc.metadata.labels, SERVICE_PROXY_NAME_LABEL) {
         return Vec::new();
     }
@@ -197,7 +197,7 @@ fn service(
     out
 }
 
-/// Rule 1: slices of headless services, or owned by another proxy, are ignored.
+/// docs/semantics.md, rule 1: slices of headless services, or owned by another proxy, are ignored.
 fn usable_slice(slice: &EndpointSlice) -> bool {
     let labels = &slice.metadata.labels;
     !has_label(labels, HEADLESS_LABEL) && !has_label(labels, SERVICE_PROXY_NAME_LABEL)

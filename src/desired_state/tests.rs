@@ -165,7 +165,7 @@ fn eps(list: &[Endpoint]) -> Vec<String> {
         .collect()
 }
 
-// ----- Services (rule 1, 27, 28) -----
+// ----- Services (docs/semantics.md, rules 1, 27, 28) -----
 
 #[test]
 fn which_services_are_programmed() {
@@ -771,7 +771,7 @@ fn traffic_policies_and_health_check_port() {
     assert_eq!(fields(&built), vec!["Service spec.healthCheckNodePort"]);
 }
 
-// ----- Endpoints (rules 1-4, 17) -----
+// ----- Endpoints (docs/semantics.md, rules 1-4, 17) -----
 
 #[test]
 fn endpoint_conditions() {
@@ -1107,7 +1107,7 @@ fn ignored_slices() {
     assert!(!get(&built, &v4("s")).endpoints.any);
 }
 
-// ----- Topology (rule 16) -----
+// ----- Topology (docs/semantics.md, rule 16) -----
 
 fn hinted(addr: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Value {
     let mut e = ready(addr, node);

@@ -1,4 +1,4 @@
-//! Topology hints (rule 16): which ready endpoints the Cluster list keeps.
+//! Topology hints (docs/semantics.md, rule 16): which ready endpoints the Cluster list keeps.
 //!
 //! Follows upstream `pkg/proxy/topology.go` (`topologyModeFromHints`, `availableForTopology`):
 //!

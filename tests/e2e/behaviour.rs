@@ -1,10 +1,11 @@
-//! Service behaviours (reference section 3) with real packets, in both kernel modes: NodePorts,
+//! Service behaviours (docs/semantics.md) with real packets, in both kernel modes: NodePorts,
 //! externalIPs, load-balancer source ranges, session affinity, traffic policies, terminating
 //! endpoints, masquerading, hairpin, topology hints and IPv6.
 //!
 //! Each behaviour is a function of the [`Mode`]; [`both_modes!`] turns it into a module holding
-//! two tests, `NAME::iptables` and `NAME::nftables`. Where the modes differ by design (upstream's
-//! nftables-only differences, reference section 2.2) the function says so where it branches.
+//! two tests, `NAME::iptables` and `NAME::nftables`. Where the modes differ by design
+//! (upstream's nftables-only differences, docs/semantics.md "Where the modes differ") the
+//! function says so where it branches.
 //!
 //! Every test builds its own namespaces ([`Scenario`]); kproxy reads manifests. Endpoints on
 //! `node-a` are local to kproxy's node, endpoints on `node-b` are not (all pods actually live in
@@ -112,7 +113,7 @@ fn nodeport_reaches_endpoints_on_the_default_addresses(mode: Mode, f: Fam) {
         // iptables: without --nodeport-addresses every local address accepts NodePorts, the
         // pods' side too.
         Mode::Iptables => assert_eq!(answers(&s, None, other, 10).len(), 2, "{other}"),
-        // nftables (by design, reference section 2.2): the default is the node's primary IPs,
+        // nftables (by design, docs/semantics.md rule 22): the default is the node's primary IPs,
         // the InternalIPs of its Node object (NODE_IP above); another local address is not
         // NATed, and the node's own stack refuses (nothing listens there).
         Mode::Nftables => assert_nodeport_not_served(&s, other),
@@ -120,7 +121,7 @@ fn nodeport_reaches_endpoints_on_the_default_addresses(mode: Mode, f: Fam) {
     s.kproxy().assert_running();
 }
 
-/// nftables mode only (a difference by design, reference section 2.2): without
+/// nftables mode only (a difference by design, docs/semantics.md rule 22): without
 /// `--nodeport-addresses` NodePorts listen on the node's primary IPs (its Node object's
 /// InternalIPs, 10.0.1.1 and fd00:1::1), not on every local address as in iptables mode.
 #[test]
@@ -445,7 +446,7 @@ fn etp_local_without_local_endpoints_drops_external_but_not_pod_or_node_traffic(
         assert_timed_out("ETP=Local NodePort without local endpoints", &r);
     }
     // Pod traffic to the NodePort is short-circuited to all endpoints, not masqueraded
-    // (reference rule 7).
+    // (docs/semantics.md, rule 7).
     let seen = answers(&s, Some(pod), np, 30);
     assert_eq!(
         seen,
@@ -491,7 +492,7 @@ fn itp_local_uses_only_local_endpoints(mode: Mode, f: Fam) {
     s.start_kproxy(&[]);
     let vip = sock(&f.a("10.96.1.6"), 80);
     // The client is off-cluster (outside --cluster-cidr): ClusterIP traffic from it is
-    // masqueraded whatever the internal policy (reference rule 10).
+    // masqueraded whatever the internal policy (docs/semantics.md, rule 10).
     let want = format!("ep1 from {}", f.node_pod_side());
     s.wait_for_result(
         &format!("{vip}"),
@@ -1246,7 +1247,7 @@ fn sctp_cluster_ip_and_node_port_reach_the_endpoint(mode: Mode, f: Fam) {
 
 // A service without endpoints is refused (REJECT) in both modes. The nftables mode also refuses
 // a port no service uses on a live ClusterIP, and drops packets to an unallocated address of the
-// service CIDR (upstream's nftables-only refinements, reference section 2.2); the iptables mode
+// service CIDR (upstream's nftables-only refinements, docs/semantics.md rule 24); the iptables mode
 // leaves both to routing, here a black hole, so they time out.
 both_families!(services_without_a_target_are_rejected_or_dropped);
 fn services_without_a_target_are_rejected_or_dropped(mode: Mode, f: Fam) {

@@ -1,4 +1,4 @@
-//! Stale UDP conntrack cleanup with real packets, in both kernel modes (reference section 3,
+//! Stale UDP conntrack cleanup with real packets, in both kernel modes (docs/semantics.md,
 //! rule 20): a client that keeps one UDP socket (one source port, so one conntrack entry) follows
 //! the service's endpoints, and TCP connections are never touched.
 //!
@@ -171,7 +171,7 @@ fn udp_flow_reaches_the_first_endpoint(mode: Mode, f: Fam) {
     wait_programmed(&mut s, vip, "ep1");
     wait_kept_socket(&mut s, &socket, "ep1", "first endpoint");
 
-    // Scaled to zero and back (upstream #139628): the same socket follows again.
+    // Scaled to zero and back (docs/semantics.md, rule 20c): the same socket follows again.
     s.apply(&endpoint_slice("dns", &slice, &[], &[DNS]));
     s.wait_for_result(
         "scaled to zero: refused again",

@@ -1,7 +1,8 @@
 //! `kproxy trace --live` inside the node namespace, checked against real packets: a connect
 //! that succeeds is a FORWARD (exit 0) naming the endpoint that answered; a refused or dropped
-//! one is a REJECT or DROP (exit 3) with the rule that decided it. Both kernel modes. Then
-//! kproxy stops, the desired state changes, and the live trace reports the disagreement.
+//! one is a REJECT or DROP (exit 3) with the rule of docs/semantics.md that decided it. Both
+//! kernel modes. Then kproxy stops, the desired state changes, and the live trace reports the
+//! disagreement.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -120,7 +121,7 @@ fn live_trace_matches_real_packets(mode: Mode) {
     assert_eq!(candidates(&r), vec![format!("{}:8080", POD_V4[0])], "{r:#}");
     assert!(r["desiredDisagrees"].is_null(), "{r:#}");
 
-    // No endpoints: refused (ICMP port unreachable), REJECT by rule 5, exit 3.
+    // No endpoints: refused (ICMP port unreachable), REJECT by docs/semantics.md rule 5, exit 3.
     let empty = sock("10.96.1.4", 80);
     assert_tcp_refused(&s.topo.client, Some(client_v4(2)), empty, REQ);
     let (code, r) = trace_live(&s, client_v4(2), empty);
@@ -128,7 +129,8 @@ fn live_trace_matches_real_packets(mode: Mode) {
     assert_eq!(r["verdict"]["kind"], "REJECT", "{r:#}");
     assert_eq!(r["verdict"]["rule"], 5, "{r:#}");
 
-    // loadBalancerSourceRanges: inside answers (FORWARD), outside times out (DROP, rule 13).
+    // loadBalancerSourceRanges: inside answers (FORWARD), outside times out (DROP,
+    // docs/semantics.md rule 13).
     let lb = sock("10.0.8.8", 80);
     assert_eq!(
         tcp_request_from(&s.topo.client, Some(client_v4(1)), lb, REQ).unwrap(),

@@ -2,9 +2,9 @@
 //!
 //! Two kinds of tracer answer the same question with the same [`Verdict`] type:
 //!
-//! - [`model`], a pure function over the [`ProxyState`]: the semantics of section 3 of the
-//!   upstream reference (which endpoint set, masquerade or not, REJECT / DROP and the rule that
-//!   decided it). It never looks at a rule.
+//! - [`model`], a pure function over the [`ProxyState`]: the rules of `docs/semantics.md`
+//!   (which endpoint set, masquerade or not, REJECT / DROP and the rule that decided it). It
+//!   never looks at a kernel rule.
 //! - one tracer per mode over that mode's rendered (or read-back) kernel objects, walking its
 //!   chains, maps or virtual servers the way the kernel would.
 //!
@@ -186,14 +186,14 @@ pub enum Verdict {
     },
     /// Refused with an ICMP port unreachable (or, userspace, a TCP reset).
     Reject {
-        /// The rule of section 3 of the reference that decided it.
+        /// The number of the rule of `docs/semantics.md` that decided it (0: none did).
         rule: u8,
         /// Why, in words.
         reason: String,
     },
     /// Silently dropped.
     Drop {
-        /// The rule of section 3 of the reference that decided it.
+        /// The number of the rule of `docs/semantics.md` that decided it (0: none did).
         rule: u8,
         /// Why, in words.
         reason: String,
@@ -335,10 +335,10 @@ impl fmt::Display for Verdict {
                 Ok(())
             }
             Self::Reject { rule, reason } => {
-                write!(f, "REJECT: {reason} (reference section 3, rule {rule})")
+                write!(f, "REJECT: {reason} (docs/semantics.md, rule {rule})")
             }
             Self::Drop { rule, reason } => {
-                write!(f, "DROP: {reason} (reference section 3, rule {rule})")
+                write!(f, "DROP: {reason} (docs/semantics.md, rule {rule})")
             }
             Self::NotService => write!(
                 f,
@@ -379,9 +379,9 @@ impl Trace {
     }
 }
 
-/// How one mode's semantics depart from section 3 of the reference, on purpose. The model
-/// applies these, so the comparison with each mode's tracer stays exact. Each field says where
-/// the difference comes from.
+/// How one mode's semantics depart from the rules of `docs/semantics.md`, on purpose (its
+/// section "Where the modes differ" lists them). The model applies these, so the comparison
+/// with each mode's tracer stays exact. Each field says where the difference comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Dialect {
     /// nftables (upstream too, rule 24): a new connection to a live ClusterIP on a port no
@@ -523,7 +523,7 @@ fn from_pod_network(state: &ProxyState, pkt: &Packet) -> Option<bool> {
     Some(detector.matches(&pkt.src, pkt.ingress()))
 }
 
-/// The model: what section 3 of the reference says happens to `pkt`, in `dialect`.
+/// The model: what the rules of `docs/semantics.md` say happens to `pkt`, in `dialect`.
 pub fn model(state: &ProxyState, env: &Env, pkt: &Packet, dialect: &Dialect) -> Verdict {
     if IpFamily::of(&pkt.src) != pkt.family() {
         return Verdict::Unknown {

@@ -1,10 +1,10 @@
 //! kproxy's iptables mode: upstream kube-proxy's iptables behaviour under `KPROXY-` chains,
 //! programmed with one `iptables-restore --noflush` transaction per family.
 //!
-//! The packet path and chain layout are in this crate's README. Start with [`IptablesMode`]:
-//! [`render`] turns the desired state into a [`Ruleset`], [`plan`] diffs two rulesets into an
-//! [`IptablesPlan`] (only chains whose rules changed), and the [`IptablesKernel`] seam is the one
-//! place binaries run.
+//! The packet path and chain layout are in this crate's README (`modes/iptables/README.md`).
+//! Start with [`IptablesMode`]: [`render`] turns the desired state into a [`Ruleset`], [`plan`]
+//! diffs two rulesets into an [`IptablesPlan`] (only chains whose rules changed), and the
+//! [`IptablesKernel`] seam is the one place binaries run.
 
 pub mod dispatch;
 #[cfg(any(test, feature = "testing"))]

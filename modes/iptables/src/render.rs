@@ -313,7 +313,7 @@ impl FamilyWriter<'_> {
         let forward = self.chain(Table::Filter, FORWARD);
         if !opts.tcp_be_liberal {
             // Out-of-window packets would otherwise reach the pod un-DNATed and be answered
-            // with a RST (kubernetes#74839).
+            // with a RST (docs/semantics.md, rule 21).
             forward.push(
                 RuleBuilder::new()
                     .comment("kproxy drop invalid conntrack state")
@@ -410,7 +410,8 @@ impl ServiceWriter<'_> {
         let lb_chain = if uses_fw_chain { &fw_chain } else { &ext_chain };
 
         // What filter rules do when there is nothing to forward to: REJECT without any
-        // endpoint, DROP when only the Local policy lacks endpoints (rules 5-7).
+        // endpoint, DROP when only the Local policy lacks endpoints (docs/semantics.md,
+        // rules 5-7).
         let (internal_filter, internal_why) = if !has_endpoints {
             (rule::reject(family), "has no endpoints")
         } else {
@@ -439,9 +440,9 @@ impl ServiceWriter<'_> {
 
         // External destinations jump to the EXT chain whenever the service has endpoints at
         // all, even when the external policy has none: the EXT chain short-circuits pod and
-        // node traffic to the Cluster endpoints (rule 7). What falls through it is not DNATed
-        // and meets the filter DROP/REJECT rules below, written when the policy has no
-        // endpoints.
+        // node traffic to the Cluster endpoints (docs/semantics.md, rule 7). What falls through
+        // it is not DNATed and meets the filter DROP/REJECT rules below, written when the
+        // policy has no endpoints.
 
         // --- externalIPs ---
         for ip in &sp.external_ips {
@@ -608,7 +609,7 @@ impl ServiceWriter<'_> {
                 );
             }
             // If the node itself is inside an allowed range, traffic it sends to its own LB IPs
-            // arrives with the LB IP as source (rule 13).
+            // arrives with the LB IP as source (docs/semantics.md, rule 13).
             let node_allowed = self
                 .node
                 .node_ips

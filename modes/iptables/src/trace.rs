@@ -717,7 +717,7 @@ fn verdict(outcomes: Vec<(Branch, End)>) -> Verdict {
     }
 }
 
-/// Which rule of section 3 a REJECT/DROP in `chain` implements.
+/// Which rule of `docs/semantics.md` a REJECT/DROP in `chain` implements (0: none).
 fn refusal_rule(chain: &str, reject: bool) -> (u8, String) {
     if reject {
         return (

@@ -1,5 +1,6 @@
 //! kproxy's IPVS mode: the kernel's IP Virtual Server does the load balancing, as in upstream's
-//! `ipvs` mode (reference section 2.3).
+//! `ipvs` mode. The packet path and the layout of the kernel objects are in this crate's README
+//! (`modes/ipvs/README.md`).
 //!
 //! - Every service address (ClusterIP, externalIP, LB IP) is bound to the dummy interface
 //!   `kproxy-ipvs0` so the node accepts packets for it; on a kernel without the `dummy` link type

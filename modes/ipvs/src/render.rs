@@ -1,6 +1,6 @@
 //! ProxyState → [`IpvsRules`]: virtual servers, service addresses and the netfilter table.
 //!
-//! Per service port (upstream's layout, reference section 2.3): one virtual server per
+//! Per service port (upstream's layout; `modes/ipvs/README.md`): one virtual server per
 //! ClusterIP, externalIP and load-balancer IP at the service port, and one per NodePort address
 //! at the NodePort. The ClusterIP's real servers follow internalTrafficPolicy, the others
 //! externalTrafficPolicy. Every real server has weight 1 (NAT forwarding). ClientIP affinity
@@ -189,7 +189,7 @@ fn service_port(
             put("no-local-endpoints", elem(addr, port));
         }
         // Upstream's usesFWChain: source ranges apply when the service has endpoints (without
-        // any, IPVS itself refuses the connection, rule 5).
+        // any, IPVS itself refuses the connection, docs/semantics.md rule 5).
         if vip
             && sp.load_balancer_ips.contains(&addr)
             && !sp.source_ranges.is_empty()
@@ -323,7 +323,8 @@ fn head(family: IpFamily, node: &NodeSettings) -> String {
             "service-filter",
             None,
             vec![
-                // Source ranges first: rule 13 is checked before any endpoint choice.
+                // Source ranges first: docs/semantics.md rule 13 is checked before any endpoint
+                // choice.
                 format!("{fe} @firewall {fe} . {a} saddr != @firewall-allow drop"),
                 format!("{fe} @no-local-endpoints drop"),
                 format!(

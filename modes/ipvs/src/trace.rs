@@ -2,7 +2,8 @@
 //! by the shared nft evaluator, [`kproxy_contract::trace::nft`]) around the virtual-server
 //! lookup IPVS does at LOCAL_IN (priority 98, after the filter chains) or LOCAL_OUT (-99, after
 //! nat output). A virtual server's real servers become candidates with their weights' shares;
-//! a virtual server without real servers is IPVS's own ICMP port unreachable (rule 5).
+//! a virtual server without real servers is IPVS's own ICMP port unreachable
+//! (docs/semantics.md, rule 5).
 //!
 //! `--live`: the virtual servers and service addresses are read back from the kernel, but the
 //! netfilter table is not parsed back by this mode, so a live trace uses the rendered table's

@@ -723,9 +723,10 @@ impl<'a> Writer<'a> {
                 self.elem(no_eps, key, Some("goto reject-chain".into()));
                 continue;
             }
-            // loadBalancerSourceRanges (LB IPs only, rule 13), whenever the service has
-            // endpoints (upstream's usesFWChain): the filter runs before DNAT, so it also
-            // covers the ETP=Local short-circuit and frontends whose policy has no endpoint.
+            // loadBalancerSourceRanges (LB IPs only, docs/semantics.md rule 13), whenever the
+            // service has endpoints (upstream's usesFWChain): the filter runs before DNAT, so it
+            // also covers the ETP=Local short-circuit and frontends whose policy has no
+            // endpoint.
             if let Frontend::Ip(ip) = fe
                 && sp.load_balancer_ips.contains(&ip)
                 && !sp.source_ranges.is_empty()
@@ -758,7 +759,8 @@ impl<'a> Writer<'a> {
                 self.elem(masq, key.clone(), None);
             }
             if list.is_empty() {
-                // Endpoints exist, but none the policy may use: DROP (rules 6 and 7).
+                // Endpoints exist, but none the policy may use: DROP (docs/semantics.md,
+                // rules 6 and 7).
                 self.elem(no_eps, key, Some("drop".into()));
                 continue;
             }

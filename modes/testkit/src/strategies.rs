@@ -1,7 +1,8 @@
 //! proptest strategies for the tracers' property tests: small random states whose addresses
 //! and ports come from small pools, and packets biased to hit them (service addresses and
 //! ports, node ports, LB IPs inside and outside source ranges, unallocated service addresses,
-//! pod, node and external sources), so a few hundred cases exercise every rule of section 3.
+//! pod, node and external sources), so a few hundred cases exercise every rule of
+//! `docs/semantics.md`.
 //! Nodes carry every kind of local-traffic detector (pod CIDR, none, bridge, name prefix) and
 //! packets arrive on interfaces that do and do not match them.
 
@@ -112,7 +113,7 @@ fn endpoints(v6: bool) -> impl Strategy<Value = Endpoints> {
                 .collect();
             let mut local: Vec<Endpoint> = cluster.iter().copied().filter(|e| e.is_local).collect();
             // The Local list falls back to serving-terminating local endpoints on its own
-            // (rule 4): a local endpoint the Cluster list does not have.
+            // (docs/semantics.md, rule 4): a local endpoint the Cluster list does not have.
             if local.is_empty() && terminating_local && !cluster.is_empty() {
                 let (a, p, l) = ENDPOINTS[extra];
                 local.push(Endpoint {

@@ -81,8 +81,8 @@ pub fn cluster_ip_spreads_and_masquerades(
     }
 }
 
-/// `ns/empty:p` at 10.96.0.11 without endpoints: its port is rejected (rule 5); returns the
-/// verdict for another port of the same address, where the modes differ.
+/// `ns/empty:p` at 10.96.0.11 without endpoints: its port is rejected (docs/semantics.md,
+/// rule 5); returns the verdict for another port of the same address, where the modes differ.
 pub fn no_endpoints_rejects(trace: impl Fn(&ProxyState, &Env, &Packet) -> Trace) -> Verdict {
     let s = state(vec![service("empty", "10.96.0.11", vec![])]);
     let env = Env::from_state(&s);

@@ -6,7 +6,7 @@
 //!
 //! A refusal here is the kernel's answer to a port nobody listens on (TCP reset, ICMP port
 //! unreachable); the listener table does not say why there is no listener, so refusals carry
-//! rule 0 unless a listener itself refused (rule 13).
+//! rule 0 unless a listener itself refused (rule 13; both in `docs/semantics.md`).
 
 use std::net::SocketAddr;
 

@@ -177,6 +177,29 @@ fn unused_ports_and_unallocated_addresses_depend_on_the_dialect() {
     );
 }
 
+/// A refusal names the rule that decided it and the document that states the rule, so a user
+/// of `kproxy trace` can look it up.
+#[test]
+fn refusals_point_to_the_rule_in_docs_semantics() {
+    let drop = Verdict::Drop {
+        rule: 13,
+        reason: "ns/web:http: source 192.0.2.9 is outside loadBalancerSourceRanges".into(),
+    };
+    assert_eq!(
+        drop.to_string(),
+        "DROP: ns/web:http: source 192.0.2.9 is outside loadBalancerSourceRanges \
+         (docs/semantics.md, rule 13)"
+    );
+    let reject = Verdict::Reject {
+        rule: 5,
+        reason: "ns/web:http has no endpoints".into(),
+    };
+    assert_eq!(
+        reject.to_string(),
+        "REJECT: ns/web:http has no endpoints (docs/semantics.md, rule 5)"
+    );
+}
+
 #[test]
 fn agreement_compares_shares_and_masquerade() {
     let c = |ip: &str, share: f64, masquerade: bool| Candidate {

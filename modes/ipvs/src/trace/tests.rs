@@ -57,7 +57,7 @@ fn virtual_server_weights_become_shares() {
             .agrees_with(&model(&s, &env, &p, &Dialect::IPVS))
             .is_err()
     );
-    // A port no virtual server serves on a service address: REJECT (rule 24).
+    // A port no virtual server serves on a service address: REJECT (docs/semantics.md, rule 24).
     let t = trace(
         &rules,
         &env,

@@ -5,7 +5,8 @@
 //! and values of six element types. `nftnl` would bring C libraries (libnftnl, libmnl) needed
 //! at build and at run time, tie kproxy to the host's libnftnl version, and still lacks maps,
 //! verdict data and concatenations, which would have to be written by hand through
-//! `nftnl-sys` with `unsafe` (crates.md 5.2, pitfalls 6-9). The messages are fixed by the
+//! `nftnl-sys` with `unsafe` (docs/semantics.md, implementation notes 1-4). The messages are
+//! fixed by the
 //! kernel's UAPI (`nf_tables.h`), the encoding is checked byte for byte against what nft sends
 //! ([`types`], [`batch`] tests) and by reading elements back with `nft -j` in a network
 //! namespace (this module's tests). The socket crate is the one the conntrack cleanup uses.

@@ -3,7 +3,8 @@
 //! The batch goes out in one `send` (one `sendmsg`: nfnetlink processes one datagram as one
 //! transaction, synchronously, so every reply is queued before `send` returns). The send buffer
 //! is forced to the batch's size and the receive buffer to room for every ACK, which is what
-//! keeps large batches from failing with ENOBUFS (crates.md, pitfall 6). `NETLINK_CAP_ACK`
+//! keeps large batches from failing with ENOBUFS (docs/semantics.md, implementation note 1).
+//! `NETLINK_CAP_ACK`
 //! keeps error replies small (the kernel does not echo a 60 KiB message back) and
 //! `NETLINK_EXT_ACK` makes the kernel say which attribute, hence which element, it refused.
 

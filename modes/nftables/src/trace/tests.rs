@@ -18,8 +18,8 @@ fn cluster_ip_spreads_over_endpoints_and_masquerades_outside_the_pod_network() {
 }
 #[test]
 fn no_endpoints_rejects_and_other_ports_are_left_alone() {
-    // nftables (rule 24): an unused port of a live ClusterIP is rejected, an unallocated
-    // service address dropped, anything else left alone.
+    // nftables (docs/semantics.md, rule 24): an unused port of a live ClusterIP is rejected,
+    // an unallocated service address dropped, anything else left alone.
     let other_port = kproxy_testkit::trace_scenarios::no_endpoints_rejects(|s, env, p| {
         trace(&render(s), env, p)
     });

@@ -269,12 +269,20 @@ impl<M: Mode> SyncLoop<M> {
                             if let Some(run) = repeats.succeeded(now) {
                                 tracing::info!(
                                     failed_attempts = run.failures,
-                                    failing_for = ?run.after,
+                                    failing_for_ms = millis(run.after),
                                     "sync succeeded again"
                                 );
                             }
                             if self.options.once {
-                                tracing::info!(?report, "first sync complete (--once)");
+                                tracing::info!(
+                                    full = report.full,
+                                    service_ports = report.service_ports,
+                                    skipped = report.skipped,
+                                    added = report.stats.added,
+                                    removed = report.stats.removed,
+                                    elapsed_ms = millis(report.duration),
+                                    "first sync complete (--once)"
+                                );
                                 return Ok(Stopped::Once);
                             }
                         }
@@ -460,16 +468,16 @@ impl<M: Mode> SyncLoop<M> {
             added = stats.added,
             removed = stats.removed,
             touched = stats.containers_touched,
-            elapsed_ms = report.duration.as_secs_f64() * 1000.0,
-            build_ms = build_time.as_secs_f64() * 1000.0,
-            render_ms = render_time.as_secs_f64() * 1000.0,
-            plan_ms = plan_time.as_secs_f64() * 1000.0,
-            apply_ms = apply_time.as_secs_f64() * 1000.0,
+            elapsed_ms = millis(report.duration),
+            build_ms = millis(build_time),
+            render_ms = millis(render_time),
+            plan_ms = millis(plan_time),
+            apply_ms = millis(apply_time),
             conntrack_deleted = report.conntrack_deleted(),
             conntrack_ms = report
                 .conntrack
                 .as_ref()
-                .map_or(0.0, |c| c.duration.as_secs_f64() * 1000.0),
+                .map_or(0.0, |c| millis(c.duration)),
             "sync complete"
         );
         Ok(report)
@@ -505,7 +513,7 @@ impl<M: Mode> SyncLoop<M> {
                     stale = report.stale,
                     deleted = report.deleted,
                     failed = report.failed,
-                    elapsed_ms = report.duration.as_secs_f64() * 1000.0,
+                    elapsed_ms = millis(report.duration),
                     "conntrack cleanup"
                 );
                 if let Some(m) = &self.metrics {
@@ -590,6 +598,13 @@ pub fn format_chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// A duration in milliseconds with microsecond resolution, for log fields: `87.721`, not the
+/// float noise of `as_secs_f64() * 1000.0` (`87.72093299999999`).
+fn millis(d: Duration) -> f64 {
+    // Microseconds fit an f64 exactly for any duration a sync could take.
+    d.as_micros() as f64 / 1000.0
 }
 
 #[cfg(test)]

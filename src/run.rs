@@ -11,6 +11,7 @@ use kproxy_userspace::{IpRoute, UserspaceMode};
 use tokio::sync::mpsc;
 
 use crate::config::{BackendChoice, Config, SourceConfig};
+use crate::listeners::{Kind, Unbound};
 use crate::sync::{Stopped, SyncLoop, SyncOptions, format_chain};
 
 /// Runs kproxy with a validated configuration.
@@ -143,15 +144,18 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         if let Some(addr) = config.healthz_bind {
             background.push(AbortOnDrop(crate::listeners::spawn(
                 "/healthz",
+                Kind::Healthz,
                 addr,
                 crate::health::router(health.clone()),
                 config.bind_address_hard_fail,
                 stop.clone(),
+                Unbound::new(metrics.unbound_listeners(Kind::Healthz)),
             )));
         }
         if let Some(addr) = config.metrics_bind {
             background.push(AbortOnDrop(crate::listeners::spawn(
                 "/metrics",
+                Kind::Metrics,
                 addr,
                 crate::metrics::router(
                     metrics.clone(),
@@ -160,6 +164,7 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
                 ),
                 config.bind_address_hard_fail,
                 stop.clone(),
+                Unbound::new(metrics.unbound_listeners(Kind::Metrics)),
             )));
         }
         if let Some(file) = &config.config_file {
@@ -172,11 +177,13 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
     let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
     let switch_config = config.clone();
     let admin_socket = config.admin_socket.clone();
-    let hc_health = health.clone();
+    let health_checks = crate::healthcheck::HealthCheckServers::new(health.clone()).with_unbound(
+        Unbound::new(metrics.unbound_listeners(Kind::HealthCheckNodePort)),
+    );
     let mut sync = SyncLoop::new(mode, config, options)
         .with_health(health)
         .with_metrics(metrics)
-        .with_health_checks(crate::healthcheck::HealthCheckServers::new(hc_health))
+        .with_health_checks(health_checks)
         .after_first_apply(Box::new(move || {
             // Another mode (or backend) may have run before: its rules go now that ours are in
             // place, so traffic never finds neither.

@@ -177,6 +177,7 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
     let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
     let switch_config = config.clone();
     let admin_socket = config.admin_socket.clone();
+    let admin_unbound = Unbound::new(metrics.unbound_listeners(Kind::Admin));
     let health_checks = crate::healthcheck::HealthCheckServers::new(health.clone()).with_unbound(
         Unbound::new(metrics.unbound_listeners(Kind::HealthCheckNodePort)),
     );
@@ -195,20 +196,12 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         // The socket is opened in kproxy's own network namespace: only its table is touched.
         sync = sync.with_conntrack(Box::new(crate::conntrack::netlink::NetlinkConntrack::new()));
     }
-    // Dropped (socket file removed) when the loop ends.
+    // Dropped (socket file removed, if still ours) when the loop ends.
     let _admin = match &admin_socket {
         Some(path) if serving => {
             let (tx, rx) = tokio::sync::watch::channel(None);
-            match crate::admin::serve(path, rx).await {
-                Ok(server) => {
-                    sync = sync.with_admin(tx);
-                    Some(server)
-                }
-                Err(err) => {
-                    tracing::error!(error = %format!("{err:#}"), "cannot serve the admin socket; continuing without it");
-                    None
-                }
-            }
+            sync = sync.with_admin(tx);
+            Some(crate::admin::spawn(path, rx, admin_unbound))
         }
         _ => None,
     };

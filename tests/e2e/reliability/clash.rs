@@ -528,6 +528,11 @@ fn the_admin_socket_never_replaces_a_file_or_follows_a_symlinked_parent() {
         "the regular file at the admin socket path was replaced\n{}",
         k.stderr()
     );
+    assert!(
+        k.stderr().contains("is not a socket"),
+        "not reported\n{}",
+        k.stderr()
+    );
     drop(k);
 
     let real = dir.path().join("real");
@@ -549,6 +554,7 @@ fn the_admin_socket_never_replaces_a_file_or_follows_a_symlinked_parent() {
         k.stderr()
     );
     let log = k.stderr();
+    assert!(log.contains("symbolic link"), "not reported\n{log}");
     drop(k);
     eprintln!(
         "summary: file left alone; symlinked parent refused: {}",

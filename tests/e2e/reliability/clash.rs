@@ -364,8 +364,9 @@ fn a_mode_switch_with_overlap_leaves_no_old_rules() {
 // --- 8: two nftables kproxies -------------------------------------------------------------------
 
 /// Two nftables kproxies in one namespace (a surge update in the same mode) apply the same 20
-/// changes: endpoints leaving and coming back, a service created and deleted. Neither ever fails
-/// a sync, and the table ends as one kproxy alone would leave it.
+/// changes: endpoints leaving and coming back, a service created and deleted, with the chains
+/// their endpoint counts need. Neither ever fails a sync, and the table ends as one kproxy alone
+/// would leave it.
 #[test]
 fn two_nftables_kproxies_apply_every_change() {
     if !crate::support::require_root("two_nftables_kproxies_apply_every_change") {
@@ -376,18 +377,8 @@ fn two_nftables_kproxies_apply_every_change() {
         s.tcp_server(POD_V4[i], 8080, id);
     }
     let eps = |n: usize| -> Vec<Ep> { (0..n).map(|i| Ep::ready(POD_V4[i])).collect() };
-    // Anchors: services with 1, 2 and 3 endpoints that never change, so the changes below
-    // touch set and map elements only.
-    for (n, vip) in [(1, "10.96.2.1"), (2, "10.96.2.2"), (3, "10.96.2.3")] {
-        let name = format!("anchor{n}");
-        s.apply(&Svc::new(&name, &[vip], &[HTTP]).json());
-        s.apply(&endpoint_slice(
-            &name,
-            &format!("{name}-v4"),
-            &eps(n),
-            &[HTTP],
-        ));
-    }
+    // `web` goes between 3 endpoints and 1, and `extra` (2 endpoints) comes and goes: element
+    // changes, and the `pick-2` and `pick-3` chains created and deleted.
     s.apply(&Svc::new("web", &["10.96.1.80"], &[HTTP]).json());
     s.apply(&endpoint_slice("web", "web-v4", &eps(3), &[HTTP]));
     let a = s.spawn_kproxy(&[]);

@@ -288,7 +288,10 @@ fn iptables_rules(ns: &Netns) -> String {
 }
 
 /// iptables → nftables with overlap: the new (nftables) kproxy removes the old one's rules, the
-/// old one restores them at its next check and then exits. The new one removes them again.
+/// old one restores them at its next check (every second here), again and again for 6 s, and
+/// then exits. The new one removes them again. The old kproxy runs this version too (a later
+/// rolling update): it has run for a while, so its own checks for other modes' rules have
+/// thinned out, and it never removes the new one's tables.
 #[test]
 fn a_mode_switch_with_overlap_leaves_no_old_rules() {
     if !crate::support::require_root("a_mode_switch_with_overlap_leaves_no_old_rules") {
@@ -314,6 +317,8 @@ fn a_mode_switch_with_overlap_leaves_no_old_rules() {
         "{}",
         old.stderr()
     );
+    // The old kproxy's own leftover checks: 0, 1, 3, 7, 15, then 31 s after its first sync.
+    std::thread::sleep(Duration::from_millis(16_500));
     s.mode = Mode::Nftables;
     let started = Instant::now();
     let mut new = s.spawn_kproxy(&["--iptables-sync-period=3s"]);
@@ -329,6 +334,15 @@ fn a_mode_switch_with_overlap_leaves_no_old_rules() {
         "the old kproxy did not restore its rules\n{}",
         old.stderr()
     );
+    // Both run for 6 s (the new one checks again at 3 s, the old one restores within 1 s),
+    // and the old one exits right after writing its rules back.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(started.elapsed()));
+    assert!(
+        wait_until(SYNC, || iptables_rules(&s.topo.node).contains("10.96.1.70")),
+        "{}",
+        old.stderr()
+    );
+    let restores = old.stderr().matches("full resync").count();
     let status = old.terminate(Duration::from_secs(10)).expect("old exits");
     assert!(status.success(), "{status}");
     let exited = Instant::now();
@@ -352,13 +366,26 @@ fn a_mode_switch_with_overlap_leaves_no_old_rules() {
         "the service does not answer through the nftables rules"
     );
     eprintln!(
-        "summary: old mode's rules removed {:.1} s after the old kproxy exited ({:.1} s after \
-         the new one started; sync period 3 s); sync failures {}",
+        "summary: the old kproxy restored its rules {restores} times in a {:.1} s overlap; \
+         they were removed {:.1} s after it exited ({:.1} s after the new one started; sync \
+         period 3 s); sync failures {}",
+        exited.duration_since(started).as_secs_f64(),
         took.as_secs_f64(),
         started.elapsed().as_secs_f64(),
         sync_failures(&new)
     );
     assert_eq!(sync_failures(&new), 0, "{}", new.stderr());
+    let rewrites = new
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("sync complete") && !l.contains(" added=0 "))
+        .count();
+    assert_eq!(
+        rewrites,
+        1,
+        "the new kproxy had to write its rules again: the old one removed them\n{}",
+        new.stderr()
+    );
 }
 
 // --- 8: two nftables kproxies -------------------------------------------------------------------

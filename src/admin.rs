@@ -172,6 +172,23 @@ fn is_socket(st: &nix::sys::stat::FileStat) -> bool {
         == nix::sys::stat::SFlag::S_IFSOCK
 }
 
+/// Whether a process listens on the Unix socket at `path`: a non-blocking connect, so a daemon
+/// whose backlog is full (alive, but slow) counts as listening instead of blocking the caller.
+fn probe(path: &Path) -> nix::Result<bool> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) | Err(nix::Error::EAGAIN | nix::Error::EINPROGRESS) => Ok(true),
+        Err(nix::Error::ECONNREFUSED) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Binds `path` under the rules of the module documentation.
 fn bind(path: &Path) -> Result<(tokio::net::UnixListener, Bound), BindError> {
     use nix::fcntl::{AtFlags, OFlag};
@@ -203,9 +220,9 @@ fn bind(path: &Path) -> Result<(tokio::net::UnixListener, Bound), BindError> {
         Err(nix::Error::ENOENT) => {}
         Err(e) => return Err(io("inspecting")(e.into())),
         Ok(st) if !is_socket(&st) => return Err(BindError::NotASocket(path.to_path_buf())),
-        Ok(_) => match std::os::unix::net::UnixStream::connect(&via) {
-            Ok(_) => return Err(BindError::InUse(path.to_path_buf())),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+        Ok(_) => match probe(&via) {
+            Ok(true) => return Err(BindError::InUse(path.to_path_buf())),
+            Ok(false) => {
                 // Stale: its daemon is gone.
                 nix::unistd::unlinkat(
                     &dir,
@@ -214,7 +231,7 @@ fn bind(path: &Path) -> Result<(tokio::net::UnixListener, Bound), BindError> {
                 )
                 .map_err(|e| io("removing the stale socket")(e.into()))?;
             }
-            Err(e) => return Err(io("probing the socket")(e)),
+            Err(e) => return Err(io("probing the socket")(e.into())),
         },
     }
     let listener = std::os::unix::net::UnixListener::bind(&via).map_err(io("binding"))?;
@@ -454,5 +471,53 @@ mod tests {
         drop(listener);
         bound.remove_if_ours();
         assert!(!path.exists());
+    }
+
+    /// A daemon that is alive but does not accept (its backlog full) is not taken for stale,
+    /// and probing it does not block.
+    #[test]
+    fn a_daemon_with_a_full_backlog_is_in_use() {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kproxy.sock");
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .expect("socket");
+        bind(fd.as_raw_fd(), &UnixAddr::new(&path).expect("addr")).expect("bind");
+        listen(&fd, Backlog::new(0).expect("backlog")).expect("listen");
+        // Fill the backlog (non-blocking connects, never accepted).
+        let mut pending = Vec::new();
+        while probe(&path).expect("probe") {
+            let c = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .expect("socket");
+            match nix::sys::socket::connect(c.as_raw_fd(), &UnixAddr::new(&path).expect("addr")) {
+                Ok(()) => pending.push(c),
+                Err(_) => break,
+            }
+            assert!(pending.len() < 64, "the backlog never filled");
+        }
+        let started = std::time::Instant::now();
+        assert!(
+            probe(&path).expect("probe"),
+            "a live daemon taken for stale"
+        );
+        assert!(matches!(super::bind(&path), Err(BindError::InUse(_))));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(fd);
+        assert!(
+            !probe(&path).expect("probe"),
+            "a closed daemon's socket is stale"
+        );
     }
 }

@@ -9,9 +9,17 @@
 //! Like upstream, the servers listen on the NodePort addresses: with a `--nodeport-addresses`
 //! list (or the nftables mode's primary IPs) one socket per address, otherwise one dual-stack
 //! wildcard socket (`[::]`, or `0.0.0.0` where the node has no IPv6).
+//!
+//! Each socket is kept bound by [`crate::listeners`]: during a rolling update with surge the
+//! old kproxy still holds the port when the new one starts, and a port bound only once would
+//! stay dead after the old one exits (cloud load balancers then take the node out of every
+//! `externalTrafficPolicy: Local` service). A port that cannot bind is retried every 5 s and
+//! counted in `kproxy_unbound_listeners{listener="health_check_node_port"}` meanwhile. The
+//! ports answer anyone who reaches the node, so their connections are bounded: the header
+//! timeout and age limit of every listener, a cap per socket and one across all the ports.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -23,6 +31,7 @@ use axum::routing::get;
 use kproxy_contract::{NodePortAddresses, ProxyState};
 
 use crate::health::Health;
+use crate::listeners::{Bounds, Budget, Kind, Listener, Unbound};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
@@ -55,6 +64,10 @@ pub struct HealthCheckServers {
     table: Table,
     servers: BTreeMap<u16, Server>,
     health: Health,
+    /// The connection caps, one of them shared by every port.
+    bounds: Bounds,
+    /// Where unbound ports are counted.
+    unbound: Unbound,
 }
 
 /// Where health-check ports listen for these NodePort addresses.
@@ -65,20 +78,23 @@ fn listen_addrs(addresses: &NodePortAddresses) -> Vec<IpAddr> {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(l)
-}
-
 impl HealthCheckServers {
     /// No servers yet; `health` decides `serviceProxyHealthy`.
     pub fn new(health: Health) -> Self {
+        let budget = Budget::of_this_process();
         Self {
             table: Arc::default(),
             servers: BTreeMap::new(),
             health,
+            bounds: Bounds::shared(budget.per_listener, budget.health_check_ports),
+            unbound: Unbound::default(),
         }
+    }
+
+    /// Counts ports that cannot bind in `unbound`.
+    pub fn with_unbound(mut self, unbound: Unbound) -> Self {
+        self.unbound = unbound;
+        self
     }
 
     /// Follows the desired state. Must run inside the tokio runtime.
@@ -113,33 +129,27 @@ impl HealthCheckServers {
             if self.servers.contains_key(port) {
                 continue;
             }
-            let mut tasks = Vec::new();
-            for ip in &addrs {
-                let addr = SocketAddr::new(*ip, *port);
-                // `[::]` takes IPv4 too (bindv6only=0); a node without IPv6 gets `0.0.0.0`.
-                let bound = bind(addr).or_else(|err| match ip {
-                    IpAddr::V6(v6) if v6.is_unspecified() => {
-                        bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port)))
-                    }
-                    _ => Err(err),
-                });
-                match bound {
-                    Ok(listener) => {
-                        let app = Router::new().fallback(get(answer)).with_state((
-                            self.table.clone(),
-                            self.health.clone(),
-                            *port,
-                        ));
-                        tasks.push(tokio::spawn(async move {
-                            let _ = axum::serve(listener, app).await;
-                        }));
-                        tracing::info!(%addr, "health-check node port serving");
-                    }
-                    Err(err) => {
-                        tracing::warn!(%addr, error = %err, "cannot serve a health-check node port")
-                    }
-                }
-            }
+            let app = Router::new().fallback(get(answer)).with_state((
+                self.table.clone(),
+                self.health.clone(),
+                *port,
+            ));
+            let tasks = addrs
+                .iter()
+                .map(|ip| {
+                    let listener = Listener {
+                        what: format!("health-check node port {port}"),
+                        kind: Kind::HealthCheckNodePort,
+                        addr: SocketAddr::new(*ip, *port),
+                        app: app.clone(),
+                        bounds: self.bounds.clone(),
+                        unbound: self.unbound.clone(),
+                        hard_fail: None,
+                    };
+                    crate::listeners::supervise(listener, crate::listeners::bind_tcp_any_family)
+                })
+                .collect();
+            tracing::info!(port, addresses = ?addrs, "health-check node port opened");
             self.servers.insert(
                 *port,
                 Server {
@@ -199,4 +209,85 @@ async fn answer(State((table, health, port)): State<(Table, Health, u16)>) -> im
 
 fn header_weight() -> HeaderName {
     HeaderName::from_static("x-load-balancing-endpoint-weight")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::time::Duration;
+
+    use prometheus_client::metrics::gauge::Gauge;
+
+    use super::*;
+    use crate::listeners::RETRY;
+
+    fn state_with_port(port: Option<u16>) -> ProxyState {
+        let mut sp = kproxy_testkit::service(
+            "lb",
+            "10.96.0.50",
+            vec![kproxy_testkit::ep("10.244.1.10", true)],
+        );
+        sp.health_check_node_port = port;
+        let mut state = kproxy_testkit::state(vec![sp]);
+        state.node = Arc::new(kproxy_contract::NodeSettings {
+            node_port_addresses: NodePortAddresses::Only(vec![IpAddr::from([127, 0, 0, 1])]),
+            ..(*state.node).clone()
+        });
+        state
+    }
+
+    /// The status line of `GET /` on `addr`, if anything answered.
+    async fn ask(addr: SocketAddr) -> Option<String> {
+        tokio::task::spawn_blocking(move || {
+            let mut c =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            c.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut text = String::new();
+            c.read_to_string(&mut text).ok()?;
+            Some(text.lines().next()?.to_string())
+        })
+        .await
+        .ok()?
+    }
+
+    /// A port held by another process (the old kproxy of a surge update) is served once it is
+    /// free, and counted as unbound until then; a port no longer wanted stops being counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_port_held_by_another_process_is_served_once_free() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = holder.local_addr().expect("addr");
+        let gauge = Gauge::default();
+        let mut servers = HealthCheckServers::new(Health::new(Duration::from_secs(30)))
+            .with_unbound(Unbound::new(gauge.clone()));
+        servers.update(&state_with_port(Some(addr.port())));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(gauge.get(), 1, "an unbound port is reported");
+        drop(holder);
+        let deadline = tokio::time::Instant::now() + RETRY + Duration::from_secs(3);
+        let answer = loop {
+            if let Some(line) = ask(addr).await {
+                break Some(line);
+            }
+            if tokio::time::Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let line = answer.expect("the freed port is served");
+        assert!(line.starts_with("HTTP/1.1 "), "{line}");
+        assert_eq!(gauge.get(), 0);
+
+        // A port still held when its service goes away is no longer counted.
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let other = holder.local_addr().expect("addr");
+        servers.update(&state_with_port(Some(other.port())));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(gauge.get(), 1);
+        servers.update(&state_with_port(None));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(gauge.get(), 0);
+        drop(holder);
+    }
 }

@@ -64,6 +64,13 @@ pub struct ObjectLabel {
     pub kind: &'static str,
 }
 
+/// Labels of `kproxy_unbound_listeners`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `healthz`, `metrics`, `health_check_node_port` or `admin`.
+    pub listener: &'static str,
+}
+
 /// Every metric kproxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -90,6 +97,7 @@ pub struct Metrics {
     no_local_endpoints: Family<PolicyLabel, Gauge>,
     iptables_rules: Family<TableLabel, Gauge>,
     kernel_objects: Family<ObjectLabel, Gauge>,
+    unbound_listeners: Family<ListenerLabel, Gauge>,
     process: process::ProcessMetrics,
     /// `/healthz` answers by status code.
     pub healthz: Family<CodeLabel, Counter>,
@@ -159,6 +167,7 @@ impl Metrics {
             no_local_endpoints: Family::default(),
             iptables_rules: Family::default(),
             kernel_objects: Family::default(),
+            unbound_listeners: Family::default(),
             process: process::ProcessMetrics::default(),
             healthz: Family::default(),
             livez: Family::default(),
@@ -262,6 +271,15 @@ impl Metrics {
             "Kernel objects kproxy owns after the last sync, by family, table and kind",
             m.kernel_objects.clone(),
         );
+        registry.register(
+            "kproxy_unbound_listeners",
+            "Listeners that should be serving but cannot bind their address (retried every 5s)",
+            m.unbound_listeners.clone(),
+        );
+        // Every kind is exported from the start, as 0 while all is well.
+        for kind in crate::listeners::Kind::ALL {
+            m.unbound_listeners(kind);
+        }
         m.process.register(&mut registry);
         registry.register(
             "kproxy_apply_duration_seconds",
@@ -389,6 +407,15 @@ impl Metrics {
             .observe(report.duration.as_secs_f64());
     }
 
+    /// The gauge counting unbound listeners of `kind` (see [`crate::listeners`]).
+    pub fn unbound_listeners(&self, kind: crate::listeners::Kind) -> Gauge {
+        self.unbound_listeners
+            .get_or_create(&ListenerLabel {
+                listener: kind.label(),
+            })
+            .clone()
+    }
+
     /// A sync failed.
     pub fn failed(&self) {
         self.sync_failures.inc();
@@ -485,6 +512,8 @@ mod tests {
             "kproxy_objects_added_total 5",
             "kubeproxy_conntrack_reconciler_deleted_entries_total 3",
             "kubeproxy_conntrack_reconciler_sync_duration_seconds_count 1",
+            "kproxy_unbound_listeners{listener=\"health_check_node_port\"} 0",
+            "kproxy_unbound_listeners{listener=\"admin\"} 0",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

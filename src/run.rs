@@ -11,6 +11,7 @@ use kproxy_userspace::{IpRoute, UserspaceMode};
 use tokio::sync::mpsc;
 
 use crate::config::{BackendChoice, Config, SourceConfig};
+use crate::listeners::{Kind, Unbound};
 use crate::sync::{Stopped, SyncLoop, SyncOptions, format_chain};
 
 /// Runs kproxy with a validated configuration.
@@ -143,15 +144,18 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         if let Some(addr) = config.healthz_bind {
             background.push(AbortOnDrop(crate::listeners::spawn(
                 "/healthz",
+                Kind::Healthz,
                 addr,
                 crate::health::router(health.clone()),
                 config.bind_address_hard_fail,
                 stop.clone(),
+                Unbound::new(metrics.unbound_listeners(Kind::Healthz)),
             )));
         }
         if let Some(addr) = config.metrics_bind {
             background.push(AbortOnDrop(crate::listeners::spawn(
                 "/metrics",
+                Kind::Metrics,
                 addr,
                 crate::metrics::router(
                     metrics.clone(),
@@ -160,6 +164,7 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
                 ),
                 config.bind_address_hard_fail,
                 stop.clone(),
+                Unbound::new(metrics.unbound_listeners(Kind::Metrics)),
             )));
         }
         if let Some(file) = &config.config_file {
@@ -171,16 +176,27 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
     }
     let clean_conntrack = options.conntrack_cleanup && !options.dry_run;
     let switch_config = config.clone();
+    let mut leftovers = LeftoverChecks::new(options.sync_period, options.full_sync_period);
     let admin_socket = config.admin_socket.clone();
-    let hc_health = health.clone();
+    let admin_unbound = Unbound::new(metrics.unbound_listeners(Kind::Admin));
+    let health_checks = crate::healthcheck::HealthCheckServers::new(health.clone()).with_unbound(
+        Unbound::new(metrics.unbound_listeners(Kind::HealthCheckNodePort)),
+    );
     let mut sync = SyncLoop::new(mode, config, options)
         .with_health(health)
         .with_metrics(metrics)
-        .with_health_checks(crate::healthcheck::HealthCheckServers::new(hc_health))
-        .after_first_apply(Box::new(move || {
-            // Another mode (or backend) may have run before: its rules go now that ours are in
-            // place, so traffic never finds neither.
-            if let Err(err) = cleanup_except(&switch_config, Some(keep)) {
+        .with_health_checks(health_checks)
+        .after_apply(Box::new(move || {
+            // Another mode (or backend) may have run before: its rules go once ours are in
+            // place, so traffic never finds neither; and again later, because during a
+            // rolling update the old kproxy may still be running and restore them.
+            let now = tokio::time::Instant::now();
+            if !leftovers.due(now) {
+                return;
+            }
+            let first = leftovers.is_first();
+            leftovers.checked(now);
+            if let Err(err) = cleanup_except(&switch_config, Some(keep), first) {
                 tracing::warn!(error = %format!("{err:#}"), "could not remove another mode's rules");
             }
         }));
@@ -188,20 +204,12 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         // The socket is opened in kproxy's own network namespace: only its table is touched.
         sync = sync.with_conntrack(Box::new(crate::conntrack::netlink::NetlinkConntrack::new()));
     }
-    // Dropped (socket file removed) when the loop ends.
+    // Dropped (socket file removed, if still ours) when the loop ends.
     let _admin = match &admin_socket {
         Some(path) if serving => {
             let (tx, rx) = tokio::sync::watch::channel(None);
-            match crate::admin::serve(path, rx).await {
-                Ok(server) => {
-                    sync = sync.with_admin(tx);
-                    Some(server)
-                }
-                Err(err) => {
-                    tracing::error!(error = %format!("{err:#}"), "cannot serve the admin socket; continuing without it");
-                    None
-                }
-            }
+            sync = sync.with_admin(tx);
+            Some(crate::admin::spawn(path, rx, admin_unbound))
         }
         _ => None,
     };
@@ -266,7 +274,60 @@ async fn spawn_source(
 /// `--cleanup`: every mode's objects, both iptables backends, both families. Missing tools are
 /// not errors (there is nothing of ours to remove where the tool does not exist).
 fn cleanup(config: &Config) -> anyhow::Result<()> {
-    cleanup_except(config, None)
+    cleanup_except(config, None, true)
+}
+
+/// When a running kproxy looks again for the rules other kproxy modes left (a pure schedule;
+/// the caller does the removal).
+///
+/// Once is not enough: in a rolling update with surge that switches modes, the old kproxy (say
+/// iptables) keeps running next to the new one (nftables) for a while, finds its rules gone at
+/// its next periodic check, writes them all back, and then exits; its rules, some for ports no
+/// longer in use, would stay next to the new mode's for good. So the check runs after the first
+/// apply, then again `base` (the sync period) later, and at intervals doubling from there up to
+/// `cap` (the full-resync period, an hour): an overlap of any length is covered within about
+/// its own length after the old kproxy exits, at a cost that fades to one check an hour (a
+/// check is a few `iptables-save` runs and netlink queries, about 60 ms in an empty namespace).
+///
+/// Only time counts, not the kind of sync: a full resync forced by drift must not check. In
+/// the same overlap the old kproxy sees its rules removed by the new one, resyncs in full, and
+/// would then remove the new mode's tables in turn; going by age alone, the kproxy that started
+/// last is the one checking often, and the old one's checks have long thinned out to hourly.
+#[derive(Debug, Clone)]
+struct LeftoverChecks {
+    cap: std::time::Duration,
+    interval: std::time::Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl LeftoverChecks {
+    fn new(base: std::time::Duration, cap: std::time::Duration) -> Self {
+        let base = base.max(std::time::Duration::from_secs(1));
+        Self {
+            cap: cap.max(base),
+            interval: base,
+            last: None,
+        }
+    }
+
+    /// Whether to look after a sync ending at `now`.
+    fn due(&self, now: tokio::time::Instant) -> bool {
+        self.last
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval)
+    }
+
+    /// Whether no check has run yet.
+    fn is_first(&self) -> bool {
+        self.last.is_none()
+    }
+
+    /// A check ran at `now`: the next one is due twice as late as this one was.
+    fn checked(&mut self, now: tokio::time::Instant) {
+        if self.last.is_some() {
+            self.interval = (self.interval * 2).min(self.cap);
+        }
+        self.last = Some(now);
+    }
 }
 
 /// What a running mode owns, so a mode switch cleans up everything else.
@@ -279,8 +340,17 @@ enum Keep {
 }
 
 /// Removes every kproxy object except what `keep` (the running mode) owns: on a mode switch the
-/// previous mode's rules go, but only after the new mode's first sync is in place.
-fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
+/// previous mode's rules go, but only after the new mode's first sync is in place. `verbose`
+/// logs each mode's removal at info (`--cleanup`, the first check of a running kproxy);
+/// the later checks ([`LeftoverChecks`]) log at debug.
+fn cleanup_except(config: &Config, keep: Option<Keep>, verbose: bool) -> anyhow::Result<()> {
+    let removed = |what: String| {
+        if verbose {
+            tracing::info!("{what}");
+        } else {
+            tracing::debug!("{what}");
+        }
+    };
     let mut failures = Vec::new();
     for backend in [Backend::Nft, Backend::Legacy] {
         if keep == Some(Keep::Iptables(backend)) {
@@ -295,9 +365,10 @@ fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
                 },
             );
             match mode.cleanup() {
-                Ok(()) => {
-                    tracing::info!(backend = backend.as_str(), %family, "iptables rules removed")
-                }
+                Ok(()) => removed(format!(
+                    "iptables rules removed (backend {}, {family})",
+                    backend.as_str()
+                )),
                 Err(err) if is_missing_tool(&err) => {
                     tracing::debug!(backend = backend.as_str(), %family, "iptables tools not installed; nothing to clean")
                 }
@@ -312,7 +383,7 @@ fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
     if keep != Some(Keep::Nftables) {
         let mut nft = NftablesMode::new(NftCli, IpFamily::ALL.to_vec());
         match nft.cleanup() {
-            Ok(()) => tracing::info!("nftables tables removed"),
+            Ok(()) => removed("nftables tables removed".into()),
             Err(err) if is_missing_tool(&err) => {
                 tracing::debug!("nft not installed; nothing to clean")
             }
@@ -322,7 +393,7 @@ fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
     if keep != Some(Keep::Ipvs) {
         let mut ipvs = IpvsMode::new(SystemKernel::new(), ipvs_options(config));
         match ipvs.cleanup() {
-            Ok(()) => tracing::info!("IPVS virtual servers, interface and table removed"),
+            Ok(()) => removed("IPVS virtual servers, interface and table removed".into()),
             Err(err) if is_missing_tool(&err) => {
                 tracing::debug!("ip or nft not installed; no IPVS-mode objects to clean")
             }
@@ -332,7 +403,7 @@ fn cleanup_except(config: &Config, keep: Option<Keep>) -> anyhow::Result<()> {
     if keep != Some(Keep::Userspace) {
         let mut userspace = UserspaceMode::new(IpRoute, kproxy_userspace::Options::default());
         match userspace.cleanup() {
-            Ok(()) => tracing::info!("userspace local routes removed"),
+            Ok(()) => removed("userspace local routes removed".into()),
             Err(err) if is_missing_tool(&err) => {
                 tracing::debug!("ip not installed; no userspace routes to clean")
             }
@@ -379,5 +450,64 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::LeftoverChecks;
+
+    /// The moments (seconds after the first apply) at which a kproxy with a 30 s sync period,
+    /// syncing every 30 s, looks for other modes' rules in its first `until` seconds.
+    fn checks(until: u64) -> Vec<u64> {
+        let start = tokio::time::Instant::now();
+        let mut c = LeftoverChecks::new(Duration::from_secs(30), Duration::from_secs(3600));
+        let mut at = Vec::new();
+        for t in (0..=until).step_by(30) {
+            let now = start + Duration::from_secs(t);
+            if c.due(now) {
+                c.checked(now);
+                at.push(t);
+            }
+        }
+        at
+    }
+
+    #[test]
+    fn leftovers_are_checked_at_doubling_intervals_up_to_an_hour() {
+        assert_eq!(
+            checks(6 * 3600),
+            [
+                0, 30, 90, 210, 450, 930, 1890, 3810, 7410, 11010, 14610, 18210
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_apply_checks_and_the_interval_doubles_from_the_sync_period() {
+        let start = tokio::time::Instant::now();
+        let mut c = LeftoverChecks::new(Duration::from_secs(30), Duration::from_secs(3600));
+        assert!(c.is_first());
+        assert!(c.due(start), "the first apply always checks");
+        c.checked(start);
+        assert!(!c.is_first());
+        let at = |s| start + Duration::from_secs(s);
+        assert!(!c.due(at(29)));
+        assert!(c.due(at(30)));
+        // A late sync (a long sync period, a backoff) checks late; the next is 60 s after it.
+        c.checked(at(45));
+        assert!(!c.due(at(104)));
+        assert!(c.due(at(105)));
+    }
+
+    #[test]
+    fn a_tiny_sync_period_still_spaces_the_checks() {
+        let start = tokio::time::Instant::now();
+        let mut c = LeftoverChecks::new(Duration::from_millis(10), Duration::from_secs(3600));
+        c.checked(start);
+        assert!(!c.due(start + Duration::from_millis(500)));
+        assert!(c.due(start + Duration::from_secs(1)));
     }
 }

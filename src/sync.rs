@@ -105,8 +105,8 @@ pub struct SyncLoop<M: Mode> {
     failures: u32,
     /// Health-check node port servers, following each applied state.
     health_checks: Option<crate::healthcheck::HealthCheckServers>,
-    /// Runs once, after the first successful apply (mode-switch cleanup).
-    after_first_apply: Option<Box<dyn FnOnce() + Send>>,
+    /// Runs after every successful apply (mode-switch cleanup, which keeps its own schedule).
+    after_apply: Option<Box<dyn FnMut() + Send>>,
     /// Where dry-run plans go.
     out: Box<dyn std::io::Write + Send>,
     /// What /healthz reports.
@@ -133,7 +133,7 @@ impl<M: Mode> SyncLoop<M> {
             previous: None,
             reported: BTreeSet::new(),
             pending: Touched::default(),
-            after_first_apply: None,
+            after_apply: None,
             health_checks: None,
             out: Box::new(std::io::stdout()),
             health: Health::new(options.sync_period),
@@ -151,9 +151,10 @@ impl<M: Mode> SyncLoop<M> {
         self
     }
 
-    /// Runs `f` once, right after the first successful (non-dry-run) apply.
-    pub fn after_first_apply(mut self, f: Box<dyn FnOnce() + Send>) -> Self {
-        self.after_first_apply = Some(f);
+    /// Runs `f` right after every successful (non-dry-run) apply; `f` decides what to do when
+    /// (the first call is after the first apply).
+    pub fn after_apply(mut self, f: Box<dyn FnMut() + Send>) -> Self {
+        self.after_apply = Some(f);
         self
     }
 
@@ -408,7 +409,7 @@ impl<M: Mode> SyncLoop<M> {
             return Err(err);
         }
         self.failures = 0;
-        if !dry_run && let Some(f) = self.after_first_apply.take() {
+        if !dry_run && let Some(f) = &mut self.after_apply {
             block(f);
         }
         if !dry_run && let Some(hc) = &mut self.health_checks {

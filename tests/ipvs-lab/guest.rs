@@ -783,3 +783,74 @@ fn init_only_does_the_ipvs_node_setup_and_exits() {
         "--init-only programmed virtual servers:\n{servers}"
     );
 }
+
+/// Two nftables kproxies in one namespace (a surge update) on the stock Debian kernel, which has
+/// no `NFT_MSG_DESTROYSETELEM` (6.1): deletions are `DELSETELEM`, so whichever kproxy applies a
+/// change second meets elements already deleted (ENOENT) and sends its batch again without
+/// them, and chains are deleted as `add` then `delete`. Neither ever fails a sync.
+#[test]
+#[ignore = "runs inside the lab guest (tests/ipvs-lab/run.sh): a kernel before 6.3"]
+fn two_nftables_kproxies_on_the_stock_debian_kernel() {
+    use crate::support::kproxy::KproxyProcess;
+    use crate::support::scenario::Mode;
+    let mut s = Scenario::with_manifests_in(Mode::Nftables);
+    for (i, id) in ["ep1", "ep2", "ep3"].into_iter().enumerate() {
+        s.tcp_server(POD_V4[i], 8080, id);
+    }
+    let web = |n: usize| endpoint_slice("web", "web-v4", &eps(&POD_V4[..n], OTHER_NODE), &[HTTP]);
+    s.apply(&Svc::new("web", &["10.96.1.30"], &[HTTP]).json());
+    s.apply(&web(3));
+    let a = s.spawn_kproxy(&["-v", "2"]);
+    let synced = |k: &KproxyProcess| k.stderr().matches("sync complete").count();
+    assert!(wait_until(SYNC, || synced(&a) > 0), "{}", a.stderr());
+    let b = s.spawn_kproxy(&["-v", "2"]);
+    assert!(wait_until(SYNC, || synced(&b) > 0), "{}", b.stderr());
+    for i in 0..12 {
+        let before = (synced(&a), synced(&b));
+        match i % 4 {
+            0 => s.apply(&web(1)),
+            1 => s.apply(&web(3)),
+            2 => {
+                s.apply(&Svc::new("extra", &["10.96.1.31"], &[HTTP]).json());
+                s.apply(&endpoint_slice(
+                    "extra",
+                    "extra-v4",
+                    &eps(&POD_V4[..2], OTHER_NODE),
+                    &[HTTP],
+                ));
+            }
+            _ => {
+                s.source.delete("EndpointSlice", "extra-v4");
+                s.source.delete("Service", "extra");
+            }
+        }
+        let failed = |k: &KproxyProcess| k.stderr().contains("sync failed");
+        assert!(
+            wait_until(SYNC, || (synced(&a) > before.0 || failed(&a))
+                && (synced(&b) > before.1 || failed(&b))),
+            "change {i} not synced"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let logs = format!("{}\n{}", a.stderr(), b.stderr());
+    assert!(
+        logs.contains("no NFT_MSG_DESTROYSETELEM"),
+        "the probe should find no destroy on this kernel:\n{logs}"
+    );
+    let resent = logs.matches("applied without them").count();
+    let failures: Vec<&str> = logs.lines().filter(|l| l.contains("sync failed")).collect();
+    println!(
+        "two nftables kproxies on the stock kernel: {} + {} syncs, {} batches sent again \
+         without already deleted elements, {} failed syncs",
+        synced(&a),
+        synced(&b),
+        resent,
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let seen = tally(10, || {
+        tcp_request(&s.topo.client, sock("10.96.1.30", 80), REQ)
+    });
+    assert_eq!(seen.values().sum::<usize>(), 10, "{seen:?}");
+}

@@ -8,7 +8,7 @@ use crate::support::kproxy::{KPROXY, KproxyProcess};
 use crate::support::netns::Netns;
 
 /// The guest tests the lab must run and pass (every test in [`crate::guest`]).
-const GUEST_TESTS: usize = 14;
+const GUEST_TESTS: usize = 15;
 
 /// Whether this kernel has IPVS (then the no-IPVS check cannot be made here).
 fn host_has_ipvs() -> bool {

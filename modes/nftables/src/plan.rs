@@ -339,17 +339,20 @@ impl fmt::Display for NftPlan {
                 }
             }
             write_elements(f, self, &t, "delete", &fp.delete_elements, false)?;
-            for (name, chain, existed) in &fp.write_chains {
-                if *existed {
-                    writeln!(f, "flush chain {t} {name}")?;
-                }
+            for (name, chain, _) in &fp.write_chains {
+                // Also for a chain this plan creates: another kproxy in the same namespace (a
+                // surge update) may have created and filled it since we last looked, and `add
+                // chain` leaves its rules; without the flush ours would be appended to them.
+                writeln!(f, "flush chain {t} {name}")?;
                 for r in &chain.rules {
                     writeln!(f, "add rule {t} {name} {} comment \"{}\"", r.text, r.id)?;
                 }
             }
             write_elements(f, self, &t, "add", &fp.add_elements, true)?;
             for name in &fp.delete_chains {
-                writeln!(f, "delete chain {t} {name}")?;
+                // `add` first, so that deleting a chain another kproxy already deleted is not
+                // an error (ENOENT would fail the whole transaction).
+                writeln!(f, "add chain {t} {name}\ndelete chain {t} {name}")?;
             }
             for (name, is_map) in &fp.delete_sets {
                 let kind = if *is_map { "map" } else { "set" };

@@ -27,12 +27,23 @@
 //! falls back to `nft -f` with a warning: the whole plan when nothing was applied yet, else
 //! steps 2 and 3 as one script. If the kernel refuses the batch, nothing of step 2 was
 //! applied and the error is returned: the sync loop retries with a full read-back.
+//!
+//! Element deletions are idempotent, so that two kproxies applying the same change (the old
+//! and the new pod of a rolling update with surge, in one network namespace) both succeed:
+//! `NFT_MSG_DESTROYSETELEM` where the kernel has it (6.3 and later); elsewhere a deletion that
+//! finds nothing fails the batch with ENOENT naming the element, and the batch is sent again
+//! without it ([`apply_elements`], at most [`MAX_MISSING`] times per batch).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kproxy_contract::CommandError;
 
-use crate::netlink::{self, socket};
+use crate::netlink::batch::Deletes;
+use crate::netlink::{self, NetlinkError, socket};
+
+/// How many already-deleted elements one batch may meet on a kernel without
+/// `NFT_MSG_DESTROYSETELEM` (each costs a round trip) before the sync fails as a whole.
+pub const MAX_MISSING: usize = 64;
 use crate::plan::{FamilyPlan, NftPlan};
 
 /// Steps 1 and 3 of a split plan (step 2 is the plan's netlink elements).
@@ -165,14 +176,6 @@ pub fn apply(
             return apply_whole(plan, nft);
         }
     };
-    let batch = match netlink::encode(plan) {
-        Ok(Some(batch)) => batch,
-        Ok(None) => return apply_whole(plan, nft),
-        Err(err) => {
-            tracing::warn!(error = %err, "netlink element batch not possible; applying with nft -f");
-            return apply_whole(plan, nft);
-        }
-    };
     let socket = match socket::acquire() {
         Ok(socket) => socket,
         Err(err) => {
@@ -180,11 +183,28 @@ pub fn apply(
             return apply_whole(plan, nft);
         }
     };
+    let deletes = socket.deletes();
+    let batch = match netlink::encode(plan, deletes, &BTreeSet::new()) {
+        Ok(Some(batch)) => batch,
+        Ok(None) => {
+            socket::release(socket);
+            return apply_whole(plan, nft);
+        }
+        Err(err) => {
+            socket::release(socket);
+            tracing::warn!(error = %err, "netlink element batch not possible; applying with nft -f");
+            return apply_whole(plan, nft);
+        }
+    };
     if !steps.prepare.families.is_empty() {
         nft(&steps.prepare)?;
     }
-    match socket.apply(&batch) {
-        Ok(()) => {}
+    match apply_elements(&socket, plan, deletes, batch) {
+        Ok((elements, messages)) => tracing::debug!(
+            elements,
+            messages,
+            "element changes applied through netlink"
+        ),
         Err(err) if err.use_nft_instead() => {
             tracing::warn!(error = %err, "applying the element changes with nft -f instead of netlink");
             return nft(&rest(plan, &steps.finish));
@@ -192,15 +212,48 @@ pub fn apply(
         Err(err) => return Err(err.into()),
     }
     socket::release(socket);
-    tracing::debug!(
-        elements = batch.elements,
-        messages = batch.messages.len(),
-        "element changes applied through netlink"
-    );
     if !steps.finish.families.is_empty() {
         nft(&steps.finish)?;
     }
     Ok(())
+}
+
+/// Sends `batch` (step 2 of `plan`, encoded with `deletes`); where a deletion finds its element
+/// already gone (ENOENT, possible only with [`Deletes::Delete`]), sends the batch again without
+/// it. Returns the elements and messages of the batch that was applied.
+pub fn apply_elements(
+    socket: &socket::NftSocket,
+    plan: &NftPlan,
+    deletes: Deletes,
+    batch: netlink::batch::Batch<'_>,
+) -> Result<(usize, usize), NetlinkError> {
+    let mut batch = batch;
+    let mut missing = BTreeSet::new();
+    loop {
+        match socket.apply(&batch) {
+            Ok(()) => {
+                if !missing.is_empty() {
+                    tracing::debug!(
+                        missing = missing.len(),
+                        "element deletions found nothing (another kproxy applied them?); \
+                         applied without them"
+                    );
+                }
+                return Ok((batch.elements, batch.messages.len()));
+            }
+            Err(NetlinkError::Rejected {
+                missing: Some(gone),
+                ..
+            }) if missing.len() < MAX_MISSING && !missing.contains(&gone) => {
+                missing.insert(gone);
+                match netlink::encode(plan, deletes, &missing)? {
+                    Some(b) => batch = b,
+                    None => return Ok((0, 0)),
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
 }
 
 /// Applies `plan` with `nft -f`: one transaction, preceded (when the tables stay) by one that

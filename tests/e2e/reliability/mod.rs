@@ -3,6 +3,7 @@
 
 mod api_faults;
 mod bad_input;
+mod clash;
 mod cli;
 mod coexistence;
 mod contention;

@@ -31,6 +31,17 @@ impl KproxyProcess {
 
     /// [`KproxyProcess::start`] with extra environment variables (`XTABLES_LOCKFILE`, ...).
     pub(crate) fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> KproxyProcess {
+        KproxyProcess::start_limited(ns, args, env, None)
+    }
+
+    /// [`KproxyProcess::start_with_env`] with an open-file limit (soft and hard) for kproxy:
+    /// `prlimit` sets it on itself and execs kproxy, so the pid is still kproxy's.
+    pub(crate) fn start_limited(
+        ns: &Netns,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> KproxyProcess {
         let logs = tempfile::Builder::new()
             .prefix("kpx-logs-")
             .tempdir()
@@ -48,8 +59,13 @@ impl KproxyProcess {
                 .chain(args.iter().copied())
                 .collect()
         };
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns.name(), KPROXY])
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", ns.name()]);
+        if let Some(n) = nofile {
+            command.args(["prlimit", &format!("--nofile={n}:{n}"), "--"]);
+        }
+        let child = command
+            .arg(KPROXY)
             .args(&args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -83,6 +99,25 @@ impl KproxyProcess {
     /// The pid (kproxy's).
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends SIGTERM (to its pid only) and waits up to `timeout` for it to exit.
+    pub(crate) fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.try_wait().is_none() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid")),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .expect("SIGTERM");
+        }
+        self.wait(timeout)
+    }
+
+    /// How many file descriptors it has open now (`/proc/PID/fd`).
+    pub(crate) fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or_default()
     }
 
     /// The exit status if it has exited.

@@ -144,6 +144,8 @@ pub(crate) struct Scenario {
     legacy: bool,
     /// Extra environment for kproxy ([`Scenario::env`]).
     env: Vec<(String, String)>,
+    /// An open-file limit for kproxy ([`Scenario::nofile`]).
+    nofile: Option<u64>,
     pub(crate) kproxy: Option<KproxyProcess>,
     tcp: Vec<TcpEcho>,
     udp: BTreeMap<String, UdpEcho>,
@@ -192,6 +194,7 @@ impl Scenario {
             userspace: false,
             legacy: false,
             env: Vec::new(),
+            nofile: None,
             kproxy: None,
             tcp: Vec::new(),
             udp: BTreeMap::new(),
@@ -217,6 +220,12 @@ impl Scenario {
     /// Sets an environment variable for every kproxy this scenario starts.
     pub(crate) fn env(mut self, key: &str, value: &str) -> Scenario {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// From now on every kproxy this scenario starts runs with this open-file limit.
+    pub(crate) fn nofile(mut self, limit: u64) -> Scenario {
+        self.nofile = Some(limit);
         self
     }
 
@@ -260,6 +269,12 @@ impl Scenario {
     /// plus `extra`. A flag in `extra` replaces the standard flag of the same name (so a test can
     /// bind `--metrics-bind-address` where the default disables it).
     pub(crate) fn start_kproxy(&mut self, extra: &[&str]) {
+        self.kproxy = Some(self.spawn_kproxy(extra));
+    }
+
+    /// A kproxy started as [`Scenario::start_kproxy`] starts one, which the scenario does not
+    /// keep: a second instance in the same namespace (a rolling update's surge pod).
+    pub(crate) fn spawn_kproxy(&self, extra: &[&str]) -> KproxyProcess {
         let mut extra: Vec<&str> = extra.to_vec();
         if self.legacy {
             extra.extend(["--iptables-backend", "legacy"]);
@@ -294,7 +309,7 @@ impl Scenario {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        self.kproxy = Some(KproxyProcess::start_with_env(&self.topo.node, &refs, &env));
+        KproxyProcess::start_limited(&self.topo.node, &refs, &env, self.nofile)
     }
 
     /// The running kproxy.

@@ -1,6 +1,12 @@
-//! Building one nfnetlink batch: `NFNL_MSG_BATCH_BEGIN`, `NFT_MSG_DELSETELEM` /
-//! `NFT_MSG_NEWSETELEM` messages, `NFNL_MSG_BATCH_END`, all in one buffer sent with one
-//! `sendmsg`, so the kernel applies them as one transaction.
+//! Building one nfnetlink batch: `NFNL_MSG_BATCH_BEGIN`, `NFT_MSG_DESTROYSETELEM` (or
+//! `NFT_MSG_DELSETELEM`) / `NFT_MSG_NEWSETELEM` messages, `NFNL_MSG_BATCH_END`, all in one
+//! buffer sent with one `sendmsg`, so the kernel applies them as one transaction.
+//!
+//! Deletions are idempotent where the kernel allows it ([`Deletes`]): two kproxies in one
+//! network namespace (the old and the new pod of a rolling update with surge) apply the same
+//! changes, and whichever comes second finds the elements the first deleted already gone.
+//! `NFT_MSG_DELSETELEM` fails the whole transaction then (ENOENT), which had made every change
+//! fail on one of them and forced a full resync each time.
 //!
 //! Many elements share one message (as nft does): the element list is a netlink attribute,
 //! whose 16-bit length caps it at 64 KiB, so a message holds up to about a thousand
@@ -14,11 +20,14 @@ use super::types::{Data, EncodeError, SetType};
 /// `NFNL_SUBSYS_NFTABLES`.
 pub(super) const SUBSYS_NFTABLES: u16 = 10;
 /// `NFNL_MSG_BATCH_BEGIN` / `NFNL_MSG_BATCH_END`.
-const MSG_BATCH_BEGIN: u16 = 0x10;
-const MSG_BATCH_END: u16 = 0x11;
+pub(super) const MSG_BATCH_BEGIN: u16 = 0x10;
+pub(super) const MSG_BATCH_END: u16 = 0x11;
 /// `NFT_MSG_NEWSETELEM` / `NFT_MSG_DELSETELEM`.
 const MSG_NEWSETELEM: u16 = 12;
 const MSG_DELSETELEM: u16 = 14;
+/// `NFT_MSG_DESTROYSETELEM` (Linux 6.3): like `DELSETELEM`, but an element that is not there
+/// is skipped instead of failing the transaction.
+pub(super) const MSG_DESTROYSETELEM: u16 = 30;
 
 pub(super) const NLM_F_REQUEST: u16 = 0x1;
 pub(super) const NLM_F_ACK: u16 = 0x4;
@@ -74,6 +83,16 @@ impl Op {
     }
 }
 
+/// How a batch deletes elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletes {
+    /// `NFT_MSG_DESTROYSETELEM` (Linux 6.3 and later): an element already gone is no error.
+    Destroy,
+    /// `NFT_MSG_DELSETELEM` (every kernel): an element already gone fails the transaction with
+    /// ENOENT, naming it; [`crate::steps`] then sends the batch again without it.
+    Delete,
+}
+
 /// One element of a batch, as the plan wrote it.
 #[derive(Debug, Clone, Copy)]
 pub struct ElementRef<'a> {
@@ -118,6 +137,8 @@ pub struct Batch<'a> {
     pub messages: Vec<MessageInfo<'a>>,
     /// Number of elements.
     pub elements: usize,
+    /// How deletions are sent.
+    pub deletes: Deletes,
     open: Option<Open>,
     next_seq: u32,
     scratch: Vec<u8>,
@@ -131,13 +152,20 @@ struct Open {
 }
 
 impl<'a> Batch<'a> {
-    /// An empty batch whose sequence numbers start at `first_seq`.
+    /// An empty batch whose sequence numbers start at `first_seq`, deleting with
+    /// `NFT_MSG_DELSETELEM`.
     pub fn new(first_seq: u32) -> Self {
+        Batch::with_deletes(first_seq, Deletes::Delete)
+    }
+
+    /// An empty batch whose sequence numbers start at `first_seq`, deleting as `deletes` says.
+    pub fn with_deletes(first_seq: u32, deletes: Deletes) -> Self {
         let mut b = Batch {
             bytes: Vec::new(),
             begin_seq: first_seq,
             messages: Vec::new(),
             elements: 0,
+            deletes,
             open: None,
             next_seq: first_seq,
             scratch: Vec::new(),
@@ -199,9 +227,10 @@ impl<'a> Batch<'a> {
     fn open_message(&mut self, family: IpFamily, table: &str, set: &'a str, op: Op) {
         let seq = self.seq();
         let start = self.bytes.len();
-        let (kind, flags) = match op {
-            Op::Delete => (MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
-            Op::Add => (MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
+        let (kind, flags) = match (op, self.deletes) {
+            (Op::Delete, Deletes::Delete) => (MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+            (Op::Delete, Deletes::Destroy) => (MSG_DESTROYSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+            (Op::Add, _) => (MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
         };
         header(
             &mut self.bytes,
@@ -407,6 +436,41 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([end[4], end[5]]), 17);
         assert_eq!(b.messages.len(), 1);
         assert_eq!(b.messages[0].seq, 8);
+    }
+
+    /// A destroy is a delete with another message type (the attributes are the same):
+    /// `NFT_MSG_DESTROYSETELEM` is 30 in the uapi's `enum nf_tables_msg_types` (after
+    /// `NFT_MSG_GETRULE_RESET` = 25 and the destroys of tables, chains, rules and sets).
+    #[test]
+    fn a_destroy_differs_from_a_delete_only_in_its_type() {
+        let ty = SetType::parse("ipv4_addr . inet_proto . inet_service : verdict").unwrap();
+        let batch = |deletes| {
+            let mut b = Batch::with_deletes(7, deletes);
+            b.push_set(
+                IpFamily::V4,
+                "kproxy",
+                "service-ips",
+                &ty,
+                Op::Delete,
+                [el("10.96.0.10 . tcp . 80", Some("goto pick-3"))],
+            )
+            .unwrap();
+            b.finish().bytes
+        };
+        let (del, destroy) = (batch(Deletes::Delete), batch(Deletes::Destroy));
+        assert_eq!(del.len(), destroy.len());
+        let kind = |b: &[u8]| u16::from_ne_bytes([b[20 + 4], b[20 + 5]]);
+        assert_eq!(kind(&del), (10 << 8) | 14);
+        assert_eq!(kind(&destroy), (10 << 8) | 30);
+        let flags = |b: &[u8]| u16::from_ne_bytes([b[20 + 6], b[20 + 7]]);
+        assert_eq!(flags(&del), flags(&destroy));
+        let (mut a, mut b) = (del.clone(), destroy.clone());
+        a[24..26].fill(0);
+        b[24..26].fill(0);
+        assert_eq!(a, b, "only the message type differs");
+        // A deletion carries the key only: the kernel deletes by key.
+        assert!(!destroy.windows(7).any(|w| w == b"pick-3\0"));
+        assert_eq!(Batch::new(1).deletes, Deletes::Delete);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Set and map element changes through nf_tables netlink, one batch per sync.
 //!
 //! Why a small pure-Rust encoder on `netlink-sys` rather than `nftnl`: kproxy only ever needs
-//! three message kinds here (`BATCH_BEGIN`/`END`, `NEWSETELEM`, `DELSETELEM`) carrying keys
+//! a few message kinds here (`BATCH_BEGIN`/`END`, `NEWSETELEM`, `DESTROYSETELEM` or
+//! `DELSETELEM`, see [`batch::Deletes`]) carrying keys
 //! and values of six element types. `nftnl` would bring C libraries (libnftnl, libmnl) needed
 //! at build and at run time, tie kproxy to the host's libnftnl version, and still lacks maps,
 //! verdict data and concatenations, which would have to be written by hand through
@@ -19,14 +20,15 @@ pub mod batch;
 pub mod socket;
 pub mod types;
 
+use std::collections::BTreeSet;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use kproxy_contract::CommandError;
+use kproxy_contract::{CommandError, IpFamily};
 
 use crate::model::TABLE;
 use crate::plan::NftPlan;
-use batch::{Batch, ElementRef, Op};
+use batch::{Batch, Deletes, ElementRef, Op};
 use types::{EncodeError, SetType};
 
 /// Why the netlink path did not apply a batch.
@@ -62,10 +64,24 @@ pub enum NetlinkError {
         source: io::Error,
         /// The kernel's extended-ACK message, if any.
         detail: String,
+        /// A deletion that found no element (ENOENT), when the kernel named it.
+        missing: Option<MissingElement>,
     },
     /// Replies that could not be read: whether the batch was applied is unknown.
     #[error("nf_tables netlink: {0}")]
     Protocol(String),
+}
+
+/// An element a `DELSETELEM` did not find: already deleted, by another kproxy applying the
+/// same change, or by hand.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MissingElement {
+    /// The family of its table.
+    pub family: IpFamily,
+    /// The set or map.
+    pub set: String,
+    /// Its key.
+    pub key: String,
 }
 
 impl NetlinkError {
@@ -98,12 +114,17 @@ pub fn handles(signature: &str) -> bool {
 }
 
 /// One batch with every element deletion, then every addition, of the plan's non-interval
-/// sets, both families. `None` when there are none.
-pub fn encode(plan: &NftPlan) -> Result<Option<Batch<'_>>, NetlinkError> {
+/// sets, both families, deleting as `deletes` says and leaving out the deletions of `missing`
+/// (elements known to be gone already). `None` when there are none.
+pub fn encode<'a>(
+    plan: &'a NftPlan,
+    deletes: Deletes,
+    missing: &BTreeSet<MissingElement>,
+) -> Result<Option<Batch<'a>>, NetlinkError> {
     // A fresh range of sequence numbers per batch, so a reused socket can never match a reply
     // to the wrong batch.
     static NEXT: AtomicU32 = AtomicU32::new(1);
-    let mut batch = Batch::new(NEXT.fetch_add(1 << 20, Ordering::Relaxed));
+    let mut batch = Batch::with_deletes(NEXT.fetch_add(1 << 20, Ordering::Relaxed), deletes);
     for op in [Op::Delete, Op::Add] {
         for (family, fp) in &plan.families {
             let changes = match op {
@@ -123,6 +144,15 @@ pub fn encode(plan: &NftPlan) -> Result<Option<Batch<'_>>, NetlinkError> {
                 if ty.interval {
                     continue;
                 }
+                let gone = |key: &str| {
+                    op == Op::Delete
+                        && !missing.is_empty()
+                        && missing.contains(&MissingElement {
+                            family: *family,
+                            set: set.clone(),
+                            key: key.to_string(),
+                        })
+                };
                 batch
                     .push_set(
                         *family,
@@ -130,10 +160,13 @@ pub fn encode(plan: &NftPlan) -> Result<Option<Batch<'_>>, NetlinkError> {
                         set,
                         &ty,
                         op,
-                        elements.iter().map(|(k, v)| ElementRef {
-                            key: k,
-                            value: v.as_deref(),
-                        }),
+                        elements
+                            .iter()
+                            .filter(|(k, _)| !gone(k))
+                            .map(|(k, v)| ElementRef {
+                                key: k,
+                                value: v.as_deref(),
+                            }),
                     )
                     .map_err(encode_err)?;
             }

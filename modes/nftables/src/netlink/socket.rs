@@ -11,15 +11,15 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use kproxy_contract::IpFamily;
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
 use nix::sys::socket::{setsockopt, sockopt};
 
-use super::NetlinkError;
-use super::batch::{Batch, ElementRef, MessageInfo};
+use super::batch::{Batch, Deletes, ElementRef, MessageInfo, Op};
+use super::{MissingElement, NetlinkError};
 use crate::model::family_name;
 
 /// A kernel that has not answered within this is an error, never a hang.
@@ -34,6 +34,15 @@ const NLM_F_CAPPED: u16 = 0x100;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 const NLMSGERR_ATTR_OFFS: u16 = 2;
 const EPERM: i32 = 1;
+const ENOENT: i32 = 2;
+
+/// What [`NftSocket::deletes`] found on this kernel: 0 not asked yet, else [`DESTROY`] or
+/// [`DELETE`]. The kernel does not change under a running process.
+static DELETES: AtomicU8 = AtomicU8::new(0);
+const DESTROY: u8 = 1;
+const DELETE: u8 = 2;
+/// The table the destroy probe names; it must not exist (ENOENT is the answer wanted).
+const PROBE_TABLE: &str = "kproxy-destroy-probe.invalid";
 
 fn unavailable(what: &'static str) -> impl FnOnce(io::Error) -> NetlinkError {
     move |source| NetlinkError::Unavailable { what, source }
@@ -113,6 +122,105 @@ impl NftSocket {
         self.read_acks(batch)
     }
 
+    /// How this kernel can delete elements: [`Deletes::Destroy`] where it knows
+    /// `NFT_MSG_DESTROYSETELEM` (Linux 6.3 and later), else [`Deletes::Delete`]. Asked once
+    /// per process (see [`NftSocket::knows_destroy`]); a probe that gets no clear answer is
+    /// not remembered, and [`Deletes::Delete`] is used meanwhile, which works everywhere.
+    pub fn deletes(&self) -> Deletes {
+        match DELETES.load(Ordering::Relaxed) {
+            DESTROY => return Deletes::Destroy,
+            DELETE => return Deletes::Delete,
+            _ => {}
+        }
+        match self.knows_destroy() {
+            Ok(true) => {
+                DELETES.store(DESTROY, Ordering::Relaxed);
+                Deletes::Destroy
+            }
+            Ok(false) => {
+                tracing::info!(
+                    "this kernel has no NFT_MSG_DESTROYSETELEM (before 6.3): element deletions \
+                     that find nothing are sent again without those elements"
+                );
+                DELETES.store(DELETE, Ordering::Relaxed);
+                Deletes::Delete
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot probe for NFT_MSG_DESTROYSETELEM");
+                Deletes::Delete
+            }
+        }
+    }
+
+    /// Whether the kernel knows `NFT_MSG_DESTROYSETELEM`: a batch holding one, for a table
+    /// that does not exist. A kernel that knows the message looks the table up and answers
+    /// ENOENT; one that does not refuses the message type (EINVAL, or EOPNOTSUPP). Either way
+    /// the transaction fails, so nothing changes.
+    pub fn knows_destroy(&self) -> Result<bool, NetlinkError> {
+        use super::batch::{
+            MSG_BATCH_BEGIN, MSG_BATCH_END, MSG_DESTROYSETELEM, NLM_F_ACK, NLM_F_REQUEST,
+            SUBSYS_NFTABLES, finish_message, header, nfproto, put_str,
+        };
+        const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+        const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+        static NEXT: AtomicU32 = AtomicU32::new(0x6000_0000);
+        let begin = NEXT.fetch_add(3, Ordering::Relaxed);
+        let (seq, end) = (begin.wrapping_add(1), begin.wrapping_add(2));
+        let mut msg = Vec::with_capacity(128);
+        header(
+            &mut msg,
+            MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            begin,
+            0,
+            SUBSYS_NFTABLES,
+        );
+        finish_message(&mut msg, 0);
+        let start = msg.len();
+        header(
+            &mut msg,
+            (SUBSYS_NFTABLES << 8) | MSG_DESTROYSETELEM,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            nfproto(IpFamily::V4),
+            0,
+        );
+        put_str(&mut msg, NFTA_SET_ELEM_LIST_TABLE, PROBE_TABLE);
+        put_str(&mut msg, NFTA_SET_ELEM_LIST_SET, "probe");
+        finish_message(&mut msg, start);
+        let start = msg.len();
+        header(
+            &mut msg,
+            MSG_BATCH_END,
+            NLM_F_REQUEST,
+            end,
+            0,
+            SUBSYS_NFTABLES,
+        );
+        finish_message(&mut msg, start);
+        self.socket
+            .send(&msg, 0)
+            .map_err(unavailable("send the destroy probe"))?;
+        let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+        loop {
+            buf.clear();
+            self.socket.recv(&mut buf, 0).map_err(|e| {
+                NetlinkError::Protocol(format!("reading the reply to the destroy probe: {e}"))
+            })?;
+            for reply in replies(&buf).filter(|r| r.seq == seq || r.seq == begin) {
+                match reply.error {
+                    None | Some(0) => {}
+                    Some(e) if -e == ENOENT && reply.seq == seq => return Ok(true),
+                    Some(e) if reply.seq == seq => {
+                        tracing::debug!(errno = -e, "the destroy probe was refused");
+                        return Ok(false);
+                    }
+                    Some(e) => return Err(rejected(e, None, None, reply.message)),
+                }
+            }
+        }
+    }
+
     /// Whether `family`'s table `name` exists: one `NFT_MSG_GETTABLE` for that table alone.
     /// (`nft list tables` fetches every set's elements first: seconds at 130,000 elements.)
     pub fn table_exists(&self, family: IpFamily, name: &str) -> Result<bool, NetlinkError> {
@@ -121,7 +229,6 @@ impl NftSocket {
         };
         const MSG_GETTABLE: u16 = 1;
         const NFTA_TABLE_NAME: u16 = 1;
-        const ENOENT: i32 = 2;
         static NEXT: AtomicU32 = AtomicU32::new(0x4000_0000);
         let seq = NEXT.fetch_add(1, Ordering::Relaxed);
         let mut msg = Vec::with_capacity(64);
@@ -245,6 +352,14 @@ fn rejected(
         ),
         (None, _) => "apply the batch".to_string(),
     };
+    let missing = match (info, element) {
+        (Some(m), Some(e)) if errno == ENOENT && m.op == Op::Delete => Some(MissingElement {
+            family: m.family,
+            set: m.set.to_string(),
+            key: e.key.to_string(),
+        }),
+        _ => None,
+    };
     let source = io::Error::from_raw_os_error(errno);
     if errno == EPERM {
         return NetlinkError::Unavailable {
@@ -257,6 +372,7 @@ fn rejected(
         errno,
         source,
         detail: message.map(|m| format!(" ({m})")).unwrap_or_default(),
+        missing,
     }
 }
 

@@ -12,10 +12,12 @@ use kproxy_contract::{
 };
 use kproxy_testkit::{ep, service, state};
 
-use super::batch::{Batch, ElementRef, Op};
+use std::collections::BTreeSet;
+
+use super::NetlinkError;
+use super::batch::{Batch, Deletes, ElementRef, Op};
 use super::socket::NftSocket;
 use super::types::SetType;
-use super::{NetlinkError, encode};
 use crate::kernel::{NftCli, NftKernel, apply_with_nft};
 use crate::model::{NftRuleset, Table};
 use crate::plan::{self, NftPlan};
@@ -111,6 +113,11 @@ fn rich_state() -> ProxyState {
 
 fn mode() -> NftablesMode<NftCli> {
     NftablesMode::new(NftCli, IpFamily::ALL.to_vec())
+}
+
+/// The plan's netlink batch, deleting with `NFT_MSG_DELSETELEM`.
+fn encode(plan: &NftPlan) -> Result<Option<Batch<'_>>, NetlinkError> {
+    super::encode(plan, Deletes::Delete, &BTreeSet::new())
 }
 
 /// Sends the non-interval element changes of `plan` as one netlink batch.
@@ -312,6 +319,18 @@ fn netlink_set_elements(script: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Whether `script` creates a chain or set: an `add` not followed by the `delete` of the same
+/// object (a deletion is `add chain X` then `delete chain X`, so it cannot fail).
+fn creates(script: &str) -> bool {
+    let lines: Vec<&str> = script.lines().collect();
+    lines.iter().enumerate().any(|(i, l)| {
+        (l.starts_with("add chain") || l.starts_with("add set"))
+            && lines
+                .get(i + 1)
+                .is_none_or(|next| next.strip_prefix("delete") != l.strip_prefix("add"))
+    })
+}
+
 /// The split path's shape: at most two scripts around the netlink batch, none with elements
 /// of netlink sets; chains and sets are created only in the first, deleted only in the last.
 fn assert_split(scripts: &[String]) {
@@ -319,7 +338,7 @@ fn assert_split(scripts: &[String]) {
     for (i, s) in scripts.iter().enumerate() {
         assert!(netlink_set_elements(s).is_empty(), "{s}");
         let deletes = s.contains("\ndelete chain") || s.contains("\ndelete set");
-        let creates = s.contains("\nadd chain") || s.contains("\nadd set");
+        let creates = creates(s);
         if deletes {
             assert_eq!(i, scripts.len() - 1, "{scripts:#?}");
         }
@@ -680,6 +699,154 @@ fn table_existence_through_netlink() {
         assert!(!exists(IpFamily::V6));
         apply_with_nft_script("delete table ip kproxy\n");
         assert!(!exists(IpFamily::V4));
+    });
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = nix::sys::utsname::uname().unwrap();
+    let mut parts = release
+        .release()
+        .to_str()
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
+/// Two kproxies in one namespace (a surge update) apply the same plan: the second finds the
+/// deleted elements gone. With `NFT_MSG_DESTROYSETELEM` (6.3+, probed) and with the
+/// `DELSETELEM` fallback that resends without the missing elements, both succeed and the table
+/// is the desired one; a deletion from a set that does not exist still fails.
+#[test]
+fn applying_the_same_deletions_twice_succeeds() {
+    in_netns("applying_the_same_deletions_twice_succeeds", || {
+        let sock = NftSocket::open().unwrap();
+        assert_eq!(
+            sock.knows_destroy().unwrap(),
+            kernel_at_least(6, 3),
+            "the destroy probe disagrees with the kernel version"
+        );
+        let mut m = mode();
+        let both = state(vec![
+            service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]),
+            service(
+                "b",
+                "10.96.0.11",
+                vec![ep("10.244.1.2", false), ep("10.244.1.3", false)],
+            ),
+            service(
+                "c",
+                "10.96.0.12",
+                vec![ep("10.244.1.4", false), ep("10.244.1.5", false)],
+            ),
+        ]);
+        let one = state(vec![
+            service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]),
+            service(
+                "c",
+                "10.96.0.12",
+                vec![ep("10.244.1.4", false), ep("10.244.1.5", false)],
+            ),
+        ]);
+        let (full, less) = (m.render(&both), m.render(&one));
+        let removal = plan::plan(&full, &less);
+        assert!(steps::split(&removal).is_ok(), "elements only");
+        let deleted: usize = removal
+            .families
+            .values()
+            .flat_map(|fp| fp.delete_elements.values())
+            .map(Vec::len)
+            .sum();
+        assert!(deleted >= 4, "{deleted} deletions");
+
+        // The probed way (destroy here), through the whole apply path, twice.
+        m.apply(&plan::plan(&NftRuleset::default(), &full)).unwrap();
+        m.apply(&removal).unwrap();
+        m.apply(&removal).expect("the second kproxy's apply");
+        assert_eq!(read(&mut m), less);
+
+        // DELSETELEM, as before 6.3: every missing element is left out, one round trip each.
+        m.apply(&plan::plan(&less, &full)).unwrap();
+        m.apply(&removal).unwrap();
+        let batch = super::encode(&removal, Deletes::Delete, &BTreeSet::new())
+            .unwrap()
+            .unwrap();
+        let (elements, _) = steps::apply_elements(&sock, &removal, Deletes::Delete, batch)
+            .expect("the fallback skips the missing elements");
+        assert_eq!(elements, 0, "every deletion was of a missing element");
+        assert_eq!(read(&mut m), less);
+
+        // Not an element but its set is missing: an error, with either way of deleting.
+        let ty = SetType::parse("ipv4_addr").unwrap();
+        for deletes in [Deletes::Delete, Deletes::Destroy] {
+            let mut b = Batch::with_deletes(500, deletes);
+            b.push_set(
+                IpFamily::V4,
+                "kproxy",
+                "no-such-set",
+                &ty,
+                Op::Delete,
+                [ElementRef {
+                    key: "10.0.0.1",
+                    value: None,
+                }],
+            )
+            .unwrap();
+            let b = b.finish();
+            let err = if deletes == Deletes::Destroy && !kernel_at_least(6, 3) {
+                continue;
+            } else {
+                steps::apply_elements(&sock, &removal, deletes, b).unwrap_err()
+            };
+            assert!(
+                matches!(
+                    err,
+                    NetlinkError::Rejected {
+                        errno: 2,
+                        missing: None,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+    });
+}
+
+/// The same for chains: a plan that creates a `pick-N` chain and one that deletes it, each
+/// applied twice (by two kproxies), succeed, and the chain is never filled twice.
+#[test]
+fn applying_the_same_chain_changes_twice_succeeds() {
+    in_netns("applying_the_same_chain_changes_twice_succeeds", || {
+        let mut m = mode();
+        let a = service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]);
+        let five: Vec<_> = (1..=5)
+            .map(|i| ep(&format!("10.244.2.{i}"), false))
+            .collect();
+        let before = state(vec![a.clone()]);
+        let after = state(vec![a, service("b", "10.96.0.11", five)]);
+        let (old, new) = (m.render(&before), m.render(&after));
+        m.apply(&plan::plan(&NftRuleset::default(), &old)).unwrap();
+        let grow = plan::plan(&old, &new);
+        assert!(
+            grow.script().contains("add chain ip kproxy pick-5"),
+            "{grow}"
+        );
+        m.apply(&grow).unwrap();
+        m.apply(&grow)
+            .expect("the second kproxy creates the same chain");
+        assert_eq!(read(&mut m), new, "rules added twice");
+        let shrink = plan::plan(&new, &old);
+        assert!(
+            shrink.script().contains("delete chain ip kproxy pick-5"),
+            "{shrink}"
+        );
+        m.apply(&shrink).unwrap();
+        m.apply(&shrink)
+            .expect("the second kproxy deletes the same chain");
+        assert_eq!(read(&mut m), old);
     });
 }
 

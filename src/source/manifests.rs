@@ -23,11 +23,12 @@
 //!   through symlinks) is checked every second and on any event about DIR itself, and the watch
 //!   is set up again on the new directory, which is then read.
 //! - **A transiently empty or truncated file** (`kubectl get ... > file` truncates first and
-//!   writes later) does not wipe the node: a new version of a file that removes most (more than
-//!   half) of its service ports and endpoints, or whose last line is incomplete (a write in
-//!   progress), is held back, its previous content staying in effect, until the file has shown
-//!   that same version for [`CONFIRM`]. Likewise when files disappear and take more than half of
-//!   the directory's service ports and endpoints with them. Each hold is logged at WARN and
+//!   writes later) does not wipe the node: a new version of a file from which objects holding
+//!   most (more than half) of its service ports and endpoints are gone, or whose last line is
+//!   incomplete (a write in progress), is held back, its previous content staying in effect,
+//!   until the file has shown that same version for [`CONFIRM`]. An object that stays with less
+//!   in it (an EndpointSlice scaled down) is an ordinary update, applied at once. Likewise when
+//!   files disappear and take more than half of the directory's service ports with them. Each hold is logged at WARN and
 //!   counted (`kproxy_source_removals_held_total`). Upstream wipes on an empty list.
 //! - **Large files**: a file over [`MAX_FILE_BYTES`] is refused (reported; its previous content
 //!   stays), and only a digest of each file's bytes is kept after parsing, never the text.
@@ -305,19 +306,45 @@ fn weight(objects: &[Parsed]) -> usize {
     objects.iter().map(Parsed::weight).sum()
 }
 
+/// Service ports plus endpoints of the objects of `applied` that `new` no longer has. An object
+/// that stays with less in it (an EndpointSlice scaled down from 3 endpoints to 1) is an update
+/// the cluster made, applied at once; objects that vanish from a file are what a truncation
+/// looks like.
+fn removed_weight(applied: &[Parsed], new: &[Parsed]) -> usize {
+    let kept: BTreeSet<_> = new.iter().map(Parsed::key).collect();
+    applied
+        .iter()
+        .filter(|o| !kept.contains(&o.key()))
+        .map(Parsed::weight)
+        .sum()
+}
+
+/// The service ports of `objects`: what a directory's files taking most of them with them
+/// would remove (deleting one Service's files among a few is an ordinary deletion).
+fn service_ports(objects: &[Parsed]) -> usize {
+    objects
+        .iter()
+        .filter(|o| matches!(o.object, Object::Service(_)))
+        .map(Parsed::weight)
+        .sum()
+}
+
 /// Whether a change from content of weight `before` to `after` removes most of it (more than
 /// half): the change is then held back until confirmed.
 pub fn removes_most(before: usize, after: usize) -> bool {
     before > 0 && after.saturating_mul(2) < before
 }
 
-/// Why a new version of a file is held back, if it is: `applied` and `new` are the weights of
-/// the content in effect and of the new version, `cut` whether its last line is incomplete.
-fn hold_reason(applied: usize, new: usize, cut: bool) -> Option<&'static str> {
+/// Why a new version of a file is held back, if it is: `applied` and `new` are the weights of the
+/// content in effect and of the new version, `removed` that of the objects in effect the new
+/// version no longer has, `cut` whether its last line is incomplete. Held when most of the
+/// weight goes and goes with vanished objects: a truncation, not a scale-down (objects stay) or
+/// a rename (the weight stays).
+fn hold_reason(applied: usize, new: usize, removed: usize, cut: bool) -> Option<&'static str> {
     if cut {
         Some("its last line is incomplete (a write in progress?)")
-    } else if removes_most(applied, new) {
-        Some("it removes most of the file's service ports and endpoints")
+    } else if removes_most(applied, new) && removes_most(applied, applied.saturating_sub(removed)) {
+        Some("objects holding most of the file's service ports and endpoints are gone from it")
     } else {
         None
     }
@@ -723,7 +750,7 @@ pub fn load_dir_at(
     let paths = manifest_files(dir)?;
     let holding = files.confirm > Duration::ZERO && files.loaded_once;
     let confirm = files.confirm;
-    let before: usize = files.files.values().map(|f| weight(&f.good)).sum();
+    let before: usize = files.files.values().map(|f| service_ports(&f.good)).sum();
     let mut report = LoadReport::default();
     let mut missing: Vec<PathBuf> = files
         .files
@@ -765,9 +792,12 @@ pub fn load_dir_at(
                 // The text is not kept: only its digest.
                 drop(bytes);
                 let reason = match &parsed {
-                    Ok(objects) if holding => {
-                        hold_reason(weight(&state.good), weight(objects), cut)
-                    }
+                    Ok(objects) if holding => hold_reason(
+                        weight(&state.good),
+                        weight(objects),
+                        removed_weight(&state.good, objects),
+                        cut,
+                    ),
                     _ => None,
                 };
                 match (parsed, reason) {
@@ -826,13 +856,13 @@ pub fn load_dir_at(
     }
 
     // Files that are gone: applied at once, unless they take most of the directory's service
-    // ports and endpoints with them (an emptied or half-replaced directory).
+    // ports with them (an emptied or half-replaced directory).
     if !missing.is_empty() {
         let after: usize = files
             .files
             .iter()
             .filter(|(p, _)| !missing.contains(p))
-            .map(|(_, f)| weight(&f.good))
+            .map(|(_, f)| service_ports(&f.good))
             .sum();
         if holding && removes_most(before, after) {
             let mut started = 0;
@@ -853,10 +883,10 @@ pub fn load_dir_at(
                 tracing::warn!(
                     dir = %dir.display(),
                     files = started,
-                    service_ports_and_endpoints_in_effect = before,
+                    service_ports_in_effect = before,
                     left = after,
                     confirm_after = ?confirm,
-                    "manifest files gone with most of the directory's service ports and endpoints: the removal is held back until it stays so for the confirmation period"
+                    "manifest files gone with most of the directory's service ports: the removal is held back until it stays so for the confirmation period"
                 );
                 report.holds_started += 1;
             }

@@ -621,6 +621,33 @@ fn a_truncated_file_is_held_until_confirmed() {
     assert_eq!(report.holds_started, 0);
 }
 
+/// An EndpointSlice scaled down from three endpoints to one is the cluster's own update: applied
+/// at once, whatever share of the file's endpoints it removes; the slice vanishing from the
+/// file is held like a truncation.
+#[test]
+fn a_slice_scaled_down_applies_at_once_and_a_vanished_one_is_held() {
+    let s = Duration::from_secs(1);
+    let dir = TempDir::new("scale");
+    let three = SLICE.replace(
+        "- addresses: [\"10.0.0.1\"]\n  conditions: {ready: true}\n",
+        "- addresses: [\"10.0.0.1\"]\n  conditions: {ready: true}\n- addresses: [\"10.0.0.2\"]\n  conditions: {ready: true}\n- addresses: [\"10.0.0.3\"]\n  conditions: {ready: true}\n",
+    );
+    assert_ne!(three, SLICE);
+    dir.write("slice.yaml", &three);
+    let mut files = LoadedFiles::new("n").holding_removals(5 * s);
+    let t0 = tokio::time::Instant::now();
+    let first = load_dir_at(&dir.0, &mut files, t0).unwrap();
+    assert_eq!(first.loaded.endpoint_slices[0].endpoints.len(), 3);
+    dir.write("slice.yaml", SLICE);
+    let report = load_dir_at(&dir.0, &mut files, t0 + s).unwrap();
+    assert_eq!(report.loaded.endpoint_slices[0].endpoints.len(), 1);
+    assert_eq!(report.holds_started, 0);
+    dir.write("slice.yaml", "");
+    let report = load_dir_at(&dir.0, &mut files, t0 + 2 * s).unwrap();
+    assert_eq!(report.loaded.endpoint_slices.len(), 1, "held");
+    assert_eq!(report.holds_started, 1);
+}
+
 /// A write cut in the middle of a line (`port: 81` read as `port: 8`) is held back.
 #[test]
 fn a_file_cut_mid_line_is_held() {
@@ -837,12 +864,19 @@ async fn run_sends_resets_and_follows_changes() {
 
     // A new file.
     let start = Instant::now();
-    dir.write("b.yaml", &format!("{}---\n{SLICE}", service("b", 80)));
+    dir.write(
+        "b.yaml",
+        &format!("{}---\n{}---\n{SLICE}", service("b", 80), service("c", 80)),
+    );
     let update = next_resets(&mut rx, Duration::from_secs(1)).await;
     let added = start.elapsed();
     assert_eq!(
         update,
-        Some((vec!["a".to_owned(), "b".to_owned()], 1, true))
+        Some((
+            vec!["a".to_owned(), "b".to_owned(), "c".to_owned()],
+            1,
+            true
+        ))
     );
 
     // An editor's atomic save: write a hidden temporary file, rename it over the original.
@@ -853,10 +887,14 @@ async fn run_sends_resets_and_follows_changes() {
     let renamed = start.elapsed();
     assert_eq!(
         update,
-        Some((vec!["a2".to_owned(), "b".to_owned()], 1, true))
+        Some((
+            vec!["a2".to_owned(), "b".to_owned(), "c".to_owned()],
+            1,
+            true
+        ))
     );
 
-    // Deletion of a file with most of the directory's service ports and endpoints (2 of 3):
+    // Deletion of a file with most of the directory's service ports (2 of 3):
     // held back, then applied once it has stayed so for the confirmation period.
     let start = Instant::now();
     dir.remove("b.yaml");

@@ -6,6 +6,7 @@ mod bad_input;
 mod coexistence;
 mod contention;
 mod fuzz;
+mod hostile;
 mod restart;
 mod security;
 mod zero_loss;

@@ -56,6 +56,7 @@ fn context() -> BuildContext {
         node: Arc::new(kproxy_testkit::node()),
         node_zone: None,
         node_labels_known: true,
+        admission: Arc::default(),
     }
 }
 

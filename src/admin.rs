@@ -172,6 +172,7 @@ mod tests {
             state,
             skipped: Vec::new(),
             skipped_by_service: Default::default(),
+            ..Default::default()
         })));
         let p = path.clone();
         let json = tokio::task::spawn_blocking(move || query(&p, "/services"))

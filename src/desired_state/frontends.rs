@@ -81,26 +81,26 @@ impl Kind {
 }
 
 /// Every frontend a service port claims, its ClusterIP first.
-fn claims(sp: &ServicePort) -> Vec<(Frontend, Kind)> {
+fn claims(sp: &ServicePort) -> impl Iterator<Item = (Frontend, Kind)> + '_ {
     let proto = sp.name.protocol;
-    let mut out = Vec::with_capacity(
-        1 + sp.external_ips.len()
-            + sp.load_balancer_ips.len()
-            + usize::from(sp.node_port.is_some()),
-    );
-    if let Some(ip) = sp.cluster_ip {
-        out.push((Frontend::Address(ip, proto, sp.port), Kind::ClusterIp));
-    }
-    for ip in &sp.external_ips {
-        out.push((Frontend::Address(*ip, proto, sp.port), Kind::ExternalIp));
-    }
-    for ip in &sp.load_balancer_ips {
-        out.push((Frontend::Address(*ip, proto, sp.port), Kind::LoadBalancerIp));
-    }
-    if let Some(np) = sp.node_port {
-        out.push((Frontend::NodePort(sp.family, proto, np), Kind::NodePort));
-    }
-    out
+    let address = move |ip: IpAddr, kind| (Frontend::Address(ip, proto, sp.port), kind);
+    sp.cluster_ip
+        .map(|ip| address(ip, Kind::ClusterIp))
+        .into_iter()
+        .chain(
+            sp.external_ips
+                .iter()
+                .map(move |ip| address(*ip, Kind::ExternalIp)),
+        )
+        .chain(
+            sp.load_balancer_ips
+                .iter()
+                .map(move |ip| address(*ip, Kind::LoadBalancerIp)),
+        )
+        .chain(
+            sp.node_port
+                .map(|np| (Frontend::NodePort(sp.family, proto, np), Kind::NodePort)),
+        )
 }
 
 /// A service port as its Service asks for it, before conflicts are resolved.
@@ -112,14 +112,17 @@ pub(crate) struct Candidate {
     pub port: Arc<ServicePort>,
 }
 
-/// Who claims a frontend: the claimant's age and service port, oldest first.
-type Claimants = Arc<Vec<(Age, ServicePortKey)>>;
+/// A service port's key, shared by the index's entries.
+type Key = Arc<ServicePortKey>;
+
+/// Who claims a frontend: the claimants' ages and service ports, oldest first (usually one).
+type Claimants = Vec<(Age, Key)>;
 
 /// The frontend index kept between builds (see the module documentation).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Frontends {
     /// Every service port as asked for.
-    candidates: imbl::OrdMap<ServicePortKey, Candidate>,
+    candidates: imbl::OrdMap<Key, Candidate>,
     /// Every frontend's claimants.
     claimants: imbl::HashMap<Frontend, Claimants>,
     /// What each service port lost to an older Service, as reported.
@@ -142,12 +145,12 @@ pub(crate) type Resolved = std::collections::BTreeMap<ServicePortKey, Arc<Servic
 impl Frontends {
     /// Adds a candidate (replacing none: the caller removed the old one first).
     pub(crate) fn insert(&mut self, key: ServicePortKey, candidate: Candidate) {
+        let key = Arc::new(key);
         for (fe, _) in claims(&candidate.port) {
-            let entry = (candidate.age, key.clone());
+            let entry = (candidate.age, Arc::clone(&key));
             let list = self.claimants.entry(fe).or_default();
-            let v = Arc::make_mut(list);
-            let at = v.partition_point(|e| *e < entry);
-            v.insert(at, entry);
+            let at = list.partition_point(|e| *e < entry);
+            list.insert(at, entry);
         }
         self.candidates.insert(key, candidate);
     }
@@ -157,7 +160,7 @@ impl Frontends {
         let candidate = self.candidates.remove(key)?;
         for (fe, _) in claims(&candidate.port) {
             if let Some(list) = self.claimants.get_mut(&fe) {
-                Arc::make_mut(list).retain(|(_, k)| k != key);
+                list.retain(|(_, k)| **k != *key);
                 if list.is_empty() {
                     self.claimants.remove(&fe);
                 }
@@ -183,7 +186,7 @@ impl Frontends {
             out.extend(
                 self.candidates
                     .range(first..)
-                    .map(|(k, _)| k)
+                    .map(|(k, _)| &**k)
                     .take_while(|k| {
                         k.family == family
                             && k.name.namespace == svc.namespace
@@ -195,14 +198,14 @@ impl Frontends {
         out
     }
 
-    /// Every service port's key, oldest Service first (the order of a full resolution).
-    fn in_age_order(&self) -> Vec<(Age, ServicePortKey)> {
-        let mut all: Vec<(Age, ServicePortKey)> = self
+    /// Every candidate, oldest Service first (the order of a full resolution).
+    fn in_age_order(&self) -> Vec<(Age, Key, Candidate)> {
+        let mut all: Vec<(Age, Key, Candidate)> = self
             .candidates
             .iter()
-            .map(|(k, c)| (c.age, k.clone()))
+            .map(|(k, c)| (c.age, Arc::clone(k), c.clone()))
             .collect();
-        all.sort();
+        all.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         all
     }
 
@@ -217,8 +220,8 @@ impl Frontends {
             .get(fe)?
             .iter()
             .take_while(|(a, k)| older((a, k), me))
-            .find(|(_, k)| !same_service(k, me.1) && resolved.contains_key(k))
-            .map(|(_, k)| k)
+            .find(|(_, k)| !same_service(k, me.1) && resolved.contains_key(&**k))
+            .map(|(_, k)| &**k)
     }
 
     /// Resolves one service port against the already resolved older ones: what it keeps
@@ -245,7 +248,7 @@ impl Frontends {
             let p = port.get_or_insert_with(|| (**sp).clone());
             match (kind, fe) {
                 (Kind::ExternalIp, Frontend::Address(ip, ..)) => {
-                    p.external_ips.retain(|a| *a != ip)
+                    p.external_ips.retain(|a| *a != ip);
                 }
                 (Kind::LoadBalancerIp, Frontend::Address(ip, ..)) => {
                     p.load_balancer_ips.retain(|a| *a != ip);
@@ -273,7 +276,7 @@ impl Frontends {
         let held_as = self
             .candidates
             .get(holder)
-            .and_then(|c| claims(&c.port).into_iter().find(|(f, _)| *f == fe))
+            .and_then(|c| claims(&c.port).find(|(f, _)| *f == fe))
             .map_or("frontend", |(_, k)| k.as_str());
         let by = format!(
             "the older Service {}/{}",
@@ -309,11 +312,8 @@ impl Frontends {
         reuse: impl Fn(&ServicePortKey, Arc<ServicePort>) -> Arc<ServicePort>,
         cache: &ClusterCache,
     ) {
-        self.lost = imbl::OrdMap::new();
-        for (_, key) in self.in_age_order() {
-            let Some(candidate) = self.candidates.get(&key).cloned() else {
-                continue;
-            };
+        let mut all_lost = imbl::OrdMap::new();
+        for (_, key, candidate) in self.in_age_order() {
             let (port, lost) = self.resolve_one(&key, &candidate, resolved, cache);
             if let Some(port) = port {
                 let port = if Arc::ptr_eq(&port, &candidate.port) {
@@ -321,18 +321,21 @@ impl Frontends {
                 } else {
                     reuse(&key, port)
                 };
-                resolved.insert(key.clone(), port);
+                resolved.insert((*key).clone(), port);
             }
             if !lost.is_empty() {
-                self.lost.insert(key, Arc::new(lost));
+                all_lost.insert((*key).clone(), Arc::new(lost));
             }
         }
+        self.lost = all_lost;
     }
 
     /// Re-resolves after the candidates of some Services were replaced: `seeds` are their
-    /// service ports, old and new. Only the claimants of the frontends those claimed or claim
-    /// are looked at, and, when a service port appears or disappears, the younger claimants of
-    /// its frontends in turn. `released` are the frontends of the replaced old candidates.
+    /// service ports, old and new, and `released` the frontends of the old ones. Only the
+    /// claimants of those frontends and of the new ones' are looked at, oldest first, and,
+    /// when a service port appears or disappears, the younger claimants of its frontends in
+    /// turn (a service port that keeps existing affects no one: younger claimants lose to any
+    /// existing older claimant, whatever it holds).
     pub(crate) fn resolve_changed(
         &mut self,
         seeds: &BTreeSet<ServicePortKey>,
@@ -341,8 +344,8 @@ impl Frontends {
         reuse: impl Fn(&ServicePortKey, Arc<ServicePort>) -> Arc<ServicePort>,
         cache: &ClusterCache,
     ) {
-        let mut queue: BTreeSet<(Age, ServicePortKey)> = BTreeSet::new();
-        let enqueue_claimants = |queue: &mut BTreeSet<(Age, ServicePortKey)>, fe: &Frontend| {
+        let mut queue: BTreeSet<(Age, Key)> = BTreeSet::new();
+        let enqueue_claimants = |queue: &mut BTreeSet<(Age, Key)>, fe: &Frontend| {
             if let Some(list) = self.claimants.get(fe) {
                 queue.extend(list.iter().cloned());
             }
@@ -351,9 +354,9 @@ impl Frontends {
             enqueue_claimants(&mut queue, fe);
         }
         for key in seeds {
-            match self.candidates.get(key) {
-                Some(c) => {
-                    queue.insert((c.age, key.clone()));
+            match self.candidates.get_key_value(key) {
+                Some((k, c)) => {
+                    queue.insert((c.age, Arc::clone(k)));
                     for (fe, _) in claims(&c.port) {
                         enqueue_claimants(&mut queue, &fe);
                     }
@@ -369,25 +372,23 @@ impl Frontends {
                 continue;
             };
             let (port, lost) = self.resolve_one(&key, &candidate, resolved, cache);
-            let was_alive = resolved.contains_key(&key);
+            let was_alive = resolved.contains_key(&*key);
             let alive = port.is_some();
             match port {
                 Some(p) => {
                     let p = reuse(&key, p);
-                    resolved.insert(key.clone(), p);
+                    resolved.insert((*key).clone(), p);
                 }
                 None => {
-                    resolved.remove(&key);
+                    resolved.remove(&*key);
                 }
             }
             if lost.is_empty() {
-                self.lost.remove(&key);
+                self.lost.remove(&*key);
             } else {
-                self.lost.insert(key.clone(), Arc::new(lost));
+                self.lost.insert((*key).clone(), Arc::new(lost));
             }
-            // A service port that appeared or disappeared changes what the younger claimants
-            // of its frontends get.
-            if was_alive != alive || seeds.contains(&key) {
+            if was_alive != alive || seeds.contains(&*key) {
                 for (fe, _) in claims(&candidate.port) {
                     if let Some(list) = self.claimants.get(&fe) {
                         queue.extend(
@@ -413,10 +414,7 @@ impl Frontends {
 
     /// The frontends a candidate claims.
     pub(crate) fn frontends_of(candidate: &Candidate) -> Vec<Frontend> {
-        claims(&candidate.port)
-            .into_iter()
-            .map(|(f, _)| f)
-            .collect()
+        claims(&candidate.port).map(|(f, _)| f).collect()
     }
 }
 

@@ -328,6 +328,39 @@ mod tests {
     }
 
     #[test]
+    fn from_the_configuration() {
+        use clap::Parser as _;
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["kproxy", "--hostname-override", "n1"];
+            argv.extend_from_slice(extra);
+            crate::config::from_args(&crate::cli::Args::try_parse_from(argv).expect("flags"))
+                .expect("config")
+        };
+        let api = Admission::from_config(&config(&["--external-ip-cidrs", "203.0.113.0/24"]));
+        assert_eq!(api.manifests, None);
+        assert_eq!(
+            api.external_ip_cidrs,
+            Some(vec!["203.0.113.0/24".parse().expect("cidr")])
+        );
+        let manifests = Admission::from_config(&config(&[
+            "--manifests",
+            "/nonexistent",
+            "--service-node-port-range",
+            "2000-3000",
+        ]));
+        assert_eq!(
+            manifests.manifests,
+            Some(ManifestChecks {
+                node_port_range: PortRange {
+                    first: 2000,
+                    last: 3000
+                }
+            })
+        );
+        assert_eq!(manifests.external_ip_cidrs, None);
+    }
+
+    #[test]
     fn node_ports_only_checked_for_manifests() {
         let node = node();
         let api = Admission::default();

@@ -18,7 +18,7 @@ use divan::Bencher;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kproxy::cache::ClusterCache;
-use kproxy::desired_state::{BuildContext, build};
+use kproxy::desired_state::{BuildContext, build, build_incremental};
 use kproxy::source::{Change, Update};
 use kproxy_contract::{Endpoint, IpFamily, Mode, ProxyState, ServicePortKey};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
@@ -56,6 +56,7 @@ fn context() -> BuildContext {
         node: Arc::new(kproxy_testkit::node()),
         node_zone: None,
         node_labels_known: true,
+        admission: Arc::default(),
     }
 }
 
@@ -68,6 +69,20 @@ fn desired_state_build(bencher: Bencher, n: usize) {
     // Every service's TCP port, and the first one's UDP port.
     assert_eq!(built.state.services.len(), n + 1);
     bencher.bench_local(|| build(&cache, &ctx, None));
+}
+
+/// The incremental build after one change: the middle service's EndpointSlice gets other
+/// endpoints (what the daemon's sync after one endpoint change builds).
+#[divan::bench(args = SIZES, sample_count = 20)]
+fn desired_state_build_one_change(bencher: Bencher, n: usize) {
+    let mut cache = cache(n);
+    let ctx = context();
+    let before = build(&cache, &ctx, None);
+    let slice: EndpointSlice =
+        serde_json::from_value(common::objects::slice(n / 2, ENDPOINTS, 1)).unwrap();
+    let touched = cache.apply(Update::EndpointSlices(Change::Apply(slice)));
+    assert_eq!(touched.services.len(), 1);
+    bencher.bench_local(|| build_incremental(&cache, &ctx, &before, &touched.services));
 }
 
 /// The generated state and the same state with one endpoint of the middle service replaced,

@@ -397,6 +397,7 @@ mod tests {
             state,
             skipped: Vec::new(),
             skipped_by_service: Default::default(),
+            ..Default::default()
         })));
         let json = ask(&path, "/services").await.expect("answer");
         let v: serde_json::Value = serde_json::from_str(&json).expect("json");

@@ -71,9 +71,21 @@ pub struct Args {
     #[arg(global = true, long, value_name = "PREFIX")]
     pub pod_interface_name_prefix: Option<String>,
 
-    /// Service CIDR(s), at most one per family. Must not overlap --cluster-cidr.
+    /// Service CIDR(s), at most one per family. Must not overlap --cluster-cidr. With
+    /// --manifests, a ClusterIP outside them is refused (the API server allocates inside).
     #[arg(global = true, long, value_name = "CIDR[,CIDR]")]
     pub service_cluster_ip_range: Option<String>,
+
+    /// With --manifests: the NodePort range, `N-M` (upstream API server's flag and default,
+    /// 30000-32767); a NodePort or healthCheckNodePort outside it is refused.
+    #[arg(global = true, long, value_name = "N-M")]
+    pub service_node_port_range: Option<String>,
+
+    /// The allow-list of externalIPs and LoadBalancer ingress IPs: when given, one outside
+    /// these CIDRs is refused, and one that is an address of this node is accepted only inside
+    /// them (without the flag, a frontend on a node address is always refused).
+    #[arg(global = true, long, value_name = "CIDR[,CIDR]", action = ArgAction::Append)]
+    pub external_ip_cidrs: Vec<String>,
 
     /// Which local addresses accept NodePorts: CIDRs, or `primary` (the node's primary IPs).
     /// Unset: every local address except loopback (nftables mode: primary). Repeatable.

@@ -86,6 +86,7 @@ pub struct Metrics {
     objects_removed: Counter,
     service_ports: Gauge,
     skipped_objects: Gauge,
+    frontend_conflicts: Gauge,
     conntrack_deleted: Counter,
     conntrack_duration: Histogram,
     network_programming: Histogram,
@@ -138,6 +139,8 @@ pub struct SyncObservation {
     pub service_ports: usize,
     /// Invalid objects skipped.
     pub skipped: usize,
+    /// Frontends withheld from a Service because an older one holds them.
+    pub frontend_conflicts: usize,
 }
 
 impl Metrics {
@@ -156,6 +159,7 @@ impl Metrics {
             objects_removed: Counter::default(),
             service_ports: Gauge::default(),
             skipped_objects: Gauge::default(),
+            frontend_conflicts: Gauge::default(),
             conntrack_deleted: Counter::default(),
             conntrack_duration: sync_buckets(),
             network_programming: programming_buckets(),
@@ -312,6 +316,12 @@ impl Metrics {
             "Invalid Services and EndpointSlices left out",
             m.skipped_objects.clone(),
         );
+        registry.register(
+            "kproxy_frontend_conflicts",
+            "Frontends (address:port or NodePort) withheld from a Service because an older \
+             Service holds them",
+            m.frontend_conflicts.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -332,6 +342,8 @@ impl Metrics {
             .set(i64::try_from(o.service_ports).unwrap_or(i64::MAX));
         self.skipped_objects
             .set(i64::try_from(o.skipped).unwrap_or(i64::MAX));
+        self.frontend_conflicts
+            .set(i64::try_from(o.frontend_conflicts).unwrap_or(i64::MAX));
     }
 
     /// The source held back a removal until it is confirmed (`kproxy_source_removals_held_total`).
@@ -489,7 +501,8 @@ mod tests {
                 added: 5,
                 removed: 1,
                 service_ports: 2,
-                skipped: 0,
+                skipped: 3,
+                frontend_conflicts: 1,
             },
             SystemTime::UNIX_EPOCH + Duration::from_secs(100),
         );
@@ -510,6 +523,8 @@ mod tests {
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
             "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
             "kproxy_objects_added_total 5",
+            "kproxy_skipped_objects 3",
+            "kproxy_frontend_conflicts 1",
             "kubeproxy_conntrack_reconciler_deleted_entries_total 3",
             "kubeproxy_conntrack_reconciler_sync_duration_seconds_count 1",
             "kproxy_unbound_listeners{listener=\"health_check_node_port\"} 0",

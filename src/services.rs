@@ -34,11 +34,7 @@ pub fn desired(config: &Config) -> anyhow::Result<(ProxyState, Vec<String>)> {
 /// The desired state of what `cache` holds, built as the daemon builds it.
 pub fn build(config: &Config, cache: &ClusterCache) -> (ProxyState, Vec<String>) {
     let node_obj = cache.node().map(|n| n.as_ref());
-    let ctx = BuildContext {
-        node: std::sync::Arc::new(node::settings(config, node_obj, &node::local_addresses())),
-        node_zone: node::zone(node_obj),
-        node_labels_known: node_obj.is_some(),
-    };
+    let ctx = BuildContext::new(config, node_obj, &node::local_addresses());
     let built = desired_state::build(cache, &ctx, None);
     (
         built.state,

@@ -327,12 +327,7 @@ impl<M: Mode> SyncLoop<M> {
 
         let node_obj = self.cache.node().map(|n| n.as_ref());
         self.health.set_node(node_obj);
-        let local = node::local_addresses();
-        let ctx = BuildContext {
-            node: Arc::new(node::settings(&self.config, node_obj, &local)),
-            node_zone: node::zone(node_obj),
-            node_labels_known: node_obj.is_some(),
-        };
+        let ctx = BuildContext::new(&self.config, node_obj, &node::local_addresses());
         let t_build = Instant::now();
         let built = match &self.previous {
             Some(prev) if !self.pending.everything => {
@@ -452,6 +447,7 @@ impl<M: Mode> SyncLoop<M> {
                     removed: stats.removed,
                     service_ports: report.service_ports,
                     skipped: report.skipped,
+                    frontend_conflicts: built.frontend_conflicts(),
                 },
                 std::time::SystemTime::now(),
             );

@@ -434,6 +434,8 @@ pub fn render(r: &Report, output: TraceOutput) -> String {
 mod tests {
     use clap::Parser as _;
 
+    use kproxy_contract::trace::FrontendKind;
+
     use super::*;
     use crate::cli::{Args, Command};
 
@@ -503,6 +505,75 @@ mod tests {
                 to_text(&r)
             );
             assert_eq!(to_json(&r)["packet"]["from"], "external");
+        }
+    }
+
+    /// Two Services claim `10.96.0.1:443`: the older `zzz-system/kubernetes` as its ClusterIP,
+    /// the younger `aaa/evil` (sorting first) as an externalIP. The desired state keeps only the
+    /// older one's, so every mode's tracer forwards to it and calls the frontend a ClusterIP
+    /// (iptables used to give the packet to `aaa/evil`, nftables to `kubernetes`).
+    #[test]
+    fn a_contested_frontend_traces_to_the_older_service_in_every_mode() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("objects.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: kubernetes, namespace: zzz-system, \
+             creationTimestamp: \"2020-01-01T00:00:00Z\"}\nspec: {clusterIP: 10.96.0.1, ports: \
+             [{name: https, port: 443}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: \
+             evil, namespace: aaa, creationTimestamp: \"2024-01-01T00:00:00Z\"}\nspec: {clusterIP: \
+             10.96.0.9, externalIPs: [10.96.0.1], ports: [{name: https, port: 443}]}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: k, namespace: \
+             zzz-system, labels: {kubernetes.io/service-name: kubernetes}}\naddressType: IPv4\n\
+             endpoints: [{addresses: [10.244.1.1]}]\nports: [{name: https, port: 6443}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: \
+             aaa, labels: {kubernetes.io/service-name: evil}}\naddressType: IPv4\nendpoints: \
+             [{addresses: [10.244.2.2]}]\nports: [{name: https, port: 8443}]\n",
+        )
+        .expect("write manifests");
+        let manifests = dir.path().display().to_string();
+        for mode in ["iptables", "nftables", "ipvs", "userspace"] {
+            let argv = [
+                "kproxy",
+                "--manifests",
+                &manifests,
+                "--hostname-override",
+                "node-a",
+                "--proxy-mode",
+                mode,
+                "trace",
+                "--src",
+                "10.244.1.7",
+                "--dst",
+                "10.96.0.1:443",
+            ];
+            let args = Args::try_parse_from(argv).expect("flags");
+            let config = crate::config::from_args(&args).expect("config");
+            let Some(Command::Trace(t)) = &args.command else {
+                panic!("not a trace command")
+            };
+            let r = run(&config, t).expect("trace runs");
+            let Verdict::Forward {
+                service,
+                frontend,
+                candidates,
+                ..
+            } = &r.trace.verdict
+            else {
+                panic!("{mode}: {}", to_text(&r))
+            };
+            assert_eq!(
+                service.as_deref(),
+                Some("zzz-system/kubernetes:https"),
+                "{mode}: {}",
+                to_text(&r)
+            );
+            assert_eq!(*frontend, Some(FrontendKind::ClusterIp), "{mode}");
+            assert_eq!(candidates.len(), 1, "{mode}");
+            assert_eq!(
+                candidates[0].endpoint.to_string(),
+                "10.244.1.1:6443",
+                "{mode}"
+            );
         }
     }
 

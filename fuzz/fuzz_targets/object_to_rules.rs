@@ -45,6 +45,13 @@ fuzz_target!(|data: &[u8]| {
         node: Arc::new(node),
         node_zone: Some("zone-a".to_owned()),
         node_labels_known: true,
+        // As from --manifests: nothing validated the objects before the builder.
+        admission: Arc::new(desired_state::Admission {
+            manifests: Some(desired_state::ManifestChecks {
+                node_port_range: kproxy::config::PortRange::DEFAULT_NODE_PORTS,
+            }),
+            external_ip_cidrs: None,
+        }),
     };
     let built = desired_state::build(&cache, &ctx, None);
 

@@ -35,7 +35,7 @@ use kproxy_contract::ModeName;
 use crate::cli::{Args, BackendArg, LogFormat};
 
 pub use notices::Notice;
-pub use validate::{NodePortSetting, check_overlap, parse_cidrs};
+pub use validate::{NodePortSetting, PortRange, check_overlap, parse_cidr_list, parse_cidrs};
 
 /// A configuration error: names the field (flag or config path) and the bad value. Exit status 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +155,12 @@ pub struct Config {
     pub detect_local: LocalDetectMode,
     /// Service CIDRs (at most one per family).
     pub service_cidrs: Vec<IpNet>,
+    /// `--service-node-port-range`: the NodePorts a manifest may use (the API server checks its
+    /// own range; objects from the API are not checked again).
+    pub node_port_range: PortRange,
+    /// `--external-ip-cidrs`: the allow-list of externalIPs and LoadBalancer IPs; `None` when
+    /// not given (any address but the special ones and the node's own).
+    pub external_ip_cidrs: Option<Vec<IpNet>>,
     /// NodePort addresses.
     pub nodeport_addresses: NodePortSetting,
     /// SNAT all service traffic.
@@ -269,6 +275,11 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         None => Vec::new(),
     };
     check_overlap(&service_cidrs, &checked.cluster_cidrs)?;
+    let node_port_range = match &args.service_node_port_range {
+        Some(v) => PortRange::parse(v, "--service-node-port-range")?,
+        None => PortRange::DEFAULT_NODE_PORTS,
+    };
+    let external_ip_cidrs = parse_cidr_list(&args.external_ip_cidrs, "--external-ip-cidrs")?;
 
     let conntrack = conntrack_settings(&effective.conntrack);
     let userspace = |value: Option<duration::GoDuration>, name: &str, default_secs: u64| match value
@@ -290,6 +301,8 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         cluster_cidrs: checked.cluster_cidrs,
         detect_local: checked.detect_local,
         service_cidrs,
+        node_port_range,
+        external_ip_cidrs,
         nodeport_addresses: checked.nodeport_addresses,
         masquerade_all: match checked.mode {
             ModeName::Nftables => e.nftables.masquerade_all,

@@ -455,3 +455,76 @@ fn conntrack_flags_override_the_file() {
     );
     assert!(c.conntrack.tcp_be_liberal && c.tcp_be_liberal);
 }
+
+#[test]
+fn node_port_range_parses_as_the_api_servers_flag() {
+    let c = config(&["--hostname-override", "n1"]);
+    assert_eq!(c.node_port_range, PortRange::DEFAULT_NODE_PORTS);
+    assert_eq!(c.node_port_range.to_string(), "30000-32767");
+    for (text, want) in [
+        ("30000-32767", (30000, 32767)),
+        (" 80-32767 ", (80, 32767)),
+        ("2222", (2222, 2222)),
+        ("30000+100", (30000, 30100)),
+        ("0-65535", (0, 65535)),
+    ] {
+        let c = config(&[
+            "--hostname-override=n1",
+            &format!("--service-node-port-range={text}"),
+        ]);
+        assert_eq!(
+            (c.node_port_range.first, c.node_port_range.last),
+            want,
+            "{text:?}"
+        );
+    }
+    assert!(c.node_port_range.contains(30000) && !c.node_port_range.contains(29999));
+    for (text, reason) in [
+        ("", "expected a port range"),
+        ("30000-", "expected a port range"),
+        ("a-b", "expected a port range"),
+        ("-5-10", "expected a port range"),
+        ("1-2+3", "expected a port range"),
+        ("30000-70000", "greater than 65535"),
+        ("65000+1000", "greater than 65535"),
+        ("32767-30000", "end port cannot be less than start port"),
+    ] {
+        let err = from_args(&args(&[
+            "--hostname-override=n1",
+            &format!("--service-node-port-range={text}"),
+        ]))
+        .expect_err(text);
+        assert_eq!(err.field, "--service-node-port-range", "{text:?}");
+        assert!(err.to_string().contains(reason), "{text:?}: {err}");
+    }
+}
+
+#[test]
+fn external_ip_cidrs_are_an_optional_list_of_any_length() {
+    assert_eq!(
+        config(&["--hostname-override", "n1"]).external_ip_cidrs,
+        None
+    );
+    assert_eq!(
+        config(&["--hostname-override=n1", "--external-ip-cidrs="]).external_ip_cidrs,
+        None
+    );
+    let c = config(&[
+        "--hostname-override=n1",
+        "--external-ip-cidrs",
+        "203.0.113.0/24, 198.51.100.7/24",
+        "--external-ip-cidrs=2001:db8::/64,203.0.113.0/24",
+    ]);
+    let want: Vec<IpNet> = ["203.0.113.0/24", "198.51.100.0/24", "2001:db8::/64"]
+        .iter()
+        .map(|n| n.parse().expect("cidr"))
+        .collect();
+    assert_eq!(c.external_ip_cidrs, Some(want));
+    let err = from_args(&args(&[
+        "--hostname-override=n1",
+        "--external-ip-cidrs=10.0.0.1",
+    ]))
+    .expect_err("not a CIDR");
+    assert_eq!(err.field, "--external-ip-cidrs");
+    assert_eq!(err.value, "10.0.0.1");
+}

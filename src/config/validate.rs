@@ -317,6 +317,97 @@ pub fn check_overlap(services: &[IpNet], pods: &[IpNet]) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// A range of ports, both ends included: `--service-node-port-range`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    /// The first port of the range.
+    pub first: u16,
+    /// The last port of the range.
+    pub last: u16,
+}
+
+impl PortRange {
+    /// The API server's default NodePort range.
+    pub const DEFAULT_NODE_PORTS: PortRange = PortRange {
+        first: 30000,
+        last: 32767,
+    };
+
+    /// Whether `port` lies inside.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Parses the API server's `--service-node-port-range` syntax (`utilnet.PortRange`):
+    /// `N-M`, also `N` and `N+OFFSET`, spaces trimmed; ports above 65535 and an end before the
+    /// start are refused. Empty is refused too: upstream reads it as "no range", which would
+    /// refuse every NodePort.
+    pub fn parse(text: &str, field: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: &str| ConfigError {
+            field: field.into(),
+            value: text.into(),
+            reason: reason.into(),
+        };
+        let t = text.trim();
+        let number = |s: &str| -> Result<u32, ConfigError> {
+            let s = s.trim();
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad("expected a port range N-M (e.g. 30000-32767)"));
+            }
+            s.parse::<u32>()
+                .map_err(|_| bad("the port range cannot be greater than 65535"))
+        };
+        let (first, last) = match (t.split_once('-'), t.split_once('+')) {
+            (Some(_), Some(_)) => return Err(bad("expected a port range N-M (e.g. 30000-32767)")),
+            (Some((a, b)), None) => (number(a)?, number(b)?),
+            (None, Some((a, b))) => {
+                let a = number(a)?;
+                (a, a.saturating_add(number(b)?))
+            }
+            (None, None) => {
+                let a = number(t)?;
+                (a, a)
+            }
+        };
+        let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(last)) else {
+            return Err(bad("the port range cannot be greater than 65535"));
+        };
+        if last < first {
+            return Err(bad("end port cannot be less than start port"));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// A repeatable `CIDR[,CIDR]` list flag of any length, both families, spaces trimmed, host bits
+/// cleared (`--external-ip-cidrs`). Empty (or only commas) is `None`: the flag is unset.
+pub fn parse_cidr_list(values: &[String], field: &str) -> Result<Option<Vec<IpNet>>, ConfigError> {
+    let mut out: Vec<IpNet> = Vec::new();
+    for part in values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let net: IpNet = part.parse().map_err(|_| ConfigError {
+            field: field.into(),
+            value: part.into(),
+            reason: "not a CIDR (expected e.g. 203.0.113.0/24 or 2001:db8::/64)".into(),
+        })?;
+        let net = net.trunc();
+        if !out.contains(&net) {
+            out.push(net);
+        }
+    }
+    Ok((!out.is_empty()).then_some(out))
+}
+
 /// `--nodeport-addresses`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodePortSetting {

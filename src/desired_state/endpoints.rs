@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kproxy_contract::{Endpoint, Endpoints, IpFamily, Protocol};
 
+use super::admission;
 use super::parse;
 use super::skipped::Skipped;
 use super::topology::{self, Location};
@@ -198,6 +199,18 @@ fn candidate(
             key,
             format!("endpoints[{i}].addresses[0]"),
             format!("{raw:?} is not an {family} address as addressType says; endpoint skipped"),
+        ));
+        return None;
+    }
+    // Upstream's API validation (`ValidateEndpointIP`) refuses these; a manifest may not.
+    // An endpoint 127.0.0.1 would expose the node's loopback-only services through the
+    // service (the userspace mode connects to it itself; a kernel mode DNATs the node's own
+    // connections there).
+    if let Some(why) = admission::special(ip) {
+        skipped.push(Skipped::slice(
+            key,
+            format!("endpoints[{i}].addresses[0]"),
+            format!("{raw:?} {why}; endpoint skipped"),
         ));
         return None;
     }

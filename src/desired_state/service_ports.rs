@@ -17,6 +17,7 @@ use kproxy_contract::{
     Endpoints, IpFamily, Protocol, ServicePort, ServicePortName, SessionAffinity, TrafficPolicy,
 };
 
+use super::admission::Guard;
 use super::parse;
 use super::skipped::Skipped;
 use crate::cache::ObjectKey;
@@ -126,9 +127,13 @@ enum ServiceType {
 
 /// Validates a Service. `None` when it programs nothing: ExternalName, headless, or no usable
 /// ClusterIP (upstream `ShouldSkipService` plus an empty `GetClusterIPByFamily` for every family).
+///
+/// `guard` refuses the addresses and NodePorts a Service must not claim (see
+/// [`super::admission`]); each is reported and left out, the rest of the Service keeps working.
 pub(crate) fn parse(
     key: &ObjectKey,
     svc: &Service,
+    guard: Guard<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> Option<ServiceSpec> {
     // Names end up in chain names and rule comments: the API server only admits DNS labels, so
@@ -171,7 +176,7 @@ pub(crate) fn parse(
     if ty == ServiceType::ExternalName {
         return None;
     }
-    let cluster_ips = cluster_ips(key, svc, skipped)?;
+    let cluster_ips = cluster_ips(key, svc, guard, skipped)?;
 
     let raw_external_ips = spec.external_ips.as_deref().unwrap_or_default();
     // Upstream `ExternallyAccessible`: only these types can receive traffic from outside, so
@@ -198,23 +203,40 @@ pub(crate) fn parse(
     let health_check_node_port = match (ty, external_policy, spec.health_check_node_port) {
         (ServiceType::LoadBalancer, TrafficPolicy::Local, Some(p)) if p != 0 => {
             let port = parse::port(p);
-            if port.is_none() {
+            let refused = match port {
+                None => Some(parse::bad_port(p)),
+                Some(port) => guard.node_port(port),
+            };
+            if let Some(reason) = refused {
                 skipped.push(Skipped::service(
                     key,
                     "spec.healthCheckNodePort",
-                    format!("{}; health check skipped", parse::bad_port(p)),
+                    format!("{reason}; health check skipped"),
                 ));
+                None
+            } else {
+                port
             }
-            port
         }
         _ => None,
     };
 
+    let ports = ports(key, svc, ty, guard, skipped);
+    let mut external_ips = addresses(key, "spec.externalIPs", raw_external_ips, guard, skipped);
+    let mut load_balancer_ips = load_balancer_ips(key, svc, guard, skipped);
+    own_duplicates(
+        key,
+        svc,
+        &cluster_ips,
+        &mut external_ips,
+        &mut load_balancer_ips,
+        skipped,
+    );
     Some(ServiceSpec {
         cluster_ips,
-        ports: ports(key, svc, ty, skipped),
-        external_ips: addresses(key, "spec.externalIPs", raw_external_ips, skipped),
-        load_balancer_ips: load_balancer_ips(key, svc, skipped),
+        ports,
+        external_ips,
+        load_balancer_ips,
         source_ranges: source_ranges(key, svc, skipped),
         affinity: affinity(key, svc, skipped),
         external_policy,
@@ -230,7 +252,15 @@ pub(crate) fn parse(
 /// Upstream (`GetClusterIPByFamily`) indexes `spec.clusterIPs` by `spec.ipFamilies`; the API
 /// server keeps both consistent, so reading each address's own family gives the same answer
 /// without trusting a second list.
-fn cluster_ips(key: &ObjectKey, svc: &Service, skipped: &mut Vec<Skipped>) -> Option<Vec<IpAddr>> {
+///
+/// A ClusterIP `guard` refuses (special, the node's own, outside the service CIDRs of a
+/// manifest) skips its family, as an invalid one does.
+fn cluster_ips(
+    key: &ObjectKey,
+    svc: &Service,
+    guard: Guard<'_>,
+    skipped: &mut Vec<Skipped>,
+) -> Option<Vec<IpAddr>> {
     let spec = svc.spec.as_ref()?;
     let list: Vec<(String, &str)> = match spec.cluster_ips.as_deref() {
         Some(ips) if !ips.is_empty() => ips
@@ -260,9 +290,26 @@ fn cluster_ips(key: &ObjectKey, svc: &Service, skipped: &mut Vec<Skipped>) -> Op
         Some(_) => {}
     }
     let mut out: Vec<IpAddr> = Vec::with_capacity(2);
+    // Families whose first ClusterIP was refused: a later one of the family is still a second.
+    let mut refused: Vec<IpFamily> = Vec::new();
     for (field, raw) in list {
         match parse::ip(raw) {
-            Some(ip) if out.iter().all(|o| IpFamily::of(o) != IpFamily::of(&ip)) => out.push(ip),
+            Some(ip)
+                if out.iter().all(|o| IpFamily::of(o) != IpFamily::of(&ip))
+                    && !refused.contains(&IpFamily::of(&ip)) =>
+            {
+                match guard.cluster_ip(ip) {
+                    None => out.push(ip),
+                    Some(why) => {
+                        refused.push(IpFamily::of(&ip));
+                        skipped.push(Skipped::service(
+                            key,
+                            field,
+                            format!("{raw:?} {why}; this family is skipped"),
+                        ));
+                    }
+                }
+            }
             Some(_) => skipped.push(Skipped::service(
                 key,
                 field,
@@ -287,6 +334,7 @@ fn ports(
     key: &ObjectKey,
     svc: &Service,
     ty: ServiceType,
+    guard: Guard<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<PortSpec> {
     let raw = svc
@@ -360,14 +408,31 @@ fn ports(
         let node_port = match (ty, p.node_port) {
             (ServiceType::NodePort | ServiceType::LoadBalancer, Some(np)) if np != 0 => {
                 let node_port = parse::port(np);
-                if node_port.is_none() {
+                // The API server refuses a NodePort twice in one Service (same protocol): each
+                // mode would pick another of the two ports.
+                let twice = node_port.and_then(|n| {
+                    out.iter()
+                        .find(|(_, o)| o.node_port == Some(n) && o.protocol == protocol)
+                        .map(|(first, _)| *first)
+                });
+                let refused = match (node_port, twice) {
+                    (None, _) => Some(parse::bad_port(np)),
+                    (Some(n), Some(first)) => Some(format!(
+                        "{n}/{} duplicates spec.ports[{first}].nodePort",
+                        protocol.as_str().to_uppercase()
+                    )),
+                    (Some(n), None) => guard.node_port(n),
+                };
+                if let Some(reason) = refused {
                     skipped.push(Skipped::service(
                         key,
                         format!("spec.ports[{i}].nodePort"),
-                        format!("{}; NodePort skipped", parse::bad_port(np)),
+                        format!("{reason}; NodePort skipped"),
                     ));
+                    None
+                } else {
+                    node_port
                 }
-                node_port
             }
             _ => None,
         };
@@ -384,17 +449,26 @@ fn ports(
     out.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Parses a list of addresses, reporting and dropping invalid ones, dropping duplicates.
+/// Parses a list of externalIPs, reporting and dropping invalid ones and those `guard` refuses,
+/// dropping duplicates.
 fn addresses(
     key: &ObjectKey,
     field: &str,
     raw: &[String],
+    guard: Guard<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<IpAddr> {
     let mut out = Vec::with_capacity(raw.len());
     for (i, s) in raw.iter().enumerate() {
         match parse::ip(s) {
-            Some(ip) if !out.contains(&ip) => out.push(ip),
+            Some(ip) if !out.contains(&ip) => match guard.external(ip) {
+                None => out.push(ip),
+                Some(why) => skipped.push(Skipped::service(
+                    key,
+                    format!("{field}[{i}]"),
+                    format!("{s:?} {why}; address skipped"),
+                )),
+            },
             Some(_) => {}
             None => skipped.push(Skipped::service(
                 key,
@@ -409,7 +483,12 @@ fn addresses(
 /// VIP-mode ingress IPs from `status.loadBalancer.ingress` (upstream `IsVIPMode`: an unset
 /// `ipMode` means VIP; `Proxy`, or anything else, means traffic must go through the load
 /// balancer, so no rule is written). Hostname-only entries are ignored, as upstream.
-fn load_balancer_ips(key: &ObjectKey, svc: &Service, skipped: &mut Vec<Skipped>) -> Vec<IpAddr> {
+fn load_balancer_ips(
+    key: &ObjectKey,
+    svc: &Service,
+    guard: Guard<'_>,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<IpAddr> {
     let ingress = svc
         .status
         .as_ref()
@@ -434,7 +513,14 @@ fn load_balancer_ips(key: &ObjectKey, svc: &Service, skipped: &mut Vec<Skipped>)
             }
         }
         match parse::ip(raw) {
-            Some(ip) if !out.contains(&ip) => out.push(ip),
+            Some(ip) if !out.contains(&ip) => match guard.external(ip) {
+                None => out.push(ip),
+                Some(why) => skipped.push(Skipped::service(
+                    key,
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    format!("{raw:?} {why}; address skipped"),
+                )),
+            },
             Some(_) => {}
             None => skipped.push(Skipped::service(
                 key,
@@ -444,6 +530,68 @@ fn load_balancer_ips(key: &ObjectKey, svc: &Service, skipped: &mut Vec<Skipped>)
         }
     }
     out
+}
+
+/// Drops the externalIPs that are one of the Service's own ClusterIPs and the LoadBalancer IPs
+/// that are one of those or an externalIP: on every port of the Service they would be the same
+/// frontend twice, with different policies, which each mode would resolve its own way. The
+/// ClusterIP is kept, then the externalIP (upstream iptables' rule order, and the order the
+/// trace model matches in).
+fn own_duplicates(
+    key: &ObjectKey,
+    svc: &Service,
+    cluster_ips: &[IpAddr],
+    external_ips: &mut Vec<IpAddr>,
+    load_balancer_ips: &mut Vec<IpAddr>,
+    skipped: &mut Vec<Skipped>,
+) {
+    let spec = svc.spec.as_ref();
+    let raw_external = spec
+        .and_then(|s| s.external_ips.as_deref())
+        .unwrap_or_default();
+    let index_of = |raw: &[String], ip: IpAddr| raw.iter().position(|r| parse::ip(r) == Some(ip));
+    external_ips.retain(|ip| {
+        if !cluster_ips.contains(ip) {
+            return true;
+        }
+        let field = index_of(raw_external, *ip).map_or("spec.externalIPs".to_string(), |i| {
+            format!("spec.externalIPs[{i}]")
+        });
+        skipped.push(Skipped::service(
+            key,
+            field,
+            format!("\"{ip}\" is this Service's own ClusterIP; address skipped"),
+        ));
+        false
+    });
+    let ingress: Vec<String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .map(|i| i.ip.clone().unwrap_or_default())
+        .collect();
+    load_balancer_ips.retain(|ip| {
+        let what = if cluster_ips.contains(ip) {
+            "ClusterIP"
+        } else if external_ips.contains(ip) {
+            "externalIP"
+        } else {
+            return true;
+        };
+        let field = index_of(&ingress, *ip)
+            .map_or("status.loadBalancer.ingress".to_string(), |i| {
+                format!("status.loadBalancer.ingress[{i}].ip")
+            });
+        skipped.push(Skipped::service(
+            key,
+            field,
+            format!("\"{ip}\" is also this Service's own {what}; address skipped"),
+        ));
+        false
+    });
 }
 
 /// `spec.loadBalancerSourceRanges`, whitespace-trimmed (upstream: validation "mistakenly allows

@@ -113,6 +113,7 @@ fn ctx(zone: Option<&str>) -> BuildContext {
         }),
         node_zone: zone.map(str::to_owned),
         node_labels_known: true,
+        admission: Arc::default(),
     }
 }
 
@@ -1371,6 +1372,513 @@ fn skipped_display() {
 
 // ----- Properties -----
 
+// ----- Hostile addresses (issue #20, items 10-11) -----
+
+/// The node of the hostile-address tests: 192.168.0.2 and fd00::2, service CIDR 10.96.0.0/12.
+fn hostile_node() -> NodeSettings {
+    NodeSettings {
+        node_name: NODE.to_owned(),
+        node_ips: vec![ip("192.168.0.2"), ip("fd00::2")],
+        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        ..NodeSettings::default()
+    }
+}
+
+/// A build context for objects from `--manifests` (`manifests`) or the API, with
+/// `--external-ip-cidrs` when given.
+fn hostile_ctx(manifests: bool, external_ip_cidrs: Option<&[&str]>) -> BuildContext {
+    BuildContext {
+        node: Arc::new(hostile_node()),
+        node_zone: None,
+        node_labels_known: true,
+        admission: Arc::new(Admission {
+            manifests: manifests.then_some(ManifestChecks {
+                node_port_range: crate::config::PortRange::DEFAULT_NODE_PORTS,
+            }),
+            external_ip_cidrs: external_ip_cidrs
+                .map(|l| l.iter().map(|c| c.parse().unwrap()).collect()),
+        }),
+    }
+}
+
+/// Every report as `Kind ns/name field: reason`.
+fn reports(built: &Built) -> Vec<String> {
+    built.skipped.iter().map(ToString::to_string).collect()
+}
+
+fn reported(built: &Built, object: &str, field: &str, reason: &str) -> bool {
+    built
+        .skipped
+        .iter()
+        .any(|s| s.object.to_string() == object && s.field == field && s.reason.contains(reason))
+}
+
+#[test]
+fn frontends_on_special_and_node_addresses_are_refused() {
+    let services = vec![
+        svc(
+            "ext-on-node",
+            json!({"clusterIP": "10.96.0.1", "externalIPs": ["192.168.0.2", "203.0.113.5"],
+                   "ports": [{"port": 22}]}),
+        ),
+        simple_svc("cip-loopback", "127.0.0.1"),
+        simple_svc("cip-node", "192.168.0.2"),
+        svc(
+            "wild",
+            json!({"clusterIP": "10.96.0.3", "externalIPs": ["0.0.0.0", "255.255.255.255",
+                   "224.0.0.1", "169.254.169.254", "127.0.0.53"], "ports": [{"port": 80}]}),
+        ),
+        with_status(
+            svc(
+                "lb-on-node",
+                json!({"type": "LoadBalancer", "clusterIP": "10.96.0.4", "ports": [{"port": 22}]}),
+            ),
+            json!({"loadBalancer": {"ingress": [{"ip": "192.168.0.2"}, {"ip": "198.51.100.9"}]}}),
+        ),
+        svc(
+            "dual",
+            json!({"clusterIPs": ["10.96.0.5", "::1"], "ports": [{"port": 80}]}),
+        ),
+    ];
+    let built = build(&cache(services, vec![]), &hostile_ctx(false, None), None);
+    let all = reports(&built);
+    for (object, field, reason) in [
+        (
+            "default/ext-on-node",
+            "spec.externalIPs[0]",
+            "address of this node",
+        ),
+        ("default/cip-loopback", "spec.clusterIPs[0]", "loopback"),
+        (
+            "default/cip-node",
+            "spec.clusterIPs[0]",
+            "address of this node",
+        ),
+        ("default/wild", "spec.externalIPs[0]", "unspecified"),
+        ("default/wild", "spec.externalIPs[1]", "broadcast"),
+        ("default/wild", "spec.externalIPs[2]", "multicast"),
+        ("default/wild", "spec.externalIPs[3]", "link-local"),
+        ("default/wild", "spec.externalIPs[4]", "loopback"),
+        (
+            "default/lb-on-node",
+            "status.loadBalancer.ingress[0].ip",
+            "--external-ip-cidrs",
+        ),
+        ("default/dual", "spec.clusterIPs[1]", "loopback"),
+    ] {
+        assert!(
+            reported(&built, object, field, reason),
+            "{object} {field}: {all:#?}"
+        );
+    }
+    assert_eq!(all.len(), 10, "{all:#?}");
+    // The rest of each Service keeps working.
+    assert_eq!(
+        get(&built, &v4("ext-on-node")).external_ips,
+        vec![ip("203.0.113.5")]
+    );
+    assert!(get(&built, &v4("wild")).external_ips.is_empty());
+    assert_eq!(
+        get(&built, &v4("lb-on-node")).load_balancer_ips,
+        vec![ip("198.51.100.9")]
+    );
+    assert!(built.state.services.contains_key(&v4("dual")));
+    assert!(
+        !built
+            .state
+            .services
+            .contains_key(&key(IpFamily::V6, "dual", "", Protocol::Tcp))
+    );
+    for gone in ["cip-loopback", "cip-node"] {
+        assert!(!built.state.services.contains_key(&v4(gone)), "{gone}");
+    }
+}
+
+#[test]
+fn external_ip_cidrs_allow_list_and_node_addresses() {
+    let services = vec![svc(
+        "ext",
+        json!({"clusterIP": "10.96.0.1", "externalIPs": ["192.168.0.2", "203.0.113.5",
+               "198.51.100.1", "fd00::2"], "ports": [{"port": 22}]}),
+    )];
+    let ctx = hostile_ctx(false, Some(&["192.168.0.2/32", "203.0.113.0/24"]));
+    let built = build(&cache(services, vec![]), &ctx, None);
+    // The node address inside the list is the operator's explicit choice.
+    assert_eq!(
+        get(&built, &v4("ext")).external_ips,
+        vec![ip("192.168.0.2"), ip("203.0.113.5")]
+    );
+    assert!(reported(
+        &built,
+        "default/ext",
+        "spec.externalIPs[2]",
+        "outside --external-ip-cidrs"
+    ));
+    assert!(reported(
+        &built,
+        "default/ext",
+        "spec.externalIPs[3]",
+        "address of this node"
+    ));
+    assert_eq!(built.skipped.len(), 2, "{:#?}", reports(&built));
+}
+
+#[test]
+fn manifests_are_checked_as_the_api_server_would() {
+    let services = vec![
+        simple_svc("outside", "10.200.0.1"),
+        svc(
+            "np",
+            json!({"type": "NodePort", "clusterIP": "10.96.0.2", "ports": [
+                {"name": "a", "port": 80, "nodePort": 2222},
+                {"name": "b", "port": 81, "nodePort": 30080},
+                {"name": "c", "port": 82, "nodePort": 30080},
+                {"name": "d", "port": 83, "nodePort": 30080, "protocol": "UDP"}]}),
+        ),
+        svc(
+            "hc",
+            json!({"type": "LoadBalancer", "clusterIP": "10.96.0.3", "externalTrafficPolicy": "Local",
+                   "healthCheckNodePort": 22, "ports": [{"port": 80, "nodePort": 30081}]}),
+        ),
+    ];
+    let objects = cache(services, vec![]);
+    let built = build(&objects, &hostile_ctx(true, None), None);
+    assert!(reported(
+        &built,
+        "default/outside",
+        "spec.clusterIPs[0]",
+        "10.96.0.0/12"
+    ));
+    assert!(!built.state.services.contains_key(&v4("outside")));
+    assert!(reported(
+        &built,
+        "default/np",
+        "spec.ports[0].nodePort",
+        "30000-32767"
+    ));
+    assert!(reported(
+        &built,
+        "default/np",
+        "spec.ports[2].nodePort",
+        "duplicates spec.ports[1]"
+    ));
+    assert!(reported(
+        &built,
+        "default/hc",
+        "spec.healthCheckNodePort",
+        "30000-32767"
+    ));
+    assert_eq!(built.skipped.len(), 4, "{:#?}", reports(&built));
+    let np = |port: &str, proto| get(&built, &key(IpFamily::V4, "np", port, proto)).node_port;
+    assert_eq!(np("a", Protocol::Tcp), None);
+    assert_eq!(np("b", Protocol::Tcp), Some(30080));
+    assert_eq!(np("c", Protocol::Tcp), None);
+    // The same number with another protocol is another NodePort.
+    assert_eq!(np("d", Protocol::Udp), Some(30080));
+    assert_eq!(get(&built, &v4("hc")).health_check_node_port, None);
+    // From the API: the API server checked its own ranges, which kproxy may not know.
+    let built = build(&objects, &hostile_ctx(false, None), None);
+    assert!(built.state.services.contains_key(&v4("outside")));
+    assert_eq!(np_of(&built, "np", "a"), Some(2222));
+    assert_eq!(get(&built, &v4("hc")).health_check_node_port, Some(22));
+    // The duplicate NodePort is refused from any source.
+    assert_eq!(built.skipped.len(), 1, "{:#?}", reports(&built));
+}
+
+fn np_of(built: &Built, name: &str, port: &str) -> Option<u16> {
+    get(built, &key(IpFamily::V4, name, port, Protocol::Tcp)).node_port
+}
+
+#[test]
+fn a_service_does_not_claim_one_frontend_twice() {
+    let services = vec![with_status(
+        svc(
+            "self",
+            json!({"type": "LoadBalancer", "clusterIP": "10.96.0.1",
+                   "externalIPs": ["203.0.113.1", "10.96.0.1"], "ports": [{"port": 80}]}),
+        ),
+        json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.1"}, {"ip": "10.96.0.1"},
+               {"ip": "198.51.100.1"}]}}),
+    )];
+    let built = build(&cache(services, vec![]), &hostile_ctx(false, None), None);
+    let sp = get(&built, &v4("self"));
+    assert_eq!(sp.external_ips, vec![ip("203.0.113.1")]);
+    assert_eq!(sp.load_balancer_ips, vec![ip("198.51.100.1")]);
+    assert!(reported(
+        &built,
+        "default/self",
+        "spec.externalIPs[1]",
+        "own ClusterIP"
+    ));
+    assert!(reported(
+        &built,
+        "default/self",
+        "status.loadBalancer.ingress[0].ip",
+        "own externalIP"
+    ));
+    assert!(reported(
+        &built,
+        "default/self",
+        "status.loadBalancer.ingress[1].ip",
+        "own ClusterIP"
+    ));
+    assert_eq!(built.frontend_conflicts(), 0);
+}
+
+#[test]
+fn endpoints_on_special_addresses_are_skipped() {
+    let services = vec![simple_svc("web", "10.96.0.1")];
+    let slices = vec![slice(
+        "web-1",
+        "web",
+        "IPv4",
+        json!([{"port": 8080}]),
+        json!([
+            ready("127.0.0.1", NODE),
+            ready("169.254.169.254", NODE),
+            ready("0.0.0.0", NODE),
+            ready("224.0.0.5", NODE),
+            ready("192.168.0.2", NODE),
+            ready("10.244.0.5", NODE)
+        ]),
+    )];
+    let built = build(&cache(services, slices), &hostile_ctx(false, None), None);
+    for (i, reason) in [
+        (0, "loopback"),
+        (1, "link-local"),
+        (2, "unspecified"),
+        (3, "multicast"),
+    ] {
+        let field = format!("endpoints[{i}].addresses[0]");
+        assert!(reported(&built, "default/web-1", &field, reason), "{field}");
+    }
+    // The node's own address is a fine endpoint (hostNetwork pods, the API server).
+    assert_eq!(
+        eps(&get(&built, &v4("web")).endpoints.cluster),
+        vec!["10.244.0.5:8080 local", "192.168.0.2:8080 local"]
+    );
+}
+
+// ----- Conflicting frontends (issue #20, item 12) -----
+
+/// A Service `ns/name` created at `created` (an RFC 3339 time; `None`: no timestamp).
+fn aged(ns: &str, name: &str, created: Option<&str>, spec: Value) -> Value {
+    let mut v = json!({"metadata": {"namespace": ns, "name": name}, "spec": spec});
+    if let Some(t) = created {
+        v["metadata"]["creationTimestamp"] = json!(t);
+    }
+    v
+}
+
+const OLD: Option<&str> = Some("2020-01-01T00:00:00Z");
+const NEW: Option<&str> = Some("2024-01-01T00:00:00Z");
+
+fn in_ns(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
+    ServicePortKey {
+        family: IpFamily::V4,
+        name: ServicePortName {
+            namespace: ns.into(),
+            name: name.into(),
+            port: port.into(),
+            protocol,
+        },
+    }
+}
+
+#[test]
+fn the_older_service_keeps_a_contested_frontend_whichever_sorts_first() {
+    for (old_ns, new_ns) in [("zzz", "aaa"), ("aaa", "zzz")] {
+        let services = vec![
+            aged(
+                old_ns,
+                "kubernetes",
+                OLD,
+                json!({"clusterIP": "10.96.0.1",
+                "ports": [{"name": "https", "port": 443}]}),
+            ),
+            aged(
+                new_ns,
+                "evil",
+                NEW,
+                json!({"clusterIP": "10.96.0.9",
+                "externalIPs": ["203.0.113.1", "10.96.0.1"],
+                "ports": [{"name": "https", "port": 443}, {"name": "http", "port": 80}]}),
+            ),
+        ];
+        let built = build(&cache(services, vec![]), &hostile_ctx(false, None), None);
+        let evil = |port| get(&built, &in_ns(new_ns, "evil", port, Protocol::Tcp));
+        assert_eq!(
+            evil("https").external_ips,
+            vec![ip("203.0.113.1")],
+            "{old_ns}"
+        );
+        // Only the contested port loses the address.
+        assert_eq!(
+            evil("http").external_ips,
+            vec![ip("203.0.113.1"), ip("10.96.0.1")]
+        );
+        let k = get(&built, &in_ns(old_ns, "kubernetes", "https", Protocol::Tcp));
+        assert_eq!(k.cluster_ip, Some(ip("10.96.0.1")));
+        assert_eq!(
+            reports(&built),
+            vec![format!(
+                "Service {new_ns}/evil: spec.externalIPs[1]: 10.96.0.1:443/TCP is already the \
+                 ClusterIP of the older Service {old_ns}/kubernetes; address skipped for this port"
+            )]
+        );
+        assert_eq!(built.frontend_conflicts(), 1);
+    }
+}
+
+#[test]
+fn a_lost_cluster_ip_drops_the_port_and_releases_its_frontends() {
+    // `b` (younger) has `a`'s ClusterIP:80: it loses that service port, so its externalIP on
+    // port 80 is free for `c` (younger still); its port 81 lives on.
+    let services = vec![
+        aged(
+            "ns",
+            "a",
+            OLD,
+            json!({"clusterIP": "10.96.0.1", "ports": [{"name": "p", "port": 80}]}),
+        ),
+        aged(
+            "ns",
+            "b",
+            Some("2021-01-01T00:00:00Z"),
+            json!({"clusterIP": "10.96.0.1",
+            "externalIPs": ["203.0.113.1"],
+            "ports": [{"name": "p", "port": 80}, {"name": "q", "port": 81}]}),
+        ),
+        aged(
+            "ns",
+            "c",
+            NEW,
+            json!({"clusterIP": "10.96.0.3", "externalIPs": ["203.0.113.1"],
+            "ports": [{"name": "p", "port": 80}]}),
+        ),
+    ];
+    let built = build(&cache(services, vec![]), &hostile_ctx(false, None), None);
+    let has = |name, port| {
+        built
+            .state
+            .services
+            .contains_key(&in_ns("ns", name, port, Protocol::Tcp))
+    };
+    assert!(has("a", "p") && !has("b", "p") && has("b", "q") && has("c", "p"));
+    assert_eq!(
+        get(&built, &in_ns("ns", "c", "p", Protocol::Tcp)).external_ips,
+        vec![ip("203.0.113.1")]
+    );
+    assert_eq!(
+        reports(&built),
+        vec![
+            "Service ns/b: spec.clusterIP: 10.96.0.1:80/TCP is already the ClusterIP of the \
+              older Service ns/a; service port skipped"
+        ]
+    );
+}
+
+#[test]
+fn node_port_and_shared_address_conflicts() {
+    let services = vec![
+        aged(
+            "aaa",
+            "np-new",
+            NEW,
+            json!({"type": "NodePort", "clusterIP": "10.96.0.1",
+            "ports": [{"port": 80, "nodePort": 30090}]}),
+        ),
+        aged(
+            "zzz",
+            "np-old",
+            OLD,
+            json!({"type": "NodePort", "clusterIP": "10.96.0.2",
+            "ports": [{"port": 80, "nodePort": 30090}]}),
+        ),
+        // Same number, other protocol: no conflict.
+        aged(
+            "aaa",
+            "np-udp",
+            NEW,
+            json!({"type": "NodePort", "clusterIP": "10.96.0.3",
+            "ports": [{"port": 53, "protocol": "UDP", "nodePort": 30090}]}),
+        ),
+        // No creationTimestamp: younger than any Service with one, even sorting first.
+        aged(
+            "aaa",
+            "lb-unknown",
+            None,
+            json!({"type": "LoadBalancer", "clusterIP": "10.96.0.4",
+            "ports": [{"port": 443, "nodePort": 30091}]}),
+        ),
+        aged(
+            "zzz",
+            "lb-new",
+            NEW,
+            json!({"type": "LoadBalancer", "clusterIP": "10.96.0.5",
+            "ports": [{"port": 443, "nodePort": 30092}]}),
+        ),
+    ];
+    let mut objects: Vec<Value> = services;
+    for (i, name) in [(3, "lb-unknown"), (4, "lb-new")] {
+        objects[i]["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}});
+        assert_eq!(objects[i]["metadata"]["name"], name);
+    }
+    let built = build(&cache(objects, vec![]), &hostile_ctx(false, None), None);
+    let g = |ns, name, proto| get(&built, &in_ns(ns, name, "", proto));
+    assert_eq!(g("zzz", "np-old", Protocol::Tcp).node_port, Some(30090));
+    assert_eq!(g("aaa", "np-new", Protocol::Tcp).node_port, None);
+    assert_eq!(g("aaa", "np-udp", Protocol::Udp).node_port, Some(30090));
+    assert_eq!(
+        g("zzz", "lb-new", Protocol::Tcp).load_balancer_ips,
+        vec![ip("198.51.100.7")]
+    );
+    assert!(
+        g("aaa", "lb-unknown", Protocol::Tcp)
+            .load_balancer_ips
+            .is_empty()
+    );
+    assert!(reported(
+        &built,
+        "aaa/np-new",
+        "spec.ports[0].nodePort",
+        "NodePort 30090/TCP is already the NodePort of the older Service zzz/np-old"
+    ));
+    assert!(reported(
+        &built,
+        "aaa/lb-unknown",
+        "status.loadBalancer.ingress[0].ip",
+        "198.51.100.7:443/TCP is already the LoadBalancer IP of the older Service zzz/lb-new"
+    ));
+    assert_eq!(built.frontend_conflicts(), 2);
+}
+
+#[test]
+fn resolved_ports_are_reused_across_builds() {
+    let services = vec![
+        aged(
+            "ns",
+            "a",
+            OLD,
+            json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}),
+        ),
+        aged(
+            "ns",
+            "b",
+            NEW,
+            json!({"clusterIP": "10.96.0.2", "externalIPs": ["10.96.0.1"],
+            "ports": [{"port": 80}]}),
+        ),
+    ];
+    let objects = cache(services, vec![]);
+    let ctx = hostile_ctx(false, None);
+    let first = build(&objects, &ctx, None);
+    let second = build(&objects, &ctx, Some(&first.state));
+    for (k, v) in &second.state.services {
+        assert!(Arc::ptr_eq(v, &first.state.services[k]), "{k:?}");
+    }
+}
+
 mod props {
     use proptest::prelude::*;
 
@@ -1642,20 +2150,130 @@ mod incremental {
         /// Slice of service i with these endpoint address suffixes.
         ApplySlice(u8, Vec<u8>),
         DeleteSlice(u8),
+        /// A Service `n{ns}/h{i}` claiming frontends from small pools, hostile ones included,
+        /// so that Services contest them.
+        ApplyHostile(Hostile),
+        DeleteHostile(u8, u8),
+    }
+
+    #[derive(Debug, Clone)]
+    struct Hostile {
+        i: u8,
+        ns: u8,
+        /// Index into three creation times; `None`: no timestamp.
+        age: Option<u8>,
+        cluster_ip: usize,
+        /// (port, NodePort index) pairs.
+        ports: Vec<(u16, Option<usize>)>,
+        external_ips: Vec<usize>,
+        lb_ips: Vec<usize>,
+    }
+
+    const CLUSTER_POOL: [&str; 6] = [
+        "10.96.0.1",
+        "10.96.0.2",
+        "10.96.0.3",
+        "127.0.0.1",
+        "192.168.0.2",
+        "10.200.0.1",
+    ];
+    const ADDRESS_POOL: [&str; 7] = [
+        "10.96.0.1",
+        "10.96.0.2",
+        "203.0.113.1",
+        "203.0.113.2",
+        "192.168.0.2",
+        "0.0.0.0",
+        "10.96.0.3",
+    ];
+    const NODE_PORT_POOL: [u16; 3] = [30001, 30002, 2222];
+    const TIMES: [&str; 3] = [
+        "2020-01-01T00:00:00Z",
+        "2022-01-01T00:00:00Z",
+        "2024-01-01T00:00:00Z",
+    ];
+
+    fn hostile() -> impl Strategy<Value = Hostile> {
+        (
+            0u8..4,
+            0u8..2,
+            proptest::option::of(0u8..3),
+            0..CLUSTER_POOL.len(),
+            proptest::collection::vec(
+                (
+                    prop_oneof![Just(80u16), Just(443)],
+                    proptest::option::of(0..NODE_PORT_POOL.len()),
+                ),
+                1..3,
+            ),
+            proptest::collection::vec(0..ADDRESS_POOL.len(), 0..3),
+            proptest::collection::vec(0..ADDRESS_POOL.len(), 0..2),
+        )
+            .prop_map(
+                |(i, ns, age, cluster_ip, ports, external_ips, lb_ips)| Hostile {
+                    i,
+                    ns,
+                    age,
+                    cluster_ip,
+                    ports,
+                    external_ips,
+                    lb_ips,
+                },
+            )
+    }
+
+    fn hostile_json(h: &Hostile) -> Value {
+        let ports: Vec<Value> = h
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(j, (port, np))| {
+                let mut p = json!({"name": format!("p{j}"), "port": port});
+                if let Some(n) = np {
+                    p["nodePort"] = json!(NODE_PORT_POOL[*n]);
+                }
+                p
+            })
+            .collect();
+        let ty = if !h.lb_ips.is_empty() {
+            "LoadBalancer"
+        } else if h.ports.iter().any(|(_, np)| np.is_some()) {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
+        let ext: Vec<&str> = h.external_ips.iter().map(|a| ADDRESS_POOL[*a]).collect();
+        let ingress: Vec<Value> = h
+            .lb_ips
+            .iter()
+            .map(|a| json!({"ip": ADDRESS_POOL[*a]}))
+            .collect();
+        let mut v = json!({
+            "metadata": {"namespace": format!("n{}", h.ns), "name": format!("h{}", h.i)},
+            "spec": {"type": ty, "clusterIP": CLUSTER_POOL[h.cluster_ip], "ports": ports,
+                     "externalIPs": ext},
+            "status": {"loadBalancer": {"ingress": ingress}},
+        });
+        if let Some(t) = h.age {
+            v["metadata"]["creationTimestamp"] = json!(TIMES[usize::from(t)]);
+        }
+        v
     }
 
     fn op() -> impl Strategy<Value = Op> {
         let i = 0u8..4;
         prop_oneof![
-            (
+            1 => (
                 i.clone(),
                 prop_oneof![Just(0u32), Just(80), Just(81), Just(70_000)]
             )
                 .prop_map(|(i, p)| Op::ApplyService(i, p)),
-            i.clone().prop_map(Op::DeleteService),
-            (i.clone(), proptest::collection::vec(1u8..6, 0..4))
+            1 => i.clone().prop_map(Op::DeleteService),
+            1 => (i.clone(), proptest::collection::vec(1u8..6, 0..4))
                 .prop_map(|(i, e)| Op::ApplySlice(i, e)),
-            i.prop_map(Op::DeleteSlice),
+            1 => i.prop_map(Op::DeleteSlice),
+            4 => hostile().prop_map(Op::ApplyHostile),
+            1 => (0u8..4, 0u8..2).prop_map(|(i, ns)| Op::DeleteHostile(i, ns)),
         ]
     }
 
@@ -1687,6 +2305,15 @@ mod incremental {
                     .unwrap(),
                 ))
             }
+            Op::ApplyHostile(h) => Update::Services(Change::Apply(
+                serde_json::from_value(hostile_json(h)).unwrap(),
+            )),
+            Op::DeleteHostile(i, ns) => Update::Services(Change::Delete(
+                serde_json::from_value(json!({
+                    "metadata": {"namespace": format!("n{ns}"), "name": format!("h{i}")},
+                }))
+                .unwrap(),
+            )),
             Op::DeleteSlice(i) => Update::EndpointSlices(Change::Delete(
                 serde_json::from_value(slice(
                     &format!("s{i}-x"),
@@ -1701,10 +2328,21 @@ mod incremental {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Any sequence of changes, contested and hostile frontends included: the incremental
+        /// build equals a full one (state, reports, conflict count), with and without an
+        /// `--external-ip-cidrs` list that admits the node's address.
         #[test]
-        fn equals_a_full_build(ops in proptest::collection::vec(op(), 1..25)) {
+        fn equals_a_full_build(
+            ops in proptest::collection::vec(op(), 1..25),
+            allow_list in any::<bool>(),
+        ) {
             let mut cache = cache(vec![], vec![]);
-            let c = ctx(None);
+            let c = if allow_list {
+                hostile_ctx(true, Some(&["192.168.0.2/32", "203.0.113.0/24", "10.96.0.0/12"]))
+            } else {
+                hostile_ctx(true, None)
+            };
             let mut prev = build(&cache, &c, None);
             for op in &ops {
                 let touched = cache.apply(update(op));
@@ -1713,6 +2351,25 @@ mod incremental {
                 prop_assert_eq!(&inc.state.services, &full.state.services, "after {:?}", op);
                 let strings = |b: &Built| b.skipped.iter().map(ToString::to_string).collect::<Vec<_>>();
                 prop_assert_eq!(strings(&inc), strings(&full), "after {:?}", op);
+                prop_assert_eq!(inc.frontend_conflicts(), full.frontend_conflicts());
+                // No frontend is left to two Services.
+                let mut seen = BTreeSet::new();
+                for sp in full.state.services.values() {
+                    let svc = (sp.name.namespace.clone(), sp.name.name.clone());
+                    let mut mine = BTreeSet::new();
+                    let addrs = sp.cluster_ip.iter().chain(&sp.external_ips).chain(&sp.load_balancer_ips);
+                    for a in addrs {
+                        mine.insert(format!("{a} {} {}", sp.name.protocol, sp.port));
+                    }
+                    if let Some(np) = sp.node_port {
+                        mine.insert(format!("np {:?} {} {np}", sp.family, sp.name.protocol));
+                    }
+                    for fe in mine {
+                        prop_assert!(seen.insert((fe.clone(), svc.clone())) , "{fe}");
+                        let owners = seen.iter().filter(|(f, _)| *f == fe).count();
+                        prop_assert_eq!(owners, 1, "{} has two owners after {:?}", fe, op);
+                    }
+                }
                 prev = inc;
             }
         }

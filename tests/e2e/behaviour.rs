@@ -951,7 +951,7 @@ fn sigkill_and_restart_keep_traffic_and_rules(mode: Mode) {
     let mut s = Scenario::with_manifests_in(mode);
     s.tcp_server(POD_V4[0], 8080, "ep1");
     s.tcp_server(POD_V6[0], 8080, "v6-ep1");
-    s.apply(&Svc::new("web", &["10.96.1.30", "fd00:96::1:30"], &[HTTP]).json());
+    s.apply(&Svc::new("web", &["10.96.1.30", "fd00:96::130"], &[HTTP]).json());
     s.apply(&endpoint_slice(
         "web",
         "web-v4",

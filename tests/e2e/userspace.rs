@@ -644,7 +644,10 @@ fn userspace_dry_run_restart_and_cleanup() {
         &[HTTP],
     ));
     s.apply(&Svc::new("empty", &["10.96.1.3"], &[HTTP]).json());
-    // An externalIP that is the node's own address: served, but its kernel route is not ours.
+    // An externalIP that is the node's own address: served (allowed explicitly: without
+    // --external-ip-cidrs covering it, a frontend on a node address is refused), but its
+    // kernel route is not ours.
+    let allow = ["--external-ip-cidrs", "10.0.1.1/32"];
     let alt = Port::tcp("alt", 81, 8080);
     s.apply(
         &Svc::new("own", &["10.96.1.11"], &[alt])
@@ -662,6 +665,7 @@ fn userspace_dry_run_restart_and_cleanup() {
     let base = base_args(&s);
     let mut dry: Vec<&str> = base.iter().map(String::as_str).collect();
     dry.extend(["--once", "--dry-run"]);
+    dry.extend(allow);
     let (p, status) = KproxyProcess::run(&s.topo.node, &dry, SYNC);
     assert!(status.success(), "dry run failed: {}", p.stderr());
     let out = p.stdout();
@@ -676,7 +680,7 @@ fn userspace_dry_run_restart_and_cleanup() {
     assert!(!out.contains("10.96.1.3:80"), "{out}");
     assert_eq!(routes(&s.topo.node, false), "", "dry run changed routes");
 
-    start(&mut s, &[]);
+    start(&mut s, &allow);
     wait_tcp(&mut s, sock("10.96.1.1", 80), "ep1");
     wait_tcp(&mut s, sock(NODE_IP, 81), "ep1");
     assert!(
@@ -687,7 +691,10 @@ fn userspace_dry_run_restart_and_cleanup() {
     let first = s.kproxy.take();
     drop(first);
     assert!(routes(&s.topo.node, false).contains("10.96.1.1"));
-    start(&mut s, &["--iptables-sync-period", "1s"]);
+    start(
+        &mut s,
+        &["--iptables-sync-period", "1s", allow[0], allow[1]],
+    );
     wait_tcp(&mut s, sock("10.96.1.1", 80), "ep1");
     // A deleted route is put back within a sync period (the periodic probe sees it gone).
     s.topo.node.ip(&[

@@ -8,6 +8,7 @@ mod cli;
 mod coexistence;
 mod contention;
 mod fuzz;
+mod hostile;
 mod lasting_faults;
 mod restart;
 mod security;

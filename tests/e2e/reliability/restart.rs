@@ -63,7 +63,7 @@ fn restart_and_mode_round_trip_under_load() {
         s.udp_server(POD_V4[i], 5353, id);
         s.tcp_server(POD_V6[i], 8080, &format!("v6-{id}"));
     }
-    s.apply(&Svc::new("web", &["10.96.1.30", "fd00:96::1:30"], &[HTTP, DNS]).json());
+    s.apply(&Svc::new("web", &["10.96.1.30", "fd00:96::130"], &[HTTP, DNS]).json());
     s.apply(&endpoint_slice(
         "web",
         "web-v4",
@@ -91,7 +91,7 @@ fn restart_and_mode_round_trip_under_load() {
     );
     let v6 = Load::start(
         &s.topo.client,
-        Some(sock("fd00:96::1:30", 80)),
+        Some(sock("fd00:96::130", 80)),
         None,
         Duration::from_millis(10),
     );

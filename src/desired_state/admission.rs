@@ -342,9 +342,11 @@ mod tests {
             api.external_ip_cidrs,
             Some(vec!["203.0.113.0/24".parse().expect("cidr")])
         );
+        let dir = tempfile::tempdir().expect("a manifests directory");
+        let dir = dir.path().display().to_string();
         let manifests = Admission::from_config(&config(&[
             "--manifests",
-            "/nonexistent",
+            &dir,
             "--service-node-port-range",
             "2000-3000",
         ]));

@@ -135,19 +135,6 @@ const EXPECTED: &[(&str, &str)] = &[
     ("truncated.yaml", "unclosed"),
 ];
 
-/// Peak and current resident memory of `pid` in kB.
-fn memory_kb(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
-
 fn good_slice(s: &Scenario, pod: usize) {
     s.apply(&endpoint_slice(
         "good",
@@ -221,7 +208,8 @@ fn bad_input(mode: Mode) {
             "{absent} programmed from a bad object"
         );
     }
-    let (peak, now) = memory_kb(s.kproxy().pid());
+    let mem = crate::support::kproxy::memory(s.kproxy().pid());
+    let (peak, now) = (mem.peak_kb, mem.rss_kb);
     eprintln!(
         "bad input {mode:?}: {} reports (bad objects and fields), each exactly once over {syncs} syncs; \
          10,000-endpoint slice programmed; peak RSS {} MB, now {} MB",

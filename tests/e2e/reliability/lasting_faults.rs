@@ -554,19 +554,6 @@ fn truncated_or_cut_file_does_not_remove_services() {
     s.kproxy().assert_running();
 }
 
-/// `(VmRSS, VmHWM)` of `pid` in KiB.
-fn rss_kb(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// A `kubectl get services -o yaml` export of `n` Services, each carrying kubectl's
 /// last-applied-configuration annotation of `annotation` bytes (what makes real exports large).
 fn big_export(n: usize, annotation: usize) -> String {
@@ -614,10 +601,11 @@ fn a_50_mb_manifest_keeps_memory_bounded() {
     let mut samples = Vec::new();
     for _ in 0..10 {
         std::thread::sleep(Duration::from_secs(1));
-        samples.push(rss_kb(pid).0 / 1024);
+        samples.push(crate::support::kproxy::memory(pid).rss_kb / 1024);
     }
     eprintln!("VmRSS (MB) each second after programming: {samples:?}");
-    let (rss, hwm) = rss_kb(pid);
+    let mem = crate::support::kproxy::memory(pid);
+    let (rss, hwm) = (mem.rss_kb, mem.peak_kb);
     eprintln!(
         "a {mb:.1} MB manifest (5,000 Services): programmed after {programmed:?}; \
          VmRSS {} MB, VmHWM {} MB",

@@ -205,3 +205,28 @@ pub(crate) fn wait_until(timeout: Duration, mut predicate: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(20).min(deadline - now));
     }
 }
+
+/// Resident memory of a process, from `/proc/PID/status`, in KiB.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Memory {
+    /// `VmRSS`: resident now.
+    pub(crate) rss_kb: u64,
+    /// `VmHWM`: the peak resident size.
+    pub(crate) peak_kb: u64,
+}
+
+/// [`Memory`] of `pid`.
+pub(crate) fn memory(pid: u32) -> Memory {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Memory {
+        rss_kb: field("VmRSS:"),
+        peak_kb: field("VmHWM:"),
+    }
+}

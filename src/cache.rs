@@ -93,6 +93,8 @@ pub struct ClusterCache {
     node: Option<Arc<Node>>,
     services_synced: bool,
     slices_synced: bool,
+    /// Whether the Node watch has reported at least once (the Node listed, present or not).
+    node_listed: bool,
 }
 
 impl ClusterCache {
@@ -126,6 +128,7 @@ impl ClusterCache {
                 // every following sync into a full rebuild.
                 let changed = node.as_deref() != self.node.as_deref();
                 self.node = node;
+                self.node_listed = true;
                 Touched {
                     everything: changed,
                     ..Touched::default()
@@ -238,6 +241,12 @@ impl ClusterCache {
     /// `isInitialized`): no rule is written before that.
     pub fn is_synced(&self) -> bool {
         self.services_synced && self.slices_synced
+    }
+
+    /// Whether the Node watch has reported at least once (whether or not the Node exists): the
+    /// NodeCIDR local-traffic detector needs its `spec.podCIDRs` before the first sync.
+    pub fn node_listed(&self) -> bool {
+        self.node_listed
     }
 
     /// Every Service, by key.

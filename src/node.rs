@@ -128,7 +128,7 @@ pub fn local_traffic(
 
 /// The Node's pod CIDRs: `spec.podCIDRs`, or the older single `spec.podCIDR` when the list is
 /// absent or empty. Unparseable entries are ignored.
-fn pod_cidrs(node: Option<&Node>) -> Vec<IpNet> {
+pub fn pod_cidrs(node: Option<&Node>) -> Vec<IpNet> {
     let Some(spec) = node.and_then(|n| n.spec.as_ref()) else {
         return Vec::new();
     };

@@ -200,6 +200,16 @@ impl<M: Mode> SyncLoop<M> {
         &self.mode
     }
 
+    /// Whether the sources have said enough for a sync: Services and EndpointSlices listed
+    /// (upstream's `isInitialized`), and with `--detect-local-mode=NodeCIDR` the Node too, whose
+    /// `spec.podCIDRs` the detector is made of (upstream waits for them before it starts; kproxy
+    /// waits for the Node's list, and a Node without pod CIDRs gets no detector, warned about).
+    fn ready_for_first_sync(&self) -> bool {
+        self.cache.is_synced()
+            && (self.config.detect_local != crate::config::LocalDetectMode::NodeCidr
+                || self.cache.node_listed())
+    }
+
     /// Runs until `--once` is satisfied, `shutdown` resolves, or the source ends.
     pub async fn run(
         &mut self,
@@ -245,7 +255,7 @@ impl<M: Mode> SyncLoop<M> {
                     if let Some(m) = &self.metrics {
                         m.changes_seen(services, endpoints, self.pending.service_changes, self.pending.endpoint_changes);
                     }
-                    if !self.cache.is_synced() {
+                    if !self.ready_for_first_sync() {
                         continue;
                     }
                     if !initialized {
@@ -253,6 +263,17 @@ impl<M: Mode> SyncLoop<M> {
                         // happens even when the cluster has no services at all.
                         initialized = true;
                         tracing::info!("services and endpoint slices listed; first sync");
+                        if self.config.detect_local == crate::config::LocalDetectMode::NodeCidr
+                            && crate::node::pod_cidrs(self.cache.node().map(|n| &**n)).is_empty()
+                        {
+                            tracing::warn!(
+                                node = %self.config.hostname,
+                                "--detect-local-mode=NodeCIDR, but the Node has no spec.podCIDRs \
+                                 yet: no local-traffic detector until they are set (ClusterIP \
+                                 traffic is not masqueraded meanwhile, as with upstream's no-op \
+                                 detector)"
+                            );
+                        }
                         schedule.initialized(Instant::now());
                     } else if !self.pending.is_empty() {
                         schedule.changed(Instant::now());

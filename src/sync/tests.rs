@@ -142,10 +142,14 @@ fn start(dry_run: bool) -> Harness {
 }
 
 fn start_with(options: SyncOptions) -> Harness {
+    start_with_config(options, config())
+}
+
+fn start_with_config(options: SyncOptions, config: Arc<Config>) -> Harness {
     let log = Arc::new(Mutex::new(Log::default()));
     let (tx, rx) = mpsc::channel(100);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut sl = SyncLoop::new(FakeMode(log.clone()), config(), options)
+    let mut sl = SyncLoop::new(FakeMode(log.clone()), config, options)
         .with_output(Box::new(std::io::sink()))
         .with_jitter(crate::retry::Jitter::Fixed(0.0));
     let task = tokio::spawn(async move {
@@ -198,6 +202,30 @@ async fn no_sync_before_both_lists_then_one_even_when_empty() {
     h.send(Update::EndpointSlices(Change::Reset(vec![]))).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(h.reads(), 1, "first sync is full (reads the kernel)");
+    assert_eq!(h.stop().await, Stopped::Shutdown);
+}
+
+/// With `--detect-local-mode=NodeCIDR` the detector is the Node's `spec.podCIDRs`: the first
+/// sync also waits for the Node's list (upstream waits for the pod CIDRs before it starts).
+#[tokio::test(start_paused = true)]
+async fn node_cidr_detection_waits_for_the_node_before_the_first_sync() {
+    let args = Args {
+        hostname_override: Some("node-a".into()),
+        detect_local_mode: Some("NodeCIDR".into()),
+        ..Args::default()
+    };
+    let config = Arc::new(crate::config::from_args(&args).unwrap());
+    let h = start_with_config(options(false), config);
+    lists(&h, vec![]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.reads(), 0, "no sync before the Node is listed");
+    h.send(Update::Node(Change::Reset(Vec::new()))).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        h.reads(),
+        1,
+        "the Node's list, even an empty one, completes the lists"
+    );
     assert_eq!(h.stop().await, Stopped::Shutdown);
 }
 

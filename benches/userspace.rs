@@ -257,12 +257,40 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 fn measure(t: &Topology, to: Targets, p: &Profile, received: &AtomicU64) -> Figures {
+    // `KPROXY_BENCH_PARTS=udp` (or `tcp`) measures only that part, for quick iterations.
+    let parts = std::env::var("KPROXY_BENCH_PARTS").unwrap_or_default();
+    if parts == "cps" {
+        return Figures {
+            cps: conn_rate(&t.client, to.rr, 8, p.d),
+            ..Figures::default()
+        };
+    }
+    if parts == "udp" {
+        return Figures {
+            udp: std::array::from_fn(|i| {
+                to.echo
+                    .map(|echo| udp_flows(&t.client, client_ip(), echo, FLOWS[i], 4, p.d))
+            }),
+            ..Figures::default()
+        };
+    }
     let (one, sixteen) = (
         bulk(&t.client, to.sink, 1, p.d, received),
         bulk(&t.client, to.sink, 16, p.d, received),
     );
     let cps = conn_rate(&t.client, to.rr, 8, p.d);
     let (p50, p99) = request_latency(&t.client, to.rr, p.latency_n);
+    if parts == "tcp" {
+        return Figures {
+            bulk1: one.bytes_per_s,
+            bulk16: sixteen.bytes_per_s,
+            failed_streams: one.failed + sixteen.failed,
+            cps,
+            p50,
+            p99,
+            udp: [None; 3],
+        };
+    }
     let udp = std::array::from_fn(|i| {
         to.echo
             .map(|echo| udp_flows(&t.client, client_ip(), echo, FLOWS[i], 4, p.d))
@@ -359,6 +387,13 @@ fn main() {
             idle: 10_000,
         }
     };
+    let mut profile = profile;
+    if let Some(ms) = std::env::var("KPROXY_BENCH_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        profile.d = Duration::from_millis(ms);
+    }
     common::raise_nofile(200_000);
     let load_start = loadavg();
     let t = topology("ubench");
@@ -416,6 +451,13 @@ fn main() {
             .unwrap();
         }
     }
+    // `KPROXY_BENCH_ONLY=kproxy,nginx`: direct and the subjects whose names contain one of these.
+    if let Ok(only) = std::env::var("KPROXY_BENCH_ONLY") {
+        subjects.retain(|s| {
+            matches!(s, Subject::Direct) || only.split(',').any(|o| s.name().contains(o))
+        });
+    }
+    let skip_memory = std::env::var_os("KPROXY_BENCH_NO_MEMORY").is_some();
     // Rounds interleave the subjects, so a burst of load elsewhere on the machine hits them
     // alike; each figure is the median over the rounds.
     let mut samples: Vec<Vec<Figures>> = vec![Vec::new(); subjects.len()];
@@ -436,7 +478,24 @@ fn main() {
         .zip(samples)
         .map(|(s, f)| (s.name(), median(&f), f))
         .collect();
-    let memory = memory(&t, dir.path(), &kproxy, profile.idle, &held);
+    // Every idle proxied connection holds two descriptors in kproxy (and two in this harness:
+    // client and server), so the TCP count stays under the open-file limit.
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(20_000, |(soft, _)| soft as usize);
+    let n_tcp = profile.idle.min(limit.saturating_sub(1_000) / 2);
+    if n_tcp < profile.idle {
+        writeln!(
+            notes,
+            "The open-file limit is {limit} (hard; raising it needs CAP_SYS_RESOURCE, which this machine does not give): {n_tcp} idle TCP connections rather than {} (two descriptors each in kproxy).",
+            profile.idle
+        )
+        .unwrap();
+    }
+    let memory = if skip_memory {
+        String::new()
+    } else {
+        memory(&t, dir.path(), &kproxy, (n_tcp, profile.idle), &held)
+    };
     echo_stop.store(true, Ordering::Relaxed);
     writeln!(
         notes,
@@ -447,54 +506,66 @@ fn main() {
     report(&rows, quick, &notes, &memory);
 }
 
-/// kproxy's memory with `n` idle proxied TCP connections, then `n` UDP flows besides.
+/// kproxy's memory with `n_tcp` idle proxied TCP connections, then (a fresh kproxy) with `n_udp`
+/// UDP flows.
 fn memory(
     t: &Topology,
     dir: &std::path::Path,
     kproxy: &str,
-    n: usize,
+    (n_tcp, n_udp): (usize, usize),
     held: &Arc<AtomicU64>,
 ) -> String {
-    let mut proc = start_kproxy(t, dir, kproxy, "splice");
-    wait_ready(
-        &t.client,
-        Targets {
-            sink: addr(SVC_SINK, 80),
-            rr: addr(SVC_RR, 80),
-            echo: Some(addr(SVC_ECHO, 53)),
-        },
-    );
-    let pid = proc.0.id();
+    let ready = Targets {
+        sink: addr(SVC_SINK, 80),
+        rr: addr(SVC_RR, 80),
+        echo: Some(addr(SVC_ECHO, 53)),
+    };
     // Warm up: the worker threads' UDP buffers and pipe pools exist before the baseline.
-    let _ = conn_rate(&t.client, addr(SVC_RR, 80), 8, Duration::from_millis(200));
-    let _ = udp_flows(
-        &t.client,
-        client_ip(),
-        addr(SVC_ECHO, 53),
-        64,
-        2,
-        Duration::from_millis(200),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let warm = |t: &Topology| {
+        let _ = conn_rate(&t.client, addr(SVC_RR, 80), 8, Duration::from_millis(200));
+        let _ = udp_flows(
+            &t.client,
+            client_ip(),
+            addr(SVC_ECHO, 53),
+            64,
+            2,
+            Duration::from_millis(200),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+
+    // Idle TCP connections: connected, nothing sent.
+    let proc = start_kproxy(t, dir, kproxy, "splice");
+    wait_ready(&t.client, ready);
+    let pid = proc.0.id();
+    warm(t);
     let (rss0, fds0) = (rss(pid), fds(pid));
-    // n idle connections: connected, nothing sent.
     let before = held.load(Ordering::Relaxed);
     let hold = addr(SVC_HOLD, 80);
     let conns: Vec<TcpStream> = t.client.run(move || {
-        (0..n)
+        (0..n_tcp)
             .map(|_| TcpStream::connect_timeout(&hold, Duration::from_secs(5)).unwrap())
             .collect()
     });
     let deadline = Instant::now() + Duration::from_secs(30);
-    while held.load(Ordering::Relaxed) < before + n as u64 && Instant::now() < deadline {
+    while held.load(Ordering::Relaxed) < before + n_tcp as u64 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
     let (rss1, fds1) = (rss(pid), fds(pid));
-    // n UDP flows: one client socket each, one round trip each.
+    drop(proc);
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // UDP flows: one client socket each, one round trip each.
+    let proc = start_kproxy(t, dir, kproxy, "splice");
+    wait_ready(&t.client, ready);
+    let pid = proc.0.id();
+    warm(t);
+    let (rss2, fds2) = (rss(pid), fds(pid));
     let echo = addr(SVC_ECHO, 53);
     let flows: Vec<UdpSocket> = t.client.run(move || {
-        let socks: Vec<UdpSocket> = (0..n)
+        let socks: Vec<UdpSocket> = (0..n_udp)
             .map(|_| {
                 let s = UdpSocket::bind((client_ip(), 0)).unwrap();
                 s.connect(echo).unwrap();
@@ -513,11 +584,11 @@ fn memory(
         socks
     });
     std::thread::sleep(Duration::from_millis(300));
-    let (rss2, fds2) = (rss(pid), fds(pid));
-    let _ = proc.0.kill();
-    drop(conns);
+    let (rss3, fds3) = (rss(pid), fds(pid));
+    drop(proc);
     drop(flows);
-    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / n as f64;
+
+    let per = |a: u64, b: u64, n: usize| (b.saturating_sub(a)) as f64 / n.max(1) as f64;
     let slab = slab_sizes();
     let obj = |name: &str| slab.iter().find(|(n, _)| n == name).map_or(0, |(_, s)| *s);
     let per_socket = obj("sock_inode_cache") + obj("filp") + obj("dentry") + obj("eventpoll_epi");
@@ -525,14 +596,14 @@ fn memory(
     let mut out = String::new();
     writeln!(
         out,
-        "\n### Memory (kproxy splice, {n} of each)\n\n| | resident set growth per item | file descriptors per item | kernel objects per item (slabinfo sizes) |\n|---|---|---|---|"
+        "\n### Memory (kproxy splice; {n_tcp} idle TCP connections, then a fresh kproxy with {n_udp} UDP flows)\n\n| | resident set growth per item | file descriptors per item | kernel objects per item (slabinfo sizes) |\n|---|---|---|---|"
     )
     .unwrap();
     writeln!(
         out,
         "| idle TCP connection (client → kproxy → endpoint) | {:.0} bytes | {:.2} | {tcp_k} bytes (2 TCP sockets: `TCP` {} + inode {} + file {} + dentry {} + epoll item {} each) |",
-        per(rss0, rss1),
-        per(fds0, fds1),
+        per(rss0, rss1, n_tcp),
+        per(fds0, fds1, n_tcp),
         obj("TCP"),
         obj("sock_inode_cache"),
         obj("filp"),
@@ -543,17 +614,18 @@ fn memory(
     writeln!(
         out,
         "| UDP flow | {:.0} bytes | {:.2} | {udp_k} bytes (1 UDP socket: `UDP` {} + the same per-socket objects) |",
-        per(rss1, rss2),
-        per(fds1, fds2),
+        per(rss2, rss3, n_udp),
+        per(fds2, fds3, n_udp),
         obj("UDP"),
     )
     .unwrap();
     writeln!(
         out,
-        "\nResident set: {} KiB before, {} KiB with the connections, {} KiB with the flows too. Socket buffers are empty while idle (bounded by `net.ipv4.tcp_rmem`/`tcp_wmem` and `net.core.rmem_*` while data is queued); a pipe is held only while bytes move.",
+        "\nResident set: {} KiB → {} KiB with the TCP connections; {} KiB → {} KiB with the UDP flows. Socket buffers are empty while idle (bounded by `net.ipv4.tcp_rmem`/`tcp_wmem` and `net.core.rmem_*` while data is queued); a pipe is held only while bytes move.",
         rss0 / 1024,
         rss1 / 1024,
-        rss2 / 1024
+        rss2 / 1024,
+        rss3 / 1024
     )
     .unwrap();
     out

@@ -168,7 +168,6 @@ impl AsRawFd for EpollFd {
 /// One listener socket on one worker, with its flows.
 struct Shard {
     listener: std::net::UdpSocket,
-    epoll: AsyncFd<EpollFd>,
     flows: Slab<Flow>,
     by_client: HashMap<SocketAddr, usize>,
     state: Arc<ListenerState>,
@@ -186,7 +185,7 @@ pub(super) async fn serve(
     mut stop: watch::Receiver<bool>,
     _closed: std::sync::mpsc::Sender<()>,
 ) {
-    let mut shard = match Shard::new(listener, state, shared) {
+    let (mut shard, epoll) = match Shard::new(listener, state, shared) {
         Ok(s) => s,
         Err(err) => {
             tracing::error!(error = %err, "cannot start a UDP listener shard");
@@ -202,41 +201,33 @@ pub(super) async fn serve(
     }
     loop {
         tokio::select! {
-            r = shard.epoll.readable() => {
+            r = epoll.readable() => {
                 let Ok(mut guard) = r else { return };
-                let ready = BUFFERS.with(|b| {
+                let drained = BUFFERS.with(|b| {
                     let mut b = b.borrow_mut();
                     if b.is_none() {
                         match Buffers::new() {
                             Ok(new) => *b = Some(Box::new(new)),
                             Err(err) => {
                                 tracing::error!(error = %err, "cannot set up UDP buffers");
-                                return None;
+                                return false;
                             }
                         }
                     }
-                    let events = &mut b.as_mut()?.events;
-                    match guard.try_io(|e| match e.get_ref().0.wait(events, EpollTimeout::ZERO) {
-                        Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
-                        Ok(n) => Ok(n),
-                        Err(e) => Err(io::Error::from(e)),
-                    }) {
-                        Ok(Ok(n)) => Some(n),
-                        Ok(Err(err)) => {
+                    let Some(bufs) = b.as_mut() else { return false };
+                    let epoll = &epoll.get_ref().0;
+                    match epoll.wait(&mut bufs.events, EpollTimeout::ZERO) {
+                        Ok(n) => shard.handle(epoll, bufs, n),
+                        Err(err) => {
                             tracing::debug!(error = %err, "epoll_wait failed");
-                            None
+                            false
                         }
-                        Err(_would_block) => None,
                     }
                 });
-                if let Some(n) = ready {
-                    drop(guard);
-                    BUFFERS.with(|b| {
-                        let mut b = b.borrow_mut();
-                        if let Some(bufs) = b.as_mut() {
-                            shard.handle(bufs, n);
-                        }
-                    });
+                // Every ready socket was read to its end: wait for the next arrival (each one
+                // wakes the reactor through the epoll descriptor). Otherwise go round again.
+                if drained {
+                    guard.clear_ready();
                 }
             }
             _ = sweep.tick() => shard.sweep(),
@@ -250,7 +241,7 @@ impl Shard {
         listener: std::net::UdpSocket,
         state: Arc<ListenerState>,
         shared: Arc<Shared>,
-    ) -> io::Result<Shard> {
+    ) -> io::Result<(Shard, AsyncFd<EpollFd>)> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
         // tokio 1.54 deprecated its safe constructor for an I/O-safety hole (an `as_raw_fd` that
@@ -262,16 +253,18 @@ impl Shard {
             reason = "sound for an owned descriptor; the replacement is unsafe, which is forbidden"
         )]
         let epoll = AsyncFd::with_interest(EpollFd(epoll), Interest::READABLE)?;
-        Ok(Shard {
-            listener,
+        Ok((
+            Shard {
+                listener,
+                flows: Slab::new(),
+                by_client: HashMap::new(),
+                state,
+                shared,
+                epoch: Instant::now(),
+                gso: true,
+            },
             epoll,
-            flows: Slab::new(),
-            by_client: HashMap::new(),
-            state,
-            shared,
-            epoch: Instant::now(),
-            gso: true,
-        })
+        ))
     }
 
     fn now(&self) -> u64 {
@@ -279,28 +272,39 @@ impl Shard {
     }
 
     /// Handles `n` ready sockets (level-triggered: whatever is left is reported again).
-    fn handle(&mut self, bufs: &mut Buffers, n: usize) {
+    /// Returns whether every one was read to its end (none filled a whole batch, and the epoll
+    /// set had no more ready sockets than were handled).
+    fn handle(&mut self, epoll: &Epoll, bufs: &mut Buffers, n: usize) -> bool {
         let now = self.now();
+        let mut drained = n < EVENTS;
         for i in 0..n {
             let token = bufs.events[i].data();
             if token == LISTENER {
-                self.from_clients(&bufs.udp, &mut bufs.inbound, now);
+                drained &= self.from_clients(epoll, &bufs.udp, &mut bufs.inbound, now) < BATCH;
             } else if let Ok(key) = usize::try_from(token) {
-                self.from_endpoint(bufs, key, now);
+                drained &= !self.from_endpoint(bufs, key, now);
             }
         }
         self.flush(bufs);
+        drained
     }
 
     /// Client → endpoint: one batch from the listener, each datagram onto its flow's socket.
-    fn from_clients(&mut self, udp: &UdpSocketState, batch: &mut Batch, now: u64) {
+    /// Returns how many datagrams (or coalesced buffers) it took.
+    fn from_clients(
+        &mut self,
+        epoll: &Epoll,
+        udp: &UdpSocketState,
+        batch: &mut Batch,
+        now: u64,
+    ) -> usize {
         let n = match batch.recv(udp, &self.listener, 0, BATCH) {
             Ok(n) => n,
             Err(err) => {
                 if err.kind() != io::ErrorKind::WouldBlock {
                     tracing::debug!(listener = %self.state.key, error = %err, "recv failed");
                 }
-                return;
+                return 0;
             }
         };
         for i in 0..n {
@@ -309,7 +313,7 @@ impl Shard {
             };
             let key = match self.by_client.get(&client) {
                 Some(&k) => k,
-                None => match self.new_flow(client, now) {
+                None => match self.new_flow(epoll, client, now) {
                     Some(k) => k,
                     None => continue,
                 },
@@ -337,12 +341,14 @@ impl Shard {
                 }
             }
         }
+        n
     }
 
-    /// Endpoint → client: the flow's replies, received into the outgoing batch.
-    fn from_endpoint(&mut self, bufs: &mut Buffers, key: usize, now: u64) {
+    /// Endpoint → client: the flow's replies, received into the outgoing batch. Returns whether
+    /// the receive filled the batch (more may be waiting).
+    fn from_endpoint(&mut self, bufs: &mut Buffers, key: usize, now: u64) -> bool {
         let Some(flow) = self.flows.get_mut(key) else {
-            return;
+            return false;
         };
         if bufs.outbound.used == BATCH {
             flush_batch(&self.listener, bufs, &mut self.gso);
@@ -356,10 +362,14 @@ impl Shard {
                     out.addr[i] = Some(flow.client);
                 }
                 out.used += n;
+                out.used == BATCH
             }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => false,
             // Connection refused (ICMP port unreachable) and the like: the flow ends.
-            Err(_) => self.remove(key),
+            Err(_) => {
+                self.remove(key);
+                false
+            }
         }
     }
 
@@ -367,7 +377,7 @@ impl Shard {
         flush_batch(&self.listener, bufs, &mut self.gso);
     }
 
-    fn new_flow(&mut self, client: SocketAddr, now: u64) -> Option<usize> {
+    fn new_flow(&mut self, epoll: &Epoll, client: SocketAddr, now: u64) -> Option<usize> {
         let active = self.state.active.load();
         let table = &active.table;
         if !table.allows(client.ip()) {
@@ -391,7 +401,7 @@ impl Shard {
             }
         };
         let key = self.flows.vacant_key();
-        if let Err(err) = self.epoll.get_ref().0.add(
+        if let Err(err) = epoll.add(
             &socket,
             EpollEvent::new(EpollFlags::EPOLLIN, u64::try_from(key).ok()?),
         ) {

@@ -106,6 +106,7 @@ enum Subject {
         label: String,
         binary: String,
         copy: &'static str,
+        threads: &'static str,
     },
     /// HAProxy with `benches/configs/haproxy.cfg`.
     Haproxy,
@@ -143,8 +144,13 @@ impl Subject {
                     echo: Some(addr(SERVER, ECHO_FAST)),
                 },
             ),
-            Subject::Kproxy { binary, copy, .. } => (
-                vec![start_kproxy(t, dir, binary, copy)],
+            Subject::Kproxy {
+                binary,
+                copy,
+                threads,
+                ..
+            } => (
+                vec![start_kproxy(t, dir, binary, copy, threads)],
                 Targets {
                     sink: addr(SVC_SINK, 80),
                     rr: addr(SVC_RR, 80),
@@ -212,7 +218,13 @@ impl Subject {
     }
 }
 
-fn start_kproxy(t: &Topology, dir: &std::path::Path, binary: &str, copy: &str) -> Proc {
+fn start_kproxy(
+    t: &Topology,
+    dir: &std::path::Path,
+    binary: &str,
+    copy: &str,
+    threads: &str,
+) -> Proc {
     let admin = format!("--admin-socket={}", dir.join("admin.sock").display());
     Proc(t.node.child(
         binary,
@@ -227,7 +239,11 @@ fn start_kproxy(t: &Topology, dir: &std::path::Path, binary: &str, copy: &str) -
             "--metrics-bind-address=",
             &admin,
         ],
-        &[("KPROXY_USERSPACE_COPY", copy), ("RUST_LOG", "warn")],
+        &[
+            ("KPROXY_USERSPACE_COPY", copy),
+            ("KPROXY_USERSPACE_THREADS", threads),
+            ("RUST_LOG", "warn"),
+        ],
     ))
 }
 
@@ -259,6 +275,17 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
 fn measure(t: &Topology, to: Targets, p: &Profile, received: &AtomicU64) -> Figures {
     // `KPROXY_BENCH_PARTS=udp` (or `tcp`) measures only that part, for quick iterations.
     let parts = std::env::var("KPROXY_BENCH_PARTS").unwrap_or_default();
+    if parts == "bulk" {
+        let (one, sixteen) = (
+            bulk(&t.client, to.sink, 1, p.d, received),
+            bulk(&t.client, to.sink, 16, p.d, received),
+        );
+        return Figures {
+            bulk1: one.bytes_per_s,
+            bulk16: sixteen.bytes_per_s,
+            ..Figures::default()
+        };
+    }
     if parts == "cps" {
         return Figures {
             cps: conn_rate(&t.client, to.rr, 8, p.d),
@@ -388,6 +415,12 @@ fn main() {
         }
     };
     let mut profile = profile;
+    if let Some(r) = std::env::var("KPROXY_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        profile.rounds = r;
+    }
     if let Some(ms) = std::env::var("KPROXY_BENCH_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -419,11 +452,19 @@ fn main() {
             label: "kproxy (splice)".into(),
             binary: kproxy.clone(),
             copy: "splice",
+            threads: "shared",
         },
         Subject::Kproxy {
             label: "kproxy (buffered)".into(),
             binary: kproxy.clone(),
             copy: "buffered",
+            threads: "shared",
+        },
+        Subject::Kproxy {
+            label: "kproxy (splice, per-core)".into(),
+            binary: kproxy.clone(),
+            copy: "splice",
+            threads: "per-core",
         },
     ];
     if let Ok(before) = std::env::var("KPROXY_BENCH_BEFORE") {
@@ -431,6 +472,7 @@ fn main() {
             label: "kproxy before (splice)".into(),
             binary: before,
             copy: "splice",
+            threads: "shared",
         });
     }
     for (subject, program, package) in [
@@ -535,7 +577,7 @@ fn memory(
     };
 
     // Idle TCP connections: connected, nothing sent.
-    let proc = start_kproxy(t, dir, kproxy, "splice");
+    let proc = start_kproxy(t, dir, kproxy, "splice", "shared");
     wait_ready(&t.client, ready);
     let pid = proc.0.id();
     warm(t);
@@ -558,7 +600,7 @@ fn memory(
     std::thread::sleep(Duration::from_millis(300));
 
     // UDP flows: one client socket each, one round trip each.
-    let proc = start_kproxy(t, dir, kproxy, "splice");
+    let proc = start_kproxy(t, dir, kproxy, "splice", "shared");
     wait_ready(&t.client, ready);
     let pid = proc.0.id();
     warm(t);
@@ -753,7 +795,8 @@ fn report(rows: &[(String, Figures, Vec<Figures>)], quick: bool, notes: &str, me
 fn plot(rows: &[(String, Figures, Vec<Figures>)], path: &std::path::Path, quick: bool) {
     use plotters::prelude::*;
     let base = &rows[0].1;
-    let metrics: [(&str, fn(&Figures) -> Option<f64>); 7] = [
+    type Metric = (&'static str, fn(&Figures) -> Option<f64>);
+    let metrics: [Metric; 7] = [
         ("1 stream", |f| Some(f.bulk1)),
         ("16 streams", |f| Some(f.bulk16)),
         ("conn/s", |f| Some(f.cps)),

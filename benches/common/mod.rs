@@ -582,7 +582,7 @@ pub(crate) fn udp_flows(
                         .unwrap_or(0);
                     for ev in &events[..n] {
                         let i = ev.data() as usize;
-                        while let Ok(_) = sockets[i].recv(&mut buf) {
+                        while sockets[i].recv(&mut buf).is_ok() {
                             ok += 1;
                             let _ = sockets[i].send(&msg);
                             sent_at[i] = Instant::now();

@@ -24,7 +24,7 @@ use std::net::IpAddr;
 
 use kproxy_contract::{CommandError, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
-pub use datapath::{CopyMethod, DataPath, Handover, Options};
+pub use datapath::{CopyMethod, DataPath, Handover, Options, Threads};
 pub use model::UserspaceRules;
 pub use plan::UserspacePlan;
 pub use routes::{IpRoute, ROUTE_PROTO, RouteTable};

@@ -58,6 +58,31 @@ pub struct Options {
     pub workers: usize,
     /// How TCP bytes are copied.
     pub copy: CopyMethod,
+    /// How the worker threads share the work.
+    pub threads: Threads,
+}
+
+/// How the data path's threads share the work. Either way every listener address has one
+/// `SO_REUSEPORT` socket per worker thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Threads {
+    /// One multi-thread runtime: a busy thread's connections are taken over by an idle one (work
+    /// stealing), so a few heavy connections hashed to one socket still use every core.
+    #[default]
+    Shared,
+    /// A single-threaded runtime per thread, each serving its own sockets: no stealing, so no
+    /// cross-thread wake-up, but a connection stays on the core whose socket accepted it.
+    PerCore,
+}
+
+impl Threads {
+    /// `KPROXY_USERSPACE_THREADS=per-core` selects [`Threads::PerCore`].
+    pub fn from_env() -> Threads {
+        match std::env::var("KPROXY_USERSPACE_THREADS").as_deref() {
+            Ok("per-core") => Threads::PerCore,
+            _ => Threads::Shared,
+        }
+    }
 }
 
 impl Default for Options {
@@ -69,6 +94,7 @@ impl Default for Options {
             udp_idle_timeout: Duration::from_secs(30),
             workers: 0,
             copy: CopyMethod::from_env(),
+            threads: Threads::from_env(),
         }
     }
 }
@@ -184,17 +210,26 @@ impl DataPath {
         } else {
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         };
+        let per_core = options.threads == Threads::PerCore;
         let mut workers = Vec::with_capacity(n);
-        for i in 0..n {
+        for i in 0..(if per_core { n } else { 1 }) {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name(format!("kproxy-data-{i}"))
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
+                    let built = if per_core {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                    } else {
+                        tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(n)
+                            .thread_name("kproxy-data")
+                            .enable_all()
+                            .build()
+                    };
+                    let rt = match built {
                         Ok(rt) => rt,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -214,7 +249,10 @@ impl DataPath {
                 stop: Some(stop_tx),
             });
         }
-        let handles: Arc<[Handle]> = workers.iter().map(|w| w.handle.clone()).collect();
+        // One socket per worker thread on every listener address, whichever runtime runs them.
+        let handles: Arc<[Handle]> = (0..n)
+            .map(|i| workers[i % workers.len()].handle.clone())
+            .collect();
         let (generation, _) = watch::channel(0);
         Ok(DataPath {
             workers,

@@ -93,7 +93,15 @@ fn options() -> Options {
     Options {
         workers: 2,
         grace_period: Duration::from_secs(2),
+        threads: super::Threads::Shared,
         ..Options::default()
+    }
+}
+
+fn per_core() -> Options {
+    Options {
+        threads: super::Threads::PerCore,
+        ..options()
     }
 }
 
@@ -108,12 +116,17 @@ fn roundtrip(to: SocketAddr, msg: &[u8]) -> Vec<u8> {
 
 #[test]
 fn tcp_through_per_core_listeners_and_bulk_both_ways() {
+    tcp_and_bulk(options());
+    tcp_and_bulk(per_core());
+}
+
+fn tcp_and_bulk(options: Options) {
     let echo = tcp_echo();
     let key = ListenerKey {
         transport: Transport::Tcp,
         addr: lo(free_port()),
     };
-    let mut dp = DataPath::new(options()).unwrap();
+    let mut dp = DataPath::new(options.clone()).unwrap();
     assert!(dp.apply(&[], &[], &[(key, table(echo))]).is_empty());
     // Many connections land on both workers' sockets (the kernel hashes them).
     for i in 0..50u8 {
@@ -140,12 +153,17 @@ fn tcp_through_per_core_listeners_and_bulk_both_ways() {
 
 #[test]
 fn udp_flows_batch_and_pass_coalesced_datagrams_on() {
+    udp_flows(options());
+    udp_flows(per_core());
+}
+
+fn udp_flows(options: Options) {
     let echo = udp_echo();
     let key = ListenerKey {
         transport: Transport::Udp,
         addr: lo(free_port()),
     };
-    let mut dp = DataPath::new(options()).unwrap();
+    let mut dp = DataPath::new(options.clone()).unwrap();
     assert!(dp.apply(&[], &[], &[(key, table(echo))]).is_empty());
     // 100 flows, each a few round trips; every reply comes from the service address.
     let clients: Vec<UdpSocket> = (0..100)

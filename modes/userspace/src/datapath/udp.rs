@@ -280,9 +280,9 @@ impl Shard {
         for i in 0..n {
             let token = bufs.events[i].data();
             if token == LISTENER {
-                drained &= self.from_clients(epoll, &bufs.udp, &mut bufs.inbound, now) < BATCH;
+                drained &= self.client_datagrams(epoll, &bufs.udp, &mut bufs.inbound, now) < BATCH;
             } else if let Ok(key) = usize::try_from(token) {
-                drained &= !self.from_endpoint(bufs, key, now);
+                drained &= !self.endpoint_replies(bufs, key, now);
             }
         }
         self.flush(bufs);
@@ -291,7 +291,7 @@ impl Shard {
 
     /// Client → endpoint: one batch from the listener, each datagram onto its flow's socket.
     /// Returns how many datagrams (or coalesced buffers) it took.
-    fn from_clients(
+    fn client_datagrams(
         &mut self,
         epoll: &Epoll,
         udp: &UdpSocketState,
@@ -346,7 +346,7 @@ impl Shard {
 
     /// Endpoint → client: the flow's replies, received into the outgoing batch. Returns whether
     /// the receive filled the batch (more may be waiting).
-    fn from_endpoint(&mut self, bufs: &mut Buffers, key: usize, now: u64) -> bool {
+    fn endpoint_replies(&mut self, bufs: &mut Buffers, key: usize, now: u64) -> bool {
         let Some(flow) = self.flows.get_mut(key) else {
             return false;
         };

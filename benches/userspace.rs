@@ -9,7 +9,8 @@
 //!
 //! and measures, for each subject — `direct` (the client talks to the server, the node routes),
 //! `kproxy (splice)` and `kproxy (buffered)` (the kproxy binary in `--proxy-mode userspace` in
-//! the node, each copy method once; a ClusterIP per server port), `haproxy` and `nginx stream`
+//! the node, each copy method once; a ClusterIP per server port; and splice on one shared
+//! multi-thread runtime, `KPROXY_USERSPACE_THREADS=shared`), `haproxy` and `nginx stream`
 //! (Debian's packages, with the configs in `benches/configs/`: threads = cores, no per-connection
 //! logging) and `socat` (`TCP-LISTEN:…,fork` / `UDP-LISTEN:…,fork`), each started in the node by
 //! this harness and stopped by pid — :
@@ -452,19 +453,19 @@ fn main() {
             label: "kproxy (splice)".into(),
             binary: kproxy.clone(),
             copy: "splice",
-            threads: "shared",
+            threads: "per-core",
         },
         Subject::Kproxy {
             label: "kproxy (buffered)".into(),
             binary: kproxy.clone(),
             copy: "buffered",
-            threads: "shared",
+            threads: "per-core",
         },
         Subject::Kproxy {
-            label: "kproxy (splice, per-core)".into(),
+            label: "kproxy (splice, shared runtime)".into(),
             binary: kproxy.clone(),
             copy: "splice",
-            threads: "per-core",
+            threads: "shared",
         },
     ];
     if let Ok(before) = std::env::var("KPROXY_BENCH_BEFORE") {
@@ -577,7 +578,7 @@ fn memory(
     };
 
     // Idle TCP connections: connected, nothing sent.
-    let proc = start_kproxy(t, dir, kproxy, "splice", "shared");
+    let proc = start_kproxy(t, dir, kproxy, "splice", "per-core");
     wait_ready(&t.client, ready);
     let pid = proc.0.id();
     warm(t);
@@ -600,7 +601,7 @@ fn memory(
     std::thread::sleep(Duration::from_millis(300));
 
     // UDP flows: one client socket each, one round trip each.
-    let proc = start_kproxy(t, dir, kproxy, "splice", "shared");
+    let proc = start_kproxy(t, dir, kproxy, "splice", "per-core");
     wait_ready(&t.client, ready);
     let pid = proc.0.id();
     warm(t);

@@ -1,12 +1,14 @@
 //! The data path: listening sockets and the connections and flows they carry, on worker threads
 //! of their own.
 //!
-//! Thread per core: one worker thread per CPU (`kproxy-data-N`), each running a single-threaded
-//! tokio runtime, and every listener address has one `SO_REUSEPORT` socket per worker. The kernel
-//! spreads connections and UDP flows over the sockets by a hash of the 4-tuple, so a connection
-//! is accepted, proxied and closed on the core that accepted it: no work stealing, no
-//! cross-thread wake-up, no lock on the path of a byte or a datagram, and per-thread buffers and
-//! pipe pools.
+//! A socket per core: the data path has one worker thread per CPU, and every listener address
+//! has one `SO_REUSEPORT` socket per worker. The kernel spreads connections and UDP flows over
+//! the sockets by a hash of the 4-tuple, so accepting scales with the cores and each UDP socket
+//! owns its flows (no shared flow table, no lock on the path of a datagram; buffers and pipe
+//! pools are per thread). By default each worker runs a single-threaded runtime of its own
+//! ([`Threads::PerCore`]): a connection is accepted, proxied and closed on one core, with no
+//! cross-thread wake-up. [`Threads::Shared`] makes the workers one multi-thread runtime instead,
+//! whose work stealing keeps every core busy when a few heavy connections hash to one socket.
 //!
 //! Why not the control plane's runtime: the sync loop runs blocking kernel work
 //! (`block_in_place`) and CPU-heavy builds of large clusters on its executor; proxied bytes must
@@ -66,21 +68,22 @@ pub struct Options {
 /// `SO_REUSEPORT` socket per worker thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Threads {
+    /// A single-threaded runtime per thread, each serving its own sockets: no stealing, so no
+    /// cross-thread wake-up; a connection stays on the core whose socket accepted it. Measured
+    /// ahead on connection rate and few-flow UDP (`benches/results/userspace.md`).
+    #[default]
+    PerCore,
     /// One multi-thread runtime: a busy thread's connections are taken over by an idle one (work
     /// stealing), so a few heavy connections hashed to one socket still use every core.
-    #[default]
     Shared,
-    /// A single-threaded runtime per thread, each serving its own sockets: no stealing, so no
-    /// cross-thread wake-up, but a connection stays on the core whose socket accepted it.
-    PerCore,
 }
 
 impl Threads {
-    /// `KPROXY_USERSPACE_THREADS=per-core` selects [`Threads::PerCore`].
+    /// `KPROXY_USERSPACE_THREADS=shared` selects [`Threads::Shared`].
     pub fn from_env() -> Threads {
         match std::env::var("KPROXY_USERSPACE_THREADS").as_deref() {
-            Ok("per-core") => Threads::PerCore,
-            _ => Threads::Shared,
+            Ok("shared") => Threads::Shared,
+            _ => Threads::PerCore,
         }
     }
 }

@@ -958,8 +958,22 @@ fn userspace_surge_upgrade_refuses_nothing_and_a_crash_window_is_bounded() {
     let mut session = Session::open(&s.topo.client, client_v4(0), vip).unwrap();
     assert_eq!(session.ping("before").unwrap(), "ep1");
 
+    // KPROXY_E2E_PROBE_EVERY_US and KPROXY_E2E_PROBE_LOOPS make the client harder (several
+    // loops, no pause) for a measurement; the test's own load is one connection every 10 ms.
+    let every = Duration::from_micros(
+        std::env::var("KPROXY_E2E_PROBE_EVERY_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000),
+    );
+    let loops: usize = std::env::var("KPROXY_E2E_PROBE_LOOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let probes = probe_loop(&s.topo.client, vip, Duration::from_millis(10), stop.clone());
+    let probes: Vec<_> = (0..loops)
+        .map(|_| probe_loop(&s.topo.client, vip, every, stop.clone()))
+        .collect();
     std::thread::sleep(Duration::from_millis(500));
     // The surge: the new process starts, and the old one is told to stop right away (the worst
     // order: the old one must wait until the new one listens).
@@ -988,7 +1002,18 @@ fn userspace_surge_upgrade_refuses_nothing_and_a_crash_window_is_bounded() {
     assert!(status.success(), "old kproxy: {status}\n{}", old.stderr());
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
-    let p = probes.join().unwrap();
+    let p = probes
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .fold(Probes::default(), |mut a, b| {
+            a.ok += b.ok;
+            a.refused += b.refused;
+            a.reset += b.reset;
+            a.other.extend(b.other);
+            a.failures.extend(b.failures);
+            a.successes.extend(b.successes);
+            a
+        });
     let log = old.stderr();
     eprintln!(
         "surge upgrade: {} connections ok, {} refused, {} reset, other {:?}; old kproxy exited {:?} after SIGTERM, {:?} after its last connection closed\n{}",

@@ -525,7 +525,7 @@ fn main() {
     // client and server), so the TCP count stays under the open-file limit.
     let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(20_000, |(soft, _)| soft as usize);
-    let n_tcp = profile.idle.min(limit.saturating_sub(1_000) / 2);
+    let n_tcp = profile.idle.min(limit.saturating_sub(2_000) / 2);
     if n_tcp < profile.idle {
         writeln!(
             notes,
@@ -596,6 +596,8 @@ fn memory(
     }
     std::thread::sleep(Duration::from_millis(300));
     let (rss1, fds1) = (rss(pid), fds(pid));
+    // What the endpoint accepted (each idle connection proxied end to end).
+    let n_tcp = usize::try_from(held.load(Ordering::Relaxed) - before).unwrap_or(n_tcp);
     drop(proc);
     drop(conns);
     std::thread::sleep(Duration::from_millis(300));
@@ -823,7 +825,7 @@ fn plot(rows: &[(String, Figures, Vec<Figures>)], path: &std::path::Path, quick:
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(0f64..metrics.len() as f64, 0f64..130f64)
+        .build_cartesian_2d(0f64..metrics.len() as f64, 0f64..165f64)
         .unwrap();
     chart
         .configure_mesh()
@@ -840,18 +842,29 @@ fn plot(rows: &[(String, Figures, Vec<Figures>)], path: &std::path::Path, quick:
         .y_desc("% of direct")
         .draw()
         .unwrap();
-    let palette = [
-        RGBColor(0, 0, 0),
-        RGBColor(31, 119, 180),
-        RGBColor(120, 170, 220),
-        RGBColor(150, 150, 150),
-        RGBColor(214, 39, 40),
-        RGBColor(44, 160, 44),
-        RGBColor(255, 127, 14),
-    ];
+    // direct black; kproxy in blues, its baseline grey; the other proxies in their own hues.
+    let color = |name: &str, i: usize| -> RGBColor {
+        match name {
+            "direct" => RGBColor(0, 0, 0),
+            "haproxy" => RGBColor(44, 160, 44),
+            "nginx stream" => RGBColor(255, 127, 14),
+            "socat" => RGBColor(148, 103, 189),
+            n if n.contains("before") => RGBColor(160, 160, 160),
+            _ => [
+                RGBColor(31, 119, 180),
+                RGBColor(120, 170, 220),
+                RGBColor(23, 190, 207),
+                RGBColor(57, 59, 121),
+            ][i % 4],
+        }
+    };
     let width = 0.8 / n as f64;
+    let mut kproxies = 0;
     for (s, (name, f, _)) in rows.iter().enumerate() {
-        let color = palette[s % palette.len()];
+        let color = color(name, kproxies);
+        if name.starts_with("kproxy") && !name.contains("before") {
+            kproxies += 1;
+        }
         let bars: Vec<Rectangle<(f64, f64)>> = metrics
             .iter()
             .enumerate()

@@ -610,14 +610,33 @@ pub(crate) fn udp_flows(
 /// reading (idle connections for a memory measurement). Returns the number accepted so far;
 /// the listener closes when the namespace goes.
 pub(crate) fn hold_server(ns: &Ns, ip: IpAddr, port: u16) -> Arc<AtomicU64> {
-    let listener = ns.run(move || TcpListener::bind((ip, port)).unwrap());
+    let listener = ns.run(move || {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(SocketAddr::new(ip, port)),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&SocketAddr::new(ip, port).into()).unwrap();
+        s.listen(4096).unwrap();
+        TcpListener::from(s)
+    });
     let accepted = Arc::new(AtomicU64::new(0));
     let count = accepted.clone();
     std::thread::spawn(move || {
         let mut held = Vec::new();
-        while let Ok((conn, _)) = listener.accept() {
-            held.push(conn);
-            count.fetch_add(1, Ordering::Relaxed);
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    held.push(conn);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    eprintln!("hold server: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
         }
     });
     accepted

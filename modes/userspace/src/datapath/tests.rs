@@ -273,3 +273,22 @@ fn a_taken_port_is_bound_once_it_is_free() {
         "never served after the port came free"
     );
 }
+
+#[test]
+fn handover_without_a_successor_closes_after_the_wait_and_cuts_nothing_idle() {
+    let echo = tcp_echo();
+    let key = ListenerKey {
+        transport: Transport::Tcp,
+        addr: lo(free_port()),
+    };
+    let mut dp = DataPath::new(options()).unwrap();
+    assert!(dp.apply(&[], &[], &[(key, table(echo))]).is_empty());
+    assert_eq!(roundtrip(key.addr, b"a"), b"a");
+    let started = std::time::Instant::now();
+    let report = dp.handover(Duration::from_millis(300), Duration::from_secs(2));
+    assert!(started.elapsed() >= Duration::from_millis(300), "{report:?}");
+    assert_eq!((report.handed_over, report.without_successor), (0, 1));
+    assert_eq!(report.connections_cut, 0, "{report:?}");
+    // Closed: nothing listens any more.
+    assert!(TcpStream::connect(key.addr).is_err());
+}

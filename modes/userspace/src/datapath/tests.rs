@@ -286,7 +286,10 @@ fn handover_without_a_successor_closes_after_the_wait_and_cuts_nothing_idle() {
     assert_eq!(roundtrip(key.addr, b"a"), b"a");
     let started = std::time::Instant::now();
     let report = dp.handover(Duration::from_millis(300), Duration::from_secs(2));
-    assert!(started.elapsed() >= Duration::from_millis(300), "{report:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{report:?}"
+    );
     assert_eq!((report.handed_over, report.without_successor), (0, 1));
     assert_eq!(report.connections_cut, 0, "{report:?}");
     // Closed: nothing listens any more.

@@ -223,6 +223,10 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
     let stopped = sync.run(rx, stopping).await;
     drop(source);
     drop(background);
+    if matches!(stopped, Ok(Stopped::Shutdown)) {
+        // The userspace mode hands its listeners over and drains its connections here.
+        tokio::task::block_in_place(|| sync.mode().stop());
+    }
     if let Some(reason) = stop_reason {
         anyhow::bail!("{reason}");
     }

@@ -21,6 +21,25 @@ if command -v apt-get >/dev/null 2>&1; then
   apt-get install -y -qq --no-install-recommends \
     iptables nftables conntrack ipset iproute2 socat ca-certificates binutils g++ >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+  # haproxy, nginx and its stream module: subjects of the userspace benchmark (benches/userspace.rs
+  # starts them itself, inside its own network namespaces, by pid). Debian would start both as
+  # services on install (nginx listening on port 80 of the machine): a policy-rc.d keeps them from
+  # starting, and they are disabled so a boot does not start them either.
+  if ! command -v haproxy >/dev/null 2>&1 || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
+    placed_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+      chmod +x /usr/sbin/policy-rc.d
+      placed_policy=yes
+    fi
+    apt-get install -y -qq --no-install-recommends haproxy nginx libnginx-mod-stream >/dev/null
+    if [ -n "$placed_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    # Only the services this script just installed: a machine's own haproxy or nginx is left
+    # as it was.
+    if command -v systemctl >/dev/null 2>&1; then
+      systemctl disable haproxy nginx >/dev/null 2>&1 || true
+    fi
+  fi
   # kubectl renders the kustomize base (tests/e2e/deploy_manifests.rs); Debian's
   # kubernetes-client does it offline.
   if ! command -v kubectl >/dev/null 2>&1; then

@@ -493,3 +493,161 @@ pub(crate) fn wait_ready(client: &Ns, from: IpAddr, to: SocketAddr, echo: Socket
         assert!(Instant::now() < deadline, "{echo} never answered");
     }
 }
+
+/// A UDP echo on `ip:port` in `ns` with one `SO_REUSEPORT` socket per thread (`threads`), so the
+/// endpoint is not what limits many-flow runs. Stops when the returned flag is set.
+pub(crate) fn udp_echo_reuseport(
+    ns: &Ns,
+    ip: IpAddr,
+    port: u16,
+    threads: usize,
+) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for _ in 0..threads {
+        let echo = ns.run(move || {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(SocketAddr::new(ip, port)),
+                socket2::Type::DGRAM,
+                None,
+            )
+            .unwrap();
+            s.set_reuse_port(true).unwrap();
+            s.bind(&SocketAddr::new(ip, port).into()).unwrap();
+            UdpSocket::from(s)
+        });
+        echo.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                match echo.recv_from(&mut buf) {
+                    Ok((n, peer)) => {
+                        let _ = echo.send_to(&buf[..n], peer);
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+    stop
+}
+
+/// UDP round trips per second over `flows` client sockets (each its own flow through a proxy,
+/// each with one 64-byte request outstanding), driven by `threads` threads with epoll, for `d`.
+/// A connected socket only receives from the address it sent to, so a reply from any other
+/// source is not counted. A request unanswered for 50 ms is sent again (a lost datagram must not
+/// stop its flow).
+pub(crate) fn udp_flows(
+    client: &Ns,
+    from: IpAddr,
+    to: SocketAddr,
+    flows: usize,
+    threads: usize,
+    d: Duration,
+) -> f64 {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    let threads = threads.clamp(1, flows.max(1));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let mine = flows / threads + usize::from(t < flows % threads);
+            client.spawn(move || {
+                let sockets: Vec<UdpSocket> = (0..mine)
+                    .map(|_| {
+                        let s = UdpSocket::bind((from, 0)).unwrap();
+                        s.connect(to).unwrap();
+                        s.set_nonblocking(true).unwrap();
+                        s
+                    })
+                    .collect();
+                let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
+                for (i, s) in sockets.iter().enumerate() {
+                    epoll
+                        .add(s, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+                        .unwrap();
+                }
+                let msg = [7u8; 64];
+                let mut sent_at = vec![Instant::now(); mine];
+                for s in &sockets {
+                    let _ = s.send(&msg);
+                }
+                let (mut events, mut buf, mut ok) =
+                    (vec![EpollEvent::empty(); 256], [0u8; 2048], 0u64);
+                let mut last_scan = Instant::now();
+                while start.elapsed() < d {
+                    let n = epoll
+                        .wait(&mut events, EpollTimeout::from(10u16))
+                        .unwrap_or(0);
+                    for ev in &events[..n] {
+                        let i = ev.data() as usize;
+                        while sockets[i].recv(&mut buf).is_ok() {
+                            ok += 1;
+                            let _ = sockets[i].send(&msg);
+                            sent_at[i] = Instant::now();
+                        }
+                    }
+                    if last_scan.elapsed() > Duration::from_millis(20) {
+                        last_scan = Instant::now();
+                        for (i, s) in sockets.iter().enumerate() {
+                            if sent_at[i].elapsed() > Duration::from_millis(50) {
+                                let _ = s.send(&msg);
+                                sent_at[i] = Instant::now();
+                            }
+                        }
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A TCP server on `ip:port` in `ns` that accepts and holds every connection open without
+/// reading (idle connections for a memory measurement). Returns the number accepted so far;
+/// the listener closes when the namespace goes.
+pub(crate) fn hold_server(ns: &Ns, ip: IpAddr, port: u16) -> Arc<AtomicU64> {
+    let listener = ns.run(move || {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(SocketAddr::new(ip, port)),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&SocketAddr::new(ip, port).into()).unwrap();
+        s.listen(4096).unwrap();
+        TcpListener::from(s)
+    });
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    held.push(conn);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    eprintln!("hold server: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    });
+    accepted
+}
+
+/// Raises this process's open-file limit (soft and hard) to `n` (root may): many-connection
+/// measurements hold tens of thousands of sockets, and the processes the harness starts inherit it.
+pub(crate) fn raise_nofile(n: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    if setrlimit(Resource::RLIMIT_NOFILE, n.max(soft), n.max(hard)).is_err() {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

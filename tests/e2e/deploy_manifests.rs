@@ -208,3 +208,71 @@ fn strict_parsing_catches_unknown_fields() {
     });
     let _: ServiceAccount = strict(&doc);
 }
+
+/// The userspace component (`manifests/components/userspace`) renders on top of the base into a
+/// surge rollout in userspace mode that the scheduler can place next to the old pod: no declared
+/// (host) ports.
+#[test]
+fn kustomize_renders_the_userspace_component() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let overlay = tempfile::Builder::new()
+        .prefix("kpx-overlay-")
+        .tempdir_in(root.join("target"))
+        .or_else(|_| tempfile::tempdir_in(root))
+        .expect("temp dir");
+    let base = pathdiff(root.join("manifests").as_path(), overlay.path());
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!("resources: [{base}]\ncomponents: [{base}/components/userspace]\n"),
+    )
+    .expect("write overlay");
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(overlay.path())
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).expect("YAML");
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let ds: DaemonSet = strict(ds);
+    let spec = ds.spec.expect("spec");
+    let rolling = spec
+        .update_strategy
+        .and_then(|s| s.rolling_update)
+        .expect("rolling update");
+    assert_eq!(
+        serde_json::to_value(&rolling).unwrap(),
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0})
+    );
+    let pod = spec.template.spec.expect("pod spec");
+    let c = &pod.containers[0];
+    assert!(
+        c.command
+            .iter()
+            .flatten()
+            .any(|a| a == "--proxy-mode=userspace")
+    );
+    assert!(c.ports.is_none(), "host ports would block the surge pod");
+    assert!(pod.termination_grace_period_seconds.unwrap_or(30) >= 20);
+}
+
+/// `path` relative to `from` (both absolute, `from` a directory).
+fn pathdiff(path: &std::path::Path, from: &std::path::Path) -> String {
+    let (p, f): (Vec<_>, Vec<_>) = (path.components().collect(), from.components().collect());
+    let common = p.iter().zip(&f).take_while(|(a, b)| a == b).count();
+    let mut out: Vec<String> = vec!["..".into(); f.len() - common];
+    out.extend(
+        p[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    out.join("/")
+}

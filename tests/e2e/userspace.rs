@@ -869,3 +869,226 @@ fn userspace_udp_flows_stick_expire_when_idle_and_end_with_their_endpoint() {
     );
     s.kproxy().assert_running();
 }
+
+/// What a client saw over a stretch of time: one fresh connection (a request and its answer)
+/// every `every`.
+#[derive(Debug, Default)]
+struct Probes {
+    ok: usize,
+    refused: usize,
+    reset: usize,
+    other: Vec<String>,
+    /// When each failure happened.
+    failures: Vec<Instant>,
+    /// When each success happened.
+    successes: Vec<Instant>,
+}
+
+/// One line on a fresh connection from the calling thread's namespace; the identity answered.
+fn line_request(dst: SocketAddr) -> io::Result<String> {
+    let stream = TcpStream::connect_timeout(&dst, REQ)?;
+    stream.set_read_timeout(Some(REQ))?;
+    (&stream).write_all(b"probe\n")?;
+    let mut line = String::new();
+    if BufReader::new(&stream).read_line(&mut line)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(line.split(' ').next().unwrap_or_default().to_string())
+}
+
+/// Opens a fresh connection through `vip` every `every` until `stop`, and tallies the outcomes.
+fn probe_loop(
+    ns: &Netns,
+    vip: SocketAddr,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Probes> {
+    let path = format!("/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        // This thread lives in the client namespace (setns is per thread).
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut p = Probes::default();
+        while !stop.load(Ordering::Relaxed) {
+            let at = Instant::now();
+            match line_request(vip) {
+                Ok(_) => {
+                    p.ok += 1;
+                    p.successes.push(at);
+                }
+                Err(e) => {
+                    p.failures.push(at);
+                    match e.kind() {
+                        io::ErrorKind::ConnectionRefused => p.refused += 1,
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => {
+                            p.reset += 1
+                        }
+                        _ => p.other.push(e.to_string()),
+                    }
+                }
+            }
+            std::thread::sleep(every.saturating_sub(at.elapsed()));
+        }
+        p
+    })
+}
+
+/// Issue #19: a surge upgrade (a new kproxy started next to the running one, then SIGTERM to the
+/// old one, as a DaemonSet rollout with `maxSurge: 1, maxUnavailable: 0` does) refuses and resets
+/// nothing while a client opens a connection every 10 ms; a connection established through the
+/// old kproxy keeps working after its SIGTERM and the old kproxy exits once it has closed. Then
+/// a crash (SIGKILL) with an immediate restart: the window of refused connections is measured and
+/// bounded.
+#[test]
+fn userspace_surge_upgrade_refuses_nothing_and_a_crash_window_is_bounded() {
+    if !require_root("userspace_surge_upgrade_refuses_nothing_and_a_crash_window_is_bounded") {
+        return;
+    }
+    let s = scenario();
+    let _echo = LineEcho::start(&s.topo.endpoints, sock(POD_V4[0], 8080), "ep1");
+    s.apply(&Svc::new("web", &["10.96.1.8"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        "web-v4",
+        &eps(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    let mut args = base_args(&s);
+    args.extend(["--userspace-grace-period".into(), "3s".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut old = KproxyProcess::start(&s.topo.node, &args);
+    let vip = sock("10.96.1.8", 80);
+    assert!(
+        wait_until(SYNC, || tcp_line(&s.topo.client, vip).is_ok()),
+        "the first kproxy never served"
+    );
+    let mut session = Session::open(&s.topo.client, client_v4(0), vip).unwrap();
+    assert_eq!(session.ping("before").unwrap(), "ep1");
+
+    // KPROXY_E2E_PROBE_EVERY_US and KPROXY_E2E_PROBE_LOOPS make the client harder (several
+    // loops, no pause) for a measurement; the test's own load is one connection every 10 ms.
+    let every = Duration::from_micros(
+        std::env::var("KPROXY_E2E_PROBE_EVERY_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000),
+    );
+    let loops: usize = std::env::var("KPROXY_E2E_PROBE_LOOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes: Vec<_> = (0..loops)
+        .map(|_| probe_loop(&s.topo.client, vip, every, stop.clone()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // The surge: the new process starts, and the old one is told to stop right away (the worst
+    // order: the old one must wait until the new one listens).
+    let mut new = KproxyProcess::start(&s.topo.node, &args);
+    let term = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // The established connection still works through the stopping process.
+    for i in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(session.ping(&format!("draining {i}")).unwrap(), "ep1");
+    }
+    assert!(
+        old.try_wait().is_none(),
+        "the old kproxy did not wait for its connection"
+    );
+    drop(session);
+    let closed = Instant::now();
+    let status = old
+        .wait(Duration::from_secs(5))
+        .expect("the old kproxy never exited");
+    let exited = Instant::now();
+    assert!(status.success(), "old kproxy: {status}\n{}", old.stderr());
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let p = probes
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .fold(Probes::default(), |mut a, b| {
+            a.ok += b.ok;
+            a.refused += b.refused;
+            a.reset += b.reset;
+            a.other.extend(b.other);
+            a.failures.extend(b.failures);
+            a.successes.extend(b.successes);
+            a
+        });
+    let log = old.stderr();
+    eprintln!(
+        "surge upgrade: {} connections ok, {} refused, {} reset, other {:?}; old kproxy exited {:?} after SIGTERM, {:?} after its last connection closed\n{}",
+        p.ok,
+        p.refused,
+        p.reset,
+        p.other,
+        exited - term,
+        exited - closed,
+        log.lines()
+            .filter(|l| l.contains("hand"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        p.refused == 0 && p.reset == 0 && p.other.is_empty(),
+        "surge upgrade: {} refused, {} reset, other {:?} (of {})",
+        p.refused,
+        p.reset,
+        p.other,
+        p.ok + p.failures.len()
+    );
+    assert!(p.ok >= 100, "too few probes: {}", p.ok);
+    assert!(log.contains("handed_over=1"), "{log}");
+    assert!(
+        exited - closed < Duration::from_secs(2),
+        "the old kproxy lingered {:?} after its last connection",
+        exited - closed
+    );
+    new.assert_running();
+
+    // A crash: SIGKILL, and the replacement started at once (kubelet restarts a crashed
+    // container; its own delay comes on top). Connections are refused from the kill until the
+    // new process has bound its listeners.
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes = probe_loop(&s.topo.client, vip, Duration::from_millis(10), stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = new.wait(Duration::from_secs(5));
+    let mut restarted = KproxyProcess::start(&s.topo.node, &args);
+    assert!(
+        wait_until(SYNC, || tcp_line(&s.topo.client, vip).is_ok()),
+        "the restarted kproxy never served"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let p = probes.join().unwrap();
+    let first_ok_after = p
+        .successes
+        .iter()
+        .find(|t| **t > killed)
+        .map(|t| *t - killed);
+    let window = match (p.failures.first(), p.failures.last()) {
+        (Some(a), Some(b)) => *b - *a + Duration::from_millis(10),
+        _ => Duration::ZERO,
+    };
+    eprintln!(
+        "crash (SIGKILL, immediate restart): {} refused, {} reset, other {:?}; refusals for {window:?}; first success {first_ok_after:?} after the kill",
+        p.refused, p.reset, p.other
+    );
+    assert!(
+        window < Duration::from_secs(2),
+        "refused for {window:?} after a crash"
+    );
+    restarted.assert_running();
+}

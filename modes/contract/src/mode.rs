@@ -120,4 +120,10 @@ pub trait Mode: Send + 'static {
 
     /// Removes every kernel object this mode owns, and nothing else.
     fn cleanup(&mut self) -> Result<(), ModeError>;
+
+    /// The daemon is stopping on a signal (SIGTERM, SIGINT); the rules stay in place for the
+    /// next kproxy. A mode that carries traffic in the process (userspace) hands it over and lets
+    /// what is in flight finish here, blocking for as long as that takes; the kernel modes have
+    /// nothing to do. The default does nothing.
+    fn stop(&self) {}
 }

@@ -6,7 +6,8 @@
 //! What it cannot do, by construction: endpoints see the node's address as the source of every
 //! connection (no client-IP preservation, so `externalTrafficPolicy: Local` selects only local
 //! endpoints but does not preserve the source); SCTP is not proxied (reported, not hidden);
-//! proxied connections end when kproxy exits.
+//! proxied connections end when kproxy exits (on SIGTERM they may first finish, within the grace
+//! period, while a successor already serves new ones).
 //!
 //! Layout: [`render`] (state → listeners and addresses), [`plan`] (diff, the dry-run text),
 //! [`routes`] (the local routes), [`datapath`] (the sockets, on its own runtime).
@@ -23,7 +24,7 @@ use std::net::IpAddr;
 
 use kproxy_contract::{CommandError, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
-pub use datapath::{CopyMethod, DataPath, Options};
+pub use datapath::{CopyMethod, DataPath, Handover, Options, Threads};
 pub use model::UserspaceRules;
 pub use plan::UserspacePlan;
 pub use routes::{IpRoute, ROUTE_PROTO, RouteTable};
@@ -108,12 +109,10 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
         plan::plan(live, desired)
     }
 
-    /// A listener that could not be bound, or one of our routes gone (someone ran `ip route
-    /// flush`): the next sync reads back and repairs. Costs two `ip` runs per sync period.
+    /// One of our routes gone (someone ran `ip route flush`): the next sync reads back and
+    /// repairs. Costs two `ip` runs per sync period. (A listener whose port was taken retries
+    /// its bind by itself.)
     fn drifted(&mut self) -> bool {
-        if self.data.as_ref().is_some_and(DataPath::has_failures) {
-            return true;
-        }
         match self.routes.list() {
             Ok(live) => !self.expected.is_subset(&live),
             Err(err) => {
@@ -148,7 +147,7 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
             }
             if let Some(data) = &mut self.data {
                 for err in data.apply(&plan.close, &plan.update, &plan.open) {
-                    tracing::error!(listener = %err.key, error = %err.error, "cannot listen; the frontend is not served (retried every sync period)");
+                    tracing::error!(listener = %err.key, error = %err.error, "cannot listen; the frontend is not served until the port is free (retrying every 0.1-5 s)");
                 }
             }
         }
@@ -173,7 +172,6 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
         Ok(())
     }
 
-    /// Closes every listener and removes every route kproxy owns.
     fn count_objects(&self, rules: &UserspaceRules) -> Vec<ObjectCount> {
         kproxy_contract::IpFamily::ALL
             .into_iter()
@@ -190,6 +188,31 @@ impl<R: RouteTable> Mode for UserspaceMode<R> {
             .collect()
     }
 
+    /// SIGTERM: hands the listeners over to the kproxy that replaces this one (bound alongside
+    /// through `SO_REUSEPORT`), waiting up to the grace period for it, then lets the established
+    /// connections finish for up to the grace period. The routes stay, for the successor.
+    fn stop(&self) {
+        let Some(data) = &self.data else {
+            return;
+        };
+        let grace = self.options.grace_period;
+        tracing::info!(
+            connections = data.connections(),
+            ?grace,
+            "handing the listeners over; established connections may finish within the grace period"
+        );
+        let h = data.handover(grace, grace);
+        tracing::info!(
+            handed_over = h.handed_over,
+            without_successor = h.without_successor,
+            listeners_open_for = ?h.listeners_open_for,
+            drained_in = ?h.drained_in,
+            connections_cut = h.connections_cut,
+            "handover done"
+        );
+    }
+
+    /// Closes every listener and removes every route kproxy owns.
     fn cleanup(&mut self) -> Result<(), ModeError> {
         let mut live = self.read_live()?;
         live.unsupported.clear();

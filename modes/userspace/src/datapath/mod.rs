@@ -1,32 +1,43 @@
-//! The data path: listening sockets and the connections and flows they carry, on a tokio
-//! runtime of their own.
+//! The data path: listening sockets and the connections and flows they carry, on worker threads
+//! of their own.
 //!
-//! Why a separate multi-thread runtime rather than the control plane's: the sync loop runs
-//! blocking kernel work (`block_in_place`) and CPU-heavy builds of large clusters on its
-//! executor; proxied bytes must not wait behind either, and a burst of connections must not
-//! delay a sync or the health probes. Two runtimes keep the two latencies independent, and the
-//! data path's threads (`kproxy-data`) show up separately in `top -H`. The control plane only
-//! talks to the data path through [`DataPath::apply`], which is synchronous: it binds sockets
-//! itself (so a bind error is reported to the sync), swaps endpoint tables atomically
-//! (`arc-swap`), and waits until closed listeners are really closed.
+//! A socket per core: the data path has one worker thread per CPU, and every listener address
+//! has one `SO_REUSEPORT` socket per worker. The kernel spreads connections and UDP flows over
+//! the sockets by a hash of the 4-tuple, so accepting scales with the cores and each UDP socket
+//! owns its flows (no shared flow table, no lock on the path of a datagram; buffers and pipe
+//! pools are per thread). By default each worker runs a single-threaded runtime of its own
+//! ([`Threads::PerCore`]): a connection is accepted, proxied and closed on one core, with no
+//! cross-thread wake-up. [`Threads::Shared`] makes the workers one multi-thread runtime instead,
+//! whose work stealing keeps every core busy when a few heavy connections hash to one socket.
+//!
+//! Why not the control plane's runtime: the sync loop runs blocking kernel work
+//! (`block_in_place`) and CPU-heavy builds of large clusters on its executor; proxied bytes must
+//! not wait behind either, and a burst of connections must not delay a sync or the health
+//! probes. The control plane only talks to the data path through [`DataPath::apply`], which is
+//! synchronous: it binds sockets itself (so a bind error is reported to the sync), swaps
+//! endpoint tables atomically (`arc-swap`), and waits until closed listeners are really closed.
+//! A listener whose bind failed (its port is taken) keeps retrying in the background, from
+//! 100 ms doubling to 5 s, and serves as soon as the port is free.
+//!
+//! Upgrades: [`DataPath::handover`] is what SIGTERM runs (see `handover.rs`).
 
 mod copy;
+mod handover;
 pub mod pick;
 mod socket;
 mod tcp;
 mod udp;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use kproxy_contract::{IpFamily, ServicePortName};
-use tokio::runtime::Runtime;
-use tokio::sync::watch;
-use tokio::task::AbortHandle;
+use tokio::runtime::Handle;
+use tokio::sync::{oneshot, watch};
 
 pub use copy::CopyMethod;
 use pick::Affinity;
@@ -44,10 +55,37 @@ pub struct Options {
     pub grace_period: Duration,
     /// How long an idle UDP flow lives.
     pub udp_idle_timeout: Duration,
-    /// Worker threads of the data-path runtime; 0 means one per CPU.
+    /// Data-path worker threads (each with its own socket on every listener address); 0 means
+    /// one per CPU.
     pub workers: usize,
     /// How TCP bytes are copied.
     pub copy: CopyMethod,
+    /// How the worker threads share the work.
+    pub threads: Threads,
+}
+
+/// How the data path's threads share the work. Either way every listener address has one
+/// `SO_REUSEPORT` socket per worker thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Threads {
+    /// A single-threaded runtime per thread, each serving its own sockets: no stealing, so no
+    /// cross-thread wake-up; a connection stays on the core whose socket accepted it. Measured
+    /// ahead on connection rate and few-flow UDP (`benches/results/userspace.md`).
+    #[default]
+    PerCore,
+    /// One multi-thread runtime: a busy thread's connections are taken over by an idle one (work
+    /// stealing), so a few heavy connections hashed to one socket still use every core.
+    Shared,
+}
+
+impl Threads {
+    /// `KPROXY_USERSPACE_THREADS=shared` selects [`Threads::Shared`].
+    pub fn from_env() -> Threads {
+        match std::env::var("KPROXY_USERSPACE_THREADS").as_deref() {
+            Ok("shared") => Threads::Shared,
+            _ => Threads::PerCore,
+        }
+    }
 }
 
 impl Default for Options {
@@ -59,6 +97,7 @@ impl Default for Options {
             udp_idle_timeout: Duration::from_secs(30),
             workers: 0,
             copy: CopyMethod::from_env(),
+            threads: Threads::from_env(),
         }
     }
 }
@@ -87,6 +126,8 @@ pub(crate) struct Shared {
     /// Bumped after every apply; connections re-check their endpoint.
     pub(crate) generation: watch::Sender<u64>,
     pub(crate) options: Options,
+    /// Proxied TCP connections alive now.
+    pub(crate) connections: AtomicUsize,
 }
 
 impl Shared {
@@ -101,26 +142,40 @@ impl Shared {
 
 struct Running {
     state: Arc<ListenerState>,
-    task: AbortHandle,
-    /// Disconnects when the task (and so the socket) is gone.
+    /// Set to `true` to close every socket of the listener.
+    stop: watch::Sender<bool>,
+    /// Disconnects when every task of the listener (and so every socket) is gone.
     closed: std::sync::mpsc::Receiver<()>,
+    /// This process's sockets on the address (empty while the bind is being retried).
+    inodes: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Running {
+    fn close(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A data-path thread: its runtime's handle, and the way to stop it.
+struct Worker {
+    handle: Handle,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 /// The listeners this process runs.
 pub struct DataPath {
-    runtime: Option<Runtime>,
+    workers: Vec<Worker>,
+    handles: Arc<[Handle]>,
     shared: Arc<Shared>,
     running: BTreeMap<ListenerKey, Running>,
-    /// Wanted listeners whose socket could not be bound (retried on the next full sync).
-    failed: BTreeMap<ListenerKey, Arc<Table>>,
     affinity: HashMap<(ServicePortName, IpFamily), Arc<Affinity>>,
 }
 
 impl std::fmt::Debug for DataPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DataPath")
+            .field("workers", &self.workers.len())
             .field("running", &self.running.keys().collect::<Vec<_>>())
-            .field("failed", &self.failed.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -134,30 +189,90 @@ pub struct ListenerError {
     pub error: io::Error,
 }
 
+/// What [`DataPath::handover`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handover {
+    /// Listeners closed once another socket (the successor's) listened on their address.
+    pub handed_over: usize,
+    /// Listeners closed with no successor in sight by the deadline.
+    pub without_successor: usize,
+    /// How long the listeners stayed open after the request.
+    pub listeners_open_for: Duration,
+    /// Connections still open when the grace period ended (closed by the exit).
+    pub connections_cut: usize,
+    /// How long the established connections took to finish (up to the grace period).
+    pub drained_in: Duration,
+}
+
 impl DataPath {
-    /// Starts the runtime (no listeners yet).
+    /// Starts the worker threads (no listeners yet).
     pub fn new(options: Options) -> io::Result<DataPath> {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.enable_all().thread_name("kproxy-data");
-        if options.workers > 0 {
-            builder.worker_threads(options.workers);
+        socket::raise_nofile_limit();
+        let n = if options.workers > 0 {
+            options.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        };
+        let per_core = options.threads == Threads::PerCore;
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..(if per_core { n } else { 1 }) {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("kproxy-data-{i}"))
+                .spawn(move || {
+                    let built = if per_core {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                    } else {
+                        tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(n)
+                            .thread_name("kproxy-data")
+                            .enable_all()
+                            .build()
+                    };
+                    let rt = match built {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(rt.handle().clone()));
+                    // Runs the listeners' tasks until the data path is dropped; dropping the
+                    // runtime then drops every task, and with them every socket.
+                    let _ = rt.block_on(stop_rx);
+                })?;
+            let handle = ready_rx
+                .recv()
+                .map_err(|_| io::Error::other("a data-path thread did not start"))??;
+            workers.push(Worker {
+                handle,
+                stop: Some(stop_tx),
+            });
         }
-        let runtime = builder.build()?;
+        // One socket per worker thread on every listener address, whichever runtime runs them.
+        let handles: Arc<[Handle]> = (0..n)
+            .map(|i| workers[i % workers.len()].handle.clone())
+            .collect();
         let (generation, _) = watch::channel(0);
         Ok(DataPath {
-            runtime: Some(runtime),
+            workers,
+            handles,
             shared: Arc::new(Shared {
                 tables: ArcSwap::from_pointee(HashMap::new()),
                 generation,
                 options,
+                connections: AtomicUsize::new(0),
             }),
             running: BTreeMap::new(),
-            failed: BTreeMap::new(),
             affinity: HashMap::new(),
         })
     }
 
-    /// The running listeners and their tables.
+    /// The running listeners and their tables (a listener whose bind is being retried counts:
+    /// it serves as soon as its port is free).
     pub fn listeners(&self) -> BTreeMap<ListenerKey, Arc<Table>> {
         self.running
             .iter()
@@ -165,14 +280,14 @@ impl DataPath {
             .collect()
     }
 
-    /// Whether a wanted listener is not running (its bind failed).
-    pub fn has_failures(&self) -> bool {
-        !self.failed.is_empty()
+    /// Proxied TCP connections alive now.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// Closes, re-points and opens listeners. Closing waits (up to a second each) until the
-    /// socket is closed, so a port can be bound again at once. Returns what could not be opened;
-    /// everything else is applied.
+    /// socket is closed, so a port can be bound again at once. Returns what could not be bound
+    /// at once (retried in the background); everything else is applied.
     pub fn apply(
         &mut self,
         close: &[(ListenerKey, Arc<Table>)],
@@ -182,9 +297,8 @@ impl DataPath {
         let mut errors = Vec::new();
         let mut closing = Vec::new();
         for (key, _) in close {
-            self.failed.remove(key);
             if let Some(r) = self.running.remove(key) {
-                r.task.abort();
+                r.close();
                 closing.push(r.closed);
             }
         }
@@ -210,7 +324,7 @@ impl DataPath {
         for (key, table) in open {
             if let Some(r) = self.running.remove(key) {
                 // Believed closed but running (a full resync after a failure): replace it.
-                r.task.abort();
+                r.close();
                 let _ = r.closed.recv_timeout(Duration::from_secs(1));
             }
             if let Err(error) = self.open(*key, table.clone()) {
@@ -218,7 +332,7 @@ impl DataPath {
             }
         }
         // Affinity of service ports no listener uses any more is forgotten.
-        let used: std::collections::HashSet<(ServicePortName, IpFamily)> = self
+        let used: HashSet<(ServicePortName, IpFamily)> = self
             .running
             .values()
             .map(|r| {
@@ -234,62 +348,188 @@ impl DataPath {
         errors
     }
 
+    /// Starts a listener: one socket per worker. When the address cannot be bound, the listener
+    /// is kept (it retries in the background) and the error returned.
     fn open(&mut self, key: ListenerKey, table: Arc<Table>) -> io::Result<()> {
-        let runtime = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| io::Error::other("the data path is shut down"))?;
         let affinity = affinity_for(&mut self.affinity, &table);
         let state = Arc::new(ListenerState {
             key,
-            active: ArcSwap::from_pointee(Active {
-                table: table.clone(),
-                affinity,
-            }),
+            active: ArcSwap::from_pointee(Active { table, affinity }),
             rr: AtomicUsize::new(0),
         });
-        let (tx, closed) = std::sync::mpsc::channel();
-        // Sockets become tokio sockets inside the data-path runtime's context.
-        let _enter = runtime.enter();
-        let shared = self.shared.clone();
-        let task = match key.transport {
-            Transport::Tcp => {
-                let listener = match socket::tcp_listener(key.addr) {
-                    Ok(l) => tokio::net::TcpListener::from_std(l),
-                    Err(e) => Err(e),
-                };
-                match listener {
-                    Ok(l) => runtime.spawn(tcp::serve(l, state.clone(), shared, tx)),
-                    Err(e) => {
-                        self.failed.insert(key, table);
-                        return Err(e);
-                    }
-                }
+        let (stop, stop_rx) = watch::channel(false);
+        let (closed_tx, closed) = std::sync::mpsc::channel();
+        let inodes = Arc::new(Mutex::new(Vec::new()));
+        let result = match bind(key, self.handles.len()) {
+            Ok(sockets) => {
+                start(
+                    &self.handles,
+                    sockets,
+                    &state,
+                    &self.shared,
+                    &stop_rx,
+                    &closed_tx,
+                    &inodes,
+                );
+                Ok(())
             }
-            Transport::Udp => {
-                let socket = match socket::udp_socket(key.addr) {
-                    Ok(s) => tokio::net::UdpSocket::from_std(s),
-                    Err(e) => Err(e),
-                };
-                match socket {
-                    Ok(s) => runtime.spawn(udp::serve(s, state.clone(), shared, tx)),
-                    Err(e) => {
-                        self.failed.insert(key, table);
-                        return Err(e);
-                    }
-                }
+            Err(error) => {
+                let retry = retry_bind(
+                    self.handles.clone(),
+                    state.clone(),
+                    self.shared.clone(),
+                    stop_rx,
+                    closed_tx,
+                    inodes.clone(),
+                );
+                self.handles[0].spawn(retry);
+                Err(error)
             }
         };
-        self.failed.remove(&key);
         self.running.insert(
             key,
             Running {
                 state,
-                task: task.abort_handle(),
+                stop,
                 closed,
+                inodes,
             },
         );
-        Ok(())
+        result
+    }
+
+    /// What SIGTERM runs: hands every listener over to a successor and lets the established
+    /// connections finish.
+    ///
+    /// Each listener keeps accepting until another socket (a new kproxy's, bound alongside
+    /// through `SO_REUSEPORT`) listens on its address, or until `wait` has passed; then it takes
+    /// what is in its accept queue and closes, so nothing queued is reset and new connections
+    /// go to the successor. The established connections then have up to `grace` to finish
+    /// before this returns (the process exits after it).
+    pub fn handover(&self, wait: Duration, grace: Duration) -> Handover {
+        let start = Instant::now();
+        let mut report = Handover::default();
+        let mut pending: Vec<&Running> = self.running.values().collect();
+        loop {
+            let now = handover::listening();
+            pending.retain(|r| {
+                let ours: HashSet<u64> = r
+                    .inodes
+                    .lock()
+                    .map(|i| i.iter().copied().collect())
+                    .unwrap_or_default();
+                if ours.is_empty() {
+                    // Never bound: nothing to hand over.
+                    r.close();
+                    false
+                } else if handover::has_successor(&now, &r.state.key, &ours) {
+                    r.close();
+                    report.handed_over += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            if pending.is_empty() || start.elapsed() >= wait {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for r in pending {
+            r.close();
+            report.without_successor += 1;
+        }
+        for r in self.running.values() {
+            let _ = r.closed.recv_timeout(Duration::from_secs(1));
+        }
+        report.listeners_open_for = start.elapsed();
+        let drain = Instant::now();
+        while self.connections() > 0 && drain.elapsed() < grace {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        report.drained_in = drain.elapsed();
+        report.connections_cut = self.connections();
+        report
+    }
+}
+
+/// One socket per worker on `key` (all or none).
+fn bind(key: ListenerKey, n: usize) -> io::Result<Vec<Bound>> {
+    (0..n)
+        .map(|_| match key.transport {
+            Transport::Tcp => socket::tcp_listener(key.addr).map(Bound::Tcp),
+            Transport::Udp => socket::udp_socket(key.addr).map(Bound::Udp),
+        })
+        .collect()
+}
+
+enum Bound {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+/// Starts one task per socket, each on its own worker.
+fn start(
+    handles: &[Handle],
+    sockets: Vec<Bound>,
+    state: &Arc<ListenerState>,
+    shared: &Arc<Shared>,
+    stop: &watch::Receiver<bool>,
+    closed: &std::sync::mpsc::Sender<()>,
+    inodes: &Mutex<Vec<u64>>,
+) {
+    let mut ids = Vec::with_capacity(sockets.len());
+    for (handle, socket) in handles.iter().zip(sockets) {
+        let (state, shared, stop, closed) =
+            (state.clone(), shared.clone(), stop.clone(), closed.clone());
+        match socket {
+            Bound::Tcp(l) => {
+                ids.push(socket::inode(&l));
+                handle.spawn(tcp::serve(l, state, shared, stop, closed));
+            }
+            Bound::Udp(s) => {
+                ids.push(socket::inode(&s));
+                handle.spawn(udp::serve(s, state, shared, stop, closed));
+            }
+        }
+    }
+    if let Ok(mut i) = inodes.lock() {
+        *i = ids;
+    }
+}
+
+/// Binds a listener whose port was taken, from 100 ms doubling to 5 s, until it works or the
+/// listener is closed.
+async fn retry_bind(
+    handles: Arc<[Handle]>,
+    state: Arc<ListenerState>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    closed: std::sync::mpsc::Sender<()>,
+    inodes: Arc<Mutex<Vec<u64>>>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut attempts = 1u32;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        attempts += 1;
+        match bind(state.key, handles.len()) {
+            Ok(sockets) => {
+                tracing::info!(listener = %state.key, attempts, "listening now");
+                start(&handles, sockets, &state, &shared, &stop, &closed, &inodes);
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(listener = %state.key, error = %err, "still cannot listen");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 
@@ -307,11 +547,16 @@ fn affinity_for(
 }
 
 impl Drop for DataPath {
-    /// Dropped from inside the control plane's runtime: a runtime may not be dropped (blocking)
-    /// there, so its threads are told to stop in the background.
+    /// Tells every worker to stop; each drops its runtime (and every socket) on its own thread,
+    /// so this never blocks the control plane.
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        for w in &mut self.workers {
+            if let Some(stop) = w.stop.take() {
+                let _ = stop.send(());
+            }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

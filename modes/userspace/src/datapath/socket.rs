@@ -1,7 +1,19 @@
 //! Listening sockets with the options a proxy needs.
+//!
+//! Every listening socket is bound with `SO_REUSEPORT`, for two reasons:
+//! - per-core sockets: each data-path worker has its own socket on every listener address, and the
+//!   kernel spreads connections and UDP flows over them by a hash of the 4-tuple, so a connection
+//!   is accepted, proxied and closed on one core, with no lock and no cross-thread wake-up;
+//! - upgrades: a new kproxy started next to a running one (a DaemonSet surge rollout) binds the
+//!   same addresses alongside the old process instead of failing with `EADDRINUSE`, so new
+//!   connections always find a listener (see `handover.rs`).
+//!
+//! `SO_REUSEPORT` only groups sockets of the same effective user, so another user's process can
+//! never join a kproxy listener.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -12,6 +24,7 @@ fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     // A restarted kproxy binds again while its old connections sit in TIME_WAIT.
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     if addr.is_ipv6() {
         // `[::]:NODEPORT` must not also take the IPv4 port (that listener is separate).
         s.set_only_v6(true)?;
@@ -24,14 +37,44 @@ fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// A non-blocking TCP listener on `addr`.
+/// A non-blocking TCP listener on `addr`. Accepted sockets inherit `TCP_NODELAY` from it
+/// (the kernel clones the listener's options), which saves a system call per connection.
 pub(super) fn tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let s = socket(addr, Type::STREAM, Protocol::TCP)?;
+    s.set_tcp_nodelay(true)?;
     s.listen(BACKLOG)?;
     Ok(s.into())
 }
 
-/// A non-blocking UDP socket bound to `addr` (a specific address, so replies leave from it).
+/// A non-blocking UDP socket bound to `addr` (a specific address, so replies leave from it), with
+/// UDP GRO where the kernel has it (the receive path splits coalesced datagrams itself).
 pub(super) fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    Ok(socket(addr, Type::DGRAM, Protocol::UDP)?.into())
+    let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
+    enable_gro(&s);
+    Ok(s.into())
+}
+
+/// Asks for coalesced receives (`UDP_GRO`, Linux 5.0). Without it the kernel delivers one
+/// datagram per receive, which is also handled.
+pub(super) fn enable_gro<F: AsFd>(fd: &F) {
+    let _ = nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::UdpGroSegment, &true);
+}
+
+/// The socket's inode number, as `/proc/net/{tcp,udp}*` list it.
+pub(super) fn inode<F: AsFd>(fd: &F) -> u64 {
+    nix::sys::stat::fstat(fd).map_or(0, |st| st.st_ino)
+}
+
+/// Raises the soft open-file limit to the hard one: every proxied TCP connection holds two
+/// sockets and every UDP flow one. (Go programs, upstream kube-proxy included, do this at start.)
+pub(super) fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(err) => tracing::debug!(error = %err, "cannot raise the open-file limit"),
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -12,25 +13,77 @@ use super::pick::candidates;
 use super::{ListenerState, Shared};
 use crate::model::ListenerKey;
 
-/// Accepts until the task is aborted (listener closed). `_closed` is dropped with the task, which
-/// tells [`super::DataPath`] the socket is gone.
+/// Accepts until `stop` changes (or its sender is gone). Then takes every connection already
+/// in the accept queue, so closing the socket resets none (the kernel would reset what is queued
+/// on a closed listener), and closes it; connections already accepted carry on. `_closed` is
+/// dropped with the task, which tells [`super::DataPath`] the socket is gone.
 pub(super) async fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     state: Arc<ListenerState>,
     shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
     _closed: std::sync::mpsc::Sender<()>,
 ) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(handle(client, peer, state.clone(), shared.clone()));
-            }
-            Err(err) => {
-                // Out of file descriptors and the like: the backlog holds the clients meanwhile.
-                tracing::warn!(listener = %state.key, error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(listener = %state.key, error = %err, "cannot register a listener");
+            return;
+        }
+    };
+    if !*stop.borrow_and_update() {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((client, peer)) => {
+                        tokio::spawn(handle(client, peer, state.clone(), shared.clone()));
+                    }
+                    Err(err) => {
+                        // Out of file descriptors and the like: the backlog holds the clients
+                        // meanwhile.
+                        tracing::warn!(listener = %state.key, error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stop.changed() => break,
             }
         }
+    }
+    // Straight from the kernel's queue (tokio's readiness may not have seen the last arrivals).
+    let sock = socket2::SockRef::from(&listener);
+    let mut taken = 0usize;
+    while let Ok((conn, peer)) = sock.accept() {
+        let Some(peer) = peer.as_socket() else {
+            continue;
+        };
+        let conn: std::net::TcpStream = conn.into();
+        if conn.set_nonblocking(true).is_err() {
+            continue;
+        }
+        if let Ok(client) = TcpStream::from_std(conn) {
+            taken += 1;
+            tokio::spawn(handle(client, peer, state.clone(), shared.clone()));
+        }
+    }
+    drop(listener);
+    if taken > 0 {
+        tracing::debug!(listener = %state.key, taken, "took the queued connections before closing");
+    }
+}
+
+/// Counts a live proxied connection for as long as it lives.
+struct Live(Arc<Shared>);
+
+impl Live {
+    fn new(shared: &Arc<Shared>) -> Live {
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        Live(shared.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -45,6 +98,7 @@ async fn handle(
     state: Arc<ListenerState>,
     shared: Arc<Shared>,
 ) {
+    let _live = Live::new(&shared);
     let active = state.active.load_full();
     let table = &active.table;
     if !table.allows(peer.ip()) {
@@ -82,7 +136,7 @@ async fn handle(
     if let (Some(a), Some(timeout)) = (&active.affinity, table.affinity) {
         a.record(peer.ip(), ep, timeout, Instant::now());
     }
-    let _ = client.set_nodelay(true);
+    // The client's socket inherited TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
     let mut generation = shared.generation.subscribe();
     let key = state.key;

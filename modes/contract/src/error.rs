@@ -3,6 +3,11 @@
 use crate::ModeName;
 
 /// A system command (iptables-restore, nft, ...) that failed.
+///
+/// Retrying: every variant fails the sync that ran the command, and the sync loop retries a
+/// failed sync with backoff (1 s doubling to the sync period), so none is retried here. Only
+/// [`CommandError::NotFound`] and a permission problem ([`CommandError::is_permission_denied`])
+/// cannot go away by themselves; they are reported with what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     /// The program is not installed.
@@ -32,6 +37,16 @@ pub enum CommandError {
         /// Its standard error, trimmed.
         stderr: String,
     },
+    /// The program ran longer than its time limit and was killed. The kernel transaction it
+    /// was sending (an iptables-restore `COMMIT`, an `nft -f` batch) is all or nothing, so a
+    /// killed run applied nothing.
+    #[error("`{program}` did not finish within {limit:?} and was killed")]
+    TimedOut {
+        /// The program that was run.
+        program: String,
+        /// Its time limit.
+        limit: std::time::Duration,
+    },
 }
 
 impl CommandError {
@@ -43,7 +58,7 @@ impl CommandError {
                 let s = stderr.to_ascii_lowercase();
                 s.contains("permission denied") || s.contains("operation not permitted")
             }
-            Self::NotFound { .. } => false,
+            Self::NotFound { .. } | Self::TimedOut { .. } => false,
         }
     }
 }

@@ -1,5 +1,9 @@
 //! Records the git commit the binary is built from, so `kproxy --version` names it. Outside a
 //! git checkout (an image build from a source archive) `KPROXY_GIT_COMMIT` supplies it.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the build script asks git for the commit"
+)]
 
 use std::process::Command;
 

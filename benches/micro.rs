@@ -6,6 +6,10 @@
 //! `cargo bench --bench micro` measures; `cargo test --benches` runs every benchmark once
 //! (divan's test mode when `--bench` is absent), so this target cannot rot and costs CI little.
 #![allow(
+    clippy::disallowed_methods,
+    reason = "benchmarks start kproxy, proxies and ip/nft in their namespaces directly"
+)]
+#![allow(
     clippy::unwrap_used,
     reason = "benchmark harness: a failure should stop it loudly"
 )]

@@ -37,6 +37,10 @@
 //! figure, so the harness cannot rot. Without root it prints why and exits 0; a proxy that is not
 //! installed is left out with a note.
 #![allow(
+    clippy::disallowed_methods,
+    reason = "benchmarks start kproxy, proxies and ip/nft in their namespaces directly"
+)]
+#![allow(
     clippy::unwrap_used,
     reason = "benchmark harness: a failure should stop it loudly"
 )]

@@ -23,6 +23,10 @@
 //! `--quick` (also what `cargo test --benches` / `--all-targets` runs: no `--bench` argument)
 //! uses small sizes so the harness cannot rot. Without root it prints why and exits 0.
 #![allow(
+    clippy::disallowed_methods,
+    reason = "benchmarks start kproxy, proxies and ip/nft in their namespaces directly"
+)]
+#![allow(
     clippy::unwrap_used,
     reason = "benchmark harness: a failure should stop it loudly"
 )]

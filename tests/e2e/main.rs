@@ -1,5 +1,8 @@
 //! End-to-end tests: one binary, one module per area.
-
+#![allow(
+    clippy::disallowed_methods,
+    reason = "end-to-end tests start kproxy and drive ip, nft, iptables and conntrack directly"
+)]
 #![allow(clippy::unwrap_used, reason = "tests")]
 #![allow(
     unreachable_pub,

@@ -84,6 +84,10 @@ pub fn run(
 /// standard output and error read on threads of their own, so a program that writes much
 /// before reading all its input cannot deadlock with us, and the time limit holds whatever
 /// the program does with its pipes.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the one place kproxy spawns a process"
+)]
 fn run_path(
     path: &Path,
     program: &str,

@@ -872,6 +872,10 @@ fn flips_under_a_flood_of_new_flows_leave_none_without_dnat() {
     in_netns(
         "flips_under_a_flood_of_new_flows_leave_none_without_dnat",
         || {
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "the test drives ip and nft in its own namespace directly"
+            )]
             let sh = |cmd: &str, args: &[&str]| {
                 let out = std::process::Command::new(cmd).args(args).output().unwrap();
                 assert!(out.status.success(), "{cmd} {args:?}: {out:?}");

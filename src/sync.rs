@@ -607,15 +607,8 @@ fn block<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// An error with its causes, one line.
-pub fn format_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+pub fn format_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    kproxy_contract::Chain(err).to_string()
 }
 
 /// A duration in milliseconds with microsecond resolution, for log fields: `87.721`, not the

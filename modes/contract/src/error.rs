@@ -37,6 +37,25 @@ pub enum CommandError {
         /// Its standard error, trimmed.
         stderr: String,
     },
+    /// A kernel interface kproxy talks to without a program (nf_tables or IPVS over netlink)
+    /// failed; the cause says how.
+    #[error("{interface} failed")]
+    Netlink {
+        /// The interface: `nf_tables netlink`, `IPVS netlink`.
+        interface: &'static str,
+        /// What went wrong.
+        #[source]
+        cause: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The program succeeded, but what it printed could not be read.
+    #[error("could not read what `{program}` printed")]
+    Unreadable {
+        /// The program that was run.
+        program: String,
+        /// Why.
+        #[source]
+        cause: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// The program ran longer than its time limit and was killed. The kernel transaction it
     /// was sending (an iptables-restore `COMMIT`, an `nft -f` batch) is all or nothing, so a
     /// killed run applied nothing.
@@ -58,7 +77,20 @@ impl CommandError {
                 let s = stderr.to_ascii_lowercase();
                 s.contains("permission denied") || s.contains("operation not permitted")
             }
-            Self::NotFound { .. } | Self::TimedOut { .. } => false,
+            Self::Netlink { cause, .. } => {
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(cause.as_ref());
+                while let Some(err) = source {
+                    if err
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+                    {
+                        return true;
+                    }
+                    source = err.source();
+                }
+                false
+            }
+            Self::NotFound { .. } | Self::TimedOut { .. } | Self::Unreadable { .. } => false,
         }
     }
 }
@@ -98,5 +130,54 @@ impl ModeError {
             }
             Self::Unsupported(_) => false,
         }
+    }
+}
+
+/// Displays an error with its causes, `error: cause: root cause`. kproxy's errors keep their
+/// cause out of their own message (it is their `source`), so each cause is printed once, by
+/// this; a log line or report that shows an error uses it.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A netlink failure prints its cause once, and a permission problem deep in it is found.
+    #[test]
+    fn causes_print_once_and_permission_is_found_in_the_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("nf_tables netlink unavailable: opening the socket")]
+        struct Unavailable(#[source] std::io::Error);
+
+        let err = ModeError::Rejected {
+            mode: ModeName::Nftables,
+            cause: CommandError::Netlink {
+                interface: "nf_tables netlink",
+                cause: Box::new(Unavailable(std::io::Error::from_raw_os_error(1))),
+            },
+        };
+        assert_eq!(
+            Chain(&err).to_string(),
+            "the kernel rejected the nftables transaction: nf_tables netlink failed: \
+             nf_tables netlink unavailable: opening the socket: Operation not permitted (os error 1)"
+        );
+        assert!(err.is_permission_denied());
+        let other = CommandError::Netlink {
+            interface: "IPVS netlink",
+            cause: Box::new(Unavailable(std::io::Error::from_raw_os_error(2))),
+        };
+        assert!(!other.is_permission_denied());
     }
 }

@@ -17,7 +17,7 @@ mod mode;
 mod state;
 pub mod trace;
 
-pub use error::{CommandError, ModeError};
+pub use error::{Chain, CommandError, ModeError};
 pub use local::{
     InvalidInterfaceName, LocalMatch, LocalTraffic, MAX_INTERFACE_NAME, check_interface_name,
 };

@@ -189,7 +189,7 @@ impl<K: IpvsKernel> IpvsMode<K> {
                     Err(err) => tracing::warn!(
                         sysctl = name,
                         value,
-                        error = %err,
+                        error = %kproxy_contract::Chain(&err),
                         "could not set a sysctl for --ipvs-strict-arp; the node may answer ARP for service addresses"
                     ),
                 }
@@ -209,7 +209,7 @@ impl<K: IpvsKernel> IpvsMode<K> {
                 ),
                 Err(err) => tracing::info!(
                     requested = %wanted,
-                    error = %err,
+                    error = %kproxy_contract::Chain(&err),
                     "IPVS connection timeouts set; reading them back failed"
                 ),
             },
@@ -217,7 +217,7 @@ impl<K: IpvsKernel> IpvsMode<K> {
                 tcp = wanted.tcp,
                 tcpfin = wanted.tcp_fin,
                 udp = wanted.udp,
-                error = %err,
+                error = %kproxy_contract::Chain(&err),
                 "could not set the IPVS connection timeouts; the kernel's stay"
             ),
         }
@@ -243,7 +243,7 @@ impl<K: IpvsKernel> IpvsMode<K> {
                     continue;
                 }
                 Err(err) => {
-                    tracing::warn!(%vs, error = %err, "cannot read draining real servers");
+                    tracing::warn!(%vs, error = %kproxy_contract::Chain(&err), "cannot read draining real servers");
                     continue;
                 }
             };
@@ -271,7 +271,9 @@ impl<K: IpvsKernel> IpvsMode<K> {
                         }
                     }
                 }
-                Err(err) => tracing::warn!(error = %err, "cannot remove drained real servers"),
+                Err(err) => {
+                    tracing::warn!(error = %kproxy_contract::Chain(&err), "cannot remove drained real servers")
+                }
             }
         }
         for k in forget {
@@ -297,10 +299,9 @@ fn mode_error(read: bool) -> impl FnOnce(KernelError) -> ModeError {
                     "IPVS (CONFIG_IP_VS); use --proxy-mode nftables or iptables",
                 );
             }
-            KernelError::Ipvs(e) => CommandError::Failed {
-                program: "IPVS netlink".into(),
-                status: "an error".into(),
-                stderr: e.to_string(),
+            KernelError::Ipvs(e) => CommandError::Netlink {
+                interface: "IPVS netlink",
+                cause: Box::new(e),
             },
             KernelError::Command(c) => c,
         };
@@ -382,7 +383,7 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
         match self.kernel.nft_tables() {
             Ok(have) => self.options.families.iter().any(|f| !have.contains(f)),
             Err(err) => {
-                tracing::warn!(error = %err, "cannot list nft tables; full resync");
+                tracing::warn!(error = %kproxy_contract::Chain(&err), "cannot list nft tables; full resync");
                 true
             }
         }

@@ -40,7 +40,7 @@ pub enum GenlError {
     )]
     NoIpvs,
     /// A socket operation failed.
-    #[error("IPVS netlink {what}: {source}")]
+    #[error("IPVS netlink {what}")]
     Io {
         /// What was being done.
         what: &'static str,

@@ -29,10 +29,9 @@ impl NftKernel for NftCli {
         match run(&["-j", "list", "table", family_name(family), TABLE], None) {
             Ok(json) => live::parse(&json)
                 .map(Some)
-                .map_err(|e| CommandError::Failed {
+                .map_err(|e| CommandError::Unreadable {
                     program: PROGRAM.into(),
-                    status: "exit status: 0".into(),
-                    stderr: e.to_string(),
+                    cause: e.into(),
                 }),
             Err(CommandError::Failed { stderr, .. })
                 if stderr.contains("No such file or directory") =>
@@ -53,7 +52,7 @@ impl NftKernel for NftCli {
         match asked {
             Ok(exists) => return Ok(exists),
             Err(err) => {
-                tracing::debug!(error = %err, "table query through netlink failed; asking nft")
+                tracing::debug!(error = %kproxy_contract::Chain(&err), "table query through netlink failed; asking nft")
             }
         }
         let want = format!("table {} {TABLE}", family_name(family));
@@ -73,9 +72,11 @@ impl NftKernel for NftCli {
 /// The name of the environment variable that selects how plans are applied.
 pub const APPLY_ENV: &str = "KPROXY_NFT_APPLY";
 
-/// `KPROXY_NFT_APPLY=nft`: every plan through one `nft -f`, never netlink.
+/// `KPROXY_NFT_APPLY=nft`: every plan through one `nft -f`, never netlink. Read once per
+/// process, not on every apply.
 fn nft_only() -> bool {
-    std::env::var(APPLY_ENV).is_ok_and(|v| v == "nft")
+    static NFT_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NFT_ONLY.get_or_init(|| std::env::var(APPLY_ENV).is_ok_and(|v| v == "nft"))
 }
 
 /// One `nft -f -` transaction for the whole plan.

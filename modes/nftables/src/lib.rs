@@ -87,7 +87,7 @@ impl<K: NftKernel> Mode for NftablesMode<K> {
         self.families.clone().into_iter().any(|family| match self.kernel.table_exists(family) {
             Ok(exists) => !exists,
             Err(err) => {
-                tracing::warn!(%family, error = %err, "cannot check the kproxy table; full resync");
+                tracing::warn!(%family, error = %kproxy_contract::Chain(&err), "cannot check the kproxy table; full resync");
                 true
             }
         })

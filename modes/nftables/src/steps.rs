@@ -179,7 +179,7 @@ pub fn apply(
     let socket = match socket::acquire() {
         Ok(socket) => socket,
         Err(err) => {
-            tracing::warn!(error = %err, "applying with nft -f instead of netlink");
+            tracing::warn!(error = %kproxy_contract::Chain(&err), "applying with nft -f instead of netlink");
             return apply_whole(plan, nft);
         }
     };
@@ -192,7 +192,7 @@ pub fn apply(
         }
         Err(err) => {
             socket::release(socket);
-            tracing::warn!(error = %err, "netlink element batch not possible; applying with nft -f");
+            tracing::warn!(error = %kproxy_contract::Chain(&err), "netlink element batch not possible; applying with nft -f");
             return apply_whole(plan, nft);
         }
     };
@@ -206,7 +206,7 @@ pub fn apply(
             "element changes applied through netlink"
         ),
         Err(err) if err.use_nft_instead() => {
-            tracing::warn!(error = %err, "applying the element changes with nft -f instead of netlink");
+            tracing::warn!(error = %kproxy_contract::Chain(&err), "applying the element changes with nft -f instead of netlink");
             return nft(&rest(plan, &steps.finish));
         }
         Err(err) => return Err(err.into()),

@@ -35,7 +35,7 @@ use types::{EncodeError, SetType};
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
     /// Nothing reached nf_tables (no socket, no permission): `nft -f` may still work.
-    #[error("nf_tables netlink unavailable: {what}: {source}")]
+    #[error("nf_tables netlink unavailable: {what}")]
     Unavailable {
         /// What failed.
         what: &'static str,
@@ -44,7 +44,7 @@ pub enum NetlinkError {
         source: io::Error,
     },
     /// A set's type or an element this encoder cannot write (nothing was sent).
-    #[error("cannot encode for set {set}: {source}")]
+    #[error("cannot encode for set {set}")]
     Encode {
         /// The set.
         set: String,
@@ -53,7 +53,7 @@ pub enum NetlinkError {
         source: EncodeError,
     },
     /// The kernel refused the transaction: nothing of it was applied.
-    #[error("nf_tables refused to {what}: {source}{detail}")]
+    #[error("nf_tables refused to {what}{detail}")]
     Rejected {
         /// The operation, set and element.
         what: String,
@@ -96,14 +96,9 @@ impl NetlinkError {
 
 impl From<NetlinkError> for CommandError {
     fn from(e: NetlinkError) -> Self {
-        let status = match &e {
-            NetlinkError::Rejected { errno, .. } => format!("errno {errno}"),
-            _ => "error".into(),
-        };
-        CommandError::Failed {
-            program: "nf_tables netlink".into(),
-            status,
-            stderr: e.to_string(),
+        CommandError::Netlink {
+            interface: "nf_tables netlink",
+            cause: Box::new(e),
         }
     }
 }

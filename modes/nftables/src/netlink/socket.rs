@@ -146,7 +146,7 @@ impl NftSocket {
                 Deletes::Delete
             }
             Err(err) => {
-                tracing::debug!(error = %err, "cannot probe for NFT_MSG_DESTROYSETELEM");
+                tracing::debug!(error = %kproxy_contract::Chain(&err), "cannot probe for NFT_MSG_DESTROYSETELEM");
                 Deletes::Delete
             }
         }

@@ -581,12 +581,17 @@ fn memory(
         std::thread::sleep(Duration::from_millis(300));
     };
 
+    // A fresh kproxy per kind, warmed up, with its resident set and descriptors before.
+    let fresh = || {
+        let proc = start_kproxy(t, dir, kproxy, "splice", "per-core");
+        wait_ready(&t.client, ready);
+        let pid = proc.0.id();
+        warm(t);
+        (proc, pid, rss(pid), fds(pid))
+    };
+
     // Idle TCP connections: connected, nothing sent.
-    let proc = start_kproxy(t, dir, kproxy, "splice", "per-core");
-    wait_ready(&t.client, ready);
-    let pid = proc.0.id();
-    warm(t);
-    let (rss0, fds0) = (rss(pid), fds(pid));
+    let (proc, pid, rss0, fds0) = fresh();
     let before = held.load(Ordering::Relaxed);
     let hold = addr(SVC_HOLD, 80);
     let conns: Vec<TcpStream> = t.client.run(move || {
@@ -607,11 +612,7 @@ fn memory(
     std::thread::sleep(Duration::from_millis(300));
 
     // UDP flows: one client socket each, one round trip each.
-    let proc = start_kproxy(t, dir, kproxy, "splice", "per-core");
-    wait_ready(&t.client, ready);
-    let pid = proc.0.id();
-    warm(t);
-    let (rss2, fds2) = (rss(pid), fds(pid));
+    let (proc, pid, rss2, fds2) = fresh();
     let echo = addr(SVC_ECHO, 53);
     let flows: Vec<UdpSocket> = t.client.run(move || {
         let socks: Vec<UdpSocket> = (0..n_udp)

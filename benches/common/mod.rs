@@ -253,22 +253,7 @@ pub(crate) fn servers(
     let stop = Arc::new(AtomicBool::new(false));
     for &ip in udp_ips {
         let echo = ns.run(move || UdpSocket::bind((ip, ECHO)).unwrap());
-        // A UDP socket is not woken by shutdown(2) the way a listener is: poll a flag.
-        echo.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                match echo.recv_from(&mut buf) {
-                    Ok((n, peer)) => {
-                        let _ = echo.send_to(&buf[..n], peer);
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                    Err(_) => break,
-                }
-            }
-        });
+        serve_udp_echo(echo, stop.clone());
     }
     Servers {
         listeners: fds,
@@ -494,6 +479,25 @@ pub(crate) fn wait_ready(client: &Ns, from: IpAddr, to: SocketAddr, echo: Socket
     }
 }
 
+/// Answers every datagram on `echo` with itself, on a thread of its own, until `stop` is set.
+fn serve_udp_echo(echo: UdpSocket, stop: Arc<AtomicBool>) {
+    // A UDP socket is not woken by shutdown(2) the way a listener is: poll a flag.
+    echo.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            match echo.recv_from(&mut buf) {
+                Ok((n, peer)) => {
+                    let _ = echo.send_to(&buf[..n], peer);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+    });
+}
+
 /// A UDP echo on `ip:port` in `ns` with one `SO_REUSEPORT` socket per thread (`threads`), so the
 /// endpoint is not what limits many-flow runs. Stops when the returned flag is set.
 pub(crate) fn udp_echo_reuseport(
@@ -515,21 +519,7 @@ pub(crate) fn udp_echo_reuseport(
             s.bind(&SocketAddr::new(ip, port).into()).unwrap();
             UdpSocket::from(s)
         });
-        echo.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                match echo.recv_from(&mut buf) {
-                    Ok((n, peer)) => {
-                        let _ = echo.send_to(&buf[..n], peer);
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                    Err(_) => break,
-                }
-            }
-        });
+        serve_udp_echo(echo, stop.clone());
     }
     stop
 }

@@ -159,21 +159,27 @@ fn configmap_carries_a_configuration_kproxy_accepts_and_a_direct_kubeconfig() {
     assert_eq!(server, "https://CONTROL-PLANE-ENDPOINT:6443");
 }
 
-#[test]
-fn kustomize_renders_the_base() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+/// `kubectl kustomize DIR`, as YAML documents.
+fn kustomize(dir: &std::path::Path) -> Vec<Value> {
     let out = std::process::Command::new("kubectl")
         .args(["kustomize"])
-        .arg(&dir)
+        .arg(dir)
         .output()
-        .expect("kubectl (Debian's kubernetes-client; .ci/run installs it) must be installed");
+        .expect(
+            "kubectl (Debian's kubernetes-client; tests/setup.sh installs it) must be installed",
+        );
     assert!(
         out.status.success(),
         "kubectl kustomize: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).expect("YAML");
+    serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).expect("YAML")
+}
+
+#[test]
+fn kustomize_renders_the_base() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let docs = kustomize(&dir);
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(
         kinds,
@@ -226,18 +232,7 @@ fn kustomize_renders_the_userspace_component() {
         format!("resources: [{base}]\ncomponents: [{base}/components/userspace]\n"),
     )
     .expect("write overlay");
-    let out = std::process::Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(overlay.path())
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).expect("YAML");
+    let docs = kustomize(overlay.path());
     let ds = docs
         .iter()
         .find(|d| d["kind"] == "DaemonSet")

@@ -463,8 +463,14 @@ mod tests {
         assert_eq!(logged, [0, 12, 24]);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_busy_port_is_retried_until_it_is_free_and_reported_meanwhile() {
+    /// A listener supervised on a port another socket holds (returned, with the port, the
+    /// unbound gauge and the task), after its first bind attempts.
+    async fn supervised_on_a_busy_port() -> (
+        std::net::TcpListener,
+        SocketAddr,
+        Gauge,
+        tokio::task::JoinHandle<()>,
+    ) {
         let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = holder.local_addr().expect("addr");
         let gauge = Gauge::default();
@@ -473,6 +479,12 @@ mod tests {
             bind_tcp,
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+        (holder, addr, gauge, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_port_is_retried_until_it_is_free_and_reported_meanwhile() {
+        let (holder, addr, gauge, task) = supervised_on_a_busy_port().await;
         assert_eq!(gauge.get(), 1, "reported while unbound");
         drop(holder);
         // Bound within one retry period of the port coming free.
@@ -493,14 +505,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_aborted_listener_is_no_longer_reported() {
-        let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = holder.local_addr().expect("addr");
-        let gauge = Gauge::default();
-        let task = supervise(
-            listener(addr, Bounds::per_listener(4), Unbound::new(gauge.clone())),
-            bind_tcp,
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_holder, _, gauge, task) = supervised_on_a_busy_port().await;
         assert_eq!(gauge.get(), 1);
         task.abort();
         let _ = task.await;

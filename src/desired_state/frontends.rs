@@ -438,14 +438,9 @@ fn field_of(svc: Option<&Service>, kind: Kind, ip: IpAddr, sp: &ServicePort) -> 
             None => "spec.externalIPs".into(),
         },
         Kind::LoadBalancerIp => {
-            let ingress: Vec<String> = svc
-                .and_then(|s| s.status.as_ref())
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_deref())
-                .unwrap_or_default()
-                .iter()
-                .map(|i| i.ip.clone().unwrap_or_default())
-                .collect();
+            let ingress = svc
+                .map(super::service_ports::ingress_ips)
+                .unwrap_or_default();
             match position(Some(&ingress)) {
                 Some(i) => format!("status.loadBalancer.ingress[{i}].ip"),
                 None => "status.loadBalancer.ingress".into(),

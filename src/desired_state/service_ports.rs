@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service};
 use kproxy_contract::{
     Endpoints, IpFamily, Protocol, ServicePort, ServicePortName, SessionAffinity, TrafficPolicy,
 };
@@ -480,6 +480,24 @@ fn addresses(
     out
 }
 
+/// `status.loadBalancer.ingress`, empty when unset.
+fn ingress(svc: &Service) -> &[LoadBalancerIngress] {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default()
+}
+
+/// Each `status.loadBalancer.ingress[i].ip` as written (empty where unset), so a position in
+/// it is the index a log line names.
+pub(super) fn ingress_ips(svc: &Service) -> Vec<String> {
+    ingress(svc)
+        .iter()
+        .map(|i| i.ip.clone().unwrap_or_default())
+        .collect()
+}
+
 /// VIP-mode ingress IPs from `status.loadBalancer.ingress` (upstream `IsVIPMode`: an unset
 /// `ipMode` means VIP; `Proxy`, or anything else, means traffic must go through the load
 /// balancer, so no rule is written). Hostname-only entries are ignored, as upstream.
@@ -489,12 +507,7 @@ fn load_balancer_ips(
     guard: Guard<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<IpAddr> {
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_deref())
-        .unwrap_or_default();
+    let ingress = ingress(svc);
     let mut out = Vec::with_capacity(ingress.len());
     for (i, ing) in ingress.iter().enumerate() {
         let Some(raw) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
@@ -564,15 +577,7 @@ fn own_duplicates(
         ));
         false
     });
-    let ingress: Vec<String> = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_deref())
-        .unwrap_or_default()
-        .iter()
-        .map(|i| i.ip.clone().unwrap_or_default())
-        .collect();
+    let ingress = ingress_ips(svc);
     load_balancer_ips.retain(|ip| {
         let what = if cluster_ips.contains(ip) {
             "ClusterIP"

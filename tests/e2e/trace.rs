@@ -13,7 +13,8 @@ use crate::support::kproxy::{KproxyProcess, wait_until};
 use crate::support::manifests::Port;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
 use crate::support::scenario::{
-    DROPPED, Mode, NODE, OTHER_NODE, PROBE, REQ, SYNC, Scenario, Source, assert_timed_out, sock,
+    DROPPED, Mode, NODE, NODE_ARGS, OTHER_NODE, PROBE, REQ, SYNC, Scenario, Source,
+    assert_timed_out, sock,
 };
 use crate::support::topology::{POD_V4, client_v4};
 use crate::support::traffic::{assert_tcp_refused, tcp_request, tcp_request_from};
@@ -33,15 +34,8 @@ fn trace_live(s: &Scenario, src: IpAddr, dst: SocketAddr) -> (i32, Value) {
     };
     let dir = m.arg();
     let (src, dst) = (src.to_string(), dst.to_string());
-    let args = [
-        "--manifests",
-        &dir,
-        "--hostname-override",
-        NODE,
-        "--cluster-cidr",
-        "10.244.0.0/16,fd00:244::/56",
-        "--service-cluster-ip-range",
-        "10.96.0.0/12,fd00:96::/112",
+    let head = ["--manifests", dir.as_str()];
+    let tail = [
         "--proxy-mode",
         mode,
         "--iptables-backend",
@@ -55,6 +49,7 @@ fn trace_live(s: &Scenario, src: IpAddr, dst: SocketAddr) -> (i32, Value) {
         "--output",
         "json",
     ];
+    let args = [&head[..], NODE_ARGS, &tail[..]].concat();
     let (p, status) = KproxyProcess::run(&s.topo.node, &args, Duration::from_secs(20));
     let code = status.code().unwrap_or(-1);
     let json: Value = serde_json::from_str(&p.stdout()).unwrap_or_else(|e| {

@@ -20,7 +20,7 @@ use crate::support::netns::Netns;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
 use crate::support::require_root;
 use crate::support::scenario::{
-    NODE, OTHER_NODE, PROBE, REQ, SYNC, Scenario, Source, assert_spread, sock,
+    NODE, NODE_ARGS, OTHER_NODE, PROBE, REQ, SYNC, Scenario, Source, assert_spread, sock,
 };
 use crate::support::topology::{NODE_IP, POD_V4, POD_V6, client_v4};
 use crate::support::traffic::{
@@ -51,22 +51,20 @@ fn manifests_arg(s: &Scenario) -> String {
 
 /// The flags every run here uses: manifests, node name, userspace mode, fast syncs, no HTTP.
 fn base_args(s: &Scenario) -> Vec<String> {
+    let manifests = manifests_arg(s);
     [
-        "--manifests",
-        &manifests_arg(s),
-        "--hostname-override",
-        NODE,
-        "--cluster-cidr",
-        "10.244.0.0/16,fd00:244::/56",
-        "--service-cluster-ip-range",
-        "10.96.0.0/12,fd00:96::/112",
-        "--proxy-mode",
-        "userspace",
-        "--iptables-min-sync-period",
-        "100ms",
-        "--healthz-bind-address=",
-        "--metrics-bind-address=",
+        &["--manifests", manifests.as_str()][..],
+        NODE_ARGS,
+        &[
+            "--proxy-mode",
+            "userspace",
+            "--iptables-min-sync-period",
+            "100ms",
+            "--healthz-bind-address=",
+            "--metrics-bind-address=",
+        ],
     ]
+    .concat()
     .iter()
     .map(|a| a.to_string())
     .collect()

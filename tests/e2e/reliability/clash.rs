@@ -24,7 +24,7 @@ use crate::support::kproxy::{KproxyProcess, wait_until};
 use crate::support::manifests::{Manifests, Port};
 use crate::support::netns::Netns;
 use crate::support::objects::{Ep, Svc, endpoint_slice};
-use crate::support::scenario::{Mode, NODE, SYNC, Scenario, sock};
+use crate::support::scenario::{Mode, NODE, NODE_ARGS, SYNC, Scenario, sock};
 use crate::support::topology::{NODE_IP, POD_V4};
 
 const HTTP: Port = Port::tcp("http", 80, 8080);
@@ -467,20 +467,17 @@ fn two_nftables_kproxies_apply_every_change() {
     let (check, status) = KproxyProcess::run(
         &s.topo.node,
         &[
-            "--manifests",
-            &s.source.manifests().arg(),
-            "--hostname-override",
-            NODE,
-            "--cluster-cidr",
-            "10.244.0.0/16,fd00:244::/56",
-            "--service-cluster-ip-range",
-            "10.96.0.0/12,fd00:96::/112",
-            "--proxy-mode",
-            "nftables",
-            "--healthz-bind-address=",
-            "--metrics-bind-address=",
-            "--once",
-        ],
+            &["--manifests", &s.source.manifests().arg()],
+            NODE_ARGS,
+            &[
+                "--proxy-mode",
+                "nftables",
+                "--healthz-bind-address=",
+                "--metrics-bind-address=",
+                "--once",
+            ],
+        ]
+        .concat(),
         SYNC,
     );
     assert!(status.success(), "{}", check.stderr());

@@ -60,17 +60,17 @@ fn assert_no_failures(what: &str, failures: &[String]) {
     );
 }
 
-/// `log` has exactly one line naming `object` and `field` (each refusal is reported once,
-/// however many syncs ran).
-fn reported_once(log: &str, object: &str, field: &str) -> Result<(), String> {
-    let n = log
-        .lines()
-        .filter(|l| l.contains(object) && l.contains(field))
-        .count();
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(format!("{object} {field}: reported {n} times (want 1)"))
+/// For each `(object, field)`, `log` has exactly one line naming both (each refusal is
+/// reported once, however many syncs ran); adds a failure for each that does not.
+fn reported_once(log: &str, refusals: &[(&str, &str)], failures: &mut Vec<String>) {
+    for (object, field) in refusals {
+        let n = log
+            .lines()
+            .filter(|l| l.contains(object) && l.contains(field))
+            .count();
+        if n != 1 {
+            failures.push(format!("{object} {field}: reported {n} times (want 1)"));
+        }
     }
 }
 
@@ -219,22 +219,22 @@ fn node_addresses_stay_the_nodes(mode: Mode) {
     }
     // Each refusal is logged once, with the Service's name and the field.
     let log = s.kproxy().stderr();
-    for (object, field) in [
-        ("default/ext-on-node", "spec.externalIPs[0]"),
-        ("default/lb-on-node", "status.loadBalancer.ingress[0].ip"),
-        ("default/cip-on-node", "spec.clusterIPs[0]"),
-        ("default/np-2228", "spec.ports[0].nodePort"),
-        ("default/ext-loopback", "spec.externalIPs[0]"),
-        ("default/cip-loopback", "spec.clusterIPs[0]"),
-        ("default/wild", "spec.externalIPs[0]"),
-        ("default/wild", "spec.externalIPs[1]"),
-        ("default/wild", "spec.externalIPs[2]"),
-        ("default/to-loopback-v4", "endpoints[0].addresses[0]"),
-    ] {
-        if let Err(e) = reported_once(&log, object, field) {
-            failures.push(e);
-        }
-    }
+    reported_once(
+        &log,
+        &[
+            ("default/ext-on-node", "spec.externalIPs[0]"),
+            ("default/lb-on-node", "status.loadBalancer.ingress[0].ip"),
+            ("default/cip-on-node", "spec.clusterIPs[0]"),
+            ("default/np-2228", "spec.ports[0].nodePort"),
+            ("default/ext-loopback", "spec.externalIPs[0]"),
+            ("default/cip-loopback", "spec.clusterIPs[0]"),
+            ("default/wild", "spec.externalIPs[0]"),
+            ("default/wild", "spec.externalIPs[1]"),
+            ("default/wild", "spec.externalIPs[2]"),
+            ("default/to-loopback-v4", "endpoints[0].addresses[0]"),
+        ],
+        &mut failures,
+    );
     s.kproxy().assert_running();
     assert_no_failures(&format!("{mode:?}"), &failures);
     eprintln!(
@@ -321,16 +321,16 @@ fn special_addresses_userspace() {
     }
     drop(own);
     let log = s.kproxy().stderr();
-    for (object, field) in [
-        ("default/wild", "spec.externalIPs[0]"),
-        ("default/wild", "spec.externalIPs[1]"),
-        ("default/wild", "spec.externalIPs[2]"),
-        ("default/to-loopback-v4", "endpoints[0].addresses[0]"),
-    ] {
-        if let Err(e) = reported_once(&log, object, field) {
-            failures.push(e);
-        }
-    }
+    reported_once(
+        &log,
+        &[
+            ("default/wild", "spec.externalIPs[0]"),
+            ("default/wild", "spec.externalIPs[1]"),
+            ("default/wild", "spec.externalIPs[2]"),
+            ("default/to-loopback-v4", "endpoints[0].addresses[0]"),
+        ],
+        &mut failures,
+    );
     s.kproxy().assert_running();
     assert_no_failures("userspace", &failures);
 }
@@ -467,16 +467,16 @@ fn conflicting_frontends_older_wins(mode: Mode) {
         }
     }
     let log = s.kproxy().stderr();
-    for (object, field) in [
-        ("aaa/evil", "spec.externalIPs[0]"),
-        ("zzz/hog", "spec.externalIPs[0]"),
-        ("aaa/np-new", "spec.ports[0].nodePort"),
-        ("aaa/share-new", "spec.externalIPs[0]"),
-    ] {
-        if let Err(e) = reported_once(&log, object, field) {
-            failures.push(e);
-        }
-    }
+    reported_once(
+        &log,
+        &[
+            ("aaa/evil", "spec.externalIPs[0]"),
+            ("zzz/hog", "spec.externalIPs[0]"),
+            ("aaa/np-new", "spec.ports[0].nodePort"),
+            ("aaa/share-new", "spec.externalIPs[0]"),
+        ],
+        &mut failures,
+    );
     s.kproxy().assert_running();
     assert_no_failures(&format!("{mode:?}"), &failures);
 }

@@ -29,6 +29,15 @@ pub(crate) const DROPPED: Duration = Duration::from_millis(700);
 
 /// The node's name (the kproxy node).
 pub(crate) const NODE: &str = "node-a";
+/// The node every test's kproxy is: its name and the cluster's pod and service ranges.
+pub(crate) const NODE_ARGS: &[&str] = &[
+    "--hostname-override",
+    NODE,
+    "--cluster-cidr",
+    "10.244.0.0/16,fd00:244::/56",
+    "--service-cluster-ip-range",
+    "10.96.0.0/12,fd00:96::/112",
+];
 /// Another node's name (endpoints there are not local).
 pub(crate) const OTHER_NODE: &str = "node-b";
 
@@ -281,25 +290,17 @@ impl Scenario {
         }
         let mut args = self.source.args();
         args.extend(
-            [
-                "--hostname-override",
-                NODE,
-                "--cluster-cidr",
-                "10.244.0.0/16,fd00:244::/56",
-                "--service-cluster-ip-range",
-                "10.96.0.0/12,fd00:96::/112",
-                "--healthz-bind-address=",
-                "--metrics-bind-address=",
-            ]
-            .iter()
-            .chain(if self.ipvs {
-                IPVS_ARGS
-            } else if self.userspace {
-                USERSPACE_ARGS
-            } else {
-                self.mode.args()
-            })
-            .map(|s| s.to_string()),
+            NODE_ARGS
+                .iter()
+                .chain(&["--healthz-bind-address=", "--metrics-bind-address="])
+                .chain(if self.ipvs {
+                    IPVS_ARGS
+                } else if self.userspace {
+                    USERSPACE_ARGS
+                } else {
+                    self.mode.args()
+                })
+                .map(|s| s.to_string()),
         );
         let mut args = without_flags_of(args, &extra);
         args.extend(extra.iter().map(|s| s.to_string()));

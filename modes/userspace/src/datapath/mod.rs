@@ -166,6 +166,11 @@ struct Worker {
 pub struct DataPath {
     workers: Vec<Worker>,
     handles: Arc<[Handle]>,
+    /// How many listeners get a socket per thread; the others get one socket, placed on the
+    /// threads in turn ([`Place`]).
+    per_thread_listeners: usize,
+    /// The thread the next one-socket listener goes to.
+    next_thread: usize,
     shared: Arc<Shared>,
     running: BTreeMap<ListenerKey, Running>,
     affinity: HashMap<(ServicePortName, IpFamily), Arc<Affinity>>,
@@ -257,9 +262,12 @@ impl DataPath {
             .map(|i| workers[i % workers.len()].handle.clone())
             .collect();
         let (generation, _) = watch::channel(0);
+        let per_thread_listeners = socket::listener_socket_budget() / handles.len().max(1);
         Ok(DataPath {
             workers,
             handles,
+            per_thread_listeners,
+            next_thread: 0,
             shared: Arc::new(Shared {
                 tables: ArcSwap::from_pointee(HashMap::new()),
                 generation,
@@ -360,10 +368,16 @@ impl DataPath {
         let (stop, stop_rx) = watch::channel(false);
         let (closed_tx, closed) = std::sync::mpsc::channel();
         let inodes = Arc::new(Mutex::new(Vec::new()));
-        let result = match bind(key, self.handles.len()) {
+        let place = Place::next(
+            self.running.len(),
+            self.per_thread_listeners,
+            self.handles.len(),
+            &mut self.next_thread,
+        );
+        let result = match bind(key, place.sockets) {
             Ok(sockets) => {
                 start(
-                    &self.handles,
+                    place.threads(&self.handles),
                     sockets,
                     &state,
                     &self.shared,
@@ -376,6 +390,7 @@ impl DataPath {
             Err(error) => {
                 let retry = retry_bind(
                     self.handles.clone(),
+                    place,
                     state.clone(),
                     self.shared.clone(),
                     stop_rx,
@@ -454,6 +469,47 @@ impl DataPath {
 }
 
 /// One socket per worker on `key` (all or none).
+/// How many sockets a listener has, and the thread its first one is served on (the others on
+/// the threads after it). A socket per thread spreads a busy service over every core; but
+/// sockets cost a descriptor and kernel memory each, so past a budget (a quarter of the
+/// open-file limit, [`socket::listener_socket_budget`]) listeners get one socket each, and
+/// 10,000 services on a 64-core node hold about 10,000 listener sockets, not 640,000.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    sockets: usize,
+    first: usize,
+}
+
+impl Place {
+    /// Where a new listener goes when `running` listeners are open already: a socket on each of
+    /// the `threads` while fewer than `per_thread_listeners` are, else one socket on the thread
+    /// after the last one-socket listener's.
+    fn next(
+        running: usize,
+        per_thread_listeners: usize,
+        threads: usize,
+        last: &mut usize,
+    ) -> Place {
+        if running < per_thread_listeners {
+            Place {
+                sockets: threads,
+                first: 0,
+            }
+        } else {
+            *last = (*last + 1) % threads.max(1);
+            Place {
+                sockets: 1,
+                first: *last,
+            }
+        }
+    }
+
+    /// The threads the sockets go to, in order.
+    fn threads(self, handles: &[Handle]) -> impl Iterator<Item = &Handle> {
+        handles.iter().cycle().skip(self.first)
+    }
+}
+
 fn bind(key: ListenerKey, n: usize) -> io::Result<Vec<Bound>> {
     (0..n)
         .map(|_| match key.transport {
@@ -468,9 +524,9 @@ enum Bound {
     Udp(std::net::UdpSocket),
 }
 
-/// Starts one task per socket, each on its own worker.
-fn start(
-    handles: &[Handle],
+/// Starts one task per socket, each on the next of `threads` (see [`Place::threads`]).
+fn start<'a>(
+    threads: impl Iterator<Item = &'a Handle>,
     sockets: Vec<Bound>,
     state: &Arc<ListenerState>,
     shared: &Arc<Shared>,
@@ -479,7 +535,7 @@ fn start(
     inodes: &Mutex<Vec<u64>>,
 ) {
     let mut ids = Vec::with_capacity(sockets.len());
-    for (handle, socket) in handles.iter().zip(sockets) {
+    for (handle, socket) in threads.zip(sockets) {
         let (state, shared, stop, closed) =
             (state.clone(), shared.clone(), stop.clone(), closed.clone());
         match socket {
@@ -502,6 +558,7 @@ fn start(
 /// listener is closed.
 async fn retry_bind(
     handles: Arc<[Handle]>,
+    place: Place,
     state: Arc<ListenerState>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
@@ -519,10 +576,18 @@ async fn retry_bind(
             return;
         }
         attempts += 1;
-        match bind(state.key, handles.len()) {
+        match bind(state.key, place.sockets) {
             Ok(sockets) => {
                 tracing::info!(listener = %state.key, attempts, "listening now");
-                start(&handles, sockets, &state, &shared, &stop, &closed, &inodes);
+                start(
+                    place.threads(&handles),
+                    sockets,
+                    &state,
+                    &shared,
+                    &stop,
+                    &closed,
+                    &inodes,
+                );
                 return;
             }
             Err(err) => {

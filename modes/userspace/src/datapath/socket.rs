@@ -65,6 +65,16 @@ pub(super) fn inode<F: AsFd>(fd: &F) -> u64 {
     nix::sys::stat::fstat(fd).map_or(0, |st| st.st_ino)
 }
 
+/// How many listener sockets may be held before listeners get one socket each instead of one
+/// per thread: a quarter of the open-file limit, so the rest stays for connections (two
+/// descriptors each) and UDP flows (one each). Called after [`raise_nofile_limit`].
+pub(super) fn listener_socket_budget() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| {
+        usize::try_from(soft / 4).unwrap_or(usize::MAX)
+    })
+}
+
 /// Raises the soft open-file limit to the hard one: every proxied TCP connection holds two
 /// sockets and every UDP flow one. (Go programs, upstream kube-proxy included, do this at start.)
 pub(super) fn raise_nofile_limit() {

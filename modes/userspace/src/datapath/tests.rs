@@ -295,3 +295,14 @@ fn handover_without_a_successor_closes_after_the_wait_and_cuts_nothing_idle() {
     // Closed: nothing listens any more.
     assert!(TcpStream::connect(key.addr).is_err());
 }
+
+/// Listeners past the budget get one socket each, spread over the threads.
+#[test]
+fn listeners_past_the_socket_budget_get_one_socket_each_in_turn() {
+    let mut last = 0;
+    let places: Vec<(usize, usize)> = (0..6)
+        .map(|running| super::Place::next(running, 2, 3, &mut last))
+        .map(|p| (p.sockets, p.first))
+        .collect();
+    assert_eq!(places, [(3, 0), (3, 0), (1, 1), (1, 2), (1, 0), (1, 1)]);
+}

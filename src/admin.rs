@@ -17,7 +17,10 @@
 //!   daemon has gone; a socket that refuses connections is stale (a killed daemon's) and is
 //!   replaced;
 //! - on exit the path is removed only if it is still the socket this daemon bound (same device
-//!   and inode), so two daemons given one path never remove each other's socket.
+//!   and inode), so two daemons given one path never remove each other's socket. The check runs
+//!   while a duplicate of the listening descriptor is still open: a bound Unix socket holds its
+//!   file's inode, so the inode number cannot have been handed to a newer socket yet (file
+//!   systems such as ext4 reuse a freed number at once).
 //!
 //! While the socket cannot be bound it is counted in `kproxy_unbound_listeners{listener="admin"}`.
 
@@ -143,6 +146,9 @@ struct Bound {
     name: OsString,
     dev: u64,
     ino: u64,
+    /// A duplicate of the listening socket: while it is open the socket holds its file's inode,
+    /// so `(dev, ino)` names that file and no other until this record is dropped.
+    _pin: OwnedFd,
 }
 
 impl Bound {
@@ -245,6 +251,9 @@ fn bind(path: &Path) -> Result<(tokio::net::UnixListener, Bound), BindError> {
     )
     .map_err(|e| io("chmod 0600")(e.into()))?;
     listener.set_nonblocking(true).map_err(io("binding"))?;
+    let pin = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .map_err(io("binding"))?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(io("binding"))?;
     Ok((
         listener,
@@ -253,6 +262,7 @@ fn bind(path: &Path) -> Result<(tokio::net::UnixListener, Bound), BindError> {
             name,
             dev: st.st_dev,
             ino: st.st_ino,
+            _pin: pin,
         },
     ))
 }
@@ -456,8 +466,6 @@ mod tests {
         let (_tx, rx) = watch::channel(None);
         let first = spawn(&path, rx.clone(), Unbound::default());
         assert!(eventually(Duration::from_secs(2), || path.exists()).await);
-        let first_ino =
-            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).expect("stat"));
         let err = bind(&path).expect_err("in use");
         assert!(matches!(err, BindError::InUse(_)), "{err}");
         // Another process takes the path over: our exit leaves its socket.
@@ -468,10 +476,29 @@ mod tests {
         // Once that process is gone its socket is stale, and replaced.
         drop(theirs);
         let (listener, bound) = bind(&path).expect("stale socket replaced");
-        assert_ne!(bound.ino, first_ino);
+        assert!(probe(&path).expect("probe"), "the new socket listens");
         drop(listener);
         bound.remove_if_ours();
         assert!(!path.exists());
+    }
+
+    /// Our exit never removes a socket that was bound after our listener closed, even when the
+    /// file system hands it our old inode number (ext4 does so at once): the record of what we
+    /// bound holds the inode until the check is done.
+    #[tokio::test]
+    async fn a_reused_inode_number_is_not_taken_for_ours() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kproxy.sock");
+        for _ in 0..50 {
+            let (listener, ours) = bind(&path).expect("bind");
+            drop(listener);
+            std::fs::remove_file(&path).expect("rm");
+            let theirs = std::os::unix::net::UnixListener::bind(&path).expect("bind theirs");
+            ours.remove_if_ours();
+            assert!(path.exists(), "removed a socket bound after ours closed");
+            drop(theirs);
+            std::fs::remove_file(&path).expect("rm theirs");
+        }
     }
 
     /// A daemon that is alive but does not accept (its backlog full) is not taken for stale,

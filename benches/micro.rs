@@ -50,8 +50,12 @@ fn cache(n: usize) -> ClusterCache {
         .map(|i| serde_json::from_value(common::objects::slice(i, ENDPOINTS, 0)).unwrap())
         .collect();
     let mut cache = ClusterCache::default();
-    cache.apply(Update::Services(Change::Reset(services)));
-    cache.apply(Update::EndpointSlices(Change::Reset(slices)));
+    cache.apply(Update::Services(Change::Reset(services).shared()));
+    cache.apply(Update::EndpointSlices(
+        Change::Reset(slices)
+            .map(kproxy::source::slim::slice)
+            .shared(),
+    ));
     cache
 }
 
@@ -84,7 +88,11 @@ fn desired_state_build_one_change(bencher: Bencher, n: usize) {
     let before = build(&cache, &ctx, None);
     let slice: EndpointSlice =
         serde_json::from_value(common::objects::slice(n / 2, ENDPOINTS, 1)).unwrap();
-    let touched = cache.apply(Update::EndpointSlices(Change::Apply(slice)));
+    let touched = cache.apply(Update::EndpointSlices(
+        Change::Apply(slice)
+            .map(kproxy::source::slim::slice)
+            .shared(),
+    ));
     assert_eq!(touched.services.len(), 1);
     bencher.bench_local(|| build_incremental(&cache, &ctx, &before, &touched.services));
 }

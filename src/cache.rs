@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
+use crate::source::slim::Slice;
 use crate::source::{Change, SERVICE_NAME_LABEL, Update};
 
 /// `namespace/name` of an object.
@@ -87,7 +87,7 @@ pub struct ClusterCache {
     /// list carries changes made long before kproxy ran.
     measure_after: Option<SystemTime>,
     services: BTreeMap<ObjectKey, Arc<Service>>,
-    slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    slices: BTreeMap<ObjectKey, Arc<Slice>>,
     /// Service key → keys of its EndpointSlices (through the `kubernetes.io/service-name` label).
     slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     node: Option<Arc<Node>>,
@@ -106,7 +106,7 @@ impl ClusterCache {
         }
     }
 
-    fn trigger_time(&self, slice: &EndpointSlice) -> Option<SystemTime> {
+    fn trigger_time(&self, slice: &Slice) -> Option<SystemTime> {
         let after = self.measure_after?;
         let text = slice.annotations().get(TRIGGER_TIME_ANNOTATION)?;
         let t = humantime::parse_rfc3339_weak(text.trim()).ok()?;
@@ -120,8 +120,8 @@ impl ClusterCache {
             Update::EndpointSlices(change) => self.apply_slices(change),
             Update::Node(change) => {
                 let node = match change {
-                    Change::Reset(nodes) => nodes.into_iter().next().map(Arc::new),
-                    Change::Apply(node) => Some(Arc::new(node)),
+                    Change::Reset(nodes) => nodes.into_iter().next(),
+                    Change::Apply(node) => Some(node),
                     Change::Delete(_) => None,
                 };
                 // A relist (or a manifests reload) repeats an unchanged Node: that must not turn
@@ -139,14 +139,12 @@ impl ClusterCache {
         }
     }
 
-    fn apply_services(&mut self, change: Change<Service>) -> Touched {
+    fn apply_services(&mut self, change: Change<Arc<Service>>) -> Touched {
         let mut touched = Touched::default();
         match change {
             Change::Reset(all) => {
-                let new: BTreeMap<_, _> = all
-                    .into_iter()
-                    .map(|s| (ObjectKey::of(&s), Arc::new(s)))
-                    .collect();
+                let new: BTreeMap<_, _> =
+                    all.into_iter().map(|s| (ObjectKey::of(&*s), s)).collect();
                 let changed = diff_keys(&self.services, &new);
                 touched.service_changes += changed.len();
                 touched.services.extend(changed);
@@ -154,13 +152,13 @@ impl ClusterCache {
                 self.services_synced = true;
             }
             Change::Apply(svc) => {
-                let key = ObjectKey::of(&svc);
-                self.services.insert(key.clone(), Arc::new(svc));
+                let key = ObjectKey::of(&*svc);
+                self.services.insert(key.clone(), svc);
                 touched.services.insert(key);
                 touched.service_changes += 1;
             }
             Change::Delete(svc) => {
-                let key = ObjectKey::of(&svc);
+                let key = ObjectKey::of(&*svc);
                 self.services.remove(&key);
                 touched.services.insert(key);
                 touched.service_changes += 1;
@@ -169,14 +167,12 @@ impl ClusterCache {
         touched
     }
 
-    fn apply_slices(&mut self, change: Change<EndpointSlice>) -> Touched {
+    fn apply_slices(&mut self, change: Change<Arc<Slice>>) -> Touched {
         let mut touched = Touched::default();
         match change {
             Change::Reset(all) => {
-                let new: BTreeMap<_, _> = all
-                    .into_iter()
-                    .map(|s| (ObjectKey::of(&s), Arc::new(s)))
-                    .collect();
+                let new: BTreeMap<_, _> =
+                    all.into_iter().map(|s| (ObjectKey::of(&*s), s)).collect();
                 for key in diff_keys(&self.slices, &new) {
                     let old = self.slices.get(&key).and_then(|s| service_of(s));
                     let cur = new.get(&key).and_then(|s| service_of(s));
@@ -199,7 +195,7 @@ impl ClusterCache {
                 self.slices_synced = true;
             }
             Change::Apply(slice) => {
-                let key = ObjectKey::of(&slice);
+                let key = ObjectKey::of(&*slice);
                 touched.endpoint_changes += 1;
                 touched.trigger_times.extend(self.trigger_time(&slice));
                 if let Some(old) = self.remove_slice(&key) {
@@ -212,11 +208,11 @@ impl ClusterCache {
                         .insert(key.clone());
                     touched.services.insert(svc);
                 }
-                self.slices.insert(key, Arc::new(slice));
+                self.slices.insert(key, slice);
             }
             Change::Delete(slice) => {
                 touched.endpoint_changes += 1;
-                if let Some(old) = self.remove_slice(&ObjectKey::of(&slice)) {
+                if let Some(old) = self.remove_slice(&ObjectKey::of(&*slice)) {
                     touched.services.insert(old);
                 }
             }
@@ -263,7 +259,7 @@ impl ClusterCache {
     pub fn slices_for<'a>(
         &'a self,
         service: &ObjectKey,
-    ) -> impl Iterator<Item = &'a Arc<EndpointSlice>> + 'a {
+    ) -> impl Iterator<Item = &'a Arc<Slice>> + 'a {
         self.slices_by_service
             .get(service)
             .into_iter()
@@ -272,7 +268,7 @@ impl ClusterCache {
     }
 
     /// Every EndpointSlice.
-    pub fn slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+    pub fn slices(&self) -> impl Iterator<Item = &Arc<Slice>> {
         self.slices.values()
     }
 
@@ -283,7 +279,7 @@ impl ClusterCache {
 }
 
 /// The Service an EndpointSlice belongs to, from its `kubernetes.io/service-name` label.
-pub fn service_of(slice: &EndpointSlice) -> Option<ObjectKey> {
+pub fn service_of(slice: &Slice) -> Option<ObjectKey> {
     let name = slice.labels().get(SERVICE_NAME_LABEL)?;
     Some(ObjectKey::new(
         slice.namespace().unwrap_or_default(),
@@ -320,12 +316,12 @@ mod tests {
         let mut cache = ClusterCache::default();
         assert!(
             cache
-                .apply(Update::Node(Change::Reset(vec![node.clone()])))
+                .apply(Update::Node(Change::Reset(vec![node.clone()]).shared()))
                 .everything
         );
         assert!(
             cache
-                .apply(Update::Node(Change::Reset(vec![node.clone()])))
+                .apply(Update::Node(Change::Reset(vec![node.clone()]).shared()))
                 .is_empty()
         );
         let mut relabelled = node;
@@ -333,7 +329,7 @@ mod tests {
             Some([("topology.kubernetes.io/zone".into(), "z".into())].into());
         assert!(
             cache
-                .apply(Update::Node(Change::Apply(relabelled)))
+                .apply(Update::Node(Change::Apply(relabelled).shared()))
                 .everything
         );
     }

@@ -6,8 +6,15 @@ use std::process::ExitCode;
 use kproxy::cli::{Args, Command, LogFormat, OutputFormat};
 use tracing_subscriber::EnvFilter;
 
+#[cfg(not(feature = "dhat-heap"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `--features dhat-heap`: every allocation is recorded, and the allocation sites live at the
+/// heap's peak are written to `dhat-heap.json` on exit (docs/memory.md reads it).
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 /// Writes a line to standard error, ignoring a reader that has gone (`kproxy ... 2>&1 | head`):
 /// `eprintln!` would panic there, and a CLI piped into `head` or a pager must exit quietly.
@@ -23,6 +30,8 @@ fn say_out(line: &str) {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::new_heap();
     let args = Args::parse_go_style();
     if let Some(Command::Version) = args.command {
         say_out(&format!("kproxy {}", kproxy::version::VERSION));

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kproxy_contract::{Endpoint, Endpoints, IpFamily, Protocol};
 
 use super::admission;
@@ -16,6 +15,7 @@ use super::parse;
 use super::skipped::Skipped;
 use super::topology::{self, Location};
 use crate::cache::ObjectKey;
+use crate::source::slim::{Slice, SliceEndpoint};
 
 /// One endpoint of a slice with its conditions resolved; the port comes from the slice port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub(crate) struct ParsedSlice {
 }
 
 /// The key of a slice, for reports.
-pub(crate) fn slice_key(slice: &EndpointSlice) -> ObjectKey {
+pub(crate) fn slice_key(slice: &Slice) -> ObjectKey {
     ObjectKey::new(
         slice.metadata.namespace.clone().unwrap_or_default(),
         slice.metadata.name.clone().unwrap_or_default(),
@@ -84,7 +84,7 @@ pub(crate) fn slice_key(slice: &EndpointSlice) -> ObjectKey {
 /// Validates a slice. `None` for FQDN slices (never used by kube-proxy) and unknown address
 /// types.
 pub(crate) fn parse_slice(
-    slice: &EndpointSlice,
+    slice: &Slice,
     node_name: &str,
     skipped: &mut Vec<Skipped>,
 ) -> Option<ParsedSlice> {
@@ -119,11 +119,7 @@ pub(crate) fn parse_slice(
 /// Upstream ignores a port whose `name` is nil (the EndpointSlice controller always sets it,
 /// `""` for an unnamed port); kproxy reads nil as `""` so hand-written slices for an unnamed
 /// service port work. A nil or zero `port` is skipped, as upstream.
-fn slice_ports(
-    key: &ObjectKey,
-    slice: &EndpointSlice,
-    skipped: &mut Vec<Skipped>,
-) -> Vec<SlicePort> {
+fn slice_ports(key: &ObjectKey, slice: &Slice, skipped: &mut Vec<Skipped>) -> Vec<SlicePort> {
     let raw = slice.ports.as_deref().unwrap_or_default();
     let mut out = Vec::with_capacity(raw.len());
     for (i, p) in raw.iter().enumerate() {
@@ -174,11 +170,11 @@ fn candidate(
     key: &ObjectKey,
     family: IpFamily,
     i: usize,
-    ep: &k8s_openapi::api::discovery::v1::Endpoint,
+    ep: &SliceEndpoint,
     node_name: &str,
     skipped: &mut Vec<Skipped>,
 ) -> Option<Candidate> {
-    let Some(raw) = ep.addresses.first() else {
+    let Some(raw) = ep.address.as_deref() else {
         skipped.push(Skipped::slice(
             key,
             format!("endpoints[{i}].addresses"),
@@ -221,7 +217,7 @@ fn candidate(
     // object that claims otherwise (only hand-written ones can) is not trusted with traffic as
     // ready, which keeps "ready" and "terminating" disjoint (rule 17).
     let ready = cond.ready.unwrap_or(true) && serving && !terminating;
-    let hints = ep.hints.as_ref();
+    let hints = ep.hints.as_deref();
     Some(Candidate {
         ip,
         // Upstream `isLocal`: an empty node name never matches.

@@ -30,8 +30,8 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::source::slim::Slice;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kproxy_contract::{IpFamily, NodeSettings, ProxyState, ServicePort, ServicePortKey};
 
 pub use admission::{Admission, ManifestChecks};
@@ -287,7 +287,7 @@ fn service(
 }
 
 /// docs/semantics.md, rule 1: slices of headless services, or owned by another proxy, are ignored.
-fn usable_slice(slice: &EndpointSlice) -> bool {
+fn usable_slice(slice: &Slice) -> bool {
     let labels = &slice.metadata.labels;
     !has_label(labels, HEADLESS_LABEL) && !has_label(labels, SERVICE_PROXY_NAME_LABEL)
 }

@@ -90,19 +90,76 @@ fn terminating(addr: &str, node: &str, serving: bool) -> Value {
     ep(addr, Some(node), Some(false), Some(serving), Some(true))
 }
 
+/// A cache of these objects as the sources keep them (slimmed).
 fn cache(services: Vec<Value>, slices: Vec<Value>) -> ClusterCache {
+    cache_of(services, slices, crate::source::slim::service)
+}
+
+fn cache_of(
+    services: Vec<Value>,
+    slices: Vec<Value>,
+    keep_service: fn(Service) -> Service,
+) -> ClusterCache {
     let mut cache = ClusterCache::default();
     let services: Vec<Service> = services
         .into_iter()
-        .map(|v| serde_json::from_value(v).unwrap())
+        .map(|v| keep_service(serde_json::from_value(v).unwrap()))
         .collect();
     let slices: Vec<EndpointSlice> = slices
         .into_iter()
         .map(|v| serde_json::from_value(v).unwrap())
         .collect();
-    cache.apply(Update::Services(Change::Reset(services)));
-    cache.apply(Update::EndpointSlices(Change::Reset(slices)));
+    cache.apply(Update::Services(Change::Reset(services).shared()));
+    cache.apply(Update::EndpointSlices(
+        Change::Reset(slices)
+            .map(crate::source::slim::slice)
+            .shared(),
+    ));
     cache
+}
+
+/// Adds what the API server sends and `source::slim` drops: managed fields, annotations, a
+/// Service's conditions (and each endpoint's `targetRef`, `hostname` and deprecated topology,
+/// which a `Slice` has no room for).
+fn with_unread_fields(mut object: Value) -> Value {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "managedFields".into(),
+            json!([{"manager": "kube-controller-manager", "operation": "Update"}]),
+        );
+        let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+        annotations["kubectl.kubernetes.io/last-applied-configuration"] = json!("{}");
+    }
+    if object.get("spec").is_some() {
+        object["status"]["conditions"] = json!([{"type": "x", "status": "True",
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "r", "message": "m"}]);
+    }
+    if let Some(endpoints) = object.get_mut("endpoints").and_then(Value::as_array_mut) {
+        for (i, e) in endpoints.iter_mut().enumerate() {
+            e["targetRef"] = json!({"kind": "Pod", "namespace": "ns", "name": format!("pod-{i}")});
+            e["hostname"] = json!(format!("host-{i}"));
+            e["deprecatedTopology"] = json!({"kubernetes.io/hostname": "elsewhere"});
+        }
+    }
+    object
+}
+
+/// Builds the state of these objects, and holds `source::slim` to dropping only unread fields:
+/// the same objects with every dropped field filled in, kept whole, build the same state.
+fn run(services: Vec<Value>, slices: Vec<Value>) -> Built {
+    let built = build(&cache(services.clone(), slices.clone()), &ctx(None), None);
+    let whole = cache_of(
+        services.into_iter().map(with_unread_fields).collect(),
+        slices.into_iter().map(with_unread_fields).collect(),
+        std::convert::identity,
+    );
+    let from_whole = build(&whole, &ctx(None), None);
+    assert_eq!(
+        format!("{:?}", (&from_whole.state, &from_whole.skipped)),
+        format!("{:?}", (&built.state, &built.skipped)),
+        "a field source::slim drops changed the desired state"
+    );
+    built
 }
 
 fn ctx(zone: Option<&str>) -> BuildContext {
@@ -115,10 +172,6 @@ fn ctx(zone: Option<&str>) -> BuildContext {
         node_labels_known: true,
         admission: Arc::default(),
     }
-}
-
-fn run(services: Vec<Value>, slices: Vec<Value>) -> Built {
-    build(&cache(services, slices), &ctx(None), None)
 }
 
 fn key(family: IpFamily, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
@@ -2279,51 +2332,68 @@ mod incremental {
 
     fn update(op: &Op) -> Update {
         match op {
-            Op::ApplyService(i, port) => Update::Services(Change::Apply(
-                serde_json::from_value(svc(
-                    &format!("s{i}"),
-                    json!({"clusterIP": format!("10.96.0.{i}"), "ports": [{"port": port}]}),
-                ))
-                .unwrap(),
-            )),
-            Op::DeleteService(i) => Update::Services(Change::Delete(
-                serde_json::from_value(simple_svc(&format!("s{i}"), "10.96.0.1")).unwrap(),
-            )),
+            Op::ApplyService(i, port) => Update::Services(
+                Change::Apply(
+                    serde_json::from_value(svc(
+                        &format!("s{i}"),
+                        json!({"clusterIP": format!("10.96.0.{i}"), "ports": [{"port": port}]}),
+                    ))
+                    .unwrap(),
+                )
+                .shared(),
+            ),
+            Op::DeleteService(i) => Update::Services(
+                Change::Delete(
+                    serde_json::from_value(simple_svc(&format!("s{i}"), "10.96.0.1")).unwrap(),
+                )
+                .shared(),
+            ),
             Op::ApplySlice(i, eps) => {
                 let endpoints: Vec<Value> = eps
                     .iter()
                     .map(|e| ready(&format!("10.244.{i}.{e}"), NODE))
                     .collect();
-                Update::EndpointSlices(Change::Apply(
+                Update::EndpointSlices(
+                    Change::Apply(
+                        serde_json::from_value(slice(
+                            &format!("s{i}-x"),
+                            &format!("s{i}"),
+                            "IPv4",
+                            json!([{"port": 8080}]),
+                            json!(endpoints),
+                        ))
+                        .unwrap(),
+                    )
+                    .map(crate::source::slim::slice)
+                    .shared(),
+                )
+            }
+            Op::ApplyHostile(h) => Update::Services(
+                Change::Apply(serde_json::from_value(hostile_json(h)).unwrap()).shared(),
+            ),
+            Op::DeleteHostile(i, ns) => Update::Services(
+                Change::Delete(
+                    serde_json::from_value(json!({
+                        "metadata": {"namespace": format!("n{ns}"), "name": format!("h{i}")},
+                    }))
+                    .unwrap(),
+                )
+                .shared(),
+            ),
+            Op::DeleteSlice(i) => Update::EndpointSlices(
+                Change::Delete(
                     serde_json::from_value(slice(
                         &format!("s{i}-x"),
                         &format!("s{i}"),
                         "IPv4",
-                        json!([{"port": 8080}]),
-                        json!(endpoints),
+                        json!([]),
+                        json!([]),
                     ))
                     .unwrap(),
-                ))
-            }
-            Op::ApplyHostile(h) => Update::Services(Change::Apply(
-                serde_json::from_value(hostile_json(h)).unwrap(),
-            )),
-            Op::DeleteHostile(i, ns) => Update::Services(Change::Delete(
-                serde_json::from_value(json!({
-                    "metadata": {"namespace": format!("n{ns}"), "name": format!("h{i}")},
-                }))
-                .unwrap(),
-            )),
-            Op::DeleteSlice(i) => Update::EndpointSlices(Change::Delete(
-                serde_json::from_value(slice(
-                    &format!("s{i}-x"),
-                    &format!("s{i}"),
-                    "IPv4",
-                    json!([]),
-                    json!([]),
-                ))
-                .unwrap(),
-            )),
+                )
+                .map(crate::source::slim::slice)
+                .shared(),
+            ),
         }
     }
 

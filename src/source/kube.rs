@@ -6,6 +6,8 @@
 //! away). When the API goes away we only log: the programmed rules stay as they are until the
 //! watch comes back.
 
+use std::sync::Arc;
+
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -20,23 +22,26 @@ use super::{Change, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, Update};
 
 /// Builds the watcher streams and forwards their events to `tx` until `tx` closes.
 pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<Update>) {
-    let services = watch::<Service>(
+    let services = watch::<Service, _>(
         Api::all(client.clone()),
         watcher::Config::default().labels(&format!("!{SERVICE_PROXY_NAME_LABEL}")),
         "Service",
+        super::slim::service,
     )
     .map(Update::Services);
-    let slices = watch::<EndpointSlice>(
+    let slices = watch::<EndpointSlice, _>(
         Api::all(client.clone()),
         watcher::Config::default()
             .labels(&format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")),
         "EndpointSlice",
+        super::slim::slice,
     )
     .map(Update::EndpointSlices);
-    let node = watch::<Node>(
+    let node = watch::<Node, _>(
         Api::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         "Node",
+        super::slim::node,
     )
     .map(Update::Node);
 
@@ -51,17 +56,22 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<Update>) {
     }
 }
 
-/// One watcher turned into [`Change`]s. Errors are logged and retried with backoff; they never
-/// reach the caller, because a broken watch must not change what is programmed.
-fn watch<K>(
+/// One watcher turned into [`Change`]s of slimmed, shared objects (each object is slimmed as
+/// it arrives, so an initial list of 10^5 objects is never held in full). Errors are logged and
+/// retried with backoff; they never reach the caller, because a broken watch must not change
+/// what is programmed.
+fn watch<K, T>(
     api: Api<K>,
     config: watcher::Config,
     kind: &'static str,
-) -> impl Stream<Item = Change<K>>
+    slim: fn(K) -> T,
+) -> impl Stream<Item = Change<Arc<T>>>
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    T: Send + Sync + 'static,
 {
-    let mut buffer: Vec<K> = Vec::new();
+    let keep = move |obj: K| Arc::new(slim(obj));
+    let mut buffer: Vec<Arc<T>> = Vec::new();
     let (backoff, progress) = ProgressBackoff::new();
     watcher::watcher(api, config)
         .inspect(move |event| mark_progress(&progress, event))
@@ -73,15 +83,15 @@ where
                     None
                 }
                 Ok(Event::InitApply(obj)) => {
-                    buffer.push(obj);
+                    buffer.push(keep(obj));
                     None
                 }
                 Ok(Event::InitDone) => {
                     tracing::debug!(kind, count = buffer.len(), "initial list complete");
                     Some(Change::Reset(std::mem::take(&mut buffer)))
                 }
-                Ok(Event::Apply(obj)) => Some(Change::Apply(obj)),
-                Ok(Event::Delete(obj)) => Some(Change::Delete(obj)),
+                Ok(Event::Apply(obj)) => Some(Change::Apply(keep(obj))),
+                Ok(Event::Delete(obj)) => Some(Change::Delete(keep(obj))),
                 Err(err) => {
                     tracing::warn!(kind, error = %err, "watch failed; retrying with backoff, programmed rules stay in place");
                     None

@@ -39,6 +39,7 @@ use std::hash::{Hash as _, Hasher as _};
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -48,6 +49,7 @@ use notify::event::{AccessKind, AccessMode, EventKind};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -108,12 +110,12 @@ pub enum ManifestsError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
     /// Services, in file order, without those owned by another proxy.
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// EndpointSlices, in file order, without those owned by another proxy or of headless
     /// Services.
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoint_slices: Vec<Arc<super::slim::Slice>>,
     /// This node's Node object, if a manifest holds it.
-    pub node: Option<Node>,
+    pub node: Option<Arc<Node>>,
 }
 
 impl Loaded {
@@ -259,10 +261,12 @@ impl LoadReport {
     clippy::large_enum_variant,
     reason = "one per manifest object, the same objects the Resets carry unboxed"
 )]
+/// A parsed object, slimmed ([`super::slim`]) and shared with the cache: the source keeps each
+/// file's objects to re-assemble the directory, and that is the only copy.
 enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Node(Node),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<super::slim::Slice>),
+    Node(Arc<Node>),
 }
 
 #[derive(Debug, Clone)]
@@ -907,7 +911,11 @@ pub fn load_dir_at(
 fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     let file = std::fs::File::open(path)?;
-    let mut bytes = Vec::new();
+    // Sized from the file's length: a buffer grown by doubling holds up to twice the file.
+    let expected = file
+        .metadata()
+        .map_or(0, |m| m.len().min(MAX_FILE_BYTES + 1));
+    let mut bytes = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
     file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(io::Error::new(
@@ -1110,8 +1118,13 @@ fn is_json(path: &Path) -> bool {
 
 /// A JSON file: one document, parsed by serde_json (several times faster than the YAML parser
 /// on the large generated lists that benchmarks and exports produce).
+///
+/// A list (`kubectl get -o json`, an export) is parsed one item at a time: the document is
+/// first split into borrowed [`RawValue`] slices of the text, and each item becomes a JSON tree
+/// only while it is typed. A tree of the whole list would take about eight times the file
+/// (157 MiB for an 18 MiB list of 10,000 services and slices).
 fn parse_json(text: &str) -> Result<Vec<Parsed>, Vec<Problem>> {
-    let value: Value = serde_json::from_str(text).map_err(|err| {
+    let syntax = |err: serde_json::Error| {
         vec![Problem {
             document: 1,
             item: None,
@@ -1119,10 +1132,39 @@ fn parse_json(text: &str) -> Result<Vec<Parsed>, Vec<Problem>> {
             object: None,
             reason: one_line(&err.to_string()),
         }]
-    })?;
+    };
     let mut objects = Vec::new();
     let mut problems = Vec::new();
-    parse_document(value, 1, &mut objects, &mut problems);
+    if text.trim_start().starts_with('{') {
+        let mut fields: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(syntax)?;
+        let field = |fields: &BTreeMap<String, &RawValue>, name: &str| {
+            fields
+                .get(name)
+                .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+        };
+        let list_kind = field(&fields, "kind")
+            .and_then(|kind| kind.as_str().map(str::to_owned))
+            .filter(|kind| is_list(kind));
+        match (list_kind, fields.remove("items")) {
+            (Some(kind), Some(items)) if items.get().trim_start().starts_with('[') => {
+                let items: Vec<&RawValue> = serde_json::from_str(items.get()).map_err(syntax)?;
+                let api_version = field(&fields, "apiVersion");
+                // Each raw item was checked by the parse above, so it parses again.
+                let items = items
+                    .into_iter()
+                    .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null));
+                parse_list(&kind, api_version, items, 1, &mut objects, &mut problems);
+            }
+            _ => {
+                // Not a list, or one without a list of items: the whole document as one tree.
+                let value: Value = serde_json::from_str(text).map_err(syntax)?;
+                parse_document(value, 1, &mut objects, &mut problems);
+            }
+        }
+    } else {
+        let value: Value = serde_json::from_str(text).map_err(syntax)?;
+        parse_document(value, 1, &mut objects, &mut problems);
+    }
     if problems.is_empty() {
         Ok(objects)
     } else {
@@ -1257,7 +1299,7 @@ fn parse_document(
         problems.push(problem("kind is missing or not a string".to_owned()));
         return;
     };
-    if kind == "List" || kind.ends_with("List") {
+    if is_list(&kind) {
         let api_version = value.get("apiVersion").cloned();
         let items = match value.get_mut("items").map(Value::take) {
             None | Some(Value::Null) => Vec::new(),
@@ -1270,29 +1312,53 @@ fn parse_document(
                 return;
             }
         };
-        // `kubectl get -o yaml` writes kind and apiVersion into each item; a typed list from
-        // the API (ServiceList) leaves them out, so they come from the list.
-        let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
-        for (index, mut item) in items.into_iter().enumerate() {
-            if let (Some(item_kind), Some(fields)) = (item_kind, item.as_object_mut()) {
-                fields
-                    .entry("kind")
-                    .or_insert_with(|| Value::String(item_kind.to_owned()));
-                if let Some(api_version) = &api_version {
-                    fields
-                        .entry("apiVersion")
-                        .or_insert_with(|| api_version.clone());
-                }
-            }
-            let before = problems.len();
-            parse_object(item, document, objects, problems);
-            for problem in &mut problems[before..] {
-                problem.item = Some(index + 1);
-            }
-        }
+        parse_list(
+            &kind,
+            api_version,
+            items.into_iter(),
+            document,
+            objects,
+            problems,
+        );
         return;
     }
     parse_object(value, document, objects, problems);
+}
+
+/// `List`, or a typed list (`ServiceList`).
+fn is_list(kind: &str) -> bool {
+    kind.ends_with("List")
+}
+
+/// The items of a list document of this `kind`.
+fn parse_list(
+    kind: &str,
+    api_version: Option<Value>,
+    items: impl Iterator<Item = Value>,
+    document: usize,
+    objects: &mut Vec<Parsed>,
+    problems: &mut Vec<Problem>,
+) {
+    // `kubectl get -o yaml` writes kind and apiVersion into each item; a typed list from the
+    // API (ServiceList) leaves them out, so they come from the list.
+    let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
+    for (index, mut item) in items.enumerate() {
+        if let (Some(item_kind), Some(fields)) = (item_kind, item.as_object_mut()) {
+            fields
+                .entry("kind")
+                .or_insert_with(|| Value::String(item_kind.to_owned()));
+            if let Some(api_version) = &api_version {
+                fields
+                    .entry("apiVersion")
+                    .or_insert_with(|| api_version.clone());
+            }
+        }
+        let before = problems.len();
+        parse_object(item, document, objects, problems);
+        for problem in &mut problems[before..] {
+            problem.item = Some(index + 1);
+        }
+    }
 }
 
 /// Turns one object into a Service, EndpointSlice or Node; other kinds are ignored.
@@ -1390,9 +1456,10 @@ fn parse_object(
 
     strip_unused(&mut value);
     let object = match kind.as_str() {
-        "Service" => typed(value).map(Object::Service),
-        "EndpointSlice" => typed(value).map(Object::EndpointSlice),
-        _ => typed(value).map(Object::Node),
+        "Service" => typed(value).map(|o| Object::Service(Arc::new(super::slim::service(o)))),
+        "EndpointSlice" => typed::<EndpointSlice>(value)
+            .map(|o| Object::EndpointSlice(Arc::new(super::slim::slice(o)))),
+        _ => typed(value).map(|o| Object::Node(Arc::new(super::slim::node(o)))),
     };
     match object {
         Ok(object) => objects.push(Parsed { object, document }),
@@ -1403,9 +1470,10 @@ fn parse_object(
 /// kubectl's copy of the whole object; often most of an export's bytes.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// Drops what kproxy never reads and exports carry in bulk (`metadata.managedFields`, kubectl's
-/// last-applied annotation), so a large export does not stay resident twice (here and in the
-/// cache).
+/// Drops what exports carry in bulk and kproxy never reads (`metadata.managedFields`, kubectl's
+/// last-applied annotation) before the object is typed: typing it would only allocate it once
+/// more, and a managed field the API server would have rejected cannot fail the object. The
+/// typed object is then slimmed ([`super::slim`]) to what kproxy keeps.
 fn strip_unused(value: &mut Value) {
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");

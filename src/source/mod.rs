@@ -6,9 +6,11 @@ pub mod client;
 pub mod kube;
 pub mod manifests;
 pub mod rate_limit;
+pub mod slim;
+
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// A change to one kind of object.
 #[derive(Debug, Clone)]
@@ -22,19 +24,37 @@ pub enum Change<K> {
     Delete(K),
 }
 
-/// One change from a source.
+impl<K> Change<K> {
+    /// The same change with `f` applied to every object.
+    pub fn map<T>(self, mut f: impl FnMut(K) -> T) -> Change<T> {
+        match self {
+            Change::Reset(all) => Change::Reset(all.into_iter().map(f).collect()),
+            Change::Apply(obj) => Change::Apply(f(obj)),
+            Change::Delete(obj) => Change::Delete(f(obj)),
+        }
+    }
+
+    /// The same change with every object behind an [`Arc`], as [`Update`] carries them.
+    pub fn shared(self) -> Change<Arc<K>> {
+        match self {
+            Change::Reset(all) => Change::Reset(all.into_iter().map(Arc::new).collect()),
+            Change::Apply(obj) => Change::Apply(Arc::new(obj)),
+            Change::Delete(obj) => Change::Delete(Arc::new(obj)),
+        }
+    }
+}
+
+/// One change from a source. Objects are shared ([`Arc`]) and slimmed ([`slim`]): the cache
+/// keeps exactly what the source sent, and a source that keeps its objects too (the manifests
+/// source does, per file) holds no second copy.
 #[derive(Debug, Clone)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "one short-lived value per watch event, moved through a channel, never stored in bulk"
-)]
 pub enum Update {
     /// Services (already filtered by the service-proxy-name label).
-    Services(Change<Service>),
+    Services(Change<Arc<Service>>),
     /// EndpointSlices (already filtered by the service-proxy-name and headless labels).
-    EndpointSlices(Change<EndpointSlice>),
+    EndpointSlices(Change<Arc<slim::Slice>>),
     /// This node's Node object (only that one).
-    Node(Change<Node>),
+    Node(Change<Arc<Node>>),
     /// How the source itself is doing; changes no object.
     Status(SourceStatus),
 }

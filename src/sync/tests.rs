@@ -186,20 +186,29 @@ impl Harness {
 }
 
 async fn lists(h: &Harness, services: Vec<Service>) {
-    h.send(Update::Services(Change::Reset(services))).await;
-    h.send(Update::EndpointSlices(Change::Reset(
-        Vec::<EndpointSlice>::new(),
-    )))
+    h.send(Update::Services(Change::Reset(services).shared()))
+        .await;
+    h.send(Update::EndpointSlices(
+        Change::Reset(Vec::<EndpointSlice>::new())
+            .map(crate::source::slim::slice)
+            .shared(),
+    ))
     .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn no_sync_before_both_lists_then_one_even_when_empty() {
     let h = start(false);
-    h.send(Update::Services(Change::Reset(vec![]))).await;
+    h.send(Update::Services(Change::Reset(vec![]).shared()))
+        .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(h.reads(), 0, "no sync before EndpointSlices are listed");
-    h.send(Update::EndpointSlices(Change::Reset(vec![]))).await;
+    h.send(Update::EndpointSlices(
+        Change::Reset(vec![])
+            .map(crate::source::slim::slice)
+            .shared(),
+    ))
+    .await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(h.reads(), 1, "first sync is full (reads the kernel)");
     assert_eq!(h.stop().await, Stopped::Shutdown);
@@ -219,7 +228,8 @@ async fn node_cidr_detection_waits_for_the_node_before_the_first_sync() {
     lists(&h, vec![]).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(h.reads(), 0, "no sync before the Node is listed");
-    h.send(Update::Node(Change::Reset(Vec::new()))).await;
+    h.send(Update::Node(Change::Reset(Vec::new()).shared()))
+        .await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(
         h.reads(),
@@ -236,10 +246,9 @@ async fn bursts_coalesce_into_one_sync_per_min_period() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(h.applies(), 1);
     for i in 0..20 {
-        h.send(Update::Services(Change::Apply(svc(
-            &format!("b{i}"),
-            &format!("10.96.1.{i}"),
-        ))))
+        h.send(Update::Services(
+            Change::Apply(svc(&format!("b{i}"), &format!("10.96.1.{i}"))).shared(),
+        ))
         .await;
     }
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -301,8 +310,10 @@ async fn a_persistent_failure_backs_off_past_the_periodic_deadline() {
     assert_eq!(h.applies(), 1);
     h.log.lock().unwrap().fail_applies = 1000;
     let before = h.log.lock().unwrap().attempts;
-    h.send(Update::Services(Change::Apply(svc("b", "10.96.0.2"))))
-        .await;
+    h.send(Update::Services(
+        Change::Apply(svc("b", "10.96.0.2")).shared(),
+    ))
+    .await;
     tokio::time::sleep(Duration::from_secs(15)).await;
     let attempts = h.log.lock().unwrap().attempts - before;
     // Attempts at 1 s (the change) and then 1, 2, 4, 5 s later: 2, 4, 8, 13 s.
@@ -321,8 +332,10 @@ async fn a_persistent_failure_backs_off_past_the_periodic_deadline() {
 async fn dry_run_never_applies() {
     let h = start(true);
     lists(&h, vec![svc("a", "10.96.0.1")]).await;
-    h.send(Update::Services(Change::Apply(svc("b", "10.96.0.2"))))
-        .await;
+    h.send(Update::Services(
+        Change::Apply(svc("b", "10.96.0.2")).shared(),
+    ))
+    .await;
     tokio::time::sleep(Duration::from_secs(40)).await;
     assert_eq!(h.applies(), 0);
     assert!(h.reads() >= 2);
@@ -441,12 +454,14 @@ fn loop_with_table(
     let mut sl = SyncLoop::new(FakeMode(mode_log), config(), opts)
         .with_output(Box::new(std::io::sink()))
         .with_conntrack(Box::new(table));
-    sl.cache.apply(Update::Services(Change::Reset(vec![udp_svc(
-        "dns",
-        "10.96.0.10",
-    )])));
-    sl.cache
-        .apply(Update::EndpointSlices(Change::Reset(Vec::new())));
+    sl.cache.apply(Update::Services(
+        Change::Reset(vec![udp_svc("dns", "10.96.0.10")]).shared(),
+    ));
+    sl.cache.apply(Update::EndpointSlices(
+        Change::Reset(Vec::new())
+            .map(crate::source::slim::slice)
+            .shared(),
+    ));
     (sl, ct)
 }
 

@@ -2,10 +2,11 @@
 //! events, relist after 410 Gone, recovery from failures, and bookmarks.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kproxy::source::slim::Slice;
 use kproxy::source::{
     Change, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, Update,
 };
@@ -56,8 +57,8 @@ fn node(name: &str, labels: &Value) -> Value {
     })
 }
 
-fn names<K: ResourceExt>(objects: &[K]) -> BTreeSet<String> {
-    objects.iter().map(ResourceExt::name_any).collect()
+fn names<K: ResourceExt>(objects: &[Arc<K>]) -> BTreeSet<String> {
+    objects.iter().map(|o| o.name_any()).collect()
 }
 
 fn set(names: &[&str]) -> BTreeSet<String> {
@@ -73,7 +74,7 @@ enum Seen {
 }
 
 fn seen(update: &Update) -> Seen {
-    fn one<K: ResourceExt>(kind: Kind, change: &Change<K>) -> Seen {
+    fn one<K: ResourceExt>(kind: Kind, change: &Change<Arc<K>>) -> Seen {
         match change {
             Change::Reset(objects) => Seen::Reset(kind, names(objects)),
             Change::Apply(object) => Seen::Apply(kind, object.name_any()),
@@ -115,7 +116,7 @@ impl Source {
     }
 
     /// One Reset per kind, in any order, and nothing else.
-    async fn resets(&mut self) -> (Vec<Service>, Vec<EndpointSlice>, Vec<Node>) {
+    async fn resets(&mut self) -> (Vec<Arc<Service>>, Vec<Arc<Slice>>, Vec<Arc<Node>>) {
         let (mut services, mut slices, mut nodes) = (None, None, None);
         while services.is_none() || slices.is_none() || nodes.is_none() {
             match self.next().await {

@@ -717,14 +717,14 @@ fn an_emptied_directory_is_held_until_confirmed() {
 }
 
 #[test]
-fn managed_fields_and_last_applied_are_not_kept() {
-    let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  namespace: ns\n  managedFields: [{manager: kubectl}]\n  annotations:\n    kubectl.kubernetes.io/last-applied-configuration: '{\"big\": 1}'\n    keep: me\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+fn objects_are_kept_slimmed() {
+    // A managed field the API server would have refused does not fail the object either.
+    let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  namespace: ns\n  managedFields: [{manager: 7, fieldsV1: [1]}]\n  annotations:\n    kubectl.kubernetes.io/last-applied-configuration: '{\"big\": 1}'\n    other: x\n  labels: {app: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
     let loaded = parse_text(Path::new("a.yaml"), text, "n");
     let meta = &loaded.services[0].metadata;
     assert!(meta.managed_fields.is_none());
-    let annotations = meta.annotations.as_ref().unwrap();
-    assert_eq!(annotations.len(), 1);
-    assert_eq!(annotations["keep"], "me");
+    assert!(meta.annotations.is_none(), "{:?}", meta.annotations);
+    assert_eq!(meta.labels.as_ref().unwrap()["app"], "a");
 }
 
 #[test]
@@ -960,4 +960,58 @@ async fn run_fails_on_a_missing_directory() {
         err.to_string().contains(&dir.display().to_string()),
         "{err}"
     );
+}
+
+/// A JSON list is parsed item by item (never as one tree); it must give exactly what the same
+/// document gives as YAML, which is parsed whole: objects in order, and problems with their item.
+#[test]
+fn json_lists_parse_item_by_item_like_yaml() {
+    let documents = [
+        // kubectl's order: items before kind.
+        r#"{"apiVersion": "v1", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a", "namespace": "ns"}, "spec": {"ports": [{"port": 80}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad", "namespace": "ns"}, "spec": {"ports": "x"}},
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}},
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}},
+            7
+        ], "kind": "List", "metadata": {}}"#,
+        // A typed list: kind and apiVersion come from the list.
+        r#"{"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1", "items": [
+            {"metadata": {"name": "s", "namespace": "ns"}, "addressType": "IPv4", "endpoints": []},
+            {"metadata": {"namespace": "ns"}, "addressType": "IPv4", "endpoints": []}
+        ]}"#,
+        r#"{"kind": "List", "items": null}"#,
+        r#"{"kind": "List"}"#,
+        r#"{"kind": "ServiceList", "items": {"a": 1}}"#,
+        // Not a list: an items field is only a field.
+        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x", "namespace": "ns"}, "items": [1]}"#,
+        r#"{"kind": 5, "items": []}"#,
+        r#"[{"kind": "Service"}]"#,
+        r#""text""#,
+    ];
+    for json in documents {
+        let value: Value = serde_json::from_str(json).expect("valid JSON");
+        let yaml = serde_json::to_string(&value).expect("JSON is YAML");
+        let as_json = format!("{:?}", parse_json(json));
+        let as_yaml = format!("{:?}", parse_file(&yaml));
+        assert_eq!(as_json, as_yaml, "{json}");
+    }
+    // The cases above do not all fail: the first one has objects and problems.
+    let first = parse_json(documents[0]).expect_err("one bad item");
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[0].item, Some(2));
+    assert_eq!(
+        parse_json(documents[1]).expect_err("a nameless item")[0].item,
+        Some(2)
+    );
+    assert_eq!(
+        parse_json(documents[5]).expect("a Service").len(),
+        1,
+        "the non-list document is one object"
+    );
+    // A syntax error anywhere is still the file's one problem, with serde_json's position.
+    let broken = parse_json(r#"{"kind": "List", "items": [{"kind": "Service",}]}"#)
+        .expect_err("trailing comma");
+    assert_eq!(broken.len(), 1);
+    assert!(broken[0].reason.contains("line 1 column"), "{broken:?}");
 }

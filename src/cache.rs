@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use kube::ResourceExt;
 
 use crate::source::slim::Slice;
-use crate::source::{Change, SERVICE_NAME_LABEL, Update};
+use crate::source::{Change, Update};
 
 /// `namespace/name` of an object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -89,7 +89,7 @@ pub struct ClusterCache {
     services: BTreeMap<ObjectKey, Arc<Service>>,
     slices: BTreeMap<ObjectKey, Arc<Slice>>,
     /// Service key → keys of its EndpointSlices (through the `kubernetes.io/service-name` label).
-    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    slices_by_service: BTreeMap<ObjectKey, SliceKeys>,
     node: Option<Arc<Node>>,
     services_synced: bool,
     slices_synced: bool,
@@ -263,7 +263,7 @@ impl ClusterCache {
         self.slices_by_service
             .get(service)
             .into_iter()
-            .flatten()
+            .flat_map(SliceKeys::iter)
             .filter_map(|k| self.slices.get(k))
     }
 
@@ -278,13 +278,37 @@ impl ClusterCache {
     }
 }
 
+/// The keys of one Service's EndpointSlices, sorted: a `Vec`, because nearly every Service has
+/// one or two slices, and a `BTreeSet` allocates a node of eleven keys (528 bytes) for one.
+#[derive(Debug, Default)]
+struct SliceKeys(Vec<ObjectKey>);
+
+impl SliceKeys {
+    fn insert(&mut self, key: ObjectKey) {
+        if let Err(at) = self.0.binary_search(&key) {
+            self.0.insert(at, key);
+        }
+    }
+
+    fn remove(&mut self, key: &ObjectKey) {
+        if let Ok(at) = self.0.binary_search(key) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, ObjectKey> {
+        self.0.iter()
+    }
+}
+
 /// The Service an EndpointSlice belongs to, from its `kubernetes.io/service-name` label.
 pub fn service_of(slice: &Slice) -> Option<ObjectKey> {
-    let name = slice.labels().get(SERVICE_NAME_LABEL)?;
-    Some(ObjectKey::new(
-        slice.namespace().unwrap_or_default(),
-        name.clone(),
-    ))
+    let name = slice.service_name.as_deref()?;
+    Some(ObjectKey::new(slice.namespace().unwrap_or_default(), name))
 }
 
 /// Keys added, removed or whose object changed between two maps.

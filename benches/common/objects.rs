@@ -64,11 +64,3 @@ pub(crate) fn node() -> Value {
         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}
     })
 }
-
-/// Every object of `n` services x `e` endpoints, and the node, as one `List` document.
-pub(crate) fn list(n: usize, e: usize) -> Value {
-    let mut items = vec![node()];
-    items.extend((0..n).map(service));
-    items.extend((0..n).map(|i| slice(i, e, 0)));
-    json!({"apiVersion": "v1", "kind": "List", "items": items})
-}

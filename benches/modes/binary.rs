@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::Ns;
-use crate::common::objects::{NODE_NAME, list};
+use crate::common::objects::{NODE_NAME, node, service, slice};
 
 /// What one run of the binary measured.
 #[derive(Debug, Clone, Copy, Default)]
@@ -33,10 +33,22 @@ pub(crate) struct BinaryRun {
     pub(crate) phases: [Duration; 4],
 }
 
-/// Writes `n` services x `e` endpoints (and the node) as one JSON `List` into `dir`.
+/// Services per manifest file: kproxy refuses a file over 64 MiB (about 35,000 services of 10
+/// endpoints in this JSON), so large states are split as a real export directory would be.
+const SERVICES_PER_FILE: usize = 5_000;
+
+/// Writes `n` services x `e` endpoints (and the node) into `dir` as JSON `List`s of at most
+/// [`SERVICES_PER_FILE`] services with their slices.
 pub(crate) fn write_manifests(dir: &Path, n: usize, e: usize) {
-    let text = serde_json::to_string(&list(n, e)).unwrap();
-    std::fs::write(dir.join("cluster.json"), text).unwrap();
+    for (file, first) in (0..n.max(1)).step_by(SERVICES_PER_FILE).enumerate() {
+        let range = first..(first + SERVICES_PER_FILE).min(n);
+        let mut items = if file == 0 { vec![node()] } else { Vec::new() };
+        items.extend(range.clone().map(service));
+        items.extend(range.map(|i| slice(i, e, 0)));
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let text = serde_json::to_string(&list).unwrap();
+        std::fs::write(dir.join(format!("cluster-{file:03}.json")), text).unwrap();
+    }
 }
 
 /// `VmHWM` of a live process, in KiB.
@@ -88,8 +100,9 @@ pub(crate) fn rss_wrapper(argv: &[String]) -> ! {
 }
 
 /// Runs `kproxy --once` (which serves no admin socket, probes or metrics) in `--proxy-mode mode` (plus `extra` flags) on the manifests in `dir`,
-/// in a namespace of its own.
-pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path) -> Result<BinaryRun, String> {
+/// in a namespace of its own. The first sync must have programmed all `n` services (plus the
+/// first one's UDP port): a run that read less is an error, not a figure.
+pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path, n: usize) -> Result<BinaryRun, String> {
     let ns = Ns::new("bench", "bin");
     let dir = dir.display().to_string();
     let mut args: Vec<&str> = vec![
@@ -140,6 +153,14 @@ pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path) -> Result<BinaryRun, S
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["fields"]["message"] == "sync complete")
         .ok_or_else(|| "kproxy logged no `sync complete`".to_string())?;
+    let programmed = line["fields"]["service_ports"].as_u64().unwrap_or(0);
+    if programmed != n as u64 + 1 {
+        let tail: Vec<&str> = logs.lines().take(5).collect();
+        return Err(format!(
+            "kproxy's first sync programmed {programmed} service ports, expected {}: {tail:?}",
+            n + 1
+        ));
+    }
     let field = |name: &str| {
         Duration::from_secs_f64(line["fields"][name].as_f64().unwrap_or(0.0).max(0.0) / 1000.0)
     };

@@ -447,7 +447,7 @@ fn measure(
         drop(control_plane(subject, &mut row, &st));
     }
     if let (Some((mode, extra)), Some(dir)) = (subject.binary(), manifests) {
-        row.binary = Some(binary::run(mode, &extra, dir));
+        row.binary = Some(binary::run(mode, &extra, dir, n));
     }
     row
 }

@@ -39,7 +39,7 @@ pub use service_ports::{DEFAULT_AFFINITY_TIMEOUT_SECS, MAX_AFFINITY_TIMEOUT_SECS
 pub use skipped::Skipped;
 
 use crate::cache::{ClusterCache, ObjectKey};
-use crate::source::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::source::SERVICE_PROXY_NAME_LABEL;
 use frontends::{Age, Candidate, Frontends};
 
 /// What the builder needs to know about this node.
@@ -288,8 +288,7 @@ fn service(
 
 /// docs/semantics.md, rule 1: slices of headless services, or owned by another proxy, are ignored.
 fn usable_slice(slice: &Slice) -> bool {
-    let labels = &slice.metadata.labels;
-    !has_label(labels, HEADLESS_LABEL) && !has_label(labels, SERVICE_PROXY_NAME_LABEL)
+    !slice.not_proxied
 }
 
 fn has_label(labels: &Option<BTreeMap<String, String>>, label: &str) -> bool {

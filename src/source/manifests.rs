@@ -53,7 +53,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Change, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, SourceStatus, Update};
+use super::{Change, SERVICE_PROXY_NAME_LABEL, SourceStatus, Update};
 use crate::retry::{Backoff, Jitter, Repeats, Say};
 
 #[cfg(test)]
@@ -1073,9 +1073,7 @@ fn assemble(files: &mut LoadedFiles) -> Loaded {
                     }
                 }
                 Object::EndpointSlice(slice) => {
-                    if has_label(&slice.metadata, SERVICE_PROXY_NAME_LABEL)
-                        || has_label(&slice.metadata, HEADLESS_LABEL)
-                    {
+                    if slice.not_proxied {
                         tracing::debug!(file = %path.display(), slice = ?slice.metadata.name, "EndpointSlice belongs to another proxy or a headless Service; ignored");
                     } else {
                         loaded.endpoint_slices.push(slice.clone());

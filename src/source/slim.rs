@@ -20,6 +20,7 @@ use k8s_openapi::api::discovery::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use super::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 use crate::cache::TRIGGER_TIME_ANNOTATION;
 
 /// Drops the metadata nobody reads: managed fields, and every annotation but `keep`.
@@ -53,9 +54,14 @@ pub fn service(mut svc: Service) -> Service {
 /// A [`SliceEndpoint`] is 48.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Slice {
-    /// Name, namespace, labels (`kubernetes.io/service-name`, the proxy-name labels), the
-    /// trigger-time annotation.
+    /// Name, namespace, the trigger-time annotation; no labels (the three kproxy reads are the
+    /// two fields below: a label map of one entry costs a 528-byte tree node per slice).
     pub metadata: ObjectMeta,
+    /// The `kubernetes.io/service-name` label: the Service this slice belongs to.
+    pub service_name: Option<Box<str>>,
+    /// The slice carries `service.kubernetes.io/headless` or
+    /// `service.kubernetes.io/service-proxy-name`: it is not kproxy's to program.
+    pub not_proxied: bool,
     /// `addressType`: IPv4, IPv6 or FQDN (validated by the builder).
     pub address_type: String,
     /// `ports`, as sent (validated by the builder).
@@ -103,7 +109,14 @@ impl k8s_openapi::Metadata for Slice {
 /// The EndpointSlice as kproxy keeps it (see [`Slice`]).
 pub fn slice(mut slice: EndpointSlice) -> Slice {
     metadata(&mut slice.metadata, Some(TRIGGER_TIME_ANNOTATION));
+    let mut labels = slice.metadata.labels.take().unwrap_or_default();
+    let not_proxied =
+        labels.contains_key(HEADLESS_LABEL) || labels.contains_key(SERVICE_PROXY_NAME_LABEL);
     Slice {
+        service_name: labels
+            .remove(SERVICE_NAME_LABEL)
+            .map(String::into_boxed_str),
+        not_proxied,
         metadata: slice.metadata,
         address_type: slice.address_type,
         ports: slice.ports,
@@ -178,7 +191,9 @@ mod tests {
             annotations.keys().collect::<Vec<_>>(),
             [TRIGGER_TIME_ANNOTATION]
         );
-        assert_eq!(slim.metadata.labels, s.metadata.labels);
+        assert_eq!(slim.metadata.labels, None);
+        assert_eq!(slim.service_name.as_deref(), Some("a"));
+        assert!(!slim.not_proxied);
         let (e, full) = (&slim.endpoints[0], &s.endpoints[0]);
         assert_eq!(e.address.as_deref(), Some("10.0.0.1"));
         assert_eq!(e.conditions, full.conditions);

@@ -17,6 +17,8 @@
 //! upstream's per-service chains and per-endpoint timeout sets (they are few).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use foldhash::fast::RandomState;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -144,7 +146,7 @@ impl Fragment {
 pub struct RenderCache {
     node: Option<Arc<NodeSettings>>,
     families: Vec<IpFamily>,
-    fragments: HashMap<ServicePortKey, (Arc<ServicePort>, Arc<Fragment>)>,
+    fragments: HashMap<ServicePortKey, (Arc<ServicePort>, Arc<Fragment>), RandomState>,
     per_family: BTreeMap<IpFamily, FamilyIndex>,
     last: Option<NftRuleset>,
 }
@@ -153,7 +155,7 @@ pub struct RenderCache {
 #[derive(Debug, Default)]
 struct FamilyIndex {
     /// Element group key → the service ports whose fragments have elements in it.
-    contributors: HashMap<String, BTreeSet<ServicePortKey>>,
+    contributors: HashMap<String, BTreeSet<ServicePortKey>, RandomState>,
     /// Pick chain → how many fragments use it.
     picks: BTreeMap<(bool, bool, usize), usize>,
     /// Number of fragments.

@@ -119,12 +119,16 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// The three Resets that describe this content.
+    /// The three Resets that describe this content, the Node first: the first sync starts as
+    /// soon as Services and EndpointSlices are listed, and must already know the node's
+    /// addresses (which a ClusterIP or external IP may not claim), as upstream knows them from
+    /// the Node it reads before its first sync. Sent last, the Node could arrive just after
+    /// that sync, which then refused a Service for another reason than every later sync.
     pub fn into_updates(self) -> [Update; 3] {
         [
+            Update::Node(Change::Reset(self.node.into_iter().collect())),
             Update::Services(Change::Reset(self.services)),
             Update::EndpointSlices(Change::Reset(self.endpoint_slices)),
-            Update::Node(Change::Reset(self.node.into_iter().collect())),
         ]
     }
 

@@ -314,7 +314,7 @@ fn only_this_node_is_kept() {
     let (loaded, _) = load(&dir, &mut LoadedFiles::new("node-c"));
     assert!(loaded.node.is_none());
     assert!(matches!(
-        &loaded.into_updates()[2],
+        &loaded.into_updates()[0],
         Update::Node(Change::Reset(nodes)) if nodes.is_empty()
     ));
 }

@@ -30,7 +30,6 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::source::slim::Slice;
 use k8s_openapi::api::core::v1::Service;
 use kproxy_contract::{IpFamily, NodeSettings, ProxyState, ServicePort, ServicePortKey};
 
@@ -40,6 +39,7 @@ pub use skipped::Skipped;
 
 use crate::cache::{ClusterCache, ObjectKey};
 use crate::source::SERVICE_PROXY_NAME_LABEL;
+use crate::source::slim::Slice;
 use frontends::{Age, Candidate, Frontends};
 
 /// What the builder needs to know about this node.

@@ -260,13 +260,9 @@ impl LoadReport {
     }
 }
 
-#[derive(Debug, Clone)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "one per manifest object, the same objects the Resets carry unboxed"
-)]
 /// A parsed object, slimmed ([`super::slim`]) and shared with the cache: the source keeps each
 /// file's objects to re-assemble the directory, and that is the only copy.
+#[derive(Debug, Clone)]
 enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<super::slim::Slice>),
@@ -1151,16 +1147,28 @@ fn parse_json(text: &str) -> Result<Vec<Parsed>, Vec<Problem>> {
             (Some(kind), Some(items)) if items.get().trim_start().starts_with('[') => {
                 let items: Vec<&RawValue> = serde_json::from_str(items.get()).map_err(syntax)?;
                 let api_version = field(&fields, "apiVersion");
-                // Each raw item was checked by the parse above, so it parses again.
-                let items = items
-                    .into_iter()
-                    .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null));
+                // The split above checked the syntax; a tree can still fail (nesting deeper than
+                // serde_json's limit), and that fails the file as a syntax error would.
+                let mut failed = None;
+                let items = items.into_iter().map_while(|raw| {
+                    serde_json::from_str(raw.get())
+                        .map_err(|err| failed = Some(err))
+                        .ok()
+                });
                 parse_list(&kind, api_version, items, 1, &mut objects, &mut problems);
+                if let Some(err) = failed {
+                    return Err(syntax(err));
+                }
             }
-            _ => {
-                // Not a list, or one without a list of items: the whole document as one tree.
-                let value: Value = serde_json::from_str(text).map_err(syntax)?;
-                parse_document(value, 1, &mut objects, &mut problems);
+            (_, items) => {
+                // Not a list, or one without a list of items: the whole document as one tree,
+                // from the fields already split.
+                fields.extend(items.map(|raw| ("items".to_owned(), raw)));
+                let mut value = serde_json::Map::new();
+                for (name, raw) in fields {
+                    value.insert(name, serde_json::from_str(raw.get()).map_err(syntax)?);
+                }
+                parse_document(Value::Object(value), 1, &mut objects, &mut problems);
             }
         }
     } else {

@@ -36,11 +36,7 @@ impl<K> Change<K> {
 
     /// The same change with every object behind an [`Arc`], as [`Update`] carries them.
     pub fn shared(self) -> Change<Arc<K>> {
-        match self {
-            Change::Reset(all) => Change::Reset(all.into_iter().map(Arc::new).collect()),
-            Change::Apply(obj) => Change::Apply(Arc::new(obj)),
-            Change::Delete(obj) => Change::Delete(Arc::new(obj)),
-        }
+        self.map(Arc::new)
     }
 }
 

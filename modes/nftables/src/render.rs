@@ -17,12 +17,11 @@
 //! upstream's per-service chains and per-endpoint timeout sets (they are few).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use foldhash::fast::RandomState;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use foldhash::fast::RandomState;
 use kproxy_contract::{
     Endpoint, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState, ServicePort,
     ServicePortKey, TrafficPolicy,

@@ -1009,6 +1009,16 @@ fn json_lists_parse_item_by_item_like_yaml() {
         1,
         "the non-list document is one object"
     );
+    // An item nested past serde_json's limit fails the file as one problem, as a whole-tree
+    // parse did.
+    let deep = format!(
+        r#"{{"kind": "List", "items": [{}1{}]}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let deep = parse_json(&deep).expect_err("too deep");
+    assert_eq!(deep.len(), 1, "{deep:?}");
+    assert!(deep[0].reason.contains("recursion limit"), "{deep:?}");
     // A syntax error anywhere is still the file's one problem, with serde_json's position.
     let broken = parse_json(r#"{"kind": "List", "items": [{"kind": "Service",}]}"#)
         .expect_err("trailing comma");

@@ -14,6 +14,11 @@ use crate::config::{BackendChoice, Config, SourceConfig};
 use crate::listeners::{Kind, Unbound};
 use crate::sync::{Stopped, SyncLoop, SyncOptions, format_chain};
 
+/// How long the first sync waits for this node's Node (with an address) from the API. Long
+/// enough for a Node that a cloud controller is still initialising; short enough that a node
+/// whose Node cannot be read still gets its services soon. See [`crate::sync::FirstSync`].
+const NODE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs kproxy with a validated configuration.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     for notice in &config.notices {
@@ -132,6 +137,11 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         once: config.once,
         // The kernel modes NAT a flow's first packet; the userspace mode NATs nothing.
         conntrack_cleanup: keep != Keep::Userspace,
+        node_wait: match config.source {
+            SourceConfig::Api { .. } => NODE_WAIT,
+            // The directory is read whole, its Node first: a directory without one is final.
+            SourceConfig::Manifests(_) => std::time::Duration::ZERO,
+        },
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(mode.name()));
     let health = crate::health::Health::new(config.sync_period).with_metrics(metrics.clone());

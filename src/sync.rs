@@ -28,7 +28,9 @@ use crate::node;
 use crate::retry::{Jitter, Repeats, Say};
 use crate::source::{SourceStatus, Update};
 
+mod first_sync;
 mod schedule;
+pub use first_sync::{FirstSync, Gate};
 pub use schedule::{Due, Schedule};
 
 /// How the loop behaves.
@@ -50,6 +52,9 @@ pub struct SyncOptions {
     /// a flow's first packet; a mode that proxies in userspace has no such entries. Needs a table
     /// ([`SyncLoop::with_conntrack`]); never runs in `--dry-run`.
     pub conntrack_cleanup: bool,
+    /// How long the first sync waits for this node's Node to be listed with an address (zero:
+    /// not at all). See [`FirstSync`].
+    pub node_wait: Duration,
 }
 
 /// What one sync did.
@@ -200,14 +205,60 @@ impl<M: Mode> SyncLoop<M> {
         &self.mode
     }
 
-    /// Whether the sources have said enough for a sync: Services and EndpointSlices listed
-    /// (upstream's `isInitialized`), and with `--detect-local-mode=NodeCIDR` the Node too, whose
-    /// `spec.podCIDRs` the detector is made of (upstream waits for them before it starts; kproxy
-    /// waits for the Node's list, and a Node without pod CIDRs gets no detector, warned about).
-    fn ready_for_first_sync(&self) -> bool {
-        self.cache.is_synced()
-            && (self.config.detect_local != crate::config::LocalDetectMode::NodeCidr
-                || self.cache.node_listed())
+    /// What the sources have said so far, for [`FirstSync::gate`].
+    fn listed(&self) -> first_sync::Listed {
+        first_sync::Listed {
+            services_and_slices: self.cache.is_synced(),
+            node: self.cache.node_listed(),
+            node_address: !node::node_ips(self.cache.node().map(|n| &**n)).is_empty(),
+        }
+    }
+
+    /// Schedules the first sync when its gate is open, and returns whether it did; otherwise
+    /// keeps the gate's own deadline (the end of the Node wait) in `gate_deadline`.
+    fn open_first_sync(
+        &self,
+        first: &FirstSync,
+        schedule: &mut Schedule,
+        gate_deadline: &mut Option<Instant>,
+    ) -> bool {
+        let now = Instant::now();
+        let gate = first.gate(self.listed(), now);
+        if let Gate::Wait(deadline) = gate {
+            *gate_deadline = deadline;
+            return false;
+        }
+        *gate_deadline = None;
+        self.starting_first_sync(gate, first);
+        schedule.initialized(now);
+        true
+    }
+
+    /// Logs why the first sync runs now, and what it runs without.
+    fn starting_first_sync(&self, gate: Gate, first: &FirstSync) {
+        if gate == Gate::WithoutNode {
+            tracing::warn!(
+                node = %self.config.hostname,
+                waited_ms = millis(first.node_wait()),
+                listed = self.cache.node_listed(),
+                "the Node was not seen with an address in time (not registered yet, no \
+                 addresses yet, or not readable: kproxy needs to list and watch nodes); first \
+                 sync without its addresses and zone, which are synced when it arrives"
+            );
+        } else {
+            tracing::info!("services and endpoint slices listed; first sync");
+        }
+        if self.config.detect_local == crate::config::LocalDetectMode::NodeCidr
+            && crate::node::pod_cidrs(self.cache.node().map(|n| &**n)).is_empty()
+        {
+            tracing::warn!(
+                node = %self.config.hostname,
+                "--detect-local-mode=NodeCIDR, but the Node has no spec.podCIDRs \
+                 yet: no local-traffic detector until they are set (ClusterIP \
+                 traffic is not masqueraded meanwhile, as with upstream's no-op \
+                 detector)"
+            );
+        }
     }
 
     /// Runs until `--once` is satisfied, `shutdown` resolves, or the source ends.
@@ -223,6 +274,13 @@ impl<M: Mode> SyncLoop<M> {
             self.options.full_sync_period,
         );
         let mut repeats = Repeats::default();
+        let first = FirstSync::new(
+            Instant::now(),
+            self.options.node_wait,
+            self.config.detect_local == crate::config::LocalDetectMode::NodeCidr,
+        );
+        // Until the first sync: when the gate opens by itself (the Node wait ends).
+        let mut gate_deadline = None;
         let mut initialized = false;
         loop {
             tokio::select! {
@@ -255,29 +313,16 @@ impl<M: Mode> SyncLoop<M> {
                     if let Some(m) = &self.metrics {
                         m.changes_seen(services, endpoints, self.pending.service_changes, self.pending.endpoint_changes);
                     }
-                    if !self.ready_for_first_sync() {
+                    if initialized {
+                        if !self.pending.is_empty() {
+                            schedule.changed(Instant::now());
+                        }
                         continue;
                     }
-                    if !initialized {
-                        // Upstream's isInitialized: the first sync waits for both lists, and
-                        // happens even when the cluster has no services at all.
-                        initialized = true;
-                        tracing::info!("services and endpoint slices listed; first sync");
-                        if self.config.detect_local == crate::config::LocalDetectMode::NodeCidr
-                            && crate::node::pod_cidrs(self.cache.node().map(|n| &**n)).is_empty()
-                        {
-                            tracing::warn!(
-                                node = %self.config.hostname,
-                                "--detect-local-mode=NodeCIDR, but the Node has no spec.podCIDRs \
-                                 yet: no local-traffic detector until they are set (ClusterIP \
-                                 traffic is not masqueraded meanwhile, as with upstream's no-op \
-                                 detector)"
-                            );
-                        }
-                        schedule.initialized(Instant::now());
-                    } else if !self.pending.is_empty() {
-                        schedule.changed(Instant::now());
-                    }
+                    initialized = self.open_first_sync(&first, &mut schedule, &mut gate_deadline);
+                }
+                () = sleep_until(gate_deadline), if !initialized => {
+                    initialized = self.open_first_sync(&first, &mut schedule, &mut gate_deadline);
                 }
                 () = sleep_until(schedule.deadline()) => {
                     let due = schedule.due(Instant::now());

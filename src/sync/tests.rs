@@ -25,6 +25,8 @@ struct Log {
     /// Applies of incremental plans fail; rebuild plans succeed.
     reject_incremental: bool,
     rebuilds: usize,
+    /// Renders of a desired state (one per sync that built something).
+    renders: usize,
 }
 
 struct FakeMode(Arc<Mutex<Log>>);
@@ -58,6 +60,7 @@ impl Mode for FakeMode {
         ModeName::Iptables
     }
     fn render(&self, desired: &ProxyState) -> Self::Rules {
+        self.0.lock().unwrap().renders += 1;
         desired
             .services
             .keys()
@@ -119,6 +122,7 @@ fn options(dry_run: bool) -> SyncOptions {
         dry_run,
         once: false,
         conntrack_cleanup: false,
+        node_wait: Duration::ZERO,
     }
 }
 
@@ -236,6 +240,92 @@ async fn node_cidr_detection_waits_for_the_node_before_the_first_sync() {
         1,
         "the Node's list, even an empty one, completes the lists"
     );
+    assert_eq!(h.stop().await, Stopped::Shutdown);
+}
+
+fn node_with(addresses: &[&str]) -> k8s_openapi::api::core::v1::Node {
+    let addresses: Vec<_> = addresses
+        .iter()
+        .map(|a| serde_json::json!({"type": "InternalIP", "address": a}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "node-a"},
+        "status": {"addresses": addresses}
+    }))
+    .unwrap()
+}
+
+fn waiting_for_node() -> SyncOptions {
+    SyncOptions {
+        node_wait: Duration::from_secs(30),
+        ..options(false)
+    }
+}
+
+/// From the API, the first sync waits for the Node to come with an address (its watch is a
+/// stream of its own): a Node listed without addresses is not enough, one with an address is.
+#[tokio::test(start_paused = true)]
+async fn the_first_sync_waits_for_the_nodes_address_from_the_api() {
+    let h = start_with(waiting_for_node());
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.reads(), 0, "no sync before the Node is listed");
+    h.send(Update::Node(Change::Reset(vec![node_with(&[])]).shared()))
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.reads(), 0, "a Node without addresses is awaited further");
+    h.send(Update::Node(
+        Change::Apply(node_with(&["192.168.0.10"])).shared(),
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.reads(), 1, "the Node's address opens the first sync");
+    assert_eq!(h.applies(), 1);
+    assert_eq!(h.stop().await, Stopped::Shutdown);
+}
+
+/// A Node that never comes (not registered, or RBAC denies it) holds the first sync back for
+/// the wait only, counted from the loop's start; what comes later syncs as a change.
+#[tokio::test(start_paused = true)]
+async fn a_node_that_never_comes_delays_the_first_sync_by_the_wait_only() {
+    let h = start_with(waiting_for_node());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    tokio::time::sleep(Duration::from_millis(19_900)).await;
+    assert_eq!(h.reads(), 0, "still inside the wait");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.reads(),
+        1,
+        "the wait ended 30 s after the start: first sync"
+    );
+    assert_eq!(h.applies(), 1);
+    h.send(Update::Node(
+        Change::Reset(vec![node_with(&["192.168.0.10"])]).shared(),
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        h.log.lock().unwrap().renders,
+        2,
+        "the late Node is synced as a change"
+    );
+    assert_eq!(h.stop().await, Stopped::Shutdown);
+}
+
+/// The wait ends early when the lists were there all along: the Node arriving at second 3 is
+/// enough, and nothing waits for the rest of the 30 s.
+#[tokio::test(start_paused = true)]
+async fn a_node_in_time_ends_the_wait_at_once() {
+    let h = start_with(waiting_for_node());
+    lists(&h, vec![]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.send(Update::Node(
+        Change::Reset(vec![node_with(&["fd00::10"])]).shared(),
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.reads(), 1);
     assert_eq!(h.stop().await, Stopped::Shutdown);
 }
 

@@ -2,14 +2,17 @@
 //! ClusterIP while Services and EndpointSlices change on the API server, and rules that survive
 //! an API outage.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::support::fake_apiserver::Kind;
 use crate::support::kproxy::wait_until;
 use crate::support::manifests::Port;
-use crate::support::objects::{Ep, Svc, endpoint_slice};
+use crate::support::objects::{Ep, Svc, endpoint_slice, node};
 use crate::support::require_root;
-use crate::support::scenario::{PROBE, REQ, SYNC, Scenario, assert_spread, assert_timed_out, sock};
-use crate::support::topology::{POD_V4, client_v4};
+use crate::support::scenario::{
+    NODE, PROBE, REQ, SYNC, Scenario, assert_spread, assert_timed_out, sock,
+};
+use crate::support::topology::{NODE_IP, NODE_IP6, POD_V4, client_v4};
 use crate::support::traffic::{tally, tcp_request, tcp_request_from, udp_request};
 
 const HTTP: Port = Port::tcp("http", 80, 8080);
@@ -144,5 +147,90 @@ fn api_outage_keeps_rules_and_converges_after() {
     wait_converged(&mut s, Duration::from_secs(30), "ep3");
     let seen = tally(20, || udp_request(&s.topo.client, dns, REQ));
     assert_spread(&seen, &["ep3"], 20);
+    s.kproxy().assert_running();
+}
+
+/// A fresh node whose Node comes after the Services and EndpointSlices (its watch is a stream
+/// of its own, and a cloud controller may add its addresses late): the first sync waits for it,
+/// so even the first rules follow the node's zone. Without the wait they would ignore the
+/// topology hints (no zone known yet) and send half the traffic to the other zone.
+#[test]
+fn api_first_sync_waits_for_a_late_node_and_follows_its_zone() {
+    if !require_root("api_first_sync_waits_for_a_late_node_and_follows_its_zone") {
+        return;
+    }
+    let mut s = Scenario::with_api();
+    s.source.delete("Node", NODE);
+    servers(&mut s);
+    s.apply(&Svc::new("web", &[VIP], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        "web-zones",
+        &[
+            Ep::ready(POD_V4[0]).zone_hint("zone-a"),
+            Ep::ready(POD_V4[1]).zone_hint("zone-b"),
+        ],
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    let vip = sock(VIP, 80);
+
+    // Lists are in, the Node is not: nothing is programmed yet.
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = tcp_request(&s.topo.client, vip, PROBE);
+    assert_timed_out("the VIP before the Node exists", &r);
+    let log = s.kproxy().stderr();
+    assert!(
+        !log.contains("first sync"),
+        "the first sync ran without the Node:\n{log}"
+    );
+
+    s.apply(&node(NODE, &[NODE_IP, NODE_IP6], Some("zone-a")));
+    s.wait_for(
+        "tcp 10.96.0.10:80",
+        |t| tcp_request(&t.client, vip, PROBE),
+        "ep1",
+    );
+    let seen = tally(20, || tcp_request(&s.topo.client, vip, REQ));
+    assert_spread(&seen, &["ep1"], 20);
+    let log = s.kproxy().stderr();
+    assert!(
+        log.contains("services and endpoint slices listed; first sync")
+            && !log.contains("was not seen with an address in time"),
+        "{log}"
+    );
+    s.kproxy().assert_running();
+}
+
+/// A role that may not read Nodes (or a Node that never registers) delays the first sync by
+/// the bounded wait, 30 s, and no longer: the services work, and the log says what is missing.
+#[test]
+fn api_node_not_readable_delays_the_first_sync_by_the_wait_only() {
+    if !require_root("api_node_not_readable_delays_the_first_sync_by_the_wait_only") {
+        return;
+    }
+    let mut s = Scenario::with_api();
+    s.source.api().forbid(Kind::Node);
+    servers(&mut s);
+    web(&s, &[POD_V4[0]]);
+    let started = Instant::now();
+    s.start_kproxy(&[]);
+    let vip = sock(VIP, 80);
+    s.wait_for_result_within(
+        Duration::from_secs(30) + SYNC,
+        "tcp 10.96.0.10:80 after the Node wait",
+        |t| tcp_request(&t.client, vip, PROBE),
+        |r| matches!(r, Ok(id) if id == "ep1"),
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(29),
+        "served after {waited:?}, inside the Node wait"
+    );
+    let log = s.kproxy().stderr();
+    assert!(
+        log.contains("was not seen with an address in time"),
+        "no warning about the missing Node:\n{log}"
+    );
     s.kproxy().assert_running();
 }

@@ -303,6 +303,12 @@ impl FakeApiServer {
         self.shared.lock().fail_next = (n, status_code);
     }
 
+    /// Every list and watch of `kind` is answered 403 Forbidden from now on (a role without
+    /// that permission).
+    pub fn forbid(&self, kind: Kind) {
+        self.shared.lock().forbidden.push(kind);
+    }
+
     /// While unavailable, new connections are closed at once, requests on open connections are
     /// dropped without an answer, and open watch streams are aborted mid-stream.
     pub fn set_unavailable(&self, unavailable: bool) {
@@ -398,6 +404,8 @@ struct Inner {
     watches: Vec<WatchSub>,
     /// (remaining, status code)
     fail_next: (u32, u16),
+    /// Kinds every request for which is answered 403, as RBAC answers a denied list or watch.
+    forbidden: Vec<Kind>,
     unavailable: bool,
     /// When each connection refused while unavailable arrived (the clients' retry pattern).
     refused: Vec<std::time::Instant>,
@@ -417,6 +425,7 @@ impl Default for Inner {
             stores: HashMap::new(),
             watches: Vec::new(),
             fail_next: (0, 500),
+            forbidden: Vec::new(),
             unavailable: false,
             refused: Vec::new(),
             requests: Vec::new(),
@@ -575,6 +584,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             ),
         ));
     };
+    if shared.lock().forbidden.contains(&kind) {
+        return Ok(status_response(403, "forbidden by the test"));
+    }
     let params: HashMap<String, String> =
         form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
             .into_owned()

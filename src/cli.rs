@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use kproxy_contract::ModeName;
 
 use crate::config::duration::GoDuration;
 
@@ -25,7 +26,7 @@ pub struct Args {
     /// Data-plane mode: iptables (default; also for an empty value), nftables, ipvs or
     /// userspace.
     #[arg(global = true, long, value_name = "MODE", value_parser = parse_mode)]
-    pub proxy_mode: Option<ProxyModeArg>,
+    pub proxy_mode: Option<ModeName>,
 
     /// Path to a kubeconfig file. Without it and without --master, the in-cluster config is used.
     #[arg(long, value_name = "FILE")]
@@ -400,17 +401,14 @@ pub fn go_bool(text: &str) -> Result<bool, String> {
     }
 }
 
-/// `--proxy-mode`: a mode, or empty for the default (upstream's "best available", iptables).
-fn parse_mode(text: &str) -> Result<ProxyModeArg, String> {
+/// `--proxy-mode`: a mode, or empty for the default (upstream's "best available" on Linux:
+/// iptables).
+fn parse_mode(text: &str) -> Result<ModeName, String> {
     match text.trim() {
-        "" => Ok(ProxyModeArg::Default),
-        "iptables" => Ok(ProxyModeArg::Iptables),
-        "nftables" => Ok(ProxyModeArg::Nftables),
-        "ipvs" => Ok(ProxyModeArg::Ipvs),
-        "userspace" => Ok(ProxyModeArg::Userspace),
-        other => Err(format!(
-            "{other:?} is not a proxy mode: use iptables, nftables, ipvs or userspace"
-        )),
+        "" => Ok(ModeName::Iptables),
+        name => name
+            .parse()
+            .map_err(|e| format!("{e}: use iptables, nftables, ipvs or userspace")),
     }
 }
 
@@ -511,21 +509,6 @@ pub enum OutputFormat {
     Table,
     /// One JSON document.
     Json,
-}
-
-/// `--proxy-mode` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyModeArg {
-    /// Empty: the default mode (iptables).
-    Default,
-    /// iptables-restore transactions (default).
-    Iptables,
-    /// One nft transaction per sync.
-    Nftables,
-    /// IP Virtual Server.
-    Ipvs,
-    /// A userspace TCP/UDP proxy.
-    Userspace,
 }
 
 /// `--iptables-backend` values.

@@ -17,6 +17,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod listeners;
 pub mod metrics;
+pub mod modes;
 pub mod node;
 pub mod oom;
 pub mod retry;

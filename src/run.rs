@@ -3,15 +3,14 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use kproxy_contract::{IpFamily, Mode, ModeName};
-use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
-use kproxy_ipvs::{IpvsMode, IpvsOptions, SystemKernel};
-use kproxy_nftables::{NftCli, NftablesMode};
-use kproxy_userspace::{IpRoute, UserspaceMode};
+use futures::future::LocalBoxFuture;
+use kproxy_contract::trace::Traceable;
+use kproxy_contract::{IpFamily, Mode};
 use tokio::sync::mpsc;
 
-use crate::config::{BackendChoice, Config, SourceConfig};
+use crate::config::{Config, SourceConfig};
 use crate::listeners::{Kind, Unbound};
+use crate::modes::{ModeSpec, NodeSetup, WithMode, cleanup_except};
 use crate::sync::{Stopped, SyncLoop, SyncOptions, format_chain};
 
 /// How long the first sync waits for this node's Node (with an address) from the API. Long
@@ -45,87 +44,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         crate::oom::apply_to_self(value);
     }
-    match config.mode {
-        ModeName::Iptables => {
-            let backend = iptables_backend(config.iptables_backend);
-            tracing::info!(backend = backend.as_str(), "iptables mode");
-            // Upstream reads the sysctl: a node already running liberal TCP tracking needs no
-            // INVALID-drop rule, whoever set it.
-            let tcp_be_liberal = config.tcp_be_liberal
-                || crate::conntrack::sysctl::SysctlFs::read(
-                    &sysctls,
-                    "net/netfilter/nf_conntrack_tcp_be_liberal",
-                )
-                .is_ok_and(|v| v == 1);
-            let mode = IptablesMode::new(
-                IptablesCli::new(backend),
-                vec![IpFamily::V4, IpFamily::V6],
-                RenderOptions { tcp_be_liberal },
-            );
-            run_mode(mode, config, Keep::Iptables(backend)).await
-        }
-        ModeName::Nftables => {
-            let mode = NftablesMode::new(NftCli, vec![IpFamily::V4, IpFamily::V6]);
-            run_mode(mode, config, Keep::Nftables).await
-        }
-        ModeName::Ipvs => {
-            // Fail before anything is touched when the kernel has no IPVS (a dry run still
-            // prints what it would program).
-            if !config.dry_run {
-                kproxy_ipvs::probe().context("--proxy-mode ipvs")?;
-            }
-            let mode = IpvsMode::new(SystemKernel::new(), ipvs_options(&config));
-            run_mode(mode, config, Keep::Ipvs).await
-        }
-        ModeName::Userspace => {
-            let options = kproxy_userspace::Options {
-                udp_idle_timeout: config.udp_timeout,
-                grace_period: config.userspace_grace_period,
-                ..kproxy_userspace::Options::default()
-            };
-            let mode = UserspaceMode::new(IpRoute, options);
-            run_mode(mode, config, Keep::Userspace).await
-        }
+    let spec = ModeSpec::from_config(&config, &sysctls);
+    if let ModeSpec::Iptables { backend, .. } = &spec {
+        tracing::info!(backend = backend.as_str(), "iptables mode");
     }
+    // Fail before anything is touched when the kernel lacks the mode (a dry run still prints
+    // what it would program).
+    if !config.dry_run {
+        spec.check_available()?;
+    }
+    spec.with_mode(
+        IpFamily::ALL.to_vec(),
+        Daemon {
+            config,
+            spec: spec.clone(),
+        },
+    )
+    .await
 }
 
 /// The privileged set-up of the node, which `--init-only` does alone (upstream runs it as an
 /// init container so the proxy itself could run with fewer privileges): the conntrack sysctls,
-/// and in ipvs mode IPVS's sysctls, strict ARP and connection timeouts.
+/// and the mode's own ([`kproxy_contract::Mode::node_setup`]: in ipvs mode IPVS's sysctls,
+/// strict ARP and connection timeouts). A running proxy makes the mode's before its first
+/// apply.
 fn node_setup(config: &Config, sysctls: &crate::conntrack::sysctl::ProcSys) {
     let actions = crate::conntrack::sysctl::apply(&config.conntrack, sysctls);
     crate::conntrack::sysctl::log(&actions);
-    if config.init_only && config.mode == ModeName::Ipvs {
-        IpvsMode::new(SystemKernel::new(), ipvs_options(config)).node_setup();
+    if config.init_only {
+        ModeSpec::offline(config).with_mode(IpFamily::ALL.to_vec(), NodeSetup);
     }
 }
 
-/// The IPVS mode's settings from the configuration (the daemon, `--cleanup` and `kproxy trace`).
-pub(crate) fn ipvs_options(config: &Config) -> IpvsOptions {
-    let ipvs = &config.ipvs;
-    IpvsOptions {
-        scheduler: ipvs.scheduler.clone(),
-        strict_arp: ipvs.strict_arp,
-        exclude_cidrs: ipvs.exclude_cidrs.clone(),
-        timeouts: kproxy_ipvs::IpvsTimeouts::from_durations(
-            ipvs.tcp_timeout,
-            ipvs.tcp_fin_timeout,
-            ipvs.udp_timeout,
-        ),
-        ..IpvsOptions::default()
+/// The daemon (and `--dry-run`, `--once`) with the selected mode.
+struct Daemon {
+    config: Arc<Config>,
+    spec: ModeSpec,
+}
+
+impl WithMode for Daemon {
+    type Output = LocalBoxFuture<'static, anyhow::Result<()>>;
+    fn with<M: Traceable>(self, mode: M) -> Self::Output {
+        Box::pin(run_mode(mode, self.config, self.spec))
     }
 }
 
-/// The iptables backend a choice resolves to (`auto` detects what the host uses).
-pub(crate) fn iptables_backend(choice: BackendChoice) -> Backend {
-    match choice {
-        BackendChoice::Nft => Backend::Nft,
-        BackendChoice::Legacy => Backend::Legacy,
-        BackendChoice::Auto => Backend::detect(),
-    }
-}
-
-async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::Result<()> {
+async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: ModeSpec) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
     let source = AbortOnDrop(spawn_source(&config, tx).await?);
     let options = SyncOptions {
@@ -136,7 +100,7 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
         dry_run: config.dry_run,
         once: config.once,
         // The kernel modes NAT a flow's first packet; the userspace mode NATs nothing.
-        conntrack_cleanup: keep != Keep::Userspace,
+        conntrack_cleanup: keep.nats_in_kernel(),
         node_wait: match config.source {
             SourceConfig::Api { .. } => NODE_WAIT,
             // The directory is read whole, its Node first: a directory without one is final.
@@ -206,7 +170,7 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: Keep) -> anyhow::
             }
             let first = leftovers.is_first();
             leftovers.checked(now);
-            if let Err(err) = cleanup_except(&switch_config, Some(keep), first) {
+            if let Err(err) = cleanup_except(&switch_config, Some(&keep), first) {
                 tracing::warn!(error = %format!("{err:#}"), "could not remove another mode's rules");
             }
         }));
@@ -285,8 +249,7 @@ async fn spawn_source(
     }
 }
 
-/// `--cleanup`: every mode's objects, both iptables backends, both families. Missing tools are
-/// not errors (there is nothing of ours to remove where the tool does not exist).
+/// `--cleanup`: every mode's objects, both iptables backends, both families.
 fn cleanup(config: &Config) -> anyhow::Result<()> {
     cleanup_except(config, None, true)
 }
@@ -342,103 +305,6 @@ impl LeftoverChecks {
         }
         self.last = Some(now);
     }
-}
-
-/// What a running mode owns, so a mode switch cleans up everything else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Keep {
-    Iptables(Backend),
-    Nftables,
-    Ipvs,
-    Userspace,
-}
-
-/// Removes every kproxy object except what `keep` (the running mode) owns: on a mode switch the
-/// previous mode's rules go, but only after the new mode's first sync is in place. `verbose`
-/// logs each mode's removal at info (`--cleanup`, the first check of a running kproxy);
-/// the later checks ([`LeftoverChecks`]) log at debug.
-fn cleanup_except(config: &Config, keep: Option<Keep>, verbose: bool) -> anyhow::Result<()> {
-    let removed = |what: String| {
-        if verbose {
-            tracing::info!("{what}");
-        } else {
-            tracing::debug!("{what}");
-        }
-    };
-    let mut failures = Vec::new();
-    for backend in [Backend::Nft, Backend::Legacy] {
-        if keep == Some(Keep::Iptables(backend)) {
-            continue;
-        }
-        for family in IpFamily::ALL {
-            let mut mode = IptablesMode::new(
-                IptablesCli::new(backend),
-                vec![family],
-                RenderOptions {
-                    tcp_be_liberal: config.tcp_be_liberal,
-                },
-            );
-            match mode.cleanup() {
-                Ok(()) => removed(format!(
-                    "iptables rules removed (backend {}, {family})",
-                    backend.as_str()
-                )),
-                Err(err) if is_missing_tool(&err) => {
-                    tracing::debug!(backend = backend.as_str(), %family, "iptables tools not installed; nothing to clean")
-                }
-                Err(err) => failures.push(format!(
-                    "iptables ({}, {family}): {}",
-                    backend.as_str(),
-                    format_chain(&err)
-                )),
-            }
-        }
-    }
-    if keep != Some(Keep::Nftables) {
-        let mut nft = NftablesMode::new(NftCli, IpFamily::ALL.to_vec());
-        match nft.cleanup() {
-            Ok(()) => removed("nftables tables removed".into()),
-            Err(err) if is_missing_tool(&err) => {
-                tracing::debug!("nft not installed; nothing to clean")
-            }
-            Err(err) => failures.push(format!("nftables: {}", format_chain(&err))),
-        }
-    }
-    if keep != Some(Keep::Ipvs) {
-        let mut ipvs = IpvsMode::new(SystemKernel::new(), ipvs_options(config));
-        match ipvs.cleanup() {
-            Ok(()) => removed("IPVS virtual servers, interface and table removed".into()),
-            Err(err) if is_missing_tool(&err) => {
-                tracing::debug!("ip or nft not installed; no IPVS-mode objects to clean")
-            }
-            Err(err) => failures.push(format!("ipvs: {}", format_chain(&err))),
-        }
-    }
-    if keep != Some(Keep::Userspace) {
-        let mut userspace = UserspaceMode::new(IpRoute, kproxy_userspace::Options::default());
-        match userspace.cleanup() {
-            Ok(()) => removed("userspace local routes removed".into()),
-            Err(err) if is_missing_tool(&err) => {
-                tracing::debug!("ip not installed; no userspace routes to clean")
-            }
-            Err(err) => failures.push(format!("userspace: {}", format_chain(&err))),
-        }
-    }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!("cleanup failed: {}", failures.join("; "))
-    }
-}
-
-fn is_missing_tool(err: &kproxy_contract::ModeError) -> bool {
-    matches!(
-        err,
-        kproxy_contract::ModeError::ReadLive {
-            cause: kproxy_contract::CommandError::NotFound { .. },
-            ..
-        }
-    )
 }
 
 /// SIGTERM or SIGINT. The current sync finishes first; rules stay in place so traffic keeps

@@ -14,15 +14,16 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
 use ipnet::IpNet;
-use kproxy_contract::trace::{Env, Origin, Packet, Trace, Verdict};
+use kproxy_contract::trace::{Env, Origin, Packet, Trace, Traceable, Verdict};
 use kproxy_contract::{
-    IpFamily, LocalMatch, LocalTraffic, MAX_INTERFACE_NAME, Mode as _, ModeName, Protocol,
-    ProxyState, check_interface_name,
+    IpFamily, LocalMatch, LocalTraffic, MAX_INTERFACE_NAME, ModeName, Protocol, ProxyState,
+    check_interface_name,
 };
 use serde_json::json;
 
 use crate::cli::{OriginArg, TraceArgs, TraceOutput};
 use crate::config::{Config, SourceConfig};
+use crate::modes::{ModeSpec, WithMode};
 use crate::source::{Change, Update};
 
 /// What the command found: the trace it reports and the desired state's answer when that
@@ -218,6 +219,51 @@ pub fn desired_state(config: &Config) -> anyhow::Result<ProxyState> {
     })
 }
 
+/// One trace with whichever mode the configuration selects: in the mode's rendering of the
+/// desired state, and with `--live` in what the kernel holds.
+struct TraceJob<'a> {
+    state: &'a ProxyState,
+    env: &'a Env,
+    packet: &'a Packet,
+    live: bool,
+}
+
+impl WithMode for TraceJob<'_> {
+    type Output = anyhow::Result<(Trace, Option<Trace>)>;
+
+    fn with<M: Traceable>(self, mut mode: M) -> Self::Output {
+        let name = mode.name();
+        if self.live
+            && let Some(why) = mode.live_unavailable()
+        {
+            bail!("--live is not available for the {name} mode: {why}");
+        }
+        // Desired: the node's own addresses stand for this machine's (it may be any machine);
+        // live: this namespace's addresses, which the kernel objects were made from.
+        let local = if self.live {
+            crate::node::local_addresses()
+        } else {
+            self.state.node.node_ips.clone()
+        };
+        let rules = mode.render_with_local(self.state, &local);
+        let desired = mode.trace(&rules, self.env, self.packet);
+        if !self.live {
+            return Ok((desired, None));
+        }
+        let mut live = mode
+            .read_live()
+            .with_context(|| format!("reading the live {name} state"))?;
+        let unknown = mode.complete_live(&mut live, &rules);
+        if unknown > 0 {
+            tracing::warn!(
+                unknown,
+                "live rules that this configuration does not render; the trace stops at them"
+            );
+        }
+        Ok((desired, Some(mode.trace(&live, self.env, self.packet))))
+    }
+}
+
 /// Runs the trace (with `--in-interface` when given).
 pub fn run(config: &Config, args: &TraceArgs) -> anyhow::Result<Report> {
     run_with(config, args, &args.ingress)
@@ -239,93 +285,19 @@ pub fn run_with(
     };
     let env = if args.live { &live_env } else { &desired_env };
     let pkt = packet(args, ingress, &config.cluster_cidrs, &state, env)?;
+    let job = TraceJob {
+        state: &state,
+        env,
+        packet: &pkt,
+        live: args.live,
+    };
     let families = vec![pkt.family()];
-    let (desired, live) = match config.mode {
-        ModeName::Iptables => {
-            let opts = kproxy_iptables::RenderOptions {
-                tcp_be_liberal: config.tcp_be_liberal,
-            };
-            let rules = kproxy_iptables::render::render(&state, &opts);
-            let desired = kproxy_iptables::trace::trace(&rules, env, &pkt);
-            let live = if args.live {
-                let backend = crate::run::iptables_backend(config.iptables_backend);
-                let mut mode = kproxy_iptables::IptablesMode::new(
-                    kproxy_iptables::IptablesCli::new(backend),
-                    families,
-                    opts,
-                );
-                let live = mode
-                    .read_live()
-                    .context("reading the live iptables rules")?;
-                Some(kproxy_iptables::trace::trace(&live, env, &pkt))
-            } else {
-                None
-            };
-            (desired, live)
-        }
-        ModeName::Nftables => {
-            let rules = kproxy_nftables::render::render(&state);
-            let desired = kproxy_nftables::trace::trace(&rules, env, &pkt);
-            let live = if args.live {
-                let mut mode =
-                    kproxy_nftables::NftablesMode::new(kproxy_nftables::NftCli, families);
-                let mut live = mode
-                    .read_live()
-                    .context("reading the live nftables table")?;
-                let unknown = kproxy_nftables::trace::resolve_live_rules(&mut live, &rules);
-                if unknown > 0 {
-                    tracing::warn!(
-                        unknown,
-                        "live rules that this configuration does not render; the trace stops at them"
-                    );
-                }
-                Some(kproxy_nftables::trace::trace(&live, env, &pkt))
-            } else {
-                None
-            };
-            (desired, live)
-        }
-        ModeName::Ipvs => {
-            let local: Vec<IpAddr> = if args.live {
-                crate::node::local_addresses()
-            } else {
-                state.node.node_ips.clone()
-            };
-            let rules = kproxy_ipvs::render::render(
-                &state,
-                &kproxy_ipvs::render::RenderInput {
-                    scheduler: &config.ipvs.scheduler,
-                    local_addresses: &local,
-                    families: &families,
-                },
-            );
-            let desired = kproxy_ipvs::trace::trace(&rules, env, &pkt);
-            let live = if args.live {
-                let mut mode = kproxy_ipvs::IpvsMode::new(
-                    kproxy_ipvs::SystemKernel::new(),
-                    kproxy_ipvs::IpvsOptions {
-                        families: families.clone(),
-                        ..crate::run::ipvs_options(config)
-                    },
-                );
-                let mut live = mode.read_live().context("reading the live IPVS state")?;
-                // The kproxy-ipvs table is not read back (see kproxy_ipvs::trace).
-                live.nft = rules.nft.clone();
-                Some(kproxy_ipvs::trace::trace(&live, env, &pkt))
-            } else {
-                None
-            };
-            (desired, live)
-        }
-        ModeName::Userspace => {
-            if args.live {
-                bail!(
-                    "--live is not available for the userspace mode: its listeners live inside the running daemon, not in the kernel"
-                );
-            }
-            let rules = kproxy_userspace::render::render(&state);
-            (kproxy_userspace::trace::trace(&rules, env, &pkt), None)
-        }
+    let (desired, live) = if args.live {
+        // Read the node as the daemon does: the backend it detects, the sysctl it reads.
+        let sysctls = crate::conntrack::sysctl::ProcSys::default();
+        ModeSpec::from_config(config, &sysctls).with_mode(families, job)?
+    } else {
+        ModeSpec::offline(config).with_mode(families, job)?
     };
     Ok(match live {
         None => Report {

@@ -8,7 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::cli::{Args, BindFlag, ProxyModeArg};
+use kproxy_contract::ModeName;
+
+use crate::cli::{Args, BindFlag};
 
 use super::ConfigError;
 use super::defaults::{HEALTHZ_PORT, METRICS_PORT};
@@ -25,6 +27,8 @@ pub struct FlagReport {
     pub origins: BTreeMap<String, String>,
     /// Flags that were accepted but changed nothing, with why.
     pub without_effect: Vec<(String, String)>,
+    /// `--proxy-mode`, when given: the mode, typed (the file's `mode` is text to parse).
+    pub mode: Option<ModeName>,
 }
 
 impl FlagReport {
@@ -60,13 +64,9 @@ pub fn apply(
     }
 
     if let Some(m) = args.proxy_mode {
-        cfg.mode = match m {
-            ProxyModeArg::Default => String::new(),
-            ProxyModeArg::Iptables => "iptables".into(),
-            ProxyModeArg::Nftables => "nftables".into(),
-            ProxyModeArg::Ipvs => "ipvs".into(),
-            ProxyModeArg::Userspace => "userspace".into(),
-        };
+        // The effective configuration shows it; validation takes the typed value.
+        cfg.mode = m.as_str().into();
+        report.mode = Some(m);
         set(&mut report, "mode", "--proxy-mode");
     }
     let mode = cfg.mode.clone();

@@ -43,18 +43,15 @@ pub(super) fn check(
         value: value.to_string(),
         reason: reason.into(),
     };
-    let mode = match cfg.mode.as_str() {
-        "iptables" => ModeName::Iptables,
-        "nftables" => ModeName::Nftables,
-        "ipvs" => ModeName::Ipvs,
-        "userspace" => ModeName::Userspace,
-        other => {
-            return Err(err(
+    let mode = match report.mode {
+        Some(mode) => mode,
+        None => cfg.mode.parse().map_err(|_| {
+            err(
                 "mode",
-                &other,
+                &cfg.mode,
                 "must be iptables, ipvs, nftables, userspace or blank (blank means iptables)",
-            ));
-        }
+            )
+        })?,
     };
 
     let bit = |path: &str, value: Option<i32>| -> Result<u8, ConfigError> {

@@ -21,7 +21,7 @@ pub use error::{Chain, CommandError, ModeError};
 pub use local::{
     InvalidInterfaceName, LocalMatch, LocalTraffic, MAX_INTERFACE_NAME, check_interface_name,
 };
-pub use mode::{Mode, ModeName, ObjectCount, Plan, PlanStats};
+pub use mode::{Mode, ModeName, ObjectCount, Plan, PlanStats, UnknownMode};
 pub use state::{
     Endpoint, Endpoints, IpFamily, NodePortAddresses, NodeSettings, Protocol, ProxyState,
     ServicePort, ServicePortKey, ServicePortName, SessionAffinity, TrafficPolicy,

@@ -29,6 +29,41 @@ impl ModeName {
     }
 }
 
+/// A `--proxy-mode` / `mode:` value that names no mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownMode(pub String);
+
+impl fmt::Display for UnknownMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} is not a proxy mode", self.0)
+    }
+}
+
+impl std::error::Error for UnknownMode {}
+
+impl ModeName {
+    /// Every mode.
+    pub const ALL: [ModeName; 4] = [
+        ModeName::Iptables,
+        ModeName::Nftables,
+        ModeName::Ipvs,
+        ModeName::Userspace,
+    ];
+}
+
+/// The one parser of a mode's name: exactly as `--proxy-mode` spells it (a blank value, which
+/// upstream reads as the platform's default, is the caller's to resolve).
+impl std::str::FromStr for ModeName {
+    type Err = UnknownMode;
+
+    fn from_str(text: &str) -> Result<Self, UnknownMode> {
+        ModeName::ALL
+            .into_iter()
+            .find(|m| m.as_str() == text)
+            .ok_or_else(|| UnknownMode(text.to_string()))
+    }
+}
+
 impl fmt::Display for ModeName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -120,6 +155,11 @@ pub trait Mode: Send + 'static {
 
     /// Removes every kernel object this mode owns, and nothing else.
     fn cleanup(&mut self) -> Result<(), ModeError>;
+
+    /// The node set-up this mode needs, done once before its first apply, or alone by
+    /// `--init-only` (upstream runs that as a privileged init container). Failures are logged,
+    /// not returned: the mode still proxies. Default: nothing to set up.
+    fn node_setup(&mut self) {}
 
     /// The daemon is stopping on a signal (SIGTERM, SIGINT); the rules stay in place for the
     /// next kproxy. A mode that carries traffic in the process (userspace) hands it over and lets

@@ -22,6 +22,35 @@ use crate::{IpFamily, Protocol, ProxyState, ServicePort, TrafficPolicy};
 
 pub mod nft;
 
+/// A mode whose rules the tracer walks. `kproxy trace` reaches every mode through this trait
+/// alone, so the command is the same code for all of them.
+pub trait Traceable: crate::Mode {
+    /// What happens to `packet` in `rules`, rendered or read back.
+    fn trace(&self, rules: &Self::Rules, env: &Env, packet: &Packet) -> Trace;
+
+    /// The rules the desired state renders to, for a trace that must not depend on the machine
+    /// it runs on: where `render` reads this namespace's interfaces (the IPVS mode's NodePort
+    /// addresses), `local` is used instead. Default: [`crate::Mode::render`].
+    fn render_with_local(&self, desired: &ProxyState, local: &[IpAddr]) -> Self::Rules {
+        let _ = local;
+        self.render(desired)
+    }
+
+    /// Completes rules read back with what the kernel does not return and the rendering knows
+    /// (nftables: which rendered rule each live rule is; IPVS: its nft table, which is not read
+    /// back). Returns how many live rules the rendering does not know: the trace stops at them.
+    fn complete_live(&self, live: &mut Self::Rules, rendered: &Self::Rules) -> usize {
+        let _ = (live, rendered);
+        0
+    }
+
+    /// Why this mode's live state cannot be traced, when it cannot (the userspace mode's
+    /// listeners live in the daemon, not in the kernel).
+    fn live_unavailable(&self) -> Option<&'static str> {
+        None
+    }
+}
+
 /// Where a packet comes from: decides which netfilter hooks it crosses (PREROUTING or OUTPUT).
 /// The verdict never depends on it beyond that: addresses and the ingress interface decide
 /// (the local-traffic detector, a local source).

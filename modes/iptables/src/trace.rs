@@ -749,3 +749,9 @@ fn refusal_rule(chain: &str, reject: bool) -> (u8, String) {
 
 #[cfg(test)]
 mod tests;
+
+impl<K: crate::IptablesKernel> kproxy_contract::trace::Traceable for crate::IptablesMode<K> {
+    fn trace(&self, rules: &Ruleset, env: &Env, packet: &Packet) -> Trace {
+        trace(rules, env, packet)
+    }
+}

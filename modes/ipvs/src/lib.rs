@@ -145,6 +145,18 @@ impl<K: IpvsKernel> IpvsMode<K> {
         self.draining.keys().copied().collect()
     }
 
+    /// The rules for `desired` with `local` as the addresses that may carry NodePorts.
+    pub fn render_for(&self, desired: &ProxyState, local: &[IpAddr]) -> IpvsRules {
+        render::render(
+            desired,
+            &render::RenderInput {
+                scheduler: &self.options.scheduler,
+                local_addresses: local,
+                families: &self.options.families,
+            },
+        )
+    }
+
     /// Local addresses that may carry NodePorts: not loopback, not link-local, not kproxy's.
     fn node_port_candidates(&self) -> Vec<IpAddr> {
         let mut out: Vec<IpAddr> = self
@@ -157,16 +169,6 @@ impl<K: IpvsKernel> IpvsMode<K> {
         out.sort();
         out.dedup();
         out
-    }
-
-    /// The node set-up this mode needs (IPVS's sysctls, strict ARP, the connection timeouts),
-    /// done once: before the first apply, or alone for `--init-only`.
-    pub fn node_setup(&mut self) {
-        if !self.prepared {
-            self.kernel.prepare();
-            self.start_up();
-            self.prepared = true;
-        }
     }
 
     /// The node settings upstream's proxier makes when it starts, made once before the first
@@ -328,15 +330,7 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
     }
 
     fn render(&self, desired: &ProxyState) -> IpvsRules {
-        let local = self.node_port_candidates();
-        render::render(
-            desired,
-            &render::RenderInput {
-                scheduler: &self.options.scheduler,
-                local_addresses: &local,
-                families: &self.options.families,
-            },
-        )
+        self.render_for(desired, &self.node_port_candidates())
     }
 
     fn read_live(&mut self) -> Result<IpvsRules, ModeError> {
@@ -462,6 +456,15 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
     /// upstream's cleanup ignores it too (and flushes all of IPVS, which kproxy never does).
     /// On a kernel without IPVS there are no virtual servers to remove; the rest is still
     /// cleaned.
+    /// IPVS's sysctls, strict ARP and the connection timeouts, done once.
+    fn node_setup(&mut self) {
+        if !self.prepared {
+            self.kernel.prepare();
+            self.start_up();
+            self.prepared = true;
+        }
+    }
+
     fn cleanup(&mut self) -> Result<(), ModeError> {
         match self.read_live() {
             Ok(live) => {

@@ -267,3 +267,24 @@ fn dropped_by_local_policy(path: &[Hop]) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+impl<K: crate::kernel::IpvsKernel> kproxy_contract::trace::Traceable for crate::IpvsMode<K> {
+    fn trace(&self, rules: &IpvsRules, env: &Env, packet: &Packet) -> Trace {
+        trace(rules, env, packet)
+    }
+
+    fn render_with_local(
+        &self,
+        desired: &kproxy_contract::ProxyState,
+        local: &[std::net::IpAddr],
+    ) -> IpvsRules {
+        self.render_for(desired, local)
+    }
+
+    /// The kproxy-ipvs table is not read back (see the module documentation): the rendered one
+    /// stands in for it.
+    fn complete_live(&self, live: &mut IpvsRules, rendered: &IpvsRules) -> usize {
+        live.nft = rendered.nft.clone();
+        0
+    }
+}

@@ -293,3 +293,13 @@ fn timeout(signature: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests;
+
+impl<K: crate::NftKernel> kproxy_contract::trace::Traceable for crate::NftablesMode<K> {
+    fn trace(&self, rules: &NftRuleset, env: &Env, packet: &Packet) -> Trace {
+        trace(rules, env, packet)
+    }
+
+    fn complete_live(&self, live: &mut NftRuleset, rendered: &NftRuleset) -> usize {
+        resolve_live_rules(live, rendered)
+    }
+}

@@ -118,3 +118,13 @@ pub fn trace(rules: &UserspaceRules, env: &Env, pkt: &Packet) -> Trace {
 
 #[cfg(test)]
 mod tests;
+
+impl<R: crate::RouteTable> kproxy_contract::trace::Traceable for crate::UserspaceMode<R> {
+    fn trace(&self, rules: &UserspaceRules, env: &Env, packet: &Packet) -> Trace {
+        trace(rules, env, packet)
+    }
+
+    fn live_unavailable(&self) -> Option<&'static str> {
+        Some("its listeners live inside the running daemon, not in the kernel")
+    }
+}

@@ -146,14 +146,12 @@ impl ModeSpec {
     }
 
     /// What it owns, for the cleanup's log lines.
-    fn objects(&self) -> String {
+    fn objects(&self) -> &'static str {
         match self {
-            ModeSpec::Iptables { backend, .. } => {
-                format!("iptables rules (backend {})", backend.as_str())
-            }
-            ModeSpec::Nftables => "nftables tables".into(),
-            ModeSpec::Ipvs(_) => "IPVS virtual servers, interface and table".into(),
-            ModeSpec::Userspace(_) => "userspace local routes".into(),
+            ModeSpec::Iptables { .. } => "iptables rules",
+            ModeSpec::Nftables => "nftables tables",
+            ModeSpec::Ipvs(_) => "IPVS virtual servers, interface and table",
+            ModeSpec::Userspace(_) => "userspace local routes",
         }
     }
 
@@ -240,22 +238,22 @@ pub fn cleanup_except(
         }
         // iptables: one family at a time, so a host without ip6tables still has its IPv4
         // rules removed.
-        let runs: Vec<(Vec<IpFamily>, String)> = match spec {
-            ModeSpec::Iptables { .. } => IpFamily::ALL
+        let runs: Vec<(Vec<IpFamily>, String)> = match &spec {
+            ModeSpec::Iptables { backend, .. } => IpFamily::ALL
                 .into_iter()
-                .map(|f| (vec![f], format!(", {f}")))
+                .map(|f| (vec![f], format!(" (backend {}, {f})", backend.as_str())))
                 .collect(),
             _ => vec![(IpFamily::ALL.to_vec(), String::new())],
         };
-        for (families, suffix) in runs {
-            let what = format!("{}{suffix}", spec.objects());
+        for (families, detail) in runs {
+            let what = spec.objects();
             match spec.with_mode(families, Cleanup) {
-                Ok(()) if verbose => tracing::info!("{what} removed"),
-                Ok(()) => tracing::debug!("{what} removed"),
+                Ok(()) if verbose => tracing::info!("{what} removed{detail}"),
+                Ok(()) => tracing::debug!("{what} removed{detail}"),
                 Err(err) if is_missing_tool(&err) => {
-                    tracing::debug!("{what}: the tools are not installed; nothing to clean")
+                    tracing::debug!("{what}{detail}: the tools are not installed; nothing to clean")
                 }
-                Err(err) => failures.push(format!("{what}: {}", format_chain(&err))),
+                Err(err) => failures.push(format!("{what}{detail}: {}", format_chain(&err))),
             }
         }
     }
@@ -316,7 +314,9 @@ mod tests {
 
     #[test]
     fn offline_iptables_reads_nothing_from_the_node() {
-        let c = config("iptables", |a| a.iptables_backend = Some(crate::cli::BackendArg::Legacy));
+        let c = config("iptables", |a| {
+            a.iptables_backend = Some(crate::cli::BackendArg::Legacy)
+        });
         let ModeSpec::Iptables { backend, options } = ModeSpec::offline(&c) else {
             panic!("not iptables")
         };
@@ -338,18 +338,29 @@ mod tests {
         let c = config("iptables", |_| {});
         let every = ModeSpec::every(&c);
         for name in ModeName::ALL {
-            assert!(every.iter().any(|s| s.name() == name), "{name} is not cleaned");
+            assert!(
+                every.iter().any(|s| s.name() == name),
+                "{name} is not cleaned"
+            );
         }
         let nft_backend = ModeSpec::Iptables {
             backend: Backend::Nft,
             options: RenderOptions::default(),
         };
-        let spared: Vec<String> = every
+        let spared: Vec<&ModeSpec> = every
             .iter()
             .filter(|s| nft_backend.owns_same_as(s))
-            .map(ModeSpec::objects)
             .collect();
-        assert_eq!(spared, ["iptables rules (backend nft)"]);
+        assert!(
+            matches!(
+                spared[..],
+                [ModeSpec::Iptables {
+                    backend: Backend::Nft,
+                    ..
+                }]
+            ),
+            "{spared:?}"
+        );
         for spec in &every {
             let spared = every.iter().filter(|s| spec.owns_same_as(s)).count();
             assert_eq!(spared, 1, "{} spares more than itself", spec.objects());

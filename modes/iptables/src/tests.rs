@@ -1,12 +1,13 @@
-//! Conformance against the fake kernel: apply(plan(live, render(s))) leaves read_live() equal
-//! to render(s); re-planning is empty; a one-endpoint change touches only that service's chains;
-//! cleanup removes our objects and nothing else; a failed apply changes nothing.
+//! Against the fake kernel: the checks every mode passes (`kproxy_testkit::conformance`), and
+//! this mode's own: a one-endpoint change touches only that service's chains; cleanup removes
+//! our objects and nothing else; the layout's details.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kproxy_contract::*;
+use kproxy_testkit::conformance::OnFakeKernel;
 use kproxy_testkit::{ep, service, spn, state, sync};
 
 use crate::fake::FakeIptables;
@@ -20,22 +21,31 @@ fn mode() -> IptablesMode<FakeIptables> {
     )
 }
 
+impl OnFakeKernel for IptablesMode<FakeIptables> {
+    const TRANSACTIONAL: bool = true;
+
+    fn refuse_next_write(&mut self) {
+        self.kernel.fail_next = Some("xtables lock held".into());
+    }
+
+    fn holds_nothing_of_ours(&mut self) -> bool {
+        IpFamily::ALL.into_iter().all(|family| {
+            Table::ALL.into_iter().all(|table| {
+                let chains = self.kernel.chains(family, table);
+                !chains.keys().any(|c| names::is_owned(c))
+                    && !chains
+                        .values()
+                        .flat_map(|r| r.iter())
+                        .any(|r| r.contains("KPROXY-"))
+            })
+        })
+    }
+}
+
+/// The checks every mode passes: convergence, a refused transaction, cleanup.
 #[test]
-fn apply_then_read_back_equals_render_and_replans_empty() {
-    let mut m = mode();
-    let s = state(vec![
-        service(
-            "a",
-            "10.96.0.10",
-            vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
-        ),
-        service("b", "10.96.0.11", vec![]),
-    ]);
-    let plan = sync(&mut m, &s);
-    assert!(!plan.is_empty());
-    let live = m.read_live().unwrap();
-    assert_eq!(live, m.render(&s));
-    assert!(m.plan(&live, &m.render(&s)).is_empty());
+fn conformance() {
+    kproxy_testkit::conformance::check(mode);
 }
 
 #[test]
@@ -134,27 +144,6 @@ fn cleanup_removes_ours_and_keeps_foreign_chains() {
             .chains(IpFamily::V4, Table::Nat)
             .contains_key("KUBE-SERVICES")
     );
-}
-
-#[test]
-fn failed_apply_changes_nothing() {
-    let mut m = mode();
-    let s1 = state(vec![service(
-        "a",
-        "10.96.0.10",
-        vec![ep("10.244.1.1", false)],
-    )]);
-    sync(&mut m, &s1);
-    let before = m.read_live().unwrap();
-    m.kernel.fail_next = Some("xtables lock held".into());
-    let s2 = state(vec![service(
-        "a",
-        "10.96.0.10",
-        vec![ep("10.244.1.2", false)],
-    )]);
-    let plan = m.plan(&before, &m.render(&s2));
-    assert!(m.apply(&plan).is_err());
-    assert_eq!(m.read_live().unwrap(), before);
 }
 
 #[test]

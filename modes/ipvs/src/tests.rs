@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use kproxy_contract::*;
+use kproxy_testkit::conformance::OnFakeKernel;
 use kproxy_testkit::{ep, many, service, state, sync};
 
 use crate::fake::FakeKernel;
@@ -97,6 +98,33 @@ fn clusterip_nodeport_external_and_lb_frontends_become_virtual_servers() {
         script.contains("ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x00004000"),
         "{script}"
     );
+}
+
+impl OnFakeKernel for IpvsMode<FakeKernel> {
+    /// One netlink call per virtual or real server: a refused call leaves the earlier ones.
+    const TRANSACTIONAL: bool = false;
+
+    fn refuse_next_write(&mut self) {
+        self.kernel_mut().fail_next = Some(16);
+    }
+
+    /// The kproxy-ipvs nft table is not read back (a full sync rewrites it), nor which service
+    /// owns each virtual server (the dry run's grouping).
+    fn complete_read_back(live: &mut IpvsRules, rendered: &IpvsRules) {
+        live.nft = rendered.nft.clone();
+        live.owners = rendered.owners.clone();
+    }
+
+    fn holds_nothing_of_ours(&mut self) -> bool {
+        let k = self.kernel();
+        k.services.is_empty() && k.vips.is_empty() && k.tables.is_empty()
+    }
+}
+
+/// The checks every mode passes: convergence, a refused apply and its retry, cleanup.
+#[test]
+fn conformance() {
+    kproxy_testkit::conformance::check(mode);
 }
 
 #[test]

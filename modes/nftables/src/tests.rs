@@ -1,9 +1,11 @@
-//! Conformance against the fake kernel, and the layout's scaling properties.
+//! Against the fake kernel: the checks every mode passes (`kproxy_testkit::conformance`), and
+//! this mode's own: the layout, its scaling properties, the script's order.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::time::Duration;
 
 use kproxy_contract::*;
+use kproxy_testkit::conformance::OnFakeKernel;
 use kproxy_testkit::{ep, many, service, state, sync};
 
 use crate::fake::FakeNft;
@@ -11,24 +13,6 @@ use crate::{NftablesMode, plan};
 
 fn mode() -> NftablesMode<FakeNft> {
     NftablesMode::new(FakeNft::new(), vec![IpFamily::V4, IpFamily::V6])
-}
-
-#[test]
-fn apply_then_read_back_equals_render_and_replans_empty() {
-    let mut m = mode();
-    let s = state(vec![
-        service(
-            "a",
-            "10.96.0.10",
-            vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
-        ),
-        service("b", "10.96.0.11", vec![]),
-        service("c", "fd00:96::1", vec![ep("fd00:244::1", false)]),
-    ]);
-    assert!(!sync(&mut m, &s).is_empty());
-    let live = m.read_live().unwrap();
-    assert_eq!(live, m.render(&s));
-    assert!(m.plan(&live, &m.render(&s)).is_empty());
 }
 
 #[test]
@@ -280,18 +264,24 @@ fn firewall_elements_for_source_ranges() {
     );
 }
 
+impl OnFakeKernel for NftablesMode<FakeNft> {
+    const TRANSACTIONAL: bool = true;
+
+    fn refuse_next_write(&mut self) {
+        self.kernel.fail_next = Some("busy".into());
+    }
+
+    fn holds_nothing_of_ours(&mut self) -> bool {
+        IpFamily::ALL
+            .into_iter()
+            .all(|family| self.kernel().table(family).is_none())
+    }
+}
+
+/// The checks every mode passes: convergence, a refused transaction, cleanup.
 #[test]
-fn cleanup_deletes_only_our_tables_and_failed_apply_changes_nothing() {
-    let mut m = mode();
-    sync(&mut m, &state(many(5, 2)));
-    let before = m.read_live().unwrap();
-    m.kernel.fail_next = Some("busy".into());
-    let p = m.plan(&before, &m.render(&state(many(6, 2))));
-    assert!(m.apply(&p).is_err());
-    assert_eq!(m.read_live().unwrap(), before);
-    m.cleanup().unwrap();
-    assert!(m.kernel().table(IpFamily::V4).is_none());
-    assert!(m.kernel().table(IpFamily::V6).is_none());
+fn conformance() {
+    kproxy_testkit::conformance::check(mode);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+pub mod conformance;
 pub mod strategies;
 pub mod trace_scenarios;
 

@@ -176,6 +176,8 @@ pub fn parse_routes(json: &str) -> Vec<IpAddr> {
 pub struct FakeRoutes {
     /// The addresses currently local.
     pub routes: std::sync::Arc<std::sync::Mutex<BTreeSet<IpAddr>>>,
+    /// The next change is refused (as `ip` refuses one), changing nothing.
+    pub refuse_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[cfg(any(test, feature = "testing"))]
@@ -189,6 +191,16 @@ impl RouteTable for FakeRoutes {
         add: &[IpAddr],
         remove: &[IpAddr],
     ) -> Result<BTreeSet<IpAddr>, CommandError> {
+        if self
+            .refuse_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(CommandError::Failed {
+                program: "ip".into(),
+                status: "exit status: 2".into(),
+                stderr: "RTNETLINK answers: Operation not permitted".into(),
+            });
+        }
         if let Ok(mut r) = self.routes.lock() {
             r.extend(add.iter().copied());
             for ip in remove {

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use kproxy_contract::*;
+use kproxy_testkit::conformance::OnFakeKernel;
 use kproxy_testkit::{ep, service, state};
 
 use crate::datapath::pick::{Affinity, candidates};
@@ -171,6 +172,37 @@ fn plan_opens_updates_and_closes_and_prints_by_service() {
         (stats.added, stats.removed, stats.containers_touched),
         (2, 2, 1)
     );
+}
+
+impl OnFakeKernel for UserspaceMode<FakeRoutes> {
+    /// Routes, then listeners, then route removals: a refused step leaves the earlier ones.
+    const TRANSACTIONAL: bool = false;
+
+    fn refuse_next_write(&mut self) {
+        self.routes
+            .refuse_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn holds_nothing_of_ours(&mut self) -> bool {
+        self.routes.routes.lock().unwrap().is_empty()
+    }
+
+    /// Endpoint-less: a served frontend would bind a real socket outside any namespace.
+    fn states() -> Vec<ProxyState> {
+        kproxy_testkit::conformance::states()
+            .iter()
+            .map(kproxy_testkit::conformance::without_endpoints)
+            .collect()
+    }
+}
+
+/// The checks every mode passes: convergence, a refused apply and its retry, cleanup.
+#[test]
+fn conformance() {
+    kproxy_testkit::conformance::check(|| {
+        UserspaceMode::new(FakeRoutes::default(), Options::default())
+    });
 }
 
 #[test]

@@ -1,0 +1,160 @@
+//! What the sync loop relies on from every mode, checked once for all of them against each
+//! mode's fake kernel: each mode's tests implement [`OnFakeKernel`] and call [`check`].
+//!
+//! 1. **Convergence**, through a sequence of states (services added, endpoints changed,
+//!    services removed, many services, none): applying the plan from what the kernel holds to a
+//!    state's rendering leaves the kernel holding exactly that rendering (as far as the mode
+//!    reads it back), and planning again, from the rules read back or from the rules the loop
+//!    believes are there, changes nothing.
+//! 2. **A refused apply**: when one apply is one kernel transaction, the kernel holds exactly
+//!    what it held before; in every mode, the next full sync converges (the loop's retry).
+//! 3. **Cleanup** leaves nothing of ours, and cleaning up again is not an error.
+
+use std::fmt::Debug;
+
+use kproxy_contract::{Mode, Plan as _, ProxyState};
+
+use crate::{ep, many, service, state};
+
+/// A mode on its fake kernel, as [`check`] drives it.
+pub trait OnFakeKernel: Mode<Rules: PartialEq + Debug> {
+    /// Whether one apply is one kernel transaction (iptables-restore, one nft batch): all of
+    /// it lands or none. Otherwise (IPVS's netlink calls, the userspace mode's routes and
+    /// listeners) a refused apply may leave part of the plan, which the next full sync repairs.
+    const TRANSACTIONAL: bool;
+
+    /// Makes the kernel refuse the next write.
+    fn refuse_next_write(&mut self);
+
+    /// Completes rules read back with what the mode does not read back (the IPVS mode's nft
+    /// table, which a full sync rewrites from the rendering). Default: it reads back
+    /// everything.
+    fn complete_read_back(live: &mut Self::Rules, rendered: &Self::Rules) {
+        let _ = (live, rendered);
+    }
+
+    /// Whether the kernel holds nothing of ours.
+    fn holds_nothing_of_ours(&mut self) -> bool;
+
+    /// The states to converge through. Default: [`states`].
+    fn states() -> Vec<ProxyState> {
+        states()
+    }
+}
+
+/// IPv4 and IPv6 services with and without endpoints, local and remote endpoints; then
+/// endpoints changed, a service gone and one added; then 200 services; then none.
+pub fn states() -> Vec<ProxyState> {
+    vec![
+        state(vec![
+            service(
+                "a",
+                "10.96.0.10",
+                vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
+            ),
+            service("b", "10.96.0.11", vec![]),
+            service("c", "fd00:96::1", vec![ep("fd00:244::1", false)]),
+        ]),
+        state(vec![
+            service("a", "10.96.0.10", vec![ep("10.244.1.3", false)]),
+            service("b", "10.96.0.11", vec![ep("10.244.1.4", false)]),
+            service("d", "fd00:96::2", vec![]),
+        ]),
+        state(many(200, 3)),
+        state(Vec::new()),
+    ]
+}
+
+/// `s` with every endpoint removed (a mode whose fake cannot hold endpoints: the userspace
+/// mode binds a real socket per served frontend).
+pub fn without_endpoints(s: &ProxyState) -> ProxyState {
+    state(
+        s.services
+            .values()
+            .map(|sp| {
+                let mut sp = (**sp).clone();
+                sp.endpoints = Default::default();
+                sp
+            })
+            .collect(),
+    )
+}
+
+/// One full sync, as the loop makes it: read back, render, plan, apply.
+fn full_sync<M: OnFakeKernel>(mode: &mut M, s: &ProxyState) -> Result<M::Rules, String> {
+    let live = mode.read_live().map_err(|e| format!("read back: {e}"))?;
+    let desired = mode.render(s);
+    let plan = mode.plan(&live, &desired);
+    mode.apply(&plan).map_err(|e| format!("apply: {e}"))?;
+    Ok(desired)
+}
+
+/// The kernel holds `desired` (as far as the mode reads it back), and nothing is left to plan.
+fn converged<M: OnFakeKernel>(mode: &mut M, desired: &M::Rules, step: &str) {
+    let mut live = mode.read_live().unwrap();
+    M::complete_read_back(&mut live, desired);
+    assert_eq!(&live, desired, "{step}: the kernel holds something else");
+    let again = mode.plan(&live, desired);
+    assert!(
+        again.is_empty(),
+        "{step}: re-planning from the kernel:\n{again}"
+    );
+    let believed = mode.plan(desired, desired);
+    assert!(
+        believed.is_empty(),
+        "{step}: re-planning from the believed rules:\n{believed}"
+    );
+}
+
+/// Runs every check on modes made by `new` (a fresh mode on an empty fake kernel per check).
+pub fn check<M: OnFakeKernel>(mut new: impl FnMut() -> M) {
+    let states = M::states();
+    assert!(states.len() >= 2, "the checks need a sequence of states");
+
+    // 1. Convergence through the sequence.
+    let mut mode = new();
+    for (i, s) in states.iter().enumerate() {
+        let desired = full_sync(&mut mode, s).unwrap_or_else(|e| panic!("state {i}: {e}"));
+        converged(&mut mode, &desired, &format!("state {i}"));
+    }
+
+    // 2. A refused apply, from each state to the next.
+    for (i, pair) in states.windows(2).enumerate() {
+        let mut mode = new();
+        full_sync(&mut mode, &pair[0]).unwrap();
+        let before = mode.read_live().unwrap();
+        mode.refuse_next_write();
+        let desired = mode.render(&pair[1]);
+        let plan = mode.plan(&before, &desired);
+        if plan.is_empty() {
+            continue;
+        }
+        assert!(
+            mode.apply(&plan).is_err(),
+            "state {i} → {}: the refused write went unnoticed",
+            i + 1
+        );
+        if M::TRANSACTIONAL {
+            assert_eq!(
+                mode.read_live().unwrap(),
+                before,
+                "state {i} → {}: a refused transaction changed the kernel",
+                i + 1
+            );
+        }
+        let desired = full_sync(&mut mode, &pair[1])
+            .unwrap_or_else(|e| panic!("retry after a refused apply: {e}"));
+        converged(&mut mode, &desired, &format!("retry of state {}", i + 1));
+    }
+
+    // 3. Cleanup.
+    let mut mode = new();
+    full_sync(&mut mode, &states[0]).unwrap();
+    mode.cleanup().unwrap();
+    assert!(mode.holds_nothing_of_ours(), "cleanup left objects");
+    mode.cleanup().unwrap();
+    assert!(
+        mode.holds_nothing_of_ours(),
+        "a second cleanup left objects"
+    );
+}

@@ -6,11 +6,11 @@
 //! Everything past this module is generic over [`Traceable`] (a [`kproxy_contract::Mode`] the
 //! tracer can walk), so adding a mode means adding a variant here and nothing in the callers.
 
-use kproxy_contract::trace::Traceable;
 use kproxy_contract::{CommandError, IpFamily, ModeError, ModeName};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
 use kproxy_ipvs::{IpvsMode, IpvsOptions, SystemKernel};
 use kproxy_nftables::{NftCli, NftablesMode};
+use kproxy_tracer::Traceable;
 use kproxy_userspace::{IpRoute, UserspaceMode};
 
 use crate::config::{BackendChoice, Config};

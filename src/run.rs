@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use futures::future::LocalBoxFuture;
-use kproxy_contract::trace::Traceable;
 use kproxy_contract::{IpFamily, Mode};
+use kproxy_tracer::Traceable;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, SourceConfig};

@@ -14,11 +14,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
 use ipnet::IpNet;
-use kproxy_contract::trace::{Env, Origin, Packet, Trace, Traceable, Verdict};
 use kproxy_contract::{
     IpFamily, LocalMatch, LocalTraffic, MAX_INTERFACE_NAME, ModeName, Protocol, ProxyState,
     check_interface_name,
 };
+use kproxy_tracer::{Env, Origin, Packet, Trace, Traceable, Verdict};
 use serde_json::json;
 
 use crate::cli::{OriginArg, TraceArgs, TraceOutput};
@@ -406,7 +406,7 @@ pub fn render(r: &Report, output: TraceOutput) -> String {
 mod tests {
     use clap::Parser as _;
 
-    use kproxy_contract::trace::FrontendKind;
+    use kproxy_tracer::FrontendKind;
 
     use super::*;
     use crate::cli::{Args, Command};

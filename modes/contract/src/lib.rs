@@ -15,7 +15,6 @@ mod error;
 mod local;
 mod mode;
 mod state;
-pub mod trace;
 
 pub use error::{Chain, CommandError, ModeError};
 pub use local::{

@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use kproxy_contract::trace::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict};
 use kproxy_contract::{IpFamily, Protocol};
+use kproxy_tracer::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, fold_branches};
 
 use crate::names;
 use crate::ruleset::{Ruleset, Table, TableRules};
@@ -702,19 +702,12 @@ fn verdict(outcomes: Vec<(Branch, End)>) -> Verdict {
             _ => plain += b.prob,
         }
     }
-    match (refused, candidates.is_empty()) {
-        (Some(v), true) if plain <= 1e-9 => v,
-        (None, true) => Verdict::NotService,
-        (None, false) if plain <= 1e-9 => Verdict::Forward {
-            service,
-            frontend,
-            candidates,
-            affinity,
-        },
-        _ => Verdict::Unknown {
-            reason: "branches of the walk end differently (some forwarded, some not)".into(),
-        },
-    }
+    fold_branches(refused, candidates, plain, |candidates| Verdict::Forward {
+        service,
+        frontend,
+        candidates,
+        affinity,
+    })
 }
 
 /// Which rule of `docs/semantics.md` a REJECT/DROP in `chain` implements (0: none).
@@ -750,7 +743,7 @@ fn refusal_rule(chain: &str, reject: bool) -> (u8, String) {
 #[cfg(test)]
 mod tests;
 
-impl<K: crate::IptablesKernel> kproxy_contract::trace::Traceable for crate::IptablesMode<K> {
+impl<K: crate::IptablesKernel> kproxy_tracer::Traceable for crate::IptablesMode<K> {
     fn trace(&self, rules: &Ruleset, env: &Env, packet: &Packet) -> Trace {
         trace(rules, env, packet)
     }

@@ -1,5 +1,5 @@
 //! `kproxy trace` over [`IpvsRules`]: the `kproxy-ipvs` netfilter table's chains (interpreted
-//! by the shared nft evaluator, [`kproxy_contract::trace::nft`]) around the virtual-server
+//! by the shared nft evaluator, [`kproxy_tracer::nft`]) around the virtual-server
 //! lookup IPVS does at LOCAL_IN (priority 98, after the filter chains) or LOCAL_OUT (-99, after
 //! nat output). A virtual server's real servers become candidates with their weights' shares;
 //! a virtual server without real servers is IPVS's own ICMP port unreachable
@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use kproxy_contract::IpFamily;
-use kproxy_contract::trace::nft::{Branch, End, View, Walker};
-use kproxy_contract::trace::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict};
+use kproxy_tracer::nft::{Branch, End, View, Walker};
+use kproxy_tracer::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, fold_branches};
 
 use crate::model::{IpvsRules, NftTable, VsKey};
 use crate::render::family_name;
@@ -74,7 +74,6 @@ pub fn trace(rules: &IpvsRules, env: &Env, pkt: &Packet) -> Trace {
     let mut w = Walker::new(&v, env, pkt, format!("{} kproxy-ipvs", family_name(family)));
     let local_dst = env.is_local(&pkt.dst) || rules.vips.contains(&pkt.dst);
     let mut outcomes: Vec<(Branch, End)> = Vec::new();
-    let mut live = vec![Branch::new()];
     let chains: &[&str] = if pkt.origin.is_local() {
         &["filter-output", "nat-output"]
     } else if local_dst {
@@ -82,18 +81,7 @@ pub fn trace(rules: &IpvsRules, env: &Env, pkt: &Packet) -> Trace {
     } else {
         &["nat-prerouting"]
     };
-    for chain in chains {
-        let mut next = Vec::new();
-        for b in live {
-            for (b, end) in w.base_chain(chain, b) {
-                match end {
-                    End::Drop | End::Reject => outcomes.push((b, end)),
-                    _ => next.push(b),
-                }
-            }
-        }
-        live = next;
-    }
+    let live = w.base_chains(chains, vec![Branch::new()], &mut outcomes);
     let key = VsKey {
         addr: pkt.dst,
         protocol: pkt.proto,
@@ -220,40 +208,30 @@ pub fn trace(rules: &IpvsRules, env: &Env, pkt: &Packet) -> Trace {
             _ => plain += b.prob,
         }
     }
-    let verdict = match (refused, candidates.is_empty()) {
-        (Some(v), true) if plain <= 1e-9 => v,
-        (None, true) if no_dest => Verdict::Reject {
+    if refused.is_none() && candidates.is_empty() && no_dest {
+        let verdict = Verdict::Reject {
             rule: 5,
             reason: "the virtual server has no real servers (IPVS answers port unreachable)".into(),
-        },
-        (None, true) => Verdict::NotService,
-        (None, false) if plain <= 1e-9 => Verdict::Forward {
+        };
+        return Trace { verdict, path };
+    }
+    let verdict = fold_branches(refused, candidates, plain, |candidates| {
+        Verdict::Forward {
             service: rules.owners.get(&key).cloned(),
-            frontend: Some(if fe_set("masq-cluster") {
-                FrontendKind::ClusterIp
+            frontend: if fe_set("masq-cluster") {
+                Some(FrontendKind::ClusterIp)
             } else if !rules.vips.contains(&pkt.dst) {
-                FrontendKind::NodePort
+                Some(FrontendKind::NodePort)
             } else if fe_set("firewall") {
-                FrontendKind::LoadBalancer
+                Some(FrontendKind::LoadBalancer)
             } else {
                 // An externalIP or an LB IP without source ranges: the table cannot tell.
-                return Trace {
-                    verdict: Verdict::Forward {
-                        service: rules.owners.get(&key).cloned(),
-                        frontend: None,
-                        candidates,
-                        affinity: vs.and_then(|v| v.config.persistence).map(u64::from),
-                    },
-                    path,
-                };
-            }),
+                None
+            },
             candidates,
             affinity: vs.and_then(|v| v.config.persistence).map(u64::from),
-        },
-        _ => Verdict::Unknown {
-            reason: "branches of the walk end differently (some forwarded, some not)".into(),
-        },
-    };
+        }
+    });
     Trace { verdict, path }
 }
 
@@ -268,7 +246,7 @@ fn dropped_by_local_policy(path: &[Hop]) -> bool {
 #[cfg(test)]
 mod tests;
 
-impl<K: crate::kernel::IpvsKernel> kproxy_contract::trace::Traceable for crate::IpvsMode<K> {
+impl<K: crate::kernel::IpvsKernel> kproxy_tracer::Traceable for crate::IpvsMode<K> {
     fn trace(&self, rules: &IpvsRules, env: &Env, packet: &Packet) -> Trace {
         trace(rules, env, packet)
     }

@@ -1,6 +1,6 @@
 //! `kproxy trace` over an [`NftRuleset`]: the hooks a new connection crosses, in priority
 //! order (filter -110 firewall, nat -100 DNAT, filter 0, nat postrouting 100), interpreted by
-//! the shared nft evaluator ([`kproxy_contract::trace::nft`]) over this table's chains, sets
+//! the shared nft evaluator ([`kproxy_tracer::nft`]) over this table's chains, sets
 //! and maps.
 //!
 //! `--live`: `nft -j` gives rules back by identity only (their comment, see
@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 
 use kproxy_contract::IpFamily;
-use kproxy_contract::trace::nft::{Branch, End, Sets, View, Walker};
-use kproxy_contract::trace::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict};
+use kproxy_tracer::nft::{Branch, End, Sets, View, Walker};
+use kproxy_tracer::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, fold_branches};
 
 use crate::model::{NftRuleset, Table, family_name};
 
@@ -118,27 +118,7 @@ pub fn trace(rules: &NftRuleset, env: &Env, pkt: &Packet) -> Trace {
         &["filter-prerouting-pre-dnat", "nat-prerouting"]
     };
     let mut outcomes: Vec<(Branch, End)> = Vec::new();
-    let live = vec![Branch::new()];
-    let run = |w: &mut Walker<'_>,
-               chains: &[&str],
-               live: Vec<Branch>,
-               outcomes: &mut Vec<(Branch, End)>| {
-        let mut live = live;
-        for chain in chains {
-            let mut next = Vec::new();
-            for b in live {
-                for (b, end) in w.base_chain(chain, b) {
-                    match end {
-                        End::Drop | End::Reject => outcomes.push((b, end)),
-                        _ => next.push(b),
-                    }
-                }
-            }
-            live = next;
-        }
-        live
-    };
-    let live = run(&mut w, pre, live, &mut outcomes);
+    let live = w.base_chains(pre, vec![Branch::new()], &mut outcomes);
     // After routing: input if the (DNATed) destination is local, else forward.
     let mut after = Vec::new();
     for b in live {
@@ -158,7 +138,7 @@ pub fn trace(rules: &NftRuleset, env: &Env, pkt: &Packet) -> Trace {
         } else {
             &["filter-forward"]
         };
-        after.extend(run(&mut w, chains, vec![b], &mut outcomes));
+        after.extend(w.base_chains(chains, vec![b], &mut outcomes));
     }
     for b in after {
         for (b, end) in w.base_chain("nat-postrouting", b) {
@@ -269,19 +249,12 @@ fn verdict(
             _ => plain += b.prob,
         }
     }
-    match (refused, candidates.is_empty()) {
-        (Some(v), true) if plain <= 1e-9 => v,
-        (None, true) => Verdict::NotService,
-        (None, false) if plain <= 1e-9 => Verdict::Forward {
-            service,
-            frontend,
-            candidates,
-            affinity,
-        },
-        _ => Verdict::Unknown {
-            reason: "branches of the walk end differently (some forwarded, some not)".into(),
-        },
-    }
+    fold_branches(refused, candidates, plain, |candidates| Verdict::Forward {
+        service,
+        frontend,
+        candidates,
+        affinity,
+    })
 }
 
 /// The timeout of an affinity set's signature (`ipv4_addr flags timeout timeout 600`).
@@ -294,7 +267,7 @@ fn timeout(signature: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests;
 
-impl<K: crate::NftKernel> kproxy_contract::trace::Traceable for crate::NftablesMode<K> {
+impl<K: crate::NftKernel> kproxy_tracer::Traceable for crate::NftablesMode<K> {
     fn trace(&self, rules: &NftRuleset, env: &Env, packet: &Packet) -> Trace {
         trace(rules, env, packet)
     }

@@ -1,5 +1,5 @@
 //! Builders for [`ProxyState`]s in tests and benchmarks, so every mode's tests and the benchmark
-//! harness describe scenarios the same way. Depends only on the contract (a mode's tests use it
+//! harness describe scenarios the same way. Depends only on the contract and the tracer (a mode's tests use it
 //! as a dev-dependency; it never depends on a mode).
 #![allow(
     clippy::unwrap_used,

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use kproxy_contract::trace::{Env, Origin, Packet};
 use kproxy_contract::{
     Endpoint, Endpoints, IpFamily, LocalTraffic, NodePortAddresses, NodeSettings, Protocol,
     ProxyState, ServicePort, ServicePortKey, ServicePortName, SessionAffinity, TrafficPolicy,
 };
+use kproxy_tracer::{Env, Origin, Packet};
 use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
 

@@ -1,8 +1,8 @@
 //! Hand-written trace scenarios every kernel mode's tracer must pass, shared so each mode's test
 //! states only what differs: how it renders and traces, and which object the path must cross.
 
-use kproxy_contract::trace::{Env, Origin, Packet, Trace, Verdict};
 use kproxy_contract::{LocalTraffic, Protocol, ProxyState};
+use kproxy_tracer::{Env, Origin, Packet, Trace, Verdict};
 
 use crate::{ep, service, state};
 

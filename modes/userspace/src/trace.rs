@@ -10,8 +10,8 @@
 
 use std::net::SocketAddr;
 
-use kproxy_contract::trace::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict};
 use kproxy_contract::{IpFamily, Protocol};
+use kproxy_tracer::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict};
 
 use crate::model::{Frontend, ListenerKey, Transport, UserspaceRules};
 use crate::render::wildcard;
@@ -119,7 +119,7 @@ pub fn trace(rules: &UserspaceRules, env: &Env, pkt: &Packet) -> Trace {
 #[cfg(test)]
 mod tests;
 
-impl<R: crate::RouteTable> kproxy_contract::trace::Traceable for crate::UserspaceMode<R> {
+impl<R: crate::RouteTable> kproxy_tracer::Traceable for crate::UserspaceMode<R> {
     fn trace(&self, rules: &UserspaceRules, env: &Env, packet: &Packet) -> Trace {
         trace(rules, env, packet)
     }

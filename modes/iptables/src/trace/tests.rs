@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use kproxy_contract::trace::{Dialect, Env, Origin, Verdict, model};
 use kproxy_testkit::{ep, service, state, strategies};
+use kproxy_tracer::{Dialect, Env, Origin, Verdict, model};
 use proptest::prelude::*;
 
 use kproxy_testkit::trace_scenarios::pkt;

@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used, reason = "test fixtures")]
 
-use kproxy_contract::trace::{Dialect, Env, Origin, Verdict, model};
 use kproxy_contract::{IpFamily, ProxyState};
 use kproxy_testkit::{ep, service, state, strategies};
+use kproxy_tracer::{Dialect, Env, Origin, Verdict, model};
 use proptest::prelude::*;
 
 use kproxy_testkit::trace_scenarios::pkt;

@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used, reason = "test fixtures")]
 
 use kproxy_contract::Protocol;
-use kproxy_contract::trace::{Dialect, Env, Origin, Packet, Verdict, model};
 use kproxy_testkit::{ep, service, state, strategies};
+use kproxy_tracer::{Dialect, Env, Origin, Packet, Verdict, model};
 use proptest::prelude::*;
 
 use super::trace;

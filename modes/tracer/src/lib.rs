@@ -1,4 +1,5 @@
 //! `kproxy trace`: what happens to the first packet of a new connection, and why.
+#![warn(missing_docs)]
 //!
 //! Two kinds of tracer answer the same question with the same [`Verdict`] type:
 //!
@@ -18,19 +19,19 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::{IpFamily, Protocol, ProxyState, ServicePort, TrafficPolicy};
+use kproxy_contract::{IpFamily, Protocol, ProxyState, ServicePort, TrafficPolicy};
 
 pub mod nft;
 
 /// A mode whose rules the tracer walks. `kproxy trace` reaches every mode through this trait
 /// alone, so the command is the same code for all of them.
-pub trait Traceable: crate::Mode {
+pub trait Traceable: kproxy_contract::Mode {
     /// What happens to `packet` in `rules`, rendered or read back.
     fn trace(&self, rules: &Self::Rules, env: &Env, packet: &Packet) -> Trace;
 
     /// The rules the desired state renders to, for a trace that must not depend on the machine
     /// it runs on: where `render` reads this namespace's interfaces (the IPVS mode's NodePort
-    /// addresses), `local` is used instead. Default: [`crate::Mode::render`].
+    /// addresses), `local` is used instead. Default: [`kproxy_contract::Mode::render`].
     fn render_with_local(&self, desired: &ProxyState, local: &[IpAddr]) -> Self::Rules {
         let _ = local;
         self.render(desired)
@@ -238,6 +239,28 @@ pub enum Verdict {
 
 /// Tolerance on shares: iptables stores probabilities in units of 2^-31.
 pub const SHARE_TOLERANCE: f64 = 1e-6;
+
+/// What a walk's branches add up to, for the tracers that follow each branch of a packet
+/// (probabilistic rules) to its end: the refusal when every branch was refused, a forward when
+/// every branch forwarded (`forward` makes it from the candidates), not a service when no branch
+/// did either; otherwise there is no one verdict. `plain` is the probability of the branches
+/// that ended neither refused nor forwarded; it counts as none within [`SHARE_TOLERANCE`].
+pub fn fold_branches(
+    refused: Option<Verdict>,
+    candidates: Vec<Candidate>,
+    plain: f64,
+    forward: impl FnOnce(Vec<Candidate>) -> Verdict,
+) -> Verdict {
+    let all_decided = plain <= SHARE_TOLERANCE;
+    match (refused, candidates.is_empty()) {
+        (Some(v), true) if all_decided => v,
+        (None, true) => Verdict::NotService,
+        (None, false) if all_decided => forward(candidates),
+        _ => Verdict::Unknown {
+            reason: "branches of the walk end differently (some forwarded, some not)".into(),
+        },
+    }
+}
 
 impl Verdict {
     /// Whether the packet is forwarded (exit status 0) rather than dropped or rejected (3).
@@ -514,8 +537,8 @@ struct Hit<'a> {
 /// Whether `ip` is one of the addresses that accept NodePorts.
 pub fn is_nodeport_address(state: &ProxyState, env: &Env, ip: &IpAddr) -> bool {
     match &state.node.node_port_addresses {
-        crate::NodePortAddresses::AllLocal => env.is_local(ip) && !ip.is_loopback(),
-        crate::NodePortAddresses::Only(list) => list.contains(ip),
+        kproxy_contract::NodePortAddresses::AllLocal => env.is_local(ip) && !ip.is_loopback(),
+        kproxy_contract::NodePortAddresses::Only(list) => list.contains(ip),
     }
 }
 
@@ -568,7 +591,7 @@ pub fn model(state: &ProxyState, env: &Env, pkt: &Packet, dialect: &Dialect) -> 
     };
     let wildcard = dialect.tcp_nodeports_on_every_local_address
         && pkt.proto == Protocol::Tcp
-        && state.node.node_port_addresses == crate::NodePortAddresses::AllLocal
+        && state.node.node_port_addresses == kproxy_contract::NodePortAddresses::AllLocal
         && (env.is_local(&pkt.dst) || service_address(&pkt.dst));
     let hit = find_ip_frontend(state, pkt).or_else(|| {
         (wildcard || is_nodeport_address(state, env, &pkt.dst))

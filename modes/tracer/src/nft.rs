@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use super::{Env, Hop, Packet};
+use crate::{Env, Hop, Packet};
 
 /// Where the evaluator finds set and map elements. Keys and values use ` . ` between
 /// components, as the renderers write them; a map element's value is `Some`.
@@ -241,6 +241,31 @@ impl<'a> Walker<'a> {
             error: None,
             table: table.into(),
         }
+    }
+
+    /// Walks every branch in `live` through the base chains `chains` in order (the hooks a
+    /// packet crosses, by priority): a branch dropped or rejected goes to `refused` with how it
+    /// ended, the others come back to go on.
+    pub fn base_chains(
+        &mut self,
+        chains: &[&str],
+        live: Vec<Branch>,
+        refused: &mut Vec<(Branch, End)>,
+    ) -> Vec<Branch> {
+        let mut live = live;
+        for chain in chains {
+            let mut next = Vec::new();
+            for b in live {
+                for (b, end) in self.base_chain(chain, b) {
+                    match end {
+                        End::Drop | End::Reject => refused.push((b, end)),
+                        _ => next.push(b),
+                    }
+                }
+            }
+            live = next;
+        }
+        live
     }
 
     /// Walks a base chain; returns every branch with how it ended.
@@ -782,8 +807,8 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "test fixtures")]
 
     use super::*;
-    use crate::Protocol;
-    use crate::trace::Origin;
+    use crate::Origin;
+    use kproxy_contract::Protocol;
 
     /// The mark a packet from `origin` arriving on `iface` leaves the chain with: each rule
     /// that matches sets its own bit.

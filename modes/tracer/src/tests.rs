@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::*;
-use crate::{Endpoint, Endpoints, LocalTraffic, NodeSettings, ServicePortKey, ServicePortName};
+use kproxy_contract::{
+    Endpoint, Endpoints, LocalTraffic, NodeSettings, ServicePortKey, ServicePortName,
+};
 
 fn sp(eps: Vec<Endpoint>, local: Vec<Endpoint>) -> ServicePort {
     ServicePort {

@@ -1,7 +1,9 @@
-//! The real `kproxy` binary, started on generated manifests with `--once` inside a fresh
-//! network namespace: the time from exec to the end of its first complete sync (manifest
-//! parsing, desired-state build, render, plan, apply, and the process exit), the sync itself
-//! as the binary logs it, and the process's peak RSS.
+//! The real `kproxy` binary, started with `--once` inside a fresh network namespace on the
+//! generated cluster, from either source: a manifests directory, or the fake API server
+//! (`tests/e2e/support/fake_apiserver.rs`, listening inside that namespace, serving paged lists
+//! as the real one does). Measured: the time from exec to the end of its first complete sync
+//! (reading the objects, desired-state build, render, plan, apply, and the process exit), the
+//! sync itself as the binary logs it, and the process's peak RSS.
 //!
 //! Peak RSS: the bench re-executes itself as a tiny wrapper (`--rss-wrapper -- CMD…`) whose
 //! only child is the measured process: it samples the child's own `VmHWM` until it exits, and
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::Ns;
 use crate::common::objects::{NODE_NAME, node, service, slice};
+use crate::fake_apiserver::FakeApiServer;
 
 /// What one run of the binary measured.
 #[derive(Debug, Clone, Copy, Default)]
@@ -99,12 +102,49 @@ pub(crate) fn rss_wrapper(argv: &[String]) -> ! {
     std::process::exit(0)
 }
 
-/// Runs `kproxy --once` (which serves no admin socket, probes or metrics) in `--proxy-mode mode` (plus `extra` flags) on the manifests in `dir`,
-/// in a namespace of its own. The first sync must have programmed all `n` services (plus the
-/// first one's UDP port): a run that read less is an error, not a figure.
-pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path, n: usize) -> Result<BinaryRun, String> {
+/// Where the binary reads the cluster from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// `--manifests DIR` (written by [`write_manifests`]).
+    Manifests(&'a Path),
+    /// The fake API server, filled with the same `n` services x `e` endpoints for each run.
+    Api {
+        /// Endpoints per service.
+        endpoints: usize,
+    },
+}
+
+/// A fake API server inside `ns` holding the node and `n` services x `e` endpoints (the same
+/// objects as [`write_manifests`]).
+fn api_server(ns: &Ns, n: usize, e: usize) -> FakeApiServer {
+    let listener = ns.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let api = FakeApiServer::start_on(listener);
+    api.apply(node());
+    for i in 0..n.max(1) {
+        api.apply(service(i));
+        api.apply(slice(i, e, 0));
+    }
+    api
+}
+
+/// Runs `kproxy --once` (which serves no admin socket, probes or metrics) in `--proxy-mode mode` (plus `extra` flags) on the cluster
+/// from `source`, in a namespace of its own. The first sync must have programmed all `n`
+/// services (plus the first one's UDP port): a run that read less is an error, not a figure.
+pub(crate) fn run(
+    mode: &str,
+    extra: &[&str],
+    source: Source<'_>,
+    n: usize,
+) -> Result<BinaryRun, String> {
     let ns = Ns::new("bench", "bin");
-    let dir = dir.display().to_string();
+    let (api, source_args) = match source {
+        Source::Manifests(dir) => (None, ["--manifests".into(), dir.display().to_string()]),
+        Source::Api { endpoints } => {
+            let api = api_server(&ns, n, endpoints);
+            let url = api.url();
+            (Some(api), ["--master".into(), url])
+        }
+    };
     let mut args: Vec<&str> = vec![
         "--rss-wrapper",
         "--",
@@ -113,8 +153,8 @@ pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path, n: usize) -> Result<Bi
         "exec",
         &ns.0,
         env!("CARGO_BIN_EXE_kproxy"),
-        "--manifests",
-        &dir,
+        &source_args[0],
+        &source_args[1],
         "--once",
         "--proxy-mode",
         mode,
@@ -133,6 +173,7 @@ pub(crate) fn run(mode: &str, extra: &[&str], dir: &Path, n: usize) -> Result<Bi
         .env("RUST_LOG", "info")
         .output()
         .map_err(|e| format!("cannot run the wrapper: {e}"))?;
+    drop(api);
     drop(ns);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let logs = String::from_utf8_lossy(&out.stderr);

@@ -6,8 +6,9 @@
 //! - control plane, through the mode crates as libraries (render + plan + apply against the
 //!   real kernel, with a phase breakdown): full sync from empty, one endpoint change, one
 //!   service added, one removed; kernel objects created;
-//! - control plane, through the real `kproxy` binary (`--once` on generated manifests): start
-//!   to the end of the first complete sync, and the process's peak RSS ([`binary`]);
+//! - control plane, through the real `kproxy` binary (`--once` on generated manifests, and
+//!   again from the fake API server with the same objects): start to the end of the first
+//!   complete sync, and the process's peak RSS ([`binary`]);
 //! - data plane, client → node → endpoint in three namespaces ([`dataplane`]): TCP connect
 //!   latency (median, p99) to the first and the last service, one-stream bulk throughput and
 //!   UDP round trips through a ClusterIP, each against the same traffic with no proxy.
@@ -35,6 +36,15 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+/// The fake API server of the e2e tests: the API source's figures come from the same list and
+/// watch protocol the tests check.
+#[path = "../../tests/e2e/support/fake_apiserver.rs"]
+#[allow(
+    unreachable_pub,
+    reason = "the tests' module, whose items are public to the e2e crate"
+)]
+mod fake_apiserver;
+
 mod binary;
 mod dataplane;
 mod report;
@@ -55,7 +65,7 @@ use kproxy_nftables::{NftCli, NftablesMode};
 use kproxy_testkit::{many, state};
 use kproxy_userspace::{IpRoute, UserspaceMode};
 
-use binary::BinaryRun;
+use binary::{BinaryRun, Source};
 use common::Ns;
 use dataplane::Load;
 
@@ -129,8 +139,10 @@ pub(crate) struct Row {
     pub(crate) objects: usize,
     pub(crate) full_phases: Option<Phases>,
     pub(crate) endpoint_phases: Option<Phases>,
-    /// The `kproxy` binary's run, or why it failed.
+    /// The `kproxy` binary's run on manifests, or why it failed.
     pub(crate) binary: Option<Result<BinaryRun, String>>,
+    /// The same from the (fake) API server.
+    pub(crate) binary_api: Option<Result<BinaryRun, String>>,
     pub(crate) dataplane: Option<dataplane::Figures>,
 }
 
@@ -447,7 +459,8 @@ fn measure(
         drop(control_plane(subject, &mut row, &st));
     }
     if let (Some((mode, extra)), Some(dir)) = (subject.binary(), manifests) {
-        row.binary = Some(binary::run(mode, &extra, dir, n));
+        row.binary = Some(binary::run(mode, &extra, Source::Manifests(dir), n));
+        row.binary_api = Some(binary::run(mode, &extra, Source::Api { endpoints: e }, n));
     }
     row
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::binary::BinaryRun;
 use crate::{Phases, Row};
 
 /// Where the run happened: recorded in every output, so figures are never read without it.
@@ -158,19 +159,7 @@ fn markdown(rows: &[Row], machine: &Machine, took: Duration, args: &[String]) ->
             );
             continue;
         }
-        let (wall, sync, rss) = match &r.binary {
-            None => ("–".to_string(), "–".to_string(), "–".to_string()),
-            Some(Ok(b)) => (
-                ms(b.wall),
-                ms(b.sync),
-                format!(
-                    "{:.1} / {:.1}",
-                    b.own_rss_kib as f64 / 1024.0,
-                    b.max_rss_kib as f64 / 1024.0
-                ),
-            ),
-            Some(Err(e)) => (format!("failed: {e}"), "–".into(), "–".into()),
-        };
+        let (wall, sync, rss) = binary_cells(&r.binary);
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {wall} | {sync} | {rss} |",
@@ -182,6 +171,24 @@ fn markdown(rows: &[Row], machine: &Machine, took: Duration, args: &[String]) ->
             opt(r.service_add),
             opt(r.service_delete),
             r.objects,
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nThe binary from the API source: the same objects served by the fake API server (paged lists of 500, as kube's watcher asks; the server runs in the benchmark process inside kproxy's namespace, so its memory is not kproxy's).\n"
+    );
+    let _ = writeln!(
+        o,
+        "| subject | N | E | start→synced (API) | sync | peak RSS MiB kproxy / incl. tools | start→synced (manifests) | peak RSS MiB (manifests) |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    for r in rows.iter().filter(|r| r.binary_api.is_some()) {
+        let (wall, sync, rss) = binary_cells(&r.binary_api);
+        let (m_wall, _, m_rss) = binary_cells(&r.binary);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {wall} | {sync} | {rss} | {m_wall} | {m_rss} |",
+            r.subject, r.services, r.endpoints,
         );
     }
     let _ = writeln!(
@@ -253,8 +260,25 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn row_json(r: &Row) -> Value {
-    let binary = match &r.binary {
+/// Start→synced, sync and peak RSS cells of a binary run.
+fn binary_cells(run: &Option<Result<BinaryRun, String>>) -> (String, String, String) {
+    match run {
+        None => ("–".to_string(), "–".to_string(), "–".to_string()),
+        Some(Ok(b)) => (
+            ms(b.wall),
+            ms(b.sync),
+            format!(
+                "{:.1} / {:.1}",
+                b.own_rss_kib as f64 / 1024.0,
+                b.max_rss_kib as f64 / 1024.0
+            ),
+        ),
+        Some(Err(e)) => (format!("failed: {e}"), "–".into(), "–".into()),
+    }
+}
+
+fn binary_json(run: &Option<Result<BinaryRun, String>>) -> Value {
+    match run {
         None => Value::Null,
         Some(Ok(b)) => json!({
             "start_to_synced_s": secs(b.wall), "sync_s": secs(b.sync),
@@ -266,7 +290,10 @@ fn row_json(r: &Row) -> Value {
             },
         }),
         Some(Err(e)) => json!({ "error": e }),
-    };
+    }
+}
+
+fn row_json(r: &Row) -> Value {
     let dataplane = r.dataplane.map_or(Value::Null, |d| {
         json!({
             "connect_first_p50_s": secs(d.first.0), "connect_first_p99_s": secs(d.first.1),
@@ -292,7 +319,8 @@ fn row_json(r: &Row) -> Value {
         "objects": r.skipped.is_none().then_some(r.objects),
         "full_sync_phases": ph(r.full_phases),
         "endpoint_change_phases": ph(r.endpoint_phases),
-        "binary": binary,
+        "binary": binary_json(&r.binary),
+        "binary_api": binary_json(&r.binary_api),
         "dataplane": dataplane,
     })
 }

@@ -165,7 +165,9 @@ fn count(requests: &[String], prefix: &str) -> usize {
 #[tokio::test]
 async fn initial_list_is_paginated_and_reset_per_kind() {
     let server = FakeApiServer::start();
-    // kube's watcher asks for pages of 500: 1,100 Services take three pages.
+    // kproxy asks for pages of 5,000 (src/source/kube.rs, PAGE_SIZE); a server may answer
+    // fewer (its own cap, here 500): 1,100 Services then take three pages.
+    server.set_max_page_size(Some(500));
     let expected: BTreeSet<String> = (0..1100).map(|i| format!("svc-{i:04}")).collect();
     for name in &expected {
         server.apply(service(name, &json!({})));
@@ -184,7 +186,7 @@ async fn initial_list_is_paginated_and_reset_per_kind() {
     // The exact requests kube's watcher sends.
     let requests = server.requests();
     let list =
-        "/api/v1/services?&labelSelector=%21service.kubernetes.io%2Fservice-proxy-name&limit=500";
+        "/api/v1/services?&labelSelector=%21service.kubernetes.io%2Fservice-proxy-name&limit=5000";
     assert_eq!(count(&requests, list), 3, "three pages: {requests:#?}");
     assert!(
         requests.iter().any(|r| r == list),
@@ -239,13 +241,13 @@ async fn selectors_exclude_other_proxies_headless_slices_and_other_nodes() {
     let requests = server.requests();
     assert!(
         requests.contains(
-            &"/apis/discovery.k8s.io/v1/endpointslices?&labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless&limit=500".to_owned()
+            &"/apis/discovery.k8s.io/v1/endpointslices?&labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless&limit=5000".to_owned()
         ),
         "{requests:#?}"
     );
     assert!(
         requests
-            .contains(&"/api/v1/nodes?&fieldSelector=metadata.name%3Dnode-a&limit=500".to_owned()),
+            .contains(&"/api/v1/nodes?&fieldSelector=metadata.name%3Dnode-a&limit=5000".to_owned()),
         "{requests:#?}"
     );
 

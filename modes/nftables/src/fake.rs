@@ -1,5 +1,5 @@
-//! An in-memory nftables that applies typed plans the way the kernel applies a transaction:
-//! all of it or nothing, with errors for references to missing chains and sets, duplicate
+//! An in-memory nftables that applies a schedule's transactions (`nft -f` scripts and netlink
+//! element batches) the way the kernel applies each: all of it or nothing, with errors for references to missing chains and sets, duplicate
 //! objects, and deleting what is still referenced. It also models an nft 1.0.6 limitation (see
 //! [`typeof_conflict`]): a rule added after the `typeof` map it uses was created must agree with
 //! the map's transport protocol.
@@ -10,14 +10,22 @@ use kproxy_contract::{CommandError, IpFamily};
 
 use crate::kernel::NftKernel;
 use crate::model::{Chain, Table};
+use crate::netlink::NetlinkError;
 use crate::plan::NftPlan;
+use crate::steps::{Step, StepKernel};
 
 /// The fake kernel.
 #[derive(Debug, Clone, Default)]
 pub struct FakeNft {
     tables: BTreeMap<IpFamily, Table>,
-    /// Plans applied successfully.
+    /// Transactions applied successfully.
     pub applied: usize,
+    /// Of which `nft -f` scripts.
+    pub nft_transactions: usize,
+    /// Of which netlink element batches.
+    pub netlink_batches: usize,
+    /// Every transaction applied, in order, as its schedule step prints it.
+    pub transactions: Vec<String>,
     /// When set, the next apply fails with this message and changes nothing.
     pub fail_next: Option<String>,
 }
@@ -192,15 +200,72 @@ impl NftKernel for FakeNft {
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
         Ok(self.tables.contains_key(&family))
     }
+}
 
-    fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+/// Each step is a transaction of its own, checked as the kernel checks one: a schedule in the
+/// wrong order (an element leading to a chain a later step creates, a chain deleted while an
+/// element still leads to it) fails here.
+impl StepKernel for FakeNft {
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+        self.transaction(plan, Transaction::Nft).map_err(Self::err)
+    }
+
+    fn elements(&mut self, plan: &NftPlan) -> Result<(), NetlinkError> {
+        self.transaction(plan, Transaction::Netlink)
+            .map_err(|msg| NetlinkError::Rejected {
+                what: format!("apply a batch ({msg})"),
+                errno: 22,
+                source: std::io::Error::from_raw_os_error(22),
+                detail: String::new(),
+                missing: None,
+            })
+    }
+}
+
+/// Which kind of transaction the fake is applying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transaction {
+    Nft,
+    Netlink,
+}
+
+impl FakeNft {
+    fn transaction(&mut self, plan: &NftPlan, kind: Transaction) -> Result<(), String> {
         if let Some(msg) = self.fail_next.take() {
-            return Err(Self::err(msg));
+            return Err(msg);
+        }
+        if kind == Transaction::Netlink {
+            let only_elements = plan.families.values().all(|fp| {
+                !fp.recreate
+                    && !fp.delete_table
+                    && fp.add_sets.is_empty()
+                    && fp.add_chains.is_empty()
+                    && fp.write_chains.is_empty()
+                    && fp.delete_chains.is_empty()
+                    && fp.delete_sets.is_empty()
+            });
+            if !only_elements {
+                return Err("a netlink batch carries element changes only".into());
+            }
+            if plan.families.keys().any(|f| !self.tables.contains_key(f)) {
+                return Err("a netlink batch for a table that does not exist".into());
+            }
         }
         let mut copy = self.tables.clone();
-        Self::apply_to(&mut copy, plan).map_err(Self::err)?;
+        Self::apply_to(&mut copy, plan)?;
         self.tables = copy;
         self.applied += 1;
+        let step = match kind {
+            Transaction::Nft => {
+                self.nft_transactions += 1;
+                Step::Nft(plan.clone())
+            }
+            Transaction::Netlink => {
+                self.netlink_batches += 1;
+                Step::Elements(plan.clone())
+            }
+        };
+        self.transactions.push(step.to_string());
         Ok(())
     }
 }

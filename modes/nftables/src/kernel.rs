@@ -1,19 +1,20 @@
-//! The only code that runs `nft`: `nft -j list table` to read, `nft -f -` to write. A plan's
-//! element changes go through netlink when the plan allows it ([`crate::steps`]); setting
-//! `KPROXY_NFT_APPLY=nft` applies every plan with `nft -f` only (for comparisons).
+//! The only code that runs `nft`: `nft -j list table` to read, `nft -f -` to write, and the
+//! netlink batches of element changes: the transactions a [`crate::steps::Schedule`] is made
+//! of. Setting `KPROXY_NFT_APPLY=nft` applies every plan with `nft -f` only (for comparisons).
 
 use kproxy_contract::{CommandError, IpFamily};
 
 use crate::live;
 use crate::model::{TABLE, Table, family_name};
+use crate::netlink::NetlinkError;
 use crate::plan::NftPlan;
+use crate::steps::{StepKernel, Via};
 
-/// Reads and writes kproxy's nftables tables.
-pub trait NftKernel: Send + 'static {
+/// Reads and writes kproxy's nftables tables; a plan is written as the transactions of its
+/// schedule ([`StepKernel`]).
+pub trait NftKernel: StepKernel + Send + 'static {
     /// The family's kproxy table, or `None` if it does not exist.
     fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError>;
-    /// Applies a plan as one transaction.
-    fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError>;
     /// Whether the family's kproxy table exists (`nft list tables`: no elements are read).
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError>;
 }
@@ -60,23 +61,29 @@ impl NftKernel for NftCli {
             .lines()
             .any(|l| l.trim() == want))
     }
+}
 
-    fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
-        if nft_only() {
-            return crate::steps::apply_whole(plan, apply_with_nft);
-        }
-        crate::steps::apply(plan, apply_with_nft)
+impl StepKernel for NftCli {
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+        apply_with_nft(plan)
+    }
+
+    fn elements(&mut self, plan: &NftPlan) -> Result<(), NetlinkError> {
+        crate::steps::NetlinkElements(apply_with_nft).elements(plan)
     }
 }
 
 /// The name of the environment variable that selects how plans are applied.
 pub const APPLY_ENV: &str = "KPROXY_NFT_APPLY";
 
-/// `KPROXY_NFT_APPLY=nft`: every plan through one `nft -f`, never netlink. Read once per
-/// process, not on every apply.
-fn nft_only() -> bool {
-    static NFT_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *NFT_ONLY.get_or_init(|| std::env::var(APPLY_ENV).is_ok_and(|v| v == "nft"))
+/// `KPROXY_NFT_APPLY=nft`: every plan through `nft -f`, never netlink. Read when a mode is
+/// made, not on every apply.
+pub fn via_from_env() -> Via {
+    if std::env::var(APPLY_ENV).is_ok_and(|v| v == "nft") {
+        Via::NftOnly
+    } else {
+        Via::Netlink
+    }
 }
 
 /// One `nft -f -` transaction for the whole plan.

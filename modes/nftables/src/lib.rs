@@ -30,6 +30,8 @@ pub struct NftablesMode<K: NftKernel = NftCli> {
     /// Fragments of the last render (see [`render::RenderCache`]); a mutex because `render`
     /// takes `&self`.
     cache: Mutex<render::RenderCache>,
+    /// Which way element changes go ([`kernel::APPLY_ENV`], read once).
+    via: steps::Via,
 }
 
 impl<K: NftKernel> NftablesMode<K> {
@@ -39,6 +41,7 @@ impl<K: NftKernel> NftablesMode<K> {
             kernel,
             families,
             cache: Mutex::new(render::RenderCache::default()),
+            via: kernel::via_from_env(),
         }
     }
 
@@ -79,7 +82,10 @@ impl<K: NftKernel> Mode for NftablesMode<K> {
     }
 
     fn plan(&self, live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
-        plan::plan(live, desired)
+        NftPlan {
+            via: self.via,
+            ..plan::plan(live, desired)
+        }
     }
 
     /// A family's table is gone (for example `nft flush ruleset`): the next sync reads back.
@@ -94,19 +100,20 @@ impl<K: NftKernel> Mode for NftablesMode<K> {
     }
 
     fn plan_rebuild(&self, live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
-        plan::rebuild(live, desired)
+        NftPlan {
+            via: self.via,
+            ..plan::rebuild(live, desired)
+        }
     }
 
     fn apply(&mut self, plan: &NftPlan) -> Result<(), ModeError> {
         if plan.families.is_empty() {
             return Ok(());
         }
-        self.kernel
-            .apply(plan)
-            .map_err(|cause| ModeError::Rejected {
-                mode: ModeName::Nftables,
-                cause,
-            })
+        steps::execute(&mut self.kernel, plan, self.via).map_err(|cause| ModeError::Rejected {
+            mode: ModeName::Nftables,
+            cause,
+        })
     }
 
     fn count_objects(&self, rules: &NftRuleset) -> Vec<ObjectCount> {

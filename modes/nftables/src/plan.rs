@@ -65,6 +65,8 @@ pub struct NftPlan {
     pub families: BTreeMap<IpFamily, FamilyPlan>,
     /// Frontend or chain → service port, for grouping the printed transaction.
     pub owners: imbl::OrdMap<String, String>,
+    /// Which way its element changes may go, for the schedule it is printed as (the mode's).
+    pub via: crate::steps::Via,
 }
 
 /// Computes the transaction that turns `live` into `desired`.
@@ -287,7 +289,18 @@ fn record_signatures(fp: &mut FamilyPlan, new: &Table) {
 impl NftPlan {
     /// The `nft -f` script: one transaction for every family.
     pub fn script(&self) -> String {
-        self.to_string()
+        Script(self).to_string()
+    }
+
+    /// The element changes alone (deletions, then additions), in nft syntax: what one netlink
+    /// batch of this plan carries.
+    pub fn write_element_changes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (family, fp) in &self.families {
+            let t = format!("{} {TABLE}", family_name(*family));
+            write_elements(f, self, &t, "delete", &fp.delete_elements, false)?;
+            write_elements(f, self, &t, "add", &fp.add_elements, true)?;
+        }
+        Ok(())
     }
 
     fn owner_of(&self, key: &str) -> Option<&str> {
@@ -308,12 +321,24 @@ fn elem_text(k: &str, v: &Option<String>) -> String {
 }
 
 impl fmt::Display for NftPlan {
+    /// What `--dry-run` prints: the plan's transactions as they are sent
+    /// ([`crate::steps::Schedule`]).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        crate::steps::Schedule::of(self, self.via).fmt(f)
+    }
+}
+
+/// A plan as one `nft -f` script ([`NftPlan::script`]).
+struct Script<'a>(&'a NftPlan);
+
+impl fmt::Display for Script<'_> {
     /// Valid nft syntax, element changes grouped under `# service` comments.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.families.is_empty() {
+        let plan = self.0;
+        if plan.families.is_empty() {
             return writeln!(f, "# no changes");
         }
-        for (family, fp) in &self.families {
+        for (family, fp) in &plan.families {
             let t = format!("{} {TABLE}", family_name(*family));
             writeln!(f, "# === {family} table {t} ===")?;
             if fp.delete_table {
@@ -338,7 +363,7 @@ impl fmt::Display for NftPlan {
                     None => writeln!(f, "add chain {t} {name}")?,
                 }
             }
-            write_elements(f, self, &t, "delete", &fp.delete_elements, false)?;
+            write_elements(f, plan, &t, "delete", &fp.delete_elements, false)?;
             for (name, chain, _) in &fp.write_chains {
                 // Also for a chain this plan creates: another kproxy in the same namespace (a
                 // surge update) may have created and filled it since we last looked, and `add
@@ -348,7 +373,7 @@ impl fmt::Display for NftPlan {
                     writeln!(f, "add rule {t} {name} {} comment \"{}\"", r.text, r.id)?;
                 }
             }
-            write_elements(f, self, &t, "add", &fp.add_elements, true)?;
+            write_elements(f, plan, &t, "add", &fp.add_elements, true)?;
             for name in &fp.delete_chains {
                 // `add` first, so that deleting a chain another kproxy already deleted is not
                 // an error (ENOENT would fail the whole transaction).

@@ -33,18 +33,213 @@
 //! `NFT_MSG_DESTROYSETELEM` where the kernel has it (6.3 and later); elsewhere a deletion that
 //! finds nothing fails the batch with ENOENT naming the element, and the batch is sent again
 //! without it ([`apply_elements`], at most [`MAX_MISSING`] times per batch).
+//!
+//! The steps are a value, [`Schedule`], computed from the plan alone. `--dry-run` prints it
+//! (the plan's `Display`), and [`execute`] runs it step by step through the kernel seam
+//! ([`StepKernel`]): the real kernel and the fake run the same order, and the fake checks at
+//! every step what the kernel would refuse (a `goto` to a chain that does not exist yet, a chain
+//! deleted while an element still leads to it).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use kproxy_contract::CommandError;
 
 use crate::netlink::batch::Deletes;
 use crate::netlink::{self, NetlinkError, socket};
+use crate::plan::{FamilyPlan, NftPlan};
 
 /// How many already-deleted elements one batch may meet on a kernel without
 /// `NFT_MSG_DESTROYSETELEM` (each costs a round trip) before the sync fails as a whole.
 pub const MAX_MISSING: usize = 64;
-use crate::plan::{FamilyPlan, NftPlan};
+
+/// Which way a plan's element changes may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Via {
+    /// Through netlink when the plan allows it (the module documentation).
+    #[default]
+    Netlink,
+    /// Every plan through `nft -f` (`KPROXY_NFT_APPLY=nft`, for comparisons).
+    NftOnly,
+}
+
+/// One transaction of a [`Schedule`].
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// One `nft -f` transaction of this plan.
+    Nft(NftPlan),
+    /// One netlink batch: this plan's element changes (deletions, then additions; non-interval
+    /// sets and maps only).
+    Elements(NftPlan),
+}
+
+/// How one plan reaches the kernel: its transactions in order. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The transactions, in order (none for an empty plan).
+    pub steps: Vec<Step>,
+    /// Why the plan goes through `nft -f` alone, when it does.
+    pub whole: Option<&'static str>,
+}
+
+impl Schedule {
+    /// The schedule for `plan`.
+    pub fn of(plan: &NftPlan, via: Via) -> Schedule {
+        if plan.families.is_empty() {
+            return Schedule {
+                steps: Vec::new(),
+                whole: None,
+            };
+        }
+        if via == Via::NftOnly {
+            return Schedule::whole(plan, "KPROXY_NFT_APPLY=nft");
+        }
+        let split = match split(plan) {
+            Ok(split) => split,
+            Err(reason) => return Schedule::whole(plan, reason),
+        };
+        let elements = netlink_elements(plan);
+        if elements.families.is_empty() {
+            return Schedule::whole(plan, "no element change goes through netlink");
+        }
+        let mut steps = Vec::new();
+        if !split.prepare.families.is_empty() {
+            steps.push(Step::Nft(split.prepare));
+        }
+        steps.push(Step::Elements(elements));
+        if !split.finish.families.is_empty() {
+            steps.push(Step::Nft(split.finish));
+        }
+        Schedule { steps, whole: None }
+    }
+
+    /// `plan` through `nft -f` alone: its new sets and regular chains first when the tables
+    /// stay ([`chains_first`]), then the rest.
+    fn whole(plan: &NftPlan, why: &'static str) -> Schedule {
+        let steps = match chains_first(plan) {
+            Some((first, rest)) => vec![Step::Nft(first), Step::Nft(rest)],
+            None => vec![Step::Nft(plan.clone())],
+        };
+        Schedule {
+            steps,
+            whole: Some(why),
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    /// Each transaction as it is sent: `nft -f` steps as their scripts, the netlink batch as
+    /// the element statements it carries (the same elements, in nft syntax).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.steps.is_empty() {
+            return writeln!(f, "# no changes");
+        }
+        let n = self.steps.len();
+        for (i, step) in self.steps.iter().enumerate() {
+            let why = self.whole.map(|w| format!(" ({w})")).unwrap_or_default();
+            match step {
+                Step::Nft(_) => writeln!(f, "# transaction {} of {n}: nft -f{why}", i + 1)?,
+                Step::Elements(_) => writeln!(
+                    f,
+                    "# transaction {} of {n}: one netlink batch, element deletions then additions",
+                    i + 1
+                )?,
+            }
+            step.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Step {
+    /// What the transaction carries: an `nft -f` step's script, a netlink batch's element
+    /// statements.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Nft(plan) => f.write_str(&plan.script()),
+            Step::Elements(plan) => plan.write_element_changes(f),
+        }
+    }
+}
+
+/// The kernel as a schedule drives it: one `nft -f` transaction, or one netlink batch of
+/// element changes. The real kernel ([`crate::NftCli`]) and the fake implement it, so both run
+/// [`execute`].
+pub trait StepKernel {
+    /// One `nft -f` transaction of `plan`.
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError>;
+    /// One netlink batch of `plan`'s element changes. An error for which
+    /// [`NetlinkError::use_nft_instead`] holds sent nothing.
+    fn elements(&mut self, plan: &NftPlan) -> Result<(), NetlinkError>;
+}
+
+/// Runs `plan`'s [`Schedule`] through `kernel`. When netlink turns out to be unusable (no
+/// socket, no permission, an element it cannot encode), the plan falls back to `nft -f` with a
+/// warning: the whole plan when nothing was applied yet, else the element changes and the rest
+/// as one script.
+pub fn execute<K: StepKernel + ?Sized>(
+    kernel: &mut K,
+    plan: &NftPlan,
+    via: Via,
+) -> Result<(), CommandError> {
+    let schedule = Schedule::of(plan, via);
+    if let Some(reason) = schedule.whole {
+        tracing::debug!(reason, "applying the whole plan with nft -f");
+    }
+    for (i, step) in schedule.steps.iter().enumerate() {
+        match step {
+            Step::Nft(p) => kernel.nft(p)?,
+            Step::Elements(p) => match kernel.elements(p) {
+                Ok(()) => {}
+                Err(err) if err.use_nft_instead() => {
+                    tracing::warn!(error = %kproxy_contract::Chain(&err), "applying the element changes with nft -f instead of netlink");
+                    if i == 0 {
+                        return execute(kernel, plan, Via::NftOnly);
+                    }
+                    let finish = match schedule.steps.get(i + 1) {
+                        Some(Step::Nft(finish)) => finish.clone(),
+                        _ => NftPlan::default(),
+                    };
+                    return kernel.nft(&rest(plan, &finish));
+                }
+                Err(err) => return Err(err.into()),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// The netlink part of `plan`: the element changes of its non-interval sets and maps, with
+/// the set signatures the encoder needs.
+fn netlink_elements(plan: &NftPlan) -> NftPlan {
+    let mut out = NftPlan {
+        owners: plan.owners.clone(),
+        ..NftPlan::default()
+    };
+    for (family, fp) in &plan.families {
+        let part = |changes: &BTreeMap<String, Vec<(String, Option<String>)>>| {
+            changes
+                .iter()
+                .filter(|(set, elements)| via_netlink(fp, set) && !elements.is_empty())
+                .map(|(set, elements)| (set.clone(), elements.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let (delete_elements, add_elements) = (part(&fp.delete_elements), part(&fp.add_elements));
+        if delete_elements.is_empty() && add_elements.is_empty() {
+            continue;
+        }
+        out.families.insert(
+            *family,
+            FamilyPlan {
+                signatures: fp.signatures.clone(),
+                delete_elements,
+                add_elements,
+                ..FamilyPlan::default()
+            },
+        );
+    }
+    out
+}
 
 /// Steps 1 and 3 of a split plan (step 2 is the plan's netlink elements).
 #[derive(Debug, Default)]
@@ -164,58 +359,49 @@ fn via_netlink(fp: &FamilyPlan, set: &str) -> bool {
     fp.signatures.get(set).is_some_and(|s| netlink::handles(s))
 }
 
-/// Applies `plan`, through `nft` (a function applying a plan with one `nft -f`) and netlink.
+/// Applies `plan` through `nft` (a function applying a plan with one `nft -f`) and this
+/// namespace's nf_tables netlink: [`execute`] with [`NetlinkElements`].
 pub fn apply(
     plan: &NftPlan,
-    mut nft: impl FnMut(&NftPlan) -> Result<(), CommandError>,
+    nft: impl FnMut(&NftPlan) -> Result<(), CommandError>,
 ) -> Result<(), CommandError> {
-    let steps = match split(plan) {
-        Ok(steps) => steps,
-        Err(reason) => {
-            tracing::debug!(reason, "applying the whole plan with nft -f");
-            return apply_whole(plan, nft);
-        }
-    };
-    let socket = match socket::acquire() {
-        Ok(socket) => socket,
-        Err(err) => {
-            tracing::warn!(error = %kproxy_contract::Chain(&err), "applying with nft -f instead of netlink");
-            return apply_whole(plan, nft);
-        }
-    };
+    execute(&mut NetlinkElements(nft), plan, Via::Netlink)
+}
+
+/// A [`StepKernel`] of an `nft -f` function and this namespace's nf_tables netlink.
+pub struct NetlinkElements<F>(pub F);
+
+impl<F: FnMut(&NftPlan) -> Result<(), CommandError>> StepKernel for NetlinkElements<F> {
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+        (self.0)(plan)
+    }
+
+    fn elements(&mut self, plan: &NftPlan) -> Result<(), NetlinkError> {
+        send_elements(plan).map(|(elements, messages)| {
+            tracing::debug!(
+                elements,
+                messages,
+                "element changes applied through netlink"
+            );
+        })
+    }
+}
+
+/// Sends `plan`'s element changes as one netlink batch (with [`apply_elements`]'s retries).
+/// Returns the elements and messages of the batch that was applied.
+pub fn send_elements(plan: &NftPlan) -> Result<(usize, usize), NetlinkError> {
+    let socket = socket::acquire()?;
     let deletes = socket.deletes();
-    let batch = match netlink::encode(plan, deletes, &BTreeSet::new()) {
-        Ok(Some(batch)) => batch,
-        Ok(None) => {
-            socket::release(socket);
-            return apply_whole(plan, nft);
-        }
-        Err(err) => {
-            socket::release(socket);
-            tracing::warn!(error = %kproxy_contract::Chain(&err), "netlink element batch not possible; applying with nft -f");
-            return apply_whole(plan, nft);
-        }
+    let sent = match netlink::encode(plan, deletes, &BTreeSet::new()) {
+        Ok(Some(batch)) => apply_elements(&socket, plan, deletes, batch),
+        Ok(None) => Ok((0, 0)),
+        Err(err) => Err(err),
     };
-    if !steps.prepare.families.is_empty() {
-        nft(&steps.prepare)?;
+    // A socket that saw an error is not kept for the next batch.
+    if sent.is_ok() {
+        socket::release(socket);
     }
-    match apply_elements(&socket, plan, deletes, batch) {
-        Ok((elements, messages)) => tracing::debug!(
-            elements,
-            messages,
-            "element changes applied through netlink"
-        ),
-        Err(err) if err.use_nft_instead() => {
-            tracing::warn!(error = %kproxy_contract::Chain(&err), "applying the element changes with nft -f instead of netlink");
-            return nft(&rest(plan, &steps.finish));
-        }
-        Err(err) => return Err(err.into()),
-    }
-    socket::release(socket);
-    if !steps.finish.families.is_empty() {
-        nft(&steps.finish)?;
-    }
-    Ok(())
+    sent
 }
 
 /// Sends `batch` (step 2 of `plan`, encoded with `deletes`); where a deletion finds its element
@@ -253,21 +439,6 @@ pub fn apply_elements(
             }
             Err(err) => return Err(err),
         }
-    }
-}
-
-/// Applies `plan` with `nft -f`: one transaction, preceded (when the tables stay) by one that
-/// only creates the plan's new sets and regular chains ([`chains_first`]).
-pub fn apply_whole(
-    plan: &NftPlan,
-    mut nft: impl FnMut(&NftPlan) -> Result<(), CommandError>,
-) -> Result<(), CommandError> {
-    match chains_first(plan) {
-        Some((first, rest)) => {
-            nft(&first)?;
-            nft(&rest)
-        }
-        None => nft(plan),
     }
 }
 

@@ -9,7 +9,7 @@ use kproxy_testkit::conformance::OnFakeKernel;
 use kproxy_testkit::{ep, many, service, state, sync};
 
 use crate::fake::FakeNft;
-use crate::{NftablesMode, plan};
+use crate::{NftablesMode, plan, steps};
 
 fn mode() -> NftablesMode<FakeNft> {
     NftablesMode::new(FakeNft::new(), vec![IpFamily::V4, IpFamily::V6])
@@ -557,4 +557,76 @@ fn parallel_first_render_equals_incremental_render() {
     assert!(incremental.delta.is_some());
     assert_eq!(parallel, incremental);
     assert_eq!(parallel.owners, incremental.owners);
+}
+
+/// The plan's printed schedule (what `--dry-run` shows) is exactly what the fake received, one
+/// transaction at a time: a first sync creates chains and sets with `nft -f`, fills the maps in
+/// one netlink batch and switches the base chains on last; an endpoint change is one batch.
+#[test]
+fn the_printed_schedule_is_what_the_kernel_receives() {
+    let mut m = mode();
+    let first = state(vec![
+        service("a", "10.96.0.10", vec![ep("10.244.1.1", false)]),
+        service("b", "fd00:96::1", vec![ep("fd00:244::1", false)]),
+    ]);
+    let change = state(vec![
+        service("a", "10.96.0.10", vec![ep("10.244.1.2", false)]),
+        service("b", "fd00:96::1", vec![ep("fd00:244::1", false)]),
+    ]);
+    let mut shapes = Vec::new();
+    for s in [&first, &change] {
+        let live = m.read_live().unwrap();
+        let plan = m.plan(&live, &m.render(s));
+        let schedule = steps::Schedule::of(&plan, steps::Via::Netlink);
+        let before = m.kernel().transactions.len();
+        m.apply(&plan).unwrap();
+        let received = &m.kernel().transactions[before..];
+        let printed: Vec<String> = schedule.steps.iter().map(ToString::to_string).collect();
+        assert_eq!(received, printed.as_slice());
+        let text = plan.to_string();
+        for step in &printed {
+            assert!(
+                text.contains(step.as_str()),
+                "--dry-run leaves out:\n{step}"
+            );
+        }
+        shapes.push(
+            schedule
+                .steps
+                .iter()
+                .map(|s| match s {
+                    steps::Step::Nft(_) => "nft",
+                    steps::Step::Elements(_) => "netlink",
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(shapes, [vec!["nft", "netlink", "nft"], vec!["netlink"]]);
+    assert_eq!(m.kernel().netlink_batches, 2);
+}
+
+/// The fake refuses what the kernel refuses, so a schedule in the wrong order cannot pass:
+/// map elements that lead to a service's new chain, sent before the chain exists.
+#[test]
+fn a_schedule_out_of_order_fails_on_the_fake() {
+    let mut m = mode();
+    sync(&mut m, &state(Vec::new()));
+    let s = state(vec![service(
+        "a",
+        "10.96.0.10",
+        vec![ep("10.244.1.1", false), ep("10.244.1.2", false)],
+    )]);
+    let live = m.read_live().unwrap();
+    let plan = m.plan(&live, &m.render(&s));
+    let schedule = steps::Schedule::of(&plan, steps::Via::Netlink);
+    let [steps::Step::Nft(prepare), steps::Step::Elements(elements)] = &schedule.steps[..] else {
+        panic!("a new service is two transactions:\n{schedule}")
+    };
+    let mut fake = m.kernel().clone();
+    use steps::StepKernel as _;
+    let err = fake.elements(elements).unwrap_err().to_string();
+    assert!(err.contains("missing chain"), "{err}");
+    // In order, the same steps pass.
+    fake.nft(prepare).unwrap();
+    fake.elements(elements).unwrap();
 }

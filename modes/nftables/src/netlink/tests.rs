@@ -279,15 +279,18 @@ impl NftKernel for Recording {
     fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError> {
         NftCli.list(family)
     }
-    fn apply(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
-        let scripts = self.scripts.clone();
-        steps::apply(plan, |p| {
-            scripts.lock().unwrap().push(p.script());
-            apply_with_nft(p)
-        })
-    }
     fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
         NftCli.table_exists(family)
+    }
+}
+
+impl steps::StepKernel for Recording {
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+        self.scripts.lock().unwrap().push(plan.script());
+        apply_with_nft(plan)
+    }
+    fn elements(&mut self, plan: &NftPlan) -> Result<(), crate::netlink::NetlinkError> {
+        NftCli.elements(plan)
     }
 }
 

@@ -126,6 +126,31 @@ pub struct SyncLoop<M: Mode> {
     jitter: Jitter,
 }
 
+/// How long each phase of one sync took (the `sync complete` log line's fields).
+#[derive(Debug, Clone, Copy, Default)]
+struct PhaseTimes {
+    build: Duration,
+    render: Duration,
+    plan: Duration,
+    apply: Duration,
+}
+
+/// A sync before it reaches the kernel: the build, its rendering and the plan.
+struct Prepared<M: Mode> {
+    built: desired_state::Built,
+    desired: M::Rules,
+    plan: M::Plan,
+    times: PhaseTimes,
+}
+
+/// A sync after the kernel took it (or `--dry-run` printed it).
+struct Committed {
+    built: desired_state::Built,
+    stats: PlanStats,
+    times: PhaseTimes,
+    conntrack: Option<CleanupReport>,
+}
+
 impl<M: Mode> SyncLoop<M> {
     /// A loop around `mode`.
     pub fn new(mode: M, config: Arc<Config>, options: SyncOptions) -> Self {
@@ -385,24 +410,38 @@ impl<M: Mode> SyncLoop<M> {
         }
     }
 
-    /// One sync: build, render, plan against the believed (or live) rules, apply or print.
+    /// One sync: [`Self::prepare`] (build, render, plan against the believed or live rules),
+    /// [`Self::commit`] (apply or print), [`Self::publish`] (metrics, admin socket, log).
     pub fn sync(&mut self, full: bool) -> Result<SyncReport, ModeError> {
         let started = Instant::now();
         let span = tracing::info_span!("sync", mode = %self.mode.name(), full);
         let _enter = span.enter();
+        let prepared = self.prepare(full)?;
+        let committed = self.commit(prepared)?;
+        Ok(self.publish(committed, full, started))
+    }
 
+    /// Builds the desired state from the cache (incrementally from the last build when it can).
+    fn build(&mut self) -> desired_state::Built {
         let node_obj = self.cache.node().map(|n| n.as_ref());
         self.health.set_node(node_obj);
         let ctx = BuildContext::new(&self.config, node_obj, &node::local_addresses());
-        let t_build = Instant::now();
         let built = match &self.previous {
             Some(prev) if !self.pending.everything => {
                 desired_state::build_incremental(&self.cache, &ctx, prev, &self.pending.services)
             }
             prev => desired_state::build(&self.cache, &ctx, prev.as_ref().map(|b| &b.state)),
         };
-        let build_time = t_build.elapsed();
         self.report_skipped(&built.skipped);
+        built
+    }
+
+    /// Build, render, and plan against what the kernel holds: read back for a full sync, a dry
+    /// run or after a failure, else the rules the last apply left.
+    fn prepare(&mut self, full: bool) -> Result<Prepared<M>, ModeError> {
+        let t_build = Instant::now();
+        let built = self.build();
+        let build_time = t_build.elapsed();
         let t_render = Instant::now();
         let desired = block(|| self.mode.render(&built.state));
         let render_time = t_render.elapsed();
@@ -447,7 +486,29 @@ impl<M: Mode> SyncLoop<M> {
         } else {
             self.mode.plan(&live, &desired)
         };
-        let plan_time = t_plan.elapsed();
+        Ok(Prepared {
+            built,
+            desired,
+            plan,
+            times: PhaseTimes {
+                build: build_time,
+                render: render_time,
+                plan: t_plan.elapsed(),
+                apply: Duration::ZERO,
+            },
+        })
+    }
+
+    /// Applies the plan (or prints it for `--dry-run`), then what follows an apply: the other
+    /// modes' leftovers, the health-check servers, the believed rules, stale conntrack entries.
+    fn commit(&mut self, prepared: Prepared<M>) -> Result<Committed, ModeError> {
+        let Prepared {
+            built,
+            desired,
+            plan,
+            mut times,
+        } = prepared;
+        let dry_run = self.options.dry_run;
         let t_apply = Instant::now();
         let stats = plan.stats();
         if dry_run {
@@ -476,7 +537,7 @@ impl<M: Mode> SyncLoop<M> {
         if !dry_run && let Some(hc) = &mut self.health_checks {
             hc.update(&built.state);
         }
-        let apply_time = t_apply.elapsed();
+        times.apply = t_apply.elapsed();
         if !dry_run {
             self.believed = Some(desired);
             self.health.updated(std::time::SystemTime::now());
@@ -487,6 +548,24 @@ impl<M: Mode> SyncLoop<M> {
         } else {
             self.clean_conntrack(&built.state)
         };
+        Ok(Committed {
+            built,
+            stats,
+            times,
+            conntrack,
+        })
+    }
+
+    /// Tells the others what the sync did (metrics, the admin socket, the log), and makes its
+    /// build the next sync's starting point.
+    fn publish(&mut self, committed: Committed, full: bool, started: Instant) -> SyncReport {
+        let Committed {
+            built,
+            stats,
+            times,
+            conntrack,
+        } = committed;
+        let dry_run = self.options.dry_run;
         let report = SyncReport {
             full,
             service_ports: built.state.services.len(),
@@ -508,7 +587,7 @@ impl<M: Mode> SyncLoop<M> {
                 SyncObservation {
                     full,
                     duration: report.duration,
-                    apply: apply_time,
+                    apply: times.apply,
                     added: stats.added,
                     removed: stats.removed,
                     service_ports: report.service_ports,
@@ -532,10 +611,10 @@ impl<M: Mode> SyncLoop<M> {
             removed = stats.removed,
             touched = stats.containers_touched,
             elapsed_ms = millis(report.duration),
-            build_ms = millis(build_time),
-            render_ms = millis(render_time),
-            plan_ms = millis(plan_time),
-            apply_ms = millis(apply_time),
+            build_ms = millis(times.build),
+            render_ms = millis(times.render),
+            plan_ms = millis(times.plan),
+            apply_ms = millis(times.apply),
             conntrack_deleted = report.conntrack_deleted(),
             conntrack_ms = report
                 .conntrack
@@ -543,7 +622,7 @@ impl<M: Mode> SyncLoop<M> {
                 .map_or(0.0, |c| millis(c.duration)),
             "sync complete"
         );
-        Ok(report)
+        report
     }
 
     /// Deletes stale UDP/SCTP conntrack entries against `current`. Failures are warnings.

@@ -18,15 +18,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::support::family::Fam;
+use crate::support::kproxy::wait_until;
 use crate::support::manifests::Port;
 use crate::support::objects::{Ep, Svc, endpoint_slice, node, node_with_pod_cidrs};
 use crate::support::scenario::{
-    DROPPED, Mode, NODE, OTHER_NODE, PROBE, REQ, Scenario, assert_spread, assert_timed_out, ip,
-    sock,
+    DROPPED, Mode, NODE, OTHER_NODE, PROBE, REQ, SYNC, Scenario, assert_spread, assert_timed_out,
+    ip, sock,
 };
 use crate::support::topology::{NODE_IP, NODE_IP6, POD_V4, POD_V6, client_v4, client_v6};
 use crate::support::traffic::{
-    assert_tcp_refused, split_peer, tally, tcp_request, tcp_request_from,
+    assert_tcp_refused, split_peer, tally, tcp_request, tcp_request_from, udp_request,
 };
 
 /// `both_modes!(NAME)` declares `mod NAME` with the tests `iptables` and `nftables`, each running
@@ -82,6 +83,142 @@ fn answers(s: &Scenario, src: Option<IpAddr>, dst: SocketAddr, n: usize) -> BTre
 
 fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
+}
+
+// --- ClusterIP basics -----------------------------------------------------------------------
+
+const DNS: Port = Port::udp("dns", 53, 5353);
+
+both_families!(clusterip_tcp_and_udp_reach_every_endpoint);
+fn clusterip_tcp_and_udp_reach_every_endpoint(mode: Mode, f: Fam) {
+    let mut s = Scenario::with_manifests_in(mode);
+    for (i, id) in ["ep1", "ep2"].into_iter().enumerate() {
+        s.tcp_server(f.pod(i), 8080, id);
+        s.udp_server(f.pod(i), 5353, id);
+    }
+    s.apply(&Svc::new("web", &[&f.a("10.96.0.10")], &[HTTP, DNS]).json());
+    s.apply(&endpoint_slice(
+        "web",
+        &format!("web-{}", f.suffix()),
+        &eps_on(&[f.pod(0), f.pod(1)], OTHER_NODE),
+        &[HTTP, DNS],
+    ));
+    s.start_kproxy(&[]);
+    let vip = sock(&f.a("10.96.0.10"), 80);
+    wait_tcp(&mut s, vip, "ep1");
+    // 40 fair coin flips: P(a side below 5) is about 1e-7.
+    let seen = tally(40, || tcp_request(&s.topo.client, vip, REQ));
+    assert_spread(&seen, &["ep1", "ep2"], 5);
+    // Each request comes from a new ephemeral port: a new conntrack entry, a new choice.
+    let dns = sock(&f.a("10.96.0.10"), 53);
+    let seen = tally(40, || udp_request(&s.topo.client, dns, REQ));
+    assert_spread(&seen, &["ep1", "ep2"], 5);
+    s.kproxy().assert_running();
+}
+
+// One service with a ClusterIP in each family: each family's endpoints answer on its own
+// address.
+both_modes!(dual_stack_service_serves_each_family_from_its_endpoints);
+fn dual_stack_service_serves_each_family_from_its_endpoints(mode: Mode) {
+    let mut s = Scenario::with_manifests_in(mode);
+    s.tcp_server(POD_V4[0], 8080, "v4-ep1");
+    s.tcp_server(POD_V6[0], 8080, "v6-ep1");
+    s.tcp_server(POD_V6[1], 8080, "v6-ep2");
+    s.apply(&Svc::new("dual", &["10.96.0.30", "fd00:96::30"], &[HTTP]).json());
+    s.apply(&endpoint_slice(
+        "dual",
+        "dual-v4",
+        &eps_on(&[POD_V4[0]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.apply(&endpoint_slice(
+        "dual",
+        "dual-v6",
+        &eps_on(&[POD_V6[0], POD_V6[1]], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    let vip6 = sock("fd00:96::30", 80);
+    wait_tcp(&mut s, vip6, "v6-ep1");
+    let seen = tally(40, || tcp_request(&s.topo.client, vip6, REQ));
+    assert_spread(&seen, &["v6-ep1", "v6-ep2"], 5);
+    let seen = tally(10, || {
+        tcp_request(&s.topo.client, sock("10.96.0.30", 80), REQ)
+    });
+    assert_spread(&seen, &["v4-ep1"], 10);
+    s.kproxy().assert_running();
+}
+
+// Endpoints replaced and added, a port added (a second endpoint count: the nftables mode's
+// `pick-2` chain is created now, its rules using maps that exist since the first sync), and the
+// service removed: traffic follows each change, and a removed service stops answering.
+both_families!(live_changes_follow_endpoints_ports_and_removal);
+fn live_changes_follow_endpoints_ports_and_removal(mode: Mode, f: Fam) {
+    let mut s = Scenario::with_manifests_in(mode);
+    for (i, id) in [(0, "ep1"), (2, "ep3")] {
+        s.tcp_server(f.pod(i), 8080, id);
+        s.udp_server(f.pod(i), 5353, id);
+    }
+    let vip_ip = f.a("10.96.0.10");
+    let slice = format!("web-{}", f.suffix());
+    let web = |ports: &[Port]| Svc::new("web", &[&vip_ip], ports).json();
+    s.apply(&web(&[HTTP]));
+    s.apply(&endpoint_slice(
+        "web",
+        &slice,
+        &eps_on(&[f.pod(0)], OTHER_NODE),
+        &[HTTP],
+    ));
+    s.start_kproxy(&[]);
+    let vip = sock(&vip_ip, 80);
+    wait_tcp(&mut s, vip, "ep1");
+
+    s.apply(&endpoint_slice(
+        "web",
+        &slice,
+        &eps_on(&[f.pod(2)], OTHER_NODE),
+        &[HTTP],
+    ));
+    wait_tcp(&mut s, vip, "ep3");
+    let seen = tally(10, || tcp_request(&s.topo.client, vip, REQ));
+    assert_spread(&seen, &["ep3"], 10);
+
+    s.apply(&web(&[HTTP, DNS]));
+    s.apply(&endpoint_slice(
+        "web",
+        &slice,
+        &eps_on(&[f.pod(0), f.pod(2)], OTHER_NODE),
+        &[HTTP, DNS],
+    ));
+    let both = wait_until(SYNC, || {
+        tally(10, || tcp_request(&s.topo.client, vip, REQ)).len() == 2
+    });
+    assert!(
+        both,
+        "the second endpoint never answered:\n{}",
+        s.save(f.v6())
+    );
+    let seen = tally(30, || tcp_request(&s.topo.client, vip, REQ));
+    assert_spread(&seen, &["ep1", "ep3"], 3);
+    let dns = sock(&vip_ip, 53);
+    let seen = tally(30, || udp_request(&s.topo.client, dns, REQ));
+    assert_spread(&seen, &["ep1", "ep3"], 3);
+
+    // Removed: its rules go, and a connect is no longer DNATed. The node routes the VIP
+    // upstream (a black hole), so it times out; it must not reach a pod.
+    s.source.delete("Service", "web");
+    s.source.delete("EndpointSlice", &slice);
+    let gone = wait_until(SYNC, || !s.save(f.v6()).contains(&vip_ip));
+    assert!(
+        gone,
+        "rules for {vip_ip} remain after the service was removed:\n{}",
+        s.save(f.v6())
+    );
+    for i in 0..3u8 {
+        let r = tcp_request_from(&s.topo.client, Some(f.client(4 + i)), vip, PROBE);
+        assert_timed_out(&format!("{vip} after its removal"), &r);
+    }
+    s.kproxy().assert_running();
 }
 
 // --- (a) NodePort ---------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 //! iptables mode through the real kernel: kproxy programs the node namespace, packets go from the
 //! client namespace through the node to echo servers in the endpoints namespace.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,15 +10,11 @@ use crate::support::manifests::{Manifests, Port};
 use crate::support::netns::Netns;
 use crate::support::require_root;
 use crate::support::rules::foreign;
-use crate::support::topology::{NODE_IP, NODE_IP6, POD_V4, POD_V6, Topology, client_v4};
-use crate::support::traffic::{
-    TcpEcho, UdpEcho, assert_tcp_refused, tally, tcp_request, tcp_request_from, udp_request,
-};
+use crate::support::topology::{NODE_IP, NODE_IP6, POD_V4, POD_V6, Topology};
+use crate::support::traffic::{TcpEcho, tcp_request};
 
 /// The first sync must land within this.
 const SYNC: Duration = Duration::from_secs(10);
-/// A per-request timeout: everything is local, so a working path answers in microseconds.
-const REQ: Duration = Duration::from_millis(500);
 /// The per-request timeout while waiting for rules to appear: a SYN sent before the DNAT rule
 /// exists is black-holed, and the next probe should follow soon.
 const PROBE: Duration = Duration::from_millis(150);
@@ -84,18 +79,12 @@ impl Backend {
 struct Scenario {
     kproxy: Option<KproxyProcess>,
     tcp: Vec<TcpEcho>,
-    udp: Vec<UdpEcho>,
     manifests: Manifests,
     topo: Topology,
     backend: Backend,
 }
 
 impl Scenario {
-    /// The topology, the Node object, and nothing else yet; the nft backend.
-    fn new() -> Scenario {
-        Scenario::with_backend(Backend::Nft)
-    }
-
     /// [`Scenario::new`] with a chosen iptables backend.
     fn with_backend(backend: Backend) -> Scenario {
         let topo = Topology::new();
@@ -104,7 +93,6 @@ impl Scenario {
         Scenario {
             kproxy: None,
             tcp: Vec::new(),
-            udp: Vec::new(),
             manifests,
             topo,
             backend,
@@ -116,13 +104,6 @@ impl Scenario {
         let addr = SocketAddr::new(ip.parse().expect("pod ip"), port);
         self.tcp
             .push(TcpEcho::start(&self.topo.endpoints, addr, identity));
-    }
-
-    /// A UDP echo server on `ip:port` in the endpoints namespace answering `identity`.
-    fn udp_server(&mut self, ip: &str, port: u16, identity: &str) {
-        let addr = SocketAddr::new(ip.parse().expect("pod ip"), port);
-        self.udp
-            .push(UdpEcho::start(&self.topo.endpoints, addr, identity));
     }
 
     /// Starts kproxy in the node namespace with the standard flags.
@@ -174,188 +155,6 @@ fn save(ns: &Netns, backend: Backend, v6: bool) -> String {
 
 fn sock(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("ip"), port)
-}
-
-/// Asserts `seen` holds exactly `identities`, each at least `min` times, and nothing else.
-fn assert_spread(seen: &BTreeMap<String, usize>, identities: &[&str], min: usize) {
-    let keys: Vec<&str> = seen.keys().map(String::as_str).collect();
-    let mut want = identities.to_vec();
-    want.sort_unstable();
-    assert_eq!(keys, want, "responses: {seen:?}");
-    for id in identities {
-        assert!(
-            seen[*id] >= min,
-            "{id} answered fewer than {min} times: {seen:?}"
-        );
-    }
-}
-
-#[test]
-fn clusterip_tcp_reaches_every_endpoint() {
-    if !require_root("clusterip_tcp_reaches_every_endpoint") {
-        return;
-    }
-    let mut s = Scenario::new();
-    s.tcp_server(POD_V4[0], 8080, "ep1");
-    s.tcp_server(POD_V4[1], 8080, "ep2");
-    s.manifests.service("web", &["10.96.0.10"], &[HTTP]);
-    s.manifests
-        .endpoint_slice("web", "web-v4", &[POD_V4[0], POD_V4[1]], &[HTTP]);
-    s.start_kproxy();
-
-    let vip = sock("10.96.0.10", 80);
-    s.wait_for(
-        "10.96.0.10:80",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep1",
-    );
-    let seen = tally(40, || tcp_request(&s.topo.client, vip, REQ));
-    // 40 fair coin flips: P(a side below 5) is about 1e-7.
-    assert_spread(&seen, &["ep1", "ep2"], 5);
-    s.kproxy().assert_running();
-}
-
-#[test]
-fn clusterip_udp_reaches_every_endpoint() {
-    if !require_root("clusterip_udp_reaches_every_endpoint") {
-        return;
-    }
-    let mut s = Scenario::new();
-    s.udp_server(POD_V4[0], 5353, "ep1");
-    s.udp_server(POD_V4[1], 5353, "ep2");
-    s.manifests.service("dns", &["10.96.0.53"], &[DNS]);
-    s.manifests
-        .endpoint_slice("dns", "dns-v4", &[POD_V4[0], POD_V4[1]], &[DNS]);
-    s.start_kproxy();
-
-    let vip = sock("10.96.0.53", 53);
-    s.wait_for(
-        "udp 10.96.0.53:53",
-        |t| udp_request(&t.client, vip, PROBE),
-        "ep1",
-    );
-    // Each request comes from a new ephemeral port: a new conntrack entry, a new choice.
-    let seen = tally(40, || udp_request(&s.topo.client, vip, REQ));
-    assert_spread(&seen, &["ep1", "ep2"], 5);
-    s.kproxy().assert_running();
-}
-
-#[test]
-fn service_without_endpoints_is_rejected() {
-    if !require_root("service_without_endpoints_is_rejected") {
-        return;
-    }
-    let mut s = Scenario::new();
-    s.manifests.service("empty", &["10.96.0.20"], &[HTTP]);
-    s.start_kproxy();
-
-    // Poll the rules, not the service: every failed probe would spend the client address's
-    // ICMP budget (REJECT is rate-limited per source).
-    let ok = wait_until(SYNC, || {
-        s.save(false)
-            .lines()
-            .any(|l| l.contains("-d 10.96.0.20/32") && l.contains("REJECT"))
-    });
-    if !ok {
-        s.kproxy().assert_running();
-        panic!(
-            "no REJECT rule for 10.96.0.20 within {SYNC:?}:\n{}",
-            s.save(false)
-        );
-    }
-    // Refused, fast, from several source addresses (each stays far inside its ICMP burst).
-    for i in 0..4 {
-        assert_tcp_refused(
-            &s.topo.client,
-            Some(client_v4(i)),
-            sock("10.96.0.20", 80),
-            Duration::from_millis(300),
-        );
-    }
-    s.kproxy().assert_running();
-}
-
-#[test]
-fn live_reload_adds_endpoints_and_removes_services() {
-    if !require_root("live_reload_adds_endpoints_and_removes_services") {
-        return;
-    }
-    let mut s = Scenario::new();
-    s.tcp_server(POD_V4[0], 8080, "ep1");
-    s.tcp_server(POD_V4[2], 8080, "ep3");
-    s.manifests.service("web", &["10.96.0.10"], &[HTTP]);
-    s.manifests
-        .endpoint_slice("web", "web-v4", &[POD_V4[0]], &[HTTP]);
-    s.start_kproxy();
-    let vip = sock("10.96.0.10", 80);
-    s.wait_for(
-        "10.96.0.10:80 (ep1)",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep1",
-    );
-
-    // A new endpoint: traffic reaches it within seconds.
-    s.manifests
-        .endpoint_slice("web", "web-v4", &[POD_V4[0], POD_V4[2]], &[HTTP]);
-    s.wait_for(
-        "10.96.0.10:80 (ep3 added)",
-        |t| tcp_request(&t.client, vip, PROBE),
-        "ep3",
-    );
-
-    // The service goes away: its rules go, and connections are no longer DNATed. The node routes
-    // the VIP upstream (a black hole), so a connect times out; it must not reach a pod.
-    s.manifests.remove("svc-web");
-    s.manifests.remove("eps-web-v4");
-    let gone = wait_until(SYNC, || !s.save(false).contains("10.96.0.10/32"));
-    assert!(
-        gone,
-        "rules for 10.96.0.10 remain after the service was removed:\n{}",
-        s.save(false)
-    );
-    for i in 0..3 {
-        let r = tcp_request_from(&s.topo.client, Some(client_v4(i)), vip, PROBE);
-        assert!(
-            r.is_err(),
-            "10.96.0.10 answered {r:?} after the service was removed"
-        );
-    }
-    let nat = s.save(false);
-    assert!(
-        !nat.contains("10.96.0.10"),
-        "rules for the removed service remain:\n{nat}"
-    );
-    s.kproxy().assert_running();
-}
-
-#[test]
-fn clusterip_ipv6_dual_stack() {
-    if !require_root("clusterip_ipv6_dual_stack") {
-        return;
-    }
-    let mut s = Scenario::new();
-    s.tcp_server(POD_V4[0], 8080, "v4-ep1");
-    s.tcp_server(POD_V6[0], 8080, "v6-ep1");
-    s.tcp_server(POD_V6[1], 8080, "v6-ep2");
-    s.manifests
-        .service("dual", &["10.96.0.30", "fd00:96::30"], &[HTTP]);
-    s.manifests
-        .endpoint_slice("dual", "dual-v4", &[POD_V4[0]], &[HTTP]);
-    s.manifests
-        .endpoint_slice("dual", "dual-v6", &[POD_V6[0], POD_V6[1]], &[HTTP]);
-    s.start_kproxy();
-
-    let vip6 = sock("fd00:96::30", 80);
-    s.wait_for(
-        "[fd00:96::30]:80",
-        |t| tcp_request(&t.client, vip6, PROBE),
-        "v6-ep1",
-    );
-    let seen = tally(40, || tcp_request(&s.topo.client, vip6, REQ));
-    assert_spread(&seen, &["v6-ep1", "v6-ep2"], 5);
-    let vip4 = sock("10.96.0.30", 80);
-    assert_eq!(tcp_request(&s.topo.client, vip4, REQ).unwrap(), "v4-ep1");
-    s.kproxy().assert_running();
 }
 
 /// After the first sync the chains and jumps are in both families, and a dry run against the live

@@ -11,9 +11,7 @@ use crate::support::require_root;
 use crate::support::topology::{
     CLIENT_ADDRS, NODE_IP, NODE_IP6, POD_V4, POD_V6, Topology, client_v4,
 };
-use crate::support::traffic::{
-    TcpEcho, UdpEcho, tally, tcp_request, tcp_request_from, udp_request,
-};
+use crate::support::traffic::{TcpEcho, tally, tcp_request, tcp_request_from};
 
 const SYNC: Duration = Duration::from_secs(10);
 const REQ: Duration = Duration::from_millis(500);
@@ -50,7 +48,6 @@ fn args(manifests: &Manifests, extra: &[&str]) -> Vec<String> {
 struct Scenario {
     kproxy: Option<KproxyProcess>,
     tcp: Vec<TcpEcho>,
-    udp: Vec<UdpEcho>,
     manifests: Manifests,
     topo: Topology,
 }
@@ -63,7 +60,6 @@ impl Scenario {
         Self {
             kproxy: None,
             tcp: Vec::new(),
-            udp: Vec::new(),
             manifests,
             topo,
         }
@@ -72,11 +68,6 @@ impl Scenario {
     fn tcp_server(&mut self, ip: &str, port: u16, id: &str) {
         self.tcp
             .push(TcpEcho::start(&self.topo.endpoints, sock(ip, port), id));
-    }
-
-    fn udp_server(&mut self, ip: &str, port: u16, id: &str) {
-        self.udp
-            .push(UdpEcho::start(&self.topo.endpoints, sock(ip, port), id));
     }
 
     fn start(&mut self) {
@@ -117,45 +108,6 @@ impl Scenario {
 
 fn sock(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("ip"), port)
-}
-
-#[test]
-fn nft_clusterip_tcp_udp_and_ipv6_reach_every_endpoint() {
-    if !require_root("nft_clusterip_tcp_udp_and_ipv6_reach_every_endpoint") {
-        return;
-    }
-    let mut s = Scenario::new();
-    for (i, id) in [(0, "ep1"), (1, "ep2")] {
-        s.tcp_server(POD_V4[i], 8080, id);
-        s.udp_server(POD_V4[i], 5353, id);
-        s.tcp_server(POD_V6[i], 8080, &format!("v6-{id}"));
-    }
-    s.manifests
-        .service("web", &["10.96.0.10", "fd00:96::10"], &[HTTP, DNS]);
-    s.manifests
-        .endpoint_slice("web", "web-v4", &[POD_V4[0], POD_V4[1]], &[HTTP, DNS]);
-    s.manifests
-        .endpoint_slice("web", "web-v6", &[POD_V6[0], POD_V6[1]], &[HTTP, DNS]);
-    s.start();
-
-    let vip = sock("10.96.0.10", 80);
-    s.wait_tcp(vip, "ep1");
-    let seen = tally(40, || tcp_request(&s.topo.client, vip, REQ));
-    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep1", "ep2"], "{seen:?}");
-    assert!(seen.values().all(|n| *n >= 5), "{seen:?}");
-
-    let dns = sock("10.96.0.10", 53);
-    let seen = tally(40, || udp_request(&s.topo.client, dns, REQ));
-    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep1", "ep2"], "{seen:?}");
-
-    let vip6 = sock("fd00:96::10", 80);
-    let seen = tally(40, || tcp_request(&s.topo.client, vip6, REQ));
-    assert_eq!(
-        seen.keys().collect::<Vec<_>>(),
-        ["v6-ep1", "v6-ep2"],
-        "{seen:?}"
-    );
-    s.kproxy().assert_running();
 }
 
 /// A `pick-N` chain whose drawn index has no element still DNATs: the state a packet meets when
@@ -219,63 +171,6 @@ fn nft_pick_chain_falls_back_when_the_drawn_index_is_missing() {
         failures.len()
     );
     assert_eq!(seen.keys().collect::<Vec<_>>(), [index0], "{seen:?}");
-}
-
-/// Endpoint changes arrive as element updates, a new endpoint count adds a `pick-N` chain after
-/// the first sync (for TCP and UDP), and a removed service stops answering.
-#[test]
-fn nft_live_updates() {
-    if !require_root("nft_live_updates") {
-        return;
-    }
-    let mut s = Scenario::new();
-    s.tcp_server(POD_V4[0], 8080, "ep1");
-    s.tcp_server(POD_V4[2], 8080, "ep3");
-    s.manifests.service("web", &["10.96.0.10"], &[HTTP]);
-    s.manifests
-        .endpoint_slice("web", "web-v4", &[POD_V4[0]], &[HTTP]);
-    s.start();
-    let vip = sock("10.96.0.10", 80);
-    s.wait_tcp(vip, "ep1");
-
-    s.manifests
-        .endpoint_slice("web", "web-v4", &[POD_V4[2]], &[HTTP]);
-    s.wait_tcp(vip, "ep3");
-    let seen = tally(10, || tcp_request(&s.topo.client, vip, REQ));
-    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep3"], "{seen:?}");
-
-    // Two endpoints: pick-2 is created now, its rules using the endpoints maps that exist since
-    // the first sync (nft 1.0.6 rejected that with one `typeof ... th dport` map).
-    s.udp_server(POD_V4[0], 5353, "ep1");
-    s.udp_server(POD_V4[2], 5353, "ep3");
-    s.manifests.service("web", &["10.96.0.10"], &[HTTP, DNS]);
-    s.manifests
-        .endpoint_slice("web", "web-v4", &[POD_V4[0], POD_V4[2]], &[HTTP, DNS]);
-    let both = wait_until(SYNC, || {
-        tally(10, || tcp_request(&s.topo.client, vip, REQ)).len() == 2
-    });
-    if !both {
-        s.kproxy().assert_running();
-        panic!(
-            "the second endpoint never answered:\n{}",
-            s.nft(&["list", "ruleset"])
-        );
-    }
-    let seen = tally(30, || tcp_request(&s.topo.client, vip, REQ));
-    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep1", "ep3"], "{seen:?}");
-    let dns = sock("10.96.0.10", 53);
-    let seen = tally(30, || udp_request(&s.topo.client, dns, REQ));
-    assert_eq!(seen.keys().collect::<Vec<_>>(), ["ep1", "ep3"], "{seen:?}");
-
-    s.manifests.remove("svc-web");
-    s.manifests.remove("eps-web-v4");
-    let gone = wait_until(SYNC, || {
-        !s.nft(&["list", "map", "ip", "kproxy", "service-ips"])
-            .contains("10.96.0.10")
-    });
-    assert!(gone, "service-ips still holds the removed service");
-    assert!(tcp_request_from(&s.topo.client, Some(client_v4(4)), vip, PROBE).is_err());
-    s.kproxy().assert_running();
 }
 
 /// After the first sync a dry run against the live kernel finds nothing to change (every

@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use kproxy_contract::{IpFamily, Protocol};
-use kproxy_tracer::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, fold_branches};
+use kproxy_tracer::{
+    Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, add_candidate, fold_branches,
+};
 
 use crate::names;
 use crate::ruleset::{Ruleset, Table, TableRules};
@@ -673,19 +675,7 @@ fn verdict(outcomes: Vec<(Branch, End)>) -> Verdict {
     for (b, end) in &outcomes {
         match end {
             End::Dnat(to) => {
-                let masquerade = b.masquerade;
-                match candidates
-                    .iter_mut()
-                    .find(|c| c.endpoint == *to && c.masquerade == masquerade)
-                {
-                    Some(c) => c.share += b.prob,
-                    None => candidates.push(Candidate {
-                        endpoint: *to,
-                        share: b.prob,
-                        weight: None,
-                        masquerade,
-                    }),
-                }
+                add_candidate(&mut candidates, *to, b.masquerade, b.prob, || None);
                 service = service.or(b.service.clone());
                 frontend = frontend.or(b.frontend);
                 affinity = affinity.or(b.affinity);

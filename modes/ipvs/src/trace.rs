@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 
 use kproxy_contract::IpFamily;
 use kproxy_tracer::nft::{Branch, End, View, Walker};
-use kproxy_tracer::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, fold_branches};
+use kproxy_tracer::{
+    Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, add_candidate, fold_branches,
+};
 
 use crate::model::{IpvsRules, NftTable, VsKey};
 use crate::render::family_name;
@@ -185,25 +187,17 @@ pub fn trace(rules: &IpvsRules, env: &Env, pkt: &Packet) -> Trace {
             }
             (_, Some(to)) => {
                 let masquerade = *end == End::Masquerade;
-                match candidates
-                    .iter_mut()
-                    .find(|c| c.endpoint == to && c.masquerade == masquerade)
-                {
-                    Some(c) => c.share += b.prob,
-                    None => candidates.push(Candidate {
-                        endpoint: to,
-                        share: b.prob,
-                        weight: vs.and_then(|vs| {
-                            vs.dests
-                                .get(&crate::model::RsKey {
-                                    addr: to.ip(),
-                                    port: to.port(),
-                                })
-                                .copied()
-                        }),
-                        masquerade,
-                    }),
-                }
+                let weight = || {
+                    vs.and_then(|vs| {
+                        vs.dests
+                            .get(&crate::model::RsKey {
+                                addr: to.ip(),
+                                port: to.port(),
+                            })
+                            .copied()
+                    })
+                };
+                add_candidate(&mut candidates, to, masquerade, b.prob, weight);
             }
             _ => plain += b.prob,
         }

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 
 use kproxy_contract::IpFamily;
 use kproxy_tracer::nft::{Branch, End, Sets, View, Walker};
-use kproxy_tracer::{Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, fold_branches};
+use kproxy_tracer::{
+    Candidate, Env, FrontendKind, Hop, Packet, Trace, Verdict, add_candidate, fold_branches,
+};
 
 use crate::model::{NftRuleset, Table, family_name};
 
@@ -205,18 +207,7 @@ fn verdict(
             }
             (_, Some(to)) => {
                 let masquerade = *end == End::Masquerade;
-                match candidates
-                    .iter_mut()
-                    .find(|c| c.endpoint == to && c.masquerade == masquerade)
-                {
-                    Some(c) => c.share += b.prob,
-                    None => candidates.push(Candidate {
-                        endpoint: to,
-                        share: b.prob,
-                        weight: None,
-                        masquerade,
-                    }),
-                }
+                add_candidate(&mut candidates, to, masquerade, b.prob, || None);
                 for (map, key) in &b.dispatched {
                     if service.is_none() {
                         service = rules.owners.get(key).cloned();

@@ -198,6 +198,30 @@ pub struct Candidate {
     pub masquerade: bool,
 }
 
+/// Adds a walk branch that ends at `endpoint` with probability `share` to `candidates`: a
+/// branch to the same endpoint with the same masquerade decision adds to its share, another is
+/// a candidate of its own (`weight` is asked only then).
+pub fn add_candidate(
+    candidates: &mut Vec<Candidate>,
+    endpoint: SocketAddr,
+    masquerade: bool,
+    share: f64,
+    weight: impl FnOnce() -> Option<u32>,
+) {
+    match candidates
+        .iter_mut()
+        .find(|c| c.endpoint == endpoint && c.masquerade == masquerade)
+    {
+        Some(c) => c.share += share,
+        None => candidates.push(Candidate {
+            endpoint,
+            share,
+            weight: weight(),
+            masquerade,
+        }),
+    }
+}
+
 /// The answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {

@@ -46,6 +46,7 @@ mod common;
 mod fake_apiserver;
 
 mod binary;
+mod churn;
 mod dataplane;
 mod report;
 mod upstream;
@@ -490,6 +491,10 @@ fn main() {
     }
     let p = profile(&args);
     raise_nofile();
+    if let Some(seconds) = flag_value(&args, "--churn") {
+        run_churn(&args, &p, seconds.parse().unwrap_or(60));
+        return;
+    }
     let started = Instant::now();
     let machine = report::Machine::collect(p.quick);
     let ipvs = ipvs_available();
@@ -551,4 +556,61 @@ fn main() {
     }
     bar.finish_and_clear();
     report::report(&rows, &machine, started.elapsed(), &args);
+    if p.quick {
+        // The churn subject in miniature, so it cannot rot.
+        run_churn(&args, &p, 3);
+    }
+}
+
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).map(String::as_str)
+}
+
+/// `--churn SECONDS` (with `--churn-rate` changes per second, 100 by default): the first of
+/// `--sizes` and `--endpoints` (10,000 x 10 by default), see [`churn`]. Writes `churn.md` and
+/// `churn.json` next to the other results.
+fn run_churn(args: &[String], p: &Profile, seconds: u64) {
+    let (n, e, rate) = if p.quick {
+        (100, 2, 50)
+    } else {
+        (
+            flag_value(args, "--sizes")
+                .and_then(|v| v.split(',').next()?.trim().parse().ok())
+                .unwrap_or(10_000),
+            flag_value(args, "--endpoints")
+                .and_then(|v| v.split(',').next()?.trim().parse().ok())
+                .unwrap_or(10),
+            flag_value(args, "--churn-rate")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100),
+        )
+    };
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let run = churn::run(n, e, rate, seconds).unwrap();
+    let mut text = churn::markdown(&run, if seconds >= 120 { 30 } else { seconds.max(1) });
+    text.push_str(&format!(
+        "\nload average before: {}; after: {}\n",
+        load_before.trim(),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    ));
+    print!("{text}");
+    let dir = report::out_dir(args);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("churn.md"), &text).unwrap();
+    let json = serde_json::json!({
+        "services": run.services, "endpoints": run.endpoints, "rate": run.rate,
+        "seconds": run.seconds, "changes": run.changes, "missing": run.missing,
+        "mismatched_services": run.mismatched,
+        "start_to_synced_s": run.start_to_synced.as_secs_f64(),
+        "latencies_s": run.latencies.iter().map(|(at, l)| [at.as_secs_f64(), l.as_secs_f64()]).collect::<Vec<_>>(),
+        "samples": run.samples.iter().map(|(t, rss, cpu)| serde_json::json!({"t_s": t, "rss_kib": rss, "cpu_pct": cpu})).collect::<Vec<_>>(),
+    });
+    std::fs::write(dir.join("churn.json"), serde_json::to_string(&json).unwrap()).unwrap();
+    assert!(
+        run.missing == 0 && run.mismatched == 0,
+        "changes were lost: {} missing, {} services wrong",
+        run.missing,
+        run.mismatched
+    );
 }

@@ -326,7 +326,7 @@ fn row_json(r: &Row) -> Value {
 }
 
 /// `--out DIR`, else `$CARGO_TARGET_DIR/kproxy-bench`, else `target/kproxy-bench`.
-fn out_dir(args: &[String]) -> PathBuf {
+pub(crate) fn out_dir(args: &[String]) -> PathBuf {
     if let Some(dir) = args
         .iter()
         .position(|a| a == "--out")

@@ -1,0 +1,368 @@
+//! Network programming latency under churn, from the API (`--churn SECONDS`): the `kproxy`
+//! binary (nftables mode) watches the fake API server (inside its namespace) holding N
+//! services x E endpoints, and the harness changes one endpoint of one service every
+//! `1/rate` seconds, round robin over the services, each time to an address never used before.
+//!
+//! Latency is measured outside kproxy, from the kernel: `nft monitor` runs in kproxy's
+//! namespace and prints every element the kernel commits; a change counts as programmed when
+//! its new endpoint address first appears in an `endpoints-tcp` element. So the figure runs
+//! from the moment the harness wrote the object to the API server to the moment the kernel
+//! committed the rule: the watch, kproxy's debounce (`--min-sync-period`), build, render, plan
+//! and apply. At the end the harness reads the map back and compares every service's endpoints
+//! with what it wrote last: a dropped or reordered change would leave a service behind.
+//!
+//! Alongside: kproxy's RSS and CPU every second.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead as _, BufReader};
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+use crate::common::objects::{NODE_NAME, node, service, slice};
+use crate::common::{Ns, Proc};
+use crate::fake_apiserver::FakeApiServer;
+
+/// What one churn run measured.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ChurnRun {
+    pub(crate) services: usize,
+    pub(crate) endpoints: usize,
+    pub(crate) rate: u32,
+    pub(crate) seconds: u64,
+    /// kproxy's start to its first complete sync.
+    pub(crate) start_to_synced: Duration,
+    /// Changes written to the API server.
+    pub(crate) changes: usize,
+    /// Write → kernel commit, per change seen, in the order they were written.
+    pub(crate) latencies: Vec<(Duration, Duration)>,
+    /// Changes whose address never reached the kernel.
+    pub(crate) missing: usize,
+    /// Services whose endpoints in the kernel at the end differ from the last write.
+    pub(crate) mismatched: usize,
+    /// (seconds since the churn started, RSS KiB, CPU % of one core over the last second).
+    pub(crate) samples: Vec<(u64, u64, f64)>,
+}
+
+/// The address the `k`-th change gives its service: 10.248.0.0/14, never used twice.
+fn fresh(k: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 248, 0, 0)) + k as u32)
+}
+
+/// `ns/s{i}`'s slice with these endpoints and the trigger-time annotation upstream's
+/// EndpointSlice controller writes.
+fn slice_with(i: usize, addrs: &[Ipv4Addr]) -> Value {
+    let mut s = slice(i, addrs.len(), 0);
+    let endpoints: Vec<Value> = addrs
+        .iter()
+        .map(|a| {
+            serde_json::json!({"addresses": [a.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}, "nodeName": "other-node"})
+        })
+        .collect();
+    s["endpoints"] = Value::Array(endpoints);
+    s["metadata"]["annotations"] = serde_json::json!({
+        "endpoints.kubernetes.io/last-change-trigger-time":
+            humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
+    });
+    s
+}
+
+/// The addresses `nft monitor` shows as values of `endpoints-tcp` elements on one line.
+fn endpoint_values(line: &str) -> Vec<Ipv4Addr> {
+    if !line.starts_with("add element ip kproxy endpoints-tcp") {
+        return Vec::new();
+    }
+    line.split(" : ")
+        .skip(1)
+        .filter_map(|v| v.split(" . ").next()?.trim().parse().ok())
+        .collect()
+}
+
+/// `/proc/PID/stat` utime + stime, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The endpoints of every ClusterIP in the kernel's `endpoints-tcp` map.
+fn kernel_endpoints(ns: &Ns) -> BTreeMap<String, BTreeSet<String>> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "nft",
+            "-j",
+            "list",
+            "map",
+            "ip",
+            "kproxy",
+            "endpoints-tcp",
+        ])
+        .output()
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut map: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let elements = doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["map"]["elem"].as_array())
+        .flatten();
+    for e in elements {
+        // [[key concat], [value concat]]
+        let key = &e[0]["concat"];
+        let value = &e[1]["concat"];
+        if let (Some(vip), Some(ep)) = (key[0].as_str(), value[0].as_str()) {
+            map.entry(vip.to_string()).or_default().insert(ep.to_string());
+        }
+    }
+    map
+}
+
+/// One churn run. See the module documentation.
+pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRun, String> {
+    let ns = Ns::new("bench", "churn");
+    let listener = ns.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let api = FakeApiServer::start_on(listener);
+    api.apply(node());
+    let mut current: Vec<Vec<Ipv4Addr>> = Vec::with_capacity(n);
+    for i in 0..n {
+        api.apply(service(i));
+        let s = slice(i, e, 0);
+        let addrs: Vec<Ipv4Addr> = s["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ep| ep["addresses"][0].as_str()?.parse().ok())
+            .collect();
+        api.apply(s);
+        current.push(addrs);
+    }
+    let log = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+    let url = api.url();
+    let started = Instant::now();
+    let kproxy = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kproxy")])
+            .args(["--master", &url, "--proxy-mode", "nftables"])
+            .args(["--hostname-override", NODE_NAME, "--cluster-cidr", "10.244.0.0/16"])
+            .args(["--healthz-bind-address=", "--metrics-bind-address="])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("cannot start kproxy: {e}"))?,
+    );
+    let pid = kproxy.0.id();
+    let synced = loop {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        if text.contains("\"sync complete\"") {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err(format!("kproxy did not sync within 120 s: {text}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    // The kernel's commits, as they happen.
+    let seen: Arc<Mutex<HashMap<Ipv4Addr, Instant>>> = Arc::default();
+    let mut monitor = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "nft", "monitor", "new", "elements"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start nft monitor: {e}"))?,
+    );
+    let out = monitor.0.stdout.take().ok_or("nft monitor has no stdout")?;
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let now = Instant::now();
+                let mut seen = seen.lock().unwrap();
+                for addr in endpoint_values(&line) {
+                    seen.entry(addr).or_insert(now);
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let total = (u64::from(rate) * seconds) as usize;
+    let mut written: Vec<(Ipv4Addr, Instant)> = Vec::with_capacity(total);
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    let mut next_sample = 1;
+    let mut last_ticks = cpu_ticks(pid).unwrap_or(0);
+    let ticks_per_s = 100.0;
+    for k in 0..total {
+        let due = t0 + period * k as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let i = k % n;
+        let addr = fresh(k);
+        let slot = (k / n) % e.max(1);
+        current[i][slot] = addr;
+        api.apply(slice_with(i, &current[i]));
+        written.push((addr, Instant::now()));
+        if t0.elapsed().as_secs() >= next_sample {
+            let ticks = cpu_ticks(pid).unwrap_or(last_ticks);
+            let cpu = (ticks - last_ticks) as f64 / ticks_per_s * 100.0;
+            last_ticks = ticks;
+            samples.push((next_sample, rss_kib(pid).unwrap_or(0), cpu));
+            next_sample += 1;
+        }
+    }
+    // What is still on its way gets a few sync periods.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let seen = seen.lock().unwrap();
+        if written.iter().all(|(a, _)| seen.contains_key(a)) {
+            break;
+        }
+        drop(seen);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let latencies_seen = seen.lock().unwrap().clone();
+    let mut latencies = Vec::new();
+    let mut missing = 0;
+    for (addr, at) in &written {
+        match latencies_seen.get(addr) {
+            Some(t) => latencies.push((at.duration_since(t0), t.saturating_duration_since(*at))),
+            None => missing += 1,
+        }
+    }
+    let kernel = kernel_endpoints(&ns);
+    let mismatched = (0..n)
+        .filter(|&i| {
+            let vip = service(i)["spec"]["clusterIP"].as_str().unwrap_or("").to_string();
+            let want: BTreeSet<String> = current[i].iter().map(ToString::to_string).collect();
+            kernel.get(&vip) != Some(&want)
+        })
+        .count();
+    drop(monitor);
+    drop(kproxy);
+    let _ = reader.join();
+    drop(api);
+    Ok(ChurnRun {
+        services: n,
+        endpoints: e,
+        rate,
+        seconds,
+        start_to_synced: synced,
+        changes: written.len(),
+        latencies,
+        missing,
+        mismatched,
+        samples,
+    })
+}
+
+/// The `q`-quantile of `sorted`.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+/// The run as Markdown: the totals, then per-window latency percentiles, RSS and CPU.
+pub(crate) fn markdown(r: &ChurnRun, window: u64) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let mut all: Vec<Duration> = r.latencies.iter().map(|(_, l)| *l).collect();
+    all.sort();
+    let _ = writeln!(
+        o,
+        "Churn: {} services x {} endpoints from the fake API server, nftables mode (default --min-sync-period 1s), \
+         one endpoint change every {:.0} ms for {} s. Latency: write to the API server → the kernel committed the element (`nft monitor`).\n",
+        r.services,
+        r.endpoints,
+        1000.0 / f64::from(r.rate.max(1)),
+        r.seconds
+    );
+    let _ = writeln!(
+        o,
+        "| changes | programmed | missing | services wrong at the end | p50 ms | p90 ms | p99 ms | max ms | start→synced ms |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        r.changes,
+        r.latencies.len(),
+        r.missing,
+        r.mismatched,
+        ms(quantile(&all, 0.5)),
+        ms(quantile(&all, 0.9)),
+        ms(quantile(&all, 0.99)),
+        ms(all.last().copied().unwrap_or_default()),
+        ms(r.start_to_synced),
+    );
+    let _ = writeln!(
+        o,
+        "\n| window (s) | changes | p50 ms | p99 ms | RSS MiB at end | CPU % of a core |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|");
+    let mut from = 0;
+    while from < r.seconds {
+        let to = from + window;
+        let mut w: Vec<Duration> = r
+            .latencies
+            .iter()
+            .filter(|(at, _)| (from..to).contains(&at.as_secs()))
+            .map(|(_, l)| *l)
+            .collect();
+        w.sort();
+        let in_window: Vec<&(u64, u64, f64)> = r
+            .samples
+            .iter()
+            .filter(|(s, _, _)| *s > from && *s <= to)
+            .collect();
+        let rss = in_window.last().map_or(0, |s| s.1);
+        let cpu = if in_window.is_empty() {
+            0.0
+        } else {
+            in_window.iter().map(|s| s.2).sum::<f64>() / in_window.len() as f64
+        };
+        let _ = writeln!(
+            o,
+            "| {from}-{to} | {} | {} | {} | {:.1} | {cpu:.1} |",
+            w.len(),
+            ms(quantile(&w, 0.5)),
+            ms(quantile(&w, 0.99)),
+            rss as f64 / 1024.0,
+        );
+        from = to;
+    }
+    o
+}

@@ -155,6 +155,32 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
         api.apply(s);
         current.push(addrs);
     }
+    // The kernel's commits, as they happen. Started before kproxy, while the namespace has no
+    // table: `nft monitor` started next to a filled table first lists all of it, and the events
+    // of the first minute and a half then reached it 100 s late (measured).
+    let seen: Arc<Mutex<HashMap<Ipv4Addr, Instant>>> = Arc::default();
+    let mut monitor = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "nft", "monitor", "new", "elements"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start nft monitor: {e}"))?,
+    );
+    let out = monitor.0.stdout.take().ok_or("nft monitor has no stdout")?;
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let now = Instant::now();
+                let mut seen = seen.lock().unwrap();
+                for addr in endpoint_values(&line) {
+                    seen.entry(addr).or_insert(now);
+                }
+            }
+        })
+    };
     let log = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
     let url = api.url();
     let started = Instant::now();
@@ -184,31 +210,19 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
         std::thread::sleep(Duration::from_millis(20));
     };
 
-    // The kernel's commits, as they happen.
-    let seen: Arc<Mutex<HashMap<Ipv4Addr, Instant>>> = Arc::default();
-    let mut monitor = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0, "nft", "monitor", "new", "elements"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start nft monitor: {e}"))?,
-    );
-    let out = monitor.0.stdout.take().ok_or("nft monitor has no stdout")?;
-    let reader = {
-        let seen = seen.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let now = Instant::now();
-                let mut seen = seen.lock().unwrap();
-                for addr in endpoint_values(&line) {
-                    seen.entry(addr).or_insert(now);
-                }
-            }
-        })
-    };
-    std::thread::sleep(Duration::from_millis(300));
+
+    // The monitor has printed the first sync (its last service's endpoints) before the churn
+    // starts, so no change waits behind it.
+    let caught_up = Instant::now() + Duration::from_secs(120);
+    while !current[n - 1]
+        .iter()
+        .all(|a| seen.lock().unwrap().contains_key(a))
+    {
+        if Instant::now() > caught_up {
+            return Err("nft monitor did not show the first sync within 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let total = (u64::from(rate) * seconds) as usize;

@@ -175,7 +175,7 @@ fn markdown(rows: &[Row], machine: &Machine, took: Duration, args: &[String]) ->
     }
     let _ = writeln!(
         o,
-        "\nThe binary from the API source: the same objects served by the fake API server (paged lists of 500, as kube's watcher asks; the server runs in the benchmark process inside kproxy's namespace, so its memory is not kproxy's).\n"
+        "\nThe binary from the API source: the same objects served by the fake API server (paged lists, as kproxy asks for them; the server runs in the benchmark process inside kproxy's namespace, so its memory is not kproxy's).\n"
     );
     let _ = writeln!(
         o,

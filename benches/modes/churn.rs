@@ -130,7 +130,9 @@ fn kernel_endpoints(ns: &Ns) -> BTreeMap<String, BTreeSet<String>> {
         let key = &e[0]["concat"];
         let value = &e[1]["concat"];
         if let (Some(vip), Some(ep)) = (key[0].as_str(), value[0].as_str()) {
-            map.entry(vip.to_string()).or_default().insert(ep.to_string());
+            map.entry(vip.to_string())
+                .or_default()
+                .insert(ep.to_string());
         }
     }
     map
@@ -188,7 +190,12 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
         Command::new("ip")
             .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kproxy")])
             .args(["--master", &url, "--proxy-mode", "nftables"])
-            .args(["--hostname-override", NODE_NAME, "--cluster-cidr", "10.244.0.0/16"])
+            .args([
+                "--hostname-override",
+                NODE_NAME,
+                "--cluster-cidr",
+                "10.244.0.0/16",
+            ])
             .args(["--healthz-bind-address=", "--metrics-bind-address="])
             .args(["--log-format", "json"])
             .env("RUST_LOG", "info")
@@ -209,7 +216,6 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-
 
     // The monitor has printed the first sync (its last service's endpoints) before the churn
     // starts, so no change waits behind it.
@@ -273,7 +279,10 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
     let kernel = kernel_endpoints(&ns);
     let mismatched = (0..n)
         .filter(|&i| {
-            let vip = service(i)["spec"]["clusterIP"].as_str().unwrap_or("").to_string();
+            let vip = service(i)["spec"]["clusterIP"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             let want: BTreeSet<String> = current[i].iter().map(ToString::to_string).collect();
             kernel.get(&vip) != Some(&want)
         })

@@ -592,7 +592,9 @@ fn run_churn(args: &[String], p: &Profile, seconds: u64) {
     text.push_str(&format!(
         "\nload average before: {}; after: {}\n",
         load_before.trim(),
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     ));
     print!("{text}");
     let dir = report::out_dir(args);
@@ -606,7 +608,11 @@ fn run_churn(args: &[String], p: &Profile, seconds: u64) {
         "latencies_s": run.latencies.iter().map(|(at, l)| [at.as_secs_f64(), l.as_secs_f64()]).collect::<Vec<_>>(),
         "samples": run.samples.iter().map(|(t, rss, cpu)| serde_json::json!({"t_s": t, "rss_kib": rss, "cpu_pct": cpu})).collect::<Vec<_>>(),
     });
-    std::fs::write(dir.join("churn.json"), serde_json::to_string(&json).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("churn.json"),
+        serde_json::to_string(&json).unwrap(),
+    )
+    .unwrap();
     assert!(
         run.missing == 0 && run.mismatched == 0,
         "changes were lost: {} missing, {} services wrong",

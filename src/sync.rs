@@ -239,6 +239,15 @@ impl<M: Mode> SyncLoop<M> {
         }
     }
 
+    /// Tells /healthz and the metrics that changes wait for a sync.
+    fn mark_queued(&self) {
+        let now = std::time::SystemTime::now();
+        self.health.queued(now);
+        if let Some(m) = &self.metrics {
+            m.queued(now);
+        }
+    }
+
     /// Schedules the first sync when its gate is open, and returns whether it did; otherwise
     /// keeps the gate's own deadline (the end of the Node wait) in `gate_deadline`.
     fn open_first_sync(
@@ -307,6 +316,8 @@ impl<M: Mode> SyncLoop<M> {
         // Until the first sync: when the gate opens by itself (the Node wait ends).
         let mut gate_deadline = None;
         let mut initialized = false;
+        // Changes arrived before the first sync was due (marked queued once it is).
+        let mut queued_early = false;
         loop {
             tokio::select! {
                 biased;
@@ -328,10 +339,12 @@ impl<M: Mode> SyncLoop<M> {
                     let touched = self.cache.apply(update);
                     let (services, endpoints) = (touched.service_changes, touched.endpoint_changes);
                     if !touched.is_empty() {
-                        let now = std::time::SystemTime::now();
-                        self.health.queued(now);
-                        if let Some(m) = &self.metrics {
-                            m.queued(now);
+                        if initialized {
+                            self.mark_queued();
+                        } else {
+                            // Not while the first sync waits (for the Node up to 30 s): /healthz
+                            // would time out on changes no sync may take yet.
+                            queued_early = true;
                         }
                     }
                     self.pending.merge(touched);
@@ -345,9 +358,15 @@ impl<M: Mode> SyncLoop<M> {
                         continue;
                     }
                     initialized = self.open_first_sync(&first, &mut schedule, &mut gate_deadline);
+                    if initialized && std::mem::take(&mut queued_early) {
+                        self.mark_queued();
+                    }
                 }
                 () = sleep_until(gate_deadline), if !initialized => {
                     initialized = self.open_first_sync(&first, &mut schedule, &mut gate_deadline);
+                    if initialized && std::mem::take(&mut queued_early) {
+                        self.mark_queued();
+                    }
                 }
                 () = sleep_until(schedule.deadline()) => {
                     let due = schedule.due(Instant::now());
@@ -421,27 +440,28 @@ impl<M: Mode> SyncLoop<M> {
         Ok(self.publish(committed, full, started))
     }
 
-    /// Builds the desired state from the cache (incrementally from the last build when it can).
-    fn build(&mut self) -> desired_state::Built {
+    /// Builds the desired state from the cache (incrementally from the last build when it can),
+    /// and how long the build itself took.
+    fn build(&mut self) -> (desired_state::Built, Duration) {
         let node_obj = self.cache.node().map(|n| n.as_ref());
         self.health.set_node(node_obj);
         let ctx = BuildContext::new(&self.config, node_obj, &node::local_addresses());
+        let t_build = Instant::now();
         let built = match &self.previous {
             Some(prev) if !self.pending.everything => {
                 desired_state::build_incremental(&self.cache, &ctx, prev, &self.pending.services)
             }
             prev => desired_state::build(&self.cache, &ctx, prev.as_ref().map(|b| &b.state)),
         };
+        let build_time = t_build.elapsed();
         self.report_skipped(&built.skipped);
-        built
+        (built, build_time)
     }
 
     /// Build, render, and plan against what the kernel holds: read back for a full sync, a dry
     /// run or after a failure, else the rules the last apply left.
     fn prepare(&mut self, full: bool) -> Result<Prepared<M>, ModeError> {
-        let t_build = Instant::now();
-        let built = self.build();
-        let build_time = t_build.elapsed();
+        let (built, build_time) = self.build();
         let t_render = Instant::now();
         let desired = block(|| self.mode.render(&built.state));
         let render_time = t_render.elapsed();

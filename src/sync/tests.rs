@@ -586,3 +586,46 @@ fn a_conntrack_failure_does_not_fail_the_sync() {
     // The rules were applied and are believed.
     assert!(sl.believed.is_some());
 }
+
+/// While the first sync waits for the Node, the lists' changes are not counted as queued:
+/// /healthz would otherwise turn unhealthy after twice the sync period on changes no sync may
+/// take yet. They count once the first sync is due.
+#[tokio::test(start_paused = true)]
+async fn changes_wait_quietly_while_the_first_sync_waits_for_the_node() {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let health = crate::health::Health::new(Duration::from_secs(30));
+    let (tx, rx) = mpsc::channel(100);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut sl = SyncLoop::new(FakeMode(log.clone()), config(), waiting_for_node())
+        .with_output(Box::new(std::io::sink()))
+        .with_health(health.clone())
+        .with_jitter(crate::retry::Jitter::Fixed(0.0));
+    let task = tokio::spawn(async move {
+        sl.run(rx, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let h = Harness {
+        log,
+        tx,
+        stop: Some(stop),
+        task,
+    };
+    lists(&h, vec![svc("a", "10.96.0.1")]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.reads(), 0, "still waiting for the Node");
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    assert!(
+        health.verdict(later).healthy,
+        "the lists' changes were counted as queued during the wait"
+    );
+    h.send(Update::Node(
+        Change::Reset(vec![node_with(&["192.168.0.10"])]).shared(),
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.applies(), 1);
+    assert!(health.verdict(later).healthy, "synced: nothing is pending");
+    assert_eq!(h.stop().await, Stopped::Shutdown);
+}

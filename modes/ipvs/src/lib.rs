@@ -450,12 +450,6 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
         out
     }
 
-    /// Every virtual server on kproxy's addresses (its service addresses and this node's own
-    /// addresses, as [`Mode::read_live`] scopes them), the `kproxy-ipvs` tables, the dummy
-    /// interface and kproxy's `lo` routes. [`IpvsOptions::exclude_cidrs`] is not consulted:
-    /// upstream's cleanup ignores it too (and flushes all of IPVS, which kproxy never does).
-    /// On a kernel without IPVS there are no virtual servers to remove; the rest is still
-    /// cleaned.
     /// IPVS's sysctls, strict ARP and the connection timeouts, done once.
     fn node_setup(&mut self) {
         if !self.prepared {
@@ -465,6 +459,12 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
         }
     }
 
+    /// Every virtual server on kproxy's addresses (its service addresses and this node's own
+    /// addresses, as [`Mode::read_live`] scopes them), the `kproxy-ipvs` tables, the dummy
+    /// interface and kproxy's `lo` routes. [`IpvsOptions::exclude_cidrs`] is not consulted:
+    /// upstream's cleanup ignores it too (and flushes all of IPVS, which kproxy never does).
+    /// On a kernel without IPVS there are no virtual servers to remove; the rest is still
+    /// cleaned.
     fn cleanup(&mut self) -> Result<(), ModeError> {
         match self.read_live() {
             Ok(live) => {

@@ -182,7 +182,15 @@ pub fn execute<K: StepKernel + ?Sized>(
     plan: &NftPlan,
     via: Via,
 ) -> Result<(), CommandError> {
-    let schedule = Schedule::of(plan, via);
+    run(kernel, plan, &Schedule::of(plan, via))
+}
+
+/// Runs `schedule` (of `plan`) through `kernel`, with the fallbacks [`execute`] describes.
+fn run<K: StepKernel + ?Sized>(
+    kernel: &mut K,
+    plan: &NftPlan,
+    schedule: &Schedule,
+) -> Result<(), CommandError> {
     if let Some(reason) = schedule.whole {
         tracing::debug!(reason, "applying the whole plan with nft -f");
     }
@@ -194,7 +202,7 @@ pub fn execute<K: StepKernel + ?Sized>(
                 Err(err) if err.use_nft_instead() => {
                     tracing::warn!(error = %kproxy_contract::Chain(&err), "applying the element changes with nft -f instead of netlink");
                     if i == 0 {
-                        return execute(kernel, plan, Via::NftOnly);
+                        return run(kernel, plan, &Schedule::whole(plan, "netlink unavailable"));
                     }
                     let finish = match schedule.steps.get(i + 1) {
                         Some(Step::Nft(finish)) => finish.clone(),
@@ -397,8 +405,9 @@ pub fn send_elements(plan: &NftPlan) -> Result<(usize, usize), NetlinkError> {
         Ok(None) => Ok((0, 0)),
         Err(err) => Err(err),
     };
-    // A socket that saw an error is not kept for the next batch.
-    if sent.is_ok() {
+    // A socket the kernel answered with an error is not kept for the next batch; one that
+    // sent nothing (an element this encoder cannot write) is.
+    if matches!(sent, Ok(_) | Err(NetlinkError::Encode { .. })) {
         socket::release(socket);
     }
     sent

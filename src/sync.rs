@@ -248,13 +248,15 @@ impl<M: Mode> SyncLoop<M> {
         }
     }
 
-    /// Schedules the first sync when its gate is open, and returns whether it did; otherwise
-    /// keeps the gate's own deadline (the end of the Node wait) in `gate_deadline`.
+    /// Schedules the first sync when its gate is open, and returns whether it did (then the
+    /// changes that came meanwhile, `queued_early`, count as queued); otherwise keeps the
+    /// gate's own deadline (the end of the Node wait) in `gate_deadline`.
     fn open_first_sync(
         &self,
         first: &FirstSync,
         schedule: &mut Schedule,
         gate_deadline: &mut Option<Instant>,
+        queued_early: &mut bool,
     ) -> bool {
         let now = Instant::now();
         let gate = first.gate(self.listed(), now);
@@ -265,6 +267,9 @@ impl<M: Mode> SyncLoop<M> {
         *gate_deadline = None;
         self.starting_first_sync(gate, first);
         schedule.initialized(now);
+        if std::mem::take(queued_early) {
+            self.mark_queued();
+        }
         true
     }
 
@@ -357,16 +362,10 @@ impl<M: Mode> SyncLoop<M> {
                         }
                         continue;
                     }
-                    initialized = self.open_first_sync(&first, &mut schedule, &mut gate_deadline);
-                    if initialized && std::mem::take(&mut queued_early) {
-                        self.mark_queued();
-                    }
+                    initialized = self.open_first_sync(&first, &mut schedule, &mut gate_deadline, &mut queued_early);
                 }
                 () = sleep_until(gate_deadline), if !initialized => {
-                    initialized = self.open_first_sync(&first, &mut schedule, &mut gate_deadline);
-                    if initialized && std::mem::take(&mut queued_early) {
-                        self.mark_queued();
-                    }
+                    initialized = self.open_first_sync(&first, &mut schedule, &mut gate_deadline, &mut queued_early);
                 }
                 () = sleep_until(schedule.deadline()) => {
                     let due = schedule.due(Instant::now());

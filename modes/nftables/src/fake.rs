@@ -12,7 +12,7 @@ use crate::kernel::NftKernel;
 use crate::model::{Chain, Table};
 use crate::netlink::NetlinkError;
 use crate::plan::NftPlan;
-use crate::steps::{Step, StepKernel};
+use crate::steps::{StepKernel, elements_text, netlink_elements};
 
 /// The fake kernel.
 #[derive(Debug, Clone, Default)]
@@ -24,7 +24,7 @@ pub struct FakeNft {
     pub nft_transactions: usize,
     /// Of which netlink element batches.
     pub netlink_batches: usize,
-    /// Every transaction applied, in order, as its schedule step prints it.
+    /// Every transaction applied, in order, as its schedule prints it ([`crate::steps::Schedule::text`]).
     pub transactions: Vec<String>,
     /// When set, the next apply fails with this message and changes nothing.
     pub fail_next: Option<String>,
@@ -211,7 +211,7 @@ impl StepKernel for FakeNft {
     }
 
     fn elements(&mut self, plan: &NftPlan) -> Result<(), NetlinkError> {
-        self.transaction(plan, Transaction::Netlink)
+        self.transaction(&netlink_elements(plan), Transaction::Netlink)
             .map_err(|msg| NetlinkError::Rejected {
                 what: format!("apply a batch ({msg})"),
                 errno: 22,
@@ -234,38 +234,26 @@ impl FakeNft {
         if let Some(msg) = self.fail_next.take() {
             return Err(msg);
         }
-        if kind == Transaction::Netlink {
-            let only_elements = plan.families.values().all(|fp| {
-                !fp.recreate
-                    && !fp.delete_table
-                    && fp.add_sets.is_empty()
-                    && fp.add_chains.is_empty()
-                    && fp.write_chains.is_empty()
-                    && fp.delete_chains.is_empty()
-                    && fp.delete_sets.is_empty()
-            });
-            if !only_elements {
-                return Err("a netlink batch carries element changes only".into());
-            }
-            if plan.families.keys().any(|f| !self.tables.contains_key(f)) {
-                return Err("a netlink batch for a table that does not exist".into());
-            }
+        if kind == Transaction::Netlink
+            && plan.families.keys().any(|f| !self.tables.contains_key(f))
+        {
+            return Err("a netlink batch for a table that does not exist".into());
         }
         let mut copy = self.tables.clone();
         Self::apply_to(&mut copy, plan)?;
         self.tables = copy;
         self.applied += 1;
-        let step = match kind {
+        let text = match kind {
             Transaction::Nft => {
                 self.nft_transactions += 1;
-                Step::Nft(plan.clone())
+                plan.script()
             }
             Transaction::Netlink => {
                 self.netlink_batches += 1;
-                Step::Elements(plan.clone())
+                elements_text(plan)
             }
         };
-        self.transactions.push(step.to_string());
+        self.transactions.push(text);
         Ok(())
     }
 }

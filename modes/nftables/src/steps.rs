@@ -68,25 +68,28 @@ pub enum Via {
 pub enum Step {
     /// One `nft -f` transaction of this plan.
     Nft(NftPlan),
-    /// One netlink batch: this plan's element changes (deletions, then additions; non-interval
-    /// sets and maps only).
-    Elements(NftPlan),
+    /// One netlink batch: the schedule's plan's element changes of non-interval sets and maps
+    /// (deletions, then additions). Not copied out of the plan: a first sync has 130,000 of
+    /// them at 10,000 services.
+    Elements,
 }
 
 /// How one plan reaches the kernel: its transactions in order. See the module documentation.
 #[derive(Debug, Clone)]
-pub struct Schedule {
+pub struct Schedule<'a> {
+    plan: &'a NftPlan,
     /// The transactions, in order (none for an empty plan).
     pub steps: Vec<Step>,
     /// Why the plan goes through `nft -f` alone, when it does.
     pub whole: Option<&'static str>,
 }
 
-impl Schedule {
+impl<'a> Schedule<'a> {
     /// The schedule for `plan`.
-    pub fn of(plan: &NftPlan, via: Via) -> Schedule {
+    pub fn of(plan: &'a NftPlan, via: Via) -> Schedule<'a> {
         if plan.families.is_empty() {
             return Schedule {
+                plan,
                 steps: Vec::new(),
                 whole: None,
             };
@@ -98,36 +101,61 @@ impl Schedule {
             Ok(split) => split,
             Err(reason) => return Schedule::whole(plan, reason),
         };
-        let elements = netlink_elements(plan);
-        if elements.families.is_empty() {
+        if !has_netlink_elements(plan) {
             return Schedule::whole(plan, "no element change goes through netlink");
         }
         let mut steps = Vec::new();
         if !split.prepare.families.is_empty() {
             steps.push(Step::Nft(split.prepare));
         }
-        steps.push(Step::Elements(elements));
+        steps.push(Step::Elements);
         if !split.finish.families.is_empty() {
             steps.push(Step::Nft(split.finish));
         }
-        Schedule { steps, whole: None }
+        Schedule {
+            plan,
+            steps,
+            whole: None,
+        }
     }
 
     /// `plan` through `nft -f` alone: its new sets and regular chains first when the tables
     /// stay ([`chains_first`]), then the rest.
-    fn whole(plan: &NftPlan, why: &'static str) -> Schedule {
+    fn whole(plan: &'a NftPlan, why: &'static str) -> Schedule<'a> {
         let steps = match chains_first(plan) {
             Some((first, rest)) => vec![Step::Nft(first), Step::Nft(rest)],
             None => vec![Step::Nft(plan.clone())],
         };
         Schedule {
+            plan,
             steps,
             whole: Some(why),
         }
     }
+
+    /// What `step` carries, as it is sent: an `nft -f` step's script, a netlink batch's
+    /// element statements ([`elements_text`]).
+    pub fn text(&self, step: &Step) -> String {
+        match step {
+            Step::Nft(plan) => plan.script(),
+            Step::Elements => elements_text(self.plan),
+        }
+    }
 }
 
-impl fmt::Display for Schedule {
+/// The element changes one netlink batch of `plan` carries (its non-interval sets and maps),
+/// in nft syntax.
+pub fn elements_text(plan: &NftPlan) -> String {
+    struct Text<'a>(&'a NftPlan);
+    impl fmt::Display for Text<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.0.write_element_changes(f)
+        }
+    }
+    Text(&netlink_elements(plan)).to_string()
+}
+
+impl fmt::Display for Schedule<'_> {
     /// Each transaction as it is sent: `nft -f` steps as their scripts, the netlink batch as
     /// the element statements it carries (the same elements, in nft syntax).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -139,26 +167,15 @@ impl fmt::Display for Schedule {
             let why = self.whole.map(|w| format!(" ({w})")).unwrap_or_default();
             match step {
                 Step::Nft(_) => writeln!(f, "# transaction {} of {n}: nft -f{why}", i + 1)?,
-                Step::Elements(_) => writeln!(
+                Step::Elements => writeln!(
                     f,
                     "# transaction {} of {n}: one netlink batch, element deletions then additions",
                     i + 1
                 )?,
             }
-            step.fmt(f)?;
+            f.write_str(&self.text(step))?;
         }
         Ok(())
-    }
-}
-
-impl fmt::Display for Step {
-    /// What the transaction carries: an `nft -f` step's script, a netlink batch's element
-    /// statements.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Step::Nft(plan) => f.write_str(&plan.script()),
-            Step::Elements(plan) => plan.write_element_changes(f),
-        }
     }
 }
 
@@ -168,8 +185,9 @@ impl fmt::Display for Step {
 pub trait StepKernel {
     /// One `nft -f` transaction of `plan`.
     fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError>;
-    /// One netlink batch of `plan`'s element changes. An error for which
-    /// [`NetlinkError::use_nft_instead`] holds sent nothing.
+    /// One netlink batch of `plan`'s element changes of non-interval sets and maps (the
+    /// others go with an `nft -f` step). An error for which [`NetlinkError::use_nft_instead`]
+    /// holds sent nothing.
     fn elements(&mut self, plan: &NftPlan) -> Result<(), NetlinkError>;
 }
 
@@ -197,7 +215,7 @@ fn run<K: StepKernel + ?Sized>(
     for (i, step) in schedule.steps.iter().enumerate() {
         match step {
             Step::Nft(p) => kernel.nft(p)?,
-            Step::Elements(p) => match kernel.elements(p) {
+            Step::Elements => match kernel.elements(plan) {
                 Ok(()) => {}
                 Err(err) if err.use_nft_instead() => {
                     tracing::warn!(error = %kproxy_contract::Chain(&err), "applying the element changes with nft -f instead of netlink");
@@ -217,9 +235,19 @@ fn run<K: StepKernel + ?Sized>(
     Ok(())
 }
 
-/// The netlink part of `plan`: the element changes of its non-interval sets and maps, with
-/// the set signatures the encoder needs.
-fn netlink_elements(plan: &NftPlan) -> NftPlan {
+/// Whether `plan` changes an element of a non-interval set or map.
+fn has_netlink_elements(plan: &NftPlan) -> bool {
+    plan.families.values().any(|fp| {
+        [&fp.delete_elements, &fp.add_elements]
+            .into_iter()
+            .flatten()
+            .any(|(set, elements)| !elements.is_empty() && via_netlink(fp, set))
+    })
+}
+
+/// The netlink part of `plan` as a plan of its own: the element changes of its non-interval
+/// sets and maps, with their signatures (a copy: for printing and the fake kernel).
+pub fn netlink_elements(plan: &NftPlan) -> NftPlan {
     let mut out = NftPlan {
         owners: plan.owners.clone(),
         ..NftPlan::default()

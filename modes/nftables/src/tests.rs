@@ -581,7 +581,7 @@ fn the_printed_schedule_is_what_the_kernel_receives() {
         let before = m.kernel().transactions.len();
         m.apply(&plan).unwrap();
         let received = &m.kernel().transactions[before..];
-        let printed: Vec<String> = schedule.steps.iter().map(ToString::to_string).collect();
+        let printed: Vec<String> = schedule.steps.iter().map(|s| schedule.text(s)).collect();
         assert_eq!(received, printed.as_slice());
         let text = plan.to_string();
         for step in &printed {
@@ -596,7 +596,7 @@ fn the_printed_schedule_is_what_the_kernel_receives() {
                 .iter()
                 .map(|s| match s {
                     steps::Step::Nft(_) => "nft",
-                    steps::Step::Elements(_) => "netlink",
+                    steps::Step::Elements => "netlink",
                 })
                 .collect::<Vec<_>>(),
         );
@@ -619,14 +619,14 @@ fn a_schedule_out_of_order_fails_on_the_fake() {
     let live = m.read_live().unwrap();
     let plan = m.plan(&live, &m.render(&s));
     let schedule = steps::Schedule::of(&plan, steps::Via::Netlink);
-    let [steps::Step::Nft(prepare), steps::Step::Elements(elements)] = &schedule.steps[..] else {
+    let [steps::Step::Nft(prepare), steps::Step::Elements] = &schedule.steps[..] else {
         panic!("a new service is two transactions:\n{schedule}")
     };
     let mut fake = m.kernel().clone();
     use steps::StepKernel as _;
-    let err = fake.elements(elements).unwrap_err().to_string();
+    let err = fake.elements(&plan).unwrap_err().to_string();
     assert!(err.contains("missing chain"), "{err}");
     // In order, the same steps pass.
     fake.nft(prepare).unwrap();
-    fake.elements(elements).unwrap();
+    fake.elements(&plan).unwrap();
 }

@@ -17,6 +17,7 @@ mod api_watch;
 mod behaviour;
 mod conntrack;
 mod deploy_manifests;
+mod docs;
 mod dropin;
 mod image;
 mod installers;

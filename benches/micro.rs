@@ -135,32 +135,45 @@ fn userspace() -> UserspaceMode<IpRoute> {
     UserspaceMode::new(IpRoute, Options::default())
 }
 
-/// A full render by a fresh mode (no fragment cache).
+/// A full render by a fresh mode (an empty memo).
 fn render_full<M: Mode>(bencher: Bencher, n: usize, new: fn() -> M) {
     let (before, _) = states(n);
     bencher
-        .with_inputs(new)
-        .bench_local_values(|mode| (mode.render(&before), mode));
+        .with_inputs(|| {
+            let mode = new();
+            let facts = mode.observe();
+            (mode, facts)
+        })
+        .bench_local_values(|(mode, facts)| {
+            let rules = mode.render(&before, &facts, &mut M::Memo::default());
+            (rules, mode)
+        });
 }
 
-/// The render after one endpoint change, by a mode that rendered the state before.
+/// The render after one endpoint change, with the memo of the render of the state before.
 fn render_one_change<M: Mode>(bencher: Bencher, n: usize, new: fn() -> M) {
     let (before, after) = states(n);
     bencher
         .with_inputs(|| {
             let mode = new();
-            let rules = mode.render(&before);
-            (mode, rules)
+            let facts = mode.observe();
+            let mut memo = M::Memo::default();
+            let rules = mode.render(&before, &facts, &mut memo);
+            (mode, facts, memo, rules)
         })
-        .bench_local_values(|(mode, rules)| (mode.render(&after), mode, rules));
+        .bench_local_values(|(mode, facts, mut memo, rules)| {
+            (mode.render(&after, &facts, &mut memo), mode, memo, rules)
+        });
 }
 
 /// The plan (diff) between the rules before and after one endpoint change.
 fn plan_one_change<M: Mode>(bencher: Bencher, n: usize, new: fn() -> M) {
     let (before, after) = states(n);
     let mode = new();
-    let a = mode.render(&before);
-    let b = mode.render(&after);
+    let facts = mode.observe();
+    let mut memo = M::Memo::default();
+    let a = mode.render(&before, &facts, &mut memo);
+    let b = mode.render(&after, &facts, &mut memo);
     bencher.bench_local(|| mode.plan(&a, &b));
 }
 

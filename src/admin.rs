@@ -356,6 +356,7 @@ pub fn query(socket: &Path, path_and_query: &str) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods, reason = "these tests time real sockets")]
     use std::time::Duration;
 
     use prometheus_client::metrics::gauge::Gauge;

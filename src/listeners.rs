@@ -388,6 +388,7 @@ async fn serve_connection(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods, reason = "these tests time real sockets")]
     use std::io::{Read as _, Write as _};
 
     use super::*;

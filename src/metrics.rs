@@ -11,6 +11,7 @@
 //!   `..._localhost_nodeports_accepted_packets_total`: they need nfacct objects in the kernel;
 //! * the client-go and Go runtime families (kproxy is not Go); the process family is exported.
 
+mod follow;
 pub mod process;
 
 use std::sync::Arc;

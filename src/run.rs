@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, SourceConfig};
 use crate::listeners::{Kind, Unbound};
 use crate::modes::{ModeSpec, NodeSetup, WithMode, cleanup_except};
-use crate::sync::{Stopped, SyncLoop, SyncOptions, format_chain};
+use crate::sync::{Event, Stopped, SyncLoop, SyncOptions, block, format_chain};
 
 /// How long the first sync waits for this node's Node (with an address) from the API. Long
 /// enough for a Node that a cloud controller is still initialising; short enough that a node
@@ -158,22 +158,25 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: ModeSpec) -> anyh
     );
     let mut sync = SyncLoop::new(mode, config, options)
         .with_health(health)
-        .with_metrics(metrics)
-        .with_health_checks(health_checks)
-        .after_apply(Box::new(move || {
+        .follow(metrics)
+        .follow(health_checks)
+        .follow(move |event: &Event<'_>| {
             // Another mode (or backend) may have run before: its rules go once ours are in
             // place, so traffic never finds neither; and again later, because during a
             // rolling update the old kproxy may still be running and restore them.
+            if !matches!(event, Event::Synced(_)) {
+                return;
+            }
             let now = tokio::time::Instant::now();
             if !leftovers.due(now) {
                 return;
             }
             let first = leftovers.is_first();
             leftovers.checked(now);
-            if let Err(err) = cleanup_except(&switch_config, Some(&keep), first) {
+            if let Err(err) = block(|| cleanup_except(&switch_config, Some(&keep), first)) {
                 tracing::warn!(error = %format!("{err:#}"), "could not remove another mode's rules");
             }
-        }));
+        });
     if clean_conntrack {
         // The socket is opened in kproxy's own network namespace: only its table is touched.
         sync = sync.with_conntrack(Box::new(crate::conntrack::netlink::NetlinkConntrack::new()));
@@ -182,7 +185,7 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: ModeSpec) -> anyh
     let _admin = match &admin_socket {
         Some(path) if serving => {
             let (tx, rx) = tokio::sync::watch::channel(None);
-            sync = sync.with_admin(tx);
+            sync = sync.follow(tx);
             Some(crate::admin::spawn(path, rx, admin_unbound))
         }
         _ => None,

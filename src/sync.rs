@@ -23,13 +23,14 @@ use crate::config::Config;
 use crate::conntrack::{CleanupReport, ConntrackTable};
 use crate::desired_state::{self, BuildContext};
 use crate::health::Health;
-use crate::metrics::{Metrics, SyncObservation};
 use crate::node;
 use crate::retry::{Jitter, Repeats, Say};
 use crate::source::{SourceStatus, Update};
 
+mod events;
 mod first_sync;
 mod schedule;
+pub use events::{Event, Follower, Outcome};
 pub use first_sync::{FirstSync, Gate};
 pub use schedule::{Due, Schedule};
 
@@ -95,6 +96,8 @@ pub enum Stopped {
 /// The loop's state. Generic over the mode: static dispatch, one owner, no locks.
 pub struct SyncLoop<M: Mode> {
     mode: M,
+    /// What the last render hands to the next (the mode's render is pure; the loop keeps this).
+    memo: M::Memo,
     cache: ClusterCache,
     config: Arc<Config>,
     options: SyncOptions,
@@ -108,20 +111,14 @@ pub struct SyncLoop<M: Mode> {
     pending: Touched,
     /// Failed applies in a row; after two, the next plan rewrites everything the mode owns.
     failures: u32,
-    /// Health-check node port servers, following each applied state.
-    health_checks: Option<crate::healthcheck::HealthCheckServers>,
-    /// Runs after every successful apply (mode-switch cleanup, which keeps its own schedule).
-    after_apply: Option<Box<dyn FnMut() + Send>>,
     /// Where dry-run plans go.
     out: Box<dyn std::io::Write + Send>,
     /// What /healthz reports.
     health: Health,
     /// The conntrack table cleanup works on (none: no cleanup).
     conntrack: Option<Box<dyn ConntrackTable + Send>>,
-    /// What /metrics reports.
-    metrics: Option<Arc<Metrics>>,
-    /// Where each applied state is published for the admin socket.
-    admin: Option<crate::admin::Publisher>,
+    /// Who follows what the loop does (metrics, the admin socket, health-check node ports, ...).
+    followers: Vec<Box<dyn Follower>>,
     /// Spreads retries of failed syncs.
     jitter: Jitter,
 }
@@ -156,6 +153,7 @@ impl<M: Mode> SyncLoop<M> {
     pub fn new(mode: M, config: Arc<Config>, options: SyncOptions) -> Self {
         Self {
             mode,
+            memo: M::Memo::default(),
             cache: ClusterCache::measuring_after(std::time::SystemTime::now()),
             config,
             believed: None,
@@ -163,41 +161,26 @@ impl<M: Mode> SyncLoop<M> {
             previous: None,
             reported: BTreeSet::new(),
             pending: Touched::default(),
-            after_apply: None,
-            health_checks: None,
             out: Box::new(std::io::stdout()),
             health: Health::new(options.sync_period),
             conntrack: None,
-            metrics: None,
-            admin: None,
+            followers: Vec::new(),
             jitter: Jitter::from_entropy(),
             options,
         }
     }
 
-    /// Serves health-check node ports for the applied state.
-    pub fn with_health_checks(mut self, servers: crate::healthcheck::HealthCheckServers) -> Self {
-        self.health_checks = Some(servers);
+    /// Adds a collaborator that follows every [`Event`] of the loop, in the order added.
+    pub fn follow(mut self, follower: impl Follower + 'static) -> Self {
+        self.followers.push(Box::new(follower));
         self
     }
 
-    /// Runs `f` right after every successful (non-dry-run) apply; `f` decides what to do when
-    /// (the first call is after the first apply).
-    pub fn after_apply(mut self, f: Box<dyn FnMut() + Send>) -> Self {
-        self.after_apply = Some(f);
-        self
-    }
-
-    /// Reports to these metrics (shared with the HTTP server).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    /// Publishes each applied state (for the admin socket).
-    pub fn with_admin(mut self, publisher: crate::admin::Publisher) -> Self {
-        self.admin = Some(publisher);
-        self
+    /// Tells every follower.
+    fn tell(&mut self, event: &Event<'_>) {
+        for f in &mut self.followers {
+            f.on(event);
+        }
     }
 
     /// Reports to this health state (shared with the HTTP server).
@@ -239,20 +222,18 @@ impl<M: Mode> SyncLoop<M> {
         }
     }
 
-    /// Tells /healthz and the metrics that changes wait for a sync.
-    fn mark_queued(&self) {
+    /// Tells /healthz and the followers that changes wait for a sync.
+    fn mark_queued(&mut self) {
         let now = std::time::SystemTime::now();
         self.health.queued(now);
-        if let Some(m) = &self.metrics {
-            m.queued(now);
-        }
+        self.tell(&Event::Queued { at: now });
     }
 
     /// Schedules the first sync when its gate is open, and returns whether it did (then the
     /// changes that came meanwhile, `queued_early`, count as queued); otherwise keeps the
     /// gate's own deadline (the end of the Node wait) in `gate_deadline`.
     fn open_first_sync(
-        &self,
+        &mut self,
         first: &FirstSync,
         schedule: &mut Schedule,
         gate_deadline: &mut Option<Instant>,
@@ -353,9 +334,12 @@ impl<M: Mode> SyncLoop<M> {
                         }
                     }
                     self.pending.merge(touched);
-                    if let Some(m) = &self.metrics {
-                        m.changes_seen(services, endpoints, self.pending.service_changes, self.pending.endpoint_changes);
-                    }
+                    self.tell(&Event::ChangesSeen {
+                        services,
+                        endpoints,
+                        pending_services: self.pending.service_changes,
+                        pending_endpoints: self.pending.endpoint_changes,
+                    });
                     if initialized {
                         if !self.pending.is_empty() {
                             schedule.changed(Instant::now());
@@ -397,9 +381,7 @@ impl<M: Mode> SyncLoop<M> {
                             }
                         }
                         Err(err) => {
-                            if let Some(m) = &self.metrics {
-                                m.failed();
-                            }
+                            self.tell(&Event::SyncFailed);
                             if self.options.once {
                                 return Err(anyhow::Error::new(err).context("the sync failed"));
                             }
@@ -461,8 +443,9 @@ impl<M: Mode> SyncLoop<M> {
     /// run or after a failure, else the rules the last apply left.
     fn prepare(&mut self, full: bool) -> Result<Prepared<M>, ModeError> {
         let (built, build_time) = self.build();
+        let facts = block(|| self.mode.observe());
         let t_render = Instant::now();
-        let desired = block(|| self.mode.render(&built.state));
+        let desired = block(|| self.mode.render(&built.state, &facts, &mut self.memo));
         let render_time = t_render.elapsed();
 
         let dry_run = self.options.dry_run;
@@ -550,12 +533,6 @@ impl<M: Mode> SyncLoop<M> {
             return Err(err);
         }
         self.failures = 0;
-        if !dry_run && let Some(f) = &mut self.after_apply {
-            block(f);
-        }
-        if !dry_run && let Some(hc) = &mut self.health_checks {
-            hc.update(&built.state);
-        }
         times.apply = t_apply.elapsed();
         if !dry_run {
             self.believed = Some(desired);
@@ -593,33 +570,22 @@ impl<M: Mode> SyncLoop<M> {
             duration: started.elapsed(),
             conntrack,
         };
-        if let (Some(m), false) = (&self.metrics, dry_run) {
-            let now = std::time::SystemTime::now();
-            m.programmed(&self.pending.trigger_times, now);
-            m.state(
-                no_local_endpoints(&built.state),
-                &self
-                    .mode
-                    .count_objects(self.believed.as_ref().unwrap_or(&M::Rules::default())),
-            );
-            m.synced(
-                SyncObservation {
-                    full,
-                    duration: report.duration,
-                    apply: times.apply,
-                    added: stats.added,
-                    removed: stats.removed,
-                    service_ports: report.service_ports,
-                    skipped: report.skipped,
-                    frontend_conflicts: built.frontend_conflicts(),
-                },
-                std::time::SystemTime::now(),
-            );
-        }
         // Shared, not copied: the admin socket reads the same build the next sync starts from.
         let built = Arc::new(built);
-        if let (Some(admin), false) = (&self.admin, dry_run) {
-            admin.send_replace(Some(built.clone()));
+        if !dry_run {
+            let objects = self
+                .mode
+                .count_objects(self.believed.as_ref().unwrap_or(&M::Rules::default()));
+            let trigger_times = std::mem::take(&mut self.pending.trigger_times);
+            let outcome = Outcome {
+                built: &built,
+                report: &report,
+                apply: times.apply,
+                objects: &objects,
+                trigger_times: &trigger_times,
+                at: std::time::SystemTime::now(),
+            };
+            self.tell(&Event::Synced(&outcome));
         }
         self.previous = Some(built);
         self.pending = Touched::default();
@@ -677,9 +643,6 @@ impl<M: Mode> SyncLoop<M> {
                     elapsed_ms = millis(report.duration),
                     "conntrack cleanup"
                 );
-                if let Some(m) = &self.metrics {
-                    m.conntrack_reconciled(&report);
-                }
                 Some(report)
             }
             Err(err) => {
@@ -694,11 +657,7 @@ impl<M: Mode> SyncLoop<M> {
         match status {
             SourceStatus::Unreadable { since, .. } => self.health.source_unreadable(Some(since)),
             SourceStatus::Readable => self.health.source_unreadable(None),
-            SourceStatus::RemovalHeld => {
-                if let Some(m) = &self.metrics {
-                    m.source_removal_held();
-                }
-            }
+            SourceStatus::RemovalHeld => self.tell(&Event::RemovalHeld),
         }
     }
 
@@ -712,26 +671,6 @@ impl<M: Mode> SyncLoop<M> {
     }
 }
 
-/// Service ports with a Local policy that have endpoints, but none on this node (upstream's
-/// no-local-endpoints gauge): (internal, external).
-fn no_local_endpoints(state: &ProxyState) -> (usize, usize) {
-    let mut n = (0, 0);
-    for sp in state.services.values() {
-        if !sp.endpoints.any || !sp.endpoints.local.is_empty() {
-            continue;
-        }
-        if sp.internal_policy == kproxy_contract::TrafficPolicy::Local {
-            n.0 += 1;
-        }
-        if sp.external_policy == kproxy_contract::TrafficPolicy::Local
-            && sp.has_external_frontends()
-        {
-            n.1 += 1;
-        }
-    }
-    n
-}
-
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -740,7 +679,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Runs blocking kernel work without stalling the runtime's other tasks (sources, probes).
-fn block<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn block<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)

@@ -240,12 +240,12 @@ impl WithMode for TraceJob<'_> {
         }
         // Desired: the node's own addresses stand for this machine's (it may be any machine);
         // live: this namespace's addresses, which the kernel objects were made from.
-        let local = if self.live {
-            crate::node::local_addresses()
+        let facts = if self.live {
+            mode.observe()
         } else {
-            self.state.node.node_ips.clone()
+            mode.facts_for(&self.state.node.node_ips)
         };
-        let rules = mode.render_with_local(self.state, &local);
+        let rules = mode.render(self.state, &facts, &mut M::Memo::default());
         let desired = mode.trace(&rules, self.env, self.packet);
         if !self.live {
             return Ok((desired, None));

@@ -165,11 +165,13 @@ fn pipe(cmd: &str, args: &[&str], input: &str) {
 /// Times one render + plan + apply of `to`, from `from`.
 fn step<M: Mode>(
     mode: &mut M,
+    memo: &mut M::Memo,
     from: &M::Rules,
     to: &ProxyState,
 ) -> (Duration, M::Rules, usize, Phases) {
     let t = Instant::now();
-    let desired = mode.render(to);
+    let facts = mode.observe();
+    let desired = mode.render(to, &facts, memo);
     let render = t.elapsed();
     let plan = mode.plan(from, &desired);
     let planned = t.elapsed();
@@ -238,16 +240,17 @@ fn steps(n: usize, e: usize) -> Steps {
 /// The four steps through a kproxy mode; the mode is returned so its process state (the
 /// userspace mode's listeners) lives on for the data-plane measurement.
 fn measure_kproxy<M: Mode>(mut mode: M, row: &mut Row, st: &Steps) -> Box<dyn Any> {
-    let (full, believed, objects, phases) = step(&mut mode, &M::Rules::default(), &st.s0);
+    let memo = &mut M::Memo::default();
+    let (full, believed, objects, phases) = step(&mut mode, memo, &M::Rules::default(), &st.s0);
     row.full_sync = full;
     row.full_phases = Some(phases);
     row.objects = objects;
-    let (d, believed, _, phases) = step(&mut mode, &believed, &st.s1);
+    let (d, believed, _, phases) = step(&mut mode, memo, &believed, &st.s1);
     row.endpoint_change = Some(d);
     row.endpoint_phases = Some(phases);
-    let (d, believed, _, _) = step(&mut mode, &believed, &st.s2);
+    let (d, believed, _, _) = step(&mut mode, memo, &believed, &st.s2);
     row.service_add = Some(d);
-    let (d, _, _, _) = step(&mut mode, &believed, &st.s3);
+    let (d, _, _, _) = step(&mut mode, memo, &believed, &st.s3);
     row.service_delete = Some(d);
     Box::new(mode)
 }

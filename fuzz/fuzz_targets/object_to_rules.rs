@@ -60,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
         IpFamily::ALL.to_vec(),
         RenderOptions::default(),
     );
-    let rules = iptables.render(&built.state);
+    let rules = iptables.render_once(&built.state);
     let plan = iptables.plan(&Default::default(), &rules);
     let _ = plan.to_string();
     if let Err(e) = iptables.apply(&plan) {
@@ -68,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let mut nftables = NftablesMode::new(FakeNft::new(), IpFamily::ALL.to_vec());
-    let rules = nftables.render(&built.state);
+    let rules = nftables.render_once(&built.state);
     let plan = nftables.plan(&Default::default(), &rules);
     let _ = plan.to_string();
     if let Err(e) = nftables.apply(&plan) {

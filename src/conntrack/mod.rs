@@ -38,8 +38,9 @@ pub mod plan;
 pub mod sysctl;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use kproxy_contract::clock::{Clock as _, SystemClock};
 use kproxy_contract::{IpFamily, Protocol, ProxyState};
 
 pub use plan::{StaleReason, stale_flows};
@@ -144,7 +145,7 @@ pub fn reconcile(
     current: &ProxyState,
     previous: Option<&ProxyState>,
 ) -> Result<CleanupReport, ConntrackError> {
-    let started = Instant::now();
+    let started = SystemClock.now();
     let mut report = CleanupReport::default();
     for &family in families {
         let flows = table.dump(family)?;

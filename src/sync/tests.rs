@@ -56,10 +56,13 @@ impl Plan for FakePlan {
 impl Mode for FakeMode {
     type Rules = BTreeSet<String>;
     type Plan = FakePlan;
+    type Memo = ();
+    type Facts = ();
     fn name(&self) -> ModeName {
         ModeName::Iptables
     }
-    fn render(&self, desired: &ProxyState) -> Self::Rules {
+    fn observe(&self) {}
+    fn render(&self, desired: &ProxyState, (): &(), (): &mut ()) -> Self::Rules {
         self.0.lock().unwrap().renders += 1;
         desired
             .services

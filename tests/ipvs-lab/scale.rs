@@ -26,12 +26,12 @@ fn sync_10k_services() {
         let mut m = IpvsMode::new(SystemKernel::new(), IpvsOptions::default());
         let t = Instant::now();
         let live = m.read_live().unwrap();
-        let desired = m.render(&full);
+        let desired = m.render_once(&full);
         let plan = m.plan(&live, &desired);
         m.apply(&plan).unwrap();
         let first = t.elapsed();
         let t = Instant::now();
-        let desired2 = m.render(&changed);
+        let desired2 = m.render_once(&changed);
         let plan2 = m.plan(&desired, &desired2);
         m.apply(&plan2).unwrap();
         let one = t.elapsed();

@@ -179,6 +179,10 @@ fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, std::io::Result<T>>) -> s
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::disallowed_methods,
+        reason = "these tests time real child processes"
+    )]
     use std::os::unix::fs::PermissionsExt as _;
     use std::time::Instant;
 

@@ -10,6 +10,7 @@
 //! Start with [`ProxyState`] and [`Mode`].
 #![warn(missing_docs)]
 
+pub mod clock;
 pub mod command;
 mod error;
 mod local;

@@ -107,20 +107,47 @@ pub trait Plan: fmt::Display + fmt::Debug + Send {
 
 /// A data plane.
 ///
-/// `render` and `plan` are pure, so a dry run and a real run compute the same plan; `read_live`
-/// and `apply` are the only kernel I/O. The sync loop owns the mode (`&mut self`), so no lock
-/// guards kernel state.
+/// `render` and `plan` are pure: everything they depend on is an argument (the desired state,
+/// the [`Mode::Facts`] read from the node just before, the [`Mode::Memo`] of the previous
+/// render), so a dry run and a real run compute the same plan and a test can replay any
+/// sequence of renders. `observe`, `read_live` and `apply` are the only I/O. The sync loop owns
+/// the mode (`&mut self`) and the memo, so no lock guards kernel state or render caches.
 pub trait Mode: Send + 'static {
     /// Kernel objects in this mode's vocabulary (chains and rules, tables and elements, ...).
     type Rules: fmt::Debug + Clone + Default + Send + Sync + 'static;
     /// One atomic change from one `Rules` to another.
     type Plan: Plan + 'static;
+    /// What one render hands to the next: the fragments of service ports that did not change,
+    /// and the previous result, so that a sync after one change formats only that change. The
+    /// caller holds it between renders; a fresh (default) memo renders from scratch and gives
+    /// the same rules. `()` for a mode that keeps nothing.
+    type Memo: Default + Send + 'static;
+    /// What rendering needs to know of the node that only I/O can tell (the IPVS mode: the
+    /// local addresses that carry NodePorts), read by [`Mode::observe`]. `()` for a mode whose
+    /// rules leave such lookups to the kernel.
+    type Facts: fmt::Debug + Clone + Default + Send + 'static;
 
     /// Which mode this is.
     fn name(&self) -> ModeName;
 
-    /// Renders the desired state into kernel objects. Pure.
-    fn render(&self, desired: &ProxyState) -> Self::Rules;
+    /// Reads the [`Mode::Facts`] the next render needs from this network namespace.
+    fn observe(&self) -> Self::Facts;
+
+    /// Renders the desired state into kernel objects. Pure: the same arguments give the same
+    /// rules, and the memo only spares work (its previous render is reused where the desired
+    /// state did not change).
+    fn render(
+        &self,
+        desired: &ProxyState,
+        facts: &Self::Facts,
+        memo: &mut Self::Memo,
+    ) -> Self::Rules;
+
+    /// Observes and renders from scratch, with a fresh memo: for one-shot callers (`kproxy
+    /// trace`, tests) that keep no memo between renders.
+    fn render_once(&self, desired: &ProxyState) -> Self::Rules {
+        self.render(desired, &self.observe(), &mut Self::Memo::default())
+    }
 
     /// Reads what the kernel holds of this mode's objects. Changes nothing.
     fn read_live(&mut self) -> Result<Self::Rules, ModeError>;

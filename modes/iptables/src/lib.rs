@@ -17,8 +17,6 @@ pub mod rule;
 pub mod ruleset;
 pub mod trace;
 
-use std::sync::{Mutex, PoisonError};
-
 use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use kernel::{Backend, IptablesCli, IptablesKernel};
@@ -32,9 +30,6 @@ pub struct IptablesMode<K: IptablesKernel = IptablesCli> {
     kernel: K,
     families: Vec<IpFamily>,
     options: RenderOptions,
-    /// Fragments of the last render: `render` is pure in what it returns, and this only
-    /// spares it re-formatting unchanged service ports. A mutex because `render` takes `&self`.
-    cache: Mutex<RenderCache>,
 }
 
 impl<K: IptablesKernel> IptablesMode<K> {
@@ -44,7 +39,6 @@ impl<K: IptablesKernel> IptablesMode<K> {
             kernel,
             families,
             options,
-            cache: Mutex::new(RenderCache::default()),
         }
     }
 
@@ -62,14 +56,19 @@ impl<K: IptablesKernel> IptablesMode<K> {
 impl<K: IptablesKernel> Mode for IptablesMode<K> {
     type Rules = Ruleset;
     type Plan = IptablesPlan;
+    /// The fragments of the last render: they spare re-formatting unchanged service ports.
+    type Memo = RenderCache;
+    /// Local addresses are the kernel's business here (`-m addrtype --dst-type LOCAL`).
+    type Facts = ();
 
     fn name(&self) -> ModeName {
         ModeName::Iptables
     }
 
-    fn render(&self, desired: &ProxyState) -> Ruleset {
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        render::render_cached(desired, &self.options, &self.families, &mut cache)
+    fn observe(&self) {}
+
+    fn render(&self, desired: &ProxyState, (): &(), memo: &mut RenderCache) -> Ruleset {
+        render::render_cached(desired, &self.options, &self.families, memo)
     }
 
     fn read_live(&mut self) -> Result<Ruleset, ModeError> {

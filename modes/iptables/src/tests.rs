@@ -51,7 +51,7 @@ fn conformance() {
 #[test]
 fn service_without_endpoints_rejects_and_has_no_nat_rules() {
     let m = mode();
-    let r = m.render(&state(vec![service("b", "10.96.0.11", vec![])]));
+    let r = m.render_once(&state(vec![service("b", "10.96.0.11", vec![])]));
     let filter = r.table(IpFamily::V4, Table::Filter).unwrap();
     let rejects: Vec<_> = filter
         .chains
@@ -160,7 +160,7 @@ fn affinity_and_probabilities() {
     svc.affinity = Some(SessionAffinity {
         timeout: Duration::from_secs(600),
     });
-    let r = mode().render(&state(vec![svc]));
+    let r = mode().render_once(&state(vec![svc]));
     let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
     let chain = &nat.chains[&names::service_chain(&spn("a"))];
     let checks = chain
@@ -191,7 +191,7 @@ fn dry_run_text_groups_by_service() {
         vec![ep("10.244.1.1", false)],
     )]);
     let live = m.read_live().unwrap();
-    let text = m.plan(&live, &m.render(&s)).to_string();
+    let text = m.plan(&live, &m.render_once(&s)).to_string();
     assert!(text.contains("# ns/a:p"), "{text}");
     assert!(
         text.contains("-j DNAT --to-destination 10.244.1.1:8080"),
@@ -214,7 +214,7 @@ fn clusterip_masquerade_heads_the_internal_policy_chain() {
         vec![ep("10.244.1.1", true), ep("10.244.1.2", false)],
     );
     svc.internal_policy = TrafficPolicy::Local;
-    let r = mode().render(&state(vec![svc]));
+    let r = mode().render_once(&state(vec![svc]));
     let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
     let svl = &nat.chains[&names::service_local_chain(&spn("a"))];
     assert!(
@@ -236,7 +236,7 @@ fn etp_local_without_local_endpoints_keeps_the_ext_chain_reachable() {
     svc.external_policy = TrafficPolicy::Local;
     svc.node_port = Some(30080);
     svc.external_ips = vec!["192.0.2.7".parse().unwrap()];
-    let r = mode().render(&state(vec![svc]));
+    let r = mode().render_once(&state(vec![svc]));
     let nat = r.table(IpFamily::V4, Table::Nat).unwrap();
     let ext = names::external_chain(&spn("a"));
     let jumps_to_ext: Vec<&String> = nat
@@ -281,7 +281,7 @@ fn detector_rules(local_traffic: LocalTraffic) -> Vec<(IpFamily, String, String)
     }
     let mut s = state(sps);
     Arc::make_mut(&mut s.node).local_traffic = local_traffic;
-    let r = mode().render(&s);
+    let r = mode().render_once(&s);
     IpFamily::ALL
         .into_iter()
         .map(|family| {
@@ -383,7 +383,7 @@ fn local_traffic_detectors_render_upstreams_matches() {
 
 #[test]
 fn only_local_endpoints_and_affinity_get_endpoint_chains() {
-    let r = mode().render(&state(vec![service(
+    let r = mode().render_once(&state(vec![service(
         "a",
         "10.96.0.10",
         vec![ep("10.244.1.1", false), ep("10.244.1.2", true)],
@@ -419,7 +419,7 @@ fn rebuild_plan_rewrites_every_chain() {
     )]);
     sync(&mut m, &s);
     let live = m.read_live().unwrap();
-    let desired = m.render(&s);
+    let desired = m.render_once(&s);
     assert!(m.plan(&live, &desired).is_empty());
     let p = m.plan_rebuild(&live, &desired);
     let written: usize = p.tables.values().map(|t| t.write.len()).sum();
@@ -452,8 +452,8 @@ fn a_flushed_table_is_seen_by_the_canary() {
 
 #[test]
 fn large_clusters_drop_rule_comments() {
-    let small = mode().render(&state(kproxy_testkit::many(10, 2)));
-    let large = mode().render(&state(kproxy_testkit::many(600, 2)));
+    let small = mode().render_once(&state(kproxy_testkit::many(10, 2)));
+    let large = mode().render_once(&state(kproxy_testkit::many(600, 2)));
     let comments = |r: &crate::Ruleset| {
         r.families
             .values()
@@ -488,8 +488,9 @@ fn cached_render_equals_fresh_render_through_changes() {
     let big = kproxy_testkit::many(LARGE_CLUSTER_ENDPOINTS / 2 + 1, 2);
     steps.push(state(big.clone()));
     steps.push(state(services.clone()));
+    let mut memo = crate::RenderCache::default();
     for (i, s) in steps.iter().enumerate() {
-        let cached = m.render(s);
+        let cached = m.render(s, &(), &mut memo);
         let fresh = render(s, &opts);
         assert_eq!(cached, fresh, "step {i}");
         assert_eq!(cached.owners, fresh.owners, "step {i}");
@@ -502,9 +503,10 @@ fn cached_render_equals_fresh_render_through_changes() {
 fn unchanged_services_reuse_their_chains() {
     let m = mode();
     let mut services = kproxy_testkit::many(20, 2);
-    let before = m.render(&state(services.clone()));
+    let mut memo = crate::RenderCache::default();
+    let before = m.render(&state(services.clone()), &(), &mut memo);
     services[5].endpoints.cluster[0] = ep("10.250.0.1", false);
-    let after = m.render(&state(services.clone()));
+    let after = m.render(&state(services.clone()), &(), &mut memo);
     let changed = names::service_chain(&services[5].name);
     let (old, new) = (
         before.table(IpFamily::V4, Table::Nat).unwrap(),

@@ -44,9 +44,11 @@ pub mod trace;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use kproxy_contract::clock::{Clock, SystemClock};
 use kproxy_contract::{CommandError, IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use kernel::{IpvsKernel, KernelError, SystemKernel, probe};
@@ -107,6 +109,12 @@ impl Default for IpvsOptions {
     }
 }
 
+/// The local addresses that may carry NodePorts, sorted: not loopback, not link-local, not on
+/// kproxy's dummy interface (those are service addresses). Every one gets a virtual server per
+/// NodePort, as upstream's IPVS mode does; [`Mode::observe`] reads them before each render.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalAddresses(pub Vec<IpAddr>);
+
 /// The IPVS data plane.
 #[derive(Debug)]
 pub struct IpvsMode<K: IpvsKernel = SystemKernel> {
@@ -115,6 +123,8 @@ pub struct IpvsMode<K: IpvsKernel = SystemKernel> {
     holder: Option<VipHolder>,
     /// Real servers at weight 0 waiting for their connections to end, since when.
     draining: BTreeMap<(VsKey, RsKey), Instant>,
+    /// When a real server started draining, and whether its bound has passed.
+    clock: Arc<dyn Clock>,
     prepared: bool,
 }
 
@@ -126,8 +136,15 @@ impl<K: IpvsKernel> IpvsMode<K> {
             options,
             holder: None,
             draining: BTreeMap::new(),
+            clock: Arc::new(SystemClock),
             prepared: false,
         }
+    }
+
+    /// The same mode reading time from `clock` (tests move it past the drain bound).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The kernel seam (tests inspect the fake through it).
@@ -234,6 +251,7 @@ impl<K: IpvsKernel> IpvsMode<K> {
         }
         let mut ops = Vec::new();
         let mut forget = Vec::new();
+        let now = self.clock.now();
         for (vs, members) in by_vs {
             let counters = match self.kernel.dest_counters(&vs) {
                 Ok(c) => c,
@@ -255,7 +273,7 @@ impl<K: IpvsKernel> IpvsMode<K> {
                     Some((_, c)) if c.weight > 0 => forget.push((vs, rs)),
                     Some((_, c)) => {
                         let idle = c.active == 0 && c.inactive == 0;
-                        let expired = since.elapsed() >= self.options.drain_bound;
+                        let expired = now.duration_since(since) >= self.options.drain_bound;
                         if idle || expired {
                             tracing::debug!(%vs, %rs, idle, "draining real server removed");
                             ops.push(IpvsOp::DelDest(vs, rs));
@@ -324,13 +342,21 @@ fn mode_error(read: bool) -> impl FnOnce(KernelError) -> ModeError {
 impl<K: IpvsKernel> Mode for IpvsMode<K> {
     type Rules = IpvsRules;
     type Plan = IpvsPlan;
+    /// Rendering is O(services) and keeps nothing between renders.
+    type Memo = ();
+    type Facts = LocalAddresses;
 
     fn name(&self) -> ModeName {
         ModeName::Ipvs
     }
 
-    fn render(&self, desired: &ProxyState) -> IpvsRules {
-        self.render_for(desired, &self.node_port_candidates())
+    /// The local addresses that carry NodePorts (read from this network namespace).
+    fn observe(&self) -> LocalAddresses {
+        LocalAddresses(self.node_port_candidates())
+    }
+
+    fn render(&self, desired: &ProxyState, local: &LocalAddresses, (): &mut ()) -> IpvsRules {
+        self.render_for(desired, &local.0)
     }
 
     fn read_live(&mut self) -> Result<IpvsRules, ModeError> {
@@ -407,7 +433,7 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
         } else {
             self.kernel.execute(&plan.ops).map_err(mode_error(false))?;
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         for op in &plan.ops {
             match op {
                 IpvsOp::AddDest(vs, rs, w) | IpvsOp::UpdateDest(vs, rs, w) if *w > 0 => {

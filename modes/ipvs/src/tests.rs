@@ -35,7 +35,7 @@ fn rs(addr: &str) -> RsKey {
 /// A plan computed from what the mode believes (the last desired), as the sync loop does
 /// between full syncs.
 fn sync_from(m: &mut IpvsMode<FakeKernel>, believed: &IpvsRules, s: &ProxyState) -> IpvsRules {
-    let desired = m.render(s);
+    let desired = m.render_once(s);
     let plan = m.plan(believed, &desired);
     m.apply(&plan).unwrap();
     desired
@@ -137,7 +137,7 @@ fn read_back_replans_only_the_netfilter_table() {
     ]);
     sync(&mut m, &s);
     let live = m.read_live().unwrap();
-    let desired = m.render(&s);
+    let desired = m.render_once(&s);
     assert_eq!(live.services, desired.services);
     assert_eq!(live.vips, desired.vips);
     let again = m.plan(&live, &desired);
@@ -189,7 +189,7 @@ fn a_removed_tcp_endpoint_drains_then_goes_when_idle() {
     );
     assert_eq!(m.draining(), vec![(key, rs("10.244.1.2"))]);
     // A periodic sync with nothing changed still checks the draining server.
-    let p = m.plan(&b2, &m.render(&s2));
+    let p = m.plan(&b2, &m.render_once(&s2));
     assert!(
         !Plan::is_empty(&p),
         "a draining server keeps the plan non-empty"
@@ -202,7 +202,7 @@ fn a_removed_tcp_endpoint_drains_then_goes_when_idle() {
     );
     // Its connection ends: the next sync removes it.
     m.kernel_mut().conns.clear();
-    let p = m.plan(&b2, &m.render(&s2));
+    let p = m.plan(&b2, &m.render_once(&s2));
     m.apply(&p).unwrap();
     assert!(
         !m.kernel().services[&key]
@@ -210,7 +210,7 @@ fn a_removed_tcp_endpoint_drains_then_goes_when_idle() {
             .contains_key(&rs("10.244.1.2"))
     );
     assert!(m.draining().is_empty());
-    assert!(Plan::is_empty(&m.plan(&b2, &m.render(&s2))));
+    assert!(Plan::is_empty(&m.plan(&b2, &m.render_once(&s2))));
 }
 
 #[test]
@@ -235,15 +235,19 @@ fn a_draining_endpoint_that_returns_is_reweighted_not_readded() {
     assert!(m.draining().is_empty());
 }
 
+/// A draining real server whose connections never end goes when the bound has passed since it
+/// started draining, and not before (the clock is a manual one: fifteen minutes in no time).
 #[test]
 fn draining_is_bounded() {
+    let clock = kproxy_contract::clock::ManualClock::new();
     let mut m = IpvsMode::new(
         FakeKernel::new(),
         IpvsOptions {
-            drain_bound: Duration::ZERO,
+            drain_bound: Duration::from_secs(15 * 60),
             ..IpvsOptions::default()
         },
-    );
+    )
+    .with_clock(std::sync::Arc::new(clock.clone()));
     let s1 = state(vec![service(
         "a",
         "10.96.0.10",
@@ -257,12 +261,23 @@ fn draining_is_bounded() {
         "10.96.0.10",
         vec![ep("10.244.1.1", false)],
     )]);
-    sync_from(&mut m, &b1, &s2);
+    let b2 = sync_from(&mut m, &b1, &s2);
+    clock.advance(Duration::from_secs(15 * 60 - 1));
+    let b3 = sync_from(&mut m, &b2, &s2);
+    assert_eq!(
+        m.kernel().services[&key].dests.get(&rs("10.244.1.2")),
+        Some(&0),
+        "a second before the bound it still drains"
+    );
+    assert_eq!(m.draining(), vec![(key, rs("10.244.1.2"))]);
+    clock.advance(Duration::from_secs(1));
+    sync_from(&mut m, &b3, &s2);
     assert!(
         !m.kernel().services[&key]
             .dests
             .contains_key(&rs("10.244.1.2"))
     );
+    assert!(m.draining().is_empty());
 }
 
 #[test]
@@ -314,7 +329,7 @@ fn local_policy_without_local_endpoints_is_dropped_and_no_endpoints_left_to_ipvs
     let mut local = service("l", "10.96.0.20", vec![ep("10.244.1.1", false)]);
     local.internal_policy = TrafficPolicy::Local;
     let none = service("n", "10.96.0.21", vec![]);
-    let r = m.render(&state(vec![local, none]));
+    let r = m.render_once(&state(vec![local, none]));
     let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
     assert!(t.sets["no-local-endpoints"].contains("10.96.0.20 . tcp . 80"));
     // No endpoints at all: the virtual server exists without real servers, and IPVS answers
@@ -334,7 +349,7 @@ fn external_policy_local_uses_local_endpoints_without_masquerade() {
     );
     sp.node_port = Some(30001);
     sp.external_policy = TrafficPolicy::Local;
-    let r = m.render(&state(vec![sp]));
+    let r = m.render_once(&state(vec![sp]));
     let np = &r.services[&vs("10.0.1.1", 30001)];
     assert_eq!(
         np.dests.keys().copied().collect::<Vec<_>>(),
@@ -351,7 +366,7 @@ fn source_ranges_allow_listed_sources_per_lb_frontend() {
     let mut sp = service("lb", "10.96.0.40", vec![ep("10.244.1.1", false)]);
     sp.load_balancer_ips = vec!["198.51.100.1".parse().unwrap()];
     sp.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
-    let r = m.render(&state(vec![sp]));
+    let r = m.render_once(&state(vec![sp]));
     let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
     assert_eq!(
         t.sets["firewall"].iter().collect::<Vec<_>>(),
@@ -419,7 +434,7 @@ fn dry_run_prints_ipvsadm_lines_grouped_by_service() {
     sp.affinity = Some(SessionAffinity {
         timeout: Duration::from_secs(10800),
     });
-    let desired = m.render(&state(vec![sp]));
+    let desired = m.render_once(&state(vec![sp]));
     let text = m.plan(&IpvsRules::default(), &desired).to_string();
     assert!(
         text.contains("# ns/web:p\nipvsadm -A -t 10.96.0.10:80 -s rr -p 10800\n"),
@@ -476,11 +491,11 @@ fn without_dummy_interfaces_addresses_become_lo_routes() {
 #[test]
 fn ten_thousand_services_plan_in_batches_without_growth_of_tables() {
     let m = mode();
-    let r = m.render(&state(many(10_000, 2)));
+    let r = m.render_once(&state(many(10_000, 2)));
     assert_eq!(r.services.len(), 10_000);
     let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
     assert_eq!(t.sets["frontends"].len(), 10_000);
-    let small = m.render(&state(many(10, 2)));
+    let small = m.render_once(&state(many(10, 2)));
     assert_eq!(
         small.nft.as_ref().unwrap()[&IpFamily::V4].head,
         t.head,
@@ -496,7 +511,7 @@ fn masq_cluster_rule(local_traffic: LocalTraffic, family: IpFamily) -> Option<St
         service("a", "fd00:96::10", vec![ep("fd00:244::11", false)]),
     ]);
     std::sync::Arc::make_mut(&mut s.node).local_traffic = local_traffic;
-    let rules = mode().render(&s);
+    let rules = mode().render_once(&s);
     let head = &rules.nft.unwrap()[&family].head;
     head.lines()
         .map(str::trim)
@@ -599,7 +614,7 @@ fn exclude_cidrs_protect_foreign_virtual_servers_on_node_addresses() {
     let live = m.read_live().unwrap();
     assert!(live.services.contains_key(&inside) && live.services.contains_key(&outside));
     assert!(!live.services.contains_key(&elsewhere), "never kproxy's");
-    let p = m.plan(&live, &m.render(&s));
+    let p = m.plan(&live, &m.render_once(&s));
     assert_eq!(p.kept, [inside]);
     assert!(p.ops.contains(&IpvsOp::DelService(outside)));
     assert!(!p.ops.contains(&IpvsOp::DelService(inside)));
@@ -648,7 +663,7 @@ fn exclude_cidrs_also_keep_kproxys_own_former_virtual_servers() {
         "10.96.0.10",
         vec![ep("10.244.1.1", false)],
     )]);
-    let desired = m.render(&s2);
+    let desired = m.render_once(&s2);
     let p = m.plan(&b1, &desired);
     assert_eq!(p.kept, [vs("10.96.0.11", 80)]);
     assert_eq!(
@@ -772,7 +787,7 @@ fn a_dry_run_sets_no_sysctl_and_no_timeout() {
         },
     );
     let live = m.read_live().unwrap();
-    let desired = m.render(&state(vec![service("a", "10.96.0.10", vec![])]));
+    let desired = m.render_once(&state(vec![service("a", "10.96.0.10", vec![])]));
     let _ = m.plan(&live, &desired).to_string();
     m.cleanup().unwrap();
     assert!(m.kernel().sysctl_writes.is_empty());

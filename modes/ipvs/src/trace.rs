@@ -245,12 +245,8 @@ impl<K: crate::kernel::IpvsKernel> kproxy_tracer::Traceable for crate::IpvsMode<
         trace(rules, env, packet)
     }
 
-    fn render_with_local(
-        &self,
-        desired: &kproxy_contract::ProxyState,
-        local: &[std::net::IpAddr],
-    ) -> IpvsRules {
-        self.render_for(desired, local)
+    fn facts_for(&self, local: &[std::net::IpAddr]) -> crate::LocalAddresses {
+        crate::LocalAddresses(local.to_vec())
     }
 
     /// The kproxy-ipvs table is not read back (see the module documentation): the rendered one

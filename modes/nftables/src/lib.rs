@@ -14,8 +14,6 @@ pub mod render;
 pub mod steps;
 pub mod trace;
 
-use std::sync::{Mutex, PoisonError};
-
 use kproxy_contract::{IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use kernel::{NftCli, NftKernel};
@@ -27,9 +25,6 @@ pub use plan::NftPlan;
 pub struct NftablesMode<K: NftKernel = NftCli> {
     kernel: K,
     families: Vec<IpFamily>,
-    /// Fragments of the last render (see [`render::RenderCache`]); a mutex because `render`
-    /// takes `&self`.
-    cache: Mutex<render::RenderCache>,
     /// Which way element changes go ([`kernel::APPLY_ENV`], read once).
     via: steps::Via,
 }
@@ -40,7 +35,6 @@ impl<K: NftKernel> NftablesMode<K> {
         Self {
             kernel,
             families,
-            cache: Mutex::new(render::RenderCache::default()),
             via: kernel::via_from_env(),
         }
     }
@@ -54,14 +48,18 @@ impl<K: NftKernel> NftablesMode<K> {
 impl<K: NftKernel> Mode for NftablesMode<K> {
     type Rules = NftRuleset;
     type Plan = NftPlan;
+    type Memo = render::RenderCache;
+    /// Local addresses are the kernel's business here (`fib daddr type local`).
+    type Facts = ();
 
     fn name(&self) -> ModeName {
         ModeName::Nftables
     }
 
-    fn render(&self, desired: &ProxyState) -> NftRuleset {
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        render::render_cached(desired, &self.families, &mut cache)
+    fn observe(&self) {}
+
+    fn render(&self, desired: &ProxyState, (): &(), memo: &mut render::RenderCache) -> NftRuleset {
+        render::render_cached(desired, &self.families, memo)
     }
 
     fn read_live(&mut self) -> Result<NftRuleset, ModeError> {

@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use imbl::OrdMap;
 
@@ -302,8 +301,9 @@ pub struct NftRuleset {
     pub families: BTreeMap<IpFamily, Table>,
     /// Element key prefix (a frontend such as `10.96.0.10 . tcp . 80`) or chain → service port.
     pub owners: OrdMap<String, String>,
-    /// Which render produced this ruleset (0: read back from the kernel, or built by hand).
-    pub generation: u64,
+    /// Which render produced this ruleset (none when read back from the kernel, or built by
+    /// hand).
+    pub generation: Generation,
     /// What changed since the render `delta.base` produced, when this one was rendered
     /// incrementally: the plan against exactly that ruleset then looks only at these parts.
     pub delta: Option<Arc<Delta>>,
@@ -320,7 +320,7 @@ impl PartialEq for NftRuleset {
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
     /// The generation of the ruleset this one was derived from.
-    pub base: u64,
+    pub base: Generation,
     /// Per family.
     pub families: BTreeMap<IpFamily, TableDelta>,
 }
@@ -336,10 +336,46 @@ pub struct TableDelta {
     pub sets: BTreeSet<String>,
 }
 
-/// A fresh render generation (never 0).
-pub fn next_generation() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+/// Which render produced a ruleset: the render from scratch its lineage began with, and how
+/// many incremental renders followed. A lineage is known by identity, not by value (an
+/// allocation that every ruleset of the lineage shares), so two lineages never compare as the
+/// same render, whoever holds their memos and however many renders each has made; no counter
+/// shared by the process is needed. The default, for a ruleset read back from the kernel or
+/// built by hand, is the same render as none.
+#[derive(Debug, Clone, Default)]
+pub struct Generation {
+    lineage: Option<Arc<Lineage>>,
+    step: u64,
+}
+
+/// The identity of one lineage of renders (see [`Generation`]).
+#[derive(Debug)]
+struct Lineage;
+
+impl Generation {
+    /// The generation of a render from scratch: a new lineage.
+    pub fn first() -> Self {
+        Generation {
+            lineage: Some(Arc::new(Lineage)),
+            step: 0,
+        }
+    }
+
+    /// The generation of a render derived from this one.
+    pub fn next(&self) -> Self {
+        Generation {
+            lineage: self.lineage.clone(),
+            step: self.step + 1,
+        }
+    }
+
+    /// Whether both name the same render (never true for a ruleset that no render produced).
+    pub fn same_render(&self, other: &Generation) -> bool {
+        match (&self.lineage, &other.lineage) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) && self.step == other.step,
+            _ => false,
+        }
+    }
 }
 
 impl NftRuleset {

@@ -83,7 +83,7 @@ pub fn plan(live: &NftRuleset, desired: &NftRuleset) -> NftPlan {
 /// The plan from the delta alone, when it applies (see [`plan`]).
 fn plan_delta(live: &NftRuleset, desired: &NftRuleset) -> Option<NftPlan> {
     let delta = desired.delta.as_ref()?;
-    if live.generation == 0 || delta.base != live.generation {
+    if !delta.base.same_render(&live.generation) {
         return None;
     }
     if live.families.keys().ne(desired.families.keys()) {

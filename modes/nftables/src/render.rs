@@ -29,8 +29,7 @@ use kproxy_contract::{
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    BaseChain, Chain, Delta, Elements, Group, NftRuleset, Rule, Set, Table, group_of,
-    next_generation,
+    BaseChain, Chain, Delta, Elements, Generation, Group, NftRuleset, Rule, Set, Table, group_of,
 };
 
 /// Offset of the short-circuit endpoint set within a frontend's `endpoints` keys: the ETP=Local
@@ -225,7 +224,7 @@ fn render_all(state: &ProxyState, families: &[IpFamily], cache: &mut RenderCache
     cache.fragments.clear();
     cache.per_family.clear();
     let mut out = NftRuleset {
-        generation: next_generation(),
+        generation: Generation::first(),
         ..NftRuleset::default()
     };
     for &family in families {
@@ -295,11 +294,11 @@ fn render_changes(
     last: NftRuleset,
 ) -> NftRuleset {
     let mut delta = Delta {
-        base: last.generation,
+        base: last.generation.clone(),
         ..Delta::default()
     };
     let mut out = last;
-    out.generation = next_generation();
+    out.generation = out.generation.next();
     for &family in families {
         let index = cache.per_family.entry(family).or_default();
         // (key, old fragment, new fragment) for every service port that changed.

@@ -18,8 +18,8 @@ fn mode() -> NftablesMode<FakeNft> {
 #[test]
 fn sets_and_chains_do_not_grow_with_services() {
     let m = mode();
-    let small = m.render(&state(many(10, 3)));
-    let large = m.render(&state(many(2_000, 3)));
+    let small = m.render_once(&state(many(10, 3)));
+    let large = m.render_once(&state(many(2_000, 3)));
     let t_small = &small.families[&IpFamily::V4];
     let t_large = &large.families[&IpFamily::V4];
     assert_eq!(t_small.sets.len(), t_large.sets.len());
@@ -54,7 +54,7 @@ fn one_endpoint_change_is_a_handful_of_element_updates() {
 fn no_endpoints_reject_and_local_policy_drop() {
     let mut local_only = service("l", "10.96.0.12", vec![ep("10.244.1.9", false)]);
     local_only.internal_policy = TrafficPolicy::Local;
-    let r = mode().render(&state(vec![service("b", "10.96.0.11", vec![]), local_only]));
+    let r = mode().render_once(&state(vec![service("b", "10.96.0.11", vec![]), local_only]));
     let t = &r.families[&IpFamily::V4];
     let no = &t.sets["no-endpoint-services"].elements;
     assert_eq!(
@@ -74,7 +74,7 @@ fn etp_local_short_circuits_pods_and_node_to_cluster_endpoints() {
     );
     s.node_port = Some(30080);
     s.external_policy = TrafficPolicy::Local;
-    let r = mode().render(&state(vec![s]));
+    let r = mode().render_once(&state(vec![s]));
     let t = &r.families[&IpFamily::V4];
     assert_eq!(
         t.sets["service-nodeports"].elements.get("tcp . 30080"),
@@ -154,7 +154,7 @@ fn local_traffic_detectors_render_upstreams_matches() {
         ),
     ];
     for (detector, v4, v6) in cases {
-        let r = mode().render(&dual_stack_with(detector.clone()));
+        let r = mode().render_once(&dual_stack_with(detector.clone()));
         for (family, [outside, pod]) in [(IpFamily::V4, v4), (IpFamily::V6, v6)] {
             let a = if family == IpFamily::V4 { "ip" } else { "ip6" };
             let fe = format!("{a} daddr . meta l4proto . th dport");
@@ -192,7 +192,7 @@ fn local_traffic_detectors_render_upstreams_matches() {
             IpFamily::V4,
         ),
     ] {
-        let r = mode().render(&dual_stack_with(detector.clone()));
+        let r = mode().render_once(&dual_stack_with(detector.clone()));
         assert!(
             rules_with(&r, family, "services", "@masq-internal").is_empty(),
             "{detector:?}"
@@ -251,7 +251,7 @@ fn firewall_elements_for_source_ranges() {
         "203.0.113.0/24".parse().unwrap(),
         "192.168.0.0/24".parse().unwrap(),
     ];
-    let r = mode().render(&state(vec![s]));
+    let r = mode().render_once(&state(vec![s]));
     let t = &r.families[&IpFamily::V4];
     let allow = &t.sets["firewall-allow"].elements;
     assert!(allow.contains_key("198.51.100.7 . tcp . 80 . 203.0.113.0/24"));
@@ -292,7 +292,7 @@ fn script_is_one_transaction_in_dependency_order() {
         vec![ep("10.244.1.1", false)],
     )]);
     let m = mode();
-    let p = plan::plan(&crate::NftRuleset::default(), &m.render(&s));
+    let p = plan::plan(&crate::NftRuleset::default(), &m.render_once(&s));
     let text = p.script();
     let pos = |needle: &str| {
         text.find(needle)
@@ -340,14 +340,14 @@ fn rebuild_plan_recreates_the_table_in_one_transaction() {
     let s = state(many(20, 2));
     sync(&mut m, &s);
     let live = m.read_live().unwrap();
-    let p = m.plan_rebuild(&live, &m.render(&s));
+    let p = m.plan_rebuild(&live, &m.render_once(&s));
     let text = p.script();
     assert!(
         text.contains("delete table ip kproxy\nadd table ip kproxy"),
         "{text}"
     );
     m.apply(&p).unwrap();
-    assert_eq!(m.read_live().unwrap(), m.render(&s));
+    assert_eq!(m.read_live().unwrap(), m.render_once(&s));
 }
 
 #[test]
@@ -383,8 +383,9 @@ fn cached_render_equals_fresh_render_through_changes() {
     let mut s = state(services.clone());
     std::sync::Arc::make_mut(&mut s.node).masquerade_all = true;
     steps.push(s);
+    let mut memo = crate::render::RenderCache::default();
     for (i, s) in steps.iter().enumerate() {
-        let cached = m.render(s);
+        let cached = m.render(s, &(), &mut memo);
         let fresh = crate::render::render(s);
         assert_eq!(cached, fresh, "step {i}");
         assert_eq!(cached.owners, fresh.owners, "step {i}");
@@ -397,9 +398,10 @@ fn cached_render_equals_fresh_render_through_changes() {
 fn one_endpoint_change_shares_every_other_group() {
     let m = mode();
     let mut services = many(2_000, 4);
-    let before = m.render(&state(services.clone()));
+    let mut memo = crate::render::RenderCache::default();
+    let before = m.render(&state(services.clone()), &(), &mut memo);
     services[700].endpoints.cluster[1] = ep("10.250.0.1", false);
-    let after = m.render(&state(services.clone()));
+    let after = m.render(&state(services.clone()), &(), &mut memo);
     let (old, new) = (
         &before.families[&IpFamily::V4],
         &after.families[&IpFamily::V4],
@@ -530,7 +532,7 @@ mod incremental {
                 prop_assert_eq!(&cached.owners, &fresh.owners, "step {}", i);
                 if let Some(prev) = prev {
                     let delta = cached.delta.as_ref().expect("incremental after the first");
-                    prop_assert_eq!(delta.base, prev.generation);
+                    prop_assert!(delta.base.same_render(&prev.generation));
                     let quick = plan::plan(&prev, &cached);
                     let full = plan::plan_full(&prev, &cached);
                     prop_assert_eq!(quick.script(), full.script(), "step {}", i);
@@ -576,7 +578,7 @@ fn the_printed_schedule_is_what_the_kernel_receives() {
     let mut shapes = Vec::new();
     for s in [&first, &change] {
         let live = m.read_live().unwrap();
-        let plan = m.plan(&live, &m.render(s));
+        let plan = m.plan(&live, &m.render_once(s));
         let schedule = steps::Schedule::of(&plan, steps::Via::Netlink);
         let before = m.kernel().transactions.len();
         m.apply(&plan).unwrap();
@@ -617,7 +619,7 @@ fn a_schedule_out_of_order_fails_on_the_fake() {
         vec![ep("10.244.1.1", false), ep("10.244.1.2", false)],
     )]);
     let live = m.read_live().unwrap();
-    let plan = m.plan(&live, &m.render(&s));
+    let plan = m.plan(&live, &m.render_once(&s));
     let schedule = steps::Schedule::of(&plan, steps::Via::Netlink);
     let [steps::Step::Nft(prepare), steps::Step::Elements] = &schedule.steps[..] else {
         panic!("a new service is two transactions:\n{schedule}")

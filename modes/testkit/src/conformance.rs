@@ -83,10 +83,27 @@ pub fn without_endpoints(s: &ProxyState) -> ProxyState {
     )
 }
 
+/// Renders `s` as the loop does (observe, then render with the memo the last render left), and
+/// checks that the memo only spared work: a fresh render gives the same rules.
+fn render<M: OnFakeKernel>(mode: &M, memo: &mut M::Memo, s: &ProxyState) -> M::Rules {
+    let facts = mode.observe();
+    let desired = mode.render(s, &facts, memo);
+    let fresh = mode.render(s, &facts, &mut M::Memo::default());
+    assert_eq!(
+        desired, fresh,
+        "a render from the memo differs from a fresh render"
+    );
+    desired
+}
+
 /// One full sync, as the loop makes it: read back, render, plan, apply.
-fn full_sync<M: OnFakeKernel>(mode: &mut M, s: &ProxyState) -> Result<M::Rules, String> {
+fn full_sync<M: OnFakeKernel>(
+    mode: &mut M,
+    memo: &mut M::Memo,
+    s: &ProxyState,
+) -> Result<M::Rules, String> {
     let live = mode.read_live().map_err(|e| format!("read back: {e}"))?;
-    let desired = mode.render(s);
+    let desired = render(mode, memo, s);
     let plan = mode.plan(&live, &desired);
     mode.apply(&plan).map_err(|e| format!("apply: {e}"))?;
     Ok(desired)
@@ -96,10 +113,11 @@ fn full_sync<M: OnFakeKernel>(mode: &mut M, s: &ProxyState) -> Result<M::Rules, 
 /// left (`believed`), without reading the kernel.
 fn incremental_sync<M: OnFakeKernel>(
     mode: &mut M,
+    memo: &mut M::Memo,
     believed: &M::Rules,
     s: &ProxyState,
 ) -> Result<M::Rules, String> {
-    let desired = mode.render(s);
+    let desired = render(mode, memo, s);
     let plan = mode.plan(believed, &desired);
     mode.apply(&plan).map_err(|e| format!("apply: {e}"))?;
     Ok(desired)
@@ -125,14 +143,17 @@ pub fn check<M: OnFakeKernel>(mut new: impl FnMut() -> M) {
     // 1. Convergence through the sequence: by full syncs (read back, plan, apply), and by syncs
     // planned from the last apply's rules (the loop's way between full syncs).
     let mut mode = new();
+    let mut memo = M::Memo::default();
     for (i, s) in states.iter().enumerate() {
-        let desired = full_sync(&mut mode, s).unwrap_or_else(|e| panic!("state {i}: {e}"));
+        let desired =
+            full_sync(&mut mode, &mut memo, s).unwrap_or_else(|e| panic!("state {i}: {e}"));
         converged(&mut mode, &desired, &format!("state {i}"));
     }
     let mut mode = new();
-    let mut believed = full_sync(&mut mode, &states[0]).unwrap();
+    let mut memo = M::Memo::default();
+    let mut believed = full_sync(&mut mode, &mut memo, &states[0]).unwrap();
     for (i, s) in states.iter().enumerate().skip(1) {
-        believed = incremental_sync(&mut mode, &believed, s)
+        believed = incremental_sync(&mut mode, &mut memo, &believed, s)
             .unwrap_or_else(|e| panic!("state {i}, planned from the last apply: {e}"));
         converged(
             &mut mode,
@@ -144,10 +165,11 @@ pub fn check<M: OnFakeKernel>(mut new: impl FnMut() -> M) {
     // 2. A refused apply, from each state to the next.
     for (i, pair) in states.windows(2).enumerate() {
         let mut mode = new();
-        full_sync(&mut mode, &pair[0]).unwrap();
+        let mut memo = M::Memo::default();
+        full_sync(&mut mode, &mut memo, &pair[0]).unwrap();
         let before = mode.read_live().unwrap();
         mode.refuse_next_write();
-        let desired = mode.render(&pair[1]);
+        let desired = render(&mode, &mut memo, &pair[1]);
         let plan = mode.plan(&before, &desired);
         if plan.is_empty() {
             continue;
@@ -165,14 +187,14 @@ pub fn check<M: OnFakeKernel>(mut new: impl FnMut() -> M) {
                 i + 1
             );
         }
-        let desired = full_sync(&mut mode, &pair[1])
+        let desired = full_sync(&mut mode, &mut memo, &pair[1])
             .unwrap_or_else(|e| panic!("retry after a refused apply: {e}"));
         converged(&mut mode, &desired, &format!("retry of state {}", i + 1));
     }
 
     // 3. Cleanup.
     let mut mode = new();
-    full_sync(&mut mode, &states[0]).unwrap();
+    full_sync(&mut mode, &mut M::Memo::default(), &states[0]).unwrap();
     assert!(
         !mode.holds_nothing_of_ours(),
         "the first state programmed nothing to clean up"

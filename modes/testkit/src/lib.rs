@@ -129,7 +129,7 @@ pub fn many(n: usize, eps: usize) -> Vec<ServicePort> {
 /// Returns the plan that was applied. Panics on any error (tests only).
 pub fn sync<M: kproxy_contract::Mode>(m: &mut M, s: &ProxyState) -> M::Plan {
     let live = m.read_live().unwrap();
-    let desired = m.render(s);
+    let desired = m.render_once(s);
     let plan = m.plan(&live, &desired);
     m.apply(&plan).unwrap();
     plan

@@ -29,12 +29,12 @@ pub trait Traceable: kproxy_contract::Mode {
     /// What happens to `packet` in `rules`, rendered or read back.
     fn trace(&self, rules: &Self::Rules, env: &Env, packet: &Packet) -> Trace;
 
-    /// The rules the desired state renders to, for a trace that must not depend on the machine
-    /// it runs on: where `render` reads this namespace's interfaces (the IPVS mode's NodePort
-    /// addresses), `local` is used instead. Default: [`kproxy_contract::Mode::render`].
-    fn render_with_local(&self, desired: &ProxyState, local: &[IpAddr]) -> Self::Rules {
+    /// The [`kproxy_contract::Mode::Facts`] of a machine whose local addresses are `local`,
+    /// for a trace that must not depend on the machine it runs on (the node's own addresses
+    /// stand for it). Default: the mode's facts do not involve local addresses.
+    fn facts_for(&self, local: &[IpAddr]) -> Self::Facts {
         let _ = local;
-        self.render(desired)
+        Self::Facts::default()
     }
 
     /// Completes rules read back with what the kernel does not return and the rendering knows

@@ -77,12 +77,18 @@ impl<R: RouteTable> UserspaceMode<R> {
 impl<R: RouteTable> Mode for UserspaceMode<R> {
     type Rules = UserspaceRules;
     type Plan = UserspacePlan;
+    /// A render is cheap (one listener per frontend): nothing is kept between renders.
+    type Memo = ();
+    /// Listeners bind the frontends the desired state names; nothing else is read.
+    type Facts = ();
 
     fn name(&self) -> ModeName {
         ModeName::Userspace
     }
 
-    fn render(&self, desired: &ProxyState) -> UserspaceRules {
+    fn observe(&self) {}
+
+    fn render(&self, desired: &ProxyState, (): &(), (): &mut ()) -> UserspaceRules {
         render::render(desired)
     }
 

@@ -1,6 +1,7 @@
 //! Rendering, planning and endpoint choice, without sockets (those are exercised end to end in
 //! network namespaces by `tests/e2e/userspace.rs`).
 #![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(clippy::disallowed_methods, reason = "tests time real sockets")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -214,7 +215,7 @@ fn mode_adds_and_removes_only_its_routes_and_cleans_up() {
         service("a", "10.96.0.10", vec![]),
         service("b", "fd00:96::1", vec![]),
     ]);
-    let desired = m.render(&s);
+    let desired = m.render_once(&s);
     let live = m.read_live().unwrap();
     m.apply(&m.plan(&live, &desired)).unwrap();
     assert_eq!(routes.routes.lock().unwrap().len(), 2);

@@ -1,4 +1,8 @@
 #![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests time the watcher against the real clock"
+)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,11 @@
 //! The netlink path against the real kernel, inside a network namespace of its own (a thread
 //! that `unshare`s `CLONE_NEWNET`: the namespace, and every table in it, disappears with the
-//! thread, whatever the outcome). Needs root; without it each test prints SKIP and returns.
+//! thread, whatever the outcome). Needs root; without it each test fails and says so.
 #![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests drive real tools and time the real kernel"
+)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,12 +27,13 @@ use crate::model::{NftRuleset, Table};
 use crate::plan::{self, NftPlan};
 use crate::{NftablesMode, steps};
 
-/// Runs `f` in a fresh network namespace, or returns `None` (after a SKIP line) without root.
-fn in_netns<T: Send>(test: &str, f: impl FnOnce() -> T + Send) -> Option<T> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("########## SKIP {test}: needs root (network namespaces, nf_tables) ##########");
-        return None;
-    }
+/// Runs `f` in a fresh network namespace. Without root the test fails and says why: a test
+/// that cannot run here must not pass as if it had.
+fn in_netns<T: Send>(test: &str, f: impl FnOnce() -> T + Send) -> T {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{test} needs root (network namespaces, nf_tables): run the suite as README says (tests/setup.sh, then as root)"
+    );
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -37,7 +42,6 @@ fn in_netns<T: Send>(test: &str, f: impl FnOnce() -> T + Send) -> Option<T> {
         .join()
         .unwrap()
     })
-    .into()
 }
 
 /// Every set and map kind the renderer fills, in one family: ClusterIPs with local and remote
@@ -134,7 +138,7 @@ fn read(m: &mut NftablesMode<NftCli>) -> NftRuleset {
 fn every_set_kind_round_trips_through_netlink() {
     in_netns("every_set_kind_round_trips_through_netlink", || {
         let mut m = mode();
-        let desired = m.render(&rich_state());
+        let desired = m.render_once(&rich_state());
         let plan = plan::plan(&NftRuleset::default(), &desired);
         let split = steps::split(&plan).unwrap();
         // Tables, sets and chains by nft; no element of a non-interval set goes that way.
@@ -183,7 +187,7 @@ fn refused_batches_name_the_element_and_change_nothing() {
                 "10.96.0.10",
                 vec![ep("10.244.1.1", false)],
             )]);
-            let desired = m.render(&s);
+            let desired = m.render_once(&s);
             apply_with_nft(&plan::plan(&NftRuleset::default(), &desired)).unwrap();
             let before = read(&mut m);
 
@@ -299,7 +303,7 @@ impl steps::StepKernel for Recording {
 fn step(m: &mut NftablesMode<Recording>, s: &ProxyState, what: &str) -> (NftPlan, Vec<String>) {
     m.kernel().scripts.lock().unwrap().clear();
     let live = m.read_live().unwrap();
-    let desired = m.render(s);
+    let desired = m.render_once(s);
     let plan = m.plan(&live, &desired);
     m.apply(&plan)
         .unwrap_or_else(|e| panic!("{what}: {e}\n{plan}"));
@@ -522,7 +526,7 @@ fn a_large_element_batch_is_one_transaction() {
     in_netns("a_large_element_batch_is_one_transaction", || {
         let mut m = mode();
         let s = state(kproxy_testkit::many(5_000, 4));
-        let desired = m.render(&s);
+        let desired = m.render_once(&s);
         let plan = plan::plan(&NftRuleset::default(), &desired);
         let batch = encode(&plan).unwrap().unwrap();
         assert!(batch.elements > 25_000 && batch.messages.len() > 10);
@@ -561,13 +565,13 @@ fn apply_times_netlink_versus_nft() {
         s1.services.insert(key, Arc::new(changed));
         let m = NftablesMode::new(NftCli, vec![IpFamily::V4]);
         let t = Instant::now();
-        let d0 = m.render(&s0);
+        let d0 = m.render_once(&s0);
         let render_full = t.elapsed();
         let t = Instant::now();
         let full = plan::plan(&NftRuleset::default(), &d0);
         let plan_full = t.elapsed();
         let t = Instant::now();
-        let d1 = m.render(&s1);
+        let d1 = m.render_once(&s1);
         let render_change = t.elapsed();
         let t = Instant::now();
         let change = plan::plan(&d0, &d1);
@@ -665,7 +669,7 @@ fn every_local_traffic_detector_applies_and_reads_back() {
                 let mut s = rich_state();
                 Arc::make_mut(&mut s.node).local_traffic = detector.clone();
                 kproxy_testkit::sync(&mut m, &s);
-                let desired = m.render(&s);
+                let desired = m.render_once(&s);
                 let live = read(&mut m);
                 assert_eq!(live, desired, "{detector:?}");
                 assert!(
@@ -753,7 +757,7 @@ fn applying_the_same_deletions_twice_succeeds() {
                 vec![ep("10.244.1.4", false), ep("10.244.1.5", false)],
             ),
         ]);
-        let (full, less) = (m.render(&both), m.render(&one));
+        let (full, less) = (m.render_once(&both), m.render_once(&one));
         let removal = plan::plan(&full, &less);
         assert!(steps::split(&removal).is_ok(), "elements only");
         let deleted: usize = removal
@@ -830,7 +834,7 @@ fn applying_the_same_chain_changes_twice_succeeds() {
             .collect();
         let before = state(vec![a.clone()]);
         let after = state(vec![a, service("b", "10.96.0.11", five)]);
-        let (old, new) = (m.render(&before), m.render(&after));
+        let (old, new) = (m.render_once(&before), m.render_once(&after));
         m.apply(&plan::plan(&NftRuleset::default(), &old)).unwrap();
         let grow = plan::plan(&old, &new);
         assert!(
@@ -911,8 +915,8 @@ fn flips_under_a_flood_of_new_flows_leave_none_without_dnat() {
                 state(v)
             };
             let m = NftablesMode::new(NftCli, vec![IpFamily::V4]);
-            let three = m.render(&with(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]));
-            let one = m.render(&with(&["10.244.1.2"]));
+            let three = m.render_once(&with(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]));
+            let one = m.render_once(&with(&["10.244.1.2"]));
             let apply = |p: &NftPlan| steps::apply(p, apply_with_nft).unwrap();
             apply(&plan::plan(&NftRuleset::default(), &three));
             let (down, up) = (plan::plan(&three, &one), plan::plan(&one, &three));

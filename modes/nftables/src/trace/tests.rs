@@ -1,4 +1,8 @@
 #![allow(clippy::unwrap_used, reason = "test fixtures")]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests time the tracer against the real clock"
+)]
 
 use kproxy_testkit::{ep, service, state, strategies};
 use kproxy_tracer::{Dialect, Env, Origin, Verdict, model};

@@ -28,11 +28,12 @@ mod socket;
 mod tcp;
 mod udp;
 
+use kproxy_contract::clock::{Clock as _, SystemClock};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use kproxy_contract::{IpFamily, ServicePortName};
@@ -422,7 +423,7 @@ impl DataPath {
     /// go to the successor. The established connections then have up to `grace` to finish
     /// before this returns (the process exits after it).
     pub fn handover(&self, wait: Duration, grace: Duration) -> Handover {
-        let start = Instant::now();
+        let start = SystemClock.now();
         let mut report = Handover::default();
         let mut pending: Vec<&Running> = self.running.values().collect();
         loop {
@@ -458,7 +459,7 @@ impl DataPath {
             let _ = r.closed.recv_timeout(Duration::from_secs(1));
         }
         report.listeners_open_for = start.elapsed();
-        let drain = Instant::now();
+        let drain = SystemClock.now();
         while self.connections() > 0 && drain.elapsed() < grace {
             std::thread::sleep(Duration::from_millis(20));
         }

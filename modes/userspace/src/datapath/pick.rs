@@ -1,6 +1,7 @@
 //! Choosing endpoints: round-robin per listener, ClientIP affinity per service port, and the
 //! failover order (the chosen endpoint first, then the next ones in the table).
 
+use kproxy_contract::clock::{Clock as _, SystemClock};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
@@ -55,7 +56,7 @@ pub fn candidates(
     }
     let pinned = match (affinity, table.affinity) {
         (Some(a), Some(timeout)) => a
-            .lookup(client, timeout, Instant::now())
+            .lookup(client, timeout, SystemClock.now())
             .and_then(|ep| table.endpoints.iter().position(|e| *e == ep)),
         _ => None,
     };

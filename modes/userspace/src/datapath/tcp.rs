@@ -1,9 +1,10 @@
 //! TCP: accept, choose an endpoint, connect (trying the next endpoint when one fails), copy.
 
+use kproxy_contract::clock::{Clock as _, SystemClock};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -134,7 +135,7 @@ async fn handle(
         return;
     };
     if let (Some(a), Some(timeout)) = (&active.affinity, table.affinity) {
-        a.record(peer.ip(), ep, timeout, Instant::now());
+        a.record(peer.ip(), ep, timeout, SystemClock.now());
     }
     // The client's socket inherited TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);

@@ -2,6 +2,7 @@
 //! with batched receive and send (GSO in, GRO out), and the SIGTERM handover to a second data
 //! path bound alongside.
 #![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(clippy::disallowed_methods, reason = "tests time real sockets")]
 
 use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};

@@ -16,6 +16,7 @@
 //! allocation per datagram. A flow costs a socket and a slot in the shard's tables (about 150
 //! bytes of userspace memory), nothing else.
 
+use kproxy_contract::clock::{Clock as _, SystemClock};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -260,7 +261,7 @@ impl Shard {
                 by_client: HashMap::new(),
                 state,
                 shared,
-                epoch: Instant::now(),
+                epoch: SystemClock.now(),
                 gso: true,
             },
             epoll,
@@ -409,7 +410,7 @@ impl Shard {
             return None;
         }
         if let (Some(a), Some(timeout)) = (&active.affinity, table.affinity) {
-            a.record(client.ip(), endpoint, timeout, Instant::now());
+            a.record(client.ip(), endpoint, timeout, SystemClock.now());
         }
         let key = self.flows.insert(Flow {
             socket,

@@ -127,7 +127,7 @@ pub enum BindError {
     #[error("{0} is served by another running process (an old kproxy?); waiting for it to go")]
     InUse(PathBuf),
     /// Anything else.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         /// What failed.
         what: &'static str,
@@ -308,9 +308,9 @@ pub fn spawn(
                         reported = Some(unbound.guard());
                     }
                     if failures == 0 {
-                        tracing::error!(error = %err, "cannot serve the admin socket; retrying every 5s");
+                        tracing::error!(error = %kproxy_contract::Chain(&err), "cannot serve the admin socket; retrying every 5s");
                     } else if crate::listeners::log_failure(failures) {
-                        tracing::warn!(error = %err, "still cannot serve the admin socket; retrying every 5s");
+                        tracing::warn!(error = %kproxy_contract::Chain(&err), "still cannot serve the admin socket; retrying every 5s");
                     }
                     failures = failures.saturating_add(1);
                 }

@@ -6,7 +6,7 @@
 //! Everything past this module is generic over [`Traceable`] (a [`kproxy_contract::Mode`] the
 //! tracer can walk), so adding a mode means adding a variant here and nothing in the callers.
 
-use kproxy_contract::{CommandError, IpFamily, ModeError, ModeName};
+use kproxy_contract::{Cause, IpFamily, ModeError, ModeName};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
 use kproxy_ipvs::{IpvsMode, IpvsOptions, SystemKernel};
 use kproxy_nftables::{NftCli, NftablesMode};
@@ -268,7 +268,7 @@ fn is_missing_tool(err: &ModeError) -> bool {
     matches!(
         err,
         ModeError::ReadLive {
-            cause: CommandError::NotFound { .. },
+            cause: Cause::NotFound { .. },
             ..
         }
     )

@@ -164,7 +164,7 @@ async fn run_mode<M: Mode>(mode: M, config: Arc<Config>, keep: ModeSpec) -> anyh
             // Another mode (or backend) may have run before: its rules go once ours are in
             // place, so traffic never finds neither; and again later, because during a
             // rolling update the old kproxy may still be running and restore them.
-            if !matches!(event, Event::Synced(_)) {
+            if !matches!(event, Event::Applied { .. }) {
                 return;
             }
             let now = tokio::time::Instant::now();

@@ -501,8 +501,9 @@ impl<M: Mode> SyncLoop<M> {
         })
     }
 
-    /// Applies the plan (or prints it for `--dry-run`), then what follows an apply: the other
-    /// modes' leftovers, the health-check servers, the believed rules, stale conntrack entries.
+    /// Applies the plan (or prints it for `--dry-run`), then what follows an apply: the
+    /// followers of [`Event::Applied`] (the health-check servers, the other modes' leftovers),
+    /// the believed rules, stale conntrack entries.
     fn commit(&mut self, prepared: Prepared<M>) -> Result<Committed, ModeError> {
         let Prepared {
             built,
@@ -533,6 +534,12 @@ impl<M: Mode> SyncLoop<M> {
             return Err(err);
         }
         self.failures = 0;
+        if !dry_run {
+            // Before conntrack cleanup, and inside the apply's time, as the rules they follow.
+            self.tell(&Event::Applied {
+                state: &built.state,
+            });
+        }
         times.apply = t_apply.elapsed();
         if !dry_run {
             self.believed = Some(desired);

@@ -488,10 +488,11 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--rss-wrapper") {
         binary::rss_wrapper(&args[i + 2..]);
     }
-    if !nix::unistd::geteuid().is_root() {
-        println!("kproxy benchmarks need root (network namespaces, iptables, nft); skipped");
-        return;
-    }
+    // A benchmark that cannot run here fails and says why, rather than passing as if it ran.
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the modes benchmark needs root (network namespaces, iptables, nft): run it as root"
+    );
     let p = profile(&args);
     raise_nofile();
     if let Some(seconds) = flag_value(&args, "--churn") {

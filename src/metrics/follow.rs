@@ -21,6 +21,7 @@ impl Follower for Arc<Metrics> {
             } => self.changes_seen(*services, *endpoints, *pending_services, *pending_endpoints),
             Event::SyncFailed => self.failed(),
             Event::RemovalHeld => self.source_removal_held(),
+            Event::Applied { .. } => {}
             Event::Synced(outcome) => {
                 let report = outcome.report;
                 self.programmed(outcome.trigger_times, outcome.at);

@@ -39,7 +39,16 @@ pub enum Event<'a> {
     SyncFailed,
     /// The source held back a removal it could not confirm.
     RemovalHeld,
-    /// A sync reached the kernel. Never sent by `--dry-run`, which changes nothing.
+    /// The kernel took a sync's plan (an empty plan included): sent right after the apply,
+    /// before conntrack cleanup, and counted in the apply's time. For what must follow the
+    /// rules at once (health-check node ports; another mode's leftovers, removed only once
+    /// ours are in place). Never sent by `--dry-run`, which changes nothing.
+    Applied {
+        /// The state the kernel now holds.
+        state: &'a kproxy_contract::ProxyState,
+    },
+    /// A sync is complete (after [`Event::Applied`] and conntrack cleanup): its figures, for
+    /// those who report it. Never sent by `--dry-run`.
     Synced(&'a Outcome<'a>),
 }
 
@@ -62,14 +71,16 @@ pub struct Outcome<'a> {
     pub at: SystemTime,
 }
 
-/// A collaborator of the sync loop. Called on the loop's task, between syncs: a follower does
-/// its work quickly or hands it to a task of its own.
+/// A collaborator of the sync loop. Called on the loop's task, in the order followers were
+/// added: the time a follower takes is the sync's time (a follower of [`Event::Applied`] counts
+/// in the apply's), so one with slow work hands it to a task of its own, or blocks through
+/// [`super::block`] when the sync must wait for it.
 pub trait Follower: Send {
     /// Takes note of `event`.
     fn on(&mut self, event: &Event<'_>);
 }
 
-/// Followers as a closure, for a collaborator that is a few lines (and for tests).
+/// Followers as a closure, for a collaborator that is a few lines.
 impl<F: FnMut(&Event<'_>) + Send> Follower for F {
     fn on(&mut self, event: &Event<'_>) {
         self(event)
@@ -88,8 +99,8 @@ impl Follower for crate::admin::Publisher {
 /// The health-check node ports follow the applied state's `healthCheckNodePort`s.
 impl Follower for crate::healthcheck::HealthCheckServers {
     fn on(&mut self, event: &Event<'_>) {
-        if let Event::Synced(outcome) = event {
-            self.update(&outcome.built.state);
+        if let Event::Applied { state } = event {
+            self.update(state);
         }
     }
 }

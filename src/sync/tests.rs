@@ -570,6 +570,46 @@ fn conntrack_cleanup_runs_after_the_apply() {
     assert_eq!(ct.deleted, 1);
 }
 
+/// Followers hear each applied sync once, in order: `Applied` right after the apply (before
+/// conntrack cleanup, so health-check ports and leftover removal follow the rules at once),
+/// then `Synced` with the sync's figures. `--dry-run` and a failed sync publish neither.
+#[test]
+fn followers_hear_each_applied_sync_once_in_order() {
+    for (dry_run, fail) in [(false, false), (true, false), (false, true)] {
+        let (sl, ct) = loop_with_table(dry_run, true, false);
+        let heard = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (to, table) = (heard.clone(), ct.clone());
+        let mut sl = sl.follow(move |event: &Event<'_>| {
+            let dumps = table.lock().unwrap().dumps.len();
+            to.lock().unwrap().push(match event {
+                Event::Applied { state } => {
+                    format!("applied {} ports, {dumps} dumps", state.services.len())
+                }
+                Event::Synced(o) => format!(
+                    "synced {} ports, {dumps} dumps, {} deleted",
+                    o.report.service_ports,
+                    o.report.conntrack_deleted()
+                ),
+                other => format!("{other:?}"),
+            });
+        });
+        sl.mode().0.lock().unwrap().fail_applies = usize::from(fail);
+        assert_eq!(sl.sync(true).is_ok(), !fail);
+        let expected: &[&str] = match (dry_run, fail) {
+            (false, false) => &[
+                "applied 1 ports, 0 dumps",
+                "synced 1 ports, 1 dumps, 1 deleted",
+            ],
+            _ => &[],
+        };
+        assert_eq!(
+            *heard.lock().unwrap(),
+            expected,
+            "dry run {dry_run}, failing {fail}"
+        );
+    }
+}
+
 #[test]
 fn conntrack_cleanup_is_skipped_in_dry_run_and_when_disabled() {
     for (dry_run, cleanup) in [(true, true), (false, false)] {

@@ -16,9 +16,9 @@ fn expand(path: &str) -> Vec<String> {
     }
 }
 
-/// The (file, test name) pairs a document cites: a backticked `path.rs` followed by a colon,
-/// then the backticked names listed after it (separated by commas, "and", or "the property
-/// test"); any other text ends the list.
+/// The (file, test name) pairs a document cites: a backticked `path.rs` followed by a colon
+/// or an opening parenthesis, then the backticked names listed after it (separated by commas, semicolons, parentheses,
+/// "and", or "the property test"); any other text ends the list.
 fn citations(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for paragraph in text.split("\n\n") {
@@ -29,7 +29,7 @@ fn citations(text: &str) -> Vec<(String, String)> {
             let (token, after) = (parts[i], parts.get(i + 1).copied().unwrap_or(""));
             let before = parts[i - 1];
             if token.ends_with(".rs") && token.contains('/') {
-                files = if after.starts_with(':') {
+                files = if after.starts_with(':') || after.trim_start().starts_with('(') {
                     expand(token)
                 } else {
                     Vec::new()
@@ -40,7 +40,7 @@ fn citations(text: &str) -> Vec<(String, String)> {
                 .trim_start_matches(':')
                 .replace("the property test", "")
                 .replace("and", "")
-                .replace([',', ';'], "");
+                .replace([',', ';', '(', ')'], "");
             if !gap.trim().is_empty() {
                 files.clear();
             }
@@ -79,7 +79,14 @@ fn every_test_the_documents_cite_exists() {
     for doc in &docs {
         let text = std::fs::read_to_string(doc).unwrap();
         for (file, name) in citations(&text) {
-            let source = std::fs::read_to_string(root.join(&file)).unwrap_or_default();
+            // A mode README's paths are relative to its crate.
+            let local = doc.parent().unwrap().join(&file);
+            let path = if local.exists() {
+                local
+            } else {
+                root.join(&file)
+            };
+            let source = std::fs::read_to_string(path).unwrap_or_default();
             checked += 1;
             if !source.contains(&format!("fn {name}(")) && !source.contains(&format!("fn {name}<"))
             {
@@ -101,7 +108,8 @@ fn every_test_the_documents_cite_exists() {
 #[test]
 fn citations_are_read_as_written() {
     let text = "- **Tests**: `src/a.rs`: `one_test`, `two_test`; `modes/{x,y}/t.rs`:\n  \
-                `three_test`; the prose `not_a_test` here.\n\n`src/b.rs` holds `no_colon_test`.";
+                `three_test`; the prose `not_a_test` here.\n\n`src/b.rs` holds `no_colon_test`.\n\n\
+                `src/c.rs` (`four_test`, `five_test`) and more `not_cited`.";
     assert_eq!(
         citations(text),
         [
@@ -109,6 +117,8 @@ fn citations_are_read_as_written() {
             ("src/a.rs", "two_test"),
             ("modes/x/t.rs", "three_test"),
             ("modes/y/t.rs", "three_test"),
+            ("src/c.rs", "four_test"),
+            ("src/c.rs", "five_test"),
         ]
         .map(|(f, n)| (f.to_string(), n.to_string()))
     );

@@ -3,7 +3,10 @@
 //! microseconds). `std::time::Instant::now` is disallowed elsewhere (`clippy.toml`).
 //!
 //! The control plane's async code reads `tokio::time::Instant::now`, which is already such a
-//! seam: tests pause and advance it. This one is for synchronous code (the modes).
+//! seam: tests pause and advance it. This one is for synchronous code (the modes). Where the
+//! decision itself is a function that takes `now` (the userspace mode's affinity table), the
+//! I/O around it reads [`SystemClock`] and the tests call the function with instants of their
+//! own.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};

@@ -1,5 +1,5 @@
 //! Running the kernel userland tools (`iptables-restore`, `nft`, ...): the one place the modes
-//! spawn processes, so every failure is a [`CommandError`] naming the program and its stderr.
+//! spawn processes, so every failure is a [`Cause`] naming the program and its stderr.
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use wait_timeout::ChildExt as _;
 
-use crate::CommandError;
+use crate::Cause;
 
 /// Every program kproxy may run, with the Debian package that provides it. [`run`] refuses any
 /// other, so this list is complete by construction, and the runtime image installs exactly
@@ -67,9 +67,9 @@ pub fn run(
     package: &'static str,
     args: &[&str],
     stdin: Option<&str>,
-) -> Result<String, CommandError> {
+) -> Result<String, Cause> {
     if !PROGRAMS.iter().any(|(p, _)| *p == program) {
-        return Err(CommandError::Io {
+        return Err(Cause::Io {
             program: program.to_string(),
             cause: std::io::Error::other(
                 "not one of the programs kproxy may run (command::PROGRAMS), so the image may lack it",
@@ -95,8 +95,8 @@ fn run_path(
     args: &[&str],
     stdin: Option<&str>,
     limit: Duration,
-) -> Result<String, CommandError> {
-    let io = |cause| CommandError::Io {
+) -> Result<String, Cause> {
+    let io = |cause| Cause::Io {
         program: program.to_string(),
         cause,
     };
@@ -111,7 +111,7 @@ fn run_path(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|cause| match cause.kind() {
-            std::io::ErrorKind::NotFound => CommandError::NotFound {
+            std::io::ErrorKind::NotFound => Cause::NotFound {
                 program: program.to_string(),
                 package,
             },
@@ -152,7 +152,7 @@ fn run_path(
         (status, joined(writer), joined(out), joined(err))
     });
     let Some(status) = status.map_err(io)? else {
-        return Err(CommandError::TimedOut {
+        return Err(Cause::TimedOut {
             program: program.to_string(),
             limit,
         });
@@ -162,7 +162,7 @@ fn run_path(
     if status.success() {
         Ok(String::from_utf8_lossy(&out).into_owned())
     } else {
-        Err(CommandError::Failed {
+        Err(Cause::Failed {
             program: program.to_string(),
             status: status.to_string(),
             stderr: String::from_utf8_lossy(&err).trim().to_string(),
@@ -221,7 +221,7 @@ mod tests {
         .expect_err("a hung tool must fail");
         let took = start.elapsed();
         assert!(
-            matches!(&err, CommandError::TimedOut { program, limit } if program == "nft" && *limit == Duration::from_millis(300)),
+            matches!(&err, Cause::TimedOut { program, limit } if program == "nft" && *limit == Duration::from_millis(300)),
             "{err:?}"
         );
         assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -266,7 +266,7 @@ mod tests {
         )
         .expect_err("exit 1");
         assert!(
-            matches!(&err, CommandError::Failed { stderr, status, .. } if stderr == "Error: no such table" && status == "exit status: 1"),
+            matches!(&err, Cause::Failed { stderr, status, .. } if stderr == "Error: no such table" && status == "exit status: 1"),
             "{err:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);

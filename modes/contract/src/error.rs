@@ -2,14 +2,18 @@
 
 use crate::ModeName;
 
-/// A system command (iptables-restore, nft, ...) that failed.
+/// Why a mode's kernel operation failed: the one cause type behind every [`ModeError`]. Four
+/// kinds: a program kproxy ran (`NotFound`, `Io`, `Failed`), a kernel interface it talks to
+/// directly (`Netlink`), output it could not parse (`Unreadable`), a time limit (`TimedOut`).
+/// Each prints its own message only; what caused it is its `source`, printed once by
+/// [`Chain`].
 ///
-/// Retrying: every variant fails the sync that ran the command, and the sync loop retries a
+/// Retrying: every variant fails the sync that ran the operation, and the sync loop retries a
 /// failed sync with backoff (1 s doubling to the sync period), so none is retried here. Only
-/// [`CommandError::NotFound`] and a permission problem ([`CommandError::is_permission_denied`])
-/// cannot go away by themselves; they are reported with what to do.
+/// [`Cause::NotFound`] and a permission problem ([`Cause::is_permission_denied`]) cannot go
+/// away by themselves; they are reported with what to do.
 #[derive(Debug, thiserror::Error)]
-pub enum CommandError {
+pub enum Cause {
     /// The program is not installed.
     #[error("`{program}` was not found; install the `{package}` package")]
     NotFound {
@@ -68,7 +72,7 @@ pub enum CommandError {
     },
 }
 
-impl CommandError {
+impl Cause {
     /// Whether the failure means "permission denied" (not root / no CAP_NET_ADMIN).
     pub fn is_permission_denied(&self) -> bool {
         match self {
@@ -105,7 +109,7 @@ pub enum ModeError {
         mode: ModeName,
         /// The failing command, with the line it reported.
         #[source]
-        cause: CommandError,
+        cause: Cause,
     },
     /// The live state could not be read.
     #[error("could not read the live {mode} state")]
@@ -114,7 +118,7 @@ pub enum ModeError {
         mode: ModeName,
         /// The failing command.
         #[source]
-        cause: CommandError,
+        cause: Cause,
     },
     /// The kernel lacks a feature this mode needs.
     #[error("this kernel lacks {0}")]
@@ -163,7 +167,7 @@ mod tests {
 
         let err = ModeError::Rejected {
             mode: ModeName::Nftables,
-            cause: CommandError::Netlink {
+            cause: Cause::Netlink {
                 interface: "nf_tables netlink",
                 cause: Box::new(Unavailable(std::io::Error::from_raw_os_error(1))),
             },
@@ -174,7 +178,7 @@ mod tests {
              nf_tables netlink unavailable: opening the socket: Operation not permitted (os error 1)"
         );
         assert!(err.is_permission_denied());
-        let other = CommandError::Netlink {
+        let other = Cause::Netlink {
             interface: "IPVS netlink",
             cause: Box::new(Unavailable(std::io::Error::from_raw_os_error(2))),
         };

@@ -17,7 +17,7 @@ mod local;
 mod mode;
 mod state;
 
-pub use error::{Chain, CommandError, ModeError};
+pub use error::{Cause, Chain, ModeError};
 pub use local::{
     InvalidInterfaceName, LocalMatch, LocalTraffic, MAX_INTERFACE_NAME, check_interface_name,
 };

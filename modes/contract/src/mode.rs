@@ -107,11 +107,13 @@ pub trait Plan: fmt::Display + fmt::Debug + Send {
 
 /// A data plane.
 ///
-/// `render` and `plan` are pure: everything they depend on is an argument (the desired state,
-/// the [`Mode::Facts`] read from the node just before, the [`Mode::Memo`] of the previous
-/// render), so a dry run and a real run compute the same plan and a test can replay any
-/// sequence of renders. `observe`, `read_live` and `apply` are the only I/O. The sync loop owns
-/// the mode (`&mut self`) and the memo, so no lock guards kernel state or render caches.
+/// `render` and `plan` are pure: they read no kernel and no clock, and depend only on their
+/// arguments (the desired state, the [`Mode::Facts`] read from the node just before, the
+/// [`Mode::Memo`] of the previous render) and the mode's settings, so a dry run and a real run
+/// compute the same plan and a test can replay any sequence of renders. (One exception is
+/// state the kernel holds and the mode tracks: IPVS's `plan` keeps draining the real servers
+/// its `apply` started draining.) The other methods are the I/O. The sync loop owns the mode
+/// (`&mut self`) and the memo, so no lock guards kernel state or render caches.
 pub trait Mode: Send + 'static {
     /// Kernel objects in this mode's vocabulary (chains and rules, tables and elements, ...).
     type Rules: fmt::Debug + Clone + Default + Send + Sync + 'static;
@@ -143,8 +145,8 @@ pub trait Mode: Send + 'static {
         memo: &mut Self::Memo,
     ) -> Self::Rules;
 
-    /// Observes and renders from scratch, with a fresh memo: for one-shot callers (`kproxy
-    /// trace`, tests) that keep no memo between renders.
+    /// Observes and renders from scratch, with a fresh memo: for one-shot callers (tests,
+    /// benchmarks, the fuzzer) that keep no memo between renders.
     fn render_once(&self, desired: &ProxyState) -> Self::Rules {
         self.render(desired, &self.observe(), &mut Self::Memo::default())
     }

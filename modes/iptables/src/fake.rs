@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use kproxy_contract::{CommandError, IpFamily};
+use kproxy_contract::{Cause, IpFamily};
 
 use crate::kernel::IptablesKernel;
 use crate::ruleset::Table;
@@ -178,7 +178,7 @@ impl FakeIptables {
 }
 
 impl IptablesKernel for FakeIptables {
-    fn save(&mut self, family: IpFamily, table: Table) -> Result<String, CommandError> {
+    fn save(&mut self, family: IpFamily, table: Table) -> Result<String, Cause> {
         let mut out = format!("*{table}\n");
         for name in self.chains(family, table).keys() {
             let policy = if is_builtin(table, name) {
@@ -197,19 +197,14 @@ impl IptablesKernel for FakeIptables {
         Ok(out)
     }
 
-    fn chain_exists(
-        &mut self,
-        family: IpFamily,
-        table: Table,
-        chain: &str,
-    ) -> Result<bool, CommandError> {
+    fn chain_exists(&mut self, family: IpFamily, table: Table, chain: &str) -> Result<bool, Cause> {
         Ok(self.chains(family, table).contains_key(chain))
     }
 
-    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError> {
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), Cause> {
         let program = "fake-iptables-restore".to_string();
         if let Some(msg) = self.fail_next.take() {
-            return Err(CommandError::Failed {
+            return Err(Cause::Failed {
                 program,
                 status: "exit status: 1".into(),
                 stderr: msg,
@@ -221,7 +216,7 @@ impl IptablesKernel for FakeIptables {
                 self.applied.push(payload.to_string());
                 Ok(())
             }
-            Err(stderr) => Err(CommandError::Failed {
+            Err(stderr) => Err(Cause::Failed {
                 program,
                 status: "exit status: 1".into(),
                 stderr,

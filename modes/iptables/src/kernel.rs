@@ -1,22 +1,17 @@
 //! The only code that runs iptables binaries: `*-save` to read, `*-restore --noflush` to write.
 
-use kproxy_contract::{CommandError, IpFamily};
+use kproxy_contract::{Cause, IpFamily};
 
 use crate::ruleset::Table;
 
 /// Reads and writes iptables tables. The real one runs the binaries; tests use [`crate::fake`].
 pub trait IptablesKernel: Send + 'static {
     /// `iptables-save -t TABLE` output.
-    fn save(&mut self, family: IpFamily, table: Table) -> Result<String, CommandError>;
+    fn save(&mut self, family: IpFamily, table: Table) -> Result<String, Cause>;
     /// Runs `iptables-restore --noflush` with `payload` on stdin: one atomic transaction per table.
-    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError>;
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), Cause>;
     /// Whether `chain` exists in `table` (one cheap `iptables -S CHAIN`, not a table dump).
-    fn chain_exists(
-        &mut self,
-        family: IpFamily,
-        table: Table,
-        chain: &str,
-    ) -> Result<bool, CommandError>;
+    fn chain_exists(&mut self, family: IpFamily, table: Table, chain: &str) -> Result<bool, Cause>;
 }
 
 /// Which iptables backend the host uses.
@@ -92,7 +87,7 @@ impl IptablesCli {
 }
 
 impl IptablesKernel for IptablesCli {
-    fn save(&mut self, family: IpFamily, table: Table) -> Result<String, CommandError> {
+    fn save(&mut self, family: IpFamily, table: Table) -> Result<String, Cause> {
         run(
             &self.backend.program(family, "save"),
             &["-t", table.as_str()],
@@ -100,12 +95,7 @@ impl IptablesKernel for IptablesCli {
         )
     }
 
-    fn chain_exists(
-        &mut self,
-        family: IpFamily,
-        table: Table,
-        chain: &str,
-    ) -> Result<bool, CommandError> {
+    fn chain_exists(&mut self, family: IpFamily, table: Table, chain: &str) -> Result<bool, Cause> {
         let base = match family {
             IpFamily::V4 => "iptables",
             IpFamily::V6 => "ip6tables",
@@ -117,12 +107,12 @@ impl IptablesKernel for IptablesCli {
             None,
         ) {
             Ok(_) => Ok(true),
-            Err(CommandError::Failed { stderr, .. }) if stderr.contains("No chain") => Ok(false),
+            Err(Cause::Failed { stderr, .. }) if stderr.contains("No chain") => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), CommandError> {
+    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), Cause> {
         let program = self.backend.program(family, "restore");
         // --wait: another writer holding the xtables lock delays us instead of failing the sync.
         run(&program, &["--noflush", "--wait", "10"], Some(payload))
@@ -131,14 +121,14 @@ impl IptablesKernel for IptablesCli {
     }
 }
 
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Cause> {
     kproxy_contract::command::run(program, "iptables", args, stdin)
 }
 
 /// iptables-restore says "line N failed"; add that line's text so the error is actionable.
-fn with_failing_line(err: CommandError, payload: &str) -> CommandError {
+fn with_failing_line(err: Cause, payload: &str) -> Cause {
     match err {
-        CommandError::Failed {
+        Cause::Failed {
             program,
             status,
             stderr,
@@ -153,7 +143,7 @@ fn with_failing_line(err: CommandError, payload: &str) -> CommandError {
                 Some(text) => format!("{stderr} (the line was: {text})"),
                 None => stderr,
             };
-            CommandError::Failed {
+            Cause::Failed {
                 program,
                 status,
                 stderr,

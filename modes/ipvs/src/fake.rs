@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use kproxy_contract::{CommandError, IpFamily};
+use kproxy_contract::{Cause, IpFamily};
 
 use crate::kernel::{IpvsKernel, KernelError};
 use crate::model::{DUMMY, DestCounters, IpvsTimeouts, RsKey, VipHolder, VirtualServer, VsKey};
@@ -218,7 +218,7 @@ impl IpvsKernel for FakeKernel {
         del: &[IpAddr],
     ) -> Result<(), KernelError> {
         if self.holder != Some(holder) {
-            return Err(CommandError::Failed {
+            return Err(Cause::Failed {
                 program: "ip".into(),
                 status: "exit status: 1".into(),
                 stderr: format!("no holder {holder:?}"),

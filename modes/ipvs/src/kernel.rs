@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use kproxy_contract::{CommandError, IpFamily};
+use kproxy_contract::{Cause, IpFamily};
 
 use crate::genl;
 use crate::model::{
@@ -23,7 +23,7 @@ pub enum KernelError {
     Ipvs(#[from] GenlError),
     /// `ip` or `nft`.
     #[error(transparent)]
-    Command(#[from] CommandError),
+    Command(#[from] Cause),
 }
 
 /// Everything the IPVS mode reads and writes.
@@ -94,7 +94,7 @@ impl SystemKernel {
     }
 }
 
-fn ip(args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
+fn ip(args: &[&str], stdin: Option<&str>) -> Result<String, Cause> {
     kproxy_contract::command::run("ip", "iproute2", args, stdin)
 }
 
@@ -178,7 +178,7 @@ impl IpvsKernel for SystemKernel {
                 );
                 Ok(VipHolder::Dummy)
             }
-            Err(CommandError::Failed { stderr, .. })
+            Err(Cause::Failed { stderr, .. })
                 if stderr.contains("Unknown device type")
                     || stderr.contains("not supported")
                     || stderr.contains("Operation not supported") =>
@@ -238,11 +238,11 @@ impl IpvsKernel for SystemKernel {
     fn nft(&mut self, script: &str) -> Result<(), KernelError> {
         kproxy_contract::command::run("nft", "nftables", &["-f", "-"], Some(script)).map_err(
             |e| match e {
-                CommandError::Failed {
+                Cause::Failed {
                     program,
                     status,
                     stderr,
-                } => CommandError::Failed {
+                } => Cause::Failed {
                     program,
                     status,
                     stderr: stderr.lines().take(3).collect::<Vec<_>>().join(" | "),
@@ -263,7 +263,7 @@ impl IpvsKernel for SystemKernel {
                 Ok(_) => {
                     out.insert(family);
                 }
-                Err(CommandError::Failed { stderr, .. })
+                Err(Cause::Failed { stderr, .. })
                     if stderr.contains("No such file or directory") => {}
                 Err(e) => return Err(e.into()),
             }
@@ -387,7 +387,7 @@ fn lo_routes() -> Result<BTreeSet<IpAddr>, KernelError> {
             Ok(t) => t,
             // No local table yet (a namespace whose interfaces are all down), or no IPv6:
             // nothing of ours there.
-            Err(CommandError::Failed { stderr, .. })
+            Err(Cause::Failed { stderr, .. })
                 if fam == "-6" || stderr.contains("FIB table does not exist") =>
             {
                 continue;

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use kproxy_contract::clock::{Clock, SystemClock};
-use kproxy_contract::{CommandError, IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
+use kproxy_contract::{Cause, IpFamily, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use kernel::{IpvsKernel, KernelError, SystemKernel, probe};
 pub use model::{DUMMY, IpvsRules, IpvsTimeouts, RsKey, VipHolder, VsKey};
@@ -319,7 +319,7 @@ fn mode_error(read: bool) -> impl FnOnce(KernelError) -> ModeError {
                     "IPVS (CONFIG_IP_VS); use --proxy-mode nftables or iptables",
                 );
             }
-            KernelError::Ipvs(e) => CommandError::Netlink {
+            KernelError::Ipvs(e) => Cause::Netlink {
                 interface: "IPVS netlink",
                 cause: Box::new(e),
             },

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use kproxy_contract::{CommandError, IpFamily};
+use kproxy_contract::{Cause, IpFamily};
 
 use crate::kernel::NftKernel;
 use crate::model::{Chain, Table};
@@ -46,8 +46,8 @@ impl FakeNft {
         self.tables.get(&family)
     }
 
-    fn err(msg: String) -> CommandError {
-        CommandError::Failed {
+    fn err(msg: String) -> Cause {
+        Cause::Failed {
             program: "fake-nft".into(),
             status: "exit status: 1".into(),
             stderr: msg,
@@ -193,11 +193,11 @@ fn check_references(t: &Table) -> Result<(), String> {
 }
 
 impl NftKernel for FakeNft {
-    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError> {
+    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, Cause> {
         Ok(self.tables.get(&family).cloned())
     }
 
-    fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, Cause> {
         Ok(self.tables.contains_key(&family))
     }
 }
@@ -206,7 +206,7 @@ impl NftKernel for FakeNft {
 /// wrong order (an element leading to a chain a later step creates, a chain deleted while an
 /// element still leads to it) fails here.
 impl StepKernel for FakeNft {
-    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), Cause> {
         self.transaction(plan, Transaction::Nft).map_err(Self::err)
     }
 

@@ -2,7 +2,7 @@
 //! netlink batches of element changes: the transactions a [`crate::steps::Schedule`] is made
 //! of. Setting `KPROXY_NFT_APPLY=nft` applies every plan with `nft -f` only (for comparisons).
 
-use kproxy_contract::{CommandError, IpFamily};
+use kproxy_contract::{Cause, IpFamily};
 
 use crate::live;
 use crate::model::{TABLE, Table, family_name};
@@ -14,9 +14,9 @@ use crate::steps::{StepKernel, Via};
 /// schedule ([`StepKernel`]).
 pub trait NftKernel: StepKernel + Send + 'static {
     /// The family's kproxy table, or `None` if it does not exist.
-    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError>;
+    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, Cause>;
     /// Whether the family's kproxy table exists (`nft list tables`: no elements are read).
-    fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError>;
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, Cause>;
 }
 
 /// The real kernel, through the `nft` binary.
@@ -26,24 +26,20 @@ pub struct NftCli;
 const PROGRAM: &str = "nft";
 
 impl NftKernel for NftCli {
-    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError> {
+    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, Cause> {
         match run(&["-j", "list", "table", family_name(family), TABLE], None) {
-            Ok(json) => live::parse(&json)
-                .map(Some)
-                .map_err(|e| CommandError::Unreadable {
-                    program: PROGRAM.into(),
-                    cause: e.into(),
-                }),
-            Err(CommandError::Failed { stderr, .. })
-                if stderr.contains("No such file or directory") =>
-            {
+            Ok(json) => live::parse(&json).map(Some).map_err(|e| Cause::Unreadable {
+                program: PROGRAM.into(),
+                cause: e.into(),
+            }),
+            Err(Cause::Failed { stderr, .. }) if stderr.contains("No such file or directory") => {
                 Ok(None)
             }
             Err(e) => Err(e),
         }
     }
 
-    fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, Cause> {
         // One netlink query for this table; `nft list tables` reads every element first.
         let asked = crate::netlink::socket::acquire().and_then(|socket| {
             let exists = socket.table_exists(family, TABLE)?;
@@ -64,7 +60,7 @@ impl NftKernel for NftCli {
 }
 
 impl StepKernel for NftCli {
-    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), Cause> {
         apply_with_nft(plan)
     }
 
@@ -87,22 +83,22 @@ pub fn via_from_env() -> Via {
 }
 
 /// One `nft -f -` transaction for the whole plan.
-pub(crate) fn apply_with_nft(plan: &NftPlan) -> Result<(), CommandError> {
+pub(crate) fn apply_with_nft(plan: &NftPlan) -> Result<(), Cause> {
     let script = plan.script();
     run(&["-f", "-"], Some(&script))
         .map(|_| ())
         .map_err(|e| with_failing_line(e, &script))
 }
 
-fn run(args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
+fn run(args: &[&str], stdin: Option<&str>) -> Result<String, Cause> {
     kproxy_contract::command::run(PROGRAM, "nftables", args, stdin)
 }
 
 /// nft reports `/dev/stdin:LINE:COL-COL: Error: ...`; keep the first error line short and
 /// readable (the script can be megabytes long).
-fn with_failing_line(err: CommandError, _script: &str) -> CommandError {
+fn with_failing_line(err: Cause, _script: &str) -> Cause {
     match err {
-        CommandError::Failed {
+        Cause::Failed {
             program,
             status,
             stderr,
@@ -112,7 +108,7 @@ fn with_failing_line(err: CommandError, _script: &str) -> CommandError {
                 *first = first.trim_start_matches("/dev/stdin:");
             }
             let short: String = lines.join(" | ").chars().take(600).collect();
-            CommandError::Failed {
+            Cause::Failed {
                 program,
                 status,
                 stderr: short,

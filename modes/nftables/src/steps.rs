@@ -43,7 +43,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use kproxy_contract::CommandError;
+use kproxy_contract::Cause;
 
 use crate::netlink::batch::Deletes;
 use crate::netlink::{self, NetlinkError, socket};
@@ -184,7 +184,7 @@ impl fmt::Display for Schedule<'_> {
 /// [`execute`].
 pub trait StepKernel {
     /// One `nft -f` transaction of `plan`.
-    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError>;
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), Cause>;
     /// One netlink batch of `plan`'s element changes of non-interval sets and maps (the
     /// others go with an `nft -f` step). An error for which [`NetlinkError::use_nft_instead`]
     /// holds sent nothing.
@@ -199,7 +199,7 @@ pub fn execute<K: StepKernel + ?Sized>(
     kernel: &mut K,
     plan: &NftPlan,
     via: Via,
-) -> Result<(), CommandError> {
+) -> Result<(), Cause> {
     run(kernel, plan, &Schedule::of(plan, via))
 }
 
@@ -208,7 +208,7 @@ fn run<K: StepKernel + ?Sized>(
     kernel: &mut K,
     plan: &NftPlan,
     schedule: &Schedule,
-) -> Result<(), CommandError> {
+) -> Result<(), Cause> {
     if let Some(reason) = schedule.whole {
         tracing::debug!(reason, "applying the whole plan with nft -f");
     }
@@ -397,18 +397,15 @@ fn via_netlink(fp: &FamilyPlan, set: &str) -> bool {
 
 /// Applies `plan` through `nft` (a function applying a plan with one `nft -f`) and this
 /// namespace's nf_tables netlink: [`execute`] with [`NetlinkElements`].
-pub fn apply(
-    plan: &NftPlan,
-    nft: impl FnMut(&NftPlan) -> Result<(), CommandError>,
-) -> Result<(), CommandError> {
+pub fn apply(plan: &NftPlan, nft: impl FnMut(&NftPlan) -> Result<(), Cause>) -> Result<(), Cause> {
     execute(&mut NetlinkElements(nft), plan, Via::Netlink)
 }
 
 /// A [`StepKernel`] of an `nft -f` function and this namespace's nf_tables netlink.
 pub struct NetlinkElements<F>(pub F);
 
-impl<F: FnMut(&NftPlan) -> Result<(), CommandError>> StepKernel for NetlinkElements<F> {
-    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+impl<F: FnMut(&NftPlan) -> Result<(), Cause>> StepKernel for NetlinkElements<F> {
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), Cause> {
         (self.0)(plan)
     }
 

@@ -543,6 +543,41 @@ mod incremental {
     }
 }
 
+/// A delta plan is only ever taken against the very render the delta was derived from. Two
+/// memos that made the same number of renders are two lineages: a ruleset of one is never
+/// taken as the base of the other's delta (with a counter per memo they would collide, and the
+/// plan would look only at the other lineage's last change).
+#[test]
+fn renders_of_two_memos_are_never_the_same_render() {
+    let m = mode();
+    let s0 = many(50, 2);
+    let (mut s1, mut s2) = (s0.clone(), s0.clone());
+    s1[7].endpoints.cluster[0] = ep("10.250.0.7", false);
+    s2[3].endpoints.cluster[0] = ep("10.250.0.3", false);
+    let (s0, s1, s2) = (state(s0), state(s1), state(s2));
+    let (mut a, mut b) = (
+        crate::render::RenderCache::default(),
+        crate::render::RenderCache::default(),
+    );
+    let a1 = m.render(&s0, &(), &mut a);
+    let a2 = m.render(&s1, &(), &mut a);
+    let b1 = m.render(&s0, &(), &mut b);
+    let b2 = m.render(&s2, &(), &mut b);
+    let base = &b2.delta.as_ref().expect("incremental").base;
+    assert!(base.same_render(&b1.generation));
+    assert!(!base.same_render(&a1.generation) && !a2.generation.same_render(&b1.generation));
+    // From a2 to b2 both services change: b2's delta (service 3 only) must not be trusted.
+    let planned = plan::plan(&a2, &b2).script();
+    assert_eq!(planned, plan::plan_full(&a2, &b2).script());
+    assert!(
+        planned.contains("# ns/s7:p") && planned.contains("10.250.0.3"),
+        "{planned}"
+    );
+    // A ruleset read back from the kernel is no render at all.
+    let read_back = crate::model::Generation::default();
+    assert!(!read_back.same_render(&read_back.clone()));
+}
+
 /// A first render at 2,500 service ports renders its fragments on several threads; the result
 /// equals the same state reached incrementally (one thread) from an empty one.
 #[test]

@@ -22,7 +22,7 @@ pub mod trace;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use kproxy_contract::{CommandError, Mode, ModeError, ModeName, ObjectCount, ProxyState};
+use kproxy_contract::{Cause, Mode, ModeError, ModeName, ObjectCount, ProxyState};
 
 pub use datapath::{CopyMethod, DataPath, Handover, Options, Threads};
 pub use model::UserspaceRules;
@@ -66,7 +66,7 @@ impl<R: RouteTable> UserspaceMode<R> {
     fn rejected(cause: std::io::Error, what: String) -> ModeError {
         ModeError::Rejected {
             mode: ModeName::Userspace,
-            cause: CommandError::Io {
+            cause: Cause::Io {
                 program: what,
                 cause,
             },

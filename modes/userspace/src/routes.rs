@@ -14,7 +14,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use kproxy_contract::CommandError;
+use kproxy_contract::Cause;
 use kproxy_contract::command::run;
 
 /// The `proto` number of kproxy's routes (unassigned in iproute2's `rt_protos`).
@@ -23,16 +23,12 @@ pub const ROUTE_PROTO: u8 = 201;
 /// Where the service addresses live.
 pub trait RouteTable: Send + 'static {
     /// The addresses kproxy's routes make local.
-    fn list(&mut self) -> Result<BTreeSet<IpAddr>, CommandError>;
+    fn list(&mut self) -> Result<BTreeSet<IpAddr>, Cause>;
     /// Adds then removes routes. Returns the addresses of `add` that were already local
     /// through a route that is not ours (an interface address, an operator's route): those are
     /// left alone, never taken over, so removing ours can never remove someone else's. Removing
     /// a missing route is not an error.
-    fn change(
-        &mut self,
-        add: &[IpAddr],
-        remove: &[IpAddr],
-    ) -> Result<BTreeSet<IpAddr>, CommandError>;
+    fn change(&mut self, add: &[IpAddr], remove: &[IpAddr]) -> Result<BTreeSet<IpAddr>, Cause>;
 }
 
 /// The kernel's routes, through `ip`.
@@ -58,7 +54,7 @@ fn batch(verb: &str, ips: &[IpAddr]) -> String {
 }
 
 impl RouteTable for IpRoute {
-    fn list(&mut self) -> Result<BTreeSet<IpAddr>, CommandError> {
+    fn list(&mut self) -> Result<BTreeSet<IpAddr>, Cause> {
         let mut out = BTreeSet::new();
         let proto = ROUTE_PROTO.to_string();
         for family in ["-4", "-6"] {
@@ -73,7 +69,7 @@ impl RouteTable for IpRoute {
                 Ok(json) => json,
                 // A namespace that never had an address of this family has no local table:
                 // no routes of ours either.
-                Err(CommandError::Failed { stderr, .. })
+                Err(Cause::Failed { stderr, .. })
                     if stderr.contains("FIB table does not exist") =>
                 {
                     continue;
@@ -85,11 +81,7 @@ impl RouteTable for IpRoute {
         Ok(out)
     }
 
-    fn change(
-        &mut self,
-        add: &[IpAddr],
-        remove: &[IpAddr],
-    ) -> Result<BTreeSet<IpAddr>, CommandError> {
+    fn change(&mut self, add: &[IpAddr], remove: &[IpAddr]) -> Result<BTreeSet<IpAddr>, Cause> {
         let mut foreign = BTreeSet::new();
         if !add.is_empty() {
             // `add`, not `replace`: an address already local (say an externalIP that is the
@@ -107,10 +99,10 @@ impl RouteTable for IpRoute {
 
 /// Runs an `ip -force -batch` and returns the (0-based) lines that failed with `tolerated`; any
 /// other failure is an error.
-fn batch_tolerating(input: &str, tolerated: &str) -> Result<Vec<usize>, CommandError> {
+fn batch_tolerating(input: &str, tolerated: &str) -> Result<Vec<usize>, Cause> {
     match run("ip", "iproute2", &["-force", "-batch", "-"], Some(input)) {
         Ok(_) => Ok(Vec::new()),
-        Err(CommandError::Failed {
+        Err(Cause::Failed {
             program,
             status,
             stderr,
@@ -125,7 +117,7 @@ fn batch_tolerating(input: &str, tolerated: &str) -> Result<Vec<usize>, CommandE
                         }
                     }
                     Some(_) => {
-                        return Err(CommandError::Failed {
+                        return Err(Cause::Failed {
                             program,
                             status,
                             stderr,
@@ -182,20 +174,16 @@ pub struct FakeRoutes {
 
 #[cfg(any(test, feature = "testing"))]
 impl RouteTable for FakeRoutes {
-    fn list(&mut self) -> Result<BTreeSet<IpAddr>, CommandError> {
+    fn list(&mut self) -> Result<BTreeSet<IpAddr>, Cause> {
         Ok(self.routes.lock().map(|r| r.clone()).unwrap_or_default())
     }
 
-    fn change(
-        &mut self,
-        add: &[IpAddr],
-        remove: &[IpAddr],
-    ) -> Result<BTreeSet<IpAddr>, CommandError> {
+    fn change(&mut self, add: &[IpAddr], remove: &[IpAddr]) -> Result<BTreeSet<IpAddr>, Cause> {
         if self
             .refuse_next
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
-            return Err(CommandError::Failed {
+            return Err(Cause::Failed {
                 program: "ip".into(),
                 status: "exit status: 2".into(),
                 stderr: "RTNETLINK answers: Operation not permitted".into(),

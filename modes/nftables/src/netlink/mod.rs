@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use kproxy_contract::{CommandError, IpFamily};
+use kproxy_contract::{Cause, IpFamily};
 
 use crate::model::TABLE;
 use crate::plan::NftPlan;
@@ -94,9 +94,9 @@ impl NetlinkError {
     }
 }
 
-impl From<NetlinkError> for CommandError {
+impl From<NetlinkError> for Cause {
     fn from(e: NetlinkError) -> Self {
-        CommandError::Netlink {
+        Cause::Netlink {
             interface: "nf_tables netlink",
             cause: Box::new(e),
         }

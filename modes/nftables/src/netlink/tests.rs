@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kproxy_contract::{
-    CommandError, IpFamily, LocalTraffic, Mode, NodePortAddresses, Protocol, ProxyState,
-    ServicePort, SessionAffinity, TrafficPolicy,
+    Cause, IpFamily, LocalTraffic, Mode, NodePortAddresses, Protocol, ProxyState, ServicePort,
+    SessionAffinity, TrafficPolicy,
 };
 use kproxy_testkit::{ep, service, state};
 
@@ -280,16 +280,16 @@ struct Recording {
 }
 
 impl NftKernel for Recording {
-    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, CommandError> {
+    fn list(&mut self, family: IpFamily) -> Result<Option<Table>, Cause> {
         NftCli.list(family)
     }
-    fn table_exists(&mut self, family: IpFamily) -> Result<bool, CommandError> {
+    fn table_exists(&mut self, family: IpFamily) -> Result<bool, Cause> {
         NftCli.table_exists(family)
     }
 }
 
 impl steps::StepKernel for Recording {
-    fn nft(&mut self, plan: &NftPlan) -> Result<(), CommandError> {
+    fn nft(&mut self, plan: &NftPlan) -> Result<(), Cause> {
         self.scripts.lock().unwrap().push(plan.script());
         apply_with_nft(plan)
     }
@@ -564,14 +564,16 @@ fn apply_times_netlink_versus_nft() {
         };
         s1.services.insert(key, Arc::new(changed));
         let m = NftablesMode::new(NftCli, vec![IpFamily::V4]);
+        // One memo, as the sync loop keeps: the second render is incremental.
+        let mut memo = crate::render::RenderCache::default();
         let t = Instant::now();
-        let d0 = m.render_once(&s0);
+        let d0 = m.render(&s0, &(), &mut memo);
         let render_full = t.elapsed();
         let t = Instant::now();
         let full = plan::plan(&NftRuleset::default(), &d0);
         let plan_full = t.elapsed();
         let t = Instant::now();
-        let d1 = m.render_once(&s1);
+        let d1 = m.render(&s1, &(), &mut memo);
         let render_change = t.elapsed();
         let t = Instant::now();
         let change = plan::plan(&d0, &d1);
@@ -589,7 +591,7 @@ fn apply_times_netlink_versus_nft() {
             .values()
             .map(Vec::len)
             .sum();
-        let time = |f: &dyn Fn() -> Result<(), CommandError>| {
+        let time = |f: &dyn Fn() -> Result<(), Cause>| {
             let t = Instant::now();
             f().unwrap();
             t.elapsed()
@@ -598,7 +600,7 @@ fn apply_times_netlink_versus_nft() {
             (
                 "netlink",
                 &(|p: &NftPlan| steps::apply(p, apply_with_nft))
-                    as &dyn Fn(&NftPlan) -> Result<(), CommandError>,
+                    as &dyn Fn(&NftPlan) -> Result<(), Cause>,
             ),
             ("nft -f", &apply_with_nft),
         ] {
@@ -638,7 +640,7 @@ fn apply_times_netlink_versus_nft() {
                     let batch = encode(&only).unwrap().unwrap();
                     NftSocket::open()
                         .and_then(|s| s.apply(&batch))
-                        .map_err(CommandError::from)
+                        .map_err(Cause::from)
                 }),
                 _ => time(&|| apply_with_nft(&only)),
             };
@@ -757,7 +759,11 @@ fn applying_the_same_deletions_twice_succeeds() {
                 vec![ep("10.244.1.4", false), ep("10.244.1.5", false)],
             ),
         ]);
-        let (full, less) = (m.render_once(&both), m.render_once(&one));
+        let mut memo = crate::render::RenderCache::default();
+        let (full, less) = (
+            m.render(&both, &(), &mut memo),
+            m.render(&one, &(), &mut memo),
+        );
         let removal = plan::plan(&full, &less);
         assert!(steps::split(&removal).is_ok(), "elements only");
         let deleted: usize = removal
@@ -834,7 +840,11 @@ fn applying_the_same_chain_changes_twice_succeeds() {
             .collect();
         let before = state(vec![a.clone()]);
         let after = state(vec![a, service("b", "10.96.0.11", five)]);
-        let (old, new) = (m.render_once(&before), m.render_once(&after));
+        let mut memo = crate::render::RenderCache::default();
+        let (old, new) = (
+            m.render(&before, &(), &mut memo),
+            m.render(&after, &(), &mut memo),
+        );
         m.apply(&plan::plan(&NftRuleset::default(), &old)).unwrap();
         let grow = plan::plan(&old, &new);
         assert!(
@@ -915,8 +925,13 @@ fn flips_under_a_flood_of_new_flows_leave_none_without_dnat() {
                 state(v)
             };
             let m = NftablesMode::new(NftCli, vec![IpFamily::V4]);
-            let three = m.render_once(&with(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]));
-            let one = m.render_once(&with(&["10.244.1.2"]));
+            let mut memo = crate::render::RenderCache::default();
+            let three = m.render(
+                &with(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]),
+                &(),
+                &mut memo,
+            );
+            let one = m.render(&with(&["10.244.1.2"]), &(), &mut memo);
             let apply = |p: &NftPlan| steps::apply(p, apply_with_nft).unwrap();
             apply(&plan::plan(&NftRuleset::default(), &three));
             let (down, up) = (plan::plan(&three, &one), plan::plan(&one, &three));

@@ -25,4 +25,11 @@ COPY --from=build /src/target/release/kproxy /usr/local/bin/kproxy
 # kubeadm's DaemonSet (and every installer built on it) runs /usr/local/bin/kube-proxy: swapping
 # the image is then all it takes.
 RUN ln -s kproxy /usr/local/bin/kube-proxy
+# The allocator (mimalloc, read once at process start): return freed pages to the system at
+# once instead of a second later, and commit arena memory as it is used rather than ahead. A
+# first sync allocates and frees its transient data within that second: peak RSS at 10,000
+# services x 10 endpoints falls by about 33 MiB (docs/memory.md). The benchmarks run the binary
+# with exactly these lines.
+ENV MIMALLOC_PURGE_DELAY=0 \
+    MIMALLOC_ARENA_EAGER_COMMIT=0
 ENTRYPOINT ["/usr/local/bin/kproxy"]

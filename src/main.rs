@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `--features dhat-heap`: every allocation is recorded, and the allocation sites live at the
-/// heap's peak are written to `dhat-heap.json` on exit (docs/memory.md reads it).
+/// heap's peak are written to `dhat-heap-PID.json` on exit (docs/memory.md reads it).
 #[cfg(feature = "dhat-heap")]
 #[global_allocator]
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;
@@ -31,7 +31,9 @@ fn say_out(line: &str) {
 
 fn main() -> ExitCode {
     #[cfg(feature = "dhat-heap")]
-    let _profiler = dhat::Profiler::new_heap();
+    let _profiler = dhat::Profiler::builder()
+        .file_name(format!("dhat-heap-{}.json", std::process::id()))
+        .build();
     let args = Args::parse_go_style();
     if let Some(Command::Version) = args.command {
         say_out(&format!("kproxy {}", kproxy::version::VERSION));

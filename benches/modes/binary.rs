@@ -54,6 +54,34 @@ pub(crate) fn write_manifests(dir: &Path, n: usize, e: usize) {
     }
 }
 
+/// The environment the image gives kproxy: the `ENV` instructions of the Dockerfile's last
+/// stage (the runtime's, not the build's). Every run of the binary here gets exactly these, so
+/// the figures are those of kproxy as shipped (the allocator's settings among them).
+pub(crate) fn image_env() -> Vec<(String, String)> {
+    let text = include_str!("../../Dockerfile");
+    let runtime = text.rsplit_once("\nFROM ").map_or(text, |(_, last)| last);
+    // Join continued lines, then read `ENV A=1 B=2` instructions.
+    let joined = runtime.replace("\\\n", " ");
+    let env: Vec<(String, String)> = joined
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .flat_map(|pairs| pairs.split_whitespace())
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert!(
+        env.iter().any(|(k, _)| k.starts_with("MIMALLOC_")),
+        "the Dockerfile's runtime stage sets no allocator setting: {env:?}"
+    );
+    env
+}
+
+/// The `kproxy` binary the benchmark runs: cargo's, or `KPROXY_BENCH_BINARY` (a heap-profiling
+/// build, docs/memory.md).
+pub(crate) fn kproxy_binary() -> String {
+    std::env::var("KPROXY_BENCH_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kproxy").into())
+}
+
 /// `VmHWM` of a live process, in KiB.
 fn vm_hwm(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -145,6 +173,7 @@ pub(crate) fn run(
             (Some(api), ["--master".into(), url])
         }
     };
+    let binary = kproxy_binary();
     let mut args: Vec<&str> = vec![
         "--rss-wrapper",
         "--",
@@ -152,7 +181,7 @@ pub(crate) fn run(
         "netns",
         "exec",
         &ns.0,
-        env!("CARGO_BIN_EXE_kproxy"),
+        &binary,
         &source_args[0],
         &source_args[1],
         "--once",
@@ -170,6 +199,7 @@ pub(crate) fn run(
     args.extend_from_slice(extra);
     let out = Command::new(std::env::current_exe().unwrap())
         .args(&args)
+        .envs(image_env())
         .env("RUST_LOG", "info")
         .output()
         .map_err(|e| format!("cannot run the wrapper: {e}"))?;

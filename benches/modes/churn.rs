@@ -188,7 +188,7 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
     let started = Instant::now();
     let kproxy = Proc(
         Command::new("ip")
-            .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kproxy")])
+            .args(["netns", "exec", &ns.0, &crate::binary::kproxy_binary()])
             .args(["--master", &url, "--proxy-mode", "nftables"])
             .args([
                 "--hostname-override",
@@ -198,6 +198,7 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
             ])
             .args(["--healthz-bind-address=", "--metrics-bind-address="])
             .args(["--log-format", "json"])
+            .envs(crate::binary::image_env())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -85,6 +85,11 @@ fn the_image_answers_to_kube_proxy_and_labels_itself() {
     ] {
         assert!(stage.contains(label), "no {label} label");
     }
+    // The allocator's settings the memory figures are measured with (benches/modes reads them
+    // from this stage).
+    for setting in ["MIMALLOC_PURGE_DELAY=0", "MIMALLOC_ARENA_EAGER_COMMIT=0"] {
+        assert!(stage.contains(setting), "the runtime stage lacks {setting}");
+    }
     // The commit reaches the build stage, where build.rs reads it.
     assert!(text.contains("ENV KPROXY_GIT_COMMIT=${KPROXY_GIT_COMMIT}"));
     // The version in the labels is the crate's.

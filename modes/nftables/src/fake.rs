@@ -109,7 +109,7 @@ impl FakeNft {
             for (set, elems) in &fp.add_elements {
                 let s = t.sets.get_mut(set).ok_or_else(|| format!("no set {set}"))?;
                 for (k, v) in elems {
-                    if s.elements.insert(k.clone(), v.clone()).is_some() {
+                    if s.elements.insert_shared(k.clone(), v.clone()).is_some() {
                         return Err(format!("{set}: element {k} exists"));
                     }
                 }

@@ -192,7 +192,7 @@ mod tests {
             t.sets["endpoints"]
                 .elements
                 .get("10.96.0.10 . tcp . 80 . 0"),
-            Some(&Some("10.244.1.1 . 8080".to_string()))
+            Some(&Some("10.244.1.1 . 8080".into()))
         );
         assert_eq!(
             t.sets["endpoints"].signature,
@@ -200,11 +200,11 @@ mod tests {
         );
         assert_eq!(
             t.sets["service-ips"].elements.get("10.96.0.10 . tcp . 80"),
-            Some(&Some("goto pick-2".to_string()))
+            Some(&Some("goto pick-2".into()))
         );
         assert_eq!(
             t.sets["service-ips"].elements.get("10.96.0.11 . udp . 53"),
-            Some(&Some("drop".to_string()))
+            Some(&Some("drop".into()))
         );
         assert!(
             t.sets["firewall-allow"]

@@ -10,7 +10,7 @@ use std::fmt::{self, Write as _};
 
 use kproxy_contract::{IpFamily, PlanStats};
 
-use crate::model::{Chain, Elements, NftRuleset, Set, TABLE, Table, TableDelta, family_name};
+use crate::model::{Chain, Elements, NftRuleset, Set, TABLE, Table, TableDelta, Text, family_name};
 
 /// Elements per `add element` / `delete element` statement.
 const CHUNK: usize = 2_000;
@@ -32,9 +32,9 @@ pub struct FamilyPlan {
     /// Chains whose rules are (re)written: flushed, then filled.
     pub write_chains: Vec<(String, Chain, bool)>,
     /// Elements to delete, per set: key → old value.
-    pub delete_elements: BTreeMap<String, Vec<(String, Option<String>)>>,
+    pub delete_elements: BTreeMap<String, Vec<(Text, Option<Text>)>>,
     /// Elements to add, per set.
-    pub add_elements: BTreeMap<String, Vec<(String, Option<String>)>>,
+    pub add_elements: BTreeMap<String, Vec<(Text, Option<Text>)>>,
     /// Chains to delete.
     pub delete_chains: Vec<String>,
     /// Sets and maps to delete (name, is a map).
@@ -240,7 +240,7 @@ fn plan_table(old: &Table, new: &Table) -> FamilyPlan {
             }
             Some(o) => {
                 let (add, del) = set.elements.diff(&o.elements);
-                let owned = |v: Vec<(&String, &Option<String>)>| -> Vec<(String, Option<String>)> {
+                let owned = |v: Vec<(&Text, &Option<Text>)>| -> Vec<(Text, Option<Text>)> {
                     v.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect()
                 };
                 let (add, del) = (owned(add), owned(del));
@@ -313,7 +313,7 @@ impl NftPlan {
     }
 }
 
-fn elem_text(k: &str, v: &Option<String>) -> String {
+fn elem_text(k: &str, v: &Option<Text>) -> String {
     match v {
         Some(v) => format!("{k} : {v}"),
         None => k.to_string(),
@@ -394,7 +394,7 @@ fn write_elements(
     plan: &NftPlan,
     t: &str,
     verb: &str,
-    elements: &BTreeMap<String, Vec<(String, Option<String>)>>,
+    elements: &BTreeMap<String, Vec<(Text, Option<Text>)>>,
     with_values: bool,
 ) -> fmt::Result {
     // owner → set → elements. Large plans (a first sync) are not grouped: one statement per
@@ -412,7 +412,7 @@ fn write_elements(
             let text = if with_values {
                 elem_text(k, v)
             } else {
-                k.clone()
+                k.to_string()
             };
             grouped
                 .entry(owner)

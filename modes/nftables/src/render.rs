@@ -29,7 +29,8 @@ use kproxy_contract::{
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    BaseChain, Chain, Delta, Elements, Generation, Group, NftRuleset, Rule, Set, Table, group_of,
+    BaseChain, Chain, Delta, Elements, Generation, Group, NftRuleset, Rule, Set, Table, Text,
+    group_of,
 };
 
 /// Offset of the short-circuit endpoint set within a frontend's `endpoints` keys: the ETP=Local
@@ -586,7 +587,7 @@ impl<'a> Writer<'a> {
             groups
                 .get_mut(group)
                 .expect("inserted above")
-                .insert(key, value);
+                .insert(key.into(), value.map(Text::from));
         }
     }
 

@@ -451,14 +451,17 @@ mod elements {
                 }
             }
             for (k, v) in &b {
-                if new.get(k) != Some(v) {
+                if new.get(k).map(|v| v.as_deref()) != Some(v.as_deref()) {
                     new.insert(k.clone(), v.clone());
                 }
             }
             prop_assert_eq!(new.len(), b.len());
             let (add, del) = new.diff(&old);
-            let mut add: Vec<_> = add.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            let mut del: Vec<_> = del.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let owned = |(k, v): (&crate::model::Text, &Option<crate::model::Text>)| {
+                (k.to_string(), v.as_deref().map(String::from))
+            };
+            let mut add: Vec<_> = add.into_iter().map(owned).collect();
+            let mut del: Vec<_> = del.into_iter().map(owned).collect();
             add.sort();
             del.sort();
             let naive_add: Vec<_> = b.iter().filter(|(k, v)| a.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();

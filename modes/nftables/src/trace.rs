@@ -56,7 +56,8 @@ impl Sets for TableSets<'_> {
         self.0.sets.contains_key(set)
     }
     fn exact(&self, set: &str, key: &str) -> Option<Option<String>> {
-        self.0.sets.get(set)?.elements.get(key).cloned()
+        let value = self.0.sets.get(set)?.elements.get(key)?;
+        Some(value.as_deref().map(String::from))
     }
     fn ranged(&self, set: &str) -> Vec<(String, Option<String>)> {
         let Some(s) = self.0.sets.get(set) else {
@@ -69,7 +70,7 @@ impl Sets for TableSets<'_> {
         s.elements
             .iter()
             .filter(|(k, _)| k.contains('/') || k.contains('-'))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_string(), v.as_deref().map(String::from)))
             .collect()
     }
 }

@@ -126,11 +126,19 @@ impl<'a> MessageInfo<'a> {
     }
 }
 
+/// A batch's bytes are kept in chunks of about this size, each ending on a message boundary.
+const CHUNK: usize = 1 << 20;
+
 /// A whole batch: the bytes to send and what each message carries.
 #[derive(Debug)]
 pub struct Batch<'a> {
-    /// Every message, back to back.
-    pub bytes: Vec<u8>,
+    /// The messages, back to back, in chunks of about [`CHUNK`] bytes that end on message
+    /// boundaries; `bytes` is the chunk being filled. They go out as one datagram by
+    /// scatter/gather (one `sendmsg`, so still one transaction) and are never copied into one
+    /// buffer: a single buffer grown by doubling held up to twice the batch, and both the old
+    /// and the new copy while it grew (a first sync at 50,000 services sends about 40 MiB).
+    chunks: Vec<Vec<u8>>,
+    bytes: Vec<u8>,
     /// The `BATCH_BEGIN` message's sequence number (commit errors come back under it).
     pub begin_seq: u32,
     /// The element messages, in order.
@@ -161,6 +169,7 @@ impl<'a> Batch<'a> {
     /// An empty batch whose sequence numbers start at `first_seq`, deleting as `deletes` says.
     pub fn with_deletes(first_seq: u32, deletes: Deletes) -> Self {
         let mut b = Batch {
+            chunks: Vec::new(),
             bytes: Vec::new(),
             begin_seq: first_seq,
             messages: Vec::new(),
@@ -181,6 +190,37 @@ impl<'a> Batch<'a> {
         );
         finish_message(&mut b.bytes, 0);
         b
+    }
+
+    /// The batch's bytes, chunk by chunk, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks
+            .iter()
+            .map(Vec::as_slice)
+            .chain(std::iter::once(self.bytes.as_slice()))
+    }
+
+    /// The batch's size in bytes.
+    pub fn len(&self) -> usize {
+        self.chunks().map(<[u8]>::len).sum()
+    }
+
+    /// Whether the batch holds no bytes (never: it starts with `BATCH_BEGIN`).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole batch in one buffer (tests and diagnostics; sending never copies it).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.chunks().flatten().copied().collect()
+    }
+
+    /// Starts a new chunk when the current one is full. Only between messages.
+    fn rotate(&mut self) {
+        if self.bytes.len() >= CHUNK {
+            let next = Vec::with_capacity(CHUNK + MAX_LIST + 4096);
+            self.chunks.push(std::mem::replace(&mut self.bytes, next));
+        }
     }
 
     fn seq(&mut self) -> u32 {
@@ -225,6 +265,7 @@ impl<'a> Batch<'a> {
     }
 
     fn open_message(&mut self, family: IpFamily, table: &str, set: &'a str, op: Op) {
+        self.rotate();
         let seq = self.seq();
         let start = self.bytes.len();
         let (kind, flags) = match (op, self.deletes) {
@@ -263,6 +304,7 @@ impl<'a> Batch<'a> {
     /// Appends `BATCH_END`; the batch is complete.
     pub fn finish(mut self) -> Self {
         self.close();
+        self.rotate();
         let seq = self.seq();
         let start = self.bytes.len();
         header(
@@ -397,9 +439,10 @@ mod tests {
         begin.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
         begin.extend_from_slice(&7u32.to_ne_bytes());
         begin.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 10]);
-        assert_eq!(&b.bytes[..20], &begin[..]);
+        let bytes = b.to_vec();
+        assert_eq!(&bytes[..20], &begin[..]);
 
-        let msg = &b.bytes[20..];
+        let msg = &bytes[20..];
         let len = u32::from_ne_bytes(msg[..4].try_into().unwrap()) as usize;
         assert_eq!(
             len,
@@ -431,7 +474,7 @@ mod tests {
         assert_eq!(&msg[16..len], &want[..]);
 
         // BATCH_END, then nothing.
-        let end = &b.bytes[20 + len..];
+        let end = &bytes[20 + len..];
         assert_eq!(end.len(), 20);
         assert_eq!(u16::from_ne_bytes([end[4], end[5]]), 17);
         assert_eq!(b.messages.len(), 1);
@@ -455,7 +498,7 @@ mod tests {
                 [el("10.96.0.10 . tcp . 80", Some("goto pick-3"))],
             )
             .unwrap();
-            b.finish().bytes
+            b.finish().to_vec()
         };
         let (del, destroy) = (batch(Deletes::Delete), batch(Deletes::Destroy));
         assert_eq!(del.len(), destroy.len());
@@ -508,15 +551,16 @@ mod tests {
             5_000
         );
         // Walk the messages: lengths add up and every element list fits in 16 bits.
+        let bytes = b.to_vec();
         let mut off = 0;
         let mut n = 0;
-        while off < b.bytes.len() {
-            let len = u32::from_ne_bytes(b.bytes[off..off + 4].try_into().unwrap()) as usize;
+        while off < bytes.len() {
+            let len = u32::from_ne_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
             assert!((MESSAGE_OVERHEAD..65_536 + 64).contains(&len));
             off += len;
             n += 1;
         }
-        assert_eq!(off, b.bytes.len());
+        assert_eq!(off, bytes.len());
         assert_eq!(n, b.messages.len() + 2);
         // Offsets name elements.
         let m = &b.messages[1];

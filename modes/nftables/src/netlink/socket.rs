@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
@@ -109,14 +110,21 @@ impl NftSocket {
     /// the transaction.
     pub fn apply(&self, batch: &Batch<'_>) -> Result<(), NetlinkError> {
         self.size_buffers(batch)?;
-        let sent = self
-            .socket
-            .send(&batch.bytes, 0)
-            .map_err(unavailable("send the batch"))?;
-        if sent != batch.bytes.len() {
+        // One datagram gathered from the batch's chunks: the kernel copies them into one
+        // message, so this is the same transaction as a send of one buffer.
+        let slices: Vec<std::io::IoSlice<'_>> = batch.chunks().map(std::io::IoSlice::new).collect();
+        let sent = nix::sys::socket::sendmsg::<nix::sys::socket::NetlinkAddr>(
+            self.socket.as_raw_fd(),
+            &slices,
+            &[],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| unavailable("send the batch")(e.into()))?;
+        if sent != batch.len() {
             return Err(NetlinkError::Protocol(format!(
                 "sent {sent} of {} bytes",
-                batch.bytes.len()
+                batch.len()
             )));
         }
         self.read_acks(batch)
@@ -264,7 +272,7 @@ impl NftSocket {
     }
 
     fn size_buffers(&self, batch: &Batch<'_>) -> Result<(), NetlinkError> {
-        let snd = batch.bytes.len() + 64 * 1024;
+        let snd = batch.len() + 64 * 1024;
         // An ACK is 36 bytes, an error with extended ACK under 200; skb overhead is counted too.
         let rcv = batch.messages.len() * 1024 + 1024 * 1024;
         if setsockopt(&self.socket, sockopt::SndBufForce, &snd).is_err() {

@@ -530,7 +530,27 @@ fn a_large_element_batch_is_one_transaction() {
         let plan = plan::plan(&NftRuleset::default(), &desired);
         let batch = encode(&plan).unwrap().unwrap();
         assert!(batch.elements > 25_000 && batch.messages.len() > 10);
-        m.apply(&plan).unwrap();
+        // Sent gathered from several chunks, as one datagram: one transaction all the same,
+        // through netlink (no fallback to `nft -f`).
+        assert!(
+            batch.chunks().count() > 1,
+            "{} bytes in one chunk",
+            batch.len()
+        );
+        struct Counted(usize);
+        impl steps::StepKernel for Counted {
+            fn nft(&mut self, plan: &NftPlan) -> Result<(), Cause> {
+                crate::kernel::apply_with_nft(plan)
+            }
+            fn elements(&mut self, plan: &NftPlan) -> Result<(), NetlinkError> {
+                steps::NetlinkElements(crate::kernel::apply_with_nft).elements(plan)?;
+                self.0 += 1;
+                Ok(())
+            }
+        }
+        let mut kernel = Counted(0);
+        steps::execute(&mut kernel, &plan, steps::Via::Netlink).unwrap();
+        assert_eq!(kernel.0, 1, "the batch went through netlink");
         assert_eq!(read(&mut m), desired);
     });
 }
@@ -583,7 +603,7 @@ fn apply_times_netlink_versus_nft() {
         let encode_full = t.elapsed();
         eprintln!(
             "render + plan: full sync {render_full:.2?} + {plan_full:.2?}, one endpoint change {render_change:.2?} + {plan_change:.2?}; netlink encoding of the full sync {encode_full:.2?} ({} bytes)",
-            batch.bytes.len()
+            batch.len()
         );
         drop(batch);
         let elements: usize = full.families[&IpFamily::V4]

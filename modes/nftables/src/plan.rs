@@ -229,13 +229,10 @@ fn plan_table(old: &Table, new: &Table) -> FamilyPlan {
                     },
                 ));
                 if !set.elements.is_empty() {
-                    fp.add_elements.insert(
-                        name.clone(),
-                        set.elements
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect(),
-                    );
+                    // Sized exactly: a whole set at a first sync is most of the plan.
+                    let mut all = Vec::with_capacity(set.elements.len());
+                    all.extend(set.elements.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    fp.add_elements.insert(name.clone(), all);
                 }
             }
             Some(o) => {

@@ -28,7 +28,7 @@ use kproxy_contract::{Cause, IpFamily};
 
 use crate::model::TABLE;
 use crate::plan::NftPlan;
-use batch::{Batch, Deletes, ElementRef, Op};
+use batch::{Batch, Deletes, Op};
 use types::{EncodeError, SetType};
 
 /// Why the netlink path did not apply a batch.
@@ -155,13 +155,7 @@ pub fn encode<'a>(
                         set,
                         &ty,
                         op,
-                        elements
-                            .iter()
-                            .filter(|(k, _)| !gone(k))
-                            .map(|(k, v)| ElementRef {
-                                key: k,
-                                value: v.as_deref(),
-                            }),
+                        elements.iter().filter(|(k, _)| !gone(k)),
                     )
                     .map_err(encode_err)?;
             }

@@ -353,7 +353,7 @@ fn rejected(
             "{} one of {} elements (first `{}`) {} {} set {}",
             m.op.verb(),
             m.elements.len(),
-            m.elements.first().map_or("", |(_, e)| e.key),
+            m.elements.first().map_or("", |(key, _)| &**key),
             if m.op.verb() == "add" { "to" } else { "from" },
             family_name(m.family),
             m.set

@@ -19,10 +19,11 @@ use kproxy_testkit::{ep, service, state};
 use std::collections::BTreeSet;
 
 use super::NetlinkError;
-use super::batch::{Batch, Deletes, ElementRef, Op};
+use super::batch::{Batch, Deletes, Op};
 use super::socket::NftSocket;
 use super::types::SetType;
 use crate::kernel::{NftCli, NftKernel, apply_with_nft};
+use crate::model::Text;
 use crate::model::{NftRuleset, Table};
 use crate::plan::{self, NftPlan};
 use crate::{NftablesMode, steps};
@@ -194,6 +195,16 @@ fn refused_batches_name_the_element_and_change_nothing() {
             // A good element and one whose chain does not exist, in one batch: refused as a
             // whole, and the error names the second.
             let ty = SetType::parse("ipv4_addr . inet_proto . inet_service : verdict").unwrap();
+            let elements = [
+                (
+                    Text::from("10.96.0.11 . tcp . 80"),
+                    Some(Text::from("goto pick-1")),
+                ),
+                (
+                    Text::from("10.96.0.12 . tcp . 80"),
+                    Some(Text::from("goto no-such-chain")),
+                ),
+            ];
             let mut b = Batch::new(100);
             b.push_set(
                 IpFamily::V4,
@@ -201,16 +212,7 @@ fn refused_batches_name_the_element_and_change_nothing() {
                 "service-ips",
                 &ty,
                 Op::Add,
-                [
-                    ElementRef {
-                        key: "10.96.0.11 . tcp . 80",
-                        value: Some("goto pick-1"),
-                    },
-                    ElementRef {
-                        key: "10.96.0.12 . tcp . 80",
-                        value: Some("goto no-such-chain"),
-                    },
-                ],
+                &elements,
             )
             .unwrap();
             let b = b.finish();
@@ -229,6 +231,7 @@ fn refused_batches_name_the_element_and_change_nothing() {
 
             // Deleting an element that is not there.
             let set_ty = SetType::parse("ipv4_addr").unwrap();
+            let elements_2 = [(Text::from("10.96.9.9"), None)];
             let mut b = Batch::new(200);
             b.push_set(
                 IpFamily::V4,
@@ -236,10 +239,7 @@ fn refused_batches_name_the_element_and_change_nothing() {
                 "cluster-ips",
                 &set_ty,
                 Op::Delete,
-                [ElementRef {
-                    key: "10.96.9.9",
-                    value: None,
-                }],
+                &elements_2,
             )
             .unwrap();
             let err = NftSocket::open().unwrap().apply(&b.finish()).unwrap_err();
@@ -249,6 +249,7 @@ fn refused_batches_name_the_element_and_change_nothing() {
                 "{text}"
             );
             // A set that does not exist.
+            let elements_3 = [(Text::from("10.0.0.1"), None)];
             let mut b = Batch::new(300);
             b.push_set(
                 IpFamily::V6,
@@ -256,10 +257,7 @@ fn refused_batches_name_the_element_and_change_nothing() {
                 "no-such-set",
                 &set_ty,
                 Op::Add,
-                [ElementRef {
-                    key: "10.0.0.1",
-                    value: None,
-                }],
+                &elements_3,
             )
             .unwrap();
             let err = NftSocket::open().unwrap().apply(&b.finish()).unwrap_err();
@@ -814,6 +812,7 @@ fn applying_the_same_deletions_twice_succeeds() {
         // Not an element but its set is missing: an error, with either way of deleting.
         let ty = SetType::parse("ipv4_addr").unwrap();
         for deletes in [Deletes::Delete, Deletes::Destroy] {
+            let elements_4 = [(Text::from("10.0.0.1"), None)];
             let mut b = Batch::with_deletes(500, deletes);
             b.push_set(
                 IpFamily::V4,
@@ -821,10 +820,7 @@ fn applying_the_same_deletions_twice_succeeds() {
                 "no-such-set",
                 &ty,
                 Op::Delete,
-                [ElementRef {
-                    key: "10.0.0.1",
-                    value: None,
-                }],
+                &elements_4,
             )
             .unwrap();
             let b = b.finish();

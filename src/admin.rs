@@ -38,8 +38,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
 
-/// The default socket path, shared by the daemon and the `kproxy services` client.
-pub const DEFAULT_SOCKET: &str = "/run/kproxy/kproxy.sock";
+/// The default socket path (a configuration default: [`crate::config::defaults`]).
+pub use crate::config::defaults::ADMIN_SOCKET as DEFAULT_SOCKET;
 
 /// What the daemon last applied: the build of its last successful sync (its desired state and
 /// the objects it skipped), shared with the sync loop rather than copied.

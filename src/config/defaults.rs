@@ -26,6 +26,8 @@ use super::v1alpha1::{
 pub const HEALTHZ_PORT: u16 = 10256;
 /// `/metrics`'s default port.
 pub const METRICS_PORT: u16 = 10249;
+/// The admin socket's default path, shared by the daemon and the `kproxy services` client.
+pub const ADMIN_SOCKET: &str = "/run/kproxy/kproxy.sock";
 /// The API content type upstream asks for by default (kproxy speaks JSON whatever it is).
 pub const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
 

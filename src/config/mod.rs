@@ -346,7 +346,7 @@ pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         // A string, not a PathBuf, on the command line: clap refuses an empty path, and empty
         // is how the socket is turned off.
         admin_socket: match args.admin_socket.as_deref().map(str::trim) {
-            None => Some(PathBuf::from(crate::admin::DEFAULT_SOCKET)),
+            None => Some(PathBuf::from(defaults::ADMIN_SOCKET)),
             Some("") => None,
             Some(p) => Some(PathBuf::from(p)),
         },

@@ -426,7 +426,7 @@ fn admin_socket_defaults_and_turns_off_when_empty() {
     let c = config(&["--hostname-override", "n1"]);
     assert_eq!(
         c.admin_socket.as_deref(),
-        Some(std::path::Path::new(crate::admin::DEFAULT_SOCKET))
+        Some(std::path::Path::new(super::defaults::ADMIN_SOCKET))
     );
     let c = config(&["--hostname-override", "n1", "--admin-socket="]);
     assert_eq!(c.admin_socket, None);

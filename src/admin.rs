@@ -48,6 +48,15 @@ pub type Applied = crate::desired_state::Built;
 /// Where the sync loop publishes each applied state.
 pub type Publisher = watch::Sender<Option<Arc<Applied>>>;
 
+/// The admin socket serves the last applied build: it follows the sync loop's outcomes.
+impl crate::sync::Follower for Publisher {
+    fn on(&mut self, event: &crate::sync::Event<'_>) {
+        if let crate::sync::Event::Synced(outcome) = event {
+            self.send_replace(Some(outcome.built.clone()));
+        }
+    }
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct ServicesQuery {
     output: Option<String>,

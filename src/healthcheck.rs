@@ -211,6 +211,16 @@ fn header_weight() -> HeaderName {
     HeaderName::from_static("x-load-balancing-endpoint-weight")
 }
 
+/// The health-check node ports follow the applied state's `healthCheckNodePort`s, as soon as
+/// the kernel has it.
+impl crate::sync::Follower for HealthCheckServers {
+    fn on(&mut self, event: &crate::sync::Event<'_>) {
+        if let crate::sync::Event::Applied { state } = event {
+            self.update(state);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};

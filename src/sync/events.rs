@@ -86,21 +86,3 @@ impl<F: FnMut(&Event<'_>) + Send> Follower for F {
         self(event)
     }
 }
-
-/// The admin socket serves the last applied build.
-impl Follower for crate::admin::Publisher {
-    fn on(&mut self, event: &Event<'_>) {
-        if let Event::Synced(outcome) = event {
-            self.send_replace(Some(outcome.built.clone()));
-        }
-    }
-}
-
-/// The health-check node ports follow the applied state's `healthCheckNodePort`s.
-impl Follower for crate::healthcheck::HealthCheckServers {
-    fn on(&mut self, event: &Event<'_>) {
-        if let Event::Applied { state } = event {
-            self.update(state);
-        }
-    }
-}

@@ -390,3 +390,140 @@ pub(crate) fn markdown(r: &ChurnRun, window: u64) -> String {
     }
     o
 }
+
+/// The latency percentiles of the changes written in each `window`-second slice of the run:
+/// (slice start in seconds, p50 ms, p99 ms), slices without changes left out.
+fn latency_by_window(r: &ChurnRun, window: u64) -> Vec<(f64, f64, f64)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while from < r.seconds {
+        let to = from + window;
+        let mut w: Vec<Duration> = r
+            .latencies
+            .iter()
+            .filter(|(at, _)| (from..to).contains(&at.as_secs()))
+            .map(|(_, l)| *l)
+            .collect();
+        w.sort();
+        if !w.is_empty() {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            out.push((from as f64, ms(quantile(&w, 0.5)), ms(quantile(&w, 0.99))));
+        }
+        from = to;
+    }
+    out
+}
+
+/// `churn.svg`: the latency percentiles over the run (p50 and p99 per `window` seconds, with
+/// the minimum sync period as a grey line) and kproxy's RSS and CPU, sampled every second.
+pub(crate) fn plot(r: &ChurnRun, window: u64, path: &std::path::Path) {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1500, 560)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let title = format!(
+        "kproxy under churn: {} services x {} endpoints, {} endpoint changes/s for {} s (nftables, from the API)",
+        r.services, r.endpoints, r.rate, r.seconds
+    );
+    let root = root.titled(&title, ("sans-serif", 18)).unwrap();
+    let (left, right) = root.split_horizontally(750);
+    let end = r.seconds.max(1) as f64;
+
+    let lat = latency_by_window(r, window);
+    let max_ms = lat.iter().map(|l| l.2).fold(1_200.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            format!("write → kernel commit, per {window} s (ms)"),
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..end, 0.0..max_ms)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the churn")
+        .y_desc("ms")
+        .draw()
+        .unwrap();
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, 1000.0), (end, 1000.0)],
+            BLACK.mix(0.3).stroke_width(1),
+        ))
+        .unwrap()
+        .label("min-sync-period (1 s)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.3)));
+    for (name, color, pick) in [("p50", BLUE, 1usize), ("p99", RED, 2usize)] {
+        let points: Vec<(f64, f64)> = lat
+            .iter()
+            .map(|l| (l.0, if pick == 1 { l.1 } else { l.2 }))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .unwrap()
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 12))
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .draw()
+        .unwrap();
+
+    let rss: Vec<(f64, f64)> = r
+        .samples
+        .iter()
+        .map(|(t, kib, _)| (*t as f64, *kib as f64 / 1024.0))
+        .collect();
+    let cpu: Vec<(f64, f64)> = r.samples.iter().map(|(t, _, c)| (*t as f64, *c)).collect();
+    let max_rss = rss.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+    let max_cpu = cpu.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(&right)
+        .caption(
+            "kproxy's RSS (MiB) and CPU (% of a core), every second",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0.0..end, 0.0..max_rss)
+        .unwrap()
+        .set_secondary_coord(0.0..end, 0.0..max_cpu);
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the churn")
+        .y_desc("RSS MiB")
+        .draw()
+        .unwrap();
+    chart
+        .configure_secondary_axes()
+        .y_desc("CPU %")
+        .draw()
+        .unwrap();
+    chart
+        .draw_series(LineSeries::new(rss, BLUE.stroke_width(2)))
+        .unwrap()
+        .label("RSS")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart
+        .draw_secondary_series(LineSeries::new(cpu, RED.mix(0.6).stroke_width(1)))
+        .unwrap()
+        .label("CPU")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.mix(0.6)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 12))
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .draw()
+        .unwrap();
+    root.present().unwrap();
+}

@@ -572,8 +572,8 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 /// `--churn SECONDS` (with `--churn-rate` changes per second, 100 by default): the first of
-/// `--sizes` and `--endpoints` (10,000 x 10 by default), see [`churn`]. Writes `churn.md` and
-/// `churn.json` next to the other results.
+/// `--sizes` and `--endpoints` (10,000 x 10 by default), see [`churn`]. Writes `churn.md`,
+/// `churn.json` and `churn.svg` next to the other results.
 fn run_churn(args: &[String], p: &Profile, seconds: u64) {
     let (n, e, rate) = if p.quick {
         (100, 2, 50)
@@ -592,7 +592,8 @@ fn run_churn(args: &[String], p: &Profile, seconds: u64) {
     };
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let run = churn::run(n, e, rate, seconds).unwrap();
-    let mut text = churn::markdown(&run, if seconds >= 120 { 30 } else { seconds.max(1) });
+    let window = if seconds >= 120 { 30 } else { seconds.max(1) };
+    let mut text = churn::markdown(&run, window);
     text.push_str(&format!(
         "\nload average before: {}; after: {}\n",
         load_before.trim(),
@@ -604,6 +605,12 @@ fn run_churn(args: &[String], p: &Profile, seconds: u64) {
     let dir = report::out_dir(args);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("churn.md"), &text).unwrap();
+    // The plot's latency points are finer than the table's windows: 10 s (1 s for short runs).
+    churn::plot(
+        &run,
+        if seconds >= 60 { 10 } else { 1 },
+        &dir.join("churn.svg"),
+    );
     let json = serde_json::json!({
         "services": run.services, "endpoints": run.endpoints, "rate": run.rate,
         "seconds": run.seconds, "changes": run.changes, "missing": run.missing,

@@ -73,6 +73,12 @@ pub(crate) fn image_env() -> Vec<(String, String)> {
         env.iter().any(|(k, _)| k.starts_with("MIMALLOC_")),
         "the Dockerfile's runtime stage sets no allocator setting: {env:?}"
     );
+    // This reader takes `ENV K=V` with plain values only: anything a shell would quote or
+    // expand must fail here rather than reach kproxy misread.
+    assert!(
+        env.iter().all(|(_, v)| !v.contains(['"', '\'', '$', '\\'])),
+        "the Dockerfile's runtime ENV needs a fuller reader: {env:?}"
+    );
     env
 }
 

@@ -161,10 +161,10 @@ struct FamilyIndex {
     fragments: usize,
 }
 
-/// The service ports contributing elements to one group, in key order. Nearly always one (a
-/// frontend's or an endpoint's address), so a sorted `Vec`, one allocation the size of its
-/// keys, rather than a `BTreeSet`, whose first node has room for eleven (9 MiB at 10,000
-/// services).
+/// The service ports contributing elements to one group, in key order. Usually one or a few (a
+/// frontend's or an endpoint's address: one per port of a multi-port service), so a sorted
+/// `Vec`, one allocation the size of its keys, rather than a `BTreeSet`, whose first node has
+/// room for eleven (9 MiB at 10,000 services).
 #[derive(Debug, Default)]
 struct Contributors(Vec<ServicePortKey>);
 

@@ -1,6 +1,6 @@
 //! Building one nfnetlink batch: `NFNL_MSG_BATCH_BEGIN`, `NFT_MSG_DESTROYSETELEM` (or
-//! `NFT_MSG_DELSETELEM`) / `NFT_MSG_NEWSETELEM` messages, `NFNL_MSG_BATCH_END`, all in one
-//! buffer sent with one `sendmsg`, so the kernel applies them as one transaction.
+//! `NFT_MSG_DELSETELEM`) / `NFT_MSG_NEWSETELEM` messages, `NFNL_MSG_BATCH_END`, kept in chunks
+//! and sent gathered in one `sendmsg`: one datagram, which the kernel applies as one transaction.
 //!
 //! Deletions are idempotent where the kernel allows it ([`Deletes`]): two kproxies in one
 //! network namespace (the old and the new pod of a rolling update with surge) apply the same
@@ -117,8 +117,8 @@ pub struct MessageInfo<'a> {
     pub set: &'a str,
     /// Add or delete.
     pub op: Op,
-    /// Its elements, in order: the plan's own entries, borrowed (a pointer each, where a
-    /// copied pair of strings was 32 bytes: 20 MiB at 50,000 services).
+    /// Its elements, in order: the plan's own entries, borrowed (a pointer each, where a pair
+    /// of borrowed strings was 32 bytes: 20 MiB at 50,000 services).
     pub elements: Vec<&'a Element>,
     /// Each element's offset from the start of the message, ascending.
     pub offsets: Vec<u32>,
@@ -153,6 +153,8 @@ pub struct Batch<'a> {
     /// scatter/gather (one `sendmsg`, so still one transaction) and are never copied into one
     /// buffer: a single buffer grown by doubling held up to twice the batch, and both the old
     /// and the new copy while it grew (a first sync at 50,000 services sends about 40 MiB).
+    /// The first chunk grows from nothing (most batches are a few elements); later ones are
+    /// sized once.
     chunks: Vec<Vec<u8>>,
     bytes: Vec<u8>,
     /// The `BATCH_BEGIN` message's sequence number (commit errors come back under it).
@@ -233,6 +235,8 @@ impl<'a> Batch<'a> {
 
     /// Starts a new chunk when the current one is full. Only between messages.
     fn rotate(&mut self) {
+        // A message's length is patched in its own chunk: never rotate inside one.
+        debug_assert!(self.open.is_none(), "rotate inside a message");
         if self.bytes.len() >= CHUNK {
             let next = Vec::with_capacity(CHUNK + MAX_LIST + 4096);
             self.chunks.push(std::mem::replace(&mut self.bytes, next));

@@ -1,7 +1,8 @@
 //! Sending a [`Batch`] and reading its ACKs.
 //!
-//! The batch goes out in one `send` (one `sendmsg`: nfnetlink processes one datagram as one
-//! transaction, synchronously, so every reply is queued before `send` returns). The send buffer
+//! The batch goes out in one `sendmsg`, gathered from its chunks (nfnetlink processes one
+//! datagram as one transaction, synchronously, so every reply is queued before `sendmsg`
+//! returns). The send buffer
 //! is forced to the batch's size and the receive buffer to room for every ACK, which is what
 //! keeps large batches from failing with ENOBUFS (docs/semantics.md, implementation note 1).
 //! `NETLINK_CAP_ACK`

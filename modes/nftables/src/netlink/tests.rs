@@ -229,6 +229,31 @@ fn refused_batches_name_the_element_and_change_nothing() {
             );
             assert_eq!(read(&mut m), before, "a refused batch changed the table");
 
+            // The same across chunks: 40,000 good elements, then the bad one, in a batch
+            // gathered from several chunks. One datagram, one transaction: refused as a whole,
+            // nothing of the first chunks applied.
+            let mut many: Vec<(Text, Option<Text>)> = (0..40_000u32)
+                .map(|i| {
+                    (
+                        Text::from(format!("10.97.{}.{} . tcp . 80", i / 250, i % 250)),
+                        Some(Text::from("goto pick-1")),
+                    )
+                })
+                .collect();
+            many.push(elements[1].clone());
+            let mut b = Batch::new(150);
+            b.push_set(IpFamily::V4, "kproxy", "service-ips", &ty, Op::Add, &many)
+                .unwrap();
+            let b = b.finish();
+            assert!(b.chunks().count() > 1, "{} bytes in one chunk", b.len());
+            let err = NftSocket::open().unwrap().apply(&b).unwrap_err();
+            assert!(err.to_string().contains("goto no-such-chain"), "{err}");
+            assert_eq!(
+                read(&mut m),
+                before,
+                "a refused multi-chunk batch changed the table"
+            );
+
             // Deleting an element that is not there.
             let set_ty = SetType::parse("ipv4_addr").unwrap();
             let elements_2 = [(Text::from("10.96.9.9"), None)];

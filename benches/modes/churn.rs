@@ -357,16 +357,7 @@ pub(crate) fn markdown(r: &ChurnRun, window: u64) -> String {
         "\n| window (s) | changes | p50 ms | p99 ms | RSS MiB at end | CPU % of a core |"
     );
     let _ = writeln!(o, "|---|---|---|---|---|---|");
-    let mut from = 0;
-    while from < r.seconds {
-        let to = from + window;
-        let mut w: Vec<Duration> = r
-            .latencies
-            .iter()
-            .filter(|(at, _)| (from..to).contains(&at.as_secs()))
-            .map(|(_, l)| *l)
-            .collect();
-        w.sort();
+    for (from, to, w) in windows(r, window) {
         let in_window: Vec<&(u64, u64, f64)> = r
             .samples
             .iter()
@@ -386,32 +377,36 @@ pub(crate) fn markdown(r: &ChurnRun, window: u64) -> String {
             ms(quantile(&w, 0.99)),
             rss as f64 / 1024.0,
         );
-        from = to;
     }
     o
+}
+
+/// The run cut into `window`-second slices: (from, to, the latencies of the changes written
+/// in it, sorted).
+fn windows(r: &ChurnRun, window: u64) -> impl Iterator<Item = (u64, u64, Vec<Duration>)> + '_ {
+    (0..r.seconds)
+        .step_by(window.max(1) as usize)
+        .map(move |from| {
+            let to = from + window;
+            let mut w: Vec<Duration> = r
+                .latencies
+                .iter()
+                .filter(|(at, _)| (from..to).contains(&at.as_secs()))
+                .map(|(_, l)| *l)
+                .collect();
+            w.sort();
+            (from, to, w)
+        })
 }
 
 /// The latency percentiles of the changes written in each `window`-second slice of the run:
 /// (slice start in seconds, p50 ms, p99 ms), slices without changes left out.
 fn latency_by_window(r: &ChurnRun, window: u64) -> Vec<(f64, f64, f64)> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    while from < r.seconds {
-        let to = from + window;
-        let mut w: Vec<Duration> = r
-            .latencies
-            .iter()
-            .filter(|(at, _)| (from..to).contains(&at.as_secs()))
-            .map(|(_, l)| *l)
-            .collect();
-        w.sort();
-        if !w.is_empty() {
-            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-            out.push((from as f64, ms(quantile(&w, 0.5)), ms(quantile(&w, 0.99))));
-        }
-        from = to;
-    }
-    out
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    windows(r, window)
+        .filter(|(_, _, w)| !w.is_empty())
+        .map(|(from, _, w)| (from as f64, ms(quantile(&w, 0.5)), ms(quantile(&w, 0.99))))
+        .collect()
 }
 
 /// `churn.svg`: the latency percentiles over the run (p50 and p99 per `window` seconds, with

@@ -12,6 +12,10 @@
 //! with what it wrote last: a dropped or reordered change would leave a service behind.
 //!
 //! Alongside: kproxy's RSS and CPU every second.
+//!
+//! Before the churn, an idle phase (`--churn-idle SECONDS`, 60 by default): the first sync is
+//! in the kernel and nothing changes; kproxy's CPU time over the phase (from `/proc`, its
+//! periodic resyncs and watch upkeep included) and its RSS at the end are the idle figures.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead as _, BufReader};
@@ -45,6 +49,9 @@ pub(crate) struct ChurnRun {
     pub(crate) mismatched: usize,
     /// (seconds since the churn started, RSS KiB, CPU % of one core over the last second).
     pub(crate) samples: Vec<(u64, u64, f64)>,
+    /// The idle phase before the churn: its length, kproxy's CPU % of one core over it, its
+    /// RSS (KiB) at the end.
+    pub(crate) idle: (Duration, f64, u64),
 }
 
 /// The address the `k`-th change gives its service: 10.248.0.0/14, never used twice.
@@ -139,7 +146,13 @@ fn kernel_endpoints(ns: &Ns) -> BTreeMap<String, BTreeSet<String>> {
 }
 
 /// One churn run. See the module documentation.
-pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRun, String> {
+pub(crate) fn run(
+    n: usize,
+    e: usize,
+    rate: u32,
+    seconds: u64,
+    idle_seconds: u64,
+) -> Result<ChurnRun, String> {
     let ns = Ns::new("bench", "churn");
     let listener = ns.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
     let api = FakeApiServer::start_on(listener);
@@ -231,6 +244,17 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    let ticks_per_s = 100.0;
+    let idle = {
+        let before = cpu_ticks(pid).ok_or("cannot read kproxy's CPU time")?;
+        let from = Instant::now();
+        std::thread::sleep(Duration::from_secs(idle_seconds));
+        let ticks = cpu_ticks(pid).ok_or("cannot read kproxy's CPU time")?;
+        let took = from.elapsed();
+        let cpu = (ticks - before) as f64 / ticks_per_s / took.as_secs_f64() * 100.0;
+        (took, cpu, rss_kib(pid).unwrap_or(0))
+    };
+
     let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let total = (u64::from(rate) * seconds) as usize;
     let mut written: Vec<(Ipv4Addr, Instant)> = Vec::with_capacity(total);
@@ -238,7 +262,6 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
     let t0 = Instant::now();
     let mut next_sample = 1;
     let mut last_ticks = cpu_ticks(pid).unwrap_or(0);
-    let ticks_per_s = 100.0;
     for k in 0..total {
         let due = t0 + period * k as u32;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -303,6 +326,7 @@ pub(crate) fn run(n: usize, e: usize, rate: u32, seconds: u64) -> Result<ChurnRu
         missing,
         mismatched,
         samples,
+        idle,
     })
 }
 
@@ -351,6 +375,13 @@ pub(crate) fn markdown(r: &ChurnRun, window: u64) -> String {
         ms(quantile(&all, 0.99)),
         ms(all.last().copied().unwrap_or_default()),
         ms(r.start_to_synced),
+    );
+    let _ = writeln!(
+        o,
+        "\nIdle, before the churn (synced, nothing changing): {:.0} s, CPU {:.2}% of one core, RSS {:.1} MiB at the end.",
+        r.idle.0.as_secs_f64(),
+        r.idle.1,
+        r.idle.2 as f64 / 1024.0,
     );
     let _ = writeln!(
         o,

@@ -571,10 +571,14 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     args.get(i + 1).map(String::as_str)
 }
 
-/// `--churn SECONDS` (with `--churn-rate` changes per second, 100 by default): the first of
+/// `--churn SECONDS` (with `--churn-rate` changes per second, 100 by default, after an idle
+/// phase of `--churn-idle` seconds, 60 by default): the first of
 /// `--sizes` and `--endpoints` (10,000 x 10 by default), see [`churn`]. Writes `churn.md`,
 /// `churn.json` and `churn.svg` next to the other results.
 fn run_churn(args: &[String], p: &Profile, seconds: u64) {
+    let idle = flag_value(args, "--churn-idle")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if p.quick { 1 } else { 60 });
     let (n, e, rate) = if p.quick {
         (100, 2, 50)
     } else {
@@ -591,7 +595,7 @@ fn run_churn(args: &[String], p: &Profile, seconds: u64) {
         )
     };
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let run = churn::run(n, e, rate, seconds).unwrap();
+    let run = churn::run(n, e, rate, seconds, idle).unwrap();
     let window = if seconds >= 120 { 30 } else { seconds.max(1) };
     let mut text = churn::markdown(&run, window);
     text.push_str(&format!(
@@ -617,6 +621,7 @@ fn run_churn(args: &[String], p: &Profile, seconds: u64) {
         "mismatched_services": run.mismatched,
         "start_to_synced_s": run.start_to_synced.as_secs_f64(),
         "latencies_s": run.latencies.iter().map(|(at, l)| [at.as_secs_f64(), l.as_secs_f64()]).collect::<Vec<_>>(),
+        "idle": {"seconds": run.idle.0.as_secs_f64(), "cpu_pct": run.idle.1, "rss_kib": run.idle.2},
         "samples": run.samples.iter().map(|(t, rss, cpu)| serde_json::json!({"t_s": t, "rss_kib": rss, "cpu_pct": cpu})).collect::<Vec<_>>(),
     });
     std::fs::write(

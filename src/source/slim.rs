@@ -38,10 +38,29 @@ fn metadata(meta: &mut ObjectMeta, keep: Option<&str>) {
 /// spec, and of its status only the load balancer's ingress.
 pub fn service(mut svc: Service) -> Service {
     metadata(&mut svc.metadata, None);
+    if let Some(spec) = &mut svc.spec {
+        fit(&mut spec.ports);
+        fit(&mut spec.cluster_ips);
+        fit(&mut spec.external_ips);
+        fit(&mut spec.ip_families);
+        fit(&mut spec.load_balancer_source_ranges);
+    }
     if let Some(status) = &mut svc.status {
         status.conditions = None;
+        if let Some(lb) = &mut status.load_balancer {
+            fit(&mut lb.ingress);
+        }
     }
     svc
+}
+
+/// Gives back a list's spare capacity. serde fills a list of unknown length by pushing, so a
+/// Service's one port sits in room for four (448 bytes instead of 112): 4.3 MiB at 10,000
+/// Services from the API, and 3.1 MiB for the EndpointSlices' ports (heap profile, issue #17).
+fn fit<T>(list: &mut Option<Vec<T>>) {
+    if let Some(list) = list {
+        list.shrink_to_fit();
+    }
 }
 
 /// An EndpointSlice as kproxy keeps it: its metadata with only the trigger-time annotation
@@ -119,7 +138,11 @@ pub fn slice(mut slice: EndpointSlice) -> Slice {
         not_proxied,
         metadata: slice.metadata,
         address_type: slice.address_type,
-        ports: slice.ports,
+        ports: {
+            let mut ports = slice.ports;
+            fit(&mut ports);
+            ports
+        },
         endpoints: slice
             .endpoints
             .into_iter()

@@ -16,6 +16,7 @@
 //! that protocol's map, and a new `pick-N` chain can be added in any later sync. ClientIP affinity needs per-client memory per endpoint; services using it get
 //! upstream's per-service chains and per-endpoint timeout sets (they are few).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -40,6 +41,44 @@ pub const SHORT_CIRCUIT_OFFSET: u32 = 1 << 20;
 
 /// The transport protocols, each with its own endpoints maps.
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// The family's shared sets and maps, as `Writer::declare_sets` declares them. A fragment names
+/// the sets it has elements in by these `'static` strings rather than its own copies: 10,000
+/// fragments of four or five sets each held 50,000 copies of a dozen names (issue #17).
+pub(crate) const SHARED_SETS: [&str; 23] = [
+    "service-ips",
+    "service-ips-short-circuit",
+    "no-endpoint-services",
+    "service-nodeports",
+    "nodeports-short-circuit",
+    "no-endpoint-nodeports",
+    "masq-internal",
+    "masq-external",
+    "masq-local-source",
+    "firewall-ips",
+    "nodeport-masq",
+    "nodeport-masq-local-source",
+    "cluster-ips",
+    "nodeport-ips",
+    "service-cidrs",
+    "hairpin",
+    "firewall-allow",
+    "endpoints-tcp",
+    "endpoints-udp",
+    "endpoints-sctp",
+    "nodeport-endpoints-tcp",
+    "nodeport-endpoints-udp",
+    "nodeport-endpoints-sctp",
+];
+
+/// A set's name as a fragment holds it: borrowed from [`SHARED_SETS`], or a copy for a name
+/// that is not there (none today; a test checks the list against the declared sets).
+fn shared_set_name(set: &str) -> Cow<'static, str> {
+    SHARED_SETS
+        .iter()
+        .find(|n| **n == set)
+        .map_or_else(|| Cow::Owned(set.to_string()), |n| Cow::Borrowed(*n))
+}
 
 /// Syntax that differs between `ip` and `ip6` tables.
 #[derive(Clone, Copy)]
@@ -74,7 +113,7 @@ pub fn render(state: &ProxyState) -> NftRuleset {
 }
 
 /// A fragment's groups of one shared set: group key → elements.
-type SharedGroups = Vec<(String, Arc<Group>)>;
+type SharedGroups = Vec<(Text, Arc<Group>)>;
 
 /// A service port that changed: its key, its old fragment and its new one.
 type Change = (ServicePortKey, Option<Arc<Fragment>>, Option<Arc<Fragment>>);
@@ -88,7 +127,7 @@ type Change = (ServicePortKey, Option<Arc<Fragment>>, Option<Arc<Fragment>>);
 #[derive(Debug, Default)]
 struct Fragment {
     /// Elements of the family's shared sets: set → group → elements.
-    shared: Vec<(String, SharedGroups)>,
+    shared: Vec<(Cow<'static, str>, SharedGroups)>,
     /// Its own chains and sets (ClientIP affinity; usually empty).
     table: Table,
     picks: BTreeSet<(bool, bool, usize)>,
@@ -119,7 +158,7 @@ impl Fragment {
     }
 
     /// Every group key this fragment has elements in, in any shared set.
-    fn group_keys(&self) -> BTreeSet<&String> {
+    fn group_keys(&self) -> BTreeSet<&Text> {
         self.shared
             .iter()
             .flat_map(|(_, groups)| groups.iter().map(|(g, _)| g))
@@ -129,7 +168,7 @@ impl Fragment {
     /// Its elements of one group of one shared set.
     fn group(&self, set: &str, group: &str) -> Option<&Arc<Group>> {
         let (_, groups) = self.shared.iter().find(|(s, _)| s == set)?;
-        groups.iter().find(|(g, _)| g == group).map(|(_, e)| e)
+        groups.iter().find(|(g, _)| &**g == group).map(|(_, e)| e)
     }
 
     /// Sets it declares itself (ClientIP affinity).
@@ -154,7 +193,7 @@ pub struct RenderCache {
 #[derive(Debug, Default)]
 struct FamilyIndex {
     /// Element group key → the service ports whose fragments have elements in it.
-    contributors: HashMap<String, Contributors, RandomState>,
+    contributors: HashMap<Text, Contributors, RandomState>,
     /// Pick chain → how many fragments use it.
     picks: BTreeMap<(bool, bool, usize), usize>,
     /// Number of fragments.
@@ -373,7 +412,7 @@ fn render_changes(
             for f in old.iter().chain(new) {
                 for (set, groups) in &f.shared {
                     for (g, _) in groups {
-                        td.groups.insert((set.clone(), g.clone()));
+                        td.groups.insert((set.to_string(), g.clone()));
                     }
                 }
             }
@@ -475,7 +514,7 @@ struct Writer<'a> {
     scratch: bool,
     t: Table,
     /// A fragment's elements of the family's shared sets: set → group → elements.
-    shared: BTreeMap<String, BTreeMap<String, Group>>,
+    shared: BTreeMap<Cow<'static, str>, BTreeMap<Text, Group>>,
     /// Endpoint counts needing `pick-N` / `nodeport-pick-N` chains (with/without offset).
     picks: BTreeSet<(bool, bool, usize)>,
 }
@@ -541,7 +580,7 @@ impl<'a> Writer<'a> {
     /// copy (they are few).
     fn add(&mut self, f: &Fragment) {
         for (name, groups) in &f.shared {
-            if let Some(target) = self.t.sets.get_mut(name) {
+            if let Some(target) = self.t.sets.get_mut(&**name) {
                 for (group, elements) in groups {
                     target.elements.extend_group(group, elements);
                 }
@@ -577,12 +616,12 @@ impl<'a> Writer<'a> {
             // Declared by the family writer the fragment is added to.
             // Look up before allocating: most elements land in a set and group seen before.
             if !self.shared.contains_key(set) {
-                self.shared.insert(set.to_string(), BTreeMap::new());
+                self.shared.insert(shared_set_name(set), BTreeMap::new());
             }
             let groups = self.shared.get_mut(set).expect("inserted above");
             let group = group_of(&key);
             if !groups.contains_key(group) {
-                groups.insert(group.to_string(), Group::new());
+                groups.insert(Text::from(group), Group::new());
             }
             groups
                 .get_mut(group)

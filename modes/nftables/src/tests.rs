@@ -670,3 +670,18 @@ fn a_schedule_out_of_order_fails_on_the_fake() {
     fake.nft(prepare).unwrap();
     fake.elements(&plan).unwrap();
 }
+
+/// A fragment names its sets by `render::SHARED_SETS` (a copy only for a name not listed): the
+/// list is exactly the sets a family's table declares.
+#[test]
+fn shared_set_names_are_the_declared_sets() {
+    let rules = crate::render::render(&ProxyState::default());
+    let listed: std::collections::BTreeSet<&str> =
+        crate::render::SHARED_SETS.iter().copied().collect();
+    assert_eq!(rules.families.len(), 2);
+    for table in rules.families.values() {
+        let declared: std::collections::BTreeSet<&str> =
+            table.sets.keys().map(String::as_str).collect();
+        assert_eq!(declared, listed);
+    }
+}

@@ -82,6 +82,13 @@ enum Subject {
     Ipvs,
     UpstreamIptables(Backend),
     UpstreamNftables,
+    /// The floor of any iptables layout: one DNAT rule per endpoint in one chain
+    /// ([`upstream::iptables_floor`]); its full sync is the least an iptables-restore of these
+    /// services can cost.
+    FloorIptables(Backend),
+    /// The same rules with a chain per service port, jumped to from one dispatch chain
+    /// ([`upstream::iptables_floor_chains`]): what per-service chains add to the floor.
+    FloorChainsIptables(Backend),
 }
 
 impl Subject {
@@ -93,6 +100,10 @@ impl Subject {
             Subject::Ipvs => "kproxy ipvs".into(),
             Subject::UpstreamIptables(b) => format!("upstream-layout iptables ({})", b.as_str()),
             Subject::UpstreamNftables => "upstream-layout nftables".into(),
+            Subject::FloorIptables(b) => format!("floor iptables ({})", b.as_str()),
+            Subject::FloorChainsIptables(b) => {
+                format!("floor iptables, a chain per service ({})", b.as_str())
+            }
         }
     }
 
@@ -112,7 +123,10 @@ impl Subject {
             Subject::Nftables => Some(("nftables", vec![])),
             Subject::Userspace => Some(("userspace", vec![])),
             Subject::Ipvs => Some(("ipvs", vec![])),
-            Subject::UpstreamIptables(_) | Subject::UpstreamNftables => None,
+            Subject::UpstreamIptables(_)
+            | Subject::UpstreamNftables
+            | Subject::FloorIptables(_)
+            | Subject::FloorChainsIptables(_) => None,
         }
     }
 }
@@ -289,6 +303,16 @@ fn measure_upstream(subject: Subject, row: &mut Row, st: &Steps) {
                 &upstream::iptables_chains(&st.added),
             )));
         }
+        Subject::FloorIptables(b) | Subject::FloorChainsIptables(b) => {
+            let tool = format!("iptables-{}-restore", b.as_str());
+            let text = if matches!(subject, Subject::FloorIptables(_)) {
+                upstream::iptables_floor(&st.s0)
+            } else {
+                upstream::iptables_floor_chains(&st.s0)
+            };
+            row.objects = text.lines().filter(|l| l.starts_with("-A")).count();
+            row.full_sync = timed(|| pipe(&tool, &["--noflush"], &text));
+        }
         Subject::UpstreamNftables => {
             let apply = |text: &str| timed(|| pipe("nft", &["-f", "-"], text));
             let text = upstream::nft_full(&st.s0);
@@ -322,7 +346,10 @@ fn control_plane(subject: Subject, row: &mut Row, st: &Steps) -> Option<Box<dyn 
             row,
             st,
         ),
-        Subject::UpstreamIptables(_) | Subject::UpstreamNftables => {
+        Subject::UpstreamIptables(_)
+        | Subject::UpstreamNftables
+        | Subject::FloorIptables(_)
+        | Subject::FloorChainsIptables(_) => {
             measure_upstream(subject, row, st);
             return None;
         }
@@ -505,6 +532,8 @@ fn main() {
     let subjects: Vec<Subject> = [
         Subject::Iptables(Backend::Nft),
         Subject::UpstreamIptables(Backend::Nft),
+        Subject::FloorIptables(Backend::Nft),
+        Subject::FloorChainsIptables(Backend::Nft),
         Subject::Iptables(Backend::Legacy),
         Subject::UpstreamIptables(Backend::Legacy),
         Subject::Nftables,
@@ -516,7 +545,7 @@ fn main() {
     .filter(|s| {
         p.only
             .as_ref()
-            .is_none_or(|o| s.name().contains(o.as_str()))
+            .is_none_or(|o| o.split(',').any(|part| s.name().contains(part)))
     })
     .collect();
     let total = p.sizes.len() * p.endpoints.len() * subjects.len();

@@ -114,6 +114,68 @@ pub(crate) fn iptables_full(s: &ProxyState) -> String {
     chains
 }
 
+/// The rules any iptables layout needs, and nothing else: a DNAT rule per endpoint (iptables
+/// has no other way to rewrite to one address of many), each matching its service's address,
+/// protocol and port and taking its share by a `statistic` match, all in one chain, and no
+/// masquerade rules. Not a working proxy (every packet walks the whole list): a floor for the
+/// time `iptables-restore` needs to load these services in any layout.
+pub(crate) fn iptables_floor(s: &ProxyState) -> String {
+    floor(s, false)
+}
+
+/// [`iptables_floor`]'s rules in a chain per service port, each jumped to from one dispatch
+/// chain by its address, protocol and port: the floor of a layout with per-service chains.
+pub(crate) fn iptables_floor_chains(s: &ProxyState) -> String {
+    floor(s, true)
+}
+
+fn floor(s: &ProxyState, chains: bool) -> String {
+    let mut decl = String::from("*nat\n:KPROXY-FLOOR - [0:0]\n");
+    let mut o = String::new();
+    for sp in s.family(IpFamily::V4) {
+        let (p, cip) = (proto(sp), sp.cluster_ip.unwrap_or_else(unspecified));
+        let chain = if chains {
+            let chain = format!("KPF-{}", svc_id(sp));
+            let _ = writeln!(decl, ":{chain} - [0:0]");
+            let _ = writeln!(
+                o,
+                "-A KPROXY-FLOOR -d {cip} -p {p} -m {p} --dport {} -j {chain}",
+                sp.port
+            );
+            chain
+        } else {
+            "KPROXY-FLOOR".to_string()
+        };
+        let n = sp.endpoints.cluster.len();
+        for (j, ep) in sp.endpoints.cluster.iter().enumerate() {
+            let share = if j + 1 < n {
+                format!(
+                    "-m statistic --mode random --probability {:.10} ",
+                    1.0 / (n - j) as f64
+                )
+            } else {
+                String::new()
+            };
+            if chains {
+                let _ = writeln!(
+                    o,
+                    "-A {chain} -p {p} -m {p} {share}-j DNAT --to-destination {}:{}",
+                    ep.ip, ep.port
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "-A {chain} -d {cip} -p {p} -m {p} --dport {} {share}-j DNAT --to-destination {}:{}",
+                    sp.port, ep.ip, ep.port
+                );
+            }
+        }
+    }
+    decl.push_str(&o);
+    decl.push_str("COMMIT\n");
+    decl
+}
+
 /// The chains one service port owns in upstream's iptables layout.
 pub(crate) fn iptables_chains(sp: &ServicePort) -> Vec<String> {
     std::iter::once(format!("KUBE-SVC-{}", svc_id(sp)))

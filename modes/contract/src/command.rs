@@ -59,6 +59,58 @@ pub fn time_limit(input_bytes: usize) -> Duration {
     BASE + Duration::from_secs(u64::try_from(input_bytes / PER_SECOND).unwrap_or(u64::MAX / 2))
 }
 
+/// What a program reads on its standard input: its length (for [`time_limit`]) and how to
+/// write it. A large input (an `iptables-restore` of 10,000 services is 16 MiB) is written to
+/// the pipe as it is produced, so it is never held whole.
+pub trait Input: Sync {
+    /// Its length in bytes.
+    fn len(&self) -> usize;
+
+    /// Whether it is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes it to `out`.
+    fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()>;
+
+    /// The whole input as text (for a fake program, or an error message).
+    fn text(&self) -> String {
+        let mut buf = Vec::with_capacity(self.len());
+        // Writing to a vector cannot fail.
+        let _ = self.write_to(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Input for &str {
+    fn len(&self) -> usize {
+        str::len(self)
+    }
+
+    fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        out.write_all(self.as_bytes())
+    }
+
+    fn text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Input for String {
+    fn len(&self) -> usize {
+        String::len(self)
+    }
+
+    fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        out.write_all(self.as_bytes())
+    }
+
+    fn text(&self) -> String {
+        self.clone()
+    }
+}
+
 /// Runs `program args`, feeding `stdin`, and returns its stdout. `package` names the Debian
 /// package to install when the program is missing. The program is killed after
 /// [`time_limit`].
@@ -68,6 +120,21 @@ pub fn run(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, Cause> {
+    run_input(
+        program,
+        package,
+        args,
+        stdin.as_ref().map(|s| s as &dyn Input),
+    )
+}
+
+/// [`run`] with an [`Input`] written as it is produced.
+pub fn run_input(
+    program: &str,
+    package: &'static str,
+    args: &[&str],
+    stdin: Option<&dyn Input>,
+) -> Result<String, Cause> {
     if !PROGRAMS.iter().any(|(p, _)| *p == program) {
         return Err(Cause::Io {
             program: program.to_string(),
@@ -76,7 +143,7 @@ pub fn run(
             ),
         });
     }
-    let limit = time_limit(stdin.map_or(0, str::len));
+    let limit = time_limit(stdin.map_or(0, Input::len));
     run_path(&resolve(program), program, package, args, stdin, limit)
 }
 
@@ -93,7 +160,7 @@ fn run_path(
     program: &str,
     package: &'static str,
     args: &[&str],
-    stdin: Option<&str>,
+    stdin: Option<&dyn Input>,
     limit: Duration,
 ) -> Result<String, Cause> {
     let io = |cause| Cause::Io {
@@ -123,7 +190,7 @@ fn run_path(
     };
     let (status, written, out, err) = std::thread::scope(|scope| {
         let writer = scope.spawn(move || match (stdin, input) {
-            (Some(text), Some(mut pipe)) => match pipe.write_all(text.as_bytes()) {
+            (Some(text), Some(pipe)) => match write_all(text, pipe) {
                 // A program that exits before reading all its input (a syntax error on line
                 // 1) closes the pipe; its exit status says why.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -168,6 +235,13 @@ fn run_path(
             stderr: String::from_utf8_lossy(&err).trim().to_string(),
         })
     }
+}
+
+/// Writes `input` to `pipe` through a buffer (an input writes many small pieces).
+fn write_all(input: &dyn Input, pipe: std::process::ChildStdin) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, pipe);
+    input.write_to(&mut out)?;
+    out.flush()
 }
 
 /// A pipe thread's result; a panic in it (there is no code that panics) becomes an error.
@@ -261,7 +335,7 @@ mod tests {
             "nft",
             "nftables",
             &[],
-            Some("x"),
+            Some(&"x"),
             Duration::from_secs(30),
         )
         .expect_err("exit 1");

@@ -4,9 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use kproxy_contract::command::Input as _;
 use kproxy_contract::{Cause, IpFamily};
 
 use crate::kernel::IptablesKernel;
+use crate::plan::RestoreInput;
 use crate::ruleset::Table;
 
 type Chains = BTreeMap<String, Vec<String>>;
@@ -201,7 +203,9 @@ impl IptablesKernel for FakeIptables {
         Ok(self.chains(family, table).contains_key(chain))
     }
 
-    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), Cause> {
+    fn restore(&mut self, family: IpFamily, payload: &RestoreInput<'_>) -> Result<(), Cause> {
+        let payload = payload.text();
+        let payload = payload.as_str();
         let program = "fake-iptables-restore".to_string();
         if let Some(msg) = self.fail_next.take() {
             return Err(Cause::Failed {

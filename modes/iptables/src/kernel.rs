@@ -1,7 +1,9 @@
 //! The only code that runs iptables binaries: `*-save` to read, `*-restore --noflush` to write.
 
+use kproxy_contract::command::Input as _;
 use kproxy_contract::{Cause, IpFamily};
 
+use crate::plan::RestoreInput;
 use crate::ruleset::Table;
 
 /// Reads and writes iptables tables. The real one runs the binaries; tests use [`crate::fake`].
@@ -9,7 +11,7 @@ pub trait IptablesKernel: Send + 'static {
     /// `iptables-save -t TABLE` output.
     fn save(&mut self, family: IpFamily, table: Table) -> Result<String, Cause>;
     /// Runs `iptables-restore --noflush` with `payload` on stdin: one atomic transaction per table.
-    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), Cause>;
+    fn restore(&mut self, family: IpFamily, payload: &RestoreInput<'_>) -> Result<(), Cause>;
     /// Whether `chain` exists in `table` (one cheap `iptables -S CHAIN`, not a table dump).
     fn chain_exists(&mut self, family: IpFamily, table: Table, chain: &str) -> Result<bool, Cause>;
 }
@@ -112,12 +114,18 @@ impl IptablesKernel for IptablesCli {
         }
     }
 
-    fn restore(&mut self, family: IpFamily, payload: &str) -> Result<(), Cause> {
+    fn restore(&mut self, family: IpFamily, payload: &RestoreInput<'_>) -> Result<(), Cause> {
         let program = self.backend.program(family, "restore");
         // --wait: another writer holding the xtables lock delays us instead of failing the sync.
-        run(&program, &["--noflush", "--wait", "10"], Some(payload))
-            .map(|_| ())
-            .map_err(|e| with_failing_line(e, payload))
+        kproxy_contract::command::run_input(
+            &program,
+            "iptables",
+            &["--noflush", "--wait", "10"],
+            Some(payload),
+        )
+        .map(|_| ())
+        // The text again, only to quote the line the tool refused.
+        .map_err(|e| with_failing_line(e, &payload.text()))
     }
 }
 

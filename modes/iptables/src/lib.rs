@@ -131,10 +131,13 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
 
     fn apply(&mut self, plan: &IptablesPlan) -> Result<(), ModeError> {
         for family in plan.families() {
-            if let Some(payload) = plan.restore_payload(family) {
-                tracing::trace!(%family, payload, "iptables-restore");
+            if let Some(input) = plan.restore_input(family) {
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    let payload = plan.restore_payload(family).unwrap_or_default();
+                    tracing::trace!(%family, payload, "iptables-restore");
+                }
                 self.kernel
-                    .restore(family, &payload)
+                    .restore(family, &input)
                     .map_err(|cause| ModeError::Rejected {
                         mode: ModeName::Iptables,
                         cause,

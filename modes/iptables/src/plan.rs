@@ -106,20 +106,29 @@ impl IptablesPlan {
     /// doomed chain is declared first; rules are appended; stale jumps are removed before the
     /// chains they point to are deleted; new jumps are inserted last, when their targets exist.
     ///
-    /// Written twice, first only counted: the payload of a first sync at 10,000 services is
-    /// about 9 MiB, and a string grown by doubling held 16 MiB, the largest single block at
-    /// the process's peak (heap profile, issue #17).
+    /// Written twice, first only counted, so the string is allocated once at its size. The
+    /// apply does not hold it at all: it streams a [`RestoreInput`] to the tool.
     pub fn restore_payload(&self, family: IpFamily) -> Option<String> {
-        let mut size = ByteCount(0);
-        self.write_restore(family, &mut size)
-            .expect("counting never fails");
-        if size.0 == 0 {
-            return None;
-        }
-        let mut out = String::with_capacity(size.0);
+        let input = self.restore_input(family)?;
+        let mut out = String::with_capacity(input.len);
         self.write_restore(family, &mut out)
             .expect("writing to a String never fails");
         Some(out)
+    }
+
+    /// The same input as [`Self::restore_payload`], written to the tool's pipe as it is
+    /// produced: a first sync at 10,000 services is 16 MiB of text, which as one string was
+    /// the largest block at the process's peak (heap profile, issue #17). `None` if nothing
+    /// changes.
+    pub fn restore_input(&self, family: IpFamily) -> Option<RestoreInput<'_>> {
+        let mut size = ByteCount(0);
+        self.write_restore(family, &mut size)
+            .expect("counting never fails");
+        (size.0 > 0).then_some(RestoreInput {
+            plan: self,
+            family,
+            len: size.0,
+        })
     }
 
     fn write_restore(&self, family: IpFamily, out: &mut impl fmt::Write) -> fmt::Result {
@@ -156,6 +165,46 @@ impl IptablesPlan {
     /// The families this plan touches.
     pub fn families(&self) -> BTreeSet<IpFamily> {
         self.tables.keys().map(|(f, _)| *f).collect()
+    }
+}
+
+/// One family's `iptables-restore` input, written on demand (see
+/// [`IptablesPlan::restore_input`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreInput<'a> {
+    plan: &'a IptablesPlan,
+    family: IpFamily,
+    len: usize,
+}
+
+impl kproxy_contract::command::Input for RestoreInput<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut adapter = IoWrite { out, error: None };
+        match self.plan.write_restore(self.family, &mut adapter) {
+            Ok(()) => Ok(()),
+            Err(fmt::Error) => Err(adapter
+                .error
+                .unwrap_or_else(|| std::io::Error::other("formatting failed"))),
+        }
+    }
+}
+
+/// `fmt::Write` onto an `io::Write`, keeping the I/O error that stopped it.
+struct IoWrite<'w> {
+    out: &'w mut dyn std::io::Write,
+    error: Option<std::io::Error>,
+}
+
+impl fmt::Write for IoWrite<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.out.write_all(s.as_bytes()).map_err(|e| {
+            self.error = Some(e);
+            fmt::Error
+        })
     }
 }
 

@@ -533,3 +533,31 @@ fn unchanged_services_reuse_their_chains() {
         .collect();
     assert_eq!(written, vec![changed.as_str()], "{plan}");
 }
+
+/// The apply streams `restore_input` to the tool; `--dry-run` and the trace log print
+/// `restore_payload`. They are the same bytes, and the input's announced length is theirs.
+#[test]
+fn streamed_restore_input_is_the_printed_payload() {
+    use kproxy_contract::command::Input as _;
+    let mut m = mode();
+    let services: Vec<_> = (0..50)
+        .map(|i| {
+            service(
+                &format!("s{i}"),
+                &format!("10.96.0.{}", i + 1),
+                vec![ep(&format!("10.244.0.{}", i + 1), false)],
+            )
+        })
+        .collect();
+    let plan = sync(&mut m, &state(services));
+    let mut families = 0;
+    for family in plan.families() {
+        let input = plan.restore_input(family).expect("a first sync writes");
+        let payload = plan.restore_payload(family).expect("a first sync writes");
+        assert_eq!(input.text(), payload);
+        assert_eq!(input.len(), payload.len());
+        assert!(payload.contains("COMMIT\n"), "{payload}");
+        families += 1;
+    }
+    assert!(families > 0);
+}

@@ -11,18 +11,20 @@ use kube::ResourceExt;
 use crate::source::slim::Slice;
 use crate::source::{Change, Update};
 
-/// `namespace/name` of an object.
+/// `namespace/name` of an object. Shared strings, as in [`kproxy_contract::ServicePortName`],
+/// which takes them from here: a key is held by the cache's maps and by every service port
+/// built from the object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
     /// Namespace (empty for cluster-scoped objects).
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Name.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
     /// The key of a namespaced object.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),

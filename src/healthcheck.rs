@@ -35,8 +35,8 @@ use crate::listeners::{Bounds, Budget, Kind, Listener, Unbound};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
-    namespace: String,
-    name: String,
+    namespace: Arc<str>,
+    name: Arc<str>,
     local_endpoints: usize,
 }
 

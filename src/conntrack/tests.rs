@@ -32,7 +32,7 @@ impl Sp {
             name: ServicePortName {
                 namespace: "default".into(),
                 name: name.into(),
-                port: String::new(),
+                port: "".into(),
                 protocol,
             },
             family: IpFamily::of(&ip),

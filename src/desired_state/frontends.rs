@@ -179,7 +179,7 @@ impl Frontends {
                 name: ServicePortName {
                     namespace: svc.namespace.clone(),
                     name: svc.name.clone(),
-                    port: String::new(),
+                    port: "".into(),
                     protocol: Protocol::Tcp,
                 },
             };
@@ -452,7 +452,7 @@ fn field_of(svc: Option<&Service>, kind: Kind, ip: IpAddr, sp: &ServicePort) -> 
                 .unwrap_or_default()
                 .iter()
                 .position(|p| {
-                    p.name.as_deref().unwrap_or_default() == sp.name.port
+                    p.name.as_deref().unwrap_or_default() == &*sp.name.port
                         && parse::protocol(p.protocol.as_deref()).ok() == Some(sp.name.protocol)
                 });
             match i {

@@ -9,6 +9,7 @@
 //! reported once even for a dual-stack Service.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -31,7 +32,7 @@ pub const MAX_AFFINITY_TIMEOUT_SECS: i32 = 86_400;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PortSpec {
     /// The port's name, `""` when unnamed.
-    pub name: String,
+    pub name: Arc<str>,
     /// The port's protocol.
     pub protocol: Protocol,
     /// The service port number.
@@ -391,7 +392,7 @@ fn ports(
         }
         if let Some((first, _)) = out
             .iter()
-            .find(|(_, o)| o.name == name && o.protocol == protocol)
+            .find(|(_, o)| *o.name == *name && o.protocol == protocol)
         {
             skipped.push(Skipped::service(
                 key,
@@ -439,7 +440,7 @@ fn ports(
         out.push((
             i,
             PortSpec {
-                name,
+                name: name.into(),
                 protocol,
                 port,
                 node_port,

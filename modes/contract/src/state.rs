@@ -88,14 +88,18 @@ pub enum TrafficPolicy {
 }
 
 /// Identifies a service port the way upstream does: `namespace/name:portName` plus protocol.
+///
+/// Shared strings: a service port's name is a key in the desired state and in every mode's
+/// render cache (the nftables mode holds it once per element group it contributes to), and a
+/// clone copies three pointers instead of allocating three strings (issue #17).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
     /// The Service's namespace.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// The Service's name.
-    pub name: String,
+    pub name: Arc<str>,
     /// The port's name; empty for a single unnamed port.
-    pub port: String,
+    pub port: Arc<str>,
     /// The port's protocol.
     pub protocol: Protocol,
 }

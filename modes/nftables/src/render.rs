@@ -210,6 +210,9 @@ struct Contributors(Vec<ServicePortKey>);
 impl Contributors {
     fn insert(&mut self, key: &ServicePortKey) {
         if let Err(at) = self.0.binary_search(key) {
+            // Grown one at a time: a lone contributor (the usual case) in room for four was
+            // 2.6 MiB at 10,000 services.
+            self.0.reserve_exact(1);
             self.0.insert(at, key.clone());
         }
     }

@@ -152,7 +152,7 @@ prop_compose! {
         ServicePort {
             name: ServicePortName {
                 namespace: "ns".into(),
-                name: format!("s{i}"),
+                name: format!("s{i}").into(),
                 port: "p".into(),
                 protocol,
             },

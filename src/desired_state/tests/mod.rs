@@ -189,9 +189,9 @@ fn key(family: IpFamily, name: &str, port: &str, protocol: Protocol) -> ServiceP
     ServicePortKey {
         family,
         name: ServicePortName {
-            namespace: "default".to_owned(),
-            name: name.to_owned(),
-            port: port.to_owned(),
+            namespace: "default".into(),
+            name: name.into(),
+            port: port.into(),
             protocol,
         },
     }

@@ -314,14 +314,7 @@ fn port_validation() {
             .state
             .services
             .values()
-            .map(|sp| {
-                (
-                    sp.name.port.as_str(),
-                    sp.name.protocol,
-                    sp.port,
-                    sp.node_port,
-                )
-            })
+            .map(|sp| (&*sp.name.port, sp.name.protocol, sp.port, sp.node_port))
             .collect();
         got.sort();
         assert_eq!(got, want, "{name}");

@@ -399,7 +399,7 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
             let web = st
                 .services
                 .keys()
-                .find(|k| k.name.name == "web")
+                .find(|k| &*k.name.name == "web")
                 .unwrap()
                 .clone();
             let edit = |st: &mut ProxyState, f: &dyn Fn(&mut ServicePort)| {
@@ -481,7 +481,7 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
             let lb = st
                 .services
                 .keys()
-                .find(|k| k.name.name == "lb")
+                .find(|k| &*k.name.name == "lb")
                 .unwrap()
                 .clone();
             Arc::make_mut(st.services.get_mut(&lb).unwrap())

@@ -20,7 +20,7 @@ fn table(endpoint: SocketAddr) -> Arc<Table> {
         service: ServicePortName {
             namespace: "ns".into(),
             name: "svc".into(),
-            port: String::new(),
+            port: "".into(),
             protocol: Protocol::Tcp,
         },
         family: IpFamily::V4,

@@ -476,7 +476,12 @@ fn measure(
         ..Row::default()
     };
     let st = steps(n, e);
-    if p.dataplane_sizes.contains(&n) {
+    // The floor rulesets are loaded, not hooked into the packet path: no traffic to measure.
+    let carries_traffic = !matches!(
+        subject,
+        Subject::FloorIptables(_) | Subject::FloorChainsIptables(_)
+    );
+    if p.dataplane_sizes.contains(&n) && carries_traffic {
         let (path, base) = dataplane::prepare(&st.s0);
         let _in = path.t.node.enter();
         let keep = control_plane(subject, &mut row, &st);

@@ -36,6 +36,19 @@ fn sep_id(sp: &ServicePort, ip: &str) -> String {
     hash(&[&sp.name.to_string(), ip])
 }
 
+/// The `statistic` match that gives endpoint `j` of `n` its share (upstream's probability
+/// ladder: each rule takes 1/(n-j) of what reaches it; the last takes the rest).
+fn share(j: usize, n: usize) -> String {
+    if j + 1 < n {
+        format!(
+            "-m statistic --mode random --probability {:.10} ",
+            1.0 / (n - j) as f64
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// The `KUBE-SERVICES` jump of one service port.
 fn iptables_dispatch(o: &mut String, sp: &ServicePort) {
     let (p, cip) = (proto(sp), sp.cluster_ip.unwrap_or_else(unspecified));
@@ -67,14 +80,7 @@ fn iptables_service(chains: &mut String, rules: &mut String, sp: &ServicePort) {
     for (j, ep) in sp.endpoints.cluster.iter().enumerate() {
         let sep = format!("KUBE-SEP-{}", sep_id(sp, &ep.ip.to_string()));
         let _ = writeln!(chains, ":{sep} - [0:0]");
-        let prob = if j + 1 < n {
-            format!(
-                "-m statistic --mode random --probability {:.10} ",
-                1.0 / (n - j) as f64
-            )
-        } else {
-            String::new()
-        };
+        let prob = share(j, n);
         let _ = writeln!(
             rules,
             "-A {svc} -m comment --comment \"{} -> {}\" {prob}-j {sep}",
@@ -148,14 +154,7 @@ fn floor(s: &ProxyState, chains: bool) -> String {
         };
         let n = sp.endpoints.cluster.len();
         for (j, ep) in sp.endpoints.cluster.iter().enumerate() {
-            let share = if j + 1 < n {
-                format!(
-                    "-m statistic --mode random --probability {:.10} ",
-                    1.0 / (n - j) as f64
-                )
-            } else {
-                String::new()
-            };
+            let share = share(j, n);
             if chains {
                 let _ = writeln!(
                     o,

@@ -103,11 +103,7 @@ impl Input for String {
     }
 
     fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        out.write_all(self.as_bytes())
-    }
-
-    fn text(&self) -> String {
-        self.clone()
+        self.as_str().write_to(out)
     }
 }
 

@@ -11,19 +11,18 @@ use tokio::sync::watch;
 
 use super::copy::copy;
 use super::pick::candidates;
-use super::{ListenerState, Shared};
+use super::{ListenerState, Shared, Task};
 use crate::model::ListenerKey;
 
-/// Accepts until `stop` changes (or its sender is gone). Then takes every connection already
-/// in the accept queue, so closing the socket resets none (the kernel would reset what is queued
-/// on a closed listener), and closes it; connections already accepted carry on. `_closed` is
-/// dropped with the task, which tells [`super::DataPath`] the socket is gone.
+/// Accepts until the listener is told to stop. Then takes every connection already in the
+/// accept queue, so closing the socket resets none (the kernel would reset what is queued on a
+/// closed listener), and closes it; connections already accepted carry on. `_task` is dropped
+/// with the task, which tells [`super::DataPath`] the socket is gone.
 pub(super) async fn serve(
     listener: std::net::TcpListener,
     state: Arc<ListenerState>,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    _closed: std::sync::mpsc::Sender<()>,
+    _task: Task,
 ) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -32,7 +31,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    if !*stop.borrow_and_update() {
+    if !state.is_stopped() {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
@@ -46,7 +45,7 @@ pub(super) async fn serve(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                _ = stop.changed() => break,
+                () = state.stopped() => break,
             }
         }
     }

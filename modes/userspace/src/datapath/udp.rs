@@ -35,10 +35,9 @@ use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
 
 use super::pick::candidates;
-use super::{ListenerState, Shared};
+use super::{ListenerState, Shared, Task};
 
 /// The largest datagram (or coalesced GRO buffer) one slot holds.
 const SLOT: usize = 65_536;
@@ -178,13 +177,12 @@ struct Shard {
     gso: bool,
 }
 
-/// Serves until `stop` changes or is dropped; dropping the shard drops every flow.
+/// Serves until the listener is told to stop; dropping the shard drops every flow.
 pub(super) async fn serve(
     listener: std::net::UdpSocket,
     state: Arc<ListenerState>,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    _closed: std::sync::mpsc::Sender<()>,
+    task: Task,
 ) {
     let (mut shard, epoll) = match Shard::new(listener, state, shared) {
         Ok(s) => s,
@@ -197,7 +195,8 @@ pub(super) async fn serve(
     let mut sweep =
         tokio::time::interval((idle / 2).clamp(Duration::from_millis(10), Duration::from_secs(1)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    if *stop.borrow_and_update() {
+    let listener = task.listener();
+    if listener.is_stopped() {
         return;
     }
     loop {
@@ -232,7 +231,7 @@ pub(super) async fn serve(
                 }
             }
             _ = sweep.tick() => shard.sweep(),
-            _ = stop.changed() => return,
+            () = listener.stopped() => return,
         }
     }
 }

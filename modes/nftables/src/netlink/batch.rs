@@ -153,8 +153,8 @@ pub struct Batch<'a> {
     /// scatter/gather (one `sendmsg`, so still one transaction) and are never copied into one
     /// buffer: a single buffer grown by doubling held up to twice the batch, and both the old
     /// and the new copy while it grew (a first sync at 50,000 services sends about 40 MiB).
-    /// The first chunk grows from nothing (most batches are a few elements); later ones are
-    /// sized once.
+    /// The first chunk grows from nothing (most batches are a few elements) up to a chunk's
+    /// size; later ones are sized once.
     chunks: Vec<Vec<u8>>,
     bytes: Vec<u8>,
     /// The `BATCH_BEGIN` message's sequence number (commit errors come back under it).
@@ -237,9 +237,15 @@ impl<'a> Batch<'a> {
     fn rotate(&mut self) {
         // A message's length is patched in its own chunk: never rotate inside one.
         debug_assert!(self.open.is_none(), "rotate inside a message");
+        const FULL: usize = CHUNK + MAX_LIST + 4096;
         if self.bytes.len() >= CHUNK {
-            let next = Vec::with_capacity(CHUNK + MAX_LIST + 4096);
-            self.chunks.push(std::mem::replace(&mut self.bytes, next));
+            self.chunks
+                .push(std::mem::replace(&mut self.bytes, Vec::with_capacity(FULL)));
+        } else if self.bytes.capacity() - self.bytes.len() < MAX_LIST + 4096 {
+            // The first chunk grows from nothing, by doubling, but never past a chunk's size
+            // (doubling from 1 MiB gave the first chunk 2 MiB): room for the next message.
+            let want = (self.bytes.capacity() * 2).clamp(MAX_LIST + 4096, FULL);
+            self.bytes.reserve_exact(want - self.bytes.len());
         }
     }
 

@@ -493,14 +493,7 @@ pub(crate) fn plot(r: &ChurnRun, window: u64, path: &std::path::Path) {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 12))
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .draw()
-        .unwrap();
+    crate::report::legend(&mut chart, SeriesLabelPosition::LowerRight, 12);
 
     let rss: Vec<(f64, f64)> = r
         .samples
@@ -543,13 +536,6 @@ pub(crate) fn plot(r: &ChurnRun, window: u64, path: &std::path::Path) {
         .unwrap()
         .label("CPU")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.mix(0.6)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 12))
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .draw()
-        .unwrap();
+    crate::report::legend(&mut *chart, SeriesLabelPosition::LowerRight, 12);
     root.present().unwrap();
 }

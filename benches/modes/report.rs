@@ -368,6 +368,27 @@ pub(crate) fn report(rows: &[Row], machine: &Machine, took: Duration, args: &[St
 
 /// One color per subject, the same in both panels: a hue per kernel mechanism, strong for
 /// kproxy and pale for the upstream layout on the same mechanism.
+/// Draws a chart's legend as every plot of this benchmark does: framed, on a light background.
+pub(crate) fn legend<'a, DB, CT>(
+    chart: &mut plotters::chart::ChartContext<'a, DB, CT>,
+    position: plotters::chart::SeriesLabelPosition,
+    font_size: u32,
+) where
+    DB: plotters::prelude::DrawingBackend + 'a,
+    CT: plotters::coord::CoordTranslate,
+{
+    use plotters::style::Color as _;
+    use plotters::style::colors::{BLACK, WHITE};
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(("sans-serif", font_size))
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .draw()
+        .unwrap();
+}
+
 fn color(subject: &str) -> plotters::style::RGBAColor {
     use plotters::style::Color as _;
     use plotters::style::RGBColor;
@@ -475,14 +496,7 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
             .draw_series(points.into_iter().map(|p| Circle::new(p, 3, c.filled())))
             .unwrap();
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 11))
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .draw()
-        .unwrap();
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, 11);
 
     // Right: connect latency to the last service.
     let dp: Vec<&&Row> = measured
@@ -552,13 +566,6 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
         .unwrap()
         .label("direct (no proxy)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(3)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 11))
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .draw()
-        .unwrap();
+    legend(&mut chart, SeriesLabelPosition::LowerRight, 11);
     root.present().unwrap();
 }

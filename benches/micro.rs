@@ -26,6 +26,8 @@ use kproxy::desired_state::{BuildContext, build, build_incremental};
 use kproxy::source::{Change, Update};
 use kproxy_contract::{Endpoint, IpFamily, Mode, ProxyState, ServicePortKey};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};
+use kproxy_ipvs::fake::FakeKernel;
+use kproxy_ipvs::{IpvsMode, IpvsOptions};
 use kproxy_nftables::{NftCli, NftablesMode};
 use kproxy_testkit::{many, state};
 use kproxy_userspace::{IpRoute, Options, UserspaceMode};
@@ -131,6 +133,22 @@ fn nftables() -> NftablesMode<NftCli> {
     NftablesMode::new(NftCli, vec![IpFamily::V4])
 }
 
+/// IPVS on the in-memory kernel (rendering and planning never touch the kernel; `observe`
+/// reads the fake's one node address).
+fn ipvs() -> IpvsMode<FakeKernel> {
+    let kernel = FakeKernel {
+        local: vec![("eth0".into(), "192.168.0.2".parse().unwrap())],
+        ..FakeKernel::default()
+    };
+    IpvsMode::new(
+        kernel,
+        IpvsOptions {
+            families: vec![IpFamily::V4],
+            ..IpvsOptions::default()
+        },
+    )
+}
+
 fn userspace() -> UserspaceMode<IpRoute> {
     UserspaceMode::new(IpRoute, Options::default())
 }
@@ -215,4 +233,19 @@ fn userspace_render_full(bencher: Bencher, n: usize) {
 #[divan::bench(args = SIZES, sample_count = 20)]
 fn userspace_plan_one_change(bencher: Bencher, n: usize) {
     plan_one_change(bencher, n, userspace);
+}
+
+#[divan::bench(args = SIZES, sample_count = 10, sample_size = 1)]
+fn ipvs_render_full(bencher: Bencher, n: usize) {
+    render_full(bencher, n, ipvs);
+}
+
+#[divan::bench(args = SIZES, sample_count = 10, sample_size = 1)]
+fn ipvs_render_one_change(bencher: Bencher, n: usize) {
+    render_one_change(bencher, n, ipvs);
+}
+
+#[divan::bench(args = SIZES, sample_count = 20)]
+fn ipvs_plan_one_change(bencher: Bencher, n: usize) {
+    plan_one_change(bencher, n, ipvs);
 }

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use kproxy_contract::Mode as _;
+use kproxy_contract::{Mode as _, ServicePortKey};
 use kproxy_ipvs::{IpvsMode, IpvsOptions, SystemKernel};
 use kproxy_testkit::{ep, many, state};
 
@@ -15,30 +15,41 @@ use crate::support::netns::Netns;
 #[ignore = "measurement: run inside the lab guest on request"]
 fn sync_10k_services() {
     let ns = Netns::new("scale");
-    let full = state(many(10_000, 2));
-    let mut changed = many(10_000, 2);
-    changed[5_000]
-        .endpoints
-        .cluster
-        .push(ep("10.250.0.1", false));
-    let changed = state(changed);
+    let services = many(10_000, 2);
+    let full = state(services.clone());
+    // The changed service port replaces its own; every other one is the same `Arc`, as the
+    // daemon's incremental build leaves them.
+    let mut one = services[5_000].clone();
+    one.endpoints.cluster.push(ep("10.250.0.1", false));
+    let mut changed = full.clone();
+    changed.services.insert(
+        ServicePortKey {
+            family: one.family,
+            name: one.name.clone(),
+        },
+        std::sync::Arc::new(one),
+    );
     let report = ns.in_ns(move || {
         let mut m = IpvsMode::new(SystemKernel::new(), IpvsOptions::default());
+        // As the sync loop: one memo across renders, the next plan against the last render.
+        let mut memo = Default::default();
         let t = Instant::now();
         let live = m.read_live().unwrap();
-        let desired = m.render_once(&full);
+        let facts = m.observe();
+        let desired = m.render(&full, &facts, &mut memo);
         let plan = m.plan(&live, &desired);
         m.apply(&plan).unwrap();
         let first = t.elapsed();
         let t = Instant::now();
-        let desired2 = m.render_once(&changed);
+        let facts = m.observe();
+        let desired2 = m.render(&changed, &facts, &mut memo);
         let plan2 = m.plan(&desired, &desired2);
         m.apply(&plan2).unwrap();
         let one = t.elapsed();
         let t = Instant::now();
         let live = m.read_live().unwrap();
         let read = t.elapsed();
-        assert_eq!(live.services.len(), 10_000);
+        assert_eq!(live.services().len(), 10_000);
         format!(
             "full sync {first:?} ({} ops), one endpoint change {one:?} ({} ops), read-back {read:?}",
             plan.ops.len(),

@@ -14,9 +14,11 @@
 //! - What IPVS cannot do lives in one nftables table per family, `kproxy-ipvs`, with static
 //!   chains and named sets ([`render`]): masquerade marks, hairpin, source ranges, DROP for Local
 //!   policies without local endpoints, REJECT of unserved ports on service addresses.
-//! - Incremental: the plan diffs virtual and real servers one by one against the believed (or
-//!   read-back) state; the nft sets change element by element. The nft table is not parsed back:
-//!   a full sync rewrites it in one transaction.
+//! - Incremental, O(changes): a render starts from the last one and re-renders only the service
+//!   ports that changed ([`render::render_cached`]); the rules are persistent maps, so the plan
+//!   walks only what differs from the believed (or read-back) state; the nft sets change
+//!   element by element. The nft table is not parsed back: a full sync rewrites it in one
+//!   transaction.
 //! - IPVS has no transactions: a sync's changes are sent in order (addresses, services, real
 //!   servers, deletions) in batches; a failure leaves part applied and the next sync reads the
 //!   kernel back and finishes the job.
@@ -160,18 +162,6 @@ impl<K: IpvsKernel> IpvsMode<K> {
     /// Real servers currently draining.
     pub fn draining(&self) -> Vec<(VsKey, RsKey)> {
         self.draining.keys().copied().collect()
-    }
-
-    /// The rules for `desired` with `local` as the addresses that may carry NodePorts.
-    pub fn render_for(&self, desired: &ProxyState, local: &[IpAddr]) -> IpvsRules {
-        render::render(
-            desired,
-            &render::RenderInput {
-                scheduler: &self.options.scheduler,
-                local_addresses: local,
-                families: &self.options.families,
-            },
-        )
     }
 
     /// Local addresses that may carry NodePorts: not loopback, not link-local, not kproxy's.
@@ -342,8 +332,9 @@ fn mode_error(read: bool) -> impl FnOnce(KernelError) -> ModeError {
 impl<K: IpvsKernel> Mode for IpvsMode<K> {
     type Rules = IpvsRules;
     type Plan = IpvsPlan;
-    /// Rendering is O(services) and keeps nothing between renders.
-    type Memo = ();
+    /// Every service port's fragment and the last result: a render after a few changes is
+    /// O(changes) ([`render::render_cached`]).
+    type Memo = render::RenderCache;
     type Facts = LocalAddresses;
 
     fn name(&self) -> ModeName {
@@ -355,8 +346,21 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
         LocalAddresses(self.node_port_candidates())
     }
 
-    fn render(&self, desired: &ProxyState, local: &LocalAddresses, (): &mut ()) -> IpvsRules {
-        self.render_for(desired, &local.0)
+    fn render(
+        &self,
+        desired: &ProxyState,
+        local: &LocalAddresses,
+        memo: &mut render::RenderCache,
+    ) -> IpvsRules {
+        render::render_cached(
+            desired,
+            &render::RenderInput {
+                scheduler: &self.options.scheduler,
+                local_addresses: &local.0,
+                families: &self.options.families,
+            },
+            memo,
+        )
     }
 
     fn read_live(&mut self) -> Result<IpvsRules, ModeError> {
@@ -375,17 +379,13 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
             .filter(|(k, _)| {
                 self.options.families.contains(&k.family())
                     && (vips.contains(&k.addr) || local.contains(&k.addr))
-            })
+            });
+        let mut rules = IpvsRules::from_servers(services);
+        rules.vips = vips
+            .into_iter()
+            .filter(|a| self.options.families.contains(&IpFamily::of(a)))
             .collect();
-        Ok(IpvsRules {
-            services,
-            vips: vips
-                .into_iter()
-                .filter(|a| self.options.families.contains(&IpFamily::of(a)))
-                .collect(),
-            nft: None,
-            owners: BTreeMap::new(),
-        })
+        Ok(rules)
     }
 
     fn plan(&self, live: &IpvsRules, desired: &IpvsRules) -> IpvsPlan {
@@ -456,22 +456,15 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
     fn count_objects(&self, rules: &IpvsRules) -> Vec<ObjectCount> {
         let mut out = Vec::new();
         for family in IpFamily::ALL {
-            let servers: Vec<_> = rules
-                .services
-                .iter()
-                .filter(|(k, _)| IpFamily::of(&k.addr) == family)
-                .collect();
+            let servers = rules.count(family);
             let count = |kind, count| ObjectCount {
                 family,
                 table: "ipvs",
                 kind,
                 count,
             };
-            out.push(count("virtual_servers", servers.len()));
-            out.push(count(
-                "real_servers",
-                servers.iter().map(|(_, vs)| vs.dests.len()).sum(),
-            ));
+            out.push(count("virtual_servers", servers.virtual_servers));
+            out.push(count("real_servers", servers.real_servers));
         }
         out
     }
@@ -495,7 +488,7 @@ impl<K: IpvsKernel> Mode for IpvsMode<K> {
         match self.read_live() {
             Ok(live) => {
                 let ops: Vec<IpvsOp> = live
-                    .services
+                    .services()
                     .keys()
                     .map(|k| IpvsOp::DelService(*k))
                     .collect();

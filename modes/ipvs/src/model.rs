@@ -1,10 +1,12 @@
 //! The IPVS mode's kernel vocabulary: virtual servers with their real servers, the addresses
 //! bound to kproxy's interface, and the netfilter table that does what IPVS cannot.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use imbl::{OrdMap, OrdSet};
 use kproxy_contract::{IpFamily, Protocol};
 
 /// The interface that carries every service address (upstream: `kube-ipvs0`).
@@ -112,27 +114,95 @@ pub enum VipHolder {
 
 /// One family's netfilter table (`ip kproxy-ipvs` / `ip6 kproxy-ipvs`): static chains that
 /// depend only on node settings, and named sets holding the per-service data.
+///
+/// The sets are persistent (`imbl`) sets: a render after a few changes shares everything else
+/// with the rules before it, so copying the believed rules is O(1) and their difference is
+/// found without visiting the shared parts.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NftTable {
     /// The table declaration without set elements; a change rewrites the table.
     pub head: String,
     /// Set name → elements in nft syntax.
-    pub sets: BTreeMap<&'static str, BTreeSet<String>>,
+    pub sets: BTreeMap<&'static str, OrdSet<String>>,
+}
+
+/// How many virtual and real servers one family holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServerCount {
+    /// Virtual servers.
+    pub virtual_servers: usize,
+    /// Real servers over all virtual servers.
+    pub real_servers: usize,
 }
 
 /// Everything the IPVS mode owns.
+///
+/// Persistent maps (`imbl`) throughout, for the same reason as [`NftTable`]'s sets: the sync
+/// loop keeps the applied rules and plans the next render against them, and both share all but
+/// what changed, so a sync after one endpoint change costs O(changes), not O(services).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct IpvsRules {
-    /// Virtual servers by key.
-    pub services: BTreeMap<VsKey, VirtualServer>,
+    /// Virtual servers by key; changed only through [`IpvsRules::insert_server`] and
+    /// [`IpvsRules::remove_server`], which keep [`IpvsRules::count`] right.
+    services: OrdMap<VsKey, Arc<VirtualServer>>,
+    /// Per family (IPv4, IPv6): what `services` holds.
+    counts: [ServerCount; 2],
     /// Service addresses made local on this node.
-    pub vips: BTreeSet<IpAddr>,
+    pub vips: OrdSet<IpAddr>,
     /// The netfilter tables; `None` when read back from the kernel (kproxy does not parse its
     /// table back: a full sync rewrites it in one transaction, see the crate docs).
     pub nft: Option<BTreeMap<IpFamily, NftTable>>,
     /// Which service port each virtual server serves (`ns/name:port`), for the dry-run grouping.
     /// Not part of the kernel state: read-back rules have none.
-    pub owners: BTreeMap<VsKey, String>,
+    pub owners: OrdMap<VsKey, Arc<str>>,
+}
+
+fn slot(family: IpFamily) -> usize {
+    match family {
+        IpFamily::V4 => 0,
+        IpFamily::V6 => 1,
+    }
+}
+
+impl IpvsRules {
+    /// Rules holding `servers` (a read-back), nothing else.
+    pub fn from_servers(servers: impl IntoIterator<Item = (VsKey, VirtualServer)>) -> IpvsRules {
+        let mut out = IpvsRules::default();
+        for (key, vs) in servers {
+            out.insert_server(key, Arc::new(vs));
+        }
+        out
+    }
+
+    /// The virtual servers by key.
+    pub fn services(&self) -> &OrdMap<VsKey, Arc<VirtualServer>> {
+        &self.services
+    }
+
+    /// Adds or replaces the virtual server at `key`.
+    pub fn insert_server(&mut self, key: VsKey, vs: Arc<VirtualServer>) {
+        let count = &mut self.counts[slot(key.family())];
+        count.virtual_servers += 1;
+        count.real_servers += vs.dests.len();
+        if let Some(old) = self.services.insert(key, vs) {
+            count.virtual_servers -= 1;
+            count.real_servers -= old.dests.len();
+        }
+    }
+
+    /// Removes the virtual server at `key`.
+    pub fn remove_server(&mut self, key: &VsKey) -> Option<Arc<VirtualServer>> {
+        let old = self.services.remove(key)?;
+        let count = &mut self.counts[slot(key.family())];
+        count.virtual_servers -= 1;
+        count.real_servers -= old.dests.len();
+        Some(old)
+    }
+
+    /// What `family` holds, without walking the servers (metrics read it after every sync).
+    pub fn count(&self, family: IpFamily) -> ServerCount {
+        self.counts[slot(family)]
+    }
 }
 
 /// IPVS's own connection timeouts, in seconds (`ipvsadm --set TCP TCPFIN UDP`): how long an

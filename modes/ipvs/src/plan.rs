@@ -6,7 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use imbl::ordmap::DiffItem;
+use imbl::ordset::DiffItem as SetDiff;
+use imbl::{OrdMap, OrdSet};
 use ipnet::IpNet;
 use kproxy_contract::{IpFamily, Plan, PlanStats, Protocol};
 
@@ -101,8 +105,8 @@ pub struct IpvsPlan {
     /// Virtual servers this plan would have deleted, kept because their address is inside
     /// `--ipvs-exclude-cidrs`. Shown by `--dry-run`; nothing is done with them.
     pub kept: Vec<VsKey>,
-    /// Owner names for the grouping in `Display`.
-    owners: BTreeMap<VsKey, String>,
+    /// Owner names for the grouping in `Display` (the desired rules' map, shared).
+    owners: OrdMap<VsKey, Arc<str>>,
 }
 
 impl IpvsPlan {
@@ -150,7 +154,7 @@ impl fmt::Display for IpvsPlan {
             let owner = self
                 .owners
                 .get(op.key())
-                .map_or("(no longer a service)", String::as_str);
+                .map_or("(no longer a service)", |o| &**o);
             groups.entry(owner).or_default().push(op);
         }
         for (owner, ops) in groups {
@@ -226,6 +230,9 @@ pub fn graceful(protocol: Protocol) -> bool {
 /// them would cut every connection). A virtual server of `live` that is not desired is
 /// deleted unless its address is inside one of `protected` (`--ipvs-exclude-cidrs`): those
 /// are left to whoever made them, as upstream does, and listed in [`IpvsPlan::kept`].
+///
+/// The comparison walks the persistent maps' difference, which skips what the two share: after
+/// an incremental render from the believed rules, that is all but the changed service ports.
 pub fn plan(
     live: &IpvsRules,
     desired: &IpvsRules,
@@ -242,9 +249,9 @@ pub fn plan(
     let mut dest_updates = Vec::new();
     let mut dest_dels = Vec::new();
     let mut svc_dels = Vec::new();
-    for (key, want) in &desired.services {
-        match live.services.get(key) {
-            None => {
+    for item in live.services().diff(desired.services()) {
+        match item {
+            DiffItem::Add(key, want) => {
                 p.ops.push(IpvsOp::AddService(*key, want.config.clone()));
                 for (rs, w) in &want.dests {
                     if draining.contains(&(*key, *rs)) {
@@ -255,7 +262,10 @@ pub fn plan(
                     }
                 }
             }
-            Some(have) => {
+            DiffItem::Update {
+                old: (_, have),
+                new: (key, want),
+            } => {
                 if have.config != want.config {
                     p.ops.push(IpvsOp::UpdateService(*key, want.config.clone()));
                 }
@@ -283,24 +293,25 @@ pub fn plan(
                     }
                 }
             }
-        }
-    }
-    for key in live.services.keys() {
-        if desired.services.contains_key(key) {
-            continue;
-        }
-        if protected.iter().any(|net| net.contains(&key.addr)) {
-            p.kept.push(*key);
-        } else {
-            svc_dels.push(IpvsOp::DelService(*key));
+            DiffItem::Remove(key, _) => {
+                if protected.iter().any(|net| net.contains(&key.addr)) {
+                    p.kept.push(*key);
+                } else {
+                    svc_dels.push(IpvsOp::DelService(*key));
+                }
+            }
         }
     }
     p.ops.extend(dest_adds);
     p.ops.extend(dest_updates);
     p.ops.extend(dest_dels);
     p.ops.extend(svc_dels);
-    p.vips_add = desired.vips.difference(&live.vips).copied().collect();
-    p.vips_del = live.vips.difference(&desired.vips).copied().collect();
+    for item in live.vips.diff(&desired.vips) {
+        match item {
+            SetDiff::Add(a) => p.vips_add.push(*a),
+            SetDiff::Remove(a) => p.vips_del.push(*a),
+        }
+    }
     if let Some(want) = &desired.nft {
         for (family, table) in want {
             let have = live.nft.as_ref().and_then(|t| t.get(family));
@@ -345,11 +356,18 @@ fn rewrite_script(family: IpFamily, t: &NftTable) -> String {
 fn element_script(family: IpFamily, have: &NftTable, want: &NftTable) -> String {
     let f = family_name(family);
     let mut s = String::new();
-    let empty = BTreeSet::new();
+    let empty = OrdSet::new();
     for (name, elems) in &want.sets {
         let old = have.sets.get(name).unwrap_or(&empty);
-        write_elements(&mut s, "delete", f, name, old.difference(elems));
-        write_elements(&mut s, "add", f, name, elems.difference(old));
+        let (mut add, mut del) = (Vec::new(), Vec::new());
+        for item in old.diff(elems) {
+            match item {
+                SetDiff::Add(e) => add.push(e),
+                SetDiff::Remove(e) => del.push(e),
+            }
+        }
+        write_elements(&mut s, "delete", f, name, del.into_iter());
+        write_elements(&mut s, "add", f, name, add.into_iter());
     }
     s
 }

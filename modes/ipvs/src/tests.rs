@@ -138,7 +138,7 @@ fn read_back_replans_only_the_netfilter_table() {
     sync(&mut m, &s);
     let live = m.read_live().unwrap();
     let desired = m.render_once(&s);
-    assert_eq!(live.services, desired.services);
+    assert_eq!(live.services(), desired.services());
     assert_eq!(live.vips, desired.vips);
     let again = m.plan(&live, &desired);
     assert!(again.ops.is_empty() && again.vips_add.is_empty() && again.vips_del.is_empty());
@@ -335,8 +335,8 @@ fn local_policy_without_local_endpoints_is_dropped_and_no_endpoints_left_to_ipvs
     // No endpoints at all: the virtual server exists without real servers, and IPVS answers
     // ICMP port unreachable itself.
     assert!(!t.sets["no-local-endpoints"].contains("10.96.0.21 . tcp . 80"));
-    assert!(r.services[&vs("10.96.0.21", 80)].dests.is_empty());
-    assert!(r.services[&vs("10.96.0.20", 80)].dests.is_empty());
+    assert!(r.services()[&vs("10.96.0.21", 80)].dests.is_empty());
+    assert!(r.services()[&vs("10.96.0.20", 80)].dests.is_empty());
 }
 
 #[test]
@@ -350,12 +350,12 @@ fn external_policy_local_uses_local_endpoints_without_masquerade() {
     sp.node_port = Some(30001);
     sp.external_policy = TrafficPolicy::Local;
     let r = m.render_once(&state(vec![sp]));
-    let np = &r.services[&vs("10.0.1.1", 30001)];
+    let np = &r.services()[&vs("10.0.1.1", 30001)];
     assert_eq!(
         np.dests.keys().copied().collect::<Vec<_>>(),
         [rs("10.244.1.2")]
     );
-    assert_eq!(r.services[&vs("10.96.0.30", 80)].dests.len(), 2);
+    assert_eq!(r.services()[&vs("10.96.0.30", 80)].dests.len(), 2);
     let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
     assert!(t.sets["masq-external"].is_empty());
 }
@@ -492,7 +492,7 @@ fn without_dummy_interfaces_addresses_become_lo_routes() {
 fn ten_thousand_services_plan_in_batches_without_growth_of_tables() {
     let m = mode();
     let r = m.render_once(&state(many(10_000, 2)));
-    assert_eq!(r.services.len(), 10_000);
+    assert_eq!(r.services().len(), 10_000);
     let t = &r.nft.as_ref().unwrap()[&IpFamily::V4];
     assert_eq!(t.sets["frontends"].len(), 10_000);
     let small = m.render_once(&state(many(10, 2)));
@@ -612,8 +612,8 @@ fn exclude_cidrs_protect_foreign_virtual_servers_on_node_addresses() {
 
     // The dry run says what it keeps, and plans no deletion of it.
     let live = m.read_live().unwrap();
-    assert!(live.services.contains_key(&inside) && live.services.contains_key(&outside));
-    assert!(!live.services.contains_key(&elsewhere), "never kproxy's");
+    assert!(live.services().contains_key(&inside) && live.services().contains_key(&outside));
+    assert!(!live.services().contains_key(&elsewhere), "never kproxy's");
     let p = m.plan(&live, &m.render_once(&s));
     assert_eq!(p.kept, [inside]);
     assert!(p.ops.contains(&IpvsOp::DelService(outside)));
@@ -793,4 +793,204 @@ fn a_dry_run_sets_no_sysctl_and_no_timeout() {
     assert!(m.kernel().sysctl_writes.is_empty());
     assert!(m.kernel().set_configs.is_empty());
     assert_eq!(m.kernel().prepared, 0);
+}
+
+/// The cached render and the diff over shared maps are optimisations only: through random
+/// changes (service ports added, changed, removed, frontends claimed by two service ports,
+/// NodePort addresses coming and going), the cached render equals a render from scratch, its
+/// counts equal a walk over its servers, and the plan from the last render equals the plan
+/// between two renders from scratch, which share nothing.
+mod incremental {
+    use std::collections::{BTreeSet, HashSet};
+    use std::net::IpAddr;
+
+    use kproxy_contract::{IpFamily, Plan as _, ProxyState};
+    use kproxy_testkit::strategies::state;
+    use proptest::prelude::*;
+
+    use crate::model::IpvsRules;
+    use crate::plan;
+    use crate::render::{RenderCache, RenderInput, render, render_cached};
+
+    /// `a` with, per service port of either state, `a`'s, `b`'s or none (by `pick`).
+    fn mix(a: &ProxyState, b: &ProxyState, pick: &[u8]) -> ProxyState {
+        let mut out = a.clone();
+        let keys: BTreeSet<_> = a
+            .services
+            .keys()
+            .chain(b.services.keys())
+            .cloned()
+            .collect();
+        for (i, key) in keys.into_iter().enumerate() {
+            match pick.get(i).copied().unwrap_or(0) % 3 {
+                0 => {}
+                1 => match b.services.get(&key) {
+                    Some(sp) => {
+                        out.services.insert(key, sp.clone());
+                    }
+                    None => {
+                        out.services.remove(&key);
+                    }
+                },
+                _ => {
+                    out.services.remove(&key);
+                }
+            }
+        }
+        out
+    }
+
+    /// The node's addresses, then (from the third step) one more.
+    fn locals(s: &ProxyState, step: usize) -> Vec<IpAddr> {
+        let mut out = s.node.node_ips.clone();
+        if step >= 2 {
+            out.push(if out.first().is_some_and(IpAddr::is_ipv6) {
+                "fd00:1::99".parse().unwrap()
+            } else {
+                "10.1.0.99".parse().unwrap()
+            });
+        }
+        out
+    }
+
+    fn walk(r: &IpvsRules, family: IpFamily) -> (usize, usize) {
+        let servers: Vec<_> = r
+            .services()
+            .iter()
+            .filter(|(k, _)| k.family() == family)
+            .collect();
+        (
+            servers.len(),
+            servers.iter().map(|(_, v)| v.dests.len()).sum(),
+        )
+    }
+
+    fn states() -> impl Strategy<Value = (ProxyState, ProxyState, Vec<u8>)> {
+        any::<bool>()
+            .prop_flat_map(|v6| (state(v6), state(v6), prop::collection::vec(any::<u8>(), 10)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn cached_render_and_shared_diff_equal_from_scratch((a, b, pick) in states()) {
+            let mut b = b;
+            b.node = a.node.clone();
+            let c = mix(&a, &b, &pick);
+            let families = IpFamily::ALL;
+            let mut cache = RenderCache::default();
+            let mut prev: Option<(IpvsRules, IpvsRules)> = None;
+            for (i, s) in [&a, &c, &b, &a, &c, &a].into_iter().enumerate() {
+                let local = locals(s, i);
+                let input = RenderInput { scheduler: "rr", local_addresses: &local, families: &families };
+                let cached = render_cached(s, &input, &mut cache);
+                let fresh = render(s, &input);
+                prop_assert_eq!(&cached, &fresh, "step {}", i);
+                for family in families {
+                    let count = cached.count(family);
+                    prop_assert_eq!((count.virtual_servers, count.real_servers), walk(&cached, family));
+                }
+                if let Some((prev_cached, prev_fresh)) = prev {
+                    let none = BTreeSet::new();
+                    let quick = plan::plan(&prev_cached, &cached, &none, false, &[]);
+                    let slow = plan::plan(&prev_fresh, &fresh, &none, false, &[]);
+                    prop_assert_eq!(quick.to_string(), slow.to_string(), "step {}", i);
+                    prop_assert_eq!(quick.is_empty(), slow.is_empty());
+                }
+                prev = Some((cached, fresh));
+            }
+        }
+    }
+
+    /// Nothing of one render is lost by the next: a frontend two service ports claim moves to
+    /// the other when its holder goes, with the holder's elements gone and the other's in.
+    #[test]
+    fn a_frontend_moves_to_the_next_claimant() {
+        let mut a = kproxy_testkit::service(
+            "a",
+            "10.96.0.10",
+            vec![kproxy_testkit::ep("10.244.1.1", false)],
+        );
+        a.external_ips = vec!["192.0.2.7".parse().unwrap()];
+        let mut b = kproxy_testkit::service(
+            "b",
+            "10.96.0.11",
+            vec![kproxy_testkit::ep("10.244.1.2", true)],
+        );
+        b.external_ips = vec!["192.0.2.7".parse().unwrap()];
+        b.external_policy = kproxy_contract::TrafficPolicy::Local;
+        let both = kproxy_testkit::state(vec![a, b.clone()]);
+        let only_b = kproxy_testkit::state(vec![b]);
+        let families = [IpFamily::V4];
+        let input = RenderInput {
+            scheduler: "rr",
+            local_addresses: &[],
+            families: &families,
+        };
+        let mut cache = RenderCache::default();
+        let first = render_cached(&both, &input, &mut cache);
+        let second = render_cached(&only_b, &input, &mut cache);
+        assert_eq!(second, render(&only_b, &input));
+        let key = crate::model::VsKey {
+            addr: "192.0.2.7".parse().unwrap(),
+            protocol: kproxy_contract::Protocol::Tcp,
+            port: 80,
+        };
+        assert_eq!(&*first.owners[&key], "ns/a:p");
+        assert_eq!(&*second.owners[&key], "ns/b:p");
+        let none = BTreeSet::new();
+        let text = plan::plan(&first, &second, &none, false, &[]).to_string();
+        // b's (local) endpoint replaces a's at the shared frontend; b's Local policy drops
+        // its masquerade mark.
+        assert!(
+            text.contains("-a -t 192.0.2.7:80 -r 10.244.1.2:8080"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-e -t 192.0.2.7:80 -r 10.244.1.1:8080 -m -w 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("delete element ip kproxy-ipvs masq-external { 192.0.2.7 . tcp . 80 }"),
+            "{text}"
+        );
+        let vips: HashSet<_> = second.vips.iter().map(ToString::to_string).collect();
+        assert!(
+            vips.contains("192.0.2.7") && !vips.contains("10.96.0.10"),
+            "{vips:?}"
+        );
+    }
+}
+
+/// After one endpoint change the next render shares all but the changed virtual server with
+/// the one before (so copying and diffing them is O(changes)), and the plan is that change.
+#[test]
+fn one_endpoint_change_shares_everything_else() {
+    let m = mode();
+    let services = many(2_000, 2);
+    let before = state(services.clone());
+    let mut changed = services[1_000].clone();
+    changed.endpoints.cluster[0] = ep("10.250.0.1", false);
+    let mut after = before.clone();
+    after.services.insert(
+        ServicePortKey {
+            family: changed.family,
+            name: changed.name.clone(),
+        },
+        std::sync::Arc::new(changed),
+    );
+    let facts = m.observe();
+    let mut memo = Default::default();
+    let a = m.render(&before, &facts, &mut memo);
+    let b = m.render(&after, &facts, &mut memo);
+    let differing = a.services().diff(b.services()).count();
+    assert_eq!(differing, 1);
+    let plan = m.plan(&a, &b);
+    let text = plan.to_string();
+    assert_eq!(plan.ops.len(), 2, "{text}");
+    assert!(
+        text.contains("-a -t 10.96.3.233:80 -r 10.250.0.1:8080"),
+        "{text}"
+    );
+    assert_eq!(m.count_objects(&b), m.count_objects(&a));
 }

@@ -90,7 +90,7 @@ pub fn trace(rules: &IpvsRules, env: &Env, pkt: &Packet) -> Trace {
         port: pkt.dst_port,
     };
     let vs = (local_dst || pkt.origin.is_local())
-        .then(|| rules.services.get(&key))
+        .then(|| rules.services().get(&key))
         .flatten();
     let mut path = std::mem::take(&mut w.path);
     let mut after = Vec::new();
@@ -211,7 +211,7 @@ pub fn trace(rules: &IpvsRules, env: &Env, pkt: &Packet) -> Trace {
     }
     let verdict = fold_branches(refused, candidates, plain, |candidates| {
         Verdict::Forward {
-            service: rules.owners.get(&key).cloned(),
+            service: rules.owners.get(&key).map(|o| o.to_string()),
             frontend: if fe_set("masq-cluster") {
                 Some(FrontendKind::ClusterIp)
             } else if !rules.vips.contains(&pkt.dst) {

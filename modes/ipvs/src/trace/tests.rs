@@ -41,8 +41,10 @@ fn virtual_server_weights_become_shares() {
         t.verdict
     );
     // Weight 3 to one real server: 3/4 of new connections go there, and the model disagrees.
-    let vs = rules.services.values_mut().next().unwrap();
+    let (key, vs) = rules.services().iter().next().unwrap();
+    let (key, mut vs) = (*key, (**vs).clone());
     *vs.dests.values_mut().next().unwrap() = 3;
+    rules.insert_server(key, std::sync::Arc::new(vs));
     let t = trace(&rules, &env, &p);
     let Verdict::Forward { candidates, .. } = &t.verdict else {
         panic!("{:?}", t.verdict)

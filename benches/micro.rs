@@ -19,10 +19,10 @@ mod common;
 use std::sync::Arc;
 
 use divan::Bencher;
-use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kproxy::cache::ClusterCache;
 use kproxy::desired_state::{BuildContext, build, build_incremental};
+use kproxy::source::slim::Service;
 use kproxy::source::{Change, Update};
 use kproxy_contract::{Endpoint, IpFamily, Mode, ProxyState, ServicePortKey};
 use kproxy_iptables::{Backend, IptablesCli, IptablesMode, RenderOptions};

@@ -5,10 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use kube::ResourceExt;
+use k8s_openapi::api::core::v1::Node;
 
-use crate::source::slim::Slice;
+use crate::source::slim::{Service, Slice};
 use crate::source::{Change, Update};
 
 /// `namespace/name` of an object. Shared strings, as in [`kproxy_contract::ServicePortName`],
@@ -31,8 +30,21 @@ impl ObjectKey {
         }
     }
 
-    fn of<K: kube::Resource>(obj: &K) -> Self {
-        Self::new(obj.namespace().unwrap_or_default(), obj.name_any())
+    /// The key of a Service.
+    pub fn of_service(svc: &Service) -> Self {
+        Self::named(&svc.metadata.namespace, &svc.metadata.name)
+    }
+
+    /// The key of an EndpointSlice.
+    pub fn of_slice(slice: &Slice) -> Self {
+        Self::named(&slice.metadata.namespace, &slice.metadata.name)
+    }
+
+    fn named(namespace: &Option<String>, name: &Option<String>) -> Self {
+        Self::new(
+            namespace.as_deref().unwrap_or_default(),
+            name.as_deref().unwrap_or_default(),
+        )
     }
 }
 
@@ -110,7 +122,7 @@ impl ClusterCache {
 
     fn trigger_time(&self, slice: &Slice) -> Option<SystemTime> {
         let after = self.measure_after?;
-        let text = slice.annotations().get(TRIGGER_TIME_ANNOTATION)?;
+        let text = slice.metadata.trigger_time.as_deref()?;
         let t = humantime::parse_rfc3339_weak(text.trim()).ok()?;
         (t > after).then_some(t)
     }
@@ -145,8 +157,10 @@ impl ClusterCache {
         let mut touched = Touched::default();
         match change {
             Change::Reset(all) => {
-                let new: BTreeMap<_, _> =
-                    all.into_iter().map(|s| (ObjectKey::of(&*s), s)).collect();
+                let new: BTreeMap<_, _> = all
+                    .into_iter()
+                    .map(|s| (ObjectKey::of_service(&s), s))
+                    .collect();
                 let changed = diff_keys(&self.services, &new);
                 touched.service_changes += changed.len();
                 touched.services.extend(changed);
@@ -154,13 +168,13 @@ impl ClusterCache {
                 self.services_synced = true;
             }
             Change::Apply(svc) => {
-                let key = ObjectKey::of(&*svc);
+                let key = ObjectKey::of_service(&svc);
                 self.services.insert(key.clone(), svc);
                 touched.services.insert(key);
                 touched.service_changes += 1;
             }
             Change::Delete(svc) => {
-                let key = ObjectKey::of(&*svc);
+                let key = ObjectKey::of_service(&svc);
                 self.services.remove(&key);
                 touched.services.insert(key);
                 touched.service_changes += 1;
@@ -173,8 +187,10 @@ impl ClusterCache {
         let mut touched = Touched::default();
         match change {
             Change::Reset(all) => {
-                let new: BTreeMap<_, _> =
-                    all.into_iter().map(|s| (ObjectKey::of(&*s), s)).collect();
+                let new: BTreeMap<_, _> = all
+                    .into_iter()
+                    .map(|s| (ObjectKey::of_slice(&s), s))
+                    .collect();
                 for key in diff_keys(&self.slices, &new) {
                     let old = self.slices.get(&key).and_then(|s| service_of(s));
                     let cur = new.get(&key).and_then(|s| service_of(s));
@@ -197,7 +213,7 @@ impl ClusterCache {
                 self.slices_synced = true;
             }
             Change::Apply(slice) => {
-                let key = ObjectKey::of(&*slice);
+                let key = ObjectKey::of_slice(&slice);
                 touched.endpoint_changes += 1;
                 touched.trigger_times.extend(self.trigger_time(&slice));
                 if let Some(old) = self.remove_slice(&key) {
@@ -214,7 +230,7 @@ impl ClusterCache {
             }
             Change::Delete(slice) => {
                 touched.endpoint_changes += 1;
-                if let Some(old) = self.remove_slice(&ObjectKey::of(&*slice)) {
+                if let Some(old) = self.remove_slice(&ObjectKey::of_slice(&slice)) {
                     touched.services.insert(old);
                 }
             }
@@ -310,7 +326,10 @@ impl SliceKeys {
 /// The Service an EndpointSlice belongs to, from its `kubernetes.io/service-name` label.
 pub fn service_of(slice: &Slice) -> Option<ObjectKey> {
     let name = slice.service_name.as_deref()?;
-    Some(ObjectKey::new(slice.namespace().unwrap_or_default(), name))
+    Some(ObjectKey::new(
+        slice.metadata.namespace.as_deref().unwrap_or_default(),
+        name,
+    ))
 }
 
 /// Keys added, removed or whose object changed between two maps.

@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use crate::source::slim::Service;
 use k8s_openapi::jiff::Timestamp;
 use kproxy_contract::{IpFamily, Protocol, ServicePort, ServicePortKey, ServicePortName};
 

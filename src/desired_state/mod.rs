@@ -30,7 +30,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use crate::source::slim::Service;
 use kproxy_contract::{IpFamily, NodeSettings, ProxyState, ServicePort, ServicePortKey};
 
 pub use admission::{Admission, ManifestChecks};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service};
+use k8s_openapi::api::core::v1::LoadBalancerIngress;
 use kproxy_contract::{
     Endpoints, IpFamily, Protocol, ServicePort, ServicePortName, SessionAffinity, TrafficPolicy,
 };
@@ -22,6 +22,7 @@ use super::admission::Guard;
 use super::parse;
 use super::skipped::Skipped;
 use crate::cache::ObjectKey;
+use crate::source::slim::Service;
 
 /// Upstream's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: i32 = 10_800;

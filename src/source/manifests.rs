@@ -42,7 +42,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
+
+use super::slim::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::RecursiveMode;
 use notify::event::{AccessKind, AccessMode, EventKind};
@@ -279,15 +281,15 @@ struct Parsed {
 impl Parsed {
     /// `(kind, namespace, name)`.
     fn key(&self) -> (&'static str, String, String) {
-        let (kind, meta) = match &self.object {
-            Object::Service(o) => ("Service", &o.metadata),
-            Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
-            Object::Node(o) => ("Node", &o.metadata),
+        let (kind, namespace, name) = match &self.object {
+            Object::Service(o) => ("Service", &o.metadata.namespace, &o.metadata.name),
+            Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata.namespace, &o.metadata.name),
+            Object::Node(o) => ("Node", &o.metadata.namespace, &o.metadata.name),
         };
         (
             kind,
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
+            namespace.clone().unwrap_or_default(),
+            name.clone().unwrap_or_default(),
         )
     }
 
@@ -1066,7 +1068,12 @@ fn assemble(files: &mut LoadedFiles) -> Loaded {
 
             match &parsed.object {
                 Object::Service(service) => {
-                    if has_label(&service.metadata, SERVICE_PROXY_NAME_LABEL) {
+                    if service
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+                    {
                         tracing::debug!(file = %path.display(), service = ?service.metadata.name, "Service belongs to another proxy; ignored");
                     } else {
                         loaded.services.push(service.clone());
@@ -1092,12 +1099,6 @@ fn assemble(files: &mut LoadedFiles) -> Loaded {
 
     files.duplicates = duplicates;
     loaded
-}
-
-fn has_label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str) -> bool {
-    meta.labels
-        .as_ref()
-        .is_some_and(|labels| labels.contains_key(key))
 }
 
 fn object_name(namespace: &str, name: &str) -> String {
@@ -1466,7 +1467,8 @@ fn parse_object(
 
     strip_unused(&mut value);
     let object = match kind.as_str() {
-        "Service" => typed(value).map(|o| Object::Service(Arc::new(super::slim::service(o)))),
+        "Service" => typed::<k8s_openapi::api::core::v1::Service>(value)
+            .map(|o| Object::Service(Arc::new(super::slim::service(o)))),
         "EndpointSlice" => typed::<EndpointSlice>(value)
             .map(|o| Object::EndpointSlice(Arc::new(super::slim::slice(o)))),
         _ => typed(value).map(|o| Object::Node(Arc::new(super::slim::node(o)))),

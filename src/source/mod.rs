@@ -10,7 +10,9 @@ pub mod slim;
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
+
+use self::slim::Service;
 
 /// A change to one kind of object.
 #[derive(Debug, Clone)]

@@ -5,8 +5,9 @@
 //! a proxy never reads: `metadata.managedFields` (often the largest part of an object),
 //! `kubectl`'s last-applied annotation, a Service's conditions, each endpoint's `targetRef`, and
 //! a Node's image list, capacity and conditions. Both sources pass each object through here
-//! before it is shared with the cache. EndpointSlices become a [`Slice`] of our own, which has
-//! room for nothing else; Services and Nodes stay API objects with the unread fields emptied.
+//! before it is shared with the cache. Services and EndpointSlices become a [`Service`] and a
+//! [`Slice`] of our own, which have room for nothing else; Nodes (one per kproxy) stay API
+//! objects with the unread fields emptied.
 //!
 //! A field is dropped only if no code reads it: a Slice's reader cannot read what is not there,
 //! and the desired-state tests build every case from slimmed Services and from whole ones with
@@ -14,44 +15,145 @@
 //! Dropping the Node's conditions also means a kubelet status update that changes nothing
 //! kproxy reads no longer looks like a Node change (which rebuilds every service).
 
-use k8s_openapi::api::core::v1::{Node, NodeStatus, Service};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    LoadBalancerStatus, Node, NodeStatus, ServicePort, SessionAffinityConfig,
+};
 use k8s_openapi::api::discovery::v1::{
     EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use super::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 use crate::cache::TRIGGER_TIME_ANNOTATION;
 
-/// Drops the metadata nobody reads: managed fields, and every annotation but `keep`.
-fn metadata(meta: &mut ObjectMeta, keep: Option<&str>) {
+/// Drops the metadata nobody reads: managed fields and annotations.
+fn metadata(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.retain(|k, _| Some(k.as_str()) == keep);
-        if annotations.is_empty() {
-            meta.annotations = None;
-        }
+    meta.annotations = None;
+}
+
+/// A Service as kproxy keeps it: its name, namespace, creation time and the one label kproxy
+/// reads, the spec fields the builder reads, and of its status the load balancer's ingress.
+///
+/// Our own type rather than a slimmed `k8s_openapi` one: an API `Service` is 824 bytes of
+/// optional fields whether they are set or not (360 of them an `ObjectMeta`, and a label map
+/// costs a 528-byte tree node even for one label), this one 384. The field names are the API
+/// type's, so the builder reads it the same way; the sources convert each object on arrival
+/// ([`service`]), and deserializing one goes through the API type.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(from = "k8s_openapi::api::core::v1::Service")]
+pub struct Service {
+    /// What kproxy reads of `metadata`.
+    pub metadata: ServiceMeta,
+    /// What kproxy reads of `spec`.
+    pub spec: Option<ServiceSpec>,
+    /// What kproxy reads of `status`.
+    pub status: Option<ServiceStatus>,
+}
+
+/// A [`Service`]'s metadata.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct ServiceMeta {
+    /// `name`.
+    pub name: Option<String>,
+    /// `namespace`.
+    pub namespace: Option<String>,
+    /// `creationTimestamp`: the older Service keeps a contested frontend.
+    pub creation_timestamp: Option<Time>,
+    /// Of `labels`, only `service.kubernetes.io/service-proxy-name` (another proxy's Service).
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// A [`Service`]'s spec: the fields the builder reads, as the API spells them.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct ServiceSpec {
+    /// `type`.
+    pub type_: Option<String>,
+    /// `clusterIP`.
+    pub cluster_ip: Option<String>,
+    /// `clusterIPs`.
+    pub cluster_ips: Option<Vec<String>>,
+    /// `ipFamilies`.
+    pub ip_families: Option<Vec<String>>,
+    /// `ports`.
+    pub ports: Option<Vec<ServicePort>>,
+    /// `externalIPs`.
+    pub external_ips: Option<Vec<String>>,
+    /// `externalTrafficPolicy`.
+    pub external_traffic_policy: Option<String>,
+    /// `internalTrafficPolicy`.
+    pub internal_traffic_policy: Option<String>,
+    /// `healthCheckNodePort`.
+    pub health_check_node_port: Option<i32>,
+    /// `loadBalancerSourceRanges`.
+    pub load_balancer_source_ranges: Option<Vec<String>>,
+    /// `sessionAffinity`.
+    pub session_affinity: Option<String>,
+    /// `sessionAffinityConfig` (rare: boxed).
+    pub session_affinity_config: Option<Box<SessionAffinityConfig>>,
+}
+
+/// A [`Service`]'s status: the load balancer's ingress only.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct ServiceStatus {
+    /// `loadBalancer`.
+    pub load_balancer: Option<LoadBalancerStatus>,
+}
+
+/// The Service as kproxy keeps it (see [`Service`]).
+pub fn service(svc: k8s_openapi::api::core::v1::Service) -> Service {
+    let meta = svc.metadata;
+    let labels = meta.labels.and_then(|mut all| {
+        let kept: BTreeMap<String, String> = all
+            .remove_entry(SERVICE_PROXY_NAME_LABEL)
+            .into_iter()
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    });
+    Service {
+        metadata: ServiceMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            creation_timestamp: meta.creation_timestamp,
+            labels,
+        },
+        spec: svc.spec.map(|spec| {
+            let mut out = ServiceSpec {
+                type_: spec.type_,
+                cluster_ip: spec.cluster_ip,
+                cluster_ips: spec.cluster_ips,
+                ip_families: spec.ip_families,
+                ports: spec.ports,
+                external_ips: spec.external_ips,
+                external_traffic_policy: spec.external_traffic_policy,
+                internal_traffic_policy: spec.internal_traffic_policy,
+                health_check_node_port: spec.health_check_node_port,
+                load_balancer_source_ranges: spec.load_balancer_source_ranges,
+                session_affinity: spec.session_affinity,
+                session_affinity_config: spec.session_affinity_config.map(Box::new),
+            };
+            fit(&mut out.ports);
+            fit(&mut out.cluster_ips);
+            fit(&mut out.external_ips);
+            fit(&mut out.ip_families);
+            fit(&mut out.load_balancer_source_ranges);
+            out
+        }),
+        status: svc.status.map(|status| ServiceStatus {
+            load_balancer: status.load_balancer.map(|mut lb| {
+                fit(&mut lb.ingress);
+                lb
+            }),
+        }),
     }
 }
 
-/// A Service as kproxy keeps it: its metadata without managed fields or annotations, its whole
-/// spec, and of its status only the load balancer's ingress.
-pub fn service(mut svc: Service) -> Service {
-    metadata(&mut svc.metadata, None);
-    if let Some(spec) = &mut svc.spec {
-        fit(&mut spec.ports);
-        fit(&mut spec.cluster_ips);
-        fit(&mut spec.external_ips);
-        fit(&mut spec.ip_families);
-        fit(&mut spec.load_balancer_source_ranges);
+impl From<k8s_openapi::api::core::v1::Service> for Service {
+    fn from(svc: k8s_openapi::api::core::v1::Service) -> Service {
+        service(svc)
     }
-    if let Some(status) = &mut svc.status {
-        status.conditions = None;
-        if let Some(lb) = &mut status.load_balancer {
-            fit(&mut lb.ingress);
-        }
-    }
-    svc
 }
 
 /// Gives back a list's spare capacity. serde fills a list of unknown length by pushing, so a
@@ -70,12 +172,13 @@ fn fit<T>(list: &mut Option<Vec<T>>) {
 /// Our own type rather than a slimmed `k8s_openapi` one: an API `Endpoint` is 352 bytes of
 /// optional fields (`targetRef` alone is seven optional strings) whether they are set or not,
 /// and endpoints are the bulk of what a proxy holds (100,000 at 10,000 services of 10 pods).
-/// A [`SliceEndpoint`] is 48.
+/// A [`SliceEndpoint`] is 48. Likewise the metadata: an `ObjectMeta` is 360 bytes, and the
+/// trigger-time annotation alone would cost a 528-byte tree node; a [`SliceMeta`] is 64.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Slice {
     /// Name, namespace, the trigger-time annotation; no labels (the three kproxy reads are the
     /// two fields below: a label map of one entry costs a 528-byte tree node per slice).
-    pub metadata: ObjectMeta,
+    pub metadata: SliceMeta,
     /// The `kubernetes.io/service-name` label: the Service this slice belongs to.
     pub service_name: Option<Box<str>>,
     /// The slice carries `service.kubernetes.io/headless` or
@@ -87,6 +190,18 @@ pub struct Slice {
     pub ports: Option<Vec<EndpointPort>>,
     /// `endpoints`.
     pub endpoints: Box<[SliceEndpoint]>,
+}
+
+/// A [`Slice`]'s metadata.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct SliceMeta {
+    /// `name`.
+    pub name: Option<String>,
+    /// `namespace`.
+    pub namespace: Option<String>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation, as written:
+    /// network-programming latency is measured from it.
+    pub trigger_time: Option<Box<str>>,
 }
 
 /// One endpoint of a [`Slice`].
@@ -102,32 +217,8 @@ pub struct SliceEndpoint {
     pub hints: Option<Box<EndpointHints>>,
 }
 
-/// A [`Slice`] is an object of the API's EndpointSlice kind, so the generic object helpers
-/// (name, namespace, labels) work on it.
-impl k8s_openapi::Resource for Slice {
-    const API_VERSION: &'static str = EndpointSlice::API_VERSION;
-    const GROUP: &'static str = EndpointSlice::GROUP;
-    const KIND: &'static str = EndpointSlice::KIND;
-    const VERSION: &'static str = EndpointSlice::VERSION;
-    const URL_PATH_SEGMENT: &'static str = EndpointSlice::URL_PATH_SEGMENT;
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for Slice {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
 /// The EndpointSlice as kproxy keeps it (see [`Slice`]).
 pub fn slice(mut slice: EndpointSlice) -> Slice {
-    metadata(&mut slice.metadata, Some(TRIGGER_TIME_ANNOTATION));
     let mut labels = slice.metadata.labels.take().unwrap_or_default();
     let not_proxied =
         labels.contains_key(HEADLESS_LABEL) || labels.contains_key(SERVICE_PROXY_NAME_LABEL);
@@ -136,7 +227,15 @@ pub fn slice(mut slice: EndpointSlice) -> Slice {
             .remove(SERVICE_NAME_LABEL)
             .map(String::into_boxed_str),
         not_proxied,
-        metadata: slice.metadata,
+        metadata: SliceMeta {
+            name: slice.metadata.name,
+            namespace: slice.metadata.namespace,
+            trigger_time: slice
+                .metadata
+                .annotations
+                .and_then(|mut a| a.remove(TRIGGER_TIME_ANNOTATION))
+                .map(String::into_boxed_str),
+        },
         address_type: slice.address_type,
         ports: {
             let mut ports = slice.ports;
@@ -159,7 +258,7 @@ pub fn slice(mut slice: EndpointSlice) -> Slice {
 /// The Node as kproxy keeps it: metadata without managed fields or annotations, its spec
 /// (pod CIDRs, taints), and of its status only the addresses.
 pub fn node(mut node: Node) -> Node {
-    metadata(&mut node.metadata, None);
+    metadata(&mut node.metadata);
     node.status = node.status.map(|status| NodeStatus {
         addresses: status.addresses,
         ..NodeStatus::default()
@@ -177,25 +276,65 @@ mod tests {
 
     #[test]
     fn unread_fields_are_dropped_and_read_ones_kept() {
-        let svc: Service = json(serde_json::json!({
-            "metadata": {"name": "a", "namespace": "ns", "labels": {"app": "a"},
+        let svc: k8s_openapi::api::core::v1::Service = json(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z",
+                "labels": {"app": "a", SERVICE_PROXY_NAME_LABEL: "other"},
                 "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
                 "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
-            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                "ipFamilies": ["IPv4"], "ports": [{"name": "http", "port": 80, "nodePort": 30080}],
+                "externalIPs": ["192.0.2.9"], "externalTrafficPolicy": "Local",
+                "internalTrafficPolicy": "Cluster", "healthCheckNodePort": 32000,
+                "loadBalancerSourceRanges": ["10.0.0.0/8"], "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                "selector": {"app": "a"}, "allocateLoadBalancerNodePorts": true},
             "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]},
                 "conditions": [{"type": "x", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "r", "message": "m"}]}
         }));
         let slim = service(svc.clone());
-        assert_eq!(slim.metadata.managed_fields, None);
-        assert_eq!(slim.metadata.annotations, None);
-        assert_eq!(slim.metadata.labels, svc.metadata.labels);
-        assert_eq!(slim.spec, svc.spec);
-        let status = slim.status.expect("status");
-        assert_eq!(status.conditions, None);
+        let (meta, spec) = (&svc.metadata, svc.spec.as_ref().expect("spec"));
         assert_eq!(
-            status.load_balancer,
-            svc.status.expect("status").load_balancer
+            (&slim.metadata.name, &slim.metadata.namespace),
+            (&meta.name, &meta.namespace)
         );
+        assert_eq!(slim.metadata.creation_timestamp, meta.creation_timestamp);
+        assert_eq!(
+            slim.metadata
+                .labels
+                .as_ref()
+                .map(|l| l.keys().map(String::as_str).collect::<Vec<_>>()),
+            Some(vec![SERVICE_PROXY_NAME_LABEL]),
+            "only the label kproxy reads"
+        );
+        let kept = slim.spec.as_ref().expect("spec");
+        assert_eq!(kept.type_, spec.type_);
+        assert_eq!(
+            (&kept.cluster_ip, &kept.cluster_ips),
+            (&spec.cluster_ip, &spec.cluster_ips)
+        );
+        assert_eq!(kept.ip_families, spec.ip_families);
+        assert_eq!(kept.ports, spec.ports);
+        assert_eq!(kept.external_ips, spec.external_ips);
+        assert_eq!(kept.external_traffic_policy, spec.external_traffic_policy);
+        assert_eq!(kept.internal_traffic_policy, spec.internal_traffic_policy);
+        assert_eq!(kept.health_check_node_port, spec.health_check_node_port);
+        assert_eq!(
+            kept.load_balancer_source_ranges,
+            spec.load_balancer_source_ranges
+        );
+        assert_eq!(kept.session_affinity, spec.session_affinity);
+        assert_eq!(
+            kept.session_affinity_config.as_deref(),
+            spec.session_affinity_config.as_ref()
+        );
+        assert_eq!(
+            slim.status.as_ref().expect("status").load_balancer,
+            svc.status.clone().expect("status").load_balancer
+        );
+        // Deserializing ours goes through the API type.
+        let again: Service = json(serde_json::to_value(&svc).expect("json"));
+        assert_eq!(again, slim);
+        assert_eq!(std::mem::size_of::<Service>(), 384);
 
         let s: EndpointSlice = json(serde_json::json!({
             "metadata": {"name": "a-1", "namespace": "ns",
@@ -209,12 +348,18 @@ mod tests {
                 "deprecatedTopology": {"k": "v"}}]
         }));
         let slim = slice(s.clone());
-        let annotations = slim.metadata.annotations.clone().expect("kept");
         assert_eq!(
-            annotations.keys().collect::<Vec<_>>(),
-            [TRIGGER_TIME_ANNOTATION]
+            slim.metadata.trigger_time.as_deref(),
+            Some("2026-01-01T00:00:00Z")
         );
-        assert_eq!(slim.metadata.labels, None);
+        assert_eq!(
+            (
+                slim.metadata.name.as_deref(),
+                slim.metadata.namespace.as_deref()
+            ),
+            (Some("a-1"), Some("ns"))
+        );
+        assert_eq!(std::mem::size_of::<SliceMeta>(), 64);
         assert_eq!(slim.service_name.as_deref(), Some("a"));
         assert!(!slim.not_proxied);
         let (e, full) = (&slim.endpoints[0], &s.endpoints[0]);

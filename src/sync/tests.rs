@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::Service;
+use crate::source::slim::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kproxy_contract::{ModeName, Plan, PlanStats};
 

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use kproxy::source::slim::Slice;
+use k8s_openapi::api::core::v1::Node;
+use kproxy::source::slim::{Service, Slice};
 use kproxy::source::{
     Change, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, Update,
 };
@@ -57,8 +57,31 @@ fn node(name: &str, labels: &Value) -> Value {
     })
 }
 
-fn names<K: ResourceExt>(objects: &[Arc<K>]) -> BTreeSet<String> {
-    objects.iter().map(|o| o.name_any()).collect()
+/// An object's name, whichever form the source keeps it in.
+trait Named {
+    fn name_of(&self) -> String;
+}
+
+impl Named for Service {
+    fn name_of(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+}
+
+impl Named for Slice {
+    fn name_of(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+}
+
+impl Named for Node {
+    fn name_of(&self) -> String {
+        self.name_any()
+    }
+}
+
+fn names<K: Named>(objects: &[Arc<K>]) -> BTreeSet<String> {
+    objects.iter().map(|o| o.name_of()).collect()
 }
 
 fn set(names: &[&str]) -> BTreeSet<String> {
@@ -74,11 +97,11 @@ enum Seen {
 }
 
 fn seen(update: &Update) -> Seen {
-    fn one<K: ResourceExt>(kind: Kind, change: &Change<Arc<K>>) -> Seen {
+    fn one<K: Named>(kind: Kind, change: &Change<Arc<K>>) -> Seen {
         match change {
             Change::Reset(objects) => Seen::Reset(kind, names(objects)),
-            Change::Apply(object) => Seen::Apply(kind, object.name_any()),
-            Change::Delete(object) => Seen::Delete(kind, object.name_any()),
+            Change::Apply(object) => Seen::Apply(kind, object.name_of()),
+            Change::Delete(object) => Seen::Delete(kind, object.name_of()),
         }
     }
     match update {
@@ -296,7 +319,7 @@ async fn apply_and_delete_events_arrive() {
 
     let mut source = Source::start(&server);
     let (services, ..) = source.resets().await;
-    let first_rv = services[0].resource_version();
+    assert_eq!(names(&services), set(&["web"]));
 
     server.apply(service("api", &json!({})));
     assert_eq!(
@@ -304,13 +327,17 @@ async fn apply_and_delete_events_arrive() {
         Seen::Apply(Kind::Service, "api".into())
     );
 
-    let rv = server.apply(service("web", &json!({"tier": "front"})));
+    // The modified object arrives as kproxy keeps it (no labels but the one it reads, no
+    // resource version): the changed port tells it from the first version.
+    let mut web = service("web", &json!({"tier": "front"}));
+    web["spec"]["ports"][0]["port"] = json!(8081);
+    server.apply(web);
     match source.next().await {
         Update::Services(Change::Apply(svc)) => {
-            assert_eq!(svc.name_any(), "web");
-            assert_eq!(svc.labels().get("tier").map(String::as_str), Some("front"));
-            assert_eq!(svc.resource_version(), Some(rv.to_string()));
-            assert_ne!(svc.resource_version(), first_rv);
+            assert_eq!(svc.name_of(), "web");
+            let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+            assert_eq!(ports.map(|p| p[0].port), Some(8081));
+            assert_eq!(svc.metadata.labels, None);
         }
         other => panic!("expected the modified Service, got {:?}", seen(&other)),
     }

@@ -170,6 +170,11 @@ impl Group {
     pub fn iter(&self) -> GroupIter<'_> {
         self.0.iter().map(|(k, v)| (k, v))
     }
+
+    /// The elements in key order, as stored (key and value together).
+    pub fn entries(&self) -> std::slice::Iter<'_, (Text, Option<Text>)> {
+        self.0.iter()
+    }
 }
 
 /// [`Group::iter`]'s iterator.
@@ -282,6 +287,11 @@ impl Elements {
     /// Every element, group by group.
     pub fn iter(&self) -> impl Iterator<Item = (&Text, &Option<Text>)> {
         self.groups.values().flat_map(|g| g.iter())
+    }
+
+    /// Every element, group by group, as stored (key and value together).
+    pub fn entries(&self) -> impl Iterator<Item = &(Text, Option<Text>)> {
+        self.groups.values().flat_map(|g| g.entries())
     }
 
     /// Every value.

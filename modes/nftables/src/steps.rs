@@ -45,10 +45,9 @@ use std::fmt;
 
 use kproxy_contract::Cause;
 
-use crate::model::Text;
 use crate::netlink::batch::Deletes;
 use crate::netlink::{self, NetlinkError, socket};
-use crate::plan::{FamilyPlan, NftPlan};
+use crate::plan::{ElementList, FamilyPlan, NftPlan};
 
 /// How many already-deleted elements one batch may meet on a kernel without
 /// `NFT_MSG_DESTROYSETELEM` (each costs a round trip) before the sync fails as a whole.
@@ -254,7 +253,7 @@ pub fn netlink_elements(plan: &NftPlan) -> NftPlan {
         ..NftPlan::default()
     };
     for (family, fp) in &plan.families {
-        let part = |changes: &BTreeMap<String, Vec<(Text, Option<Text>)>>| {
+        let part = |changes: &BTreeMap<String, ElementList>| {
             changes
                 .iter()
                 .filter(|(set, elements)| via_netlink(fp, set) && !elements.is_empty())
@@ -367,7 +366,7 @@ fn is_empty(fp: &FamilyPlan) -> bool {
 
 /// Steps 2 and 3 as one `nft -f` plan: the fallback once step 1 was applied.
 fn rest(plan: &NftPlan, finish: &NftPlan) -> NftPlan {
-    type Changes = BTreeMap<String, Vec<(Text, Option<Text>)>>;
+    type Changes = BTreeMap<String, ElementList>;
     let mut out = finish.clone();
     for (family, fp) in &plan.families {
         let netlink_part = |changes: &Changes| -> Changes {

@@ -36,8 +36,15 @@ fn one_endpoint_change_is_a_handful_of_element_updates() {
     let p = sync(&mut m, &state(services.clone()));
     let fp = &p.families[&IpFamily::V4];
     assert!(fp.write_chains.is_empty() && fp.add_chains.is_empty() && fp.add_sets.is_empty());
-    let changed: usize = fp.add_elements.values().map(Vec::len).sum::<usize>()
-        + fp.delete_elements.values().map(Vec::len).sum::<usize>();
+    let changed: usize = fp
+        .add_elements
+        .values()
+        .map(crate::plan::ElementList::len)
+        .sum::<usize>()
+        + fp.delete_elements
+            .values()
+            .map(crate::plan::ElementList::len)
+            .sum::<usize>();
     // The endpoint element, replaced (remote endpoints need no hairpin element).
     assert_eq!(changed, 2, "{}", p);
     // A fourth endpoint moves the service to pick-4.
@@ -418,8 +425,15 @@ fn one_endpoint_change_shares_every_other_group() {
     assert_eq!(differing, 1);
     let p = plan::plan(&before, &after);
     let fp = &p.families[&IpFamily::V4];
-    let changed: usize = fp.add_elements.values().map(Vec::len).sum::<usize>()
-        + fp.delete_elements.values().map(Vec::len).sum::<usize>();
+    let changed: usize = fp
+        .add_elements
+        .values()
+        .map(crate::plan::ElementList::len)
+        .sum::<usize>()
+        + fp.delete_elements
+            .values()
+            .map(crate::plan::ElementList::len)
+            .sum::<usize>();
     assert_eq!(changed, 2, "{p}");
 }
 

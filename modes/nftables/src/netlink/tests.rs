@@ -632,7 +632,7 @@ fn apply_times_netlink_versus_nft() {
         let elements: usize = full.families[&IpFamily::V4]
             .add_elements
             .values()
-            .map(Vec::len)
+            .map(crate::plan::ElementList::len)
             .sum();
         let time = |f: &dyn Fn() -> Result<(), Cause>| {
             let t = Instant::now();
@@ -674,7 +674,7 @@ fn apply_times_netlink_versus_nft() {
         let count: usize = only.families[&IpFamily::V4]
             .add_elements
             .values()
-            .map(Vec::len)
+            .map(crate::plan::ElementList::len)
             .sum();
         for path in ["netlink", "nft -f"] {
             apply_with_nft(&split.prepare).unwrap();
@@ -813,7 +813,7 @@ fn applying_the_same_deletions_twice_succeeds() {
             .families
             .values()
             .flat_map(|fp| fp.delete_elements.values())
-            .map(Vec::len)
+            .map(crate::plan::ElementList::len)
             .sum();
         assert!(deleted >= 4, "{deleted} deletions");
 

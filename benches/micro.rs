@@ -105,7 +105,7 @@ fn states(n: usize) -> (ProxyState, ProxyState) {
     let services = many(n, ENDPOINTS);
     let before = state(services.clone());
     let mut changed = services[n / 2].clone();
-    changed.endpoints.cluster[0] = Endpoint {
+    std::sync::Arc::make_mut(&mut changed.endpoints.cluster)[0] = Endpoint {
         ip: "10.250.0.1".parse().unwrap(),
         port: 8080,
         is_local: false,

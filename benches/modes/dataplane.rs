@@ -55,9 +55,9 @@ pub(crate) fn udp_probe(first: &ServicePort) -> ServicePort {
         list.iter().map(|e| Endpoint { port: ECHO, ..*e }).collect()
     };
     udp.endpoints = Endpoints {
-        cluster: retarget(&first.endpoints.cluster),
+        cluster: retarget(&first.endpoints.cluster).into(),
         local: retarget(&first.endpoints.local),
-        serving: retarget(&first.endpoints.serving),
+        serving: retarget(&first.endpoints.serving).into(),
         ..first.endpoints.clone()
     };
     udp
@@ -90,7 +90,7 @@ fn path(prefix: &str, s: &ProxyState) -> Path {
         .endpoints
         .cluster
         .iter()
-        .chain(&last.endpoints.cluster)
+        .chain(last.endpoints.cluster.iter())
     {
         script.push_str(&format!("address add {}/32 dev lo\n", ep.ip));
     }

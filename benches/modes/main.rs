@@ -227,7 +227,7 @@ fn steps(n: usize, e: usize) -> Steps {
     let s0 = state(services.clone());
     let before = Arc::new(services[n / 2].clone());
     let mut changed = services[n / 2].clone();
-    changed.endpoints.cluster[0] = Endpoint {
+    std::sync::Arc::make_mut(&mut changed.endpoints.cluster)[0] = Endpoint {
         ip: "10.250.0.1".parse().unwrap(),
         port: 8080,
         is_local: false,

@@ -275,7 +275,7 @@ fn nft_remove(o: &mut String, sp: &ServicePort, keep_element: bool) {
         );
     }
     let _ = writeln!(o, "flush chain {T} {svc}");
-    for ep in &sp.endpoints.cluster {
+    for ep in sp.endpoints.cluster.iter() {
         let epc = format!("endpoint-{}", sep_id(sp, &ep.ip.to_string()));
         let _ = writeln!(o, "flush chain {T} {epc}\ndelete chain {T} {epc}");
     }

@@ -61,18 +61,17 @@ impl Sp {
             .collect();
         self.0.endpoints.local = eps.iter().copied().filter(|e| e.is_local).collect();
         self.0.endpoints.any = !eps.is_empty();
-        self.0.endpoints.serving = eps.clone();
-        self.0.endpoints.cluster = eps;
+        self.0.endpoints.serving = eps.clone().into();
+        self.0.endpoints.cluster = eps.into();
         self
     }
 
     /// Terminating but still serving: not used for new flows while ready ones exist.
     fn serving_terminating(mut self, eps: &[&str]) -> Sp {
-        self.0
-            .endpoints
-            .serving
-            .extend(eps.iter().map(|e| ep(e, false)));
-        self.0.endpoints.serving.sort();
+        let mut serving = self.0.endpoints.serving.to_vec();
+        serving.extend(eps.iter().map(|e| ep(e, false)));
+        serving.sort();
+        self.0.endpoints.serving = serving.into();
         self
     }
 

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use kproxy_contract::{Endpoint, Endpoints, IpFamily, Protocol};
 
@@ -313,6 +314,13 @@ pub(crate) fn categorize(
     }
     let any = !cluster.is_empty() || !local.is_empty();
     let serving = pick(&|c| c.serving);
+    let cluster: Arc<[Endpoint]> = cluster.into();
+    // One list for both when they are the same (the usual case).
+    let serving = if serving[..] == cluster[..] {
+        cluster.clone()
+    } else {
+        serving.into()
+    };
     Endpoints {
         cluster,
         local,

@@ -20,7 +20,9 @@ fn sync_10k_services() {
     // The changed service port replaces its own; every other one is the same `Arc`, as the
     // daemon's incremental build leaves them.
     let mut one = services[5_000].clone();
-    one.endpoints.cluster.push(ep("10.250.0.1", false));
+    let mut eps = one.endpoints.cluster.to_vec();
+    eps.push(ep("10.250.0.1", false));
+    one.endpoints.cluster = eps.into();
     let mut changed = full.clone();
     changed.services.insert(
         ServicePortKey {

@@ -149,8 +149,10 @@ pub struct Endpoint {
 /// for that policy (never a mix); topology hints already applied to `cluster`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
 pub struct Endpoints {
-    /// Used when the applicable traffic policy is Cluster. Sorted.
-    pub cluster: Vec<Endpoint>,
+    /// Used when the applicable traffic policy is Cluster. Sorted. Shared with `serving` when
+    /// the two are the same list (nearly always: every endpoint ready, no topology hints), which
+    /// saves a copy of every service port's endpoints (9.5 MiB at 50,000 services of 10).
+    pub cluster: Arc<[Endpoint]>,
     /// Used when the applicable traffic policy is Local. Sorted.
     pub local: Vec<Endpoint>,
     /// Whether any usable endpoint exists anywhere. `false` means REJECT (no endpoints);
@@ -160,7 +162,7 @@ pub struct Endpoints {
     /// locality chose above. Not used for new connections: it is the set an existing UDP/SCTP
     /// flow may keep using, so conntrack cleanup leaves flows to a gracefully terminating
     /// endpoint alone (upstream's reconciler keys on `IsServing()`). Sorted.
-    pub serving: Vec<Endpoint>,
+    pub serving: Arc<[Endpoint]>,
     /// How many local endpoints are ready (not the terminating fallback): what a health-check
     /// node port reports, so a load balancer stops sending to a node whose pods are all going.
     pub local_ready: usize,

@@ -82,7 +82,9 @@ fn one_endpoint_change_touches_only_that_service() {
         })
         .collect();
     sync(&mut m, &state(services.clone()));
-    services[17].endpoints.cluster.push(ep("10.244.9.9", false));
+    kproxy_testkit::edit_list(&mut services[17].endpoints.cluster, |l| {
+        l.push(ep("10.244.9.9", false))
+    });
     let plan = sync(&mut m, &state(services));
     let touched: Vec<&str> = plan
         .tables
@@ -476,7 +478,7 @@ fn cached_render_equals_fresh_render_through_changes() {
     let opts = RenderOptions::default();
     let mut services = kproxy_testkit::many(40, 3);
     let mut steps: Vec<ProxyState> = vec![state(services.clone())];
-    services[7].endpoints.cluster[1] = ep("10.250.0.9", true);
+    std::sync::Arc::make_mut(&mut services[7].endpoints.cluster)[1] = ep("10.250.0.9", true);
     steps.push(state(services.clone()));
     services.remove(3);
     services.push(service("late", "10.96.9.9", vec![ep("10.244.9.9", false)]));
@@ -505,7 +507,7 @@ fn unchanged_services_reuse_their_chains() {
     let mut services = kproxy_testkit::many(20, 2);
     let mut memo = crate::RenderCache::default();
     let before = m.render(&state(services.clone()), &(), &mut memo);
-    services[5].endpoints.cluster[0] = ep("10.250.0.1", false);
+    std::sync::Arc::make_mut(&mut services[5].endpoints.cluster)[0] = ep("10.250.0.1", false);
     let after = m.render(&state(services.clone()), &(), &mut memo);
     let changed = names::service_chain(&services[5].name);
     let (old, new) = (

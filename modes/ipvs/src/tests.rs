@@ -154,7 +154,9 @@ fn one_endpoint_change_touches_one_real_server() {
     let s1 = state(many(100, 3));
     let believed = sync_from(&mut m, &IpvsRules::default(), &s1);
     let mut services = many(100, 3);
-    services[42].endpoints.cluster.push(ep("10.250.0.1", false));
+    kproxy_testkit::edit_list(&mut services[42].endpoints.cluster, |l| {
+        l.push(ep("10.250.0.1", false))
+    });
     let s2 = state(services);
     let before = m.kernel().executed.len();
     sync_from(&mut m, &believed, &s2);
@@ -290,7 +292,9 @@ fn udp_endpoints_leave_at_once() {
     );
     a.name.protocol = Protocol::Udp;
     let b1 = sync_from(&mut m, &IpvsRules::default(), &state(vec![a.clone()]));
-    a.endpoints.cluster.pop();
+    kproxy_testkit::edit_list(&mut a.endpoints.cluster, |l| {
+        l.pop();
+    });
     sync_from(&mut m, &b1, &state(vec![a]));
     let key = VsKey {
         protocol: Protocol::Udp,
@@ -970,7 +974,7 @@ fn one_endpoint_change_shares_everything_else() {
     let services = many(2_000, 2);
     let before = state(services.clone());
     let mut changed = services[1_000].clone();
-    changed.endpoints.cluster[0] = ep("10.250.0.1", false);
+    std::sync::Arc::make_mut(&mut changed.endpoints.cluster)[0] = ep("10.250.0.1", false);
     let mut after = before.clone();
     after.services.insert(
         ServicePortKey {

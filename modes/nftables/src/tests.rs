@@ -32,7 +32,7 @@ fn one_endpoint_change_is_a_handful_of_element_updates() {
     let mut m = mode();
     let mut services = many(1_000, 3);
     sync(&mut m, &state(services.clone()));
-    services[500].endpoints.cluster[1] = ep("10.250.0.1", false);
+    std::sync::Arc::make_mut(&mut services[500].endpoints.cluster)[1] = ep("10.250.0.1", false);
     let p = sync(&mut m, &state(services.clone()));
     let fp = &p.families[&IpFamily::V4];
     assert!(fp.write_chains.is_empty() && fp.add_chains.is_empty() && fp.add_sets.is_empty());
@@ -48,10 +48,9 @@ fn one_endpoint_change_is_a_handful_of_element_updates() {
     // The endpoint element, replaced (remote endpoints need no hairpin element).
     assert_eq!(changed, 2, "{}", p);
     // A fourth endpoint moves the service to pick-4.
-    services[500]
-        .endpoints
-        .cluster
-        .push(ep("10.250.0.2", false));
+    kproxy_testkit::edit_list(&mut services[500].endpoints.cluster, |l| {
+        l.push(ep("10.250.0.2", false))
+    });
     let p = sync(&mut m, &state(services));
     let text = p.to_string();
     assert!(text.contains("goto pick-4"), "{text}");
@@ -324,8 +323,20 @@ fn new_pick_chain_after_the_first_sync_applies() {
     sync(&mut m, &state(vec![one.clone(), udp.clone()]));
 
     let mut two = one;
-    two.endpoints.cluster.push(ep("10.244.1.2", false));
-    udp.endpoints.cluster.push(ep("10.244.1.4", false));
+    two.endpoints.cluster = two
+        .endpoints
+        .cluster
+        .iter()
+        .copied()
+        .chain([ep("10.244.1.2", false)])
+        .collect();
+    udp.endpoints.cluster = udp
+        .endpoints
+        .cluster
+        .iter()
+        .copied()
+        .chain([ep("10.244.1.4", false)])
+        .collect();
     let p = sync(&mut m, &state(vec![two, udp]));
     assert!(p.to_string().contains("add rule ip kproxy pick-2"), "{p}");
     let t = m.kernel().table(IpFamily::V4).unwrap();
@@ -373,7 +384,7 @@ fn cached_render_equals_fresh_render_through_changes() {
     let m = mode();
     let mut services = many(30, 3);
     let mut steps = vec![state(services.clone())];
-    services[4].endpoints.cluster[2] = ep("10.250.0.4", true);
+    std::sync::Arc::make_mut(&mut services[4].endpoints.cluster)[2] = ep("10.250.0.4", true);
     services[9].affinity = Some(SessionAffinity {
         timeout: Duration::from_secs(60),
     });
@@ -385,7 +396,9 @@ fn cached_render_equals_fresh_render_through_changes() {
     second.name.port = "dns".into();
     second.name.protocol = Protocol::Udp;
     steps.push(state([services.clone(), vec![second.clone()]].concat()));
-    second.endpoints.cluster.pop();
+    kproxy_testkit::edit_list(&mut second.endpoints.cluster, |l| {
+        l.pop();
+    });
     steps.push(state([services.clone(), vec![second]].concat()));
     let mut s = state(services.clone());
     std::sync::Arc::make_mut(&mut s.node).masquerade_all = true;
@@ -407,7 +420,7 @@ fn one_endpoint_change_shares_every_other_group() {
     let mut services = many(2_000, 4);
     let mut memo = crate::render::RenderCache::default();
     let before = m.render(&state(services.clone()), &(), &mut memo);
-    services[700].endpoints.cluster[1] = ep("10.250.0.1", false);
+    std::sync::Arc::make_mut(&mut services[700].endpoints.cluster)[1] = ep("10.250.0.1", false);
     let after = m.render(&state(services.clone()), &(), &mut memo);
     let (old, new) = (
         &before.families[&IpFamily::V4],
@@ -569,8 +582,8 @@ fn renders_of_two_memos_are_never_the_same_render() {
     let m = mode();
     let s0 = many(50, 2);
     let (mut s1, mut s2) = (s0.clone(), s0.clone());
-    s1[7].endpoints.cluster[0] = ep("10.250.0.7", false);
-    s2[3].endpoints.cluster[0] = ep("10.250.0.3", false);
+    std::sync::Arc::make_mut(&mut s1[7].endpoints.cluster)[0] = ep("10.250.0.7", false);
+    std::sync::Arc::make_mut(&mut s2[3].endpoints.cluster)[0] = ep("10.250.0.3", false);
     let (s0, s1, s2) = (state(s0), state(s1), state(s2));
     let (mut a, mut b) = (
         crate::render::RenderCache::default(),

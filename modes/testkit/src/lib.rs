@@ -38,6 +38,14 @@ pub fn ep(ip: &str, local: bool) -> Endpoint {
     }
 }
 
+/// Changes an endpoint list in place (a copy when it is shared, as `cluster` and `serving`
+/// usually are).
+pub fn edit_list(list: &mut Arc<[Endpoint]>, f: impl FnOnce(&mut Vec<Endpoint>)) {
+    let mut v = list.to_vec();
+    f(&mut v);
+    *list = v.into();
+}
+
 /// A ClusterIP service port `ns/NAME:p` on port 80 with the given endpoints (the local ones
 /// also form the Local list).
 pub fn service(name: &str, cluster_ip: &str, eps: Vec<Endpoint>) -> ServicePort {
@@ -58,8 +66,8 @@ pub fn service(name: &str, cluster_ip: &str, eps: Vec<Endpoint>) -> ServicePort 
         health_check_node_port: None,
         endpoints: Endpoints {
             any: !eps.is_empty(),
-            serving: eps.clone(),
-            cluster: eps,
+            serving: eps.clone().into(),
+            cluster: eps.into(),
             local_ready: local.len(),
             local,
         },

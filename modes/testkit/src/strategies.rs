@@ -128,9 +128,9 @@ fn endpoints(v6: bool) -> impl Strategy<Value = Endpoints> {
             Endpoints {
                 any: !cluster.is_empty(),
                 local_ready: local.len(),
-                cluster,
+                cluster: cluster.into(),
                 local,
-                serving,
+                serving: serving.into(),
             }
         })
 }

@@ -29,8 +29,8 @@ fn sp(eps: Vec<Endpoint>, local: Vec<Endpoint>) -> ServicePort {
         health_check_node_port: None,
         endpoints: Endpoints {
             any: !eps.is_empty(),
-            serving: eps.clone(),
-            cluster: eps,
+            serving: eps.clone().into(),
+            cluster: eps.into(),
             local_ready: local.len(),
             local,
         },

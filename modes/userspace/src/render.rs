@@ -42,7 +42,7 @@ fn render_service(out: &mut UserspaceRules, state: &ProxyState, sp: &ServicePort
         .endpoints
         .serving
         .iter()
-        .chain(&sp.endpoints.cluster)
+        .chain(sp.endpoints.cluster.iter())
         .chain(&sp.endpoints.local)
         .map(sock)
         .collect();

@@ -117,6 +117,12 @@ fn cluster_and_local_lists() {
         assert_eq!(eps(&e.cluster), cluster, "{name}");
         assert_eq!(eps(&e.local), local, "{name}");
         assert_eq!(e.any, any, "{name}");
+        // The Cluster and serving lists are one list when they are equal, two otherwise.
+        assert_eq!(
+            std::sync::Arc::ptr_eq(&e.cluster, &e.serving),
+            e.cluster == e.serving,
+            "{name}"
+        );
     }
 }
 

@@ -131,10 +131,10 @@ fn check_state(state: &ProxyState, eps4: &[Ep], eps6: &[Ep]) -> Result<(), TestC
         for a in addrs {
             prop_assert_eq!(IpFamily::of(a), sp.family);
         }
-        for list in [&sp.endpoints.cluster, &sp.endpoints.local] {
-            let mut sorted = list.clone();
+        for list in [&sp.endpoints.cluster[..], &sp.endpoints.local[..]] {
+            let mut sorted = list.to_vec();
             sorted.sort();
-            prop_assert_eq!(&sorted, list);
+            prop_assert_eq!(&sorted[..], list);
             let mut terminating = 0;
             for e in list {
                 prop_assert_eq!(

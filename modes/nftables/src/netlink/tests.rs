@@ -409,7 +409,7 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
 
             // One endpoint changes: netlink only.
             edit(&mut st, &|sp| {
-                sp.endpoints.cluster[2] = ep("10.244.2.3", false)
+                std::sync::Arc::make_mut(&mut sp.endpoints.cluster)[2] = ep("10.244.2.3", false)
             });
             let (plan, scripts) = step(&mut m, &st, "endpoint change");
             assert!(scripts.is_empty(), "{scripts:#?}\n{plan}");
@@ -417,8 +417,12 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
             // 3 → 2 endpoints: service-ips switches to pick-2 (a chain that exists) and the
             // NodePort to nodeport-pick-2 (created first); pick-3 goes after its last element.
             edit(&mut st, &|sp| {
-                sp.endpoints.cluster.pop();
-                sp.endpoints.serving.pop();
+                kproxy_testkit::edit_list(&mut sp.endpoints.cluster, |l| {
+                    l.pop();
+                });
+                kproxy_testkit::edit_list(&mut sp.endpoints.serving, |l| {
+                    l.pop();
+                });
             });
             let (plan, scripts) = step(&mut m, &st, "3 -> 2 endpoints");
             assert!(plan.to_string().contains("goto pick-2"), "{plan}");
@@ -429,11 +433,11 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
 
             // 2 → 5 endpoints: a new pick-5 chain first (nft), then the elements (netlink).
             edit(&mut st, &|sp| {
-                for i in 0..3 {
-                    sp.endpoints
-                        .cluster
-                        .push(ep(&format!("10.244.4.{i}"), false));
-                }
+                kproxy_testkit::edit_list(&mut sp.endpoints.cluster, |l| {
+                    for i in 0..3 {
+                        l.push(ep(&format!("10.244.4.{i}"), false));
+                    }
+                });
             });
             let (_, scripts) = step(&mut m, &st, "2 -> 5 endpoints");
             assert_split(&scripts);
@@ -443,7 +447,9 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
                 scripts[0]
             );
             // ... and back: pick-5 is deleted after the elements that used it.
-            edit(&mut st, &|sp| sp.endpoints.cluster.truncate(2));
+            edit(&mut st, &|sp| {
+                kproxy_testkit::edit_list(&mut sp.endpoints.cluster, |l| l.truncate(2))
+            });
             let (_, scripts) = step(&mut m, &st, "5 -> 2 endpoints");
             assert_split(&scripts);
             let last = scripts.last().unwrap();
@@ -507,11 +513,11 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
                 .source_ranges
                 .clear();
             edit(&mut st, &|sp| {
-                for i in 0..5 {
-                    sp.endpoints
-                        .cluster
-                        .push(ep(&format!("10.244.7.{i}"), false));
-                }
+                kproxy_testkit::edit_list(&mut sp.endpoints.cluster, |l| {
+                    for i in 0..5 {
+                        l.push(ep(&format!("10.244.7.{i}"), false));
+                    }
+                });
             });
             let (plan, scripts) = step(&mut m, &st, "source ranges removed, 2 -> 7 endpoints");
             assert!(steps::whole_reason(&plan).is_some());
@@ -525,7 +531,9 @@ fn a_sequence_of_syncs_through_the_split_path_matches_the_render() {
             assert!(!scripts[1].contains("add chain ip kproxy pick-7"));
             assert!(scripts[1].contains("goto pick-7"), "{}", scripts[1]);
             assert!(scripts[1].contains("delete element ip kproxy firewall-allow"));
-            edit(&mut st, &|sp| sp.endpoints.cluster.truncate(2));
+            edit(&mut st, &|sp| {
+                kproxy_testkit::edit_list(&mut sp.endpoints.cluster, |l| l.truncate(2))
+            });
             step(&mut m, &st, "7 -> 2 endpoints");
 
             // Everything removed: chains and sets stay, elements go (netlink only).
@@ -599,7 +607,7 @@ fn apply_times_netlink_versus_nft() {
         let s0 = state(services.clone());
         // The daemon's desired state shares every unchanged service port's `Arc`.
         let mut changed = services[n / 2].clone();
-        changed.endpoints.cluster[0] = ep("10.255.0.1", false);
+        std::sync::Arc::make_mut(&mut changed.endpoints.cluster)[0] = ep("10.255.0.1", false);
         let mut s1 = s0.clone();
         let key = kproxy_contract::ServicePortKey {
             family: changed.family,

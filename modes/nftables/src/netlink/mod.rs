@@ -148,6 +148,7 @@ pub fn encode<'a>(
                             key: key.to_string(),
                         })
                 };
+                batch.reserve(elements.len());
                 batch
                     .push_set(
                         *family,

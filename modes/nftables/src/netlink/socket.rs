@@ -20,7 +20,7 @@ use kproxy_contract::IpFamily;
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
 use nix::sys::socket::{setsockopt, sockopt};
 
-use super::batch::{Batch, Deletes, ElementRef, MessageInfo, Op};
+use super::batch::{Batch, Deletes, Element, ElementRef, MessageInfo, Op};
 use super::{MissingElement, NetlinkError};
 use crate::model::family_name;
 
@@ -318,8 +318,9 @@ impl NftSocket {
                 }
                 if code != 0 {
                     let info = &batch.messages[i];
-                    let element = reply.offset.and_then(|o| info.element_at(o));
-                    return Err(rejected(code, Some(info), element, reply.message));
+                    let element = reply.offset.and_then(|o| batch.element_at(info, o));
+                    let sent = (info, batch.elements_of(info));
+                    return Err(rejected(code, Some(sent), element, reply.message));
                 }
                 if !answered[i] {
                     answered[i] = true;
@@ -333,13 +334,14 @@ impl NftSocket {
 
 fn rejected(
     code: i32,
-    info: Option<&MessageInfo<'_>>,
+    sent: Option<(&MessageInfo<'_>, &[&Element])>,
     element: Option<ElementRef<'_>>,
     message: Option<String>,
 ) -> NetlinkError {
     let errno = code.saturating_abs();
-    let what = match (info, element) {
-        (Some(m), Some(e)) => format!(
+    let info = sent.map(|(m, _)| m);
+    let what = match (sent, element) {
+        (Some((m, _)), Some(e)) => format!(
             "{} element `{}` {} {} set {}",
             m.op.verb(),
             match e.value {
@@ -350,11 +352,11 @@ fn rejected(
             family_name(m.family),
             m.set
         ),
-        (Some(m), None) => format!(
+        (Some((m, elements)), None) => format!(
             "{} one of {} elements (first `{}`) {} {} set {}",
             m.op.verb(),
-            m.elements.len(),
-            m.elements.first().map_or("", |(key, _)| &**key),
+            elements.len(),
+            elements.first().map_or("", |(key, _)| &**key),
             if m.op.verb() == "add" { "to" } else { "from" },
             family_name(m.family),
             m.set

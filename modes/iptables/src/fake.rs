@@ -180,6 +180,11 @@ impl FakeIptables {
 }
 
 impl IptablesKernel for FakeIptables {
+    /// As the nft backend, so tests see staged plans.
+    fn stages_new_chains(&self) -> bool {
+        true
+    }
+
     fn save(&mut self, family: IpFamily, table: Table) -> Result<String, Cause> {
         let mut out = format!("*{table}\n");
         for name in self.chains(family, table).keys() {

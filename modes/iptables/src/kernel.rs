@@ -14,6 +14,13 @@ pub trait IptablesKernel: Send + 'static {
     fn restore(&mut self, family: IpFamily, payload: &RestoreInput<'_>) -> Result<(), Cause>;
     /// Whether `chain` exists in `table` (one cheap `iptables -S CHAIN`, not a table dump).
     fn chain_exists(&mut self, family: IpFamily, table: Table, chain: &str) -> Result<bool, Cause>;
+    /// Whether many new chains are better created in a restore of their own
+    /// ([`crate::plan::TablePlan::staged`]): on the nft backend, whose `--noflush` restore
+    /// walks a list of the input's chain names for every line. A legacy restore rewrites the
+    /// whole table each time, so there one restore is cheaper.
+    fn stages_new_chains(&self) -> bool {
+        false
+    }
 }
 
 /// Which iptables backend the host uses.
@@ -89,6 +96,10 @@ impl IptablesCli {
 }
 
 impl IptablesKernel for IptablesCli {
+    fn stages_new_chains(&self) -> bool {
+        self.backend == Backend::Nft
+    }
+
     fn save(&mut self, family: IpFamily, table: Table) -> Result<String, Cause> {
         run(
             &self.backend.program(family, "save"),

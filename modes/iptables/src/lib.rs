@@ -89,7 +89,7 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
     }
 
     fn plan(&self, live: &Ruleset, desired: &Ruleset) -> IptablesPlan {
-        plan::plan(live, desired)
+        plan::plan(live, desired, self.kernel.stages_new_chains())
     }
 
     /// The canary chains (`KPROXY-CANARY` in nat and filter of every family) are gone: someone
@@ -126,15 +126,15 @@ impl<K: IptablesKernel> Mode for IptablesMode<K> {
                 *rules = std::sync::Arc::new(vec![String::from("<rewrite>")]);
             }
         }
-        plan::plan(&stale, desired)
+        plan::plan(&stale, desired, self.kernel.stages_new_chains())
     }
 
     fn apply(&mut self, plan: &IptablesPlan) -> Result<(), ModeError> {
         for family in plan.families() {
-            if let Some(input) = plan.restore_input(family) {
+            for input in plan.restore_inputs(family) {
                 if tracing::enabled!(tracing::Level::TRACE) {
-                    let payload = plan.restore_payload(family).unwrap_or_default();
-                    tracing::trace!(%family, payload, "iptables-restore");
+                    let payload = kproxy_contract::command::Input::text(&input);
+                    tracing::trace!(%family, part = ?input.part(), payload, "iptables-restore");
                 }
                 self.kernel
                     .restore(family, &input)

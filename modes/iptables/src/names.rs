@@ -28,6 +28,16 @@ pub const FORWARD: &str = "KPROXY-FORWARD";
 pub const PROXY_FIREWALL: &str = "KPROXY-PROXY-FIREWALL";
 /// An empty chain whose disappearance means someone flushed our rules.
 pub const CANARY: &str = "KPROXY-CANARY";
+/// The prefix of the destination dispatch tree's chains under [`SERVICES`] (`KPROXY-DST-a`,
+/// `-a0`, `-a00`; `src/dispatch.rs`).
+///
+/// It sorts before every per-service prefix (`KPROXY-EXT-`, `-FW-`, `-SEP-`, `-SVC-`, `-SVL-`)
+/// on purpose. `iptables-nft-restore --noflush` keeps the chains a restore names in a sorted
+/// list and walks it from the start for every line (iptables 1.8.9, `nft-cache.c`), so a line
+/// costs as many string comparisons as there are names below its chain's. The tree's 4,400
+/// chains at 10,000 services each jump to per-service chains; named `KPROXY-SVCS-…` (after
+/// them) every tree line walked past up to 10,000 service chains.
+pub const SERVICES_TREE: &str = "KPROXY-DST-";
 
 /// Whether a chain name belongs to kproxy.
 pub fn is_owned(chain: &str) -> bool {

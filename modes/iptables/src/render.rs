@@ -761,9 +761,9 @@ impl FamilyWriter<'_> {
         let filter_external = std::mem::take(&mut self.filter_external);
         let filter_np = std::mem::take(&mut self.filter_external_nodeports);
 
-        let tree = dispatch::build(SERVICES, "KPROXY-SVCS-", family, nat);
+        let tree = dispatch::build(SERVICES, names::SERVICES_TREE, family, nat);
         self.install_tree(Table::Nat, SERVICES, tree, nodeport_rules);
-        let tree = dispatch::build(SERVICES, "KPROXY-SVCS-", family, filter_services);
+        let tree = dispatch::build(SERVICES, names::SERVICES_TREE, family, filter_services);
         self.install_tree(Table::Filter, SERVICES, tree, Vec::new());
         let tree = dispatch::build(EXTERNAL_SERVICES, "KPROXY-EXTS-", family, filter_external);
         self.install_tree(Table::Filter, EXTERNAL_SERVICES, tree, filter_np);

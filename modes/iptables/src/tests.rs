@@ -536,30 +536,88 @@ fn unchanged_services_reuse_their_chains() {
     assert_eq!(written, vec![changed.as_str()], "{plan}");
 }
 
-/// The apply streams `restore_input` to the tool; `--dry-run` and the trace log print
-/// `restore_payload`. They are the same bytes, and the input's announced length is theirs.
+/// The apply streams `restore_inputs` to the tool; the trace log prints `restore_payloads`.
+/// They are the same bytes, and each input's announced length is its text's.
 #[test]
 fn streamed_restore_input_is_the_printed_payload() {
     use kproxy_contract::command::Input as _;
-    let mut m = mode();
-    let services: Vec<_> = (0..50)
-        .map(|i| {
-            service(
-                &format!("s{i}"),
-                &format!("10.96.0.{}", i + 1),
-                vec![ep(&format!("10.244.0.{}", i + 1), false)],
-            )
-        })
-        .collect();
-    let plan = sync(&mut m, &state(services));
-    let mut families = 0;
-    for family in plan.families() {
-        let input = plan.restore_input(family).expect("a first sync writes");
-        let payload = plan.restore_payload(family).expect("a first sync writes");
-        assert_eq!(input.text(), payload);
-        assert_eq!(input.len(), payload.len());
-        assert!(payload.contains("COMMIT\n"), "{payload}");
-        families += 1;
+    for n in [50, 700] {
+        let mut m = mode();
+        let plan = sync(&mut m, &state(kproxy_testkit::many(n, 1)));
+        let mut families = 0;
+        for family in plan.families() {
+            let inputs = plan.restore_inputs(family);
+            let payloads = plan.restore_payloads(family);
+            assert_eq!(inputs.len(), payloads.len());
+            assert!(!inputs.is_empty(), "a first sync writes");
+            for (input, payload) in inputs.iter().zip(&payloads) {
+                assert_eq!(&input.text(), payload);
+                assert_eq!(input.len(), payload.len());
+                assert!(payload.contains("COMMIT\n"), "{payload}");
+            }
+            families += 1;
+        }
+        assert!(families > 0);
     }
-    assert!(families > 0);
+}
+
+/// A first sync with at least `STAGE_MIN` new service chains creates them in a restore of
+/// their own, each chain after the chains it jumps to and followed by its rules; the second
+/// restore holds everything else and links them in. The kernel ends as after one restore, and
+/// a small change is one restore again.
+#[test]
+fn many_new_chains_are_staged_in_a_restore_of_their_own() {
+    let n = crate::plan::STAGE_MIN + 100;
+    let mut m = mode();
+    let s = state(kproxy_testkit::many(n, 2));
+    let plan = sync(&mut m, &s);
+    let payloads = plan.restore_payloads(IpFamily::V4);
+    assert_eq!(payloads.len(), 2, "staged, then the rest");
+    let (staged, main) = (&payloads[0], &payloads[1]);
+    let mut declared = std::collections::BTreeSet::new();
+    for line in staged.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap();
+            assert!(!name.starts_with(names::SERVICES_TREE), "{name} staged");
+            declared.insert(name.to_string());
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap();
+            assert!(declared.contains(chain), "rule before its chain: {line}");
+            if let Some(t) = rule
+                .split(" -j ")
+                .nth(1)
+                .map(|t| t.split_whitespace().next().unwrap())
+                && names::is_owned(t)
+            {
+                assert!(declared.contains(t), "jump before its target: {line}");
+            }
+        }
+    }
+    assert!(declared.len() > n, "{} staged", declared.len());
+    assert!(!staged.contains("-I ") && !staged.contains("-X "));
+    assert!(
+        staged.starts_with("*nat\n") && staged.matches("COMMIT").count() == 1,
+        "only the nat table has that many new chains"
+    );
+    let main_nat = main
+        .split("*nat\n")
+        .nth(1)
+        .and_then(|t| t.split("COMMIT").next())
+        .unwrap();
+    for name in &declared {
+        assert!(!main_nat.contains(&format!(":{name} ")), "{name} in both");
+    }
+    assert!(main_nat.contains(&format!(":{}", names::SERVICES_TREE)));
+    // The kernel holds what was rendered, and nothing is left to do.
+    let live = m.read_live().unwrap();
+    assert!(kproxy_contract::Plan::is_empty(
+        &m.plan(&live, &m.render_once(&s))
+    ));
+    // One endpoint change: one restore.
+    let mut services = kproxy_testkit::many(n, 2);
+    kproxy_testkit::edit_list(&mut services[3].endpoints.cluster, |l| {
+        l.push(ep("10.250.0.3", false))
+    });
+    let plan = sync(&mut m, &state(services));
+    assert_eq!(plan.restore_payloads(IpFamily::V4).len(), 1);
 }

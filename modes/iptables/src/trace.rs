@@ -512,7 +512,7 @@ impl Walker<'_> {
             }
             Target::Jump(next) | Target::Goto(next) => {
                 let dispatch = self.table_name == Table::Nat
-                    && (chain == names::SERVICES || chain.starts_with("KPROXY-SVCS-"));
+                    && (chain == names::SERVICES || chain.starts_with(names::SERVICES_TREE));
                 if let Some(c) = rule.comment.as_ref().filter(|_| dispatch) {
                     if c.ends_with(" cluster IP") {
                         b.frontend = Some(FrontendKind::ClusterIp);
@@ -713,7 +713,7 @@ fn refusal_rule(chain: &str, reject: bool) -> (u8, String) {
             13,
             format!("DROP in {chain}: source outside loadBalancerSourceRanges"),
         )
-    } else if chain == names::SERVICES || chain.starts_with("KPROXY-SVCS-") {
+    } else if chain == names::SERVICES || chain.starts_with(names::SERVICES_TREE) {
         (
             6,
             format!("DROP in {chain}: no local endpoints for internal traffic"),

@@ -123,8 +123,10 @@ type Claimants = Vec<(Age, Key)>;
 pub(crate) struct Frontends {
     /// Every service port as asked for.
     candidates: imbl::OrdMap<Key, Candidate>,
-    /// Every frontend's claimants.
-    claimants: imbl::HashMap<Frontend, Claimants>,
+    /// Every frontend's claimants. A B-tree rather than `imbl::HashMap`, whose trie nodes
+    /// have room for 32 entries however few they hold: at 50,000 services the hash map's
+    /// nodes were 15 MiB of the heap, and the process peaked 10 MiB higher (issue #17).
+    claimants: imbl::OrdMap<Frontend, Claimants>,
     /// What each service port lost to an older Service, as reported.
     lost: imbl::OrdMap<ServicePortKey, Arc<Vec<Skipped>>>,
 }

@@ -15,6 +15,15 @@ fn mode() -> NftablesMode<FakeNft> {
     NftablesMode::new(FakeNft::new(), vec![IpFamily::V4, IpFamily::V6])
 }
 
+/// Elements one family's plan adds and deletes.
+fn element_changes(fp: &crate::plan::FamilyPlan) -> usize {
+    fp.add_elements
+        .values()
+        .chain(fp.delete_elements.values())
+        .map(crate::plan::ElementList::len)
+        .sum()
+}
+
 #[test]
 fn sets_and_chains_do_not_grow_with_services() {
     let m = mode();
@@ -36,15 +45,7 @@ fn one_endpoint_change_is_a_handful_of_element_updates() {
     let p = sync(&mut m, &state(services.clone()));
     let fp = &p.families[&IpFamily::V4];
     assert!(fp.write_chains.is_empty() && fp.add_chains.is_empty() && fp.add_sets.is_empty());
-    let changed: usize = fp
-        .add_elements
-        .values()
-        .map(crate::plan::ElementList::len)
-        .sum::<usize>()
-        + fp.delete_elements
-            .values()
-            .map(crate::plan::ElementList::len)
-            .sum::<usize>();
+    let changed = element_changes(fp);
     // The endpoint element, replaced (remote endpoints need no hairpin element).
     assert_eq!(changed, 2, "{}", p);
     // A fourth endpoint moves the service to pick-4.
@@ -438,15 +439,7 @@ fn one_endpoint_change_shares_every_other_group() {
     assert_eq!(differing, 1);
     let p = plan::plan(&before, &after);
     let fp = &p.families[&IpFamily::V4];
-    let changed: usize = fp
-        .add_elements
-        .values()
-        .map(crate::plan::ElementList::len)
-        .sum::<usize>()
-        + fp.delete_elements
-            .values()
-            .map(crate::plan::ElementList::len)
-            .sum::<usize>();
+    let changed = element_changes(fp);
     assert_eq!(changed, 2, "{p}");
 }
 
@@ -504,54 +497,17 @@ mod elements {
 /// (service ports added, changed, removed, and conflicting frontends), the cached render equals
 /// a render from scratch, and the plan from its delta equals the plan comparing whole tables.
 mod incremental {
-    use std::collections::BTreeSet;
-
-    use kproxy_contract::{IpFamily, ProxyState};
-    use kproxy_testkit::strategies::state;
+    use kproxy_contract::IpFamily;
+    use kproxy_testkit::strategies::{mix, two_states};
     use proptest::prelude::*;
 
     use crate::plan;
     use crate::render::{RenderCache, render, render_cached};
 
-    /// `a` with, per service port of either state, `a`'s, `b`'s or none (by `pick`).
-    fn mix(a: &ProxyState, b: &ProxyState, pick: &[u8]) -> ProxyState {
-        let mut out = a.clone();
-        let keys: BTreeSet<_> = a
-            .services
-            .keys()
-            .chain(b.services.keys())
-            .cloned()
-            .collect();
-        for (i, key) in keys.into_iter().enumerate() {
-            match pick.get(i).copied().unwrap_or(0) % 3 {
-                0 => {}
-                1 => match b.services.get(&key) {
-                    Some(sp) => {
-                        out.services.insert(key, sp.clone());
-                    }
-                    None => {
-                        out.services.remove(&key);
-                    }
-                },
-                _ => {
-                    out.services.remove(&key);
-                }
-            }
-        }
-        out
-    }
-
-    fn states() -> impl Strategy<Value = (ProxyState, ProxyState, Vec<u8>)> {
-        any::<bool>()
-            .prop_flat_map(|v6| (state(v6), state(v6), prop::collection::vec(any::<u8>(), 10)))
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
         #[test]
-        fn incremental_render_and_delta_plan_equal_from_scratch((a, b, pick) in states()) {
-            let mut b = b;
-            b.node = a.node.clone();
+        fn incremental_render_and_delta_plan_equal_from_scratch((a, b, pick) in two_states()) {
             let c = mix(&a, &b, &pick);
             let mut cache = RenderCache::default();
             let mut prev: Option<crate::model::NftRuleset> = None;

@@ -268,6 +268,47 @@ pub fn state(v6: bool) -> impl Strategy<Value = ProxyState> {
     })
 }
 
+/// `a` with, per service port of either state, `a`'s, `b`'s or none (by `pick`, one entry per
+/// service port in key order; missing entries keep `a`'s). Mixing two random states gives
+/// service ports that claim each other's frontends, which neither state has on its own: what
+/// the incremental renders' property tests need.
+pub fn mix(a: &ProxyState, b: &ProxyState, pick: &[u8]) -> ProxyState {
+    let mut out = a.clone();
+    let keys: BTreeSet<_> = a
+        .services
+        .keys()
+        .chain(b.services.keys())
+        .cloned()
+        .collect();
+    for (i, key) in keys.into_iter().enumerate() {
+        match pick.get(i).copied().unwrap_or(0) % 3 {
+            0 => {}
+            1 => match b.services.get(&key) {
+                Some(sp) => {
+                    out.services.insert(key, sp.clone());
+                }
+                None => {
+                    out.services.remove(&key);
+                }
+            },
+            _ => {
+                out.services.remove(&key);
+            }
+        }
+    }
+    out
+}
+
+/// Two random states of one family on the same node and a `pick` for [`mix`].
+pub fn two_states() -> impl Strategy<Value = (ProxyState, ProxyState, Vec<u8>)> {
+    any::<bool>()
+        .prop_flat_map(|v6| (state(v6), state(v6), prop::collection::vec(any::<u8>(), 10)))
+        .prop_map(|(a, mut b, pick)| {
+            b.node = a.node.clone();
+            (a, b, pick)
+        })
+}
+
 /// The environment of a state: the node's addresses are local.
 pub fn env(state: &ProxyState) -> Env {
     Env::from_state(state)

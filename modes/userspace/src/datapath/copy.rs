@@ -5,7 +5,10 @@
 //!   userspace; each direction reads only once its pipe is drained, so a slow reader stalls the
 //!   writer (back-pressure through the socket buffers). A direction borrows a pipe from its
 //!   thread's pool for a burst of bytes and returns it empty, so an idle connection holds two
-//!   sockets and no pipe, and a short request/response creates no pipe at all.
+//!   sockets and no pipe. Messages are read first into the thread's small buffer (see
+//!   [`SMALL`]): a request or response that fits moves with one `recv` and one `send`, and the
+//!   short read tells that the socket is drained, so no further read is made to hear `EAGAIN`.
+//!   Only a read that fills the buffer turns the direction to splice.
 //! - [`CopyMethod::Buffered`]: `tokio::io::copy_bidirectional_with_sizes` with 64 KiB buffers
 //!   per direction, for comparison and for kernels where splice misbehaves.
 //!
@@ -15,9 +18,10 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd as _, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use nix::sys::socket::{MsgFlags, recv};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -155,16 +159,117 @@ async fn burst(src: &TcpStream, dst: &TcpStream, lent: &mut Lent) -> io::Result<
     }
 }
 
-/// One direction: `src` → pipe → `dst`, then half-close `dst`. A pipe is held only during a
-/// burst of bytes.
+/// The size of each data-path thread's buffer for messages. A read shorter than this has
+/// drained the socket's receive queue (TCP copies everything queued up to the size asked), which
+/// is what lets a request or response skip the read that would only return `EAGAIN`; a read that
+/// fills it turns the direction to splice for the rest of the burst.
+pub(super) const SMALL: usize = 16 * 1024;
+
+thread_local! {
+    /// Each worker thread's message buffer; borrowed only inside one synchronous read and send,
+    /// never across an `.await`.
+    static MESSAGE: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SMALL].into_boxed_slice());
+}
+
+/// What one read into the message buffer did.
+enum Small {
+    /// `src` reached its end.
+    End,
+    /// Nothing was queued.
+    Empty,
+    /// Bytes were moved; `rest` is what `dst` did not take at once (empty unless its send buffer
+    /// is full). `drained`: the read was short, so nothing more was queued.
+    Moved {
+        n: usize,
+        rest: Vec<u8>,
+        drained: bool,
+    },
+}
+
+/// Reads once from `src` into the thread's buffer and sends what came to `dst`. After a short
+/// read it tells tokio that `src` is no longer readable (by answering `WouldBlock` from inside
+/// `try_io`), as a read returning `EAGAIN` would have: bytes or an end of stream arriving later
+/// raise a new readiness event, and tokio never clears an end of stream it has seen, so nothing
+/// that arrives is missed.
+fn read_small(src: &TcpStream, dst: &TcpStream) -> io::Result<Small> {
+    let mut outcome = None;
+    let read = src.try_io(Interest::READABLE, || {
+        MESSAGE.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let n = recv(src.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            if n == 0 {
+                outcome = Some(Small::End);
+                return Ok(());
+            }
+            let sent = match dst.try_write(&buf[..n]) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            let drained = n < buf.len();
+            outcome = Some(Small::Moved {
+                n,
+                rest: buf[sent..n].to_vec(),
+                drained,
+            });
+            if drained {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        })
+    });
+    match (outcome, read) {
+        (Some(small), _) => Ok(small),
+        (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(Small::Empty),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => Ok(Small::Empty),
+    }
+}
+
+/// Sends all of `rest` to `dst`, waiting while its send buffer is full.
+async fn send_rest(dst: &TcpStream, mut rest: &[u8]) -> io::Result<()> {
+    while !rest.is_empty() {
+        match dst.try_write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(m) => rest = &rest[m..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One direction: `src` → `dst`, then half-close `dst`. Messages go through the thread's
+/// buffer; a burst larger than it goes through a pipe, held only during the burst. After a burst
+/// that was larger, the next one splices from the start (a bulk transfer pays no extra copy).
 async fn splice_one(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     let mut total = 0u64;
+    let mut bulk = false;
     loop {
         src.readable().await?;
-        let mut lent = Lent::take()?;
-        let (n, end) = burst(src, dst, &mut lent).await?;
-        drop(lent);
-        total += n;
+        let mut end = false;
+        if !bulk {
+            match read_small(src, dst)? {
+                Small::End => end = true,
+                Small::Empty => continue,
+                Small::Moved { n, rest, drained } => {
+                    send_rest(dst, &rest).await?;
+                    total += n as u64;
+                    if drained {
+                        continue;
+                    }
+                }
+            }
+        }
+        if !end {
+            let mut lent = Lent::take()?;
+            let (n, at_end) = burst(src, dst, &mut lent).await?;
+            drop(lent);
+            total += n;
+            bulk = n >= SMALL as u64;
+            end = at_end;
+        }
         if end {
             // Peer closed its side: pass the end of stream on, keep the other direction open.
             let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);

@@ -152,6 +152,78 @@ fn tcp_and_bulk(options: Options) {
     );
 }
 
+/// Messages move through each thread's buffer and skip the read that would only say `EAGAIN`;
+/// this drives what that could break: one connection exchanging messages just below, at and
+/// above the buffer's size in turn (a missed readiness would hang an exchange), a reader that
+/// stops reading while many messages come (the destination's buffer fills and the rest waits),
+/// and a client that half-closes after its request and still gets the whole answer and the end.
+#[test]
+fn messages_around_the_buffer_size_a_slow_reader_and_half_close() {
+    use super::copy::SMALL;
+    for options in [options(), per_core()] {
+        let echo = tcp_echo();
+        let key = ListenerKey {
+            transport: Transport::Tcp,
+            addr: lo(free_port()),
+        };
+        let mut dp = DataPath::new(options).unwrap();
+        assert!(dp.apply(&[], &[], &[(key, table(echo))]).is_empty());
+
+        let mut c = TcpStream::connect(key.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.set_nodelay(true).unwrap();
+        for (i, len) in [1, 1000, SMALL - 1, SMALL, SMALL + 1, 1, 3 * SMALL + 7, 2]
+            .into_iter()
+            .enumerate()
+        {
+            let msg: Vec<u8> = (0..len).map(|j| (i * 31 + j % 253) as u8).collect();
+            c.write_all(&msg).unwrap();
+            let mut got = vec![0u8; len];
+            c.read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("message {i} of {len} bytes: {e}"));
+            assert!(got == msg, "message {i} of {len} bytes came back changed");
+        }
+        drop(c);
+
+        // 4 MB in 1,000-byte writes while the client reads nothing for half a second.
+        let mut c = TcpStream::connect(key.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            for k in 0..4000u32 {
+                w.write_all(&[(k % 251) as u8; 1000]).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let mut got = vec![0u8; 4_000_000];
+        c.read_exact(&mut got).unwrap();
+        writer.join().unwrap();
+        assert!(
+            got.chunks(1000)
+                .enumerate()
+                .all(|(k, chunk)| chunk.iter().all(|&b| b == (k % 251) as u8)),
+            "the bytes came back out of order"
+        );
+        drop(c);
+
+        // Request, half-close, then the whole echo and the end of stream.
+        let mut c = TcpStream::connect(key.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(&[7u8; 5000]).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got, vec![7u8; 5000]);
+        drop(c);
+
+        assert!(
+            wait(|| dp.connections() == 0),
+            "{} connections left",
+            dp.connections()
+        );
+    }
+}
+
 #[test]
 fn udp_flows_batch_and_pass_coalesced_datagrams_on() {
     udp_flows(options());

@@ -360,8 +360,9 @@ pub(crate) fn report(rows: &[Row], machine: &Machine, took: Duration, args: &[St
     .unwrap();
     std::fs::write(dir.join("results.md"), &text).unwrap();
     plot(rows, machine, &dir.join("modes.svg"));
+    plot_memory(rows, machine, &dir.join("memory.svg"));
     println!(
-        "\nwrote results.json, results.md and modes.svg in {}",
+        "\nwrote results.json, results.md, modes.svg and memory.svg in {}",
         dir.display()
     );
 }
@@ -567,5 +568,93 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
         .label("direct (no proxy)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(3)));
     legend(&mut chart, SeriesLabelPosition::LowerRight, 11);
+    root.present().unwrap();
+}
+
+/// kproxy's own peak resident set (MiB), if the run measured it.
+fn own_mib(run: &Option<Result<BinaryRun, String>>) -> Option<f64> {
+    let run = run.as_ref()?.as_ref().ok()?;
+    (run.own_rss_kib > 0).then(|| run.own_rss_kib as f64 / 1024.0)
+}
+
+/// `memory.svg`: kproxy's own peak RSS per mode and size, from manifests and from the API
+/// server side by side (a bar each), with its value written at its end: the memory a node pays
+/// for each mode.
+fn plot_memory(rows: &[Row], machine: &Machine, path: &std::path::Path) {
+    use plotters::prelude::*;
+    // (label, MiB, from the API?) in row order; a row's two sources next to each other.
+    let mut bars: Vec<(String, f64, bool)> = Vec::new();
+    for r in rows.iter().filter(|r| r.skipped.is_none()) {
+        let name = format!(
+            "{}, {} x {}",
+            r.subject,
+            count_label(&(r.services as f64)),
+            r.endpoints
+        );
+        if let Some(m) = own_mib(&r.binary) {
+            bars.push((format!("{name}, manifests"), m, false));
+        }
+        if let Some(m) = own_mib(&r.binary_api) {
+            bars.push((format!("{name}, API"), m, true));
+        }
+    }
+    if bars.is_empty() {
+        return;
+    }
+    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
+    let height = 110 + 28 * bars.len() as u32;
+    let root = SVGBackend::new(path, (1100, height)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let title = format!(
+        "kproxy's own peak RSS (`kproxy --once`, VmHWM) — {} CPUs, {}",
+        machine
+            .fields
+            .get("nproc")
+            .map(String::as_str)
+            .unwrap_or("?"),
+        machine.fields.get("date").map(String::as_str).unwrap_or("")
+    );
+    let root = root.titled(&title, ("sans-serif", 18)).unwrap();
+    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(330)
+        .build_cartesian_2d(0.0..max * 1.2, (0..bars.len()).into_segmented())
+        .unwrap();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .x_desc("MiB")
+        .y_labels(bars.len())
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()
+        .unwrap();
+    for (i, (_, mib, api)) in bars.iter().enumerate() {
+        let c = if *api {
+            RGBColor(230, 120, 30)
+        } else {
+            RGBColor(40, 100, 190)
+        };
+        let mut bar = Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(i)),
+                (*mib, SegmentValue::Exact(i + 1)),
+            ],
+            c.filled(),
+        );
+        bar.set_margin(4, 4, 0, 0);
+        chart.draw_series(std::iter::once(bar)).unwrap();
+        chart
+            .draw_series(std::iter::once(Text::new(
+                format!("{mib:.1}"),
+                (*mib + max * 0.01, SegmentValue::CenterOf(i)),
+                ("sans-serif", 13),
+            )))
+            .unwrap();
+    }
     root.present().unwrap();
 }

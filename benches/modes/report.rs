@@ -42,6 +42,20 @@ fn loadavg() -> String {
 }
 
 impl Machine {
+    /// A collected field, or `default` when it was not collected.
+    fn field<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
+        self.fields.get(key).map_or(default, String::as_str)
+    }
+
+    /// "N CPUs, DATE": what every plot's title says of the run.
+    fn plot_stamp(&self) -> String {
+        format!(
+            "{} CPUs, {}",
+            self.field("nproc", "?"),
+            self.field("date", "")
+        )
+    }
+
     pub(crate) fn collect(quick: bool) -> Machine {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
@@ -428,18 +442,9 @@ fn plot(rows: &[Row], machine: &Machine, path: &std::path::Path) {
     let root = SVGBackend::new(path, (1500, 620)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let title = format!(
-        "kproxy modes vs upstream layouts — {}, {} CPUs, {}",
-        machine
-            .fields
-            .get("uname")
-            .map(String::as_str)
-            .unwrap_or(""),
-        machine
-            .fields
-            .get("nproc")
-            .map(String::as_str)
-            .unwrap_or("?"),
-        machine.fields.get("date").map(String::as_str).unwrap_or("")
+        "kproxy modes vs upstream layouts — {}, {}",
+        machine.field("uname", ""),
+        machine.plot_stamp()
     );
     let root = root.titled(&title, ("sans-serif", 18)).unwrap();
     let (left, right) = root.split_horizontally(800);
@@ -606,13 +611,8 @@ fn plot_memory(rows: &[Row], machine: &Machine, path: &std::path::Path) {
     let root = SVGBackend::new(path, (1100, height)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let title = format!(
-        "kproxy's own peak RSS (`kproxy --once`, VmHWM) — {} CPUs, {}",
-        machine
-            .fields
-            .get("nproc")
-            .map(String::as_str)
-            .unwrap_or("?"),
-        machine.fields.get("date").map(String::as_str).unwrap_or("")
+        "kproxy's own peak RSS (`kproxy --once`, VmHWM) — {}",
+        machine.plot_stamp()
     );
     let root = root.titled(&title, ("sans-serif", 18)).unwrap();
     let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();

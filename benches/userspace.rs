@@ -29,6 +29,15 @@
 //! UDP flows (resident set growth per connection and per flow, file descriptors, and the
 //! kernel's objects per socket from `/proc/slabinfo`).
 //!
+//! With every throughput figure it records where the CPU went (`common::cpu`): the machine's busy
+//! cores and idle share and the subject's user and system time. From them the report gives, per
+//! figure, a ceiling: the share of direct that a proxy whose own code took no CPU time could reach
+//! on this path when client, proxy and server share the cores.
+//!
+//! `KPROXY_BENCH_PIN=1` gives the proxy a core of its own: the harness (client and server) runs
+//! on CPU 0, every subject on CPU 1 (so kproxy, HAProxy and nginx each run one worker), as on a
+//! node whose proxy does not compete with the endpoints. Direct then has one core.
+//!
 //! The full profile runs 5 rounds, each measuring every subject in turn, and reports the median
 //! of each figure and its spread (the development machine is shared, so load elsewhere comes and
 //! goes), with the load average at the start and the end. It prints Markdown tables and writes
@@ -55,6 +64,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::cpu::{self, Usage};
 use common::{
     CLIENT, NODE, Proc, RR, SERVER, SINK, Topology, addr, bulk, conn_rate, have, request_latency,
     servers, topology, udp_flows,
@@ -92,6 +102,45 @@ struct Figures {
     p99: Duration,
     /// Round trips per second for each of [`FLOWS`] (None: no UDP).
     udp: [Option<f64>; 3],
+    /// CPU use while each throughput figure was measured, indexed by [`PARTS`].
+    cpu: [Option<Usage>; 6],
+}
+
+/// A throughput figure: its name, its unit of work, and how to read it (work per second).
+type Part = (&'static str, Unit, fn(&Figures) -> Option<f64>);
+
+/// The throughput figures, in the order of [`Figures::cpu`]: name, unit of work, and the figure
+/// itself (work per second).
+const PARTS: [Part; 6] = [
+    ("1 stream", Unit::Gigabyte, |f| Some(f.bulk1)),
+    ("16 streams", Unit::Gigabyte, |f| Some(f.bulk16)),
+    ("conn/s", Unit::Connection, |f| Some(f.cps)),
+    ("UDP 4 flows", Unit::RoundTrip, |f| f.udp[0]),
+    ("UDP 64 flows", Unit::RoundTrip, |f| f.udp[1]),
+    ("UDP 1,024 flows", Unit::RoundTrip, |f| f.udp[2]),
+];
+const BULK1: usize = 0;
+const BULK16: usize = 1;
+const CPS: usize = 2;
+const UDP: usize = 3;
+
+/// What one unit of a throughput figure is, for CPU time per unit.
+#[derive(Clone, Copy)]
+enum Unit {
+    Gigabyte,
+    Connection,
+    RoundTrip,
+}
+
+impl Unit {
+    /// How a CPU time in seconds per unit is written.
+    fn cost(self, cpu_s_per_unit: f64) -> String {
+        match self {
+            // Figures are bytes per second.
+            Unit::Gigabyte => format!("{:.0} ms/GB", cpu_s_per_unit * 1e9 * 1e3),
+            Unit::Connection | Unit::RoundTrip => format!("{:.1} µs", cpu_s_per_unit * 1e6),
+        }
+    }
 }
 
 struct Profile {
@@ -163,7 +212,8 @@ impl Subject {
                 },
             ),
             Subject::Haproxy => (
-                vec![Proc(t.node.child(
+                vec![Proc(subject_child(
+                    &t.node,
                     "haproxy",
                     &["-f", &config("haproxy.cfg"), "-db"],
                     &[],
@@ -179,7 +229,8 @@ impl Subject {
                 let _ = std::fs::create_dir_all(&prefix);
                 let pid = format!("pid {}/nginx.pid;", prefix.display());
                 (
-                    vec![Proc(t.node.child(
+                    vec![Proc(subject_child(
+                        &t.node,
                         "nginx",
                         &[
                             "-c",
@@ -208,9 +259,14 @@ impl Subject {
                 // `-T 2`: a per-client child exits after 2 s idle (UDP has no end of stream).
                 (
                     vec![
-                        Proc(t.node.child("socat", &[&l_sink, &sink], &[])),
-                        Proc(t.node.child("socat", &[&l_rr, &rr], &[])),
-                        Proc(t.node.child("socat", &["-T", "2", &l_echo, &echo], &[])),
+                        Proc(subject_child(&t.node, "socat", &[&l_sink, &sink], &[])),
+                        Proc(subject_child(&t.node, "socat", &[&l_rr, &rr], &[])),
+                        Proc(subject_child(
+                            &t.node,
+                            "socat",
+                            &["-T", "2", &l_echo, &echo],
+                            &[],
+                        )),
                     ],
                     Targets {
                         sink: node(9080),
@@ -223,6 +279,30 @@ impl Subject {
     }
 }
 
+/// `KPROXY_BENCH_PIN=1`: the proxy gets a core of its own. The harness (client and server
+/// threads) runs on CPU 0 and every subject's processes on CPU 1, as on a node where the proxy
+/// does not compete with the endpoints for cores. `direct` then has one core for client and
+/// server; the default (unpinned) shares every core among all three.
+fn pinned() -> bool {
+    std::env::var_os("KPROXY_BENCH_PIN").is_some()
+}
+
+/// Starts a subject's process in the node namespace, on CPU 1 when [`pinned`].
+fn subject_child(
+    node: &common::Ns,
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    if pinned() {
+        let mut with = vec!["-c", "1", program];
+        with.extend_from_slice(args);
+        node.child("taskset", &with, env)
+    } else {
+        node.child(program, args, env)
+    }
+}
+
 fn start_kproxy(
     t: &Topology,
     dir: &std::path::Path,
@@ -231,13 +311,15 @@ fn start_kproxy(
     threads: &str,
 ) -> Proc {
     let admin = format!("--admin-socket={}", dir.join("admin.sock").display());
-    Proc(t.node.child(
+    let manifests = dir.join("manifests").display().to_string();
+    Proc(subject_child(
+        &t.node,
         binary,
         &[
             "--proxy-mode",
             "userspace",
             "--manifests",
-            &dir.join("manifests").display().to_string(),
+            &manifests,
             "--hostname-override",
             "bench-node",
             "--healthz-bind-address=",
@@ -265,6 +347,15 @@ fn median(rounds: &[Figures]) -> Figures {
             let v: Vec<f64> = rounds.iter().filter_map(|f| f.udp[i]).collect();
             (!v.is_empty()).then(|| mid(v))
         }),
+        cpu: std::array::from_fn(|i| {
+            let v: Vec<Usage> = rounds.iter().filter_map(|f| f.cpu[i]).collect();
+            (!v.is_empty()).then(|| Usage {
+                idle_pct: mid(v.iter().map(|u| u.idle_pct).collect()),
+                busy: mid(v.iter().map(|u| u.busy).collect()),
+                user: mid(v.iter().map(|u| u.user).collect()),
+                system: mid(v.iter().map(|u| u.system).collect()),
+            })
+        }),
     }
 }
 
@@ -277,65 +368,48 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
     v.fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)))
 }
 
-fn measure(t: &Topology, to: Targets, p: &Profile, received: &AtomicU64) -> Figures {
-    // `KPROXY_BENCH_PARTS=udp` (or `tcp`) measures only that part, for quick iterations.
+/// Measures every part `KPROXY_BENCH_PARTS` asks for (`bulk`, `cps`, `udp`, or `tcp` for every TCP
+/// part; all by default), each with the CPU it took: the machine's and that of the process
+/// groups `groups` (the subject's).
+fn measure(
+    t: &Topology,
+    to: Targets,
+    p: &Profile,
+    received: &AtomicU64,
+    groups: &[u32],
+) -> Figures {
     let parts = std::env::var("KPROXY_BENCH_PARTS").unwrap_or_default();
-    if parts == "bulk" {
-        let (one, sixteen) = (
-            bulk(&t.client, to.sink, 1, p.d, received),
-            bulk(&t.client, to.sink, 16, p.d, received),
-        );
-        return Figures {
-            bulk1: one.bytes_per_s,
-            bulk16: sixteen.bytes_per_s,
-            ..Figures::default()
-        };
+    let want = |part: &str| parts.is_empty() || parts == part || (parts == "tcp" && part != "udp");
+    let mut f = Figures::default();
+    if want("bulk") {
+        let (one, u1) = cpu::during(groups, || bulk(&t.client, to.sink, 1, p.d, received));
+        let (sixteen, u16) = cpu::during(groups, || bulk(&t.client, to.sink, 16, p.d, received));
+        f.bulk1 = one.bytes_per_s;
+        f.bulk16 = sixteen.bytes_per_s;
+        f.failed_streams = one.failed + sixteen.failed;
+        f.cpu[BULK1] = Some(u1);
+        f.cpu[BULK16] = Some(u16);
     }
-    if parts == "cps" {
-        return Figures {
-            cps: conn_rate(&t.client, to.rr, 8, p.d),
-            ..Figures::default()
-        };
+    if want("cps") {
+        let (cps, u) = cpu::during(groups, || conn_rate(&t.client, to.rr, 8, p.d));
+        f.cps = cps;
+        f.cpu[CPS] = Some(u);
     }
-    if parts == "udp" {
-        return Figures {
-            udp: std::array::from_fn(|i| {
-                to.echo
-                    .map(|echo| udp_flows(&t.client, client_ip(), echo, FLOWS[i], 4, p.d))
-            }),
-            ..Figures::default()
-        };
+    if want("latency") {
+        (f.p50, f.p99) = request_latency(&t.client, to.rr, p.latency_n);
     }
-    let (one, sixteen) = (
-        bulk(&t.client, to.sink, 1, p.d, received),
-        bulk(&t.client, to.sink, 16, p.d, received),
-    );
-    let cps = conn_rate(&t.client, to.rr, 8, p.d);
-    let (p50, p99) = request_latency(&t.client, to.rr, p.latency_n);
-    if parts == "tcp" {
-        return Figures {
-            bulk1: one.bytes_per_s,
-            bulk16: sixteen.bytes_per_s,
-            failed_streams: one.failed + sixteen.failed,
-            cps,
-            p50,
-            p99,
-            udp: [None; 3],
-        };
+    if want("udp")
+        && let Some(echo) = to.echo
+    {
+        for (i, &flows) in FLOWS.iter().enumerate() {
+            let (rate, u) = cpu::during(groups, || {
+                udp_flows(&t.client, client_ip(), echo, flows, 4, p.d)
+            });
+            f.udp[i] = Some(rate);
+            f.cpu[UDP + i] = Some(u);
+        }
     }
-    let udp = std::array::from_fn(|i| {
-        to.echo
-            .map(|echo| udp_flows(&t.client, client_ip(), echo, FLOWS[i], 4, p.d))
-    });
-    Figures {
-        bulk1: one.bytes_per_s,
-        bulk16: sixteen.bytes_per_s,
-        failed_streams: one.failed + sixteen.failed,
-        cps,
-        p50,
-        p99,
-        udp,
-    }
+    f
 }
 
 fn client_ip() -> IpAddr {
@@ -433,6 +507,12 @@ fn main() {
     {
         profile.d = Duration::from_millis(ms);
     }
+    if pinned() {
+        // Before any thread starts: every thread of the harness inherits CPU 0.
+        let mut cpus = nix::sched::CpuSet::new();
+        cpus.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+    }
     common::raise_nofile(200_000);
     let load_start = loadavg();
     let t = topology("ubench");
@@ -514,7 +594,17 @@ fn main() {
             eprintln!("round {}/{}: {}", round + 1, profile.rounds, subject.name());
             let (running, to) = subject.start(&t, dir.path());
             wait_ready(&t.client, to);
-            samples[i].push(measure(&t, to, &profile, &received));
+            let groups: Vec<u32> = running.iter().map(|p| p.0.id()).collect();
+            let f = measure(&t, to, &profile, &received, &groups);
+            if let (Subject::Kproxy { .. }, Some(u)) = (subject, f.cpu[CPS]) {
+                // The CPU table is only worth reading if the accounting sees the subject.
+                assert!(
+                    u.user + u.system > 0.0,
+                    "no CPU time found for {}'s processes during conn/s",
+                    subject.name()
+                );
+            }
+            samples[i].push(f);
             drop(running);
             // Let the TIME_WAITs and the stopped proxy's sockets go before the next subject.
             std::thread::sleep(Duration::from_millis(300));
@@ -714,9 +804,14 @@ fn report(rows: &[(String, Figures, Vec<Figures>)], quick: bool, notes: &str, me
     let ratio = |v: f64, b: f64| if b > 0.0 { v / b * 100.0 } else { 0.0 };
     let gbit = |v: f64| v * 8.0 / 1e9;
     let mut out = format!(
-        "userspace data path ({} profile; {} CPUs)\n\n| subject | 1 stream Gbit/s | 16 streams Gbit/s | conn/s (1 KiB req/resp) | latency p50 | p99 (added) | UDP round trips/s, 4 flows | 64 flows | 1,024 flows |\n|---|---|---|---|---|---|---|---|---|\n",
+        "userspace data path ({} profile; {} CPUs, {})\n\n| subject | 1 stream Gbit/s | 16 streams Gbit/s | conn/s (1 KiB req/resp) | latency p50 | p99 (added) | UDP round trips/s, 4 flows | 64 flows | 1,024 flows |\n|---|---|---|---|---|---|---|---|---|\n",
         if quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu::machine_cpus(),
+        if pinned() {
+            "the proxy on CPU 1, client and server on CPU 0 (`KPROXY_BENCH_PIN=1`)"
+        } else {
+            "client, proxy and server share every CPU"
+        },
     );
     for (name, f, _) in rows {
         let added = f.p99.as_secs_f64() - base.p99.as_secs_f64();
@@ -786,6 +881,7 @@ fn report(rows: &[(String, Figures, Vec<Figures>)], quick: bool, notes: &str, me
         )
         .unwrap();
     }
+    out.push_str(&cpu_table(rows));
     out.push_str(notes);
     out.push_str(memory);
     print!("{out}");
@@ -798,6 +894,48 @@ fn report(rows: &[(String, Figures, Vec<Figures>)], quick: bool, notes: &str, me
         let _ = std::fs::write(dir.join("userspace.md"), &out);
         plot(rows, &dir.join("userspace.svg"), quick);
     }
+}
+
+/// Where the CPU went during each throughput figure (medians), per unit of work, and the
+/// ceiling that follows: the share of direct's figure a proxy on this path could reach if its own
+/// code took no CPU time at all and no core were ever idle, i.e. every core's time spent on the
+/// rest of the path's cost per unit (the machine's busy time less the subject's user time).
+/// Client, proxy and server share the cores, so this bounds any user-space proxy here.
+fn cpu_table(rows: &[(String, Figures, Vec<Figures>)]) -> String {
+    let cpus = cpu::machine_cpus() as f64;
+    let base = &rows[0].1;
+    let mut out = String::from(
+        "\nWhere the CPU went (medians): the machine's busy cores and idle share, the subject's processes' user and system time (in cores), the machine's CPU time per unit of work and the subject's share of it, and the **ceiling**: the most a proxy on this path could reach, as a share of direct, if its own code took no CPU time and no core were idle (all cores on the path's remaining cost per unit: busy time less the subject's user time). The ceiling holds when client, proxy and server share the cores; pinned, direct has one core and the proxied path two, so none is given.\n\n| subject | figure | busy cores | idle | subject user | subject system | machine per unit | subject per unit | ceiling |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, f, _) in rows {
+        for (i, (part, unit, figure)) in PARTS.iter().enumerate() {
+            let (Some(u), Some(rate)) = (f.cpu[i], figure(f)) else {
+                continue;
+            };
+            if rate <= 0.0 {
+                continue;
+            }
+            let direct = figure(base).unwrap_or(0.0);
+            let rest = (u.busy - u.user).max(1e-9);
+            let ceiling = if name == &rows[0].0 || direct <= 0.0 || pinned() {
+                "—".to_string()
+            } else {
+                format!("{:.0}%", cpus / rest * rate / direct * 100.0)
+            };
+            writeln!(
+                out,
+                "| {name} | {part} | {:.2} | {:.1}% | {:.2} | {:.2} | {} | {} | {ceiling} |",
+                u.busy,
+                u.idle_pct,
+                u.user,
+                u.system,
+                unit.cost(u.busy / rate),
+                unit.cost((u.user + u.system) / rate),
+            )
+            .unwrap();
+        }
+    }
+    out
 }
 
 /// Grouped bars: each figure as a percentage of direct's, one bar per subject.
@@ -822,9 +960,14 @@ fn plot(rows: &[(String, Figures, Vec<Figures>)], path: &std::path::Path, quick:
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "userspace proxies as % of direct (higher is better; {} profile, {} CPUs)",
+                "userspace proxies as % of direct (higher is better; {} profile, {} CPUs{})",
                 if quick { "quick" } else { "full" },
-                std::thread::available_parallelism().map_or(0, |n| n.get())
+                cpu::machine_cpus(),
+                if pinned() {
+                    "; proxy on CPU 1, client and server on CPU 0"
+                } else {
+                    ""
+                }
             ),
             ("sans-serif", 18),
         )

@@ -5,6 +5,7 @@
 //! Each bench target includes this module (`mod common;`) and uses a part of it.
 #![allow(dead_code, reason = "each bench target uses a different part")]
 
+pub(crate) mod cpu;
 pub(crate) mod objects;
 
 use std::io::{ErrorKind, Read, Write};

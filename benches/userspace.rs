@@ -558,7 +558,7 @@ fn main() {
             label: "kproxy before (splice)".into(),
             binary: before,
             copy: "splice",
-            threads: "shared",
+            threads: "per-core",
         });
     }
     for (subject, program, package) in [

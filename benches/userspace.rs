@@ -501,6 +501,12 @@ fn main() {
     {
         profile.rounds = r;
     }
+    if let Some(n) = std::env::var("KPROXY_BENCH_LATENCY_N")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        profile.latency_n = n;
+    }
     if let Some(ms) = std::env::var("KPROXY_BENCH_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

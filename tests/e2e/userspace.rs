@@ -113,14 +113,30 @@ fn routes(node: &Netns, v6: bool) -> String {
     )
 }
 
-/// Nothing of netfilter exists in the node: the mode works without it.
-fn assert_no_netfilter(node: &Netns) {
+/// Nothing of netfilter exists in the node: the mode works without it. Checked once kproxy has
+/// looked for other modes' leftovers (after its first sync; the nftables line comes after both
+/// iptables backends'), since reading iptables-legacy's tables by name would create them, and a
+/// legacy nat table brings connection tracking to every packet of the node.
+fn assert_no_netfilter(kproxy: &KproxyProcess, node: &Netns) {
+    assert!(
+        wait_until(SYNC, || kproxy.stderr().contains("nftables tables removed")),
+        "kproxy never finished its check for other modes' leftovers:\n{}",
+        kproxy.stderr()
+    );
     let nft = node.exec("nft", &["list", "ruleset"]);
     let text = String::from_utf8_lossy(&nft.stdout);
     assert!(
         !text.contains("table"),
         "the userspace mode created netfilter state:\n{text}"
     );
+    for names in ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"] {
+        let out = node.exec("cat", &[names]);
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            listed.trim().is_empty(),
+            "the userspace mode created legacy iptables tables ({names}): {listed}"
+        );
+    }
 }
 
 #[test]
@@ -186,7 +202,7 @@ fn userspace_tcp_udp_and_ipv6_reach_endpoints_from_the_service_address() {
 
     assert!(routes(&s.topo.node, false).contains("10.96.1.1"));
     assert!(routes(&s.topo.node, true).contains("fd00:96::1"));
-    assert_no_netfilter(&s.topo.node);
+    assert_no_netfilter(s.kproxy.as_ref().expect("kproxy started"), &s.topo.node);
     s.kproxy().assert_running();
 }
 

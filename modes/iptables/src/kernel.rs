@@ -77,6 +77,25 @@ impl Backend {
     }
 }
 
+/// Whether the legacy (x_tables) `table` exists in this network namespace, from the kernel's
+/// list of instantiated tables. No list (the module is not loaded) means no table; a list that
+/// cannot be read otherwise counts as the table existing, so the caller reads it as before.
+fn legacy_table_exists(family: IpFamily, table: Table) -> bool {
+    let names = match family {
+        IpFamily::V4 => "/proc/net/ip_tables_names",
+        IpFamily::V6 => "/proc/net/ip6_tables_names",
+    };
+    match std::fs::read_to_string(names) {
+        Ok(text) => lists_table(&text, table),
+        Err(err) => err.kind() != std::io::ErrorKind::NotFound,
+    }
+}
+
+/// Whether a `/proc/net/ip_tables_names` text lists `table` (one name per line).
+pub(crate) fn lists_table(names: &str, table: Table) -> bool {
+    names.lines().any(|l| l.trim() == table.as_str())
+}
+
 /// The real kernel, through the iptables binaries of one backend.
 #[derive(Debug, Clone)]
 pub struct IptablesCli {
@@ -101,6 +120,14 @@ impl IptablesKernel for IptablesCli {
     }
 
     fn save(&mut self, family: IpFamily, table: Table) -> Result<String, Cause> {
+        // Naming a legacy table creates it: the kernel instantiates a legacy table in a network
+        // namespace on first use, and a nat table brings connection tracking and NAT hooks to
+        // every packet of the node. A legacy table that does not exist holds nothing of ours,
+        // so it reads as empty, and reading another mode's leftovers (every mode does, after
+        // its first sync) leaves the node's packet path as it was.
+        if self.backend == Backend::Legacy && !legacy_table_exists(family, table) {
+            return Ok(String::new());
+        }
         run(
             &self.backend.program(family, "save"),
             &["-t", table.as_str()],

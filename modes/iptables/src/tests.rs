@@ -621,3 +621,16 @@ fn many_new_chains_are_staged_in_a_restore_of_their_own() {
     let plan = sync(&mut m, &state(services));
     assert_eq!(plan.restore_payloads(IpFamily::V4).len(), 1);
 }
+
+/// Reading the legacy backend's tables must not create them: a table counts as present only
+/// when the kernel's list of instantiated tables names it.
+#[test]
+fn a_legacy_table_exists_only_when_the_kernel_lists_it() {
+    use crate::kernel::lists_table;
+    assert!(lists_table("filter\nnat\n", Table::Nat));
+    assert!(lists_table("mangle\nfilter\n", Table::Filter));
+    assert!(!lists_table("filter\n", Table::Nat));
+    assert!(!lists_table("", Table::Filter));
+    // A name that merely contains another is not it.
+    assert!(!lists_table("natx\nfilterx\n", Table::Nat));
+}

@@ -215,6 +215,43 @@ fn nft_live_state_round_trips() {
     s.kproxy().assert_running();
 }
 
+/// The nftables mode's check for other modes' leftovers (after its first sync) creates no
+/// legacy iptables table in the node: it reads one only when the kernel lists it.
+#[test]
+fn nft_mode_creates_no_legacy_iptables_table() {
+    if !require_root("nft_mode_creates_no_legacy_iptables_table") {
+        return;
+    }
+    let mut s = Scenario::new();
+    s.tcp_server(POD_V4[0], 8080, "ep1");
+    s.manifests.service("web", &["10.96.0.10"], &[HTTP]);
+    s.manifests
+        .endpoint_slice("web", "web-v4", &[POD_V4[0]], &[HTTP]);
+    s.start();
+    s.wait_tcp(sock("10.96.0.10", 80), "ep1");
+    // The userspace mode's routes are the last leftovers looked for.
+    let checked = wait_until(SYNC, || {
+        let log = s
+            .kproxy
+            .as_ref()
+            .map(KproxyProcess::stderr)
+            .unwrap_or_default();
+        log.contains("userspace local routes removed")
+            || log.contains("could not remove another mode's rules")
+    });
+    assert!(
+        checked,
+        "kproxy never finished its check for other modes' leftovers:\n{}",
+        s.kproxy().stderr()
+    );
+    let legacy = crate::support::rules::legacy_tables(&s.topo.node);
+    assert!(
+        legacy.is_empty(),
+        "the nftables mode created legacy iptables tables: {legacy}"
+    );
+    s.kproxy().assert_running();
+}
+
 /// `--cleanup` deletes kproxy's tables and nothing else.
 #[test]
 fn nft_cleanup_leaves_foreign_tables() {

@@ -129,14 +129,11 @@ fn assert_no_netfilter(kproxy: &KproxyProcess, node: &Netns) {
         !text.contains("table"),
         "the userspace mode created netfilter state:\n{text}"
     );
-    for names in ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"] {
-        let out = node.exec("cat", &[names]);
-        let listed = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            listed.trim().is_empty(),
-            "the userspace mode created legacy iptables tables ({names}): {listed}"
-        );
-    }
+    let legacy = crate::support::rules::legacy_tables(node);
+    assert!(
+        legacy.is_empty(),
+        "the userspace mode created legacy iptables tables: {legacy}"
+    );
 }
 
 #[test]

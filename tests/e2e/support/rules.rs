@@ -49,3 +49,19 @@ fn is_builtin(header: &str) -> bool {
         "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
     )
 }
+
+/// The legacy (x_tables) tables that exist in `node`'s network namespace, IPv4's then IPv6's, as
+/// the kernel lists them: empty unless something created one. Reading a legacy table by name
+/// (`iptables-legacy-save -t nat`) creates it, and a legacy nat table brings connection tracking
+/// and NAT hooks to every packet of the node.
+pub(crate) fn legacy_tables(node: &crate::support::netns::Netns) -> String {
+    ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
+        .iter()
+        .map(|names| {
+            let out = node.exec("cat", &[names]);
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .filter(|listed| !listed.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -229,25 +229,9 @@ fn nft_mode_creates_no_legacy_iptables_table() {
         .endpoint_slice("web", "web-v4", &[POD_V4[0]], &[HTTP]);
     s.start();
     s.wait_tcp(sock("10.96.0.10", 80), "ep1");
-    // The userspace mode's routes are the last leftovers looked for.
-    let checked = wait_until(SYNC, || {
-        let log = s
-            .kproxy
-            .as_ref()
-            .map(KproxyProcess::stderr)
-            .unwrap_or_default();
-        log.contains("userspace local routes removed")
-            || log.contains("could not remove another mode's rules")
-    });
-    assert!(
-        checked,
-        "kproxy never finished its check for other modes' leftovers:\n{}",
-        s.kproxy().stderr()
-    );
-    let legacy = crate::support::rules::legacy_tables(&s.topo.node);
-    assert!(
-        legacy.is_empty(),
-        "the nftables mode created legacy iptables tables: {legacy}"
+    crate::support::rules::assert_no_legacy_tables(
+        s.kproxy.as_ref().expect("started"),
+        &s.topo.node,
     );
     s.kproxy().assert_running();
 }

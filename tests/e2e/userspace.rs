@@ -114,25 +114,14 @@ fn routes(node: &Netns, v6: bool) -> String {
 }
 
 /// Nothing of netfilter exists in the node: the mode works without it. Checked once kproxy has
-/// looked for other modes' leftovers (after its first sync; the nftables line comes after both
-/// iptables backends'), since reading iptables-legacy's tables by name would create them, and a
-/// legacy nat table brings connection tracking to every packet of the node.
+/// looked for other modes' leftovers, which must not create legacy iptables tables either.
 fn assert_no_netfilter(kproxy: &KproxyProcess, node: &Netns) {
-    assert!(
-        wait_until(SYNC, || kproxy.stderr().contains("nftables tables removed")),
-        "kproxy never finished its check for other modes' leftovers:\n{}",
-        kproxy.stderr()
-    );
+    crate::support::rules::assert_no_legacy_tables(kproxy, node);
     let nft = node.exec("nft", &["list", "ruleset"]);
     let text = String::from_utf8_lossy(&nft.stdout);
     assert!(
         !text.contains("table"),
         "the userspace mode created netfilter state:\n{text}"
-    );
-    let legacy = crate::support::rules::legacy_tables(node);
-    assert!(
-        legacy.is_empty(),
-        "the userspace mode created legacy iptables tables: {legacy}"
     );
 }
 

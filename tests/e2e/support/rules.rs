@@ -50,18 +50,36 @@ fn is_builtin(header: &str) -> bool {
     )
 }
 
-/// The legacy (x_tables) tables that exist in `node`'s network namespace, IPv4's then IPv6's, as
-/// the kernel lists them: empty unless something created one. Reading a legacy table by name
-/// (`iptables-legacy-save -t nat`) creates it, and a legacy nat table brings connection tracking
-/// and NAT hooks to every packet of the node.
-pub(crate) fn legacy_tables(node: &crate::support::netns::Netns) -> String {
-    ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
+/// Waits until kproxy (in any mode but iptables-legacy) has looked for the legacy iptables
+/// backend's leftovers, which it does after its first sync and logs per family (IPv6 last), then
+/// asserts that looking created no legacy (x_tables) table in `node`'s namespace: reading a
+/// legacy table by name (`iptables-legacy-save -t nat`) creates it, and a legacy nat table brings
+/// connection tracking and NAT hooks to every packet of the node.
+pub(crate) fn assert_no_legacy_tables(
+    kproxy: &crate::support::kproxy::KproxyProcess,
+    node: &crate::support::netns::Netns,
+) {
+    let checked = crate::support::kproxy::wait_until(crate::support::scenario::SYNC, || {
+        let log = kproxy.stderr();
+        log.contains("iptables rules removed (backend legacy, IPv6)")
+            || log.contains("could not remove another mode's rules")
+    });
+    assert!(
+        checked,
+        "kproxy never finished its check for other modes' leftovers:\n{}",
+        kproxy.stderr()
+    );
+    let legacy: Vec<String> = ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]
         .iter()
         .map(|names| {
             let out = node.exec("cat", &[names]);
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         })
         .filter(|listed| !listed.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect();
+    assert!(
+        legacy.is_empty(),
+        "kproxy created legacy iptables tables: {}",
+        legacy.join(", ")
+    );
 }

@@ -311,7 +311,6 @@ fn start_kproxy(
     threads: &str,
 ) -> Proc {
     let admin = format!("--admin-socket={}", dir.join("admin.sock").display());
-    let manifests = dir.join("manifests").display().to_string();
     Proc(subject_child(
         &t.node,
         binary,
@@ -319,7 +318,7 @@ fn start_kproxy(
             "--proxy-mode",
             "userspace",
             "--manifests",
-            &manifests,
+            &dir.join("manifests").display().to_string(),
             "--hostname-override",
             "bench-node",
             "--healthz-bind-address=",
@@ -949,17 +948,16 @@ fn plot(rows: &[(String, Figures, Vec<Figures>)], path: &std::path::Path, quick:
     use plotters::prelude::*;
     let base = &rows[0].1;
     type Metric = (&'static str, fn(&Figures) -> Option<f64>);
-    let metrics: [Metric; 7] = [
-        ("1 stream", |f| Some(f.bulk1)),
-        ("16 streams", |f| Some(f.bulk16)),
-        ("conn/s", |f| Some(f.cps)),
-        ("1 / p99 latency", |f| {
-            Some(1.0 / f.p99.as_secs_f64().max(1e-9))
-        }),
-        ("UDP 4 flows", |f| f.udp[0]),
-        ("UDP 64 flows", |f| f.udp[1]),
-        ("UDP 1,024 flows", |f| f.udp[2]),
-    ];
+    // The throughput figures, with latency (as a rate, so higher is better) after the TCP ones.
+    let latency: Metric = ("1 / p99 latency", |f| {
+        Some(1.0 / f.p99.as_secs_f64().max(1e-9))
+    });
+    let metrics: Vec<Metric> = PARTS[..UDP]
+        .iter()
+        .map(|&(name, _, figure)| (name, figure))
+        .chain([latency])
+        .chain(PARTS[UDP..].iter().map(|&(name, _, figure)| (name, figure)))
+        .collect();
     let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let n = rows.len();

@@ -7,8 +7,10 @@
 //! owns its flows (no shared flow table, no lock on the path of a datagram; buffers and pipe
 //! pools are per thread). By default each worker runs a single-threaded runtime of its own
 //! ([`Threads::PerCore`]): a connection is accepted, proxied and closed on one core, with no
-//! cross-thread wake-up. [`Threads::Shared`] makes the workers one multi-thread runtime instead,
-//! whose work stealing keeps every core busy when a few heavy connections hash to one socket.
+//! cross-thread wake-up. The hash does not know which worker is free, so a worker about to
+//! sleep first takes the connections waiting in busy workers' queues (`steal.rs`).
+//! [`Threads::Shared`] makes the workers one multi-thread runtime instead, whose work stealing
+//! keeps every core busy when a few heavy connections hash to one socket.
 //!
 //! Why not the control plane's runtime: the sync loop runs blocking kernel work
 //! (`block_in_place`) and CPU-heavy builds of large clusters on its executor; proxied bytes must
@@ -25,6 +27,7 @@ mod copy;
 mod handover;
 pub mod pick;
 mod socket;
+mod steal;
 mod tcp;
 mod udp;
 
@@ -221,6 +224,9 @@ pub(crate) struct Shared {
     pub(crate) options: Options,
     /// Proxied TCP connections alive now.
     pub(crate) connections: AtomicUsize,
+    /// Where workers about to sleep find other workers' waiting connections (per-core workers
+    /// only, and only with more than one).
+    pub(crate) spare: Option<Arc<steal::Spare>>,
 }
 
 impl Shared {
@@ -314,17 +320,26 @@ impl DataPath {
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         };
         let per_core = options.threads == Threads::PerCore;
+        // A shared runtime steals work on its own; a single worker has no one to take from.
+        let spare = if per_core && n > 1 {
+            Some(steal::Spare::new()?)
+        } else {
+            None
+        };
         let mut workers = Vec::with_capacity(n);
         for i in 0..(if per_core { n } else { 1 }) {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let spare = spare.clone();
             std::thread::Builder::new()
                 .name(format!("kproxy-data-{i}"))
                 .spawn(move || {
                     let built = if per_core {
-                        tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
+                        let mut b = tokio::runtime::Builder::new_current_thread();
+                        if let Some(spare) = spare {
+                            b.on_thread_park(move || spare.before_park());
+                        }
+                        b.enable_all().build()
                     } else {
                         tokio::runtime::Builder::new_multi_thread()
                             .worker_threads(n)
@@ -368,6 +383,7 @@ impl DataPath {
                 generation,
                 options,
                 connections: AtomicUsize::new(0),
+                spare,
             }),
             running: BTreeMap::new(),
             affinity: HashMap::new(),

@@ -3,7 +3,8 @@
 //! Every listening socket is bound with `SO_REUSEPORT`, for two reasons:
 //! - per-core sockets: each data-path worker has its own socket on every listener address, and the
 //!   kernel spreads connections and UDP flows over them by a hash of the 4-tuple, so a connection
-//!   is accepted, proxied and closed on one core, with no lock and no cross-thread wake-up;
+//!   is accepted, proxied and closed on one core, with no lock and no cross-thread wake-up
+//!   (a worker about to sleep takes what waits in a busy one's queue: `steal.rs`);
 //! - upgrades: a new kproxy started next to a running one (a DaemonSet surge rollout) binds the
 //!   same addresses alongside the old process instead of failing with `EADDRINUSE`, so new
 //!   connections always find a listener (see `handover.rs`).

@@ -25,12 +25,17 @@ pub(super) async fn serve(
     _task: Task,
 ) {
     let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
+        Ok(l) => Arc::new(l),
         Err(err) => {
             tracing::error!(listener = %state.key, error = %err, "cannot register a listener");
             return;
         }
     };
+    // Other workers take its waiting connections while this one is busy (`steal.rs`).
+    let registration = shared
+        .spare
+        .as_ref()
+        .and_then(|spare| spare.register(&listener, &state, &shared));
     if !state.is_stopped() {
         loop {
             tokio::select! {
@@ -49,8 +54,10 @@ pub(super) async fn serve(
             }
         }
     }
+    // No other worker accepts on it from here on.
+    drop(registration);
     // Straight from the kernel's queue (tokio's readiness may not have seen the last arrivals).
-    let sock = socket2::SockRef::from(&listener);
+    let sock = socket2::SockRef::from(&*listener);
     let mut taken = 0usize;
     while let Ok((conn, peer)) = sock.accept() {
         let Some(peer) = peer.as_socket() else {
@@ -92,7 +99,7 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-async fn handle(
+pub(super) async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
     state: Arc<ListenerState>,

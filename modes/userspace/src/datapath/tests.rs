@@ -152,6 +152,58 @@ fn tcp_and_bulk(options: Options) {
     );
 }
 
+/// A worker that is busy (here: its thread blocked) leaves the connections the kernel hashed to
+/// its socket waiting; another worker takes them when it would otherwise sleep (`steal.rs`).
+/// Without that, about half of these connections would wait for the blocked worker and time
+/// out. Once the listener is closed, its address is free again.
+#[test]
+fn a_busy_worker_s_waiting_connections_are_taken_by_an_idle_one() {
+    let echo = tcp_echo();
+    let key = ListenerKey {
+        transport: Transport::Tcp,
+        addr: lo(free_port()),
+    };
+    let mut dp = DataPath::new(per_core()).unwrap();
+    assert!(dp.apply(&[], &[], &[(key, table(echo))]).is_empty());
+    // Worker 0's thread blocks until released (or 20 s); `done` tells whether it still is.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (blocked_tx, blocked) = std::sync::mpsc::channel::<()>();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    dp.workers[0].handle.spawn(async move {
+        blocked_tx.send(()).unwrap();
+        let _ = released.recv_timeout(Duration::from_secs(20));
+        d.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    blocked.recv_timeout(Duration::from_secs(5)).unwrap();
+    // Worker 1 has other work every 10 ms: it takes waiting connections only when it goes
+    // back to sleep, not when one arrives.
+    dp.workers[1].handle.spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            tick.tick().await;
+        }
+    });
+    for i in 0..20u8 {
+        let mut c = TcpStream::connect(key.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        c.write_all(&[i; 100]).unwrap();
+        let mut got = [0u8; 100];
+        c.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("connection {i} was not served: {e}"));
+        assert_eq!(got, [i; 100]);
+    }
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "worker 0 was not blocked throughout"
+    );
+    release.send(()).unwrap();
+    // Closing the listener closes its sockets: what lets other workers take connections does
+    // not keep them open.
+    assert!(dp.apply(&[(key, table(echo))], &[], &[]).is_empty());
+    TcpListener::bind(key.addr).expect("the closed listener's sockets are closed");
+}
+
 /// Messages move through each thread's buffer and skip the read that would only say `EAGAIN`;
 /// this drives what that could break: one connection exchanging messages just below, at and
 /// above the buffer's size in turn (a missed readiness would hang an exchange), a reader that

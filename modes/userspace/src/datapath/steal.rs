@@ -16,11 +16,18 @@
 //! waiting and takes one from each. The cost is one `epoll_wait` with a zero timeout each time a
 //! worker would sleep; a busy worker never sleeps, so it never looks.
 //!
+//! A socket is registered at its first connection, not when it opens: each registration holds a
+//! kernel epoll item (`eventpoll_epi`, 128 bytes here, and its wait-queue entry), a duplicate
+//! descriptor and a slab entry, and most listeners of a large cluster never see a connection on
+//! a given node. So stealing is a remedy for imbalance, never needed for correctness: a
+//! connection nobody takes is accepted by its owner, as without it.
+//!
 //! A taken connection is served by the taker exactly as its owner would serve it
 //! ([`tcp::handle`]). A listener's registration ends before its socket's last connections are
 //! taken and the socket closed (see [`tcp::serve`]), so a closed listener is never accepted on.
 
 use std::io;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -45,9 +52,12 @@ impl std::fmt::Debug for Spare {
     }
 }
 
-/// A registered socket and what serving its connections takes.
+/// A registered socket and what serving its connections takes. `fd` is a duplicate of the
+/// accept loop's descriptor, so the loop keeps its socket inline (no allocation per listener);
+/// it is removed from the epoll before it is closed (closing one of two descriptors of a socket
+/// would leave the registration in place).
 struct Entry {
-    listener: Arc<TcpListener>,
+    fd: OwnedFd,
     state: Arc<ListenerState>,
     shared: Arc<Shared>,
 }
@@ -64,7 +74,7 @@ impl Drop for Registration {
         if let Ok(mut sockets) = self.spare.sockets.lock()
             && let Some(entry) = sockets.try_remove(self.key)
         {
-            let _ = self.spare.epoll.delete(&*entry.listener);
+            let _ = self.spare.epoll.delete(&entry.fd);
         }
     }
 }
@@ -78,24 +88,23 @@ impl Spare {
     }
 
     /// Lets other workers take `listener`'s waiting connections until the registration is
-    /// dropped. `None` when the epoll refuses it (out of memory): the owner still serves it.
+    /// dropped. `None` when the descriptor cannot be duplicated or the epoll refuses it (out of
+    /// descriptors or memory): the owner still serves it alone.
     pub(super) fn register(
         self: &Arc<Self>,
-        listener: &Arc<TcpListener>,
+        listener: &TcpListener,
         state: &Arc<ListenerState>,
         shared: &Arc<Shared>,
     ) -> Option<Registration> {
+        let fd = listener.as_fd().try_clone_to_owned().ok()?;
         let mut sockets = self.sockets.lock().ok()?;
         let slot = sockets.vacant_entry();
         let key = slot.key();
         self.epoll
-            .add(
-                &**listener,
-                EpollEvent::new(EpollFlags::EPOLLIN, key as u64),
-            )
+            .add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, key as u64))
             .ok()?;
         slot.insert(Entry {
-            listener: listener.clone(),
+            fd,
             state: state.clone(),
             shared: shared.clone(),
         });
@@ -129,7 +138,7 @@ impl Spare {
                 if entry.state.is_stopped() {
                     continue;
                 }
-                match socket2::SockRef::from(&*entry.listener).accept() {
+                match socket2::SockRef::from(&entry.fd).accept() {
                     Ok((conn, peer)) => peer
                         .as_socket()
                         .map(|peer| (conn, peer, entry.state.clone(), entry.shared.clone())),

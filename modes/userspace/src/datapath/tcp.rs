@@ -25,23 +25,30 @@ pub(super) async fn serve(
     _task: Task,
 ) {
     let listener = match TcpListener::from_std(listener) {
-        Ok(l) => Arc::new(l),
+        Ok(l) => l,
         Err(err) => {
             tracing::error!(listener = %state.key, error = %err, "cannot register a listener");
             return;
         }
     };
-    // Other workers take its waiting connections while this one is busy (`steal.rs`).
-    let registration = shared
-        .spare
-        .as_ref()
-        .and_then(|spare| spare.register(&listener, &state, &shared));
+    // From its first connection on, other workers take its waiting connections while this one
+    // is busy (`steal.rs`). Not before: most listeners of a large cluster never see a
+    // connection on a given node, and a registration costs kernel memory and a descriptor.
+    let mut registration = None;
+    let mut offered = false;
     if !state.is_stopped() {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((client, peer)) => {
                         tokio::spawn(handle(client, peer, state.clone(), shared.clone()));
+                        if !offered {
+                            offered = true;
+                            registration = shared
+                                .spare
+                                .as_ref()
+                                .and_then(|spare| spare.register(&listener, &state, &shared));
+                        }
                     }
                     Err(err) => {
                         // Out of file descriptors and the like: the backlog holds the clients
@@ -57,7 +64,7 @@ pub(super) async fn serve(
     // No other worker accepts on it from here on.
     drop(registration);
     // Straight from the kernel's queue (tokio's readiness may not have seen the last arrivals).
-    let sock = socket2::SockRef::from(&*listener);
+    let sock = socket2::SockRef::from(&listener);
     let mut taken = 0usize;
     while let Ok((conn, peer)) = sock.accept() {
         let Some(peer) = peer.as_socket() else {

@@ -165,6 +165,11 @@ fn a_busy_worker_s_waiting_connections_are_taken_by_an_idle_one() {
     };
     let mut dp = DataPath::new(per_core()).unwrap();
     assert!(dp.apply(&[], &[], &[(key, table(echo))]).is_empty());
+    // A socket is offered to other workers from its first connection on; the kernel hashes
+    // these over both sockets (all 40 to one: a chance of 2^-39).
+    for i in 0..40u8 {
+        assert_eq!(roundtrip(key.addr, &[i; 10]), [i; 10]);
+    }
     // Worker 0's thread blocks until released (or 20 s); `done` tells whether it still is.
     let (release, released) = std::sync::mpsc::channel::<()>();
     let (blocked_tx, blocked) = std::sync::mpsc::channel::<()>();

@@ -72,9 +72,10 @@ pub struct Options {
 /// `SO_REUSEPORT` socket per worker thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Threads {
-    /// A single-threaded runtime per thread, each serving its own sockets: no stealing, so no
-    /// cross-thread wake-up; a connection stays on the core whose socket accepted it. Measured
-    /// ahead on connection rate and few-flow UDP (`benches/results/userspace.md`).
+    /// A single-threaded runtime per thread, each serving its own sockets, so no cross-thread
+    /// wake-up; a connection stays on the core that accepted it. A worker whose run queue empties
+    /// takes the connections waiting in busy workers' accept queues (`steal.rs`). Measured ahead
+    /// on connection rate and few-flow UDP (`benches/results/userspace.md`).
     #[default]
     PerCore,
     /// One multi-thread runtime: a busy thread's connections are taken over by an idle one (work

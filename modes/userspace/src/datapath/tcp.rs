@@ -41,7 +41,8 @@ pub(super) async fn serve(
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((client, peer)) => {
-                        tokio::spawn(handle(client, peer, state.clone(), shared.clone()));
+                        let live = Live::new(&shared);
+                        tokio::spawn(handle(client, peer, state.clone(), shared.clone(), live));
                         if !offered {
                             offered = true;
                             registration = shared
@@ -76,7 +77,8 @@ pub(super) async fn serve(
         }
         if let Ok(client) = TcpStream::from_std(conn) {
             taken += 1;
-            tokio::spawn(handle(client, peer, state.clone(), shared.clone()));
+            let live = Live::new(&shared);
+            tokio::spawn(handle(client, peer, state.clone(), shared.clone(), live));
         }
     }
     drop(listener);
@@ -86,10 +88,11 @@ pub(super) async fn serve(
 }
 
 /// Counts a live proxied connection for as long as it lives.
-struct Live(Arc<Shared>);
+pub(super) struct Live(Arc<Shared>);
 
 impl Live {
-    fn new(shared: &Arc<Shared>) -> Live {
+    /// Counted from the accept on, so a handover that sees no live connection has none to cut.
+    pub(super) fn new(shared: &Arc<Shared>) -> Live {
         shared.connections.fetch_add(1, Ordering::Relaxed);
         Live(shared.clone())
     }
@@ -111,8 +114,8 @@ pub(super) async fn handle(
     peer: SocketAddr,
     state: Arc<ListenerState>,
     shared: Arc<Shared>,
+    _live: Live,
 ) {
-    let _live = Live::new(&shared);
     let active = state.active.load_full();
     let table = &active.table;
     if !table.allows(peer.ip()) {

@@ -24,9 +24,10 @@
 //! a given node. So stealing is a remedy for imbalance, never needed for correctness: a
 //! connection nobody takes is accepted by its owner, as without it.
 //!
-//! A taken connection is served by the taker exactly as its owner would serve it
-//! ([`tcp::handle`]). A listener's registration ends before its socket's last connections are
-//! taken and the socket closed (see [`tcp::serve`]), so a closed listener is never accepted on.
+//! A taken connection is served by the taker exactly as its owner would serve it, through the
+//! same [`tcp::take_queued`] that a closing listener empties its queue with. A listener's
+//! registration ends before its socket's last connections are taken and the socket closed (see
+//! [`tcp::serve`]), so a closed listener is never accepted on.
 
 use std::cell::Cell;
 use std::io;
@@ -35,9 +36,9 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use slab::Slab;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
-use super::tcp::{self, Live};
+use super::tcp;
 use super::{ListenerState, Shared};
 
 /// Sockets looked at each time: one connection is taken from each.
@@ -179,33 +180,18 @@ impl Spare {
             let Ok(key) = usize::try_from(event.data()) else {
                 continue;
             };
-            // Accepted under the lock: a registration dropped meanwhile cannot close the socket
-            // under this accept. The connection counts as live from here, before its owner's
-            // handover could see none left and exit. (A stopping listener's queue may be taken
-            // too: its owner would take it the same way before closing.)
-            let taken = {
-                let sockets = self.sockets.read().unwrap_or_else(PoisonError::into_inner);
-                let Some(entry) = sockets.get(key) else {
-                    continue;
-                };
-                match socket2::SockRef::from(&entry.fd).accept() {
-                    Ok((conn, peer)) => peer.as_socket().map(|peer| {
-                        let live = Live::new(&entry.shared);
-                        (conn, peer, entry.state.clone(), entry.shared.clone(), live)
-                    }),
-                    // Its owner, or another worker, took it first.
-                    Err(_) => None,
-                }
-            };
-            let Some((conn, peer, state, shared, live)) = taken else {
-                continue;
-            };
-            let conn: std::net::TcpStream = conn.into();
-            if conn.set_nonblocking(true).is_err() {
-                continue;
-            }
-            if let Ok(client) = TcpStream::from_std(conn) {
-                tokio::spawn(tcp::handle(client, peer, state, shared, live));
+            // Taken under the lock: a registration dropped meanwhile cannot close the socket
+            // under this accept. The connection counts as live from the accept, before its
+            // owner's handover could see none left and exit. (A stopping listener's queue may be
+            // taken too: its owner takes it the same way before closing.) An error: its owner, or
+            // another worker, took it first.
+            let sockets = self.sockets.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = sockets.get(key) {
+                let _ = tcp::take_queued(
+                    socket2::SockRef::from(&entry.fd),
+                    &entry.state,
+                    &entry.shared,
+                );
             }
         }
     }

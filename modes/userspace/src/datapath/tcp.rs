@@ -65,21 +65,9 @@ pub(super) async fn serve(
     // No other worker accepts on it from here on.
     drop(registration);
     // Straight from the kernel's queue (tokio's readiness may not have seen the last arrivals).
-    let sock = socket2::SockRef::from(&listener);
     let mut taken = 0usize;
-    while let Ok((conn, peer)) = sock.accept() {
-        let Some(peer) = peer.as_socket() else {
-            continue;
-        };
-        let conn: std::net::TcpStream = conn.into();
-        if conn.set_nonblocking(true).is_err() {
-            continue;
-        }
-        if let Ok(client) = TcpStream::from_std(conn) {
-            taken += 1;
-            let live = Live::new(&shared);
-            tokio::spawn(handle(client, peer, state.clone(), shared.clone(), live));
-        }
+    while let Ok(took) = take_queued(socket2::SockRef::from(&listener), &state, &shared) {
+        taken += usize::from(took);
     }
     drop(listener);
     if taken > 0 {
@@ -87,12 +75,38 @@ pub(super) async fn serve(
     }
 }
 
+/// Accepts one connection straight from `listener`'s kernel queue (whatever tokio's readiness
+/// says) and spawns its handling on this thread's runtime: how a closing listener empties its
+/// queue and how an idle worker takes a busy one's (`steal.rs`). `Err` when nothing is queued;
+/// `Ok(false)` when the connection could not be set up (it is closed).
+pub(super) fn take_queued(
+    listener: socket2::SockRef<'_>,
+    state: &Arc<ListenerState>,
+    shared: &Arc<Shared>,
+) -> std::io::Result<bool> {
+    let (conn, peer) = listener.accept()?;
+    // Live from the accept on (see `Live::new`).
+    let live = Live::new(shared);
+    let Some(peer) = peer.as_socket() else {
+        return Ok(false);
+    };
+    let conn: std::net::TcpStream = conn.into();
+    if conn.set_nonblocking(true).is_err() {
+        return Ok(false);
+    }
+    let Ok(client) = TcpStream::from_std(conn) else {
+        return Ok(false);
+    };
+    tokio::spawn(handle(client, peer, state.clone(), shared.clone(), live));
+    Ok(true)
+}
+
 /// Counts a live proxied connection for as long as it lives.
-pub(super) struct Live(Arc<Shared>);
+struct Live(Arc<Shared>);
 
 impl Live {
     /// Counted from the accept on, so a handover that sees no live connection has none to cut.
-    pub(super) fn new(shared: &Arc<Shared>) -> Live {
+    fn new(shared: &Arc<Shared>) -> Live {
         shared.connections.fetch_add(1, Ordering::Relaxed);
         Live(shared.clone())
     }
@@ -109,7 +123,7 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-pub(super) async fn handle(
+async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
     state: Arc<ListenerState>,

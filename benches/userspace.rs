@@ -36,7 +36,9 @@
 //!
 //! `KPROXY_BENCH_PIN=1` gives the proxy a core of its own: the harness (client and server) runs
 //! on CPU 0, every subject on CPU 1 (so kproxy, HAProxy and nginx each run one worker), as on a
-//! node whose proxy does not compete with the endpoints. Direct then has one core.
+//! node whose proxy does not compete with the endpoints. Direct then has one core. The report
+//! then gives CPU 0's busy share and, as the ceiling, what CPU 0 would carry if it were never
+//! idle: when it is busy all the time, the endpoints' core sets the pace, whatever the proxy.
 //!
 //! The full profile runs 5 rounds, each measuring every subject in turn, and reports the median
 //! of each figure and its spread (the development machine is shared, so load elsewhere comes and
@@ -353,6 +355,7 @@ fn median(rounds: &[Figures]) -> Figures {
                 busy: mid(v.iter().map(|u| u.busy).collect()),
                 user: mid(v.iter().map(|u| u.user).collect()),
                 system: mid(v.iter().map(|u| u.system).collect()),
+                cpu0_busy: mid(v.iter().map(|u| u.cpu0_busy).collect()),
             })
         }),
     }
@@ -902,16 +905,26 @@ fn report(rows: &[(String, Figures, Vec<Figures>)], quick: bool, notes: &str, me
 }
 
 /// Where the CPU went during each throughput figure (medians), per unit of work, and the
-/// ceiling that follows: the share of direct's figure a proxy on this path could reach if its own
-/// code took no CPU time at all and no core were ever idle, i.e. every core's time spent on the
-/// rest of the path's cost per unit (the machine's busy time less the subject's user time).
-/// Client, proxy and server share the cores, so this bounds any user-space proxy here.
+/// ceiling that follows.
+///
+/// Shared cores: the share of direct's figure a proxy on this path could reach if its own code
+/// took no CPU time at all and no core were ever idle, i.e. every core's time spent on the rest
+/// of the path's cost per unit (the machine's busy time less the subject's user time). Client,
+/// proxy and server share the cores, so this bounds any user-space proxy here.
+///
+/// Pinned: client and server have CPU 0 and the proxy CPU 1, so when CPU 0 is busy all the time
+/// the endpoints' core, not the proxy, sets the pace. The ceiling is then the figure CPU 0 would
+/// carry if it were never idle at its measured cost per unit (the client's and server's work and
+/// the kernel's for the packets they send, which on veth includes the proxy's receive path):
+/// the most this path reaches unless the proxy takes work off the endpoints' core.
 fn cpu_table(rows: &[(String, Figures, Vec<Figures>)]) -> String {
     let cpus = cpu::machine_cpus() as f64;
     let base = &rows[0].1;
-    let mut out = String::from(
-        "\nWhere the CPU went (medians): the machine's busy cores and idle share, the subject's processes' user and system time (in cores), the machine's CPU time per unit of work and the subject's share of it, and the **ceiling**: the most a proxy on this path could reach, as a share of direct, if its own code took no CPU time and no core were idle (all cores on the path's remaining cost per unit: busy time less the subject's user time). The ceiling holds when client, proxy and server share the cores; pinned, direct has one core and the proxied path two, so none is given.\n\n| subject | figure | busy cores | idle | subject user | subject system | machine per unit | subject per unit | ceiling |\n|---|---|---|---|---|---|---|---|---|\n",
-    );
+    let mut out = String::from(if pinned() {
+        "\nWhere the CPU went (medians): the machine's busy cores and idle share, CPU 0's busy share (client and server run there, the proxy on CPU 1), the subject's processes' user and system time (in cores), the machine's CPU time per unit of work and the subject's share of it, and the **ceiling**: the most this path could reach, as a share of direct, if CPU 0 were never idle at its measured cost per unit (its client and server work and the kernel's for the packets they send, which on veth includes the proxy's receive path). When CPU 0 is busy nearly all the time, the endpoints' core, not the proxy, sets the pace.\n\n| subject | figure | busy cores | idle | CPU 0 busy | subject user | subject system | machine per unit | subject per unit | ceiling |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    } else {
+        "\nWhere the CPU went (medians): the machine's busy cores and idle share, the subject's processes' user and system time (in cores), the machine's CPU time per unit of work and the subject's share of it, and the **ceiling**: the most a proxy on this path could reach, as a share of direct, if its own code took no CPU time and no core were idle (all cores on the path's remaining cost per unit: busy time less the subject's user time). The ceiling holds when client, proxy and server share the cores; with `KPROXY_BENCH_PIN=1` the report gives the endpoints' core's instead.\n\n| subject | figure | busy cores | idle | subject user | subject system | machine per unit | subject per unit | ceiling |\n|---|---|---|---|---|---|---|---|---|\n"
+    });
     for (name, f, _) in rows {
         for (i, (part, unit, figure)) in PARTS.iter().enumerate() {
             let (Some(u), Some(rate)) = (f.cpu[i], figure(f)) else {
@@ -922,14 +935,23 @@ fn cpu_table(rows: &[(String, Figures, Vec<Figures>)]) -> String {
             }
             let direct = figure(base).unwrap_or(0.0);
             let rest = (u.busy - u.user).max(1e-9);
-            let ceiling = if name == &rows[0].0 || direct <= 0.0 || pinned() {
+            let ceiling = if direct <= 0.0 {
+                "—".to_string()
+            } else if pinned() {
+                format!("{:.0}%", rate / u.cpu0_busy.max(1e-9) / direct * 100.0)
+            } else if name == &rows[0].0 {
                 "—".to_string()
             } else {
                 format!("{:.0}%", cpus / rest * rate / direct * 100.0)
             };
+            let cpu0 = if pinned() {
+                format!(" {:.0}% |", u.cpu0_busy * 100.0)
+            } else {
+                String::new()
+            };
             writeln!(
                 out,
-                "| {name} | {part} | {:.2} | {:.1}% | {:.2} | {:.2} | {} | {} | {ceiling} |",
+                "| {name} | {part} | {:.2} | {:.1}% |{cpu0} {:.2} | {:.2} | {} | {} | {ceiling} |",
                 u.busy,
                 u.idle_pct,
                 u.user,

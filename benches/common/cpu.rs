@@ -25,6 +25,8 @@ pub(crate) struct Usage {
     pub(crate) user: f64,
     /// The subject's processes in the kernel (system calls and the network stack run in them).
     pub(crate) system: f64,
+    /// CPU 0's busy share (0 to 1): the harness's core when the proxy has a core of its own.
+    pub(crate) cpu0_busy: f64,
 }
 
 /// Counters at one instant.
@@ -32,14 +34,18 @@ struct Sample {
     at: Instant,
     /// (idle + iowait, busy, all) ticks of every CPU together.
     machine: (u64, u64, u64),
+    /// The same for CPU 0 alone.
+    cpu0: (u64, u64, u64),
     /// (user, system) ticks of the subject's processes, including reaped children.
     subject: (u64, u64),
 }
 
 fn sample(groups: &[u32]) -> Sample {
+    let (machine, cpu0) = machine_ticks();
     Sample {
         at: Instant::now(),
-        machine: machine_ticks(),
+        machine,
+        cpu0,
         subject: group_ticks(groups),
     }
 }
@@ -67,14 +73,29 @@ fn usage(a: &Sample, b: &Sample) -> Usage {
         busy: per_s(a.machine.1, b.machine.1),
         user: per_s(a.subject.0, b.subject.0),
         system: per_s(a.subject.1, b.subject.1),
+        cpu0_busy: {
+            let all = b.cpu0.2.saturating_sub(a.cpu0.2);
+            if all > 0 {
+                b.cpu0.1.saturating_sub(a.cpu0.1) as f64 / all as f64
+            } else {
+                0.0
+            }
+        },
     }
 }
 
-/// `/proc/stat`'s first line: (idle + iowait, busy, all) ticks. Steal (time the hypervisor gave
-/// to others) is neither idle nor busy here; it counts in `all`.
-fn machine_ticks() -> (u64, u64, u64) {
+/// `/proc/stat`'s first line and its `cpu0` line: (idle + iowait, busy, all) ticks. Steal (time
+/// the hypervisor gave to others) is neither idle nor busy here; it counts in `all`.
+fn machine_ticks() -> ((u64, u64, u64), (u64, u64, u64)) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    parse_cpu_line(stat.lines().next().unwrap_or_default())
+    let cpu0 = stat
+        .lines()
+        .find(|l| l.starts_with("cpu0 "))
+        .unwrap_or_default();
+    (
+        parse_cpu_line(stat.lines().next().unwrap_or_default()),
+        parse_cpu_line(cpu0),
+    )
 }
 
 fn parse_cpu_line(line: &str) -> (u64, u64, u64) {

@@ -920,11 +920,25 @@ fn report(rows: &[(String, Figures, Vec<Figures>)], quick: bool, notes: &str, me
 fn cpu_table(rows: &[(String, Figures, Vec<Figures>)]) -> String {
     let cpus = cpu::machine_cpus() as f64;
     let base = &rows[0].1;
-    let mut out = String::from(if pinned() {
-        "\nWhere the CPU went (medians): the machine's busy cores and idle share, CPU 0's busy share (client and server run there, the proxy on CPU 1), the subject's processes' user and system time (in cores), the machine's CPU time per unit of work and the subject's share of it, and the **ceiling**: the most this path could reach, as a share of direct, if CPU 0 were never idle at its measured cost per unit (its client and server work and the kernel's for the packets they send, which on veth includes the proxy's receive path). When CPU 0 is busy nearly all the time, the endpoints' core, not the proxy, sets the pace.\n\n| subject | figure | busy cores | idle | CPU 0 busy | subject user | subject system | machine per unit | subject per unit | ceiling |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    // The prose and the header differ only where the pinned table adds CPU 0 and its ceiling.
+    let (cpu0_text, ceiling_text, cpu0_head, cpu0_rule) = if pinned() {
+        (
+            " CPU 0's busy share (client and server run there, the proxy on CPU 1),",
+            "the most this path could reach, as a share of direct, if CPU 0 were never idle at its measured cost per unit (its client and server work and the kernel's for the packets they send, which on veth includes the proxy's receive path). When CPU 0 is busy nearly all the time, the endpoints' core, not the proxy, sets the pace.",
+            " CPU 0 busy |",
+            "---|",
+        )
     } else {
-        "\nWhere the CPU went (medians): the machine's busy cores and idle share, the subject's processes' user and system time (in cores), the machine's CPU time per unit of work and the subject's share of it, and the **ceiling**: the most a proxy on this path could reach, as a share of direct, if its own code took no CPU time and no core were idle (all cores on the path's remaining cost per unit: busy time less the subject's user time). The ceiling holds when client, proxy and server share the cores; with `KPROXY_BENCH_PIN=1` the report gives the endpoints' core's instead.\n\n| subject | figure | busy cores | idle | subject user | subject system | machine per unit | subject per unit | ceiling |\n|---|---|---|---|---|---|---|---|---|\n"
-    });
+        (
+            "",
+            "the most a proxy on this path could reach, as a share of direct, if its own code took no CPU time and no core were idle (all cores on the path's remaining cost per unit: busy time less the subject's user time). The ceiling holds when client, proxy and server share the cores; with `KPROXY_BENCH_PIN=1` the report gives the endpoints' core's instead.",
+            "",
+            "",
+        )
+    };
+    let mut out = format!(
+        "\nWhere the CPU went (medians): the machine's busy cores and idle share,{cpu0_text} the subject's processes' user and system time (in cores), the machine's CPU time per unit of work and the subject's share of it, and the **ceiling**: {ceiling_text}\n\n| subject | figure | busy cores | idle |{cpu0_head} subject user | subject system | machine per unit | subject per unit | ceiling |\n|---|---|---|---|{cpu0_rule}---|---|---|---|---|\n"
+    );
     for (name, f, _) in rows {
         for (i, (part, unit, figure)) in PARTS.iter().enumerate() {
             let (Some(u), Some(rate)) = (f.cpu[i], figure(f)) else {

@@ -62,25 +62,21 @@ pub(crate) fn during<T>(groups: &[u32], f: impl FnOnce() -> T) -> (T, Usage) {
 fn usage(a: &Sample, b: &Sample) -> Usage {
     let wall = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
     let per_s = |from: u64, to: u64| to.saturating_sub(from) as f64 / TICKS_PER_S / wall;
-    let all = b.machine.2.saturating_sub(a.machine.2);
-    let idle = b.machine.0.saturating_sub(a.machine.0);
-    Usage {
-        idle_pct: if all > 0 {
-            idle as f64 * 100.0 / all as f64
+    // The share of a set of CPUs' ticks (idle, busy, all) that went to `pick`'s field.
+    let share = |from: (u64, u64, u64), to: (u64, u64, u64), pick: fn((u64, u64, u64)) -> u64| {
+        let all = to.2.saturating_sub(from.2);
+        if all > 0 {
+            pick(to).saturating_sub(pick(from)) as f64 / all as f64
         } else {
             0.0
-        },
+        }
+    };
+    Usage {
+        idle_pct: share(a.machine, b.machine, |t| t.0) * 100.0,
         busy: per_s(a.machine.1, b.machine.1),
         user: per_s(a.subject.0, b.subject.0),
         system: per_s(a.subject.1, b.subject.1),
-        cpu0_busy: {
-            let all = b.cpu0.2.saturating_sub(a.cpu0.2);
-            if all > 0 {
-                b.cpu0.1.saturating_sub(a.cpu0.1) as f64 / all as f64
-            } else {
-                0.0
-            }
-        },
+        cpu0_busy: share(a.cpu0, b.cpu0, |t| t.1),
     }
 }
 

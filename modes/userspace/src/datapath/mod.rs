@@ -323,7 +323,7 @@ impl DataPath {
         let per_core = options.threads == Threads::PerCore;
         // A shared runtime steals work on its own; a single worker has no one to take from.
         let spare = if per_core && n > 1 {
-            Some(steal::Spare::new()?)
+            Some(steal::Spare::new(socket::listener_socket_budget())?)
         } else {
             None
         };

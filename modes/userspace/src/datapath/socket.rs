@@ -69,7 +69,8 @@ pub(super) fn inode<F: AsFd>(fd: &F) -> u64 {
 /// How many listener sockets may be held before listeners get one socket each instead of one
 /// per thread: a quarter of the open-file limit, so the rest stays for connections (two
 /// descriptors each) and UDP flows (one each). A TCP listener socket that has had a connection
-/// holds a second descriptor (`steal.rs`), so busy listeners may hold up to half the limit.
+/// holds a second descriptor (`steal.rs`) for at most this many sockets, so the duplicates never
+/// take more than another quarter.
 /// Called after [`raise_nofile_limit`].
 pub(super) fn listener_socket_budget() -> usize {
     use nix::sys::resource::{Resource, getrlimit};

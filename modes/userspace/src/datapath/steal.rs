@@ -22,7 +22,10 @@
 //! kernel epoll item (`eventpoll_epi`, 128 bytes here, and its wait-queue entry), a duplicate
 //! descriptor and a slab entry, and most listeners of a large cluster never see a connection on
 //! a given node. So stealing is a remedy for imbalance, never needed for correctness: a
-//! connection nobody takes is accepted by its owner, as without it.
+//! connection nobody takes is accepted by its owner, as without it. For the same reason the
+//! registrations stop at a cap (the listener socket budget, a quarter of the open-file limit):
+//! past it, a listener seeing its first connection is served by its own worker alone, and the
+//! descriptors connections need are never spent on registrations.
 //!
 //! A taken connection is served by the taker exactly as its owner would serve it, through the
 //! same [`tcp::take_queued`] that a closing listener empties its queue with. A listener's
@@ -75,6 +78,8 @@ pub(crate) struct Spare {
     /// Read-locked while a connection is taken (several workers may take at once), write-locked
     /// to register and deregister: a socket is never closed under an accept.
     sockets: RwLock<Slab<Entry>>,
+    /// The most sockets registered at once.
+    cap: usize,
 }
 
 impl std::fmt::Debug for Spare {
@@ -121,24 +126,30 @@ impl Drop for Registration {
 }
 
 impl Spare {
-    pub(super) fn new() -> io::Result<Arc<Spare>> {
+    /// Holds up to `cap` registrations at once (each a descriptor and an epoll item).
+    pub(super) fn new(cap: usize) -> io::Result<Arc<Spare>> {
         Ok(Arc::new(Spare {
             epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
             sockets: RwLock::new(Slab::new()),
+            cap,
         }))
     }
 
     /// Lets other workers take `listener`'s waiting connections until the registration is
-    /// dropped. `None` when the descriptor cannot be duplicated or the epoll refuses it (out of
-    /// descriptors or memory): the owner still serves it alone.
+    /// dropped. `None` when the cap is reached, or the descriptor cannot be duplicated or the
+    /// epoll refuses it (out of descriptors or memory): the owner still serves it alone.
     pub(super) fn register(
         self: &Arc<Self>,
         listener: &TcpListener,
         state: &Arc<ListenerState>,
         shared: &Arc<Shared>,
     ) -> Option<Registration> {
-        let fd = listener.as_fd().try_clone_to_owned().ok()?;
         let mut sockets = self.sockets.write().unwrap_or_else(PoisonError::into_inner);
+        if sockets.len() >= self.cap {
+            tracing::debug!(listener = %state.key, cap = self.cap, "idle workers take no connections from this listener: registrations are at their cap");
+            return None;
+        }
+        let fd = listener.as_fd().try_clone_to_owned().ok()?;
         let slot = sockets.vacant_entry();
         let key = slot.key();
         self.epoll
@@ -199,7 +210,64 @@ impl Spare {
 
 #[cfg(test)]
 mod tests {
-    use super::skips_after;
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    use arc_swap::ArcSwap;
+    use tokio::net::TcpListener;
+
+    use super::{Spare, skips_after};
+    use crate::datapath::{Active, ListenerState, Options, Shared};
+    use crate::model::{ListenerKey, Transport};
+
+    /// Registrations past the cap are refused (the listener is then served by its own worker
+    /// alone), and a dropped registration frees its place.
+    #[test]
+    fn registrations_stop_at_the_cap_and_a_dropped_one_frees_its_place() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _in = rt.enter();
+        let shared = Arc::new(Shared {
+            tables: ArcSwap::from_pointee(HashMap::new()),
+            generation: tokio::sync::watch::channel(0).0,
+            options: Options::default(),
+            connections: AtomicUsize::new(0),
+            spare: None,
+        });
+        let listeners: Vec<(TcpListener, Arc<ListenerState>)> = (0..3)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.set_nonblocking(true).unwrap();
+                let key = ListenerKey {
+                    transport: Transport::Tcp,
+                    addr: l.local_addr().unwrap(),
+                };
+                let active = Active {
+                    table: crate::datapath::tests::table(key.addr),
+                    affinity: None,
+                };
+                let state = Arc::new(ListenerState::new(key, active));
+                (TcpListener::from_std(l).unwrap(), state)
+            })
+            .collect();
+        let spare = Spare::new(2).unwrap();
+        let register = |i: usize| spare.register(&listeners[i].0, &listeners[i].1, &shared);
+        let first = register(0).expect("the first registration");
+        let second = register(1).expect("the second registration");
+        assert!(
+            register(2).is_none(),
+            "a third registration past a cap of 2"
+        );
+        drop(first);
+        let third = register(2).expect("the place the first one freed");
+        assert!(register(0).is_none(), "the cap still holds");
+        drop((second, third));
+    }
 
     #[test]
     fn a_worker_looks_less_often_after_misses_and_never_less_than_once_in_33() {

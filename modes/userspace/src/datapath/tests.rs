@@ -15,7 +15,7 @@ use kproxy_contract::{IpFamily, Protocol, ServicePortName};
 use super::{DataPath, Options};
 use crate::model::{Frontend, ListenerKey, Table, Transport};
 
-fn table(endpoint: SocketAddr) -> Arc<Table> {
+pub(super) fn table(endpoint: SocketAddr) -> Arc<Table> {
     Arc::new(Table {
         service: ServicePortName {
             namespace: "ns".into(),

@@ -146,7 +146,7 @@ async fn handle(
         peer.ip(),
         opts.max_attempts,
     ) {
-        match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(ep)).await {
+        match tokio::time::timeout(opts.connect_timeout, connect(ep)).await {
             Ok(Ok(stream)) => {
                 upstream = Some((stream, ep));
                 break;
@@ -185,6 +185,36 @@ async fn handle(
     }
 }
 
+/// Connects to `ep`, as `TcpStream::connect` does, but without waiting for the reactor when
+/// `connect(2)` has already finished the handshake. To an endpoint on this node (a local pod
+/// behind a veth, or loopback) it always has: the SYN and the SYN-ACK are processed in the
+/// softirq that runs before the call returns, although it still says `EINPROGRESS`. tokio would
+/// then park the task, poll epoll and wake it again for a readiness that is already there; here
+/// `getpeername` tells at once. A connection refused the same way is reported at once too, so
+/// failover to the next endpoint goes on in the same turn. Only a handshake still in flight (a
+/// remote endpoint, where it takes a round trip anyway) waits for the socket to become writable.
+async fn connect(ep: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(ep), Type::STREAM.nonblocking(), None)?;
+    match socket.connect(&ep.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
+        Err(e) => return Err(e),
+    }
+    let established = socket.peer_addr().is_ok();
+    if !established && let Some(e) = socket.take_error()? {
+        return Err(e);
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    if !established {
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
+}
+
 /// Resolves when the connection's endpoint has not been a serving endpoint of its listener for a
 /// whole grace period. Re-checked after every applied update.
 pub(super) async fn doomed(
@@ -204,5 +234,49 @@ pub(super) async fn doomed(
             // The data path is shutting down; the runtime drops this task.
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    /// Polls `f` once, as a runtime would the first time.
+    fn first_poll<F: Future>(f: F) -> Poll<F::Output> {
+        pin!(f)
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// To an endpoint on this host the handshake is over when `connect(2)` returns, and a refusal
+    /// is known then too: either way the connect completes on its first poll, without a turn
+    /// through the reactor (tokio's own connect is still pending there).
+    #[test]
+    fn a_local_connect_or_refusal_completes_on_the_first_poll() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _in = rt.enter();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = listener.local_addr().unwrap();
+        for _ in 0..100 {
+            let Poll::Ready(stream) = first_poll(super::connect(ep)) else {
+                panic!("the connect to a local endpoint waited for the reactor");
+            };
+            assert_eq!(stream.unwrap().peer_addr().unwrap(), ep);
+            drop(listener.accept().unwrap());
+        }
+        drop(listener);
+        let Poll::Ready(refused) = first_poll(super::connect(ep)) else {
+            panic!("the refused connect waited for the reactor");
+        };
+        assert_eq!(
+            refused.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
     }
 }

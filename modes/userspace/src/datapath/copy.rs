@@ -22,8 +22,9 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use nix::sys::socket::{MsgFlags, recv};
+use nix::sys::socket::{MsgFlags, recv, send};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -207,10 +208,14 @@ fn read_small(src: &TcpStream, dst: &TcpStream) -> io::Result<Small> {
                 outcome = Some(Small::End);
                 return Ok(());
             }
-            let sent = match dst.try_write(&buf[..n]) {
+            // A plain `send`, not tokio's `try_write`: a stream tokio took over from a std
+            // socket (the endpoint's, connected without the reactor, or a connection another
+            // worker took) has no readiness until the reactor's first event, and `try_write`
+            // would then answer `WouldBlock` without trying, costing a copy and a reactor turn.
+            let sent = match send(dst.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL) {
                 Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
+                Err(Errno::EAGAIN) => 0,
+                Err(e) => return Err(e.into()),
             };
             let drained = n < buf.len();
             outcome = Some(Small::Moved {
@@ -289,5 +294,52 @@ async fn splice_one(src: &TcpStream, dst: &TcpStream, ended: &AtomicBool) -> io:
             }
             return Ok(total);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::io::{Read as _, Write as _};
+
+    use super::{Small, read_small};
+
+    /// A message goes out at once even to a stream tokio has had no event for yet, as the
+    /// endpoint's is when `tcp::connect` found it connected: the send is tried, not refused by
+    /// tokio's empty readiness (which would leave the message for a later turn of the reactor).
+    #[test]
+    fn a_message_goes_out_at_once_to_a_stream_tokio_has_no_readiness_for() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // The source: accepted by tokio, so ready from the start.
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (src, _) = listener.accept().await.unwrap();
+            // The destination: a connected std socket handed over to tokio.
+            let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let dst = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+            dst.set_nonblocking(true).unwrap();
+            let dst = tokio::net::TcpStream::from_std(dst).unwrap();
+            let (mut endpoint, _) = server.accept().unwrap();
+            // On loopback the bytes are queued at the source by the time `write_all` returns.
+            client.write_all(&[7u8; 100]).unwrap();
+            let Small::Moved { n, rest, drained } = read_small(&src, &dst).unwrap() else {
+                panic!("the message was not read");
+            };
+            assert_eq!(n, 100);
+            assert!(drained);
+            assert!(
+                rest.is_empty(),
+                "{} bytes were left for a later turn of the reactor",
+                rest.len()
+            );
+            let mut got = [0u8; 100];
+            endpoint.read_exact(&mut got).unwrap();
+            assert_eq!(got, [7u8; 100]);
+        });
     }
 }

@@ -23,9 +23,10 @@
 //! descriptor and a slab entry, and most listeners of a large cluster never see a connection on
 //! a given node. So stealing is a remedy for imbalance, never needed for correctness: a
 //! connection nobody takes is accepted by its owner, as without it. For the same reason the
-//! registrations stop at a cap (the listener socket budget, a quarter of the open-file limit):
-//! past it, a listener seeing its first connection is served by its own worker alone, and the
-//! descriptors connections need are never spent on registrations.
+//! registrations stop at a cap (the listener socket budget, a quarter of the open-file limit),
+//! so they never take more than that share of the descriptors connections need: past it, a
+//! listener seeing its first connection is served by its own worker alone, and it is not
+//! offered again later (its accept loop offers a socket once).
 //!
 //! A taken connection is served by the taker exactly as its owner would serve it, through the
 //! same [`tcp::take_queued`] that a closing listener empties its queue with. A listener's

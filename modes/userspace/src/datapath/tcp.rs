@@ -187,12 +187,16 @@ async fn handle(
 
 /// Connects to `ep`, as `TcpStream::connect` does, but without waiting for the reactor when
 /// `connect(2)` has already finished the handshake. To an endpoint on this node (a local pod
-/// behind a veth, or loopback) it always has: the SYN and the SYN-ACK are processed in the
-/// softirq that runs before the call returns, although it still says `EINPROGRESS`. tokio would
-/// then park the task, poll epoll and wake it again for a readiness that is already there; here
-/// `getpeername` tells at once. A connection refused the same way is reported at once too, so
-/// failover to the next endpoint goes on in the same turn. Only a handshake still in flight (a
-/// remote endpoint, where it takes a round trip anyway) waits for the socket to become writable.
+/// behind a veth, or loopback) it usually has: the SYN and the SYN-ACK are processed in the
+/// softirq that runs before the call returns, although it still says `EINPROGRESS` (not when the
+/// kernel defers that work, e.g. with RPS). tokio would then park the task, poll epoll and wake
+/// it again for a readiness that is already there; here `getpeername` tells at once, and a
+/// refusal is read at once from `SO_ERROR`, so failover to the next endpoint goes on in the same
+/// turn. Only a handshake still in flight (a remote endpoint, where it takes a round trip anyway)
+/// waits for the socket to become writable.
+///
+/// The stream starts with no readiness in tokio (only its own `accept` marks a socket ready), so
+/// the first message is sent with a plain `send(2)` ([`super::copy`]), not through tokio.
 async fn connect(ep: SocketAddr) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(ep), Type::STREAM.nonblocking(), None)?;
@@ -270,7 +274,18 @@ mod tests {
             assert_eq!(stream.unwrap().peer_addr().unwrap(), ep);
             drop(listener.accept().unwrap());
         }
-        drop(listener);
+        // A bound socket that does not listen holds its port, and connects to it are refused.
+        let closed =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        closed
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        let ep = closed.local_addr().unwrap().as_socket().unwrap();
         let Poll::Ready(refused) = first_poll(super::connect(ep)) else {
             panic!("the refused connect waited for the reactor");
         };

@@ -310,10 +310,7 @@ mod tests {
     /// tokio's empty readiness (which would leave the message for a later turn of the reactor).
     #[test]
     fn a_message_goes_out_at_once_to_a_stream_tokio_has_no_readiness_for() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap();
+        let rt = crate::datapath::tests::io_runtime();
         rt.block_on(async {
             // The source: accepted by tokio, so ready from the start.
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

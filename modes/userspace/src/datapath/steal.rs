@@ -228,10 +228,7 @@ mod tests {
     /// alone), and a dropped registration frees its place.
     #[test]
     fn registrations_stop_at_the_cap_and_a_dropped_one_frees_its_place() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap();
+        let rt = crate::datapath::tests::io_runtime();
         let _in = rt.enter();
         let shared = Arc::new(Shared {
             tables: ArcSwap::from_pointee(HashMap::new()),

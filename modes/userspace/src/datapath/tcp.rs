@@ -260,10 +260,7 @@ mod tests {
     /// through the reactor (tokio's own connect is still pending there).
     #[test]
     fn a_local_connect_or_refusal_completes_on_the_first_poll() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap();
+        let rt = crate::datapath::tests::io_runtime();
         let _in = rt.enter();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ep = listener.local_addr().unwrap();
@@ -278,12 +275,7 @@ mod tests {
         let closed =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         closed
-            .bind(
-                &"127.0.0.1:0"
-                    .parse::<std::net::SocketAddr>()
-                    .unwrap()
-                    .into(),
-            )
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
             .unwrap();
         let ep = closed.local_addr().unwrap().as_socket().unwrap();
         let Poll::Ready(refused) = first_poll(super::connect(ep)) else {

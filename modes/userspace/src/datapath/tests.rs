@@ -15,6 +15,14 @@ use kproxy_contract::{IpFamily, Protocol, ServicePortName};
 use super::{DataPath, Options};
 use crate::model::{Frontend, ListenerKey, Table, Transport};
 
+/// A single-threaded runtime with I/O, for the data path's unit tests that need tokio sockets.
+pub(super) fn io_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap()
+}
+
 pub(super) fn table(endpoint: SocketAddr) -> Arc<Table> {
     Arc::new(Table {
         service: ServicePortName {
